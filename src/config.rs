@@ -1,0 +1,238 @@
+//! Typed configuration: `broker.toml` parsed strictly, then validated.
+//!
+//! The commented default lives in `broker.toml` at the repository root and is embedded in the
+//! binary. Parsing rejects unknown keys (a typo must never silently fall back to a default, as
+//! rumqttd's loader does) and validation rejects values that would make the broker misbehave.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The commented default configuration, exactly as shipped in `broker.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../broker.toml");
+
+/// The largest remaining length MQTT can encode (four length bytes).
+pub const MQTT_MAX_REMAINING_LENGTH: usize = 268_435_455;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub limits: Limits,
+    pub auth: AuthConfig,
+    pub core: CoreConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub allowed_origins: Vec<String>,
+}
+
+/// Edge policies that every listener shares.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_packet_size: usize,
+    pub handshake_timeout_ms: u64,
+    pub max_client_id_len: usize,
+    pub write_stall_timeout_ms: u64,
+    pub max_keepalive_secs: u16,
+}
+
+impl Limits {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    pub fn write_stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_stall_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub users: BTreeMap<String, String>,
+}
+
+impl AuthConfig {
+    /// Local-only mode: no credentials configured, anonymous clients on loopback only.
+    pub fn local_only(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoreConfig {
+    pub max_segment_size: usize,
+    pub max_segment_count: usize,
+    pub max_outgoing_packet_count: u64,
+}
+
+impl Config {
+    /// The embedded default.
+    pub fn default_config() -> Result<Config, ConfigError> {
+        Config::parse(DEFAULT_TOML, "built-in default")
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates `text`; `origin` names the source in error messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: format!(" in {origin}"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        check(
+            "limits.max_connections",
+            l.max_connections >= 1 && l.max_connections <= 1_000_000,
+            "must be between 1 and 1000000",
+        )?;
+        check(
+            "limits.max_packet_size",
+            l.max_packet_size >= 64 && l.max_packet_size <= MQTT_MAX_REMAINING_LENGTH,
+            "must be between 64 and 268435455 bytes",
+        )?;
+        check(
+            "limits.handshake_timeout_ms",
+            l.handshake_timeout_ms >= 100 && l.handshake_timeout_ms <= 600_000,
+            "must be between 100 and 600000",
+        )?;
+        check(
+            "limits.max_client_id_len",
+            l.max_client_id_len >= 23 && l.max_client_id_len <= 65_535,
+            "must be between 23 (the MQTT 3.1.1 minimum) and 65535",
+        )?;
+        check(
+            "limits.write_stall_timeout_ms",
+            l.write_stall_timeout_ms >= 100,
+            "must be at least 100",
+        )?;
+        for (user, password) in &self.auth.users {
+            check(
+                "auth.users",
+                !user.is_empty() && !password.is_empty(),
+                "user names and passwords must not be empty",
+            )?;
+        }
+        for origin in &self.http.allowed_origins {
+            check(
+                "http.allowed_origins",
+                origin.starts_with("http://") || origin.starts_with("https://"),
+                "each origin must start with http:// or https://",
+            )?;
+        }
+        let c = &self.core;
+        check(
+            "core.max_segment_size",
+            c.max_segment_size >= 64 * 1024 && c.max_segment_size >= l.max_packet_size,
+            "must be at least 65536 and at least limits.max_packet_size",
+        )?;
+        check(
+            "core.max_segment_count",
+            (1..=1000).contains(&c.max_segment_count),
+            "must be between 1 and 1000",
+        )?;
+        check(
+            "core.max_outgoing_packet_count",
+            (1..=100_000).contains(&c.max_outgoing_packet_count),
+            "must be between 1 and 100000",
+        )?;
+        Ok(())
+    }
+}
+
+fn check(key: &'static str, ok: bool, reason: &str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            reason: reason.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::default_config().expect("default config parses");
+        assert_eq!(c.mqtt.listen.port(), 1883);
+        assert_eq!(c.http.listen.port(), 8080);
+        assert!(c.auth.local_only());
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let text = DEFAULT_TOML.replace("max_connections =", "max_conections =");
+        let err = Config::parse(&text, "test").unwrap_err().to_string();
+        assert!(err.contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_is_an_error() {
+        let text = format!("{DEFAULT_TOML}\n[mqt]\nlisten = \"0.0.0.0:1\"\n");
+        let err = Config::parse(&text, "test").unwrap_err().to_string();
+        assert!(err.contains("mqt"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let text = DEFAULT_TOML.replace("max_packet_size = 1048576", "max_packet_size = 3");
+        let err = Config::parse(&text, "test").unwrap_err().to_string();
+        assert!(err.contains("limits.max_packet_size"), "{err}");
+
+        let text = DEFAULT_TOML.replace("\"0.0.0.0:1883\"", "\"nowhere:1883\"");
+        let err = Config::parse(&text, "test").unwrap_err().to_string();
+        assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn missing_key_is_an_error() {
+        let text = DEFAULT_TOML.replace("max_client_id_len = 256", "");
+        let err = Config::parse(&text, "test").unwrap_err().to_string();
+        assert!(err.contains("max_client_id_len"), "{err}");
+    }
+}

@@ -1,0 +1,233 @@
+//! The routing core: an embedded rumqttd on loopback, reachable only by vigil's own components.
+//!
+//! rumqttd cannot face the public (see ARCHITECTURE.md), so it listens on 127.0.0.1 on a port
+//! chosen at start and accepts only a credential generated per process. Every edge connection
+//! and every internal component reaches it through [`Core::connect`], always as MQTT 3.1.1.
+//! rumqttd has no stop API and reports success even when its bind failed, so [`Core::start`]
+//! proves the core is really serving before returning.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rand::RngCore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+
+use crate::config::Config;
+use crate::mqtt::{self, CoreConnect};
+
+/// Keep-alive the edge announces to the core. The edge pings the core itself, so a client's
+/// own keep-alive (including 0, which rumqttd refuses) never reaches rumqttd.
+pub const CORE_KEEP_ALIVE_SECS: u16 = 60;
+/// How often an otherwise idle core connection is pinged.
+pub const CORE_PING_INTERVAL: Duration = Duration::from_secs(20);
+/// Connections the core accepts beyond the edge's cap, for vigil's internal clients.
+const INTERNAL_CONNECTIONS: usize = 64;
+/// Extra room in the core's packet limit for the envelope and translated properties.
+const ENVELOPE_SLACK: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("no free loopback port for the core: {0}")]
+    NoPort(std::io::Error),
+    #[error("cannot start the core's thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the core did not start serving on {addr} within {secs} s")]
+    NotReady { addr: SocketAddr, secs: u64 },
+    #[error("cannot reach the core: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the core did not answer CONNECT in time")]
+    ConnackTimeout,
+    #[error("the core closed the connection during CONNECT")]
+    Closed,
+    #[error("the core sent a malformed packet: {0}")]
+    Codec(#[from] mqtt::CodecError),
+}
+
+/// A handle to the running core. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Core {
+    addr: SocketAddr,
+    username: String,
+    password: String,
+}
+
+/// The core's answer to a CONNECT: the open stream, bytes already read past the CONNACK, and
+/// the CONNACK's content.
+pub struct CoreLink {
+    pub stream: TcpStream,
+    pub read_buf: BytesMut,
+    pub session_present: bool,
+    pub code: u8,
+}
+
+impl Core {
+    /// Starts rumqttd on its own threads and waits until it accepts our credential.
+    pub async fn start(config: &Config) -> Result<Core, CoreError> {
+        let addr = free_loopback_port().map_err(CoreError::NoPort)?;
+        let mut secret = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut secret);
+        let password: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        let username = "vigil-internal".to_string();
+
+        let rumqttd_config = rumqttd_config(config, addr, &username, &password);
+        let mut broker = rumqttd::Broker::new(rumqttd_config);
+        std::thread::Builder::new()
+            .name("vigil-core".into())
+            .spawn(move || {
+                // Blocks for the life of the process: rumqttd has no stop API. Its result is
+                // only an error when no listener could be started, and even a failed bind
+                // returns Ok, which is why readiness is probed below instead.
+                if let Err(e) = broker.start() {
+                    tracing::error!(error = %e, "core stopped");
+                }
+            })
+            .map_err(CoreError::Thread)?;
+
+        let core = Core {
+            addr,
+            username,
+            password,
+        };
+        core.wait_ready(Duration::from_secs(10)).await?;
+        tracing::debug!(%addr, "core ready");
+        Ok(core)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    async fn wait_ready(&self, limit: Duration) -> Result<(), CoreError> {
+        let deadline = Instant::now() + limit;
+        let mut id = String::from("vigil-probe");
+        loop {
+            match self.connect(&id, true, None).await {
+                Ok(link) if link.code == 0 => {
+                    let mut stream = link.stream;
+                    let mut out = BytesMut::new();
+                    mqtt::put_disconnect(&mut out, mqtt::Version::V311, 0);
+                    let _ = stream.write_all(&out).await;
+                    return Ok(());
+                }
+                _ if Instant::now() >= deadline => {
+                    return Err(CoreError::NotReady {
+                        addr: self.addr,
+                        secs: limit.as_secs(),
+                    })
+                }
+                // A refused or failed probe may have left state for its client id in rumqttd;
+                // never reuse an id whose connection did not complete.
+                _ => {
+                    id.push('x');
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+
+    /// Opens a core connection for `client_id` (already mapped to a core-safe id) and waits for
+    /// its CONNACK. `will` is the will topic, QoS, retain flag and enveloped payload parts.
+    pub async fn connect(
+        &self,
+        client_id: &str,
+        clean_session: bool,
+        will: Option<(&[u8], u8, bool, &[&[u8]])>,
+    ) -> Result<CoreLink, CoreError> {
+        let mut stream = TcpStream::connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        let mut out = BytesMut::with_capacity(128);
+        mqtt::put_core_connect(
+            &mut out,
+            &CoreConnect {
+                client_id,
+                clean_session,
+                keep_alive: CORE_KEEP_ALIVE_SECS,
+                username: &self.username,
+                password: &self.password,
+                will,
+            },
+        );
+        stream.write_all(&out).await?;
+        let mut read_buf = BytesMut::with_capacity(4096);
+        let frame = timeout(Duration::from_secs(5), async {
+            loop {
+                if let Some(frame) = mqtt::read_frame(&mut read_buf, usize::MAX)? {
+                    return Ok::<_, CoreError>(frame);
+                }
+                if stream.read_buf(&mut read_buf).await? == 0 {
+                    return Err(CoreError::Closed);
+                }
+            }
+        })
+        .await
+        .map_err(|_| CoreError::ConnackTimeout)??;
+        if frame.kind() != mqtt::CONNACK {
+            return Err(mqtt::CodecError::Protocol("core answered CONNECT without CONNACK").into());
+        }
+        let (session_present, code) = mqtt::parse_core_connack(&frame)?;
+        Ok(CoreLink {
+            stream,
+            read_buf,
+            session_present,
+            code,
+        })
+    }
+
+    /// A core connection with a wrong password, for tests proving the core refuses strangers.
+    #[doc(hidden)]
+    pub fn credential_for_tests(&self) -> (&str, &str) {
+        (&self.username, &self.password)
+    }
+}
+
+fn free_loopback_port() -> std::io::Result<SocketAddr> {
+    // rumqttd binds by itself and cannot report a port chosen by the OS, so take one now and
+    // hand it over; the readiness probe catches the rare case of losing it in between.
+    let listener = StdListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    listener.local_addr()
+}
+
+fn rumqttd_config(
+    config: &Config,
+    addr: SocketAddr,
+    username: &str,
+    password: &str,
+) -> rumqttd::Config {
+    let router = rumqttd::RouterConfig {
+        max_connections: config.limits.max_connections + INTERNAL_CONNECTIONS,
+        max_outgoing_packet_count: config.core.max_outgoing_packet_count,
+        max_segment_size: config.core.max_segment_size,
+        max_segment_count: config.core.max_segment_count,
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    };
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 5000,
+        max_payload_size: config.limits.max_packet_size + ENVELOPE_SLACK,
+        max_inflight_count: 100,
+        auth: Some(HashMap::from([(
+            username.to_string(),
+            password.to_string(),
+        )])),
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = rumqttd::ServerSettings {
+        name: "vigil-core".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    rumqttd::Config {
+        id: 0,
+        router,
+        v4: Some(HashMap::from([("core".to_string(), server)])),
+        ..Default::default()
+    }
+}

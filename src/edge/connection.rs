@@ -1,0 +1,986 @@
+//! One client connection: reads the CONNECT, applies the edge's policies, opens the client's
+//! own connection to the core and then relays packets both ways, translating and policing.
+//!
+//! The relay is one task with one event loop over both sockets (no channels, no locks): reads
+//! from either side are parsed into packets, each packet appends to the other side's output
+//! buffer, and the buffers are written as large as they have grown, so a burst costs few
+//! system calls. Reading from a side stops while the opposite output buffer is over its high
+//! watermark; that is the back-pressure that keeps a slow client's messages queued in the core
+//! instead of in vigil's memory, and a client whose output has not drained for
+//! `write_stall_timeout` is disconnected as a slow consumer.
+//!
+//! What the relay does beyond copying (each a rumqttd defect or gap made unreachable):
+//! - The core is always spoken to in MQTT 3.1.1; v5 clients are translated and their
+//!   end-to-end properties travel in the payload envelope (see `envelope`).
+//! - Delivery QoS is min(publish QoS, subscription QoS): the core delivers at the subscription's
+//!   QoS, so when the publisher used less, the edge acknowledges the core itself.
+//! - Acknowledgements reach the core in the order it sent the messages, whatever order the
+//!   client acknowledges in, because rumqttd disconnects on an out-of-order ack.
+//! - PINGREQ is answered here and the core is pinged on the edge's own schedule, so
+//!   keep-alive 0 works and a client's keep-alive is enforced here.
+//! - Inbound QoS 2 state survives reconnects (see `registry`).
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, Sleep};
+use tokio_util::io::poll_read_buf;
+use tracing::{debug, info, warn};
+
+use super::policy::{self, AuthOutcome};
+use super::registry::{Claim, MAX_PENDING_QOS2};
+use super::{Edge, Listener};
+use crate::core::{CoreError, CORE_PING_INTERVAL};
+use crate::envelope;
+use crate::metrics::Metrics;
+use crate::mqtt::{self, rc, reason, CodecError, Frame, Version};
+
+/// Output buffered for one side before the relay stops reading from the other side.
+const HIGH_WATERMARK: usize = 256 * 1024;
+/// Receive Maximum announced to v5 clients, matching the core's fixed inflight window.
+const RECEIVE_MAXIMUM: u16 = 100;
+/// Unacknowledged core deliveries tolerated before the core is considered broken.
+const MAX_CORE_INFLIGHT: usize = 4096;
+/// Longest a graceful close waits for the core to finish reading our DISCONNECT.
+const CORE_CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("timed out waiting for CONNECT")]
+    HandshakeTimeout,
+    #[error("first packet was not CONNECT")]
+    NotConnect,
+    #[error("{0}")]
+    Codec(#[from] CodecError),
+    #[error("core: {0}")]
+    Core(#[from] CoreError),
+}
+
+/// Serves one client from its first byte to its last. `slot` is the handshake slot, held until
+/// the CONNECT has arrived; then the client takes a connection-cap permit, or is refused with a
+/// proper CONNACK when the edge is full.
+pub async fn serve<S>(
+    edge: Arc<Edge>,
+    mut stream: S,
+    mut read_buf: BytesMut,
+    peer: SocketAddr,
+    listener: Listener,
+    slot: OwnedSemaphorePermit,
+    handshake_deadline: Instant,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let frame = match read_connect(&edge, &mut stream, &mut read_buf, handshake_deadline).await {
+        Ok(frame) => frame,
+        Err(ConnError::HandshakeTimeout) => {
+            Metrics::inc(&edge.metrics.handshake_timeouts);
+            debug!("closed: no CONNECT in time");
+            return;
+        }
+        Err(e) => {
+            Metrics::inc(&edge.metrics.protocol_errors);
+            debug!(error = %e, "closed before CONNECT");
+            // A CONNECT too large or malformed still gets an answer in its own version
+            // where the version is readable; otherwise the socket is simply closed.
+            return;
+        }
+    };
+    drop(slot);
+    let version = mqtt::connect_version(&frame.body);
+    let Ok(permit) = edge.connections.clone().try_acquire_owned() else {
+        Metrics::inc(&edge.metrics.refused_over_cap);
+        info!("refused: connection cap reached");
+        if let Some(v) = version {
+            let code = match v {
+                Version::V311 => rc::SERVER_UNAVAILABLE,
+                Version::V5 => reason::SERVER_BUSY,
+            };
+            refuse(&mut stream, v, code).await;
+        }
+        return;
+    };
+    let connect = match mqtt::parse_connect(&frame) {
+        Ok(c) => c,
+        Err(e) => {
+            Metrics::inc(&edge.metrics.protocol_errors);
+            info!(error = %e, "refused: bad CONNECT");
+            match (&e, version) {
+                (CodecError::UnsupportedProtocol { .. }, _) => {
+                    refuse(&mut stream, Version::V311, rc::UNACCEPTABLE_PROTOCOL).await
+                }
+                (_, Some(Version::V5)) => refuse(&mut stream, Version::V5, e.reason_code()).await,
+                _ => {}
+            }
+            return;
+        }
+    };
+    let counter = match listener {
+        Listener::Tcp => &edge.metrics.tcp_connections,
+        Listener::WebSocket => &edge.metrics.ws_connections,
+    };
+    counter.fetch_add(1, Relaxed);
+    Metrics::inc(&edge.metrics.connections_total);
+    let result = Session::run(&edge, stream, read_buf, connect, peer).await;
+    counter.fetch_sub(1, Relaxed);
+    drop(permit);
+    if let Err(e) = result {
+        debug!(error = %e, "connection ended");
+    }
+}
+
+async fn read_connect<S>(
+    edge: &Edge,
+    stream: &mut S,
+    buf: &mut BytesMut,
+    deadline: Instant,
+) -> Result<Frame, ConnError>
+where
+    S: AsyncRead + Unpin,
+{
+    let max = edge.policy.max_packet_size;
+    tokio::time::timeout_at(deadline, async {
+        loop {
+            if let Some(frame) = mqtt::read_frame(buf, max)? {
+                if frame.kind() != mqtt::CONNECT {
+                    return Err(ConnError::NotConnect);
+                }
+                return Ok(frame);
+            }
+            if buf.capacity() - buf.len() < 512 {
+                buf.reserve(4096);
+            }
+            if stream.read_buf(buf).await? == 0 {
+                return Err(ConnError::Io(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    })
+    .await
+    .map_err(|_| ConnError::HandshakeTimeout)?
+}
+
+/// Sends a refusing CONNACK and closes.
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, version: Version, code: u8) {
+    let mut out = BytesMut::with_capacity(16);
+    mqtt::put_connack(&mut out, version, false, code, None);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = stream.write_all(&out).await;
+        let _ = stream.flush().await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// Why the relay loop ended; decides what the core and the client are told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client sent DISCONNECT: the will is discarded.
+    ClientDisconnect,
+    /// The client sent v5 DISCONNECT 0x04: close so that the will is published.
+    ClientDisconnectWithWill,
+    /// The client's socket closed or failed: the will is published.
+    ClientGone,
+    KeepAliveTimeout,
+    SlowConsumer,
+    ProtocolError(u8),
+    TakenOver,
+    Shutdown,
+    CoreGone,
+}
+
+/// A delivery from the core awaiting acknowledgement (to the core, in order).
+#[derive(Debug, Clone, Copy)]
+struct CoreAck {
+    pkid: u16,
+    /// PUBACK for a QoS 1 delivery, PUBREC for QoS 2.
+    kind: u8,
+    ready: bool,
+    /// The client received it at QoS 2, so the core's PUBREL goes on to the client.
+    client_qos2: bool,
+}
+
+struct Session<S> {
+    version: Version,
+    client: S,
+    core: TcpStream,
+    client_in: BytesMut,
+    core_in: BytesMut,
+    client_out: BytesMut,
+    core_out: BytesMut,
+    client_max_packet: usize,
+    keep_alive: Option<Duration>,
+    last_client_read: Instant,
+    last_core_write: Instant,
+    last_client_drain: Instant,
+    stall_timeout: Duration,
+    /// QoS 1/2 deliveries from the core, in the order the core sent them.
+    core_acks: std::collections::VecDeque<CoreAck>,
+    /// PUBRELs from the core awaiting PUBCOMP (pkid, ready), in the order the core sent them.
+    core_pubrels: std::collections::VecDeque<(u16, bool)>,
+    /// Deliveries acknowledged to the core with PUBREC whose PUBREL must reach the client.
+    pubrel_to_client: Vec<u16>,
+    /// QoS 2 deliveries the client got at QoS 0 or 1, whose PUBREL the edge answers itself.
+    local_pubrel: Vec<u16>,
+    /// Inbound QoS 2 ids forwarded to the core on this connection, awaiting PUBREL.
+    inbound_qos2: Vec<u16>,
+    /// Inbound QoS 2 ids forwarded on an earlier connection of this session.
+    inbound_qos2_earlier: Vec<u16>,
+    /// UNSUBSCRIBE packet ids and their filter counts (v5 UNSUBACK lists one reason each).
+    pending_unsubs: Vec<(u16, usize)>,
+    prefer_core: bool,
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    async fn run(
+        edge: &Arc<Edge>,
+        mut client: S,
+        client_in: BytesMut,
+        connect: mqtt::Connect,
+        peer: SocketAddr,
+    ) -> Result<(), ConnError> {
+        let version = connect.version;
+        let span = tracing::Span::current();
+
+        // Identity.
+        let mut assigned = None;
+        let client_id = if connect.client_id.is_empty() {
+            if version == Version::V311 && !connect.clean_start {
+                info!("refused: empty client id with a persistent session");
+                refuse(&mut client, version, rc::IDENTIFIER_REJECTED).await;
+                return Ok(());
+            }
+            let id = policy::generate_client_id();
+            assigned = Some(id.clone());
+            id
+        } else {
+            connect.client_id.clone()
+        };
+        span.record("client_id", client_id.as_str());
+        if let Err(why) = edge.policy.check_client_id(&client_id) {
+            info!(reason = why, "refused: client id");
+            let code = match version {
+                Version::V311 => rc::IDENTIFIER_REJECTED,
+                Version::V5 => reason::CLIENT_ID_NOT_VALID,
+            };
+            refuse(&mut client, version, code).await;
+            return Ok(());
+        }
+        if connect.auth_method {
+            refuse(&mut client, version, reason::BAD_AUTH_METHOD).await;
+            return Ok(());
+        }
+        if let AuthOutcome::Denied(why) = edge
+            .policy
+            .authenticate(connect.username.as_deref(), connect.password.as_deref())
+        {
+            Metrics::inc(&edge.metrics.auth_failures);
+            warn!(reason = why, %peer, user = connect.username.as_deref().unwrap_or(""), "authentication failed");
+            let code = match version {
+                Version::V311 => rc::NOT_AUTHORIZED,
+                Version::V5 => reason::NOT_AUTHORIZED,
+            };
+            refuse(&mut client, version, code).await;
+            return Ok(());
+        }
+        let (keep_alive, keep_alive_changed) = edge.policy.keep_alive(connect.keep_alive);
+
+        // Session persistence: 3.1.1 clean session, or v5 clean start + session expiry.
+        let persistent = match version {
+            Version::V311 => !connect.clean_start,
+            Version::V5 => connect.session_expiry > 0,
+        };
+        let resume = !connect.clean_start;
+
+        let claim = edge.registry.claim(&client_id, &edge.shutdown).await;
+        let result = Self::run_claimed(
+            edge,
+            client,
+            client_in,
+            connect,
+            &client_id,
+            assigned,
+            keep_alive,
+            keep_alive_changed,
+            persistent,
+            resume,
+            &claim,
+        )
+        .await;
+        edge.registry.release(&client_id, &claim);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_claimed(
+        edge: &Arc<Edge>,
+        mut client: S,
+        client_in: BytesMut,
+        connect: mqtt::Connect,
+        client_id: &str,
+        assigned: Option<String>,
+        keep_alive: u16,
+        keep_alive_changed: bool,
+        persistent: bool,
+        resume: bool,
+        claim: &Claim,
+    ) -> Result<(), ConnError> {
+        let version = connect.version;
+        let core_id = policy::core_client_id(client_id);
+        // v5 semantics rumqttd's 3.1.1 session flag cannot express directly: a fresh start of
+        // a session that must outlive this connection wipes the old one first.
+        if !resume && persistent {
+            edge.wipe_core_session(&core_id).await;
+        }
+        if !resume {
+            edge.registry.forget_session(client_id);
+        }
+        let will_header;
+        let will = match &connect.will {
+            Some(w) => {
+                will_header = envelope::header(w.qos, &w.properties);
+                Some((w.topic.clone(), w.qos, w.retain, w.payload.clone()))
+            }
+            None => {
+                will_header = BytesMut::new();
+                None
+            }
+        };
+        let will_parts: [&[u8]; 2] = [&will_header, will.as_ref().map(|w| &w.3[..]).unwrap_or(&[])];
+        let core_will = will
+            .as_ref()
+            .map(|(t, q, r, _)| (&t[..], *q, *r, &will_parts[..]));
+        let core_clean = !(persistent || resume);
+        let link = match edge.core.connect(&core_id, core_clean, core_will).await {
+            Ok(link) if link.code == 0 => link,
+            Ok(link) => {
+                warn!(code = link.code, "core refused the connection");
+                let code = match version {
+                    Version::V311 => rc::SERVER_UNAVAILABLE,
+                    Version::V5 => reason::SERVER_UNAVAILABLE,
+                };
+                refuse(&mut client, version, code).await;
+                return Ok(());
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot open the client's core connection");
+                let code = match version {
+                    Version::V311 => rc::SERVER_UNAVAILABLE,
+                    Version::V5 => reason::SERVER_UNAVAILABLE,
+                };
+                refuse(&mut client, version, code).await;
+                return Err(e.into());
+            }
+        };
+
+        let session_present = resume && link.session_present;
+        let mut client_out = BytesMut::with_capacity(256);
+        let props = mqtt::ConnackProperties {
+            assigned_client_id: assigned,
+            server_keep_alive: keep_alive_changed.then_some(keep_alive),
+            receive_maximum: RECEIVE_MAXIMUM,
+            maximum_packet_size: edge.policy.max_packet_size as u32,
+        };
+        mqtt::put_connack(&mut client_out, version, session_present, 0, Some(&props));
+        debug!(persistent, session_present, keep_alive, "connected");
+
+        let now = Instant::now();
+        let mut session = Session {
+            version,
+            client,
+            core: link.stream,
+            client_in,
+            core_in: link.read_buf,
+            client_out,
+            core_out: BytesMut::with_capacity(256),
+            client_max_packet: connect
+                .max_packet_size
+                .map(|m| m as usize)
+                .unwrap_or(usize::MAX),
+            keep_alive: (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500)),
+            last_client_read: now,
+            last_core_write: now,
+            last_client_drain: now,
+            stall_timeout: edge.write_stall_timeout,
+            core_acks: Default::default(),
+            core_pubrels: Default::default(),
+            pubrel_to_client: Vec::new(),
+            local_pubrel: Vec::new(),
+            inbound_qos2: Vec::new(),
+            inbound_qos2_earlier: if resume {
+                edge.registry.take_pending_qos2(client_id)
+            } else {
+                Vec::new()
+            },
+            pending_unsubs: Vec::new(),
+            prefer_core: false,
+        };
+        let end = session.relay(edge, claim).await;
+        debug!(?end, "relay ended");
+        match end {
+            End::KeepAliveTimeout => Metrics::inc(&edge.metrics.keepalive_timeouts),
+            End::SlowConsumer => Metrics::inc(&edge.metrics.slow_consumers),
+            End::ProtocolError(_) => Metrics::inc(&edge.metrics.protocol_errors),
+            End::TakenOver => Metrics::inc(&edge.metrics.takeovers),
+            _ => {}
+        }
+        if persistent {
+            let mut pending = std::mem::take(&mut session.inbound_qos2);
+            pending.append(&mut session.inbound_qos2_earlier);
+            if !edge.registry.store_pending_qos2(client_id, pending) {
+                Metrics::inc(&edge.metrics.dropped_qos2_state);
+            }
+        }
+        session.close(end).await;
+        if resume && !persistent {
+            // v5 resumed a session with expiry 0: it ends with this connection.
+            edge.wipe_core_session(&core_id).await;
+        }
+        Ok(())
+    }
+
+    /// The relay loop. Returns why it ended.
+    async fn relay(&mut self, edge: &Edge, claim: &Claim) -> End {
+        let kick = claim.kick.clone();
+        let mut kicked = std::pin::pin!(kick.cancelled_owned());
+        let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(self.next_deadline()));
+        let max_packet = edge.policy.max_packet_size;
+        loop {
+            let event = poll_fn(|cx| self.poll_io(cx, timer.as_mut(), kicked.as_mut())).await;
+            let step = match event {
+                Event::ClientData => self.on_client_data(edge, max_packet),
+                Event::CoreData => self.on_core_data(edge),
+                Event::Timer => {
+                    let now = Instant::now();
+                    if let Some(ka) = self.keep_alive {
+                        if now >= self.last_client_read + ka {
+                            return End::KeepAliveTimeout;
+                        }
+                    }
+                    if !self.client_out.is_empty()
+                        && now >= self.last_client_drain + self.stall_timeout
+                    {
+                        return End::SlowConsumer;
+                    }
+                    if now >= self.last_core_write + CORE_PING_INTERVAL {
+                        mqtt::put_pingreq(&mut self.core_out);
+                        self.last_core_write = now;
+                    }
+                    timer.as_mut().reset(self.next_deadline());
+                    Ok(())
+                }
+                Event::Kicked => {
+                    return if edge.shutdown.is_cancelled() {
+                        End::Shutdown
+                    } else {
+                        End::TakenOver
+                    }
+                }
+                Event::End(end) => return end,
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let mut deadline = self.last_core_write + CORE_PING_INTERVAL;
+        if let Some(ka) = self.keep_alive {
+            deadline = deadline.min(self.last_client_read + ka);
+        }
+        if !self.client_out.is_empty() {
+            deadline = deadline.min(self.last_client_drain + self.stall_timeout);
+        }
+        deadline
+    }
+
+    /// Writes what can be written, then waits for the next thing that needs handling.
+    fn poll_io(
+        &mut self,
+        cx: &mut Context<'_>,
+        timer: Pin<&mut Sleep>,
+        kicked: Pin<&mut tokio_util::sync::WaitForCancellationFutureOwned>,
+    ) -> Poll<Event> {
+        while !self.core_out.is_empty() {
+            match Pin::new(&mut self.core).poll_write(cx, &self.core_out) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    return Poll::Ready(Event::End(End::CoreGone))
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.core_out.advance(n);
+                    self.last_core_write = Instant::now();
+                }
+                Poll::Pending => break,
+            }
+        }
+        let mut wrote_client = false;
+        while !self.client_out.is_empty() {
+            match Pin::new(&mut self.client).poll_write(cx, &self.client_out) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    return Poll::Ready(Event::End(End::ClientGone))
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.client_out.advance(n);
+                    wrote_client = true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if wrote_client {
+            self.last_client_drain = Instant::now();
+            if let Poll::Ready(Err(_)) = Pin::new(&mut self.client).poll_flush(cx) {
+                return Poll::Ready(Event::End(End::ClientGone));
+            }
+        }
+        if self.client_out.is_empty() {
+            self.last_client_drain = Instant::now().max(self.last_client_drain);
+        }
+
+        let read_client = self.core_out.len() < HIGH_WATERMARK;
+        let read_core = self.client_out.len() < HIGH_WATERMARK;
+        // Alternate which side is read first so neither can starve the other.
+        self.prefer_core = !self.prefer_core;
+        for side in [self.prefer_core, !self.prefer_core] {
+            if side && read_core {
+                reserve(&mut self.core_in);
+                match poll_read_buf(Pin::new(&mut self.core), cx, &mut self.core_in) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        return Poll::Ready(Event::End(End::CoreGone))
+                    }
+                    Poll::Ready(Ok(_)) => return Poll::Ready(Event::CoreData),
+                    Poll::Pending => {}
+                }
+            } else if !side && read_client {
+                reserve(&mut self.client_in);
+                match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_in) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        return Poll::Ready(Event::End(End::ClientGone))
+                    }
+                    Poll::Ready(Ok(_)) => return Poll::Ready(Event::ClientData),
+                    Poll::Pending => {}
+                }
+            }
+        }
+        if timer.poll(cx).is_ready() {
+            return Poll::Ready(Event::Timer);
+        }
+        if kicked.poll(cx).is_ready() {
+            return Poll::Ready(Event::Kicked);
+        }
+        Poll::Pending
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Client to core.
+
+    fn on_client_data(&mut self, edge: &Edge, max_packet: usize) -> Result<(), End> {
+        self.last_client_read = Instant::now();
+        loop {
+            let frame = match mqtt::read_frame(&mut self.client_in, max_packet) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Err(self.violation(&e)),
+            };
+            edge.metrics
+                .bytes_in
+                .fetch_add(frame.wire_len() as u64, Relaxed);
+            self.on_client_packet(edge, frame)?;
+        }
+        Ok(())
+    }
+
+    fn violation(&self, e: &CodecError) -> End {
+        debug!(error = %e, "protocol violation");
+        End::ProtocolError(e.reason_code())
+    }
+
+    fn on_client_packet(&mut self, edge: &Edge, frame: Frame) -> Result<(), End> {
+        match frame.kind() {
+            mqtt::PUBLISH => {
+                let p =
+                    mqtt::parse_publish(&frame, self.version).map_err(|e| self.violation(&e))?;
+                Metrics::inc(&edge.metrics.publish_in[p.qos as usize]);
+                if p.qos == 2 {
+                    if self.inbound_qos2.contains(&p.pkid)
+                        || self.inbound_qos2_earlier.contains(&p.pkid)
+                    {
+                        // A re-sent QoS 2 PUBLISH the core already has: acknowledge, never
+                        // deliver twice.
+                        mqtt::put_ack(&mut self.client_out, mqtt::PUBREC, p.pkid);
+                        return Ok(());
+                    }
+                    if self.inbound_qos2.len() >= MAX_PENDING_QOS2 {
+                        return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
+                    }
+                    self.inbound_qos2.push(p.pkid);
+                }
+                if p.retain && p.payload.is_empty() {
+                    // Clears the retained message: the one bare payload the core sees.
+                    mqtt::put_publish(
+                        &mut self.core_out,
+                        Version::V311,
+                        p.dup,
+                        p.qos,
+                        true,
+                        &p.topic,
+                        p.pkid,
+                        &[],
+                        &[],
+                    );
+                } else if p.properties.is_empty() {
+                    let header = envelope::plain_header(p.qos);
+                    mqtt::put_publish(
+                        &mut self.core_out,
+                        Version::V311,
+                        p.dup,
+                        p.qos,
+                        p.retain,
+                        &p.topic,
+                        p.pkid,
+                        &[],
+                        &[&header, &p.payload],
+                    );
+                } else {
+                    let header = envelope::header(p.qos, &p.properties);
+                    mqtt::put_publish(
+                        &mut self.core_out,
+                        Version::V311,
+                        p.dup,
+                        p.qos,
+                        p.retain,
+                        &p.topic,
+                        p.pkid,
+                        &[],
+                        &[&header, &p.payload],
+                    );
+                }
+            }
+            mqtt::PUBACK | mqtt::PUBREC => {
+                let (pkid, code) = mqtt::parse_ack(&frame).map_err(|e| self.violation(&e))?;
+                let kind = frame.kind();
+                if let Some(entry) = self
+                    .core_acks
+                    .iter_mut()
+                    .find(|a| a.pkid == pkid && !a.ready)
+                {
+                    entry.ready = true;
+                    // A v5 PUBREC with a failure code ends the flow: no PUBREL will follow.
+                    entry.client_qos2 = kind == mqtt::PUBREC && code < 0x80;
+                }
+                self.flush_core_acks();
+            }
+            mqtt::PUBREL => {
+                let (pkid, _) = mqtt::parse_ack(&frame).map_err(|e| self.violation(&e))?;
+                if let Some(i) = self.inbound_qos2.iter().position(|&id| id == pkid) {
+                    self.inbound_qos2.swap_remove(i);
+                    mqtt::put_ack(&mut self.core_out, mqtt::PUBREL, pkid);
+                } else if let Some(i) = self.inbound_qos2_earlier.iter().position(|&id| id == pkid)
+                {
+                    // Released after a reconnect: the core routed the message when it got the
+                    // PUBLISH and has forgotten the id, so complete the flow here.
+                    self.inbound_qos2_earlier.swap_remove(i);
+                    mqtt::put_ack(&mut self.client_out, mqtt::PUBCOMP, pkid);
+                } else if self.version == Version::V5 {
+                    mqtt::put_ack_reason(
+                        &mut self.client_out,
+                        mqtt::PUBCOMP,
+                        pkid,
+                        reason::PACKET_ID_NOT_FOUND,
+                    );
+                } else {
+                    mqtt::put_ack(&mut self.client_out, mqtt::PUBCOMP, pkid);
+                }
+            }
+            mqtt::PUBCOMP => {
+                let (pkid, _) = mqtt::parse_ack(&frame).map_err(|e| self.violation(&e))?;
+                if let Some(entry) = self
+                    .core_pubrels
+                    .iter_mut()
+                    .find(|(id, ready)| *id == pkid && !ready)
+                {
+                    entry.1 = true;
+                }
+                self.flush_core_pubcomps();
+            }
+            mqtt::SUBSCRIBE => {
+                let s =
+                    mqtt::parse_subscribe(&frame, self.version).map_err(|e| self.violation(&e))?;
+                if s.has_subscription_id {
+                    return Err(End::ProtocolError(reason::SUB_IDS_NOT_SUPPORTED));
+                }
+                mqtt::put_core_subscribe(&mut self.core_out, s.pkid, &s.filters);
+            }
+            mqtt::UNSUBSCRIBE => {
+                let u = mqtt::parse_unsubscribe(&frame, self.version)
+                    .map_err(|e| self.violation(&e))?;
+                if self.version == Version::V5 {
+                    if self.pending_unsubs.len() >= 1024 {
+                        return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
+                    }
+                    self.pending_unsubs.push((u.pkid, u.filters.len()));
+                }
+                mqtt::put_core_unsubscribe(&mut self.core_out, u.pkid, &u.filters);
+            }
+            mqtt::PINGREQ => {
+                if frame.flags() != 0 || !frame.body.is_empty() {
+                    return Err(self.violation(&CodecError::Malformed("bad PINGREQ")));
+                }
+                mqtt::put_pingresp(&mut self.client_out);
+            }
+            mqtt::DISCONNECT => {
+                let code =
+                    mqtt::parse_disconnect(&frame, self.version).map_err(|e| self.violation(&e))?;
+                return Err(if code == reason::DISCONNECT_WITH_WILL {
+                    End::ClientDisconnectWithWill
+                } else {
+                    End::ClientDisconnect
+                });
+            }
+            mqtt::CONNECT => {
+                return Err(self.violation(&CodecError::Protocol("second CONNECT")));
+            }
+            _ => {
+                return Err(self.violation(&CodecError::Protocol(
+                    "packet type not allowed from a client",
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_core_acks(&mut self) {
+        while let Some(front) = self.core_acks.front() {
+            if !front.ready {
+                break;
+            }
+            mqtt::put_ack(&mut self.core_out, front.kind, front.pkid);
+            if front.kind == mqtt::PUBREC {
+                if front.client_qos2 {
+                    self.pubrel_to_client.push(front.pkid);
+                } else {
+                    self.local_pubrel.push(front.pkid);
+                }
+            }
+            self.core_acks.pop_front();
+        }
+    }
+
+    fn flush_core_pubcomps(&mut self) {
+        while let Some(&(pkid, ready)) = self.core_pubrels.front() {
+            if !ready {
+                break;
+            }
+            mqtt::put_ack(&mut self.core_out, mqtt::PUBCOMP, pkid);
+            self.core_pubrels.pop_front();
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Core to client.
+
+    fn on_core_data(&mut self, edge: &Edge) -> Result<(), End> {
+        loop {
+            let frame = match mqtt::read_frame(&mut self.core_in, usize::MAX) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(error = %e, "core sent a malformed packet");
+                    return Err(End::CoreGone);
+                }
+            };
+            self.on_core_packet(edge, frame)?;
+        }
+        Ok(())
+    }
+
+    fn on_core_packet(&mut self, edge: &Edge, frame: Frame) -> Result<(), End> {
+        match frame.kind() {
+            mqtt::PUBLISH => {
+                let p = mqtt::parse_core_publish(&frame).map_err(|_| End::CoreGone)?;
+                let opened = envelope::open(p.payload);
+                let qos = opened.qos.map_or(p.qos, |q| q.min(p.qos));
+                if p.qos > 0 {
+                    if self.core_acks.len() >= MAX_CORE_INFLIGHT {
+                        warn!("core exceeded the inflight window");
+                        return Err(End::CoreGone);
+                    }
+                    self.core_acks.push_back(CoreAck {
+                        pkid: p.pkid,
+                        kind: if p.qos == 1 {
+                            mqtt::PUBACK
+                        } else {
+                            mqtt::PUBREC
+                        },
+                        ready: qos == 0,
+                        client_qos2: false,
+                    });
+                }
+                let props: &[u8] = match self.version {
+                    Version::V5 => &opened.properties,
+                    Version::V311 => &[],
+                };
+                let size = mqtt::publish_wire_len(
+                    self.version,
+                    qos,
+                    p.topic.len(),
+                    props.len(),
+                    opened.payload.len(),
+                );
+                if size > self.client_max_packet {
+                    // MQTT-3.1.2-25: never send a packet larger than the client accepts.
+                    Metrics::inc(&edge.metrics.dropped_too_large_for_client);
+                    if let Some(entry) = self.core_acks.back_mut() {
+                        if entry.pkid == p.pkid {
+                            entry.ready = true;
+                        }
+                    }
+                } else {
+                    mqtt::put_publish(
+                        &mut self.client_out,
+                        self.version,
+                        p.dup && qos > 0,
+                        qos,
+                        p.retain,
+                        &p.topic,
+                        p.pkid,
+                        props,
+                        &[&opened.payload],
+                    );
+                    Metrics::inc(&edge.metrics.publish_out[qos as usize]);
+                    edge.metrics.bytes_out.fetch_add(size as u64, Relaxed);
+                }
+                if qos == 0 && p.qos > 0 {
+                    self.flush_core_acks();
+                }
+            }
+            mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP => {
+                // Acknowledgements of the client's own publishes: forward as they are.
+                let (pkid, _) = mqtt::parse_ack(&frame).map_err(|_| End::CoreGone)?;
+                mqtt::put_ack(&mut self.client_out, frame.kind(), pkid);
+            }
+            mqtt::PUBREL => {
+                let (pkid, _) = mqtt::parse_ack(&frame).map_err(|_| End::CoreGone)?;
+                if self.core_pubrels.len() >= MAX_CORE_INFLIGHT {
+                    return Err(End::CoreGone);
+                }
+                if let Some(i) = self.local_pubrel.iter().position(|&id| id == pkid) {
+                    // The client got this message at QoS 0 or 1: the edge completes the flow.
+                    self.local_pubrel.swap_remove(i);
+                    self.core_pubrels.push_back((pkid, true));
+                    self.flush_core_pubcomps();
+                } else {
+                    // Either the client got it at QoS 2, or the core re-sends a PUBREL from
+                    // before a reconnect, which the client may still be waiting for.
+                    if let Some(i) = self.pubrel_to_client.iter().position(|&id| id == pkid) {
+                        self.pubrel_to_client.swap_remove(i);
+                    }
+                    mqtt::put_ack(&mut self.client_out, mqtt::PUBREL, pkid);
+                    self.core_pubrels.push_back((pkid, false));
+                }
+            }
+            mqtt::SUBACK => {
+                let (pkid, codes) = mqtt::parse_core_suback(&frame).map_err(|_| End::CoreGone)?;
+                mqtt::put_suback(&mut self.client_out, self.version, pkid, &codes);
+            }
+            mqtt::UNSUBACK => {
+                let (pkid, _) = mqtt::parse_ack(&frame).map_err(|_| End::CoreGone)?;
+                let count = match self.pending_unsubs.iter().position(|&(id, _)| id == pkid) {
+                    Some(i) => self.pending_unsubs.swap_remove(i).1,
+                    None => 1,
+                };
+                mqtt::put_unsuback(&mut self.client_out, self.version, pkid, count);
+            }
+            mqtt::PINGRESP => {}
+            mqtt::DISCONNECT => return Err(End::CoreGone),
+            _ => {
+                warn!(kind = frame.kind(), "unexpected packet from the core");
+                return Err(End::CoreGone);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the connection: tells the client why (v5), and closes the core connection so that
+    /// rumqttd publishes the will exactly when MQTT says it should.
+    async fn close(mut self, end: End) {
+        let client_reason = match end {
+            End::KeepAliveTimeout => Some(reason::KEEP_ALIVE_TIMEOUT),
+            End::SlowConsumer => Some(reason::IMPLEMENTATION_SPECIFIC),
+            End::ProtocolError(code) => Some(code),
+            End::TakenOver => Some(reason::SESSION_TAKEN_OVER),
+            End::Shutdown => Some(reason::SERVER_SHUTTING_DOWN),
+            End::CoreGone => Some(reason::UNSPECIFIED),
+            End::ClientDisconnect | End::ClientDisconnectWithWill | End::ClientGone => None,
+        };
+        let client_alive = !matches!(
+            end,
+            End::ClientGone
+                | End::ClientDisconnect
+                | End::ClientDisconnectWithWill
+                | End::SlowConsumer
+        );
+        if client_alive {
+            if let (Version::V5, Some(code)) = (self.version, client_reason) {
+                mqtt::put_disconnect(&mut self.client_out, Version::V5, code);
+            }
+            let out = std::mem::take(&mut self.client_out);
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                let _ = self.client.write_all(&out).await;
+                let _ = self.client.flush().await;
+            })
+            .await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.shutdown()).await;
+
+        // A clean DISCONNECT (and a broker shutdown) discards the will; everything else
+        // publishes it, which rumqttd does when the connection drops without DISCONNECT.
+        let graceful = matches!(end, End::ClientDisconnect | End::Shutdown);
+        if graceful {
+            mqtt::put_disconnect(&mut self.core_out, Version::V311, 0);
+            let out = std::mem::take(&mut self.core_out);
+            let mut core = self.core;
+            let _ = tokio::time::timeout(CORE_CLOSE_WAIT, async {
+                core.write_all(&out).await?;
+                core.shutdown().await?;
+                let mut sink = [0u8; 1024];
+                while core.read(&mut sink).await? > 0 {}
+                Ok::<_, io::Error>(())
+            })
+            .await;
+        } else {
+            // Flush acknowledgements already owed, then drop the connection without
+            // DISCONNECT so the will fires.
+            let out = std::mem::take(&mut self.core_out);
+            let mut core = self.core;
+            let _ = tokio::time::timeout(CORE_CLOSE_WAIT, core.write_all(&out)).await;
+        }
+    }
+}
+
+enum Event {
+    ClientData,
+    CoreData,
+    Timer,
+    Kicked,
+    End(End),
+}
+
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(8 * 1024);
+    }
+}

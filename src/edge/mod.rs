@@ -1,0 +1,108 @@
+//! The edge: vigil's public face. It owns every public socket, polices every client and
+//! gives each one its own connection to the core.
+//!
+//! - `tcp` and `web` accept sockets (MQTT over TCP; HTTP, MQTT over WebSocket) and spawn one
+//!   task per connection, bounded by a handshake pool and the connection cap.
+//! - `connection` runs one client: CONNECT, policies, then the relay to the core.
+//! - `policy` holds the rules (authentication, client ids, limits) in one place.
+//! - `registry` holds live client ids (takeover) and QoS 2 state rumqttd forgets.
+
+pub mod connection;
+pub mod policy;
+pub mod registry;
+pub mod tcp;
+pub mod web;
+pub mod ws_io;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::core::Core;
+use crate::metrics::Metrics;
+use crate::mqtt::{self, Version};
+
+/// Which public listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Tcp,
+    WebSocket,
+}
+
+impl Listener {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Tcp => "tcp",
+            Listener::WebSocket => "ws",
+        }
+    }
+}
+
+/// State shared by every connection: the policies, the core, the bounds and the counters.
+pub struct Edge {
+    pub policy: policy::Policy,
+    pub core: Core,
+    pub registry: registry::Registry,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled once at shutdown; every connection's kick token is a child of it.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Connected MQTT clients (the configured cap).
+    pub connections: Arc<Semaphore>,
+    /// Sockets still in their HTTP/WebSocket handshake or waiting for CONNECT. Bounded
+    /// separately so idle sockets cannot use up the connection cap.
+    pub handshakes: Arc<Semaphore>,
+    pub handshake_timeout: Duration,
+    pub write_stall_timeout: Duration,
+    pub allowed_origins: Vec<String>,
+    pub max_packet_size: usize,
+}
+
+impl Edge {
+    pub fn new(
+        config: &Config,
+        core: Core,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Edge {
+        let cap = config.limits.max_connections;
+        Edge {
+            policy: policy::Policy::new(config),
+            core,
+            registry: registry::Registry::new(cap),
+            metrics,
+            shutdown,
+            tracker: TaskTracker::new(),
+            connections: Arc::new(Semaphore::new(cap)),
+            handshakes: Arc::new(Semaphore::new(cap.max(64))),
+            handshake_timeout: config.limits.handshake_timeout(),
+            write_stall_timeout: config.limits.write_stall_timeout(),
+            allowed_origins: config.http.allowed_origins.clone(),
+            max_packet_size: config.limits.max_packet_size,
+        }
+    }
+
+    /// Removes a session from the core (connect with clean session, then disconnect).
+    pub async fn wipe_core_session(&self, core_id: &str) {
+        if let Ok(link) = self.core.connect(core_id, true, None).await {
+            let mut stream = link.stream;
+            let mut out = BytesMut::with_capacity(2);
+            mqtt::put_disconnect(&mut out, Version::V311, 0);
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                stream.write_all(&out).await?;
+                stream.shutdown().await?;
+                let mut sink = [0u8; 256];
+                while stream.read(&mut sink).await? > 0 {}
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+        }
+    }
+}

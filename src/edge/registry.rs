@@ -1,0 +1,160 @@
+//! Live client ids and the little session state the core does not keep.
+//!
+//! Two jobs: (1) session takeover is done here, before the core sees the new CONNECT, so an
+//! old connection is closed cleanly and a v5 client is told why; (2) the packet ids of QoS 2
+//! messages a client published but has not yet released (PUBREL) survive a reconnect, because
+//! rumqttd forgets them and would otherwise leave a re-sent PUBREL unanswered or deliver a
+//! re-sent PUBLISH twice. Both maps are bounded: live ids by the connection cap, stored
+//! QoS 2 state by `max_stored`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Longest a new connection waits for the one it takes over to finish.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+/// Packet ids kept per offline session.
+pub const MAX_PENDING_QOS2: usize = 1024;
+
+struct Live {
+    generation: u64,
+    kick: CancellationToken,
+    done: watch::Receiver<()>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_generation: u64,
+    live: HashMap<String, Live>,
+    /// Unreleased inbound QoS 2 packet ids of offline persistent sessions.
+    pending_qos2: HashMap<String, Vec<u16>>,
+}
+
+pub struct Registry {
+    inner: Mutex<Inner>,
+    max_stored: usize,
+}
+
+/// Held by a connection for its whole life; dropping it marks the id free.
+pub struct Claim {
+    pub generation: u64,
+    pub kick: CancellationToken,
+    _done: watch::Sender<()>,
+}
+
+impl Registry {
+    pub fn new(max_stored: usize) -> Registry {
+        Registry {
+            inner: Mutex::new(Inner::default()),
+            max_stored,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic elsewhere must not take the registry down with it: the data is still valid.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims `id` for a new connection, kicking out and waiting for any connection holding it.
+    /// `parent` is the shutdown token, so a kick also fires on shutdown.
+    pub async fn claim(&self, id: &str, parent: &CancellationToken) -> Claim {
+        let (tx, rx) = watch::channel(());
+        let kick = parent.child_token();
+        let previous = {
+            let mut inner = self.lock();
+            inner.next_generation += 1;
+            let generation = inner.next_generation;
+            let previous = inner.live.insert(
+                id.to_string(),
+                Live {
+                    generation,
+                    kick: kick.clone(),
+                    done: rx,
+                },
+            );
+            (generation, previous)
+        };
+        let (generation, previous) = previous;
+        if let Some(old) = previous {
+            old.kick.cancel();
+            let mut done = old.done;
+            // `changed` fails once the old connection drops its sender: that is "done".
+            let _ = tokio::time::timeout(TAKEOVER_WAIT, async {
+                while done.changed().await.is_ok() {}
+            })
+            .await;
+        }
+        Claim {
+            generation,
+            kick,
+            _done: tx,
+        }
+    }
+
+    /// Releases `id` if `claim` still owns it.
+    pub fn release(&self, id: &str, claim: &Claim) {
+        let mut inner = self.lock();
+        if inner.live.get(id).map(|l| l.generation) == Some(claim.generation) {
+            inner.live.remove(id);
+        }
+    }
+
+    pub fn take_pending_qos2(&self, id: &str) -> Vec<u16> {
+        self.lock().pending_qos2.remove(id).unwrap_or_default()
+    }
+
+    /// Stores the unreleased QoS 2 ids of a persistent session going offline. Returns false
+    /// when the store is full and the state was dropped (counted by the caller).
+    pub fn store_pending_qos2(&self, id: &str, mut ids: Vec<u16>) -> bool {
+        let mut inner = self.lock();
+        if ids.is_empty() {
+            inner.pending_qos2.remove(id);
+            return true;
+        }
+        if inner.pending_qos2.len() >= self.max_stored && !inner.pending_qos2.contains_key(id) {
+            return false;
+        }
+        ids.truncate(MAX_PENDING_QOS2);
+        inner.pending_qos2.insert(id.to_string(), ids);
+        true
+    }
+
+    pub fn forget_session(&self, id: &str) {
+        self.lock().pending_qos2.remove(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn takeover_kicks_and_waits_for_the_old_connection() {
+        let reg = std::sync::Arc::new(Registry::new(10));
+        let root = CancellationToken::new();
+        let first = reg.claim("a", &root).await;
+        let kick = first.kick.clone();
+        let reg2 = reg.clone();
+        let root2 = root.clone();
+        let second = tokio::spawn(async move { reg2.claim("a", &root2).await });
+        kick.cancelled().await;
+        reg.release("a", &first);
+        drop(first);
+        let second = second.await.unwrap();
+        assert!(!second.kick.is_cancelled());
+        // The first connection's late release must not free the second's claim.
+        assert_eq!(reg.lock().live.len(), 1);
+    }
+
+    #[test]
+    fn pending_qos2_store_is_bounded() {
+        let reg = Registry::new(1);
+        assert!(reg.store_pending_qos2("a", vec![1, 2]));
+        assert!(!reg.store_pending_qos2("b", vec![3]));
+        assert_eq!(reg.take_pending_qos2("a"), vec![1, 2]);
+        assert!(reg.take_pending_qos2("a").is_empty());
+    }
+}

@@ -1,0 +1,394 @@
+//! The web port: one listener for MQTT over WebSocket, the JSON bridge (reserved) and plain
+//! HTTP endpoints.
+//!
+//! The HTTP request head is read and parsed here (bounded size, under the handshake timeout)
+//! rather than inside a WebSocket library, so that an idle or slow socket costs one task and
+//! one handshake slot and never delays anyone else, and so that routing is ours:
+//! - WebSocket upgrade on `/mqtt`, or on `/` offering the `mqtt`/`mqttv3.1` subprotocol: MQTT.
+//!   The chosen subprotocol is echoed, as browsers require.
+//! - `/ws`: reserved for the JSON bridge.
+//! - `GET /healthz`, `GET /metrics`, `GET /`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, warn, Instrument};
+
+use super::ws_io::WsIo;
+use super::{connection, Edge, Listener};
+use crate::metrics::Metrics;
+
+/// Largest HTTP request head accepted.
+const MAX_HEAD: usize = 8 * 1024;
+const MAX_HEADERS: usize = 32;
+/// Subprotocols that mean MQTT, in order of preference.
+const MQTT_SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
+
+pub async fn serve(edge: Arc<Edge>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = edge.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = edge.handshakes.clone().try_acquire_owned() else {
+            Metrics::inc(&edge.metrics.refused_handshake_overload);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let span = tracing::info_span!("conn", %peer, listener = Listener::WebSocket.as_str(), client_id = tracing::field::Empty);
+        let conn_edge = edge.clone();
+        edge.tracker
+            .spawn(async move { handle(conn_edge, stream, peer, slot).await }.instrument(span));
+    }
+}
+
+/// A parsed request head: what routing needs, owned.
+struct Head {
+    method: String,
+    path: String,
+    upgrade_websocket: bool,
+    key: Option<String>,
+    version_13: bool,
+    origin: Option<String>,
+    protocols: Vec<String>,
+}
+
+async fn handle(
+    edge: Arc<Edge>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+) {
+    let deadline = Instant::now() + edge.handshake_timeout;
+    let mut buf = BytesMut::with_capacity(1024);
+    let head_len = match tokio::time::timeout_at(deadline, read_head(&mut stream, &mut buf)).await {
+        Ok(Ok(Some(n))) => n,
+        Ok(Ok(None)) => {
+            respond(
+                &mut stream,
+                431,
+                "text/plain",
+                "request head too large\n",
+                &[],
+            )
+            .await;
+            return;
+        }
+        Ok(Err(_)) => return,
+        Err(_) => {
+            Metrics::inc(&edge.metrics.handshake_timeouts);
+            debug!("closed: HTTP head not received in time");
+            return;
+        }
+    };
+    let head = match parse_head(&buf[..head_len]) {
+        Some(h) => h,
+        None => {
+            respond(&mut stream, 400, "text/plain", "malformed request\n", &[]).await;
+            return;
+        }
+    };
+    if head.upgrade_websocket {
+        upgrade(
+            edge,
+            stream,
+            buf.split_off(head_len),
+            head,
+            peer,
+            slot,
+            deadline,
+        )
+        .await;
+        return;
+    }
+    drop(slot);
+    if head.method != "GET" && head.method != "HEAD" {
+        respond(
+            &mut stream,
+            405,
+            "text/plain",
+            "method not allowed\n",
+            &[("Allow", "GET")],
+        )
+        .await;
+        return;
+    }
+    match head.path.as_str() {
+        "/healthz" => {
+            respond(
+                &mut stream,
+                200,
+                "application/json",
+                "{\"status\":\"ok\"}\n",
+                &[],
+            )
+            .await
+        }
+        "/metrics" => {
+            let body = edge.metrics.render();
+            respond(&mut stream, 200, "text/plain; version=0.0.4", &body, &[]).await
+        }
+        "/" => {
+            respond(
+                &mut stream,
+                200,
+                "text/html; charset=utf-8",
+                INDEX_HTML,
+                &[],
+            )
+            .await
+        }
+        _ => respond(&mut stream, 404, "text/plain", "not found\n", &[]).await,
+    }
+}
+
+const INDEX_HTML: &str = "<!doctype html><html><head><meta charset=\"utf-8\"><title>vigil</title></head>\
+<body><h1>vigil</h1><p>MQTT over WebSocket: <code>/mqtt</code>. Health: <a href=\"/healthz\">/healthz</a>. \
+Metrics: <a href=\"/metrics\">/metrics</a>.</p></body></html>\n";
+
+async fn upgrade(
+    edge: Arc<Edge>,
+    mut stream: TcpStream,
+    leftover: BytesMut,
+    head: Head,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+    deadline: Instant,
+) {
+    if head.method != "GET" || head.key.is_none() {
+        respond(
+            &mut stream,
+            400,
+            "text/plain",
+            "bad WebSocket upgrade\n",
+            &[],
+        )
+        .await;
+        return;
+    }
+    if !head.version_13 {
+        respond(
+            &mut stream,
+            426,
+            "text/plain",
+            "WebSocket version 13 required\n",
+            &[("Sec-WebSocket-Version", "13")],
+        )
+        .await;
+        return;
+    }
+    if !edge.allowed_origins.is_empty() {
+        if let Some(origin) = &head.origin {
+            if !edge.allowed_origins.iter().any(|o| o == origin) {
+                warn!(origin = %origin, "WebSocket origin not allowed");
+                respond(&mut stream, 403, "text/plain", "origin not allowed\n", &[]).await;
+                return;
+            }
+        }
+    }
+    let chosen = MQTT_SUBPROTOCOLS
+        .iter()
+        .find(|p| {
+            head.protocols
+                .iter()
+                .any(|offered| offered.eq_ignore_ascii_case(p))
+        })
+        .copied();
+    let is_mqtt = match head.path.as_str() {
+        "/mqtt" => true,
+        "/" => chosen.is_some(),
+        "/ws" => {
+            respond(
+                &mut stream,
+                501,
+                "text/plain",
+                "the JSON bridge is not available in this build\n",
+                &[],
+            )
+            .await;
+            return;
+        }
+        _ => false,
+    };
+    if !is_mqtt {
+        respond(
+            &mut stream,
+            404,
+            "text/plain",
+            "no WebSocket service here; MQTT is at /mqtt\n",
+            &[],
+        )
+        .await;
+        return;
+    }
+    let accept = derive_accept_key(head.key.as_deref().unwrap_or_default().as_bytes());
+    let mut response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n"
+    );
+    if let Some(p) = chosen {
+        response.push_str("Sec-WebSocket-Protocol: ");
+        response.push_str(p);
+        response.push_str("\r\n");
+    }
+    response.push_str("\r\n");
+    if stream.write_all(response.as_bytes()).await.is_err() {
+        return;
+    }
+    // A frame may span at most one MQTT packet plus a little framing.
+    let frame_limit = edge.max_packet_size + 16;
+    let config = WebSocketConfig::default()
+        .max_frame_size(Some(frame_limit))
+        .max_message_size(Some(frame_limit));
+    let ws =
+        WebSocketStream::from_partially_read(stream, leftover.to_vec(), Role::Server, Some(config))
+            .await;
+    connection::serve(
+        edge,
+        WsIo::new(ws),
+        BytesMut::new(),
+        peer,
+        Listener::WebSocket,
+        slot,
+        deadline,
+    )
+    .await;
+}
+
+/// Reads until the end of the request head. `Ok(None)` when it exceeds [`MAX_HEAD`].
+async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<Option<usize>> {
+    loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Ok(Some(pos + 4));
+        }
+        if buf.len() > MAX_HEAD {
+            return Ok(None);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+fn parse_head(bytes: &[u8]) -> Option<Head> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(bytes) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return None,
+    }
+    let method = req.method?.to_string();
+    let path = req.path?.split('?').next().unwrap_or("/").to_string();
+    let mut head = Head {
+        method,
+        path,
+        upgrade_websocket: false,
+        key: None,
+        version_13: false,
+        origin: None,
+        protocols: Vec::new(),
+    };
+    let mut connection_upgrade = false;
+    let mut upgrade_ws = false;
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value).ok()?.trim();
+        let name = h.name;
+        if name.eq_ignore_ascii_case("upgrade") {
+            upgrade_ws |= value.eq_ignore_ascii_case("websocket");
+        } else if name.eq_ignore_ascii_case("connection") {
+            connection_upgrade |= value
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            head.key = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            head.version_13 = value == "13";
+        } else if name.eq_ignore_ascii_case("origin") {
+            head.origin = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            head.protocols.extend(
+                value
+                    .split(',')
+                    .map(|p| p.trim().to_string())
+                    .filter(|p| !p.is_empty()),
+            );
+        }
+    }
+    head.upgrade_websocket = upgrade_ws && connection_upgrade;
+    Some(head)
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+    extra: &[(&str, &str)],
+) {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        _ => "Error",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n",
+        body.len()
+    );
+    for (k, v) in extra {
+        out.push_str(k);
+        out.push_str(": ");
+        out.push_str(v);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(body);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(out.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_upgrade_with_protocol_list() {
+        let req = b"GET /mqtt?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqttv3.1, mqtt\r\n\r\n";
+        let h = parse_head(req).unwrap();
+        assert!(h.upgrade_websocket);
+        assert_eq!(h.path, "/mqtt");
+        assert_eq!(h.protocols, vec!["mqttv3.1", "mqtt"]);
+        assert!(h.version_13);
+    }
+
+    #[test]
+    fn plain_get_is_not_an_upgrade() {
+        let h = parse_head(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert!(!h.upgrade_websocket);
+        assert!(parse_head(b"\x00\x01garbage\r\n\r\n").is_none());
+    }
+}

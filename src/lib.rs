@@ -1,0 +1,132 @@
+//! vigil: an MQTT broker for device fleets with a hardened edge in front of an embedded
+//! rumqttd core.
+//!
+//! Map of the crate (see ARCHITECTURE.md for the why):
+//! - [`config`]: `broker.toml`, parsed strictly and validated.
+//! - [`core`]: the embedded rumqttd router, on loopback behind a per-process credential.
+//! - [`edge`]: every public socket; per-connection tasks that police clients and relay to the
+//!   core.
+//! - [`mqtt`]: the MQTT wire format, the only place that knows byte layouts.
+//! - [`envelope`]: the header vigil puts on payloads inside the core.
+//! - [`metrics`]: counters rendered at `/metrics`.
+//!
+//! [`run`] takes already bound listeners and a cancellation token, so tests bind port 0.
+
+pub mod config;
+pub mod core;
+pub mod edge;
+pub mod envelope;
+pub mod metrics;
+pub mod mqtt;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// How long shutdown waits for connections to close before giving up on them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr} (`{key}`): {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Core(#[from] core::CoreError),
+}
+
+/// The public listeners, bound.
+pub struct Listeners {
+    pub mqtt: TcpListener,
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses. In local-only mode (no credentials configured) every
+    /// listener is moved to loopback, as mosquitto 2.0 does, and a warning says so.
+    pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
+        let local_only = config.auth.local_only();
+        let mqtt = bind_one("mqtt.listen", config.mqtt.listen, local_only).await?;
+        let http = bind_one("http.listen", config.http.listen, local_only).await?;
+        Ok(Listeners { mqtt, http })
+    }
+
+    pub fn mqtt_addr(&self) -> std::io::Result<SocketAddr> {
+        self.mqtt.local_addr()
+    }
+
+    pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
+        self.http.local_addr()
+    }
+}
+
+async fn bind_one(
+    key: &'static str,
+    mut addr: SocketAddr,
+    local_only: bool,
+) -> Result<TcpListener, RunError> {
+    if local_only && !addr.ip().is_loopback() {
+        let loopback = match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        tracing::warn!(
+            configured = %addr,
+            "no credentials configured ([auth] users is empty): local-only mode, `{key}` binds to {loopback} and anonymous clients are allowed"
+        );
+        addr.set_ip(loopback);
+    }
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { key, addr, source })
+}
+
+/// Runs vigil until `shutdown` is cancelled, then closes every connection (within
+/// [`SHUTDOWN_GRACE`]) and returns.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let metrics = Arc::new(metrics::Metrics::default());
+    let core = core::Core::start(&config).await?;
+    let edge = Arc::new(edge::Edge::new(&config, core, metrics, shutdown.clone()));
+
+    let mqtt_addr = listeners.mqtt.local_addr().ok();
+    let http_addr = listeners.http.local_addr().ok();
+    let tcp_task = tokio::spawn(edge::tcp::serve(edge.clone(), listeners.mqtt));
+    let web_task = tokio::spawn(edge::web::serve(edge.clone(), listeners.http));
+    tracing::info!(
+        mqtt = %fmt_addr(mqtt_addr),
+        http = %fmt_addr(http_addr),
+        "vigil listening"
+    );
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    let _ = tcp_task.await;
+    let _ = web_task.await;
+    edge.tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, edge.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = edge.tracker.len(),
+            "connections still open at the shutdown deadline"
+        );
+    }
+    Ok(())
+}
+
+fn fmt_addr(addr: Option<SocketAddr>) -> String {
+    addr.map(|a| a.to_string()).unwrap_or_else(|| "?".into())
+}

@@ -1,0 +1,133 @@
+//! The `vigil` command line: run the broker, or print or check a configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use vigil::config::{Config, DEFAULT_TOML};
+
+#[derive(Parser)]
+#[command(
+    name = "vigil",
+    version,
+    about = "MQTT broker for IoT fleets with a hardened edge"
+)]
+struct Cli {
+    /// Configuration file (default: the built-in broker.toml; see `vigil print-config`).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Address for MQTT over TCP, overriding `mqtt.listen` (port 0 picks a free port).
+    #[arg(long, global = true)]
+    mqtt_listen: Option<SocketAddr>,
+    /// Address for the web port, overriding `http.listen` (port 0 picks a free port).
+    #[arg(long, global = true)]
+    http_listen: Option<SocketAddr>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (the default).
+    Run,
+    /// Print the built-in default configuration, with its comments.
+    PrintConfig,
+    /// Check a configuration file and exit: 0 when valid, 1 with the reason when not.
+    CheckConfig { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::PrintConfig) => {
+            print!("{DEFAULT_TOML}");
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::CheckConfig { ref file }) => {
+            return match Config::from_file(file) {
+                Ok(_) => {
+                    println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Run) | None => {}
+    }
+    init_tracing();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    // rumqttd logs an ERROR for every ordinary client disconnect; it is kept quiet unless
+    // RUST_LOG asks for it.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut config = match &cli.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default_config()?,
+    };
+    if let Some(addr) = cli.mqtt_listen {
+        config.mqtt.listen = addr;
+    }
+    if let Some(addr) = cli.http_listen {
+        config.http.listen = addr;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listeners = vigil::Listeners::bind(&config).await?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signal_shutdown(shutdown.clone()));
+        vigil::run(config, listeners, shutdown).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // rumqttd's threads have no stop API; returning from main ends them with the process.
+    Ok(())
+}
+
+async fn signal_shutdown(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    token.cancel();
+}

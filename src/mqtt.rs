@@ -1,0 +1,1232 @@
+//! The MQTT wire format (3.1, 3.1.1 and 5.0): framing, parsing of every packet the edge
+//! polices, and encoding of every packet the edge writes.
+//!
+//! This is the only module that knows byte layouts. Parsing never panics and never trusts a
+//! length: every read is bounds-checked and every string is validated UTF-8 without U+0000, as
+//! the specification requires. Packets are parsed from `Bytes` so that topics and payloads are
+//! zero-copy slices of the read buffer.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+pub const CONNECT: u8 = 1;
+pub const CONNACK: u8 = 2;
+pub const PUBLISH: u8 = 3;
+pub const PUBACK: u8 = 4;
+pub const PUBREC: u8 = 5;
+pub const PUBREL: u8 = 6;
+pub const PUBCOMP: u8 = 7;
+pub const SUBSCRIBE: u8 = 8;
+pub const SUBACK: u8 = 9;
+pub const UNSUBSCRIBE: u8 = 10;
+pub const UNSUBACK: u8 = 11;
+pub const PINGREQ: u8 = 12;
+pub const PINGRESP: u8 = 13;
+pub const DISCONNECT: u8 = 14;
+pub const AUTH: u8 = 15;
+
+/// MQTT 5 property identifiers the edge reads or writes.
+pub mod prop {
+    pub const PAYLOAD_FORMAT: u8 = 0x01;
+    pub const MESSAGE_EXPIRY: u8 = 0x02;
+    pub const CONTENT_TYPE: u8 = 0x03;
+    pub const RESPONSE_TOPIC: u8 = 0x08;
+    pub const CORRELATION_DATA: u8 = 0x09;
+    pub const SUBSCRIPTION_ID: u8 = 0x0B;
+    pub const SESSION_EXPIRY: u8 = 0x11;
+    pub const ASSIGNED_CLIENT_ID: u8 = 0x12;
+    pub const SERVER_KEEP_ALIVE: u8 = 0x13;
+    pub const AUTH_METHOD: u8 = 0x15;
+    pub const AUTH_DATA: u8 = 0x16;
+    pub const REQUEST_PROBLEM_INFO: u8 = 0x17;
+    pub const WILL_DELAY: u8 = 0x18;
+    pub const REQUEST_RESPONSE_INFO: u8 = 0x19;
+    pub const REASON_STRING: u8 = 0x1F;
+    pub const RECEIVE_MAXIMUM: u8 = 0x21;
+    pub const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
+    pub const TOPIC_ALIAS: u8 = 0x23;
+    pub const RETAIN_AVAILABLE: u8 = 0x25;
+    pub const USER_PROPERTY: u8 = 0x26;
+    pub const MAXIMUM_PACKET_SIZE: u8 = 0x27;
+    pub const WILDCARD_SUB_AVAILABLE: u8 = 0x28;
+    pub const SUB_ID_AVAILABLE: u8 = 0x29;
+    pub const SHARED_SUB_AVAILABLE: u8 = 0x2A;
+}
+
+/// MQTT 5 reason codes the edge sends.
+pub mod reason {
+    pub const SUCCESS: u8 = 0x00;
+    pub const DISCONNECT_WITH_WILL: u8 = 0x04;
+    pub const UNSPECIFIED: u8 = 0x80;
+    pub const MALFORMED: u8 = 0x81;
+    pub const PROTOCOL_ERROR: u8 = 0x82;
+    pub const IMPLEMENTATION_SPECIFIC: u8 = 0x83;
+    pub const UNSUPPORTED_PROTOCOL_VERSION: u8 = 0x84;
+    pub const CLIENT_ID_NOT_VALID: u8 = 0x85;
+    pub const BAD_USER_NAME_OR_PASSWORD: u8 = 0x86;
+    pub const NOT_AUTHORIZED: u8 = 0x87;
+    pub const SERVER_UNAVAILABLE: u8 = 0x88;
+    pub const SERVER_BUSY: u8 = 0x89;
+    pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
+    pub const BAD_AUTH_METHOD: u8 = 0x8C;
+    pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
+    pub const SESSION_TAKEN_OVER: u8 = 0x8E;
+    pub const TOPIC_NAME_INVALID: u8 = 0x90;
+    pub const PACKET_ID_NOT_FOUND: u8 = 0x92;
+    pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
+    pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
+    pub const PACKET_TOO_LARGE: u8 = 0x95;
+    pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
+    pub const SUB_IDS_NOT_SUPPORTED: u8 = 0xA1;
+}
+
+/// MQTT 3.1.1 CONNACK return codes.
+pub mod rc {
+    pub const ACCEPTED: u8 = 0;
+    pub const UNACCEPTABLE_PROTOCOL: u8 = 1;
+    pub const IDENTIFIER_REJECTED: u8 = 2;
+    pub const SERVER_UNAVAILABLE: u8 = 3;
+    pub const BAD_USER_NAME_OR_PASSWORD: u8 = 4;
+    pub const NOT_AUTHORIZED: u8 = 5;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    #[error("malformed remaining length")]
+    BadRemainingLength,
+    #[error("packet of {size} bytes exceeds the maximum of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("malformed packet: {0}")]
+    Malformed(&'static str),
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("unsupported protocol {name:?} level {level}")]
+    UnsupportedProtocol { name: String, level: u8 },
+}
+
+impl CodecError {
+    /// The MQTT 5 reason code that describes this error in a DISCONNECT or CONNACK.
+    pub fn reason_code(&self) -> u8 {
+        match self {
+            CodecError::TooLarge { .. } => reason::PACKET_TOO_LARGE,
+            CodecError::Protocol(_) => reason::PROTOCOL_ERROR,
+            CodecError::UnsupportedProtocol { .. } => reason::UNSUPPORTED_PROTOCOL_VERSION,
+            _ => reason::MALFORMED,
+        }
+    }
+}
+
+/// Protocol spoken by a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// MQTT 3.1 (`MQIsdp`, level 3) and 3.1.1 (`MQTT`, level 4) share one packet format.
+    V311,
+    V5,
+}
+
+/// One complete control packet: the first header byte and the bytes after the length.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub header: u8,
+    pub body: Bytes,
+}
+
+impl Frame {
+    pub fn kind(&self) -> u8 {
+        self.header >> 4
+    }
+
+    pub fn flags(&self) -> u8 {
+        self.header & 0x0F
+    }
+
+    /// Size of the packet on the wire.
+    pub fn wire_len(&self) -> usize {
+        1 + varint_len(self.body.len()) + self.body.len()
+    }
+}
+
+/// Takes one complete packet off the front of `buf`, or returns `None` when more bytes are
+/// needed. A declared length over `max` is an error as soon as the length is known, so a
+/// client can never make the edge buffer more than `max` bytes.
+pub fn read_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, CodecError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let mut len: usize = 0;
+    let mut shift = 0;
+    let mut pos = 1;
+    loop {
+        let Some(&byte) = buf.get(pos) else {
+            return Ok(None);
+        };
+        len |= ((byte & 0x7F) as usize) << shift;
+        pos += 1;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+        if shift > 21 {
+            return Err(CodecError::BadRemainingLength);
+        }
+    }
+    let total = pos + len;
+    if total > max {
+        return Err(CodecError::TooLarge { size: total, max });
+    }
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    let header = buf[0];
+    let mut packet = buf.split_to(total);
+    packet.advance(pos);
+    Ok(Some(Frame {
+        header,
+        body: packet.freeze(),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading primitives.
+
+/// A bounds-checked reader over a packet body.
+struct Reader {
+    buf: Bytes,
+}
+
+impl Reader {
+    fn new(buf: Bytes) -> Reader {
+        Reader { buf }
+    }
+
+    fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn u8(&mut self) -> Result<u8, CodecError> {
+        if self.buf.is_empty() {
+            return Err(CodecError::Malformed("packet truncated"));
+        }
+        Ok(self.buf.get_u8())
+    }
+
+    fn u16(&mut self) -> Result<u16, CodecError> {
+        if self.buf.len() < 2 {
+            return Err(CodecError::Malformed("packet truncated"));
+        }
+        Ok(self.buf.get_u16())
+    }
+
+    fn take(&mut self, n: usize) -> Result<Bytes, CodecError> {
+        if self.buf.len() < n {
+            return Err(CodecError::Malformed("packet truncated"));
+        }
+        Ok(self.buf.split_to(n))
+    }
+
+    fn binary(&mut self) -> Result<Bytes, CodecError> {
+        let n = self.u16()? as usize;
+        self.take(n)
+    }
+
+    /// A UTF-8 string as the specification defines it: valid UTF-8, no U+0000.
+    fn string(&mut self) -> Result<Bytes, CodecError> {
+        let bytes = self.binary()?;
+        validate_utf8(&bytes)?;
+        Ok(bytes)
+    }
+
+    fn varint(&mut self) -> Result<usize, CodecError> {
+        let mut value = 0usize;
+        for i in 0..4 {
+            let byte = self.u8()?;
+            value |= ((byte & 0x7F) as usize) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(CodecError::Malformed("variable byte integer too long"))
+    }
+
+    fn properties(&mut self) -> Result<Bytes, CodecError> {
+        let n = self.varint()?;
+        self.take(n)
+    }
+
+    fn rest(&mut self) -> Bytes {
+        std::mem::take(&mut self.buf)
+    }
+}
+
+pub fn validate_utf8(bytes: &[u8]) -> Result<&str, CodecError> {
+    let s = std::str::from_utf8(bytes).map_err(|_| CodecError::Malformed("invalid UTF-8"))?;
+    if s.contains('\u{0}') {
+        return Err(CodecError::Malformed("U+0000 in a string"));
+    }
+    Ok(s)
+}
+
+/// Walks a v5 property block, calling `f(id, value)` for each property; `value` is the
+/// property's encoded value (integers big-endian, strings and binary with their length prefix).
+pub fn for_each_property(
+    props: &Bytes,
+    mut f: impl FnMut(u8, &Bytes) -> Result<(), CodecError>,
+) -> Result<(), CodecError> {
+    let mut r = Reader::new(props.clone());
+    while r.remaining() > 0 {
+        let id = r.u8()?;
+        let value = match id {
+            // Byte.
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => r.take(1)?,
+            // Two-byte integer.
+            0x13 | 0x21 | 0x22 | 0x23 => r.take(2)?,
+            // Four-byte integer.
+            0x02 | 0x11 | 0x18 | 0x27 => r.take(4)?,
+            // Variable byte integer: re-slice the raw encoding.
+            0x0B => {
+                let before = r.buf.clone();
+                let v = r.varint()?;
+                if v == 0 {
+                    return Err(CodecError::Protocol("subscription identifier 0"));
+                }
+                before.slice(..before.len() - r.remaining())
+            }
+            // UTF-8 string.
+            0x03 | 0x08 | 0x12 | 0x15 | 0x1A | 0x1C | 0x1F => {
+                let before = r.buf.clone();
+                r.string()?;
+                before.slice(..before.len() - r.remaining())
+            }
+            // Binary data.
+            0x09 | 0x16 => {
+                let before = r.buf.clone();
+                r.binary()?;
+                before.slice(..before.len() - r.remaining())
+            }
+            // String pair.
+            0x26 => {
+                let before = r.buf.clone();
+                r.string()?;
+                r.string()?;
+                before.slice(..before.len() - r.remaining())
+            }
+            _ => return Err(CodecError::Malformed("unknown property")),
+        };
+        f(id, &value)?;
+    }
+    Ok(())
+}
+
+fn be_u32(b: &Bytes) -> u32 {
+    b.iter().fold(0u32, |acc, &x| (acc << 8) | x as u32)
+}
+
+/// Properties of a PUBLISH (or will) that travel with the message from publisher to
+/// subscriber, in wire encoding. Per-hop properties (topic alias, subscription identifier,
+/// will delay) are not kept.
+fn end_to_end_properties(props: &Bytes, allow_will_delay: bool) -> Result<Bytes, CodecError> {
+    if props.is_empty() {
+        return Ok(Bytes::new());
+    }
+    let mut kept = BytesMut::new();
+    let mut seen_single = 0u32;
+    for_each_property(props, |id, value| {
+        match id {
+            prop::PAYLOAD_FORMAT
+            | prop::MESSAGE_EXPIRY
+            | prop::CONTENT_TYPE
+            | prop::RESPONSE_TOPIC
+            | prop::CORRELATION_DATA => {
+                let bit = 1u32 << id;
+                if seen_single & bit != 0 {
+                    return Err(CodecError::Protocol("property repeated"));
+                }
+                seen_single |= bit;
+                if id == prop::PAYLOAD_FORMAT && value[0] > 1 {
+                    return Err(CodecError::Protocol("bad payload format indicator"));
+                }
+                if id == prop::RESPONSE_TOPIC {
+                    let topic = validate_utf8(&value[2..])?;
+                    if topic.contains(['+', '#']) || topic.is_empty() {
+                        return Err(CodecError::Protocol("bad response topic"));
+                    }
+                }
+                kept.put_u8(id);
+                kept.extend_from_slice(value);
+            }
+            prop::USER_PROPERTY => {
+                kept.put_u8(id);
+                kept.extend_from_slice(value);
+            }
+            prop::WILL_DELAY if allow_will_delay => {}
+            prop::TOPIC_ALIAS if !allow_will_delay => {
+                return Err(CodecError::Protocol("topic alias not allowed"));
+            }
+            _ => return Err(CodecError::Protocol("property not allowed here")),
+        }
+        Ok(())
+    })?;
+    Ok(kept.freeze())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packets from clients.
+
+#[derive(Debug, Clone)]
+pub struct Will {
+    pub topic: Bytes,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// End-to-end v5 properties, wire encoded.
+    pub properties: Bytes,
+}
+
+#[derive(Debug, Clone)]
+pub struct Connect {
+    pub version: Version,
+    /// The protocol name and level as sent, for MQTT 3.1 vs 3.1.1 bookkeeping.
+    pub level: u8,
+    pub clean_start: bool,
+    pub keep_alive: u16,
+    pub client_id: String,
+    pub will: Option<Will>,
+    pub username: Option<String>,
+    pub password: Option<Bytes>,
+    pub session_expiry: u32,
+    pub receive_maximum: u16,
+    pub max_packet_size: Option<u32>,
+    pub auth_method: bool,
+}
+
+/// Reads the protocol name and level of a CONNECT without parsing the rest, so that even a
+/// CONNECT that fails validation can be answered in the client's own protocol version.
+pub fn connect_version(body: &Bytes) -> Option<Version> {
+    let mut r = Reader::new(body.clone());
+    let name = r.binary().ok()?;
+    let level = r.u8().ok()?;
+    match (&name[..], level) {
+        (b"MQTT", 5) => Some(Version::V5),
+        (b"MQTT", 4) | (b"MQIsdp", 3) => Some(Version::V311),
+        _ => None,
+    }
+}
+
+pub fn parse_connect(frame: &Frame) -> Result<Connect, CodecError> {
+    if frame.flags() != 0 {
+        return Err(CodecError::Malformed("CONNECT flags must be 0"));
+    }
+    let mut r = Reader::new(frame.body.clone());
+    let name = r.binary()?;
+    let level = r.u8()?;
+    let version = match (&name[..], level) {
+        (b"MQTT", 5) => Version::V5,
+        (b"MQTT", 4) | (b"MQIsdp", 3) => Version::V311,
+        _ => {
+            return Err(CodecError::UnsupportedProtocol {
+                name: String::from_utf8_lossy(&name).into_owned(),
+                level,
+            })
+        }
+    };
+    let flags = r.u8()?;
+    if flags & 0x01 != 0 {
+        return Err(CodecError::Malformed("reserved CONNECT flag set"));
+    }
+    let clean_start = flags & 0x02 != 0;
+    let will_flag = flags & 0x04 != 0;
+    let will_qos = (flags >> 3) & 0x03;
+    let will_retain = flags & 0x20 != 0;
+    let has_password = flags & 0x40 != 0;
+    let has_username = flags & 0x80 != 0;
+    if will_qos == 3 {
+        return Err(CodecError::Malformed("will QoS 3"));
+    }
+    if !will_flag && (will_qos != 0 || will_retain) {
+        return Err(CodecError::Malformed("will QoS/retain without will flag"));
+    }
+    if version == Version::V311 && has_password && !has_username {
+        return Err(CodecError::Malformed("password without user name"));
+    }
+    let keep_alive = r.u16()?;
+
+    let mut session_expiry = 0;
+    let mut receive_maximum = u16::MAX;
+    let mut max_packet_size = None;
+    let mut auth_method = false;
+    if version == Version::V5 {
+        let props = r.properties()?;
+        for_each_property(&props, |id, value| {
+            match id {
+                prop::SESSION_EXPIRY => session_expiry = be_u32(value),
+                prop::RECEIVE_MAXIMUM => {
+                    receive_maximum = be_u32(value) as u16;
+                    if receive_maximum == 0 {
+                        return Err(CodecError::Protocol("receive maximum 0"));
+                    }
+                }
+                prop::MAXIMUM_PACKET_SIZE => {
+                    let v = be_u32(value);
+                    if v == 0 {
+                        return Err(CodecError::Protocol("maximum packet size 0"));
+                    }
+                    max_packet_size = Some(v);
+                }
+                prop::AUTH_METHOD => auth_method = true,
+                prop::AUTH_DATA
+                | prop::TOPIC_ALIAS_MAXIMUM
+                | prop::REQUEST_PROBLEM_INFO
+                | prop::REQUEST_RESPONSE_INFO
+                | prop::USER_PROPERTY => {}
+                _ => return Err(CodecError::Protocol("property not allowed in CONNECT")),
+            }
+            Ok(())
+        })?;
+    }
+
+    let client_id_bytes = r.string()?;
+    let client_id = validate_utf8(&client_id_bytes)?.to_owned();
+
+    let will = if will_flag {
+        let properties = if version == Version::V5 {
+            let props = r.properties()?;
+            end_to_end_properties(&props, true)?
+        } else {
+            Bytes::new()
+        };
+        let topic = r.string()?;
+        validate_topic_name(&topic)?;
+        let payload = r.binary()?;
+        Some(Will {
+            topic,
+            payload,
+            qos: will_qos,
+            retain: will_retain,
+            properties,
+        })
+    } else {
+        None
+    };
+    let username = if has_username {
+        let u = r.string()?;
+        Some(validate_utf8(&u)?.to_owned())
+    } else {
+        None
+    };
+    let password = if has_password {
+        Some(r.binary()?)
+    } else {
+        None
+    };
+    if r.remaining() != 0 {
+        return Err(CodecError::Malformed(
+            "trailing bytes after CONNECT payload",
+        ));
+    }
+    Ok(Connect {
+        version,
+        level,
+        clean_start,
+        keep_alive,
+        client_id,
+        will,
+        username,
+        password,
+        session_expiry,
+        receive_maximum,
+        max_packet_size,
+        auth_method,
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct Publish {
+    pub dup: bool,
+    pub qos: u8,
+    pub retain: bool,
+    pub topic: Bytes,
+    pub pkid: u16,
+    /// End-to-end v5 properties, wire encoded (empty for 3.1.1).
+    pub properties: Bytes,
+    pub payload: Bytes,
+}
+
+impl Publish {
+    pub fn topic_str(&self) -> &str {
+        // Validated when parsed.
+        std::str::from_utf8(&self.topic).unwrap_or("")
+    }
+}
+
+/// Parses a PUBLISH from a client: topic validated, wildcards refused, v5 properties checked.
+pub fn parse_publish(frame: &Frame, version: Version) -> Result<Publish, CodecError> {
+    let flags = frame.flags();
+    let qos = (flags >> 1) & 0x03;
+    if qos == 3 {
+        return Err(CodecError::Malformed("PUBLISH QoS 3"));
+    }
+    let dup = flags & 0x08 != 0;
+    if qos == 0 && dup {
+        return Err(CodecError::Malformed("DUP set on a QoS 0 PUBLISH"));
+    }
+    let mut r = Reader::new(frame.body.clone());
+    let topic = r.string()?;
+    let pkid = if qos > 0 {
+        let id = r.u16()?;
+        if id == 0 {
+            return Err(CodecError::Malformed("packet identifier 0"));
+        }
+        id
+    } else {
+        0
+    };
+    let properties = if version == Version::V5 {
+        let props = r.properties()?;
+        end_to_end_properties(&props, false)?
+    } else {
+        Bytes::new()
+    };
+    if topic.is_empty() {
+        return Err(CodecError::Protocol("empty topic name"));
+    }
+    validate_topic_name(&topic)?;
+    Ok(Publish {
+        dup,
+        qos,
+        retain: flags & 0x01 != 0,
+        topic,
+        pkid,
+        properties,
+        payload: r.rest(),
+    })
+}
+
+/// Parses a PUBLISH written by the core (always 3.1.1): no validation beyond framing.
+pub fn parse_core_publish(frame: &Frame) -> Result<Publish, CodecError> {
+    let flags = frame.flags();
+    let qos = (flags >> 1) & 0x03;
+    let mut r = Reader::new(frame.body.clone());
+    let topic = r.binary()?;
+    let pkid = if qos > 0 { r.u16()? } else { 0 };
+    Ok(Publish {
+        dup: flags & 0x08 != 0,
+        qos: qos.min(2),
+        retain: flags & 0x01 != 0,
+        topic,
+        pkid,
+        properties: Bytes::new(),
+        payload: r.rest(),
+    })
+}
+
+/// Topic names: no wildcards (MQTT-3.3.2-2), UTF-8 already checked.
+pub fn validate_topic_name(topic: &[u8]) -> Result<(), CodecError> {
+    if topic.iter().any(|&b| b == b'+' || b == b'#') {
+        return Err(CodecError::Protocol("wildcard in topic name"));
+    }
+    Ok(())
+}
+
+/// Topic filters: `#` only as the whole last level, `+` only as a whole level, and a shared
+/// subscription names a non-empty group without wildcards.
+pub fn validate_topic_filter(filter: &[u8]) -> Result<(), CodecError> {
+    let s = validate_utf8(filter)?;
+    if s.is_empty() {
+        return Err(CodecError::Protocol("empty topic filter"));
+    }
+    let path = if let Some(rest) = s.strip_prefix("$share/") {
+        let Some((group, path)) = rest.split_once('/') else {
+            return Err(CodecError::Protocol("shared subscription without a filter"));
+        };
+        if group.is_empty() || group.contains(['+', '#']) || path.is_empty() {
+            return Err(CodecError::Protocol("bad shared subscription"));
+        }
+        path
+    } else {
+        s
+    };
+    let mut levels = path.split('/').peekable();
+    while let Some(level) = levels.next() {
+        if level.contains('#') && (level != "#" || levels.peek().is_some()) {
+            return Err(CodecError::Protocol("'#' must be the whole last level"));
+        }
+        if level.contains('+') && level != "+" {
+            return Err(CodecError::Protocol("'+' must be a whole level"));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct Subscribe {
+    pub pkid: u16,
+    /// Filter and the options byte as sent (QoS in the low two bits).
+    pub filters: Vec<(Bytes, u8)>,
+    pub has_subscription_id: bool,
+}
+
+pub fn parse_subscribe(frame: &Frame, version: Version) -> Result<Subscribe, CodecError> {
+    if frame.flags() != 0x02 {
+        return Err(CodecError::Malformed("SUBSCRIBE flags must be 0010"));
+    }
+    let mut r = Reader::new(frame.body.clone());
+    let pkid = r.u16()?;
+    if pkid == 0 {
+        return Err(CodecError::Malformed("packet identifier 0"));
+    }
+    let mut has_subscription_id = false;
+    if version == Version::V5 {
+        let props = r.properties()?;
+        for_each_property(&props, |id, _| match id {
+            prop::SUBSCRIPTION_ID => {
+                has_subscription_id = true;
+                Ok(())
+            }
+            prop::USER_PROPERTY => Ok(()),
+            _ => Err(CodecError::Protocol("property not allowed in SUBSCRIBE")),
+        })?;
+    }
+    let mut filters = Vec::new();
+    while r.remaining() > 0 {
+        let filter = r.string()?;
+        let options = r.u8()?;
+        let reserved = match version {
+            Version::V311 => 0xFC,
+            Version::V5 => 0xC0,
+        };
+        if options & reserved != 0 || options & 0x03 == 3 || (options >> 4) & 0x03 == 3 {
+            return Err(CodecError::Malformed("bad subscription options"));
+        }
+        validate_topic_filter(&filter)?;
+        filters.push((filter, options));
+    }
+    if filters.is_empty() {
+        return Err(CodecError::Protocol("SUBSCRIBE without filters"));
+    }
+    Ok(Subscribe {
+        pkid,
+        filters,
+        has_subscription_id,
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct Unsubscribe {
+    pub pkid: u16,
+    pub filters: Vec<Bytes>,
+}
+
+pub fn parse_unsubscribe(frame: &Frame, version: Version) -> Result<Unsubscribe, CodecError> {
+    if frame.flags() != 0x02 {
+        return Err(CodecError::Malformed("UNSUBSCRIBE flags must be 0010"));
+    }
+    let mut r = Reader::new(frame.body.clone());
+    let pkid = r.u16()?;
+    if pkid == 0 {
+        return Err(CodecError::Malformed("packet identifier 0"));
+    }
+    if version == Version::V5 {
+        let props = r.properties()?;
+        for_each_property(&props, |id, _| match id {
+            prop::USER_PROPERTY => Ok(()),
+            _ => Err(CodecError::Protocol("property not allowed in UNSUBSCRIBE")),
+        })?;
+    }
+    let mut filters = Vec::new();
+    while r.remaining() > 0 {
+        let filter = r.string()?;
+        validate_topic_filter(&filter)?;
+        filters.push(filter);
+    }
+    if filters.is_empty() {
+        return Err(CodecError::Protocol("UNSUBSCRIBE without filters"));
+    }
+    Ok(Unsubscribe { pkid, filters })
+}
+
+/// An acknowledgement (PUBACK, PUBREC, PUBREL, PUBCOMP): its packet id and, for v5, its reason.
+pub fn parse_ack(frame: &Frame) -> Result<(u16, u8), CodecError> {
+    let expected_flags = if frame.kind() == PUBREL { 0x02 } else { 0 };
+    if frame.flags() != expected_flags {
+        return Err(CodecError::Malformed("bad acknowledgement flags"));
+    }
+    let mut r = Reader::new(frame.body.clone());
+    let pkid = r.u16()?;
+    let reason = if r.remaining() > 0 { r.u8()? } else { 0 };
+    Ok((pkid, reason))
+}
+
+/// A v5 DISCONNECT's reason code (0 when absent).
+pub fn parse_disconnect(frame: &Frame, version: Version) -> Result<u8, CodecError> {
+    if frame.flags() != 0 {
+        return Err(CodecError::Malformed("DISCONNECT flags must be 0"));
+    }
+    match version {
+        Version::V311 if !frame.body.is_empty() => {
+            Err(CodecError::Malformed("DISCONNECT with a body"))
+        }
+        Version::V311 => Ok(0),
+        Version::V5 => Ok(frame.body.first().copied().unwrap_or(0)),
+    }
+}
+
+/// SUBACK return codes from the core.
+pub fn parse_core_suback(frame: &Frame) -> Result<(u16, Bytes), CodecError> {
+    let mut r = Reader::new(frame.body.clone());
+    let pkid = r.u16()?;
+    Ok((pkid, r.rest()))
+}
+
+pub fn parse_core_connack(frame: &Frame) -> Result<(bool, u8), CodecError> {
+    let mut r = Reader::new(frame.body.clone());
+    let flags = r.u8()?;
+    let code = r.u8()?;
+    Ok((flags & 0x01 != 0, code))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoding.
+
+pub fn varint_len(n: usize) -> usize {
+    match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+pub fn put_varint(out: &mut BytesMut, mut n: usize) {
+    loop {
+        let mut byte = (n & 0x7F) as u8;
+        n >>= 7;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        out.put_u8(byte);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn put_binary(out: &mut BytesMut, b: &[u8]) {
+    out.put_u16(b.len() as u16);
+    out.extend_from_slice(b);
+}
+
+/// Writes a PUBLISH. `properties` is only written for v5; `payload` is written as the given
+/// parts in order, so callers can prepend an envelope without copying the payload twice.
+#[allow(clippy::too_many_arguments)]
+pub fn put_publish(
+    out: &mut BytesMut,
+    version: Version,
+    dup: bool,
+    qos: u8,
+    retain: bool,
+    topic: &[u8],
+    pkid: u16,
+    properties: &[u8],
+    payload: &[&[u8]],
+) {
+    let payload_len: usize = payload.iter().map(|p| p.len()).sum();
+    let props_len = match version {
+        Version::V5 => varint_len(properties.len()) + properties.len(),
+        Version::V311 => 0,
+    };
+    let remaining = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + props_len + payload_len;
+    out.reserve(1 + varint_len(remaining) + remaining);
+    out.put_u8((PUBLISH << 4) | ((dup as u8) << 3) | (qos << 1) | retain as u8);
+    put_varint(out, remaining);
+    put_binary(out, topic);
+    if qos > 0 {
+        out.put_u16(pkid);
+    }
+    if version == Version::V5 {
+        put_varint(out, properties.len());
+        out.extend_from_slice(properties);
+    }
+    for part in payload {
+        out.extend_from_slice(part);
+    }
+}
+
+/// Size on the wire of the PUBLISH [`put_publish`] would write.
+pub fn publish_wire_len(
+    version: Version,
+    qos: u8,
+    topic_len: usize,
+    props_len: usize,
+    payload_len: usize,
+) -> usize {
+    let props = match version {
+        Version::V5 => varint_len(props_len) + props_len,
+        Version::V311 => 0,
+    };
+    let remaining = 2 + topic_len + if qos > 0 { 2 } else { 0 } + props + payload_len;
+    1 + varint_len(remaining) + remaining
+}
+
+/// PUBACK, PUBREC, PUBREL or PUBCOMP with success (the two-byte form, valid in both versions).
+pub fn put_ack(out: &mut BytesMut, kind: u8, pkid: u16) {
+    let flags = if kind == PUBREL { 0x02 } else { 0 };
+    out.put_u8((kind << 4) | flags);
+    out.put_u8(2);
+    out.put_u16(pkid);
+}
+
+/// A v5 acknowledgement carrying a reason code.
+pub fn put_ack_reason(out: &mut BytesMut, kind: u8, pkid: u16, reason: u8) {
+    let flags = if kind == PUBREL { 0x02 } else { 0 };
+    out.put_u8((kind << 4) | flags);
+    out.put_u8(3);
+    out.put_u16(pkid);
+    out.put_u8(reason);
+}
+
+pub fn put_pingreq(out: &mut BytesMut) {
+    out.put_slice(&[PINGREQ << 4, 0]);
+}
+
+pub fn put_pingresp(out: &mut BytesMut) {
+    out.put_slice(&[PINGRESP << 4, 0]);
+}
+
+/// DISCONNECT: the bare form for 3.1.1 (client to server only), a reason code for v5.
+pub fn put_disconnect(out: &mut BytesMut, version: Version, reason: u8) {
+    match version {
+        Version::V311 => out.put_slice(&[DISCONNECT << 4, 0]),
+        Version::V5 => out.put_slice(&[DISCONNECT << 4, 2, reason, 0]),
+    }
+}
+
+/// Server capabilities announced in a v5 CONNACK.
+#[derive(Debug, Clone, Default)]
+pub struct ConnackProperties {
+    pub assigned_client_id: Option<String>,
+    pub server_keep_alive: Option<u16>,
+    pub receive_maximum: u16,
+    pub maximum_packet_size: u32,
+}
+
+pub fn put_connack(
+    out: &mut BytesMut,
+    version: Version,
+    session_present: bool,
+    code: u8,
+    props: Option<&ConnackProperties>,
+) {
+    out.put_u8(CONNACK << 4);
+    match version {
+        Version::V311 => {
+            out.put_u8(2);
+            out.put_u8(session_present as u8);
+            out.put_u8(code);
+        }
+        Version::V5 => {
+            let mut p = BytesMut::new();
+            if let Some(props) = props {
+                if let Some(id) = &props.assigned_client_id {
+                    p.put_u8(prop::ASSIGNED_CLIENT_ID);
+                    put_binary(&mut p, id.as_bytes());
+                }
+                if let Some(ka) = props.server_keep_alive {
+                    p.put_u8(prop::SERVER_KEEP_ALIVE);
+                    p.put_u16(ka);
+                }
+                p.put_u8(prop::RECEIVE_MAXIMUM);
+                p.put_u16(props.receive_maximum);
+                p.put_u8(prop::MAXIMUM_PACKET_SIZE);
+                p.put_u32(props.maximum_packet_size);
+                p.put_u8(prop::RETAIN_AVAILABLE);
+                p.put_u8(1);
+                p.put_u8(prop::WILDCARD_SUB_AVAILABLE);
+                p.put_u8(1);
+                p.put_u8(prop::SUB_ID_AVAILABLE);
+                p.put_u8(0);
+                p.put_u8(prop::SHARED_SUB_AVAILABLE);
+                p.put_u8(1);
+            }
+            let remaining = 2 + varint_len(p.len()) + p.len();
+            put_varint(out, remaining);
+            out.put_u8(session_present as u8);
+            out.put_u8(code);
+            put_varint(out, p.len());
+            out.extend_from_slice(&p);
+        }
+    }
+}
+
+pub fn put_suback(out: &mut BytesMut, version: Version, pkid: u16, codes: &[u8]) {
+    let props = if version == Version::V5 { 1 } else { 0 };
+    out.put_u8(SUBACK << 4);
+    put_varint(out, 2 + props + codes.len());
+    out.put_u16(pkid);
+    if version == Version::V5 {
+        out.put_u8(0);
+    }
+    out.extend_from_slice(codes);
+}
+
+/// UNSUBACK; v5 carries one success reason per filter.
+pub fn put_unsuback(out: &mut BytesMut, version: Version, pkid: u16, filters: usize) {
+    out.put_u8(UNSUBACK << 4);
+    match version {
+        Version::V311 => {
+            out.put_u8(2);
+            out.put_u16(pkid);
+        }
+        Version::V5 => {
+            put_varint(out, 3 + filters);
+            out.put_u16(pkid);
+            out.put_u8(0);
+            out.put_bytes(0, filters);
+        }
+    }
+}
+
+/// What the edge sends the core in place of a client's CONNECT (always 3.1.1).
+pub struct CoreConnect<'a> {
+    pub client_id: &'a str,
+    pub clean_session: bool,
+    pub keep_alive: u16,
+    pub username: &'a str,
+    pub password: &'a str,
+    /// Will topic, QoS, retain and the (already enveloped) payload parts.
+    pub will: Option<(&'a [u8], u8, bool, &'a [&'a [u8]])>,
+}
+
+pub fn put_core_connect(out: &mut BytesMut, c: &CoreConnect<'_>) {
+    let will_len = c
+        .will
+        .map(|(t, _, _, p)| 2 + t.len() + 2 + p.iter().map(|x| x.len()).sum::<usize>())
+        .unwrap_or(0);
+    let remaining =
+        10 + 2 + c.client_id.len() + will_len + 2 + c.username.len() + 2 + c.password.len();
+    out.put_u8(CONNECT << 4);
+    put_varint(out, remaining);
+    put_binary(out, b"MQTT");
+    out.put_u8(4);
+    let mut flags = 0x80 | 0x40;
+    if c.clean_session {
+        flags |= 0x02;
+    }
+    if let Some((_, qos, retain, _)) = c.will {
+        flags |= 0x04 | (qos << 3) | if retain { 0x20 } else { 0 };
+    }
+    out.put_u8(flags);
+    out.put_u16(c.keep_alive);
+    put_binary(out, c.client_id.as_bytes());
+    if let Some((topic, _, _, payload)) = c.will {
+        put_binary(out, topic);
+        out.put_u16(payload.iter().map(|x| x.len()).sum::<usize>() as u16);
+        for part in payload {
+            out.extend_from_slice(part);
+        }
+    }
+    put_binary(out, c.username.as_bytes());
+    put_binary(out, c.password.as_bytes());
+}
+
+/// SUBSCRIBE to the core (3.1.1): options reduced to the QoS bits.
+pub fn put_core_subscribe(out: &mut BytesMut, pkid: u16, filters: &[(Bytes, u8)]) {
+    let remaining = 2 + filters.iter().map(|(f, _)| 2 + f.len() + 1).sum::<usize>();
+    out.put_u8((SUBSCRIBE << 4) | 0x02);
+    put_varint(out, remaining);
+    out.put_u16(pkid);
+    for (filter, qos) in filters {
+        put_binary(out, filter);
+        out.put_u8(qos & 0x03);
+    }
+}
+
+pub fn put_core_unsubscribe(out: &mut BytesMut, pkid: u16, filters: &[Bytes]) {
+    let remaining = 2 + filters.iter().map(|f| 2 + f.len()).sum::<usize>();
+    out.put_u8((UNSUBSCRIBE << 4) | 0x02);
+    put_varint(out, remaining);
+    out.put_u16(pkid);
+    for filter in filters {
+        put_binary(out, filter);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame_of(bytes: &[u8]) -> Frame {
+        let mut buf = BytesMut::from(bytes);
+        read_frame(&mut buf, 1 << 20).unwrap().unwrap()
+    }
+
+    #[test]
+    fn framing_waits_for_whole_packet_and_rejects_oversize() {
+        let mut buf = BytesMut::from(&[0x30u8, 0x05, 0x00][..]);
+        assert!(read_frame(&mut buf, 100).unwrap().is_none());
+        let mut buf = BytesMut::from(&[0x30u8, 0xFF, 0xFF, 0x7F][..]);
+        assert!(matches!(
+            read_frame(&mut buf, 1000),
+            Err(CodecError::TooLarge { .. })
+        ));
+        let mut buf = BytesMut::from(&[0x30u8, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..]);
+        assert_eq!(
+            read_frame(&mut buf, usize::MAX).unwrap_err(),
+            CodecError::BadRemainingLength
+        );
+    }
+
+    #[test]
+    fn connect_v311_roundtrip_through_core_encoder() {
+        let mut out = BytesMut::new();
+        put_core_connect(
+            &mut out,
+            &CoreConnect {
+                client_id: "dev-1",
+                clean_session: false,
+                keep_alive: 30,
+                username: "u",
+                password: "p",
+                will: Some((b"device/dev-1/status", 1, true, &[b"\xE1", b"gone"])),
+            },
+        );
+        let f = frame_of(&out);
+        let c = parse_connect(&f).unwrap();
+        assert_eq!(c.version, Version::V311);
+        assert_eq!(c.client_id, "dev-1");
+        assert!(!c.clean_start);
+        assert_eq!(c.keep_alive, 30);
+        let will = c.will.unwrap();
+        assert_eq!(&will.topic[..], b"device/dev-1/status");
+        assert_eq!(&will.payload[..], b"\xE1gone");
+        assert_eq!((will.qos, will.retain), (1, true));
+        assert_eq!(c.username.as_deref(), Some("u"));
+    }
+
+    #[test]
+    fn connect_rejects_reserved_flag_and_bad_will() {
+        // MQTT 3.1.1 CONNECT, flags 0x01 (reserved).
+        let bytes = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x01, 0, 10, 0, 0];
+        assert!(parse_connect(&frame_of(&bytes)).is_err());
+        // Will QoS without will flag.
+        let bytes = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x08, 0, 10, 0, 0];
+        assert!(parse_connect(&frame_of(&bytes)).is_err());
+        // Unknown protocol level.
+        let bytes = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 10, 0, 0];
+        assert!(matches!(
+            parse_connect(&frame_of(&bytes)),
+            Err(CodecError::UnsupportedProtocol { .. })
+        ));
+    }
+
+    #[test]
+    fn publish_roundtrip_v5_with_user_property() {
+        let mut props = BytesMut::new();
+        props.put_u8(prop::USER_PROPERTY);
+        put_binary(&mut props, b"k");
+        put_binary(&mut props, b"v");
+        let mut out = BytesMut::new();
+        put_publish(
+            &mut out,
+            Version::V5,
+            false,
+            1,
+            false,
+            b"a/b",
+            7,
+            &props,
+            &[b"hello"],
+        );
+        let p = parse_publish(&frame_of(&out), Version::V5).unwrap();
+        assert_eq!(p.topic_str(), "a/b");
+        assert_eq!(p.pkid, 7);
+        assert_eq!(&p.properties[..], &props[..]);
+        assert_eq!(&p.payload[..], b"hello");
+        assert_eq!(
+            out.len(),
+            publish_wire_len(Version::V5, 1, 3, props.len(), 5)
+        );
+    }
+
+    #[test]
+    fn publish_rejects_wildcards_topic_alias_and_qos3() {
+        let mut out = BytesMut::new();
+        put_publish(
+            &mut out,
+            Version::V311,
+            false,
+            0,
+            false,
+            b"a/+",
+            0,
+            &[],
+            &[b"x"],
+        );
+        assert!(parse_publish(&frame_of(&out), Version::V311).is_err());
+        let mut out = BytesMut::new();
+        put_publish(
+            &mut out,
+            Version::V5,
+            false,
+            0,
+            false,
+            b"a",
+            0,
+            &[prop::TOPIC_ALIAS, 0, 1],
+            &[b"x"],
+        );
+        assert!(parse_publish(&frame_of(&out), Version::V5).is_err());
+        let bytes = [0x36, 5, 0, 1, b'a', 0, 1];
+        assert!(parse_publish(&frame_of(&bytes), Version::V311).is_err());
+    }
+
+    #[test]
+    fn topic_filter_rules() {
+        for ok in ["#", "+", "a/#", "a/+/c", "+/+", "/", "$share/g/a/#", "a//b"] {
+            assert!(validate_topic_filter(ok.as_bytes()).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "a#",
+            "a/#/b",
+            "a+/b",
+            "$share/g",
+            "$share//a",
+            "$share/+/a",
+        ] {
+            assert!(validate_topic_filter(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn subscribe_options_checked_per_version() {
+        let mut out = BytesMut::new();
+        put_core_subscribe(&mut out, 3, &[(Bytes::from_static(b"a/#"), 1)]);
+        let s = parse_subscribe(&frame_of(&out), Version::V311).unwrap();
+        assert_eq!(s.pkid, 3);
+        assert_eq!(s.filters[0].1, 1);
+        // 3.1.1 with the v5 no-local bit is malformed.
+        let bytes = [0x82, 8, 0, 1, 0, 3, b'a', b'/', b'#', 0x05];
+        assert!(parse_subscribe(&frame_of(&bytes), Version::V311).is_err());
+    }
+
+    #[test]
+    fn strings_with_nul_or_bad_utf8_are_malformed() {
+        assert!(validate_utf8(b"a\0b").is_err());
+        assert!(validate_utf8(&[0xC3, 0x28]).is_err());
+    }
+
+    #[test]
+    fn connack_v5_is_well_formed() {
+        let mut out = BytesMut::new();
+        let props = ConnackProperties {
+            assigned_client_id: Some("x".into()),
+            server_keep_alive: None,
+            receive_maximum: 100,
+            maximum_packet_size: 1024,
+        };
+        put_connack(&mut out, Version::V5, false, 0, Some(&props));
+        let f = frame_of(&out);
+        assert_eq!(f.kind(), CONNACK);
+        assert_eq!(f.wire_len(), out.len());
+    }
+}
