@@ -93,7 +93,7 @@ impl Core {
             password,
         };
         core.wait_ready(Duration::from_secs(10)).await?;
-        tracing::debug!(%addr, "core ready");
+        tracing::info!(core = %addr, "core ready (loopback only, per-process credential)");
         Ok(core)
     }
 

@@ -18,7 +18,9 @@
 //!   client acknowledges in, because rumqttd disconnects on an out-of-order ack.
 //! - PINGREQ is answered here and the core is pinged on the edge's own schedule, so
 //!   keep-alive 0 works and a client's keep-alive is enforced here.
-//! - Inbound QoS 2 state survives reconnects (see `registry`).
+//! - Inbound QoS 2 is the edge's: the core gets the message at QoS 1 and routes it on receipt,
+//!   the edge answers PUBREL, and the packet ids survive reconnects (see `registry`), because
+//!   rumqttd routes only at PUBREL and forgets that state when a client reconnects.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -232,7 +234,9 @@ struct Session<S> {
     pubrel_to_client: Vec<u16>,
     /// QoS 2 deliveries the client got at QoS 0 or 1, whose PUBREL the edge answers itself.
     local_pubrel: Vec<u16>,
-    /// Inbound QoS 2 ids forwarded to the core on this connection, awaiting PUBREL.
+    /// Inbound QoS 2 ids sent to the core, awaiting its PUBACK (then PUBREC to the client).
+    qos2_awaiting_core: Vec<u16>,
+    /// Inbound QoS 2 ids routed by the core on this connection, awaiting the client's PUBREL.
     inbound_qos2: Vec<u16>,
     /// Inbound QoS 2 ids forwarded on an earlier connection of this session.
     inbound_qos2_earlier: Vec<u16>,
@@ -419,6 +423,7 @@ where
             core_pubrels: Default::default(),
             pubrel_to_client: Vec::new(),
             local_pubrel: Vec::new(),
+            qos2_awaiting_core: Vec::new(),
             inbound_qos2: Vec::new(),
             inbound_qos2_earlier: if resume {
                 edge.registry.take_pending_qos2(client_id)
@@ -437,14 +442,15 @@ where
             End::TakenOver => Metrics::inc(&edge.metrics.takeovers),
             _ => {}
         }
-        if persistent {
-            let mut pending = std::mem::take(&mut session.inbound_qos2);
-            pending.append(&mut session.inbound_qos2_earlier);
-            if !edge.registry.store_pending_qos2(client_id, pending) {
-                Metrics::inc(&edge.metrics.dropped_qos2_state);
-            }
-        }
+        // QoS 2 messages the core has (or is about to read, once `close` flushes) count as
+        // routed: a re-send after reconnect is acknowledged, not delivered again.
+        let mut pending = std::mem::take(&mut session.inbound_qos2);
+        pending.append(&mut session.inbound_qos2_earlier);
+        pending.append(&mut session.qos2_awaiting_core);
         session.close(end).await;
+        if persistent && !edge.registry.store_pending_qos2(client_id, pending) {
+            Metrics::inc(&edge.metrics.dropped_qos2_state);
+        }
         if resume && !persistent {
             // v5 resumed a session with expiry 0: it ends with this connection.
             edge.wipe_core_session(&core_id).await;
@@ -614,27 +620,36 @@ where
                 let p =
                     mqtt::parse_publish(&frame, self.version).map_err(|e| self.violation(&e))?;
                 Metrics::inc(&edge.metrics.publish_in[p.qos as usize]);
-                if p.qos == 2 {
+                let core_qos = if p.qos == 2 {
                     if self.inbound_qos2.contains(&p.pkid)
                         || self.inbound_qos2_earlier.contains(&p.pkid)
                     {
-                        // A re-sent QoS 2 PUBLISH the core already has: acknowledge, never
-                        // deliver twice.
+                        // A re-sent QoS 2 PUBLISH the core already routed: acknowledge it,
+                        // never deliver it twice.
                         mqtt::put_ack(&mut self.client_out, mqtt::PUBREC, p.pkid);
                         return Ok(());
                     }
-                    if self.inbound_qos2.len() >= MAX_PENDING_QOS2 {
+                    if self.inbound_qos2.len() + self.qos2_awaiting_core.len() >= MAX_PENDING_QOS2 {
                         return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
                     }
-                    self.inbound_qos2.push(p.pkid);
-                }
+                    if !self.qos2_awaiting_core.contains(&p.pkid) {
+                        self.qos2_awaiting_core.push(p.pkid);
+                    }
+                    // rumqttd routes a QoS 2 message only at PUBREL and forgets it across a
+                    // reconnect; the edge owns QoS 2 instead. The core gets the message at
+                    // QoS 1 (the envelope keeps QoS 2 for subscribers), and its PUBACK becomes
+                    // the client's PUBREC: the message is routed once, on receipt.
+                    1
+                } else {
+                    p.qos
+                };
                 if p.retain && p.payload.is_empty() {
                     // Clears the retained message: the one bare payload the core sees.
                     mqtt::put_publish(
                         &mut self.core_out,
                         Version::V311,
                         p.dup,
-                        p.qos,
+                        core_qos,
                         true,
                         &p.topic,
                         p.pkid,
@@ -647,7 +662,7 @@ where
                         &mut self.core_out,
                         Version::V311,
                         p.dup,
-                        p.qos,
+                        core_qos,
                         p.retain,
                         &p.topic,
                         p.pkid,
@@ -660,7 +675,7 @@ where
                         &mut self.core_out,
                         Version::V311,
                         p.dup,
-                        p.qos,
+                        core_qos,
                         p.retain,
                         &p.topic,
                         p.pkid,
@@ -684,25 +699,29 @@ where
                 self.flush_core_acks();
             }
             mqtt::PUBREL => {
+                // The message was routed when the core acknowledged the PUBLISH; releasing it
+                // only ends the flow, here, whether it began on this connection or an earlier
+                // one of the same session.
                 let (pkid, _) = mqtt::parse_ack(&frame).map_err(|e| self.violation(&e))?;
-                if let Some(i) = self.inbound_qos2.iter().position(|&id| id == pkid) {
+                let known = if let Some(i) = self.inbound_qos2.iter().position(|&id| id == pkid) {
                     self.inbound_qos2.swap_remove(i);
-                    mqtt::put_ack(&mut self.core_out, mqtt::PUBREL, pkid);
+                    true
                 } else if let Some(i) = self.inbound_qos2_earlier.iter().position(|&id| id == pkid)
                 {
-                    // Released after a reconnect: the core routed the message when it got the
-                    // PUBLISH and has forgotten the id, so complete the flow here.
                     self.inbound_qos2_earlier.swap_remove(i);
+                    true
+                } else {
+                    false
+                };
+                if known || self.version == Version::V311 {
                     mqtt::put_ack(&mut self.client_out, mqtt::PUBCOMP, pkid);
-                } else if self.version == Version::V5 {
+                } else {
                     mqtt::put_ack_reason(
                         &mut self.client_out,
                         mqtt::PUBCOMP,
                         pkid,
                         reason::PACKET_ID_NOT_FOUND,
                     );
-                } else {
-                    mqtt::put_ack(&mut self.client_out, mqtt::PUBCOMP, pkid);
                 }
             }
             mqtt::PUBCOMP => {
@@ -868,9 +887,19 @@ where
                 }
             }
             mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP => {
-                // Acknowledgements of the client's own publishes: forward as they are.
+                // Acknowledgements of the client's own publishes. A PUBACK for a QoS 2
+                // publish (sent to the core at QoS 1) becomes its PUBREC.
                 let (pkid, _) = mqtt::parse_ack(&frame).map_err(|_| End::CoreGone)?;
-                mqtt::put_ack(&mut self.client_out, frame.kind(), pkid);
+                let kind = frame.kind();
+                if kind == mqtt::PUBACK {
+                    if let Some(i) = self.qos2_awaiting_core.iter().position(|&id| id == pkid) {
+                        self.qos2_awaiting_core.swap_remove(i);
+                        self.inbound_qos2.push(pkid);
+                        mqtt::put_ack(&mut self.client_out, mqtt::PUBREC, pkid);
+                        return Ok(());
+                    }
+                }
+                mqtt::put_ack(&mut self.client_out, kind, pkid);
             }
             mqtt::PUBREL => {
                 let (pkid, _) = mqtt::parse_ack(&frame).map_err(|_| End::CoreGone)?;

@@ -1,0 +1,189 @@
+//! Regression tests for the rumqttd defects the edge must make unreachable (issue 2, notes
+//! `rumqttd.md` items 1-3), and for the core being private. Each reproduces the trigger through
+//! vigil's edge, then proves a fresh client can still connect, publish and receive on the same
+//! listener.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(5);
+
+/// (a) rumqttd defect 1: a v5 publish with a user property panicked every v3.1.1 subscriber's
+/// connection task, and then (defect 2) the whole listener.
+#[test]
+fn issue2_a_v5_user_property_to_v311_subscriber() {
+    let v = Vigil::start();
+    let mut v311 = Sub::start(v.port(), &["-t", "reg/a", "-q", "1", "-V", "mqttv311"]);
+    for i in 0..3 {
+        publish(
+            v.port(),
+            &[
+                "-t",
+                "reg/a",
+                "-m",
+                &format!("m{i}"),
+                "-q",
+                "1",
+                "-V",
+                "mqttv5",
+                "-D",
+                "publish",
+                "user-property",
+                "k",
+                "v",
+            ],
+        );
+    }
+    assert_eq!(
+        v311.expect_messages(3, T),
+        vec!["reg/a|1|0|m0", "reg/a|1|0|m1", "reg/a|1|0|m2"]
+    );
+    // The same subscriber is still connected and still receives.
+    publish(v.port(), &["-t", "reg/a", "-m", "after", "-q", "1"]);
+    assert_eq!(v311.expect_messages(4, T)[3], "reg/a|1|0|after");
+    assert_broker_serves(v.port(), "a");
+}
+
+/// (b) rumqttd defect 2: a client id containing `/`, `+`, `#` or `$` connecting twice poisoned
+/// the listener.
+#[test]
+fn issue2_b_client_ids_with_topic_characters_connect_twice() {
+    let v = Vigil::start();
+    for id in ["dev/1", "dev+1", "dev#1", "$dev", "a/+/#/$"] {
+        let o = ConnectOpts::v311(id);
+        let mut first = Raw::connected(v.mqtt, &o);
+        let mut second = Raw::connected(v.mqtt, &o);
+        // Takeover: the first connection is closed, the second works.
+        assert!(
+            first.closed_within(T),
+            "{id}: old connection not closed on takeover"
+        );
+        second.send(&[0xC0, 0]);
+        assert_eq!(
+            second.recv().map(|p| p.kind()),
+            Some(13),
+            "{id}: no PINGRESP"
+        );
+        // And a third time after a clean disconnect.
+        second.send(&[0xE0, 0]);
+        let _third = Raw::connected(v.mqtt, &o);
+    }
+    assert_broker_serves(v.port(), "b");
+}
+
+/// (c) rumqttd defect 3: one idle TCP socket on the WebSocket port blocked every new
+/// WebSocket client.
+#[test]
+fn issue2_c_idle_socket_on_websocket_port_does_not_block_websocket_clients() {
+    let v = Vigil::start();
+    let idle: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(v.http).unwrap())
+        .collect();
+    // A half-sent handshake too (slowloris).
+    let mut slow = TcpStream::connect(v.http).unwrap();
+    slow.write_all(b"GET /mqtt HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+
+    let start = Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut opts =
+            rumqttc::MqttOptions::new("ws-client", format!("ws://{}/mqtt", v.http), v.http.port());
+        opts.set_transport(rumqttc::Transport::Ws);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 10);
+        client
+            .subscribe("reg/c", rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        client
+            .publish("reg/c", rumqttc::QoS::AtLeastOnce, false, "over-ws")
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(T, async {
+            loop {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) =
+                    eventloop.poll().await.unwrap()
+                {
+                    return p;
+                }
+            }
+        })
+        .await
+        .expect("WebSocket client blocked by idle sockets");
+        assert_eq!(&got.payload[..], b"over-ws");
+    });
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        start.elapsed()
+    );
+    drop(idle);
+    drop(slow);
+    assert_broker_serves(v.port(), "c");
+}
+
+/// (d) rumqttd defect 2 again: more clients than the connection cap.
+#[test]
+fn issue2_d_clients_over_the_cap_are_refused_properly() {
+    let v = Vigil::start_with(|c| c.replace("max_connections = 10000", "max_connections = 4"));
+    let held: Vec<Raw> = (0..4)
+        .map(|i| Raw::connected(v.mqtt, &ConnectOpts::v311(&format!("cap-{i}"))))
+        .collect();
+    // 3.1.1: CONNACK "server unavailable" (3).
+    let (_r, ack) = Raw::connect(v.mqtt, &ConnectOpts::v311("over-1"));
+    assert_eq!(ack.body, vec![0, 3]);
+    // v5: CONNACK "server busy" (0x89).
+    let (_r, ack) = Raw::connect(
+        v.mqtt,
+        &ConnectOpts {
+            v5: true,
+            ..ConnectOpts::v311("over-2")
+        },
+    );
+    assert_eq!(&ack.body[..2], &[0, 0x89]);
+    // The connected clients are unaffected.
+    let mut first = held.into_iter().next().unwrap();
+    first.send(&[0xC0, 0]);
+    assert_eq!(first.recv().map(|p| p.kind()), Some(13));
+    drop(first);
+    std::thread::sleep(Duration::from_millis(300));
+    // A slot is free again: a fresh client gets in and the broker serves.
+    let _fresh = Raw::connected(v.mqtt, &ConnectOpts::v311("fresh"));
+}
+
+/// The core is private: a client connecting straight to its loopback port with guessed
+/// credentials is refused.
+#[test]
+fn core_port_refuses_strangers() {
+    let v = Vigil::start();
+    for (user, pass) in [("vigil-internal", "guess"), ("admin", "admin"), ("", "")] {
+        let mut s = TcpStream::connect(v.core).expect("core port reachable on loopback");
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let o = ConnectOpts {
+            user: Some(user),
+            password: Some(pass.as_bytes()),
+            ..ConnectOpts::v311("intruder")
+        };
+        s.write_all(&connect_packet(&o)).unwrap();
+        let mut buf = [0u8; 4];
+        let accepted = matches!(s.read(&mut buf), Ok(4) if buf[0] == 0x20 && buf[3] == 0);
+        assert!(!accepted, "core accepted a stranger with {user}/{pass}");
+    }
+    // No credentials at all.
+    let mut s = TcpStream::connect(v.core).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(&connect_packet(&ConnectOpts::v311("intruder2")))
+        .unwrap();
+    let mut buf = [0u8; 4];
+    assert!(!matches!(s.read(&mut buf), Ok(4) if buf[3] == 0));
+    assert!(!v.core.ip().is_unspecified() && v.core.ip().is_loopback());
+    assert_broker_serves(v.port(), "core");
+}

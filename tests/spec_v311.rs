@@ -1,0 +1,328 @@
+//! MQTT 3.1.1 (and v5 where it differs) as the specification and mosquitto behave, checked
+//! byte by byte with a raw client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(5);
+
+#[test]
+fn keep_alive_zero_is_accepted() {
+    let v = Vigil::start();
+    let mut c = Raw::connected(
+        v.mqtt,
+        &ConnectOpts {
+            keep_alive: 0,
+            ..ConnectOpts::v311("ka0")
+        },
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    c.send(&subscribe_packet(1, &[("ka0/t", 1)]));
+    assert_eq!(c.recv().map(|p| p.kind()), Some(9));
+    c.send(&publish_packet("ka0/t", b"x", 1, false, 2, false));
+    let mut kinds = vec![c.recv().unwrap().kind(), c.recv().unwrap().kind()];
+    kinds.sort();
+    assert_eq!(kinds, vec![3, 4], "PUBLISH echo and PUBACK");
+}
+
+#[test]
+fn keep_alive_is_enforced_and_the_will_published() {
+    let v = Vigil::start();
+    let mut watcher = Sub::start(v.port(), &["-t", "ka/will", "-q", "1"]);
+    let mut c = Raw::connected(
+        v.mqtt,
+        &ConnectOpts {
+            keep_alive: 1,
+            will: Some(("ka/will", b"timeout", 1, false)),
+            ..ConnectOpts::v311("ka1")
+        },
+    );
+    let start = std::time::Instant::now();
+    assert!(
+        c.closed_within(Duration::from_secs(4)),
+        "idle client not disconnected"
+    );
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400),
+        "closed too early: {took:?}"
+    );
+    assert_eq!(watcher.expect_messages(1, T), vec!["ka/will|1|0|timeout"]);
+}
+
+#[test]
+fn pubrel_resent_after_reconnect_completes_exactly_once() {
+    let v = Vigil::start();
+    let mut sub = Sub::start(v.port(), &["-t", "q2/resend", "-q", "2"]);
+    let o = ConnectOpts {
+        clean: false,
+        ..ConnectOpts::v311("q2-resender")
+    };
+    let mut c = Raw::connected(v.mqtt, &o);
+    c.send(&publish_packet("q2/resend", b"once", 2, false, 7, false));
+    let rec = c.recv().unwrap();
+    assert_eq!((rec.kind(), rec.body.clone()), (5, vec![0, 7]), "PUBREC");
+    drop(c);
+    std::thread::sleep(Duration::from_millis(200));
+
+    let (mut c, ack) = Raw::connect(v.mqtt, &o);
+    assert_eq!(ack.body, vec![1, 0], "session present");
+    // The client, unsure whether its PUBLISH arrived, re-sends it with DUP, then releases it.
+    c.send(&publish_packet("q2/resend", b"once", 2, false, 7, true));
+    let rec = c.recv().unwrap();
+    assert_eq!(
+        (rec.kind(), rec.body.clone()),
+        (5, vec![0, 7]),
+        "PUBREC for the re-sent PUBLISH"
+    );
+    c.send(&ack_packet(6, 7));
+    let comp = c.recv().unwrap();
+    assert_eq!(
+        (comp.kind(), comp.body.clone()),
+        (7, vec![0, 7]),
+        "PUBCOMP after reconnect"
+    );
+    assert_eq!(
+        sub.drain(Duration::from_millis(800)),
+        vec!["q2/resend|2|0|once"],
+        "exactly once"
+    );
+}
+
+#[test]
+fn dollar_topics_are_not_matched_by_wildcards() {
+    let v = Vigil::start();
+    let mut all = Sub::start(v.port(), &["-t", "#", "-t", "+/status", "-q", "1"]);
+    publish(v.port(), &["-t", "$SYS/status", "-m", "sys", "-q", "1"]);
+    publish(
+        v.port(),
+        &["-t", "$internal/status", "-m", "int", "-q", "1"],
+    );
+    publish(v.port(), &["-t", "plain/status", "-m", "plain", "-q", "1"]);
+    let got = all.drain(Duration::from_millis(800));
+    assert!(got.iter().all(|m| !m.starts_with('$')), "{got:?}");
+    assert!(got.iter().any(|m| m.starts_with("plain/status")), "{got:?}");
+}
+
+#[test]
+fn overlapping_subscriptions_deliver_as_the_spec_allows() {
+    let v = Vigil::start();
+    let mut c = Raw::connected(v.mqtt, &ConnectOpts::v311("overlap"));
+    c.send(&subscribe_packet(1, &[("ov/#", 2), ("ov/+", 1)]));
+    let suback = c.recv().unwrap();
+    assert_eq!(suback.body, vec![0, 1, 2, 1]);
+    publish(v.port(), &["-t", "ov/a", "-m", "m", "-q", "2"]);
+    let mut qos = Vec::new();
+    while let Some(p) = c.recv_timeout(Duration::from_millis(800)) {
+        if p.kind() == 3 {
+            let (topic, q, _, _, pkid, payload) = parse_publish(&p);
+            assert_eq!((topic.as_str(), &payload[..]), ("ov/a", &b"m"[..]));
+            qos.push(q);
+            match q {
+                1 => c.send(&ack_packet(4, pkid)),
+                2 => c.send(&ack_packet(5, pkid)),
+                _ => {}
+            }
+        } else if p.kind() == 6 {
+            let pkid = u16::from_be_bytes([p.body[0], p.body[1]]);
+            c.send(&ack_packet(7, pkid));
+        }
+    }
+    qos.sort();
+    // MQTT-3.3.5-1: one message at the maximum QoS, or one per matching subscription.
+    assert!(qos == vec![2] || qos == vec![1, 2], "{qos:?}");
+}
+
+#[test]
+fn acks_in_any_order_are_accepted() {
+    let v = Vigil::start();
+    let mut c = Raw::connected(v.mqtt, &ConnectOpts::v311("ooo"));
+    c.send(&subscribe_packet(1, &[("ooo/t", 1)]));
+    assert_eq!(c.recv().unwrap().kind(), 9);
+    for i in 0..3 {
+        publish(
+            v.port(),
+            &["-t", "ooo/t", "-m", &format!("m{i}"), "-q", "1"],
+        );
+    }
+    let ids: Vec<u16> = (0..3)
+        .map(|_| parse_publish(&c.recv().unwrap()).4)
+        .collect();
+    // Acknowledge in reverse order: rumqttd alone would disconnect us.
+    for id in ids.iter().rev() {
+        c.send(&ack_packet(4, *id));
+    }
+    publish(v.port(), &["-t", "ooo/t", "-m", "after", "-q", "1"]);
+    let p = c.recv().expect("still connected after out-of-order acks");
+    assert_eq!(parse_publish(&p).5, b"after");
+}
+
+#[test]
+fn connect_validation_and_client_ids() {
+    let v = Vigil::start();
+    // Unsupported protocol level: CONNACK 1.
+    let mut raw = Raw::open(v.mqtt);
+    let mut pkt = connect_packet(&ConnectOpts::v311("lvl"));
+    pkt[8] = 9;
+    raw.send(&pkt);
+    assert_eq!(raw.recv().map(|p| p.body), Some(vec![0, 1]));
+    // Empty client id with a persistent session: identifier rejected (2).
+    let (_r, ack) = Raw::connect(
+        v.mqtt,
+        &ConnectOpts {
+            clean: false,
+            ..ConnectOpts::v311("")
+        },
+    );
+    assert_eq!(ack.body, vec![0, 2]);
+    // Empty client id with a clean session: accepted.
+    let _ok = Raw::connected(v.mqtt, &ConnectOpts::v311(""));
+    // v5 with an empty id gets an assigned client identifier (property 0x12).
+    let (_r, ack) = Raw::connect(
+        v.mqtt,
+        &ConnectOpts {
+            v5: true,
+            ..ConnectOpts::v311("")
+        },
+    );
+    assert_eq!(ack.body[1], 0);
+    assert!(ack.body.windows(1).any(|w| w[0] == 0x12), "{ack:?}");
+    // Too long a client id: rejected.
+    let long = "x".repeat(300);
+    let (_r, ack) = Raw::connect(v.mqtt, &ConnectOpts::v311(&long));
+    assert_eq!(ack.body, vec![0, 2]);
+    // Session present on resume.
+    let o = ConnectOpts {
+        clean: false,
+        ..ConnectOpts::v311("resume-me")
+    };
+    let (r, ack) = Raw::connect(v.mqtt, &o);
+    assert_eq!(ack.body, vec![0, 0]);
+    drop(r);
+    std::thread::sleep(Duration::from_millis(200));
+    let (_r, ack) = Raw::connect(v.mqtt, &o);
+    assert_eq!(ack.body, vec![1, 0]);
+}
+
+#[test]
+fn protocol_violations_close_only_the_offender() {
+    let v = Vigil::start();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "wildcard in publish topic",
+            publish_packet("a/+", b"x", 0, false, 0, false),
+        ),
+        (
+            "second CONNECT",
+            connect_packet(&ConnectOpts::v311("again")),
+        ),
+        ("reserved type 0", vec![0x00, 0x00]),
+        (
+            "bad remaining length",
+            vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01],
+        ),
+        ("SUBSCRIBE bad flags", vec![0x80, 0x06, 0, 1, 0, 1, b'a', 0]),
+        (
+            "invalid UTF-8 topic",
+            packet(0x30, &[0, 2, 0xC3, 0x28, b'x']),
+        ),
+        ("oversized", packet(0x30, &vec![0u8; 2 * 1024 * 1024])),
+    ];
+    for (name, bytes) in cases {
+        let mut c = Raw::connected(v.mqtt, &ConnectOpts::v311("violator"));
+        c.send_lossy(&bytes);
+        assert!(c.closed_within(T), "{name}: not closed");
+    }
+    // v5: told why before the close.
+    let mut c = Raw::connected(
+        v.mqtt,
+        &ConnectOpts {
+            v5: true,
+            ..ConnectOpts::v311("v5-violator")
+        },
+    );
+    let mut body = string(b"a/#");
+    body.push(0);
+    body.extend_from_slice(b"x");
+    c.send(&packet(0x30, &body));
+    let d = c.recv().expect("DISCONNECT");
+    assert_eq!((d.kind(), d.body[0]), (14, 0x82));
+    // First packet not CONNECT: closed.
+    let mut c = Raw::open(v.mqtt);
+    c.send(&[0xC0, 0]);
+    assert!(c.closed_within(T));
+    assert_broker_serves(v.port(), "violations");
+}
+
+#[test]
+fn authentication_failures_get_not_authorized() {
+    let v =
+        Vigil::start_with(|c| c.replace("users = {}", "users = { \"sensor-01\" = \"s3cret\" }"));
+    let deny = |o: ConnectOpts<'_>, expected: &[u8]| {
+        let (mut r, ack) = Raw::connect(v.mqtt, &o);
+        assert_eq!(&ack.body[..2], expected);
+        assert!(r.closed_within(T));
+    };
+    deny(ConnectOpts::v311("anon"), &[0, 5]);
+    deny(
+        ConnectOpts {
+            user: Some("sensor-01"),
+            password: Some(b"wrong"),
+            ..ConnectOpts::v311("a")
+        },
+        &[0, 5],
+    );
+    deny(
+        ConnectOpts {
+            user: Some("nobody"),
+            password: Some(b"s3cret"),
+            ..ConnectOpts::v311("b")
+        },
+        &[0, 5],
+    );
+    deny(
+        ConnectOpts {
+            v5: true,
+            ..ConnectOpts::v311("c")
+        },
+        &[0, 0x87],
+    );
+    let good = ConnectOpts {
+        user: Some("sensor-01"),
+        password: Some(b"s3cret"),
+        ..ConnectOpts::v311("d")
+    };
+    let _ok = Raw::connected(v.mqtt, &good);
+    // mosquitto_pub with the right and wrong password.
+    publish(
+        v.port(),
+        &["-t", "x", "-m", "1", "-u", "sensor-01", "-P", "s3cret"],
+    );
+    let out = try_publish(
+        v.port(),
+        &["-t", "x", "-m", "1", "-u", "sensor-01", "-P", "nope"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not authorised") || err.contains("not authorized"),
+        "{err}"
+    );
+    assert!(v.log().contains("authentication failed"));
+}
+
+#[test]
+fn v5_takeover_tells_the_old_client() {
+    let v = Vigil::start();
+    let o = ConnectOpts {
+        v5: true,
+        ..ConnectOpts::v311("twin")
+    };
+    let mut old = Raw::connected(v.mqtt, &o);
+    let _new = Raw::connected(v.mqtt, &o);
+    let d = old.recv().expect("DISCONNECT to the old client");
+    assert_eq!((d.kind(), d.body[0]), (14, 0x8E));
+}
