@@ -1,0 +1,169 @@
+//! The command line: configuration handling, clear errors, binding and graceful shutdown.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn vigil(args: &[&str]) -> Output {
+    Command::new(vigil_bin())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vigil")
+}
+
+fn write_config(dir: &TempDir, text: &str) -> String {
+    let path = dir.0.join("broker.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn print_config_prints_the_embedded_default() {
+    let out = vigil(&["print-config"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), DEFAULT_CONFIG);
+}
+
+#[test]
+fn check_config_accepts_the_default_and_names_bad_keys_and_values() {
+    let dir = TempDir::new();
+    let ok = write_config(&dir, DEFAULT_CONFIG);
+    let out = vigil(&["check-config", &ok]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let typo = write_config(
+        &dir,
+        &DEFAULT_CONFIG.replace("max_packet_size", "max_pakcet_size"),
+    );
+    let out = vigil(&["check-config", &typo]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_pakcet_size"), "{err}");
+
+    let bad = write_config(
+        &dir,
+        &DEFAULT_CONFIG.replace("max_connections = 10000", "max_connections = 0"),
+    );
+    let out = vigil(&["check-config", &bad]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("limits.max_connections"));
+
+    let wrong_type = write_config(
+        &dir,
+        &DEFAULT_CONFIG.replace("max_connections = 10000", "max_connections = \"many\""),
+    );
+    let out = vigil(&["check-config", &wrong_type]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_connections"));
+
+    let out = vigil(&["check-config", "/nonexistent/broker.toml"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/broker.toml"));
+}
+
+#[test]
+fn running_with_a_bad_config_fails_instead_of_defaulting() {
+    let dir = TempDir::new();
+    let typo = write_config(
+        &dir,
+        &DEFAULT_CONFIG.replace("[limits]", "[limits]\nmax_conns = 5"),
+    );
+    let out = vigil(&[
+        "--config",
+        &typo,
+        "--mqtt-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_conns"));
+}
+
+#[test]
+fn port_in_use_is_an_error_naming_the_port_and_key() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let out = vigil(&["--mqtt-listen", &addr, "--http-listen", "127.0.0.1:0"]);
+    assert!(!out.status.success(), "vigil started on a port in use");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&port.to_string()) && err.contains("mqtt.listen"),
+        "{err}"
+    );
+
+    let out = vigil(&["--mqtt-listen", "127.0.0.1:0", "--http-listen", &addr]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&port.to_string()) && err.contains("http.listen"),
+        "{err}"
+    );
+}
+
+#[test]
+fn local_only_mode_binds_loopback_and_warns() {
+    let mut child = Command::new(vigil_bin())
+        .args(["--mqtt-listen", "0.0.0.0:0", "--http-listen", "0.0.0.0:0"])
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader};
+        let mut seen = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("vigil listening") {
+                break;
+            }
+        }
+        seen
+    });
+    let seen = lines.join().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen.contains("local-only mode"), "{seen}");
+    let listening = seen
+        .lines()
+        .find(|l| l.contains("vigil listening"))
+        .unwrap();
+    assert!(
+        listening.contains("mqtt=127.0.0.1:") && listening.contains("http=127.0.0.1:"),
+        "{listening}"
+    );
+}
+
+#[test]
+fn sigterm_closes_clients_and_exits_zero_within_five_seconds() {
+    let mut v = Vigil::start();
+    let _sub = Sub::start(v.port(), &["-t", "a/#", "-q", "1"]);
+    let _v5 = Sub::start(v.port(), &["-t", "b/#", "-q", "1", "-V", "mqttv5"]);
+    let mut raw = Raw::connected(
+        v.mqtt,
+        &ConnectOpts {
+            v5: true,
+            ..ConnectOpts::v311("shutdown-watch")
+        },
+    );
+    let (status, took) = v.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // The v5 client was told the server is shutting down.
+    let d = raw.recv().expect("DISCONNECT before close");
+    assert_eq!((d.kind(), d.body[0]), (14, 0x8B));
+}
