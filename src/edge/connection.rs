@@ -18,9 +18,10 @@
 //!   client acknowledges in, because rumqttd disconnects on an out-of-order ack.
 //! - PINGREQ is answered here and the core is pinged on the edge's own schedule, so
 //!   keep-alive 0 works and a client's keep-alive is enforced here.
-//! - Inbound QoS 2 is the edge's: the core gets the message at QoS 1 and routes it on receipt,
-//!   the edge answers PUBREL, and the packet ids survive reconnects (see `registry`), because
-//!   rumqttd routes only at PUBREL and forgets that state when a client reconnects.
+//! - Inbound QoS 1/2 is acknowledged by the edge once handed to the core (see `on_client_packet`).
+//!   QoS 2 is the edge's: the core gets the message at QoS 1 and routes it on receipt, the edge
+//!   answers PUBREL, and the packet ids survive reconnects (see `registry`), because rumqttd
+//!   routes only at PUBREL and forgets that state when a client reconnects.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -51,6 +52,9 @@ use crate::mqtt::{self, rc, reason, CodecError, Frame, Version};
 const HIGH_WATERMARK: usize = 256 * 1024;
 /// Receive Maximum announced to v5 clients, matching the core's fixed inflight window.
 const RECEIVE_MAXIMUM: u16 = 100;
+/// Client publishes the edge may hand to the core before the core has acknowledged them
+/// (rumqttd's own inflight window); past it the edge stops reading from the client.
+const CORE_WINDOW: usize = 100;
 /// Unacknowledged core deliveries tolerated before the core is considered broken.
 const MAX_CORE_INFLIGHT: usize = 4096;
 /// Longest a graceful close waits for the core to finish reading our DISCONNECT.
@@ -234,9 +238,9 @@ struct Session<S> {
     pubrel_to_client: Vec<u16>,
     /// QoS 2 deliveries the client got at QoS 0 or 1, whose PUBREL the edge answers itself.
     local_pubrel: Vec<u16>,
-    /// Inbound QoS 2 ids sent to the core, awaiting its PUBACK (then PUBREC to the client).
-    qos2_awaiting_core: Vec<u16>,
-    /// Inbound QoS 2 ids routed by the core on this connection, awaiting the client's PUBREL.
+    /// Client publishes handed to the core at QoS 1 and not yet acknowledged by it.
+    core_unacked: usize,
+    /// Inbound QoS 2 ids handed to the core on this connection, awaiting the client's PUBREL.
     inbound_qos2: Vec<u16>,
     /// Inbound QoS 2 ids forwarded on an earlier connection of this session.
     inbound_qos2_earlier: Vec<u16>,
@@ -423,7 +427,7 @@ where
             core_pubrels: Default::default(),
             pubrel_to_client: Vec::new(),
             local_pubrel: Vec::new(),
-            qos2_awaiting_core: Vec::new(),
+            core_unacked: 0,
             inbound_qos2: Vec::new(),
             inbound_qos2_earlier: if resume {
                 edge.registry.take_pending_qos2(client_id)
@@ -442,11 +446,10 @@ where
             End::TakenOver => Metrics::inc(&edge.metrics.takeovers),
             _ => {}
         }
-        // QoS 2 messages the core has (or is about to read, once `close` flushes) count as
-        // routed: a re-send after reconnect is acknowledged, not delivered again.
+        // QoS 2 messages handed to the core count as routed (`close` flushes what is still
+        // buffered): a re-send after reconnect is acknowledged, not delivered again.
         let mut pending = std::mem::take(&mut session.inbound_qos2);
         pending.append(&mut session.inbound_qos2_earlier);
-        pending.append(&mut session.qos2_awaiting_core);
         session.close(end).await;
         if persistent && !edge.registry.store_pending_qos2(client_id, pending) {
             Metrics::inc(&edge.metrics.dropped_qos2_state);
@@ -556,7 +559,7 @@ where
             self.last_client_drain = Instant::now().max(self.last_client_drain);
         }
 
-        let read_client = self.core_out.len() < HIGH_WATERMARK;
+        let read_client = self.core_out.len() < HIGH_WATERMARK && self.core_unacked < CORE_WINDOW;
         let read_core = self.client_out.len() < HIGH_WATERMARK;
         // Alternate which side is read first so neither can starve the other.
         self.prefer_core = !self.prefer_core;
@@ -620,7 +623,7 @@ where
                 let p =
                     mqtt::parse_publish(&frame, self.version).map_err(|e| self.violation(&e))?;
                 Metrics::inc(&edge.metrics.publish_in[p.qos as usize]);
-                let core_qos = if p.qos == 2 {
+                if p.qos == 2 {
                     if self.inbound_qos2.contains(&p.pkid)
                         || self.inbound_qos2_earlier.contains(&p.pkid)
                     {
@@ -629,20 +632,27 @@ where
                         mqtt::put_ack(&mut self.client_out, mqtt::PUBREC, p.pkid);
                         return Ok(());
                     }
-                    if self.inbound_qos2.len() + self.qos2_awaiting_core.len() >= MAX_PENDING_QOS2 {
+                    if self.inbound_qos2.len() >= MAX_PENDING_QOS2 {
                         return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
                     }
-                    if !self.qos2_awaiting_core.contains(&p.pkid) {
-                        self.qos2_awaiting_core.push(p.pkid);
-                    }
-                    // rumqttd routes a QoS 2 message only at PUBREL and forgets it across a
-                    // reconnect; the edge owns QoS 2 instead. The core gets the message at
-                    // QoS 1 (the envelope keeps QoS 2 for subscribers), and its PUBACK becomes
-                    // the client's PUBREC: the message is routed once, on receipt.
-                    1
-                } else {
-                    p.qos
-                };
+                    self.inbound_qos2.push(p.pkid);
+                }
+                // QoS 1 and 2 reach the core as QoS 1 (the envelope keeps the real QoS for
+                // subscribers). rumqttd routes QoS 1 on receipt but QoS 2 only at PUBREL, and
+                // forgets QoS 2 state across reconnects, so the edge owns QoS 2. The client is
+                // acknowledged once the message is handed to the core: from there the core
+                // routes it (nothing in rumqttd's append path can refuse a publish the edge
+                // validated), the same promise mosquitto makes when it acknowledges from
+                // memory. `core_unacked` bounds how far the edge runs ahead of the core.
+                let core_qos = p.qos.min(1);
+                match p.qos {
+                    1 => mqtt::put_ack(&mut self.client_out, mqtt::PUBACK, p.pkid),
+                    2 => mqtt::put_ack(&mut self.client_out, mqtt::PUBREC, p.pkid),
+                    _ => {}
+                }
+                if core_qos == 1 {
+                    self.core_unacked += 1;
+                }
                 if p.retain && p.payload.is_empty() {
                     // Clears the retained message: the one bare payload the core sees.
                     mqtt::put_publish(
@@ -886,20 +896,18 @@ where
                     self.flush_core_acks();
                 }
             }
-            mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP => {
-                // Acknowledgements of the client's own publishes. A PUBACK for a QoS 2
-                // publish (sent to the core at QoS 1) becomes its PUBREC.
-                let (pkid, _) = mqtt::parse_ack(&frame).map_err(|_| End::CoreGone)?;
-                let kind = frame.kind();
-                if kind == mqtt::PUBACK {
-                    if let Some(i) = self.qos2_awaiting_core.iter().position(|&id| id == pkid) {
-                        self.qos2_awaiting_core.swap_remove(i);
-                        self.inbound_qos2.push(pkid);
-                        mqtt::put_ack(&mut self.client_out, mqtt::PUBREC, pkid);
-                        return Ok(());
-                    }
-                }
-                mqtt::put_ack(&mut self.client_out, kind, pkid);
+            mqtt::PUBACK => {
+                // The core acknowledging a publish the edge already acknowledged to the client.
+                mqtt::parse_ack(&frame).map_err(|_| End::CoreGone)?;
+                self.core_unacked = self.core_unacked.saturating_sub(1);
+            }
+            mqtt::PUBREC | mqtt::PUBCOMP => {
+                // The edge never publishes to the core at QoS 2.
+                warn!(
+                    kind = frame.kind(),
+                    "unexpected QoS 2 acknowledgement from the core"
+                );
+                return Err(End::CoreGone);
             }
             mqtt::PUBREL => {
                 let (pkid, _) = mqtt::parse_ack(&frame).map_err(|_| End::CoreGone)?;
