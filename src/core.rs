@@ -130,12 +130,12 @@ impl Core {
     }
 
     /// Opens a core connection for `client_id` (already mapped to a core-safe id) and waits for
-    /// its CONNACK. `will` is the will topic, QoS, retain flag and enveloped payload parts.
+    /// its CONNACK.
     pub async fn connect(
         &self,
         client_id: &str,
         clean_session: bool,
-        will: Option<(&[u8], u8, bool, &[&[u8]])>,
+        will: Option<mqtt::CoreWill<'_>>,
     ) -> Result<CoreLink, CoreError> {
         let mut stream = TcpStream::connect(self.addr).await?;
         stream.set_nodelay(true)?;

@@ -992,14 +992,22 @@ pub struct CoreConnect<'a> {
     pub keep_alive: u16,
     pub username: &'a str,
     pub password: &'a str,
-    /// Will topic, QoS, retain and the (already enveloped) payload parts.
-    pub will: Option<(&'a [u8], u8, bool, &'a [&'a [u8]])>,
+    pub will: Option<CoreWill<'a>>,
+}
+
+/// A will as the core receives it: the payload already enveloped, as parts.
+#[derive(Clone, Copy)]
+pub struct CoreWill<'a> {
+    pub topic: &'a [u8],
+    pub qos: u8,
+    pub retain: bool,
+    pub payload: &'a [&'a [u8]],
 }
 
 pub fn put_core_connect(out: &mut BytesMut, c: &CoreConnect<'_>) {
     let will_len = c
         .will
-        .map(|(t, _, _, p)| 2 + t.len() + 2 + p.iter().map(|x| x.len()).sum::<usize>())
+        .map(|w| 2 + w.topic.len() + 2 + w.payload.iter().map(|x| x.len()).sum::<usize>())
         .unwrap_or(0);
     let remaining =
         10 + 2 + c.client_id.len() + will_len + 2 + c.username.len() + 2 + c.password.len();
@@ -1011,16 +1019,16 @@ pub fn put_core_connect(out: &mut BytesMut, c: &CoreConnect<'_>) {
     if c.clean_session {
         flags |= 0x02;
     }
-    if let Some((_, qos, retain, _)) = c.will {
-        flags |= 0x04 | (qos << 3) | if retain { 0x20 } else { 0 };
+    if let Some(w) = c.will {
+        flags |= 0x04 | (w.qos << 3) | if w.retain { 0x20 } else { 0 };
     }
     out.put_u8(flags);
     out.put_u16(c.keep_alive);
     put_binary(out, c.client_id.as_bytes());
-    if let Some((topic, _, _, payload)) = c.will {
-        put_binary(out, topic);
-        out.put_u16(payload.iter().map(|x| x.len()).sum::<usize>() as u16);
-        for part in payload {
+    if let Some(w) = c.will {
+        put_binary(out, w.topic);
+        out.put_u16(w.payload.iter().map(|x| x.len()).sum::<usize>() as u16);
+        for part in w.payload {
             out.extend_from_slice(part);
         }
     }
@@ -1086,7 +1094,12 @@ mod tests {
                 keep_alive: 30,
                 username: "u",
                 password: "p",
-                will: Some((b"device/dev-1/status", 1, true, &[b"\xE1", b"gone"])),
+                will: Some(CoreWill {
+                    topic: b"device/dev-1/status",
+                    qos: 1,
+                    retain: true,
+                    payload: &[b"\xE1", b"gone"],
+                }),
             },
         );
         let f = frame_of(&out);

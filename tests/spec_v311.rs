@@ -326,3 +326,141 @@ fn v5_takeover_tells_the_old_client() {
     let d = old.recv().expect("DISCONNECT to the old client");
     assert_eq!((d.kind(), d.body[0]), (14, 0x8E));
 }
+
+/// Paho's interoperability `test_redelivery_on_reconnect`: unacknowledged QoS 1/2 deliveries to
+/// a persistent session are sent again after it reconnects, and a PUBREL whose PUBCOMP was lost
+/// is re-sent.
+#[test]
+fn unacknowledged_deliveries_are_redelivered_after_reconnect() {
+    let v = Vigil::start();
+    let o = ConnectOpts {
+        clean: false,
+        ..ConnectOpts::v311("redeliver")
+    };
+    let mut c = Raw::connected(v.mqtt, &o);
+    c.send(&subscribe_packet(1, &[("redeliver/#", 2)]));
+    assert_eq!(c.recv().unwrap().kind(), 9);
+    publish(v.port(), &["-t", "redeliver/q1", "-m", "one", "-q", "1"]);
+    publish(v.port(), &["-t", "redeliver/q2", "-m", "two", "-q", "2"]);
+    let first: Vec<_> = (0..2).map(|_| parse_publish(&c.recv().unwrap())).collect();
+    assert_eq!(first.iter().map(|p| p.1).collect::<Vec<_>>(), vec![1, 2]);
+    // Vanish without acknowledging anything.
+    drop(c);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (mut c, ack) = Raw::connect(v.mqtt, &o);
+    assert_eq!(ack.body, vec![1, 0]);
+    let mut again = Vec::new();
+    while let Some(p) = c.recv_timeout(Duration::from_secs(2)) {
+        if p.kind() == 3 {
+            let pp = parse_publish(&p);
+            match pp.1 {
+                1 => c.send(&ack_packet(4, pp.4)),
+                2 => c.send(&ack_packet(5, pp.4)),
+                _ => {}
+            }
+            assert!(pp.3, "redelivery without DUP (MQTT-3.3.1-1)");
+            again.push((pp.0, pp.1, pp.5));
+        } else if p.kind() == 6 {
+            // PUBREL for the QoS 2 message; lose the PUBCOMP by disconnecting.
+            break;
+        }
+    }
+    assert_eq!(
+        again,
+        vec![
+            ("redeliver/q1".to_string(), 1, b"one".to_vec()),
+            ("redeliver/q2".to_string(), 2, b"two".to_vec())
+        ]
+    );
+    drop(c);
+    std::thread::sleep(Duration::from_millis(300));
+    // The PUBREL is sent again on the next reconnect; completing it finishes the flow.
+    let (mut c, _) = Raw::connect(v.mqtt, &o);
+    let rel = c
+        .recv_timeout(Duration::from_secs(2))
+        .expect("PUBREL re-sent");
+    assert_eq!(rel.kind(), 6, "{rel:?}");
+    let pkid = u16::from_be_bytes([rel.body[0], rel.body[1]]);
+    c.send(&ack_packet(7, pkid));
+    assert!(
+        c.recv_timeout(Duration::from_millis(800)).is_none(),
+        "nothing more after PUBCOMP"
+    );
+}
+
+#[test]
+fn unsubscribe_stops_delivery() {
+    let v = Vigil::start();
+    for v5 in [false, true] {
+        let mut c = Raw::connected(
+            v.mqtt,
+            &ConnectOpts {
+                v5,
+                ..ConnectOpts::v311("unsub")
+            },
+        );
+        let mut sub = subscribe_packet(1, &[("u/a", 1), ("u/b", 1), ("u/c", 1)]);
+        if v5 {
+            // v5 SUBSCRIBE carries a property length after the packet id.
+            sub = {
+                let mut body = vec![0, 1, 0];
+                body.extend(string(b"u/a"));
+                body.push(1);
+                body.extend(string(b"u/b"));
+                body.push(1);
+                body.extend(string(b"u/c"));
+                body.push(1);
+                packet(0x82, &body)
+            };
+        }
+        c.send(&sub);
+        assert_eq!(c.recv().unwrap().kind(), 9);
+        let mut body = vec![0, 2];
+        if v5 {
+            body.push(0);
+        }
+        body.extend(string(b"u/b"));
+        c.send(&packet(0xA2, &body));
+        let unsuback = c.recv().unwrap();
+        assert_eq!(unsuback.kind(), 11);
+        if v5 {
+            assert_eq!(
+                unsuback.body,
+                vec![0, 2, 0, 0],
+                "one reason code per filter"
+            );
+        } else {
+            assert_eq!(unsuback.body, vec![0, 2]);
+        }
+        for t in ["u/a", "u/b", "u/c"] {
+            publish(v.port(), &["-t", t, "-m", t, "-q", "0"]);
+        }
+        let mut got = Vec::new();
+        while let Some(p) = c.recv_timeout(Duration::from_millis(600)) {
+            if p.kind() == 3 {
+                got.push(String::from_utf8(p.body[2..5].to_vec()).unwrap());
+            }
+        }
+        assert_eq!(got, vec!["u/a", "u/c"], "v5={v5}");
+    }
+}
+
+#[test]
+fn packets_pipelined_behind_connect_are_handled() {
+    let v = Vigil::start();
+    let mut c = Raw::open(v.mqtt);
+    let mut burst = connect_packet(&ConnectOpts::v311("pipeliner"));
+    burst.extend(subscribe_packet(1, &[("pipe/t", 1)]));
+    burst.extend(publish_packet("pipe/t", b"self", 1, false, 2, false));
+    c.send(&burst);
+    let mut kinds = Vec::new();
+    while let Some(p) = c.recv_timeout(Duration::from_secs(2)) {
+        kinds.push(p.kind());
+        if kinds.len() == 4 {
+            break;
+        }
+    }
+    kinds.sort();
+    assert_eq!(kinds, vec![2, 3, 4, 9], "CONNACK, PUBLISH, PUBACK, SUBACK");
+}

@@ -41,7 +41,7 @@ use tokio_util::io::poll_read_buf;
 use tracing::{debug, info, warn};
 
 use super::policy::{self, AuthOutcome};
-use super::registry::{Claim, MAX_PENDING_QOS2};
+use super::registry::{Claim, OfflineState, MAX_PENDING_QOS2};
 use super::{Edge, Listener};
 use crate::core::{CoreError, CORE_PING_INTERVAL};
 use crate::envelope;
@@ -57,6 +57,10 @@ const RECEIVE_MAXIMUM: u16 = 100;
 const CORE_WINDOW: usize = 100;
 /// Unacknowledged core deliveries tolerated before the core is considered broken.
 const MAX_CORE_INFLIGHT: usize = 4096;
+/// Packet id and filter of the SUBSCRIBE/UNSUBSCRIBE pair that makes the core flush a resumed
+/// session's PUBRELs. Nothing is ever published there (the prefix is reserved for vigil).
+const NUDGE_PKID: u16 = u16::MAX;
+const NUDGE_FILTER: &[u8] = b"vigil-internal/nudge";
 /// Longest a graceful close waits for the core to finish reading our DISCONNECT.
 const CORE_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -244,8 +248,13 @@ struct Session<S> {
     inbound_qos2: Vec<u16>,
     /// Inbound QoS 2 ids forwarded on an earlier connection of this session.
     inbound_qos2_earlier: Vec<u16>,
+    /// Ids the client had not acknowledged when its previous connection ended: the core's
+    /// re-sending of them is marked DUP.
+    redeliveries: Vec<u16>,
     /// UNSUBSCRIBE packet ids and their filter counts (v5 UNSUBACK lists one reason each).
     pending_unsubs: Vec<(u16, usize)>,
+    /// SUBACK/UNSUBACK of the edge's own nudge still to swallow.
+    nudge_acks: u8,
     prefer_core: bool,
 }
 
@@ -368,9 +377,12 @@ where
             }
         };
         let will_parts: [&[u8]; 2] = [&will_header, will.as_ref().map(|w| &w.3[..]).unwrap_or(&[])];
-        let core_will = will
-            .as_ref()
-            .map(|(t, q, r, _)| (&t[..], *q, *r, &will_parts[..]));
+        let core_will = will.as_ref().map(|(topic, qos, retain, _)| mqtt::CoreWill {
+            topic,
+            qos: *qos,
+            retain: *retain,
+            payload: &will_parts,
+        });
         let core_clean = !(persistent || resume);
         let link = match edge.core.connect(&core_id, core_clean, core_will).await {
             Ok(link) if link.code == 0 => link,
@@ -405,6 +417,11 @@ where
         mqtt::put_connack(&mut client_out, version, session_present, 0, Some(&props));
         debug!(persistent, session_present, keep_alive, "connected");
 
+        let offline = if resume {
+            edge.registry.take_offline(client_id)
+        } else {
+            OfflineState::default()
+        };
         let now = Instant::now();
         let mut session = Session {
             version,
@@ -429,14 +446,21 @@ where
             local_pubrel: Vec::new(),
             core_unacked: 0,
             inbound_qos2: Vec::new(),
-            inbound_qos2_earlier: if resume {
-                edge.registry.take_pending_qos2(client_id)
-            } else {
-                Vec::new()
-            },
+            inbound_qos2_earlier: offline.inbound_qos2,
+            redeliveries: offline.unacked_out,
             pending_unsubs: Vec::new(),
+            nudge_acks: 0,
             prefer_core: false,
         };
+        if session_present {
+            // rumqttd re-sends a resumed session's unacknowledged PUBRELs only together with
+            // the next acknowledgement it writes (MQTT-4.4.0-1 wants them at once): make it
+            // write one. The filter is one fixed private name, so this adds no state per client.
+            let filters = [(bytes::Bytes::from_static(NUDGE_FILTER), 0u8)];
+            mqtt::put_core_subscribe(&mut session.core_out, NUDGE_PKID, &filters);
+            mqtt::put_core_unsubscribe(&mut session.core_out, NUDGE_PKID, &[filters[0].0.clone()]);
+            session.nudge_acks = 2;
+        }
         let end = session.relay(edge, claim).await;
         debug!(?end, "relay ended");
         match end {
@@ -448,10 +472,20 @@ where
         }
         // QoS 2 messages handed to the core count as routed (`close` flushes what is still
         // buffered): a re-send after reconnect is acknowledged, not delivered again.
-        let mut pending = std::mem::take(&mut session.inbound_qos2);
-        pending.append(&mut session.inbound_qos2_earlier);
+        let mut offline = OfflineState {
+            inbound_qos2: std::mem::take(&mut session.inbound_qos2),
+            unacked_out: session
+                .core_acks
+                .iter()
+                .filter(|a| !a.ready)
+                .map(|a| a.pkid)
+                .collect(),
+        };
+        offline
+            .inbound_qos2
+            .append(&mut session.inbound_qos2_earlier);
         session.close(end).await;
-        if persistent && !edge.registry.store_pending_qos2(client_id, pending) {
+        if persistent && !edge.registry.store_offline(client_id, offline) {
             Metrics::inc(&edge.metrics.dropped_qos2_state);
         }
         if resume && !persistent {
@@ -467,6 +501,18 @@ where
         let mut kicked = std::pin::pin!(kick.cancelled_owned());
         let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(self.next_deadline()));
         let max_packet = edge.policy.max_packet_size;
+        // Bytes that arrived with the CONNECT (a client pipelining packets behind it) or with
+        // the core's CONNACK (a resumed session's redeliveries) are handled before any new read.
+        if !self.client_in.is_empty() {
+            if let Err(end) = self.on_client_data(edge, max_packet) {
+                return end;
+            }
+        }
+        if !self.core_in.is_empty() {
+            if let Err(end) = self.on_core_data(edge) {
+                return end;
+            }
+        }
         loop {
             let event = poll_fn(|cx| self.poll_io(cx, timer.as_mut(), kicked.as_mut())).await;
             let step = match event {
@@ -842,6 +888,13 @@ where
                 let p = mqtt::parse_core_publish(&frame).map_err(|_| End::CoreGone)?;
                 let opened = envelope::open(p.payload);
                 let qos = opened.qos.map_or(p.qos, |q| q.min(p.qos));
+                let mut dup = p.dup;
+                if !self.redeliveries.is_empty() && p.qos > 0 {
+                    if let Some(i) = self.redeliveries.iter().position(|&id| id == p.pkid) {
+                        self.redeliveries.swap_remove(i);
+                        dup = true;
+                    }
+                }
                 if p.qos > 0 {
                     if self.core_acks.len() >= MAX_CORE_INFLIGHT {
                         warn!("core exceeded the inflight window");
@@ -881,7 +934,7 @@ where
                     mqtt::put_publish(
                         &mut self.client_out,
                         self.version,
-                        p.dup && qos > 0,
+                        dup && qos > 0,
                         qos,
                         p.retain,
                         &p.topic,
@@ -924,10 +977,22 @@ where
                     // before a reconnect, which the client may still be waiting for.
                     if let Some(i) = self.pubrel_to_client.iter().position(|&id| id == pkid) {
                         self.pubrel_to_client.swap_remove(i);
+                    } else if self
+                        .core_pubrels
+                        .iter()
+                        .any(|&(id, ready)| id == pkid && !ready)
+                    {
+                        // Already with the client, awaiting its PUBCOMP.
+                        return Ok(());
                     }
                     mqtt::put_ack(&mut self.client_out, mqtt::PUBREL, pkid);
                     self.core_pubrels.push_back((pkid, false));
                 }
+            }
+            mqtt::SUBACK | mqtt::UNSUBACK
+                if self.nudge_acks > 0 && frame.body.starts_with(&NUDGE_PKID.to_be_bytes()) =>
+            {
+                self.nudge_acks -= 1;
             }
             mqtt::SUBACK => {
                 let (pkid, codes) = mqtt::parse_core_suback(&frame).map_err(|_| End::CoreGone)?;

@@ -4,8 +4,9 @@
 //! old connection is closed cleanly and a v5 client is told why; (2) the packet ids of QoS 2
 //! messages a client published but has not yet released (PUBREL) survive a reconnect, because
 //! rumqttd forgets them and would otherwise leave a re-sent PUBREL unanswered or deliver a
-//! re-sent PUBLISH twice. Both maps are bounded: live ids by the connection cap, stored
-//! QoS 2 state by `max_stored`.
+//! re-sent PUBLISH twice; and the ids of deliveries the client had not acknowledged, so their
+//! re-sending carries DUP as MQTT-3.3.1-1 requires. Both maps are bounded: live ids by the connection cap, stored
+//! offline state by `max_stored` sessions.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -29,13 +30,28 @@ struct Live {
 struct Inner {
     next_generation: u64,
     live: HashMap<String, Live>,
-    /// Unreleased inbound QoS 2 packet ids of offline persistent sessions.
-    pending_qos2: HashMap<String, Vec<u16>>,
+    /// Packet-id state of offline persistent sessions that rumqttd does not keep.
+    offline: HashMap<String, OfflineState>,
 }
 
 pub struct Registry {
     inner: Mutex<Inner>,
     max_stored: usize,
+}
+
+/// What the edge remembers of a persistent session between its connections.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct OfflineState {
+    /// Inbound QoS 2 ids routed but not yet released by the client's PUBREL.
+    pub inbound_qos2: Vec<u16>,
+    /// Ids of deliveries the client had not acknowledged: re-sent with DUP set.
+    pub unacked_out: Vec<u16>,
+}
+
+impl OfflineState {
+    fn is_empty(&self) -> bool {
+        self.inbound_qos2.is_empty() && self.unacked_out.is_empty()
+    }
 }
 
 /// Held by a connection for its whole life; dropping it marks the id free.
@@ -102,28 +118,29 @@ impl Registry {
         }
     }
 
-    pub fn take_pending_qos2(&self, id: &str) -> Vec<u16> {
-        self.lock().pending_qos2.remove(id).unwrap_or_default()
+    pub fn take_offline(&self, id: &str) -> OfflineState {
+        self.lock().offline.remove(id).unwrap_or_default()
     }
 
-    /// Stores the unreleased QoS 2 ids of a persistent session going offline. Returns false
-    /// when the store is full and the state was dropped (counted by the caller).
-    pub fn store_pending_qos2(&self, id: &str, mut ids: Vec<u16>) -> bool {
+    /// Stores the state of a persistent session going offline. Returns false when the store
+    /// is full and the state was dropped (counted by the caller).
+    pub fn store_offline(&self, id: &str, mut state: OfflineState) -> bool {
         let mut inner = self.lock();
-        if ids.is_empty() {
-            inner.pending_qos2.remove(id);
+        if state.is_empty() {
+            inner.offline.remove(id);
             return true;
         }
-        if inner.pending_qos2.len() >= self.max_stored && !inner.pending_qos2.contains_key(id) {
+        if inner.offline.len() >= self.max_stored && !inner.offline.contains_key(id) {
             return false;
         }
-        ids.truncate(MAX_PENDING_QOS2);
-        inner.pending_qos2.insert(id.to_string(), ids);
+        state.inbound_qos2.truncate(MAX_PENDING_QOS2);
+        state.unacked_out.truncate(MAX_PENDING_QOS2);
+        inner.offline.insert(id.to_string(), state);
         true
     }
 
     pub fn forget_session(&self, id: &str) {
-        self.lock().pending_qos2.remove(id);
+        self.lock().offline.remove(id);
     }
 }
 
@@ -150,11 +167,21 @@ mod tests {
     }
 
     #[test]
-    fn pending_qos2_store_is_bounded() {
+    fn offline_store_is_bounded() {
         let reg = Registry::new(1);
-        assert!(reg.store_pending_qos2("a", vec![1, 2]));
-        assert!(!reg.store_pending_qos2("b", vec![3]));
-        assert_eq!(reg.take_pending_qos2("a"), vec![1, 2]);
-        assert!(reg.take_pending_qos2("a").is_empty());
+        let a = OfflineState {
+            inbound_qos2: vec![1, 2],
+            unacked_out: vec![9],
+        };
+        assert!(reg.store_offline("a", a.clone()));
+        assert!(!reg.store_offline(
+            "b",
+            OfflineState {
+                inbound_qos2: vec![3],
+                unacked_out: vec![]
+            }
+        ));
+        assert_eq!(reg.take_offline("a"), a);
+        assert_eq!(reg.take_offline("a"), OfflineState::default());
     }
 }

@@ -85,9 +85,14 @@ impl Vigil {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut core = None;
         loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("vigil did not start; log:\n{}", log.lock().unwrap()));
+            let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("vigil did not start; log:\n{}", log.lock().unwrap());
+                }
+            };
             if let Some(addr) = field(&line, "core") {
                 core = Some(addr);
             }
