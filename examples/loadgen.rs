@@ -178,7 +178,10 @@ async fn run(args: Args) {
                         }
                         Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
                         Ok(_) => {}
-                        Err(_) => break,
+                        Err(e) => {
+                            eprintln!("publisher: {e}");
+                            break;
+                        }
                     }
                 }
             });

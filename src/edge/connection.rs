@@ -18,10 +18,10 @@
 //!   client acknowledges in, because rumqttd disconnects on an out-of-order ack.
 //! - PINGREQ is answered here and the core is pinged on the edge's own schedule, so
 //!   keep-alive 0 works and a client's keep-alive is enforced here.
-//! - Inbound QoS 1/2 is acknowledged by the edge once handed to the core (see `on_client_packet`).
-//!   QoS 2 is the edge's: the core gets the message at QoS 1 and routes it on receipt, the edge
-//!   answers PUBREL, and the packet ids survive reconnects (see `registry`), because rumqttd
-//!   routes only at PUBREL and forgets that state when a client reconnects.
+//! - Inbound QoS 2 is the edge's: the core gets the message at QoS 1 and routes it on receipt,
+//!   its PUBACK becomes the client's PUBREC, the edge answers PUBREL, and the packet ids
+//!   survive reconnects (see `registry`), because rumqttd routes only at PUBREL and forgets that
+//!   state when a client reconnects.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -52,9 +52,9 @@ use crate::mqtt::{self, rc, reason, CodecError, Frame, Version};
 const HIGH_WATERMARK: usize = 256 * 1024;
 /// Receive Maximum announced to v5 clients, matching the core's fixed inflight window.
 const RECEIVE_MAXIMUM: u16 = 100;
-/// Client publishes the edge may hand to the core before the core has acknowledged them
-/// (rumqttd's own inflight window); past it the edge stops reading from the client.
-const CORE_WINDOW: usize = 100;
+/// Client publishes the edge hands to the core before the core has acknowledged them; past it
+/// the edge stops reading from the client (a 3.1.1 client has no receive maximum to obey).
+const CORE_WINDOW: usize = 1000;
 /// Unacknowledged core deliveries tolerated before the core is considered broken.
 const MAX_CORE_INFLIGHT: usize = 4096;
 /// Packet id and filter of the SUBSCRIBE/UNSUBSCRIBE pair that makes the core flush a resumed
@@ -101,14 +101,14 @@ pub async fn serve<S>(
         }
         Err(e) => {
             Metrics::inc(&edge.metrics.protocol_errors);
+            // Not MQTT, or a first packet over the size limit: there is no version to answer
+            // in, so the socket is simply closed.
             debug!(error = %e, "closed before CONNECT");
-            // A CONNECT too large or malformed still gets an answer in its own version
-            // where the version is readable; otherwise the socket is simply closed.
             return;
         }
     };
-    drop(slot);
     let version = mqtt::connect_version(&frame.body);
+    // The handshake slot is kept through a refusal, so refusals stay bounded too.
     let Ok(permit) = edge.connections.clone().try_acquire_owned() else {
         Metrics::inc(&edge.metrics.refused_over_cap);
         info!("refused: connection cap reached");
@@ -121,6 +121,7 @@ pub async fn serve<S>(
         }
         return;
     };
+    drop(slot);
     let connect = match mqtt::parse_connect(&frame) {
         Ok(c) => c,
         Err(e) => {
@@ -242,8 +243,8 @@ struct Session<S> {
     pubrel_to_client: Vec<u16>,
     /// QoS 2 deliveries the client got at QoS 0 or 1, whose PUBREL the edge answers itself.
     local_pubrel: Vec<u16>,
-    /// Client publishes handed to the core at QoS 1 and not yet acknowledged by it.
-    core_unacked: usize,
+    /// Client publishes (packet id, client QoS) handed to the core and not yet acknowledged.
+    core_fwd: std::collections::VecDeque<(u16, u8)>,
     /// Inbound QoS 2 ids handed to the core on this connection, awaiting the client's PUBREL.
     inbound_qos2: Vec<u16>,
     /// Inbound QoS 2 ids forwarded on an earlier connection of this session.
@@ -368,7 +369,21 @@ where
         let will_header;
         let will = match &connect.will {
             Some(w) => {
-                will_header = envelope::header(w.qos, &w.properties);
+                // A will payload is a two-byte-length field: the envelope must still fit.
+                let mut header = envelope::header(w.qos, &w.properties);
+                if header.len() + w.payload.len() > u16::MAX as usize {
+                    header = envelope::header(w.qos, &[]);
+                }
+                if header.len() + w.payload.len() > u16::MAX as usize {
+                    info!("refused: will payload too large");
+                    let code = match version {
+                        Version::V311 => rc::SERVER_UNAVAILABLE,
+                        Version::V5 => reason::PACKET_TOO_LARGE,
+                    };
+                    refuse(&mut client, version, code).await;
+                    return Ok(());
+                }
+                will_header = header;
                 Some((w.topic.clone(), w.qos, w.retain, w.payload.clone()))
             }
             None => {
@@ -444,7 +459,7 @@ where
             core_pubrels: Default::default(),
             pubrel_to_client: Vec::new(),
             local_pubrel: Vec::new(),
-            core_unacked: 0,
+            core_fwd: Default::default(),
             inbound_qos2: Vec::new(),
             inbound_qos2_earlier: offline.inbound_qos2,
             redeliveries: offline.unacked_out,
@@ -471,7 +486,8 @@ where
             _ => {}
         }
         // QoS 2 messages handed to the core count as routed (`close` flushes what is still
-        // buffered): a re-send after reconnect is acknowledged, not delivered again.
+        // buffered, and the core routes a QoS 1 publish on receipt): a re-send after a
+        // reconnect is acknowledged, not delivered again.
         let mut offline = OfflineState {
             inbound_qos2: std::mem::take(&mut session.inbound_qos2),
             unacked_out: session
@@ -605,7 +621,7 @@ where
             self.last_client_drain = Instant::now().max(self.last_client_drain);
         }
 
-        let read_client = self.core_out.len() < HIGH_WATERMARK && self.core_unacked < CORE_WINDOW;
+        let read_client = self.core_out.len() < HIGH_WATERMARK && self.core_fwd.len() < CORE_WINDOW;
         let read_core = self.client_out.len() < HIGH_WATERMARK;
         // Alternate which side is read first so neither can starve the other.
         self.prefer_core = !self.prefer_core;
@@ -685,19 +701,13 @@ where
                 }
                 // QoS 1 and 2 reach the core as QoS 1 (the envelope keeps the real QoS for
                 // subscribers). rumqttd routes QoS 1 on receipt but QoS 2 only at PUBREL, and
-                // forgets QoS 2 state across reconnects, so the edge owns QoS 2. The client is
-                // acknowledged once the message is handed to the core: from there the core
-                // routes it (nothing in rumqttd's append path can refuse a publish the edge
-                // validated), the same promise mosquitto makes when it acknowledges from
-                // memory. `core_unacked` bounds how far the edge runs ahead of the core.
+                // forgets QoS 2 state across reconnects, so the edge owns QoS 2: the core's
+                // PUBACK becomes the client's PUBREC, and the client's PUBREL is answered here.
+                // The client is acknowledged when the core acknowledges (see BENCHMARKS.md for
+                // why the edge does not acknowledge earlier).
                 let core_qos = p.qos.min(1);
-                match p.qos {
-                    1 => mqtt::put_ack(&mut self.client_out, mqtt::PUBACK, p.pkid),
-                    2 => mqtt::put_ack(&mut self.client_out, mqtt::PUBREC, p.pkid),
-                    _ => {}
-                }
                 if core_qos == 1 {
-                    self.core_unacked += 1;
+                    self.core_fwd.push_back((p.pkid, p.qos));
                 }
                 if p.retain && p.payload.is_empty() {
                     // Clears the retained message: the one bare payload the core sees.
@@ -950,9 +960,16 @@ where
                 }
             }
             mqtt::PUBACK => {
-                // The core acknowledging a publish the edge already acknowledged to the client.
-                mqtt::parse_ack(&frame).map_err(|_| End::CoreGone)?;
-                self.core_unacked = self.core_unacked.saturating_sub(1);
+                // The core acknowledging one of the client's publishes (in the order received).
+                let (pkid, _) = mqtt::parse_ack(&frame).map_err(|_| End::CoreGone)?;
+                match self.core_fwd.iter().position(|&(id, _)| id == pkid) {
+                    Some(i) => {
+                        let (pkid, qos) = self.core_fwd.remove(i).unwrap_or((pkid, 1));
+                        let kind = if qos == 2 { mqtt::PUBREC } else { mqtt::PUBACK };
+                        mqtt::put_ack(&mut self.client_out, kind, pkid);
+                    }
+                    None => warn!(pkid, "core acknowledged an unknown publish"),
+                }
             }
             mqtt::PUBREC | mqtt::PUBCOMP => {
                 // The edge never publishes to the core at QoS 2.
