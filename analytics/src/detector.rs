@@ -1,0 +1,893 @@
+//! The online streaming anomaly detector shared by the live broker and the offline evaluation.
+//!
+//! For every metric of a device the detector:
+//! 1. turns each value into a causal feature vector (`features::FeatureState`) and keeps the
+//!    recent vectors (`window`) plus a uniform sample of older ones (`reservoir`) for training;
+//! 2. once `warmup` points have been seen, fits an isolation forest on those vectors and from
+//!    then on gives each point a raw isolation score; it refits every `refit_every` points, so
+//!    drifts and permanent level changes become the new normal;
+//! 3. also measures shape novelty (`features::ShapeNovelty`): how far the last `shape_len`
+//!    values are from the most similar earlier stretch of the signal, which catches contextual
+//!    anomalies (a missing daily peak, a flattened cycle) that no single value reveals;
+//! 4. for each of the two channels, smooths the score over about `avg_window` points and judges
+//!    it against the distribution of the same smoothed score over the last `history` points: a
+//!    standard score `z` and its Gaussian tail probability, the "anomaly likelihood" of
+//!    Numenta's NAB detectors. This makes one threshold meaningful across metrics whose raw
+//!    scores sit at different levels. The point's `score` is `1 − tail(max z)`;
+//! 5. raises an alert when the tail probability falls to `alert_tail` or below, then stays
+//!    silent until the likelihood has dropped below `rearm_likelihood` and `cooldown` points
+//!    have passed, so one incident gives one alert.
+//!
+//! Refitting is the only expensive step, so it is handed to the caller: `needs_refit` returns a
+//! `RefitJob` that owns a copy of the training data, `RefitJob::run` is a pure function the
+//! caller may run on any thread, and `install` puts the resulting model in place. Until then the
+//! previous model keeps scoring. The evaluation simply runs the job inline.
+//!
+//! Time stamps are not used: the detector works on the sequence of readings, which suits
+//! devices that report at a steady rate.
+//!
+//! Memory per metric is bounded by the configuration (`DetectorConfig::bytes_per_metric`): with
+//! the defaults at most about 480 KB, typically about 230 KB (the forest's trees are rarely
+//! full), and a device tracks at most `max_metrics` metrics.
+
+use std::collections::VecDeque;
+
+use linfa::dataset::DatasetBase;
+use linfa::traits::Fit;
+use linfa::ParamGuard;
+use ndarray::Array2;
+use rand::{Rng, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
+
+use crate::alert::{AlertKind, AlertMessage, Severity};
+use crate::features::{FeatureState, N_FEATURES};
+use crate::iforest::{IForestError, IsolationForest, IsolationForestParams};
+use crate::telemetry::Reading;
+
+/// Errors from the detector.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectorError {
+    /// The configuration is inconsistent.
+    #[error("invalid detector configuration: {0}")]
+    InvalidConfig(&'static str),
+    /// Fitting the isolation forest failed.
+    #[error("refit failed: {0}")]
+    Fit(#[from] IForestError),
+}
+
+/// Tuning of the streaming detector. The defaults are general-purpose settings (isolation
+/// forest: 100 trees, subsample 256; anomaly likelihood: 10-point smoothing judged against the
+/// last 1000 points, alert at a one-in-100,000 tail) and are not fitted to any data file.
+///
+/// It deserialises with every field optional (missing fields keep their defaults), so a
+/// service can embed it in its own configuration file.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DetectorConfig {
+    /// Points seen before the first model is fitted; no scores or alerts before that.
+    pub warmup: usize,
+    /// Most recent feature vectors kept for training.
+    pub window: usize,
+    /// Size of a uniform sample of older feature vectors also used for training (0 disables):
+    /// it lets the forest remember regimes older than the recent window.
+    pub reservoir: usize,
+    /// Points between refits.
+    pub refit_every: usize,
+    /// Trees per forest.
+    pub n_trees: usize,
+    /// Rows drawn per tree.
+    pub subsample: usize,
+    /// Base seed; each refit derives its own seed from it so runs are reproducible.
+    pub seed: u64,
+    /// Points over which channel scores are smoothed.
+    pub avg_window: usize,
+    /// Smoothed scores kept per channel to estimate their normal distribution.
+    pub history: usize,
+    /// Smoothed scores needed before alerts are allowed (a distribution estimated from fewer
+    /// points is too unreliable to call anything a one-in-100,000 event).
+    pub min_history: usize,
+    /// Lower bound on the standard deviation of smoothed isolation scores, so a very regular
+    /// signal does not turn tiny score wobbles into alerts: with 0.03 the smoothed score must
+    /// rise by at least about 0.13 (a third of the usual spread of isolation scores) to alert.
+    pub min_std: f64,
+    /// The smoothed isolation score only counts as surprising if it is also at least this high
+    /// in absolute terms; 0.5 is the isolation forest's own boundary between points that are
+    /// easier to isolate than average and points that are not.
+    pub min_smoothed_score: f64,
+    /// Length of the subsequences compared by the shape-novelty channel (0 disables it).
+    pub shape_len: usize,
+    /// Recent values held for shape comparisons.
+    pub shape_capacity: usize,
+    /// Older subsequences kept (uniform sample) for shape comparisons (0 disables).
+    pub shape_reservoir: usize,
+    /// Lower bound on the standard deviation of smoothed shape-novelty scores.
+    pub shape_min_std: f64,
+    /// Alert when the upper-tail probability of a channel's smoothed score is at most this.
+    pub alert_tail: f64,
+    /// After an alert, the likelihood must drop below this before another alert is possible.
+    pub rearm_likelihood: f64,
+    /// After an alert, at least this many points pass before another alert.
+    pub cooldown: usize,
+    /// Most metrics tracked per device; further metrics are ignored.
+    pub max_metrics: usize,
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        Self {
+            warmup: 256,
+            window: 512,
+            reservoir: 512,
+            refit_every: 256,
+            n_trees: 100,
+            subsample: 256,
+            seed: 0x0071_6115,
+            avg_window: 10,
+            history: 1000,
+            min_history: 500,
+            min_std: 0.03,
+            min_smoothed_score: 0.5,
+            shape_len: 12,
+            shape_capacity: 1024,
+            shape_reservoir: 0,
+            shape_min_std: 0.05,
+            alert_tail: 1e-5,
+            rearm_likelihood: 0.99,
+            cooldown: 100,
+            max_metrics: 32,
+        }
+    }
+}
+
+impl DetectorConfig {
+    /// Checks the configuration for consistency.
+    pub fn validate(&self) -> Result<(), DetectorError> {
+        if self.warmup < 16 {
+            return Err(DetectorError::InvalidConfig("warmup must be at least 16"));
+        }
+        if self.window < self.warmup {
+            return Err(DetectorError::InvalidConfig(
+                "window must be at least warmup",
+            ));
+        }
+        if self.refit_every == 0 || self.avg_window == 0 || self.history == 0 {
+            return Err(DetectorError::InvalidConfig(
+                "refit_every, avg_window and history must be positive",
+            ));
+        }
+        if !(self.alert_tail > 0.0 && self.alert_tail < 0.5) {
+            return Err(DetectorError::InvalidConfig(
+                "alert_tail must be in (0, 0.5)",
+            ));
+        }
+        if !(self.rearm_likelihood > 0.0 && self.rearm_likelihood < 1.0) {
+            return Err(DetectorError::InvalidConfig(
+                "rearm_likelihood must be in (0, 1)",
+            ));
+        }
+        if !(self.min_std > 0.0 && self.shape_min_std > 0.0) {
+            return Err(DetectorError::InvalidConfig(
+                "min_std and shape_min_std must be positive",
+            ));
+        }
+        if self.shape_len > 0 && self.shape_capacity < 3 * self.shape_len {
+            return Err(DetectorError::InvalidConfig(
+                "shape_capacity must be at least 3 * shape_len",
+            ));
+        }
+        if self.min_history > self.history {
+            return Err(DetectorError::InvalidConfig(
+                "min_history must not exceed history",
+            ));
+        }
+        if self.max_metrics == 0 {
+            return Err(DetectorError::InvalidConfig("max_metrics must be positive"));
+        }
+        self.forest_params().check_ref()?;
+        Ok(())
+    }
+
+    fn forest_params(&self) -> IsolationForestParams {
+        IsolationForestParams::new()
+            .n_trees(self.n_trees)
+            .subsample(self.subsample)
+    }
+
+    /// Upper bound of the heap memory one metric takes: the training vectors, the score
+    /// histories, the shape buffers and the worst-case forest (`n_trees * (2 * subsample - 1)`
+    /// nodes of 8 bytes). A refit job temporarily holds one more copy of the training vectors.
+    pub fn bytes_per_metric(&self) -> usize {
+        let training = (self.window + self.reservoir) * N_FEATURES * 8;
+        let scores = (2 * self.history + self.avg_window) * 8;
+        let shape = (self.shape_capacity + self.shape_reservoir * self.shape_len) * 8;
+        let forest = self.n_trees * (2 * self.subsample.min(self.window + self.reservoir) - 1) * 8
+            + self.n_trees * 4;
+        std::mem::size_of::<MetricDetector>() + training + scores + shape + forest
+    }
+
+    /// Upper bound of the memory one device takes (`max_metrics` metrics plus names).
+    pub fn bytes_per_device(&self) -> usize {
+        self.max_metrics * (self.bytes_per_metric() + 64)
+    }
+}
+
+/// A training job handed to the caller. It owns everything it needs, so it can be sent to a
+/// worker thread; `run` is pure and deterministic.
+#[derive(Debug, Clone)]
+pub struct RefitJob {
+    /// The metric the model is for.
+    pub metric: String,
+    /// Generation the resulting model will have; stale models are ignored by `install`.
+    pub generation: u64,
+    data: Array2<f64>,
+    params: IsolationForestParams,
+}
+
+impl RefitJob {
+    /// Number of training rows.
+    pub fn rows(&self) -> usize {
+        self.data.nrows()
+    }
+
+    /// Fits the forest. This is the expensive step (a few milliseconds with the defaults).
+    pub fn run(self) -> Result<TrainedModel, DetectorError> {
+        let dataset = DatasetBase::new(self.data, ());
+        let forest = <IsolationForestParams as Fit<Array2<f64>, (), IForestError>>::fit(
+            &self.params,
+            &dataset,
+        )?;
+        Ok(TrainedModel {
+            metric: self.metric,
+            generation: self.generation,
+            forest,
+        })
+    }
+}
+
+/// A model produced by `RefitJob::run`, ready for `DeviceDetector::install`.
+#[derive(Debug, Clone)]
+pub struct TrainedModel {
+    /// The metric the model is for.
+    pub metric: String,
+    /// Generation of the job that produced it.
+    pub generation: u64,
+    /// The fitted forest.
+    pub forest: IsolationForest,
+}
+
+/// The detector's verdict on one point.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PointOutcome {
+    /// Anomaly likelihood in 0..1 (0 while warming up): the probability that the smoothed
+    /// isolation score is lower than it is now under the recent normal behaviour.
+    pub score: f64,
+    /// The raw isolation forest score, once a model exists.
+    pub raw_score: Option<f64>,
+    /// Set on the point that opens an incident; `None` on all other points.
+    pub alert: Option<Severity>,
+}
+
+/// Mean and variance over the last `cap` values of a stream, in O(1) per value.
+#[derive(Debug, Clone, Default)]
+struct RollingStats {
+    buf: VecDeque<f64>,
+    sum: f64,
+    sumsq: f64,
+    pushes: u64,
+}
+
+impl RollingStats {
+    fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Standard score of `x` against the held values (standard deviation at least `min_std`);
+    /// 0 with fewer than two values.
+    fn z(&self, x: f64, min_std: f64) -> f64 {
+        let n = self.buf.len();
+        if n < 2 || x.is_nan() {
+            return 0.0;
+        }
+        let x = x.clamp(-1e150, 1e150);
+        let mean = self.sum / n as f64;
+        let var = (self.sumsq / n as f64 - mean * mean).max(0.0);
+        (x - mean) / var.sqrt().max(min_std)
+    }
+
+    fn push(&mut self, x: f64, cap: usize) {
+        // Clamp so that squares cannot overflow and poison the running sums.
+        let x = if x.is_nan() {
+            0.0
+        } else {
+            x.clamp(-1e150, 1e150)
+        };
+        if self.buf.len() >= cap {
+            if let Some(old) = self.buf.pop_front() {
+                self.sum -= old;
+                self.sumsq -= old * old;
+            }
+        }
+        self.buf.push_back(x);
+        self.sum += x;
+        self.sumsq += x * x;
+        self.pushes += 1;
+        // Recompute the sums from scratch now and then so floating-point drift of the running
+        // sums cannot accumulate over a stream of billions of points.
+        if self.pushes % 4096 == 0 {
+            self.sum = self.buf.iter().sum();
+            self.sumsq = self.buf.iter().map(|v| v * v).sum();
+        }
+    }
+}
+
+/// Streaming state of one metric.
+#[derive(Debug, Clone)]
+pub struct MetricDetector {
+    features: FeatureState,
+    window: VecDeque<[f64; N_FEATURES]>,
+    reservoir: Vec<[f64; N_FEATURES]>,
+    evicted: u64,
+    rng: Xoshiro256PlusPlus,
+    model: Option<IsolationForest>,
+    generation: u64,
+    /// Generation and point count of a job handed out but not installed yet.
+    pending: Option<(u64, u64)>,
+    since_fit: usize,
+    points: u64,
+    recent_raw: VecDeque<f64>,
+    smooth_hist: RollingStats,
+    shape: crate::features::ShapeNovelty,
+    shape_avg: f64,
+    shape_hist: RollingStats,
+    cooldown_left: usize,
+    armed: bool,
+}
+
+impl MetricDetector {
+    fn new(cfg: &DetectorConfig) -> Self {
+        Self {
+            features: FeatureState::new(),
+            window: VecDeque::with_capacity(cfg.window),
+            reservoir: Vec::new(),
+            evicted: 0,
+            rng: Xoshiro256PlusPlus::seed_from_u64(cfg.seed),
+            model: None,
+            generation: 0,
+            pending: None,
+            since_fit: 0,
+            points: 0,
+            recent_raw: VecDeque::with_capacity(cfg.avg_window),
+            smooth_hist: RollingStats::default(),
+            shape: crate::features::ShapeNovelty::new(
+                cfg.shape_capacity,
+                cfg.shape_len,
+                cfg.shape_reservoir,
+                cfg.seed,
+            ),
+            shape_avg: f64::NAN,
+            shape_hist: RollingStats::default(),
+            cooldown_left: 0,
+            armed: true,
+        }
+    }
+
+    /// Whether a model is installed (the warm-up is over).
+    pub fn is_ready(&self) -> bool {
+        self.model.is_some()
+    }
+
+    fn feed(&mut self, cfg: &DetectorConfig, value: f64) -> PointOutcome {
+        let quiet = PointOutcome {
+            score: 0.0,
+            raw_score: None,
+            alert: None,
+        };
+        if !value.is_finite() {
+            return quiet;
+        }
+        let feats = self.features.update(value);
+        let novelty = if cfg.shape_len > 0 {
+            // Distances are measured in units of the signal's recent spread, so the channel
+            // works the same for a temperature and for a byte counter.
+            let scale = self.features.long_std().max(1e-9 * value.abs()).max(1e-12);
+            self.shape.update(value, scale)
+        } else {
+            None
+        };
+        self.points += 1;
+        self.since_fit += 1;
+        let raw = self.model.as_ref().map(|m| m.score_one(&feats));
+        if self.window.len() == cfg.window {
+            if let Some(old) = self.window.pop_front() {
+                self.remember(cfg, old);
+            }
+        }
+        self.window.push_back(feats);
+        let Some(raw) = raw else {
+            return quiet;
+        };
+
+        if self.recent_raw.len() == cfg.avg_window {
+            self.recent_raw.pop_front();
+        }
+        self.recent_raw.push_back(raw);
+        let avg = self.recent_raw.iter().sum::<f64>() / self.recent_raw.len() as f64;
+
+        // Judge each smoothed score against its history *before* adding it, so an anomaly does
+        // not lower its own surprise.
+        let n = self.smooth_hist.len();
+        let mut z_forest = self.smooth_hist.z(avg, cfg.min_std);
+        if avg < cfg.min_smoothed_score {
+            z_forest = z_forest.min(0.0);
+        }
+        self.smooth_hist.push(avg, cfg.history);
+        let z_shape = match novelty {
+            Some(d) => {
+                if self.shape_avg.is_nan() {
+                    self.shape_avg = d;
+                }
+                // An exponential average with the same centre of mass as the forest channel's
+                // moving average, so both channels react on the same time scale.
+                self.shape_avg += (d - self.shape_avg) * 2.0 / (cfg.avg_window as f64 + 1.0);
+                let z = self.shape_hist.z(self.shape_avg, cfg.shape_min_std);
+                self.shape_hist.push(self.shape_avg, cfg.history);
+                z
+            }
+            None => f64::NEG_INFINITY,
+        };
+        let z = z_forest.max(z_shape);
+        let score = if n >= 2 { 1.0 - upper_tail(z) } else { 0.0 };
+
+        if self.cooldown_left > 0 {
+            self.cooldown_left -= 1;
+        }
+        if !self.armed && score < cfg.rearm_likelihood {
+            self.armed = true;
+        }
+        let mut alert = None;
+        if n >= cfg.min_history
+            && self.armed
+            && self.cooldown_left == 0
+            && upper_tail(z) <= cfg.alert_tail
+        {
+            alert = Some(severity_for(z));
+            self.armed = false;
+            self.cooldown_left = cfg.cooldown;
+        }
+        PointOutcome {
+            score,
+            raw_score: Some(raw),
+            alert,
+        }
+    }
+
+    /// Offers a feature vector leaving the recent window to the long-term reservoir. Reservoir
+    /// sampling (Algorithm R) keeps a uniform sample of everything evicted so far, so the forest
+    /// keeps knowing regimes older than the recent window at a fixed memory cost.
+    fn remember(&mut self, cfg: &DetectorConfig, feats: [f64; N_FEATURES]) {
+        if cfg.reservoir == 0 {
+            return;
+        }
+        self.evicted += 1;
+        if self.reservoir.len() < cfg.reservoir {
+            self.reservoir.push(feats);
+        } else {
+            let j = self.rng.gen_range(0..self.evicted);
+            if let Some(slot) = usize::try_from(j)
+                .ok()
+                .and_then(|j| self.reservoir.get_mut(j))
+            {
+                *slot = feats;
+            }
+        }
+    }
+
+    fn needs_refit(&mut self, cfg: &DetectorConfig, metric: &str) -> Option<RefitJob> {
+        let due = match self.model {
+            None => self.window.len() >= cfg.warmup,
+            Some(_) => self.since_fit >= cfg.refit_every,
+        };
+        if !due {
+            return None;
+        }
+        // A job handed out and never installed (the worker died, the caller dropped it) is
+        // re-issued after a few refit periods instead of blocking refits for ever.
+        if let Some((_, issued_at)) = self.pending {
+            if self.points.saturating_sub(issued_at) < 4 * cfg.refit_every as u64 {
+                return None;
+            }
+        }
+        let generation = self.generation + 1;
+        self.pending = Some((generation, self.points));
+        let rows = self.window.len() + self.reservoir.len();
+        let mut data = Array2::zeros((rows, N_FEATURES));
+        let all = self.reservoir.iter().chain(self.window.iter());
+        for (mut row, feats) in data.rows_mut().into_iter().zip(all) {
+            for (d, s) in row.iter_mut().zip(feats.iter()) {
+                *d = *s;
+            }
+        }
+        // Mix the generation into the seed so successive forests differ but every run of the
+        // same stream produces the same models.
+        let seed = cfg.seed ^ generation.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        Some(RefitJob {
+            metric: metric.to_string(),
+            generation,
+            data,
+            params: cfg.forest_params().seed(seed),
+        })
+    }
+
+    fn install(&mut self, model: TrainedModel) -> bool {
+        if model.generation <= self.generation {
+            return false;
+        }
+        self.generation = model.generation;
+        self.model = Some(model.forest);
+        self.since_fit = 0;
+        if self.pending.is_some_and(|(g, _)| g <= model.generation) {
+            self.pending = None;
+        }
+        true
+    }
+}
+
+/// Upper-tail probability of the standard normal distribution, `Q(z) = erfc(z / sqrt 2) / 2`.
+pub fn upper_tail(z: f64) -> f64 {
+    0.5 * erfc(z / std::f64::consts::SQRT_2)
+}
+
+/// Complementary error function with fractional error below 1.2e-7 everywhere (the Chebyshev
+/// fit from Numerical Recipes), which is ample for tail probabilities down to 1e-300.
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let r = t * poly.exp();
+    if x >= 0.0 {
+        r
+    } else {
+        2.0 - r
+    }
+}
+
+/// Maps the surprise of an alert (in standard deviations) to a severity.
+fn severity_for(z: f64) -> Severity {
+    if z >= 10.0 {
+        Severity::Critical
+    } else if z >= 7.0 {
+        Severity::High
+    } else if z >= 5.5 {
+        Severity::Medium
+    } else {
+        Severity::Low
+    }
+}
+
+/// The verdict on one metric of one reading.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricOutcome {
+    /// Metric name.
+    pub metric: String,
+    /// The value fed.
+    pub value: f64,
+    /// Reading time in unix milliseconds.
+    pub timestamp_ms: i64,
+    /// Score and alert.
+    pub outcome: PointOutcome,
+}
+
+impl MetricOutcome {
+    /// The alert message to publish for this outcome, if it raised one.
+    pub fn to_alert(&self, device_id: &str) -> Option<AlertMessage> {
+        let severity = self.outcome.alert?;
+        Some(AlertMessage::new(
+            device_id,
+            severity,
+            AlertKind::Anomaly,
+            &self.metric,
+            self.value,
+            self.outcome.score,
+            format!(
+                "{} = {} is anomalous (likelihood {:.6})",
+                self.metric, self.value, self.outcome.score
+            ),
+            self.timestamp_ms,
+        ))
+    }
+}
+
+/// The streaming detector for one device: one `MetricDetector` per metric, created on first
+/// sight of the metric, up to `max_metrics`.
+#[derive(Debug, Clone)]
+pub struct DeviceDetector {
+    config: DetectorConfig,
+    metrics: Vec<(String, MetricDetector)>,
+    ignored_metrics: u64,
+}
+
+impl DeviceDetector {
+    /// Creates a detector after validating `config`.
+    pub fn new(config: DetectorConfig) -> Result<Self, DetectorError> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            metrics: Vec::new(),
+            ignored_metrics: 0,
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &DetectorConfig {
+        &self.config
+    }
+
+    /// Number of metric values dropped because the device already had `max_metrics` metrics.
+    pub fn ignored_metrics(&self) -> u64 {
+        self.ignored_metrics
+    }
+
+    /// Names of the metrics tracked so far.
+    pub fn metric_names(&self) -> impl Iterator<Item = &str> {
+        self.metrics.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// Feeds one value of one metric; `None` if the metric could not be tracked.
+    pub fn feed_value(&mut self, metric: &str, value: f64) -> Option<PointOutcome> {
+        let idx = match self.metrics.iter().position(|(n, _)| n == metric) {
+            Some(i) => i,
+            None if self.metrics.len() < self.config.max_metrics => {
+                self.metrics
+                    .push((metric.to_string(), MetricDetector::new(&self.config)));
+                self.metrics.len() - 1
+            }
+            None => {
+                self.ignored_metrics += 1;
+                return None;
+            }
+        };
+        let cfg = &self.config;
+        self.metrics.get_mut(idx).map(|(_, m)| m.feed(cfg, value))
+    }
+
+    /// Feeds every metric of a reading and returns one outcome per tracked metric.
+    pub fn feed(&mut self, reading: &Reading) -> Vec<MetricOutcome> {
+        let mut out = Vec::with_capacity(reading.metrics.len());
+        for (name, value) in &reading.metrics {
+            if let Some(outcome) = self.feed_value(name, *value) {
+                out.push(MetricOutcome {
+                    metric: name.clone(),
+                    value: *value,
+                    timestamp_ms: reading.timestamp_ms,
+                    outcome,
+                });
+            }
+        }
+        out
+    }
+
+    /// The next refit the detector wants, if any. Call it after feeding; run the job wherever
+    /// convenient and pass the result to `install`. Each call hands out at most one job.
+    pub fn needs_refit(&mut self) -> Option<RefitJob> {
+        let cfg = &self.config;
+        self.metrics
+            .iter_mut()
+            .find_map(|(name, m)| m.needs_refit(cfg, name))
+    }
+
+    /// Installs a model produced by a `RefitJob`. Returns false (and drops the model) if the
+    /// metric is unknown or a newer model is already installed.
+    pub fn install(&mut self, model: TrainedModel) -> bool {
+        match self.metrics.iter_mut().find(|(n, _)| *n == model.metric) {
+            Some((_, m)) => m.install(model),
+            None => false,
+        }
+    }
+
+    /// Convenience for synchronous callers: runs every pending refit inline.
+    pub fn refit_inline(&mut self) -> Result<usize, DetectorError> {
+        let mut done = 0;
+        while let Some(job) = self.needs_refit() {
+            let model = job.run()?;
+            self.install(model);
+            done += 1;
+        }
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default configuration with a smaller forest, to keep debug-mode tests fast.
+    fn small_config() -> DetectorConfig {
+        DetectorConfig {
+            n_trees: 25,
+            ..DetectorConfig::default()
+        }
+    }
+
+    fn noise(n: usize, seed: u64) -> Vec<f64> {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+        (0..n)
+            .map(|i| 10.0 + (i as f64 / 20.0).sin() + 0.2 * (rng.gen::<f64>() - 0.5))
+            .collect()
+    }
+
+    fn run(det: &mut DeviceDetector, values: &[f64]) -> Vec<PointOutcome> {
+        values
+            .iter()
+            .map(|&v| {
+                let o = det.feed_value("m", v).expect("tracked");
+                det.refit_inline().expect("refit");
+                o
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tail_probability() {
+        assert!((upper_tail(0.0) - 0.5).abs() < 1e-7);
+        assert!((upper_tail(1.959_964) - 0.025).abs() < 1e-6);
+        assert!((upper_tail(4.264_891) - 1e-5).abs() < 1e-8);
+        assert!((upper_tail(-3.0) - 0.998_650_1).abs() < 1e-6);
+    }
+
+    #[test]
+    fn warms_up_then_scores() {
+        let mut det = DeviceDetector::new(small_config()).expect("config");
+        let out = run(&mut det, &noise(600, 1));
+        assert!(out[..256]
+            .iter()
+            .all(|o| o.raw_score.is_none() && o.score == 0.0));
+        assert!(out[256..].iter().all(|o| o.raw_score.is_some()));
+        assert!(out.iter().all(|o| (0.0..=1.0).contains(&o.score)));
+    }
+
+    #[test]
+    fn spike_gives_exactly_one_alert() {
+        let mut det = DeviceDetector::new(small_config()).expect("config");
+        let mut values = noise(1500, 2);
+        for v in &mut values[1000..1030] {
+            *v += 8.0;
+        }
+        let out = run(&mut det, &values);
+        let alerts: Vec<usize> = (0..out.len()).filter(|&i| out[i].alert.is_some()).collect();
+        assert_eq!(alerts.len(), 1, "alerts at {alerts:?}");
+        assert!((1000..1010).contains(&alerts[0]), "alerts at {alerts:?}");
+    }
+
+    #[test]
+    fn steady_signals_do_not_alert() {
+        for values in [vec![5.0; 3000], noise(3000, 3)] {
+            let mut det = DeviceDetector::new(small_config()).expect("config");
+            let out = run(&mut det, &values);
+            let alerts: Vec<usize> = (0..out.len()).filter(|&i| out[i].alert.is_some()).collect();
+            assert!(alerts.is_empty(), "alerts at {alerts:?}");
+        }
+    }
+
+    #[test]
+    fn flattened_cycle_is_caught() {
+        // A noisy sine with a 100-point period whose cycle goes flat for half a period: every
+        // value stays inside the usual range, only the shape is new.
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(9);
+        let mut values: Vec<f64> = (0..2400)
+            .map(|i| (i as f64 * std::f64::consts::TAU / 100.0).sin() + 0.02 * rng.gen::<f64>())
+            .collect();
+        for v in &mut values[1850..1900] {
+            *v = 0.02 * rng.gen::<f64>();
+        }
+        let mut det = DeviceDetector::new(small_config()).expect("config");
+        let out = run(&mut det, &values);
+        let alerts: Vec<usize> = (0..out.len()).filter(|&i| out[i].alert.is_some()).collect();
+        assert!(
+            alerts.iter().any(|&i| (1850..1910).contains(&i)),
+            "alerts at {alerts:?}"
+        );
+        assert!(alerts.iter().all(|&i| i >= 1850), "alerts at {alerts:?}");
+    }
+
+    #[test]
+    fn reservoir_keeps_old_vectors_for_training() {
+        let mut det = DeviceDetector::new(small_config()).expect("config");
+        run(&mut det, &noise(2000, 5));
+        // Jobs are installed inline by `run`, so none is pending now.
+        assert!(det.needs_refit().is_none());
+        for v in noise(256, 6) {
+            det.feed_value("m", v);
+        }
+        let job = det.needs_refit().expect("refit due");
+        let cfg = DetectorConfig::default();
+        assert_eq!(job.rows(), cfg.window + cfg.reservoir);
+    }
+
+    #[test]
+    fn extreme_inputs_never_break_scores() {
+        let mut det = DeviceDetector::new(small_config()).expect("config");
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(11);
+        let values: Vec<f64> = (0..1200)
+            .map(|i| match i % 7 {
+                0 => f64::MAX,
+                1 => -f64::MAX,
+                2 => f64::NAN,
+                3 => 1e-300,
+                _ => rng.gen::<f64>() * 1e200,
+            })
+            .collect();
+        let out = run(&mut det, &values);
+        assert!(out.iter().all(|o| (0.0..=1.0).contains(&o.score)));
+        assert!(out.iter().any(|o| o.raw_score.is_some()));
+    }
+
+    #[test]
+    fn jobs_and_models_can_move_to_worker_threads() {
+        fn assert_send<T: Send + 'static>() {}
+        assert_send::<RefitJob>();
+        assert_send::<TrainedModel>();
+        assert_send::<DeviceDetector>();
+    }
+
+    #[test]
+    fn config_deserialises_with_defaults() {
+        let cfg: DetectorConfig =
+            serde_json::from_str(r#"{"alert_tail":1e-4,"n_trees":50}"#).expect("json");
+        assert_eq!(cfg.n_trees, 50);
+        assert_eq!(cfg.window, DetectorConfig::default().window);
+        assert!(serde_json::from_str::<DetectorConfig>(r#"{"bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn refit_jobs_are_handed_out_once_and_stale_models_ignored() {
+        let mut det = DeviceDetector::new(small_config()).expect("config");
+        for v in noise(256, 4) {
+            det.feed_value("m", v);
+        }
+        let job = det.needs_refit().expect("warm-up done");
+        assert_eq!(job.rows(), 256);
+        assert!(det.needs_refit().is_none(), "job already pending");
+        let model = job.clone().run().expect("fit");
+        assert!(det.install(model.clone()));
+        assert!(!det.install(model), "same generation twice");
+        let stranger = TrainedModel {
+            metric: "other".into(),
+            ..job.run().expect("fit")
+        };
+        assert!(!det.install(stranger));
+    }
+
+    #[test]
+    fn metric_limit_and_config_validation() {
+        let cfg = DetectorConfig {
+            max_metrics: 1,
+            ..small_config()
+        };
+        let mut det = DeviceDetector::new(cfg).expect("config");
+        let reading = Reading {
+            timestamp_ms: 0,
+            metrics: vec![("a".into(), 1.0), ("b".into(), 2.0)],
+        };
+        assert_eq!(det.feed(&reading).len(), 1);
+        assert_eq!(det.ignored_metrics(), 1);
+        assert!(DeviceDetector::new(DetectorConfig {
+            warmup: 4,
+            ..DetectorConfig::default()
+        })
+        .is_err());
+        assert!(DeviceDetector::new(DetectorConfig {
+            n_trees: 0,
+            ..DetectorConfig::default()
+        })
+        .is_err());
+        let bytes = DetectorConfig::default().bytes_per_metric();
+        assert!(bytes > 400_000 && bytes < 500_000, "{bytes}");
+    }
+}

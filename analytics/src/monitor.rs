@@ -1,0 +1,347 @@
+//! Per-device facade for the live service: anomaly detection, limit checks and trend forecasts
+//! in one object, producing ready-to-publish alert and prediction messages.
+//!
+//! The broker keeps one `DeviceMonitor` per device, feeds it every parsed `Reading`, publishes
+//! the returned messages, and runs the refit jobs it hands out on a worker of its choice. Each
+//! source of alerts is debounced on its own: an anomaly alert opens an incident (see
+//! `detector`), a threshold alert fires when a metric enters the unsafe side of its limit and
+//! re-arms when it leaves it, and a forecast alert fires when the trend predicts a crossing
+//! within `forecast_alert_horizon_s` and re-arms when it no longer does.
+
+use serde::{Deserialize, Serialize};
+
+use crate::alert::{AlertKind, AlertMessage, PredictionMessage, Severity};
+use crate::detector::{
+    DetectorConfig, DetectorError, DeviceDetector, MetricOutcome, RefitJob, TrainedModel,
+};
+use crate::forecast::{Limit, TrendTracker};
+use crate::telemetry::Reading;
+
+/// Errors of the monitor.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    /// The monitor's own settings are inconsistent.
+    #[error("invalid monitor configuration: {0}")]
+    InvalidConfig(&'static str),
+    /// The embedded detector configuration was rejected.
+    #[error(transparent)]
+    Detector(#[from] DetectorError),
+}
+
+/// A configured safety limit of one metric.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricLimit {
+    /// Metric name as it appears in telemetry.
+    pub metric: String,
+    /// Alarm at or above this value.
+    #[serde(default)]
+    pub above: Option<f64>,
+    /// Alarm at or below this value.
+    #[serde(default)]
+    pub below: Option<f64>,
+}
+
+impl MetricLimit {
+    /// The limit used for forecasting: the upper one if set, else the lower one.
+    fn forecast_limit(&self) -> Option<Limit> {
+        self.above
+            .map(Limit::Above)
+            .or_else(|| self.below.map(Limit::Below))
+    }
+
+    fn violated(&self, v: f64) -> bool {
+        self.above.is_some_and(|a| v >= a) || self.below.is_some_and(|b| v <= b)
+    }
+}
+
+/// Settings of a `DeviceMonitor`; every field is optional when deserialising.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MonitorConfig {
+    /// Streaming anomaly detector settings.
+    pub detector: DetectorConfig,
+    /// Safety limits per metric.
+    pub limits: Vec<MetricLimit>,
+    /// Points kept per metric for the trend fit.
+    pub trend_capacity: usize,
+    /// A prediction message is produced every this many readings of a metric.
+    pub prediction_every: usize,
+    /// Forecast alerts fire when a limit is predicted within this many seconds.
+    pub forecast_alert_horizon_s: f64,
+    /// Forecast alerts need at least this confidence (R² of the trend).
+    pub forecast_min_confidence: f64,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            detector: DetectorConfig::default(),
+            limits: Vec::new(),
+            trend_capacity: 120,
+            prediction_every: 10,
+            forecast_alert_horizon_s: 3600.0,
+            forecast_min_confidence: 0.5,
+        }
+    }
+}
+
+/// Per-metric state besides the anomaly detector.
+#[derive(Debug, Clone)]
+struct MetricState {
+    name: String,
+    trend: TrendTracker,
+    seen: u64,
+    over_limit: bool,
+    forecast_active: bool,
+}
+
+/// Everything one reading produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MonitorOutput {
+    /// Per-metric anomaly verdicts (scores for dashboards).
+    pub outcomes: Vec<MetricOutcome>,
+    /// Alerts to publish on `device/<id>/alerts`.
+    pub alerts: Vec<AlertMessage>,
+    /// Predictions to publish on `device/<id>/predictions`.
+    pub predictions: Vec<PredictionMessage>,
+}
+
+/// Analytics state of one device.
+#[derive(Debug, Clone)]
+pub struct DeviceMonitor {
+    device_id: String,
+    config: MonitorConfig,
+    detector: DeviceDetector,
+    metrics: Vec<MetricState>,
+}
+
+impl DeviceMonitor {
+    /// Creates the monitor of `device_id` after validating `config`.
+    pub fn new(device_id: &str, config: MonitorConfig) -> Result<Self, MonitorError> {
+        if config.trend_capacity < 3 || config.prediction_every == 0 {
+            return Err(MonitorError::InvalidConfig(
+                "trend_capacity must be at least 3 and prediction_every positive",
+            ));
+        }
+        Ok(Self {
+            device_id: device_id.to_string(),
+            detector: DeviceDetector::new(config.detector.clone())?,
+            config,
+            metrics: Vec::new(),
+        })
+    }
+
+    /// The device this monitor belongs to.
+    pub fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
+    /// Upper bound of this monitor's memory: the detector's bound plus the trend buffers.
+    pub fn memory_bound_bytes(&self) -> usize {
+        let d = &self.config.detector;
+        d.bytes_per_device() + d.max_metrics * (self.config.trend_capacity * 16 + 128)
+    }
+
+    /// Feeds one reading and returns the scores, alerts and predictions it produced.
+    pub fn ingest(&mut self, reading: &Reading) -> MonitorOutput {
+        let mut out = MonitorOutput {
+            outcomes: self.detector.feed(reading),
+            ..MonitorOutput::default()
+        };
+        for o in &out.outcomes {
+            if let Some(a) = o.to_alert(&self.device_id) {
+                out.alerts.push(a);
+            }
+        }
+        let ts = reading.timestamp_ms;
+        for (name, value) in &reading.metrics {
+            // Metrics the detector refused (over `max_metrics`) are not tracked here either,
+            // which keeps the memory bound of the two in step.
+            if !out.outcomes.iter().any(|o| &o.metric == name) {
+                continue;
+            }
+            let idx = match self.metrics.iter().position(|m| &m.name == name) {
+                Some(i) => i,
+                None => {
+                    self.metrics.push(MetricState {
+                        name: name.clone(),
+                        trend: TrendTracker::new(self.config.trend_capacity),
+                        seen: 0,
+                        over_limit: false,
+                        forecast_active: false,
+                    });
+                    self.metrics.len() - 1
+                }
+            };
+            let limit = self.config.limits.iter().find(|l| &l.metric == name);
+            let device_id = &self.device_id;
+            let cfg = &self.config;
+            let Some(state) = self.metrics.get_mut(idx) else {
+                continue;
+            };
+            state.trend.push(ts, *value);
+            state.seen += 1;
+
+            if let Some(l) = limit {
+                let violated = l.violated(*value);
+                if violated && !state.over_limit {
+                    out.alerts.push(AlertMessage::new(
+                        device_id,
+                        Severity::High,
+                        AlertKind::Threshold,
+                        name,
+                        *value,
+                        1.0,
+                        format!("{name} = {value} crossed its limit"),
+                        ts,
+                    ));
+                }
+                state.over_limit = violated;
+            }
+
+            if state.seen % cfg.prediction_every as u64 != 0 {
+                continue;
+            }
+            let Ok(f) = state
+                .trend
+                .forecast(limit.and_then(MetricLimit::forecast_limit))
+            else {
+                continue;
+            };
+            let approaching = f
+                .seconds_to_limit
+                .is_some_and(|s| s > 0.0 && s <= cfg.forecast_alert_horizon_s)
+                && f.confidence >= cfg.forecast_min_confidence;
+            if approaching && !state.forecast_active {
+                let secs = f.seconds_to_limit.unwrap_or(0.0);
+                out.alerts.push(AlertMessage::new(
+                    device_id,
+                    Severity::Medium,
+                    AlertKind::Forecast,
+                    name,
+                    *value,
+                    f.confidence,
+                    format!("{name} is predicted to reach its limit in {secs:.0} s"),
+                    ts,
+                ));
+            }
+            state.forecast_active = approaching;
+            out.predictions.push(PredictionMessage {
+                kind_tag: "PREDICTION".into(),
+                device_id: device_id.clone(),
+                metric: name.clone(),
+                trend: f.trend,
+                slope: f.slope_per_s,
+                seconds_to_limit: f.seconds_to_limit,
+                confidence: f.confidence,
+                timestamp: f.timestamp_ms,
+            });
+        }
+        out
+    }
+
+    /// The next model refit the detector wants (see `DeviceDetector::needs_refit`).
+    pub fn needs_refit(&mut self) -> Option<RefitJob> {
+        self.detector.needs_refit()
+    }
+
+    /// Installs a model produced by a refit job (see `DeviceDetector::install`).
+    pub fn install(&mut self, model: TrainedModel) -> bool {
+        self.detector.install(model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alert::Trend;
+
+    fn reading(t: i64, v: f64) -> Reading {
+        Reading {
+            timestamp_ms: 1_734_512_000_000 + t * 1000,
+            metrics: vec![("temperature".into(), v)],
+        }
+    }
+
+    fn monitor() -> DeviceMonitor {
+        let config = MonitorConfig {
+            limits: vec![MetricLimit {
+                metric: "temperature".into(),
+                above: Some(85.0),
+                below: None,
+            }],
+            detector: DetectorConfig {
+                n_trees: 10,
+                ..DetectorConfig::default()
+            },
+            ..MonitorConfig::default()
+        };
+        DeviceMonitor::new("MOTOR-01", config).expect("config")
+    }
+
+    #[test]
+    fn threshold_alert_fires_once_per_crossing() {
+        let mut m = monitor();
+        let values = [80.0, 86.0, 87.0, 84.0, 86.0];
+        let kinds: Vec<usize> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                m.ingest(&reading(i as i64, *v))
+                    .alerts
+                    .iter()
+                    .filter(|a| a.kind == AlertKind::Threshold)
+                    .count()
+            })
+            .collect();
+        assert_eq!(kinds, vec![0, 1, 0, 0, 1]);
+    }
+
+    #[test]
+    fn rising_trend_gives_prediction_and_one_forecast_alert() {
+        let mut m = monitor();
+        let mut forecasts = 0;
+        let mut last = None;
+        for i in 0..100 {
+            let out = m.ingest(&reading(i, 70.0 + 0.01 * i as f64));
+            forecasts += out
+                .alerts
+                .iter()
+                .filter(|a| a.kind == AlertKind::Forecast)
+                .count();
+            if let Some(p) = out.predictions.last() {
+                last = Some(p.clone());
+            }
+            while let Some(job) = m.needs_refit() {
+                let model = job.run().expect("fit");
+                m.install(model);
+            }
+        }
+        let p = last.expect("predictions every 10 readings");
+        assert_eq!(p.trend, Trend::Rising);
+        assert_eq!(p.device_id, "MOTOR-01");
+        let secs = p.seconds_to_limit.expect("approaching 85");
+        // 85 - 70.99 = 14.01 degrees at 0.01 per second.
+        assert!((secs - 1401.0).abs() < 2.0, "{secs}");
+        assert_eq!(forecasts, 1);
+        assert!(m.memory_bound_bytes() > 0);
+    }
+
+    #[test]
+    fn config_from_json() {
+        let cfg: MonitorConfig = serde_json::from_str(
+            r#"{"limits":[{"metric":"temperature","above":85}],"detector":{"n_trees":50}}"#,
+        )
+        .expect("json");
+        assert_eq!(cfg.detector.n_trees, 50);
+        assert_eq!(cfg.limits[0].above, Some(85.0));
+        assert!(DeviceMonitor::new(
+            "x",
+            MonitorConfig {
+                prediction_every: 0,
+                ..MonitorConfig::default()
+            }
+        )
+        .is_err());
+    }
+}
