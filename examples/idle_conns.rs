@@ -1,0 +1,74 @@
+//! Opens N idle MQTT 3.1.1 connections (each optionally with one subscription) and holds them,
+//! so a script can read the broker's memory per connection.
+//!
+//! ```text
+//! cargo run --release --example idle_conns -- --port 1883 --count 2000 --hold-secs 10 [--subscribe]
+//! ```
+//! Prints `connected N in S s` once every CONNACK (and SUBACK) has arrived, then holds.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn string(s: &[u8]) -> Vec<u8> {
+    let mut v = (s.len() as u16).to_be_bytes().to_vec();
+    v.extend_from_slice(s);
+    v
+}
+
+fn packet(header: u8, body: &[u8]) -> Vec<u8> {
+    assert!(body.len() < 128);
+    let mut v = vec![header, body.len() as u8];
+    v.extend_from_slice(body);
+    v
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let get = |name: &str, default: &str| -> String {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+            .unwrap_or_else(|| default.to_string())
+    };
+    let port: u16 = get("--port", "1883").parse().expect("--port");
+    let count: usize = get("--count", "2000").parse().expect("--count");
+    let hold: u64 = get("--hold-secs", "10").parse().expect("--hold-secs");
+    let subscribe = args.iter().any(|a| a == "--subscribe");
+    let start = Instant::now();
+    let mut conns = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut s = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let mut body = string(b"MQTT");
+        body.extend_from_slice(&[4, 0x02, 0, 60]);
+        body.extend(string(
+            format!("idle-{}-{i}", std::process::id()).as_bytes(),
+        ));
+        s.write_all(&packet(0x10, &body))
+            .await
+            .expect("write CONNECT");
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack).await.expect("CONNACK");
+        assert_eq!(ack[3], 0, "refused");
+        if subscribe {
+            let mut body = 1u16.to_be_bytes().to_vec();
+            body.extend(string(format!("idle/{i}").as_bytes()));
+            body.push(1);
+            s.write_all(&packet(0x82, &body))
+                .await
+                .expect("write SUBSCRIBE");
+            let mut suback = [0u8; 5];
+            s.read_exact(&mut suback).await.expect("SUBACK");
+        }
+        conns.push(s);
+    }
+    println!(
+        "connected {count} in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(hold)).await;
+}
