@@ -1,0 +1,99 @@
+//! MQTT.js (the npm `mqtt` package browsers use) against vigil, over MQTT-over-WebSocket on
+//! `/mqtt` and on `/` (MQTT.js's default path, with its default `mqtt` subprotocol), and over
+//! TCP. Interop with mosquitto_pub both ways, at every QoS.
+//!
+//! Needs Node.js and `npm ci --prefix tests/mqttjs` (done by `./scripts/setup`).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+
+fn mqttjs(url: &str, prefix: &str, tcp_port: u16) -> Vec<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mqttjs");
+    assert!(
+        std::path::Path::new(dir).join("node_modules/mqtt").exists(),
+        "MQTT.js missing: run ./scripts/setup (npm ci --prefix tests/mqttjs)"
+    );
+    let mut child = Command::new("node")
+        .arg("interop.mjs")
+        .args([url, prefix])
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node (Node.js) must be installed");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let mut published = false;
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
+        if line == "READY" && !published {
+            for q in 0..=2 {
+                publish(
+                    tcp_port,
+                    &[
+                        "-t",
+                        &format!("{prefix}/tcp/{q}"),
+                        "-m",
+                        &format!("tcp{q}"),
+                        "-q",
+                        &q.to_string(),
+                    ],
+                );
+            }
+            published = true;
+        } else if line == "DONE" {
+            break;
+        } else {
+            lines.push(line);
+        }
+    }
+    let out = child.wait_with_output().expect("node exit");
+    assert!(
+        out.status.success(),
+        "MQTT.js failed on {url}: {}\nreceived: {lines:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lines.sort();
+    lines
+}
+
+fn expected(prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = ["js", "tcp"]
+        .iter()
+        .flat_map(|src| {
+            (0..=2).map(move |q| {
+                format!(r#"{{"topic":"{prefix}/{src}/{q}","payload":"{src}{q}","qos":{q},"retain":false}}"#)
+            })
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn mqttjs_over_websocket_paths_and_tcp() {
+    let v = Vigil::start();
+    for (i, url) in [
+        format!("ws://{}/mqtt", v.http),
+        format!("ws://{}/", v.http),
+        format!("ws://{}", v.http),
+        format!("mqtt://{}", v.mqtt),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let prefix = format!("js{i}");
+        assert_eq!(mqttjs(url, &prefix, v.port()), expected(&prefix), "{url}");
+    }
+}
