@@ -152,7 +152,7 @@ impl Core {
             },
         );
         stream.write_all(&out).await?;
-        let mut read_buf = BytesMut::with_capacity(4096);
+        let mut read_buf = BytesMut::with_capacity(512);
         let frame = timeout(Duration::from_secs(5), async {
             loop {
                 if let Some(frame) = mqtt::read_frame(&mut read_buf, usize::MAX)? {

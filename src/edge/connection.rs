@@ -257,6 +257,9 @@ struct Session<S> {
     /// SUBACK/UNSUBACK of the edge's own nudge still to swallow.
     nudge_acks: u8,
     prefer_core: bool,
+    /// Read sizes for the next reads from each side (see `next_step`).
+    client_step: usize,
+    core_step: usize,
 }
 
 impl<S> Session<S>
@@ -445,7 +448,7 @@ where
             client_in,
             core_in: link.read_buf,
             client_out,
-            core_out: BytesMut::with_capacity(256),
+            core_out: BytesMut::new(),
             client_max_packet: connect
                 .max_packet_size
                 .map(|m| m as usize)
@@ -466,6 +469,8 @@ where
             pending_unsubs: Vec::new(),
             nudge_acks: 0,
             prefer_core: false,
+            client_step: READ_STEP_MIN,
+            core_step: READ_STEP_MIN,
         };
         if session_present {
             // rumqttd re-sends a resumed session's unacknowledged PUBRELs only together with
@@ -619,7 +624,9 @@ where
         }
         if self.client_out.is_empty() {
             self.last_client_drain = Instant::now().max(self.last_client_drain);
+            release_if_idle(&mut self.client_out);
         }
+        release_if_idle(&mut self.core_out);
 
         let read_client = self.core_out.len() < HIGH_WATERMARK && self.core_fwd.len() < CORE_WINDOW;
         let read_core = self.client_out.len() < HIGH_WATERMARK;
@@ -627,21 +634,27 @@ where
         self.prefer_core = !self.prefer_core;
         for side in [self.prefer_core, !self.prefer_core] {
             if side && read_core {
-                reserve(&mut self.core_in);
+                reserve(&mut self.core_in, self.core_step);
                 match poll_read_buf(Pin::new(&mut self.core), cx, &mut self.core_in) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                         return Poll::Ready(Event::End(End::CoreGone))
                     }
-                    Poll::Ready(Ok(_)) => return Poll::Ready(Event::CoreData),
+                    Poll::Ready(Ok(n)) => {
+                        self.core_step = next_step(self.core_step, n);
+                        return Poll::Ready(Event::CoreData);
+                    }
                     Poll::Pending => {}
                 }
             } else if !side && read_client {
-                reserve(&mut self.client_in);
+                reserve(&mut self.client_in, self.client_step);
                 match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_in) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                         return Poll::Ready(Event::End(End::ClientGone))
                     }
-                    Poll::Ready(Ok(_)) => return Poll::Ready(Event::ClientData),
+                    Poll::Ready(Ok(n)) => {
+                        self.client_step = next_step(self.client_step, n);
+                        return Poll::Ready(Event::ClientData);
+                    }
                     Poll::Pending => {}
                 }
             }
@@ -671,6 +684,7 @@ where
                 .fetch_add(frame.wire_len() as u64, Relaxed);
             self.on_client_packet(edge, frame)?;
         }
+        release_if_idle(&mut self.client_in);
         Ok(())
     }
 
@@ -889,6 +903,7 @@ where
             };
             self.on_core_packet(edge, frame)?;
         }
+        release_if_idle(&mut self.core_in);
         Ok(())
     }
 
@@ -1098,8 +1113,32 @@ enum Event {
     End(End),
 }
 
-fn reserve(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < 1024 {
-        buf.reserve(8 * 1024);
+/// Smallest and largest read buffer growth step. Idle connections keep the small one; a busy
+/// connection's step doubles while reads fill it, so bursts need few system calls.
+const READ_STEP_MIN: usize = 2 * 1024;
+const READ_STEP_MAX: usize = 64 * 1024;
+/// Buffers are given back after a burst once they are empty and larger than this.
+const RETAIN_CAPACITY: usize = 16 * 1024;
+
+/// Makes room for the next read, sized by how much the last reads brought (`step`).
+fn reserve(buf: &mut BytesMut, step: usize) {
+    if buf.capacity() - buf.len() < step / 2 {
+        buf.reserve(step);
+    }
+}
+
+/// Adapts a read step to the bytes a read returned.
+fn next_step(step: usize, read: usize) -> usize {
+    if read >= step / 2 {
+        (step * 2).min(READ_STEP_MAX)
+    } else {
+        (step / 2).max(READ_STEP_MIN)
+    }
+}
+
+/// Frees a large buffer once it is empty, so an idle connection holds little memory.
+fn release_if_idle(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > RETAIN_CAPACITY {
+        *buf = BytesMut::new();
     }
 }
