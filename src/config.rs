@@ -10,6 +10,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
+use vigil_analytics::detector::DetectorConfig;
+use vigil_analytics::monitor::{DeviceMonitor, MetricLimit, MonitorConfig};
 
 /// The commented default configuration, exactly as shipped in `broker.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../broker.toml");
@@ -38,6 +40,7 @@ pub struct Config {
     pub limits: Limits,
     pub auth: AuthConfig,
     pub core: CoreConfig,
+    pub analytics: AnalyticsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +97,113 @@ pub struct CoreConfig {
     pub max_segment_size: usize,
     pub max_segment_count: usize,
     pub max_outgoing_packet_count: u64,
+}
+
+/// The live analytics task (`live`): which devices it tracks and how hard it may work.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalyticsConfig {
+    pub enabled: bool,
+    /// Devices with a monitor in memory; the least recently seen one is evicted beyond this.
+    pub max_devices: usize,
+    /// Model refits running at once on blocking threads.
+    pub max_concurrent_refits: usize,
+    /// A prediction is published every this many readings of a metric.
+    pub prediction_every: usize,
+    /// Safety limits per metric name.
+    pub limits: BTreeMap<String, LimitSpec>,
+    /// Overrides of the streaming detector's settings; missing keys keep the crate's defaults.
+    #[serde(default)]
+    pub detector: DetectorConfig,
+}
+
+/// A metric's safety limit: a bare number is an upper limit, a table may give either side.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum LimitSpec {
+    Above(f64),
+    Range(LimitRange),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitRange {
+    pub above: Option<f64>,
+    pub below: Option<f64>,
+}
+
+impl LimitSpec {
+    fn bounds(&self) -> (Option<f64>, Option<f64>) {
+        match self {
+            LimitSpec::Above(v) => (Some(*v), None),
+            LimitSpec::Range(r) => (r.above, r.below),
+        }
+    }
+}
+
+impl AnalyticsConfig {
+    /// The per-device monitor settings these options describe.
+    pub fn monitor_config(&self) -> MonitorConfig {
+        let limits = self
+            .limits
+            .iter()
+            .map(|(metric, spec)| {
+                let (above, below) = spec.bounds();
+                MetricLimit {
+                    metric: metric.clone(),
+                    above,
+                    below,
+                }
+            })
+            .collect();
+        MonitorConfig {
+            detector: self.detector.clone(),
+            limits,
+            prediction_every: self.prediction_every,
+            ..MonitorConfig::default()
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        check(
+            "analytics.max_devices",
+            (1..=1_000_000).contains(&self.max_devices),
+            "must be between 1 and 1000000",
+        )?;
+        check(
+            "analytics.max_concurrent_refits",
+            (1..=64).contains(&self.max_concurrent_refits),
+            "must be between 1 and 64",
+        )?;
+        check(
+            "analytics.prediction_every",
+            self.prediction_every >= 1,
+            "must be at least 1",
+        )?;
+        for (metric, spec) in &self.limits {
+            let (above, below) = spec.bounds();
+            let finite = [above, below].iter().flatten().all(|v| v.is_finite());
+            let ordered = match (above, below) {
+                (Some(a), Some(b)) => b < a,
+                (None, None) => false,
+                _ => true,
+            };
+            check(
+                "analytics.limits",
+                !metric.is_empty() && finite && ordered,
+                "each limit needs a metric name and a finite `above` and/or `below` (below < above)",
+            )?;
+        }
+        // The monitor validates its own settings (the detector's above all); building one now
+        // turns a bad value into a config error instead of a task that cannot start.
+        DeviceMonitor::new("config-check", self.monitor_config()).map_err(|e| {
+            ConfigError::Invalid {
+                key: "analytics.detector",
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(())
+    }
 }
 
 impl Config {
@@ -177,6 +287,7 @@ impl Config {
             (1..=100_000).contains(&c.max_outgoing_packet_count),
             "must be between 1 and 100000",
         )?;
+        self.analytics.validate()?;
         Ok(())
     }
 }
@@ -234,5 +345,46 @@ mod tests {
         let text = DEFAULT_TOML.replace("max_client_id_len = 256", "");
         let err = Config::parse(&text, "test").unwrap_err().to_string();
         assert!(err.contains("max_client_id_len"), "{err}");
+    }
+
+    #[test]
+    fn analytics_section_maps_to_the_monitor_and_rejects_typos() {
+        let c = Config::default_config().expect("default config parses");
+        assert!(c.analytics.enabled);
+        let m = c.analytics.monitor_config();
+        let t = m.limits.iter().find(|l| l.metric == "temperature");
+        assert_eq!(t.and_then(|l| l.above), Some(85.0));
+
+        let text = DEFAULT_TOML.replace("max_devices =", "max_device =");
+        let err = Config::parse(&text, "test").unwrap_err().to_string();
+        assert!(err.contains("max_device"), "{err}");
+
+        let text = DEFAULT_TOML.replace(
+            "[analytics.detector]\n",
+            "[analytics.detector]\nwarmpu = 64\n",
+        );
+        let err = Config::parse(&text, "test").unwrap_err().to_string();
+        assert!(err.contains("warmpu"), "{err}");
+
+        let text = DEFAULT_TOML.replace(
+            "[analytics.detector]\n",
+            "[analytics.detector]\nwarmup = 3\n",
+        );
+        let err = Config::parse(&text, "test").unwrap_err().to_string();
+        assert!(err.contains("analytics.detector"), "{err}");
+
+        let text = DEFAULT_TOML.replace(
+            "limits = { temperature = 85.0, vibration = 7.1 }",
+            "limits = { pressure = { below = 2.0, above = 1.0 } }",
+        );
+        let err = Config::parse(&text, "test").unwrap_err().to_string();
+        assert!(err.contains("analytics.limits"), "{err}");
+
+        let text = DEFAULT_TOML.replace(
+            "limits = { temperature = 85.0, vibration = 7.1 }",
+            "limits = { pressure = { below = 1.0 } }",
+        );
+        let c = Config::parse(&text, "test").expect("lower limit");
+        assert_eq!(c.analytics.monitor_config().limits[0].below, Some(1.0));
     }
 }

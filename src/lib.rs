@@ -9,6 +9,7 @@
 //! - [`mqtt`]: the MQTT wire format, the only place that knows byte layouts.
 //! - [`envelope`]: the header vigil puts on payloads inside the core.
 //! - [`metrics`]: counters rendered at `/metrics`.
+//! - [`live`]: the analytics task, an internal core client scoring device telemetry.
 //!
 //! [`run`] takes already bound listeners and a cancellation token, so tests bind port 0.
 
@@ -16,6 +17,7 @@ pub mod config;
 pub mod core;
 pub mod edge;
 pub mod envelope;
+pub mod live;
 pub mod metrics;
 pub mod mqtt;
 
@@ -99,6 +101,11 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::default());
     let core = core::Core::start(&config).await?;
     let edge = Arc::new(edge::Edge::new(&config, core, metrics, shutdown.clone()));
+    if config.analytics.enabled {
+        // Tracked with the connections, so shutdown waits for it too.
+        edge.tracker
+            .spawn(live::run(edge.clone(), config.analytics.clone()));
+    }
 
     let mqtt_addr = listeners.mqtt.local_addr().ok();
     let http_addr = listeners.http.local_addr().ok();

@@ -24,6 +24,72 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     pub dropped_too_large_for_client: AtomicU64,
     pub dropped_qos2_state: AtomicU64,
+    /// Live analytics (`live`).
+    pub analytics: AnalyticsMetrics,
+}
+
+/// Stable codes of rejected telemetry (`TelemetryError::code`), in the order of
+/// [`AnalyticsMetrics::telemetry_errors`]; anything else is counted as `other`.
+pub const TELEMETRY_ERROR_CODES: [&str; 13] = [
+    "payload_too_large",
+    "not_json",
+    "too_deep",
+    "not_object",
+    "no_metrics",
+    "non_finite",
+    "bad_timestamp",
+    "device_mismatch",
+    "batch_too_large",
+    "too_many_metrics",
+    "bad_metric_name",
+    "bad_batch",
+    "other",
+];
+
+/// Alert severities in the order of [`AnalyticsMetrics::alerts`].
+pub const SEVERITIES: [&str; 4] = ["LOW", "MEDIUM", "HIGH", "CRITICAL"];
+
+/// Counters of the live analytics task.
+#[derive(Debug, Default)]
+pub struct AnalyticsMetrics {
+    /// Devices with a monitor in memory now.
+    pub devices: AtomicU64,
+    /// Telemetry messages that parsed.
+    pub messages: AtomicU64,
+    /// Metric values scored (one reading of three metrics is three points).
+    pub points: AtomicU64,
+    pub telemetry_errors: [AtomicU64; TELEMETRY_ERROR_CODES.len()],
+    pub alerts: [AtomicU64; SEVERITIES.len()],
+    pub predictions: AtomicU64,
+    /// Refits running now on blocking threads (at most `analytics.max_concurrent_refits`).
+    pub refits_running: AtomicU64,
+    pub refits: AtomicU64,
+    pub refit_failures: AtomicU64,
+    pub evictions: AtomicU64,
+    /// Alerts dropped because too many were waiting for the core's acknowledgements.
+    pub dropped_alerts: AtomicU64,
+    /// Predictions and error replies dropped because the core was not draining our output.
+    pub dropped_qos0: AtomicU64,
+    pub core_reconnects: AtomicU64,
+}
+
+impl AnalyticsMetrics {
+    /// Counts one rejected telemetry message under its stable code.
+    pub fn telemetry_error(&self, code: &str) {
+        let last = TELEMETRY_ERROR_CODES.len() - 1;
+        let i = TELEMETRY_ERROR_CODES[..last]
+            .iter()
+            .position(|c| *c == code)
+            .unwrap_or(last);
+        self.telemetry_errors[i].fetch_add(1, Relaxed);
+    }
+
+    /// Counts one published alert under its wire severity (`"LOW"` ... `"CRITICAL"`).
+    pub fn alert(&self, severity: &str) {
+        if let Some(i) = SEVERITIES.iter().position(|s| *s == severity) {
+            self.alerts[i].fetch_add(1, Relaxed);
+        }
+    }
 }
 
 impl Metrics {
@@ -133,6 +199,91 @@ impl Metrics {
                     g(&self.dropped_qos2_state),
                 ),
             ],
+        );
+        let a = &self.analytics;
+        metric(
+            "analytics_devices",
+            "gauge",
+            "Devices with an analytics model in memory now.",
+            &[("", g(&a.devices))],
+        );
+        metric(
+            "analytics_messages_total",
+            "counter",
+            "Telemetry messages parsed by the analytics task.",
+            &[("", g(&a.messages))],
+        );
+        metric(
+            "analytics_points_total",
+            "counter",
+            "Metric values scored by the anomaly detector.",
+            &[("", g(&a.points))],
+        );
+        let labels: Vec<(String, u64)> = TELEMETRY_ERROR_CODES
+            .iter()
+            .zip(&a.telemetry_errors)
+            .map(|(code, c)| (format!("{{code=\"{code}\"}}"), g(c)))
+            .collect();
+        let samples: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            "analytics_telemetry_errors_total",
+            "counter",
+            "Telemetry messages rejected, by code (answered on device/<id>/errors).",
+            &samples,
+        );
+        let labels: Vec<(String, u64)> = SEVERITIES
+            .iter()
+            .zip(&a.alerts)
+            .map(|(sev, c)| (format!("{{severity=\"{sev}\"}}"), g(c)))
+            .collect();
+        let samples: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            "analytics_alerts_total",
+            "counter",
+            "Alerts raised for device/<id>/alerts, by severity (undelivered ones also count in dropped_total).",
+            &samples,
+        );
+        metric(
+            "analytics_predictions_total",
+            "counter",
+            "Predictions published on device/<id>/predictions.",
+            &[("", g(&a.predictions))],
+        );
+        metric(
+            "analytics_refits_total",
+            "counter",
+            "Anomaly model refits, by result.",
+            &[
+                ("{result=\"ok\"}", g(&a.refits)),
+                ("{result=\"failed\"}", g(&a.refit_failures)),
+            ],
+        );
+        metric(
+            "analytics_refits_running",
+            "gauge",
+            "Anomaly model refits running now.",
+            &[("", g(&a.refits_running))],
+        );
+        metric(
+            "analytics_evictions_total",
+            "counter",
+            "Device models evicted to stay within analytics.max_devices.",
+            &[("", g(&a.evictions))],
+        );
+        metric(
+            "analytics_dropped_total",
+            "counter",
+            "Analytics output dropped, by reason.",
+            &[
+                ("{reason=\"alert_window_full\"}", g(&a.dropped_alerts)),
+                ("{reason=\"core_not_draining\"}", g(&a.dropped_qos0)),
+            ],
+        );
+        metric(
+            "analytics_core_reconnects_total",
+            "counter",
+            "Times the analytics task reconnected to the core.",
+            &[("", g(&a.core_reconnects))],
         );
         out
     }

@@ -1,0 +1,697 @@
+//! The live analytics task: an internal client of the core that scores every telemetry message
+//! and publishes alerts, predictions and error replies back through the core.
+//!
+//! It connects to the core as `i-analytics` (never through the public edge), subscribes to
+//! `device/+/telemetry` at QoS 0 and keeps one `DeviceMonitor` per device. Per message it parses
+//! the payload (`vigil_analytics::telemetry`), feeds every reading to the device's monitor and
+//! writes what comes out to the core: alerts at QoS 1 (at most [`MAX_UNACKED_ALERTS`] waiting for
+//! the core's PUBACK), predictions and error replies at QoS 0. Model refits run on blocking
+//! threads, at most `analytics.max_concurrent_refits` at once and one per device, and come back
+//! over a channel. Every structure is bounded (see ARCHITECTURE.md, "Queues and bounds"), and
+//! nothing is logged per message: the counters in `metrics` say what happened.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use vigil_analytics::detector::{DetectorError, TrainedModel};
+use vigil_analytics::monitor::{DeviceMonitor, MonitorConfig, MonitorError};
+use vigil_analytics::telemetry::{self, Limits};
+
+use crate::config::AnalyticsConfig;
+use crate::core::{self, Core, CoreError};
+use crate::edge::Edge;
+use crate::envelope;
+use crate::metrics::Metrics;
+use crate::mqtt::{self, Version};
+
+/// The core client id of the task (`i-` ids are reserved for internal components).
+pub const CLIENT_ID: &str = "i-analytics";
+/// The subscription that feeds the task.
+pub const TELEMETRY_FILTER: &str = "device/+/telemetry";
+/// QoS 1 alerts handed to the core and not yet acknowledged; more wait in the alert queue.
+pub const MAX_UNACKED_ALERTS: usize = 100;
+/// Alerts waiting for room in the window; beyond this the oldest is dropped (counted).
+pub const MAX_QUEUED_ALERTS: usize = 1000;
+/// Bytes written for the core but not yet taken by it; above this QoS 0 output is dropped
+/// (counted) rather than stopping reading, which could deadlock against the core's own writes.
+pub const MAX_OUT_BYTES: usize = 256 * 1024;
+/// Longest `reason` text in an error reply; parser messages can quote the payload.
+const MAX_REASON_LEN: usize = 200;
+/// Time the core has to acknowledge the subscription.
+const SUBACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A session that lasted this long resets the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// Room kept free in the read buffer before each read.
+const READ_CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error("invalid analytics configuration: {0}")]
+    Config(#[from] MonitorError),
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("the core refused the analytics connection (CONNACK code {0})")]
+    Refused(u8),
+    #[error("the core refused the telemetry subscription")]
+    SubscribeRefused,
+    #[error("the core did not acknowledge the telemetry subscription in time")]
+    SubackTimeout,
+    #[error("core connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the core sent a malformed packet: {0}")]
+    Codec(#[from] mqtt::CodecError),
+    #[error("the core closed the connection")]
+    Closed,
+}
+
+/// One message for the core.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub qos: u8,
+    pub payload: Vec<u8>,
+}
+
+/// A finished refit coming back from a blocking thread.
+struct RefitDone {
+    device: String,
+    epoch: u64,
+    result: Result<TrainedModel, DetectorError>,
+}
+
+struct Device {
+    monitor: DeviceMonitor,
+    /// Position in `Analytics::recency`.
+    last_seen: u64,
+    /// Distinguishes this monitor from an earlier, evicted one of the same device, so a refit
+    /// started for the old one is never installed into the new one.
+    epoch: u64,
+    refit_running: bool,
+}
+
+/// The analytics state: device monitors, their recency order and the refit machinery. It
+/// outlives core connections, so a reconnect loses no model.
+pub struct Analytics {
+    monitor_config: MonitorConfig,
+    limits: Limits,
+    max_devices: usize,
+    devices: HashMap<String, Device>,
+    /// Devices by the tick they were last seen at: the first entry is the eviction candidate.
+    recency: BTreeMap<u64, String>,
+    tick: u64,
+    next_epoch: u64,
+    metrics: Arc<Metrics>,
+    refit_slots: Arc<Semaphore>,
+    refit_tx: mpsc::Sender<RefitDone>,
+    refit_rx: mpsc::Receiver<RefitDone>,
+}
+
+impl Analytics {
+    /// Checks the monitor settings once, so creating a device's monitor later cannot fail.
+    pub fn new(config: &AnalyticsConfig, metrics: Arc<Metrics>) -> Result<Analytics, LiveError> {
+        let monitor_config = config.monitor_config();
+        DeviceMonitor::new("config-check", monitor_config.clone())?;
+        let slots = config.max_concurrent_refits.max(1);
+        // A refit releases its slot only after its result is sent, so at most `slots` results
+        // are ever in flight and this capacity is never the limit.
+        let (refit_tx, refit_rx) = mpsc::channel(slots);
+        Ok(Analytics {
+            monitor_config,
+            limits: Limits::default(),
+            max_devices: config.max_devices.max(1),
+            devices: HashMap::new(),
+            recency: BTreeMap::new(),
+            tick: 0,
+            next_epoch: 0,
+            metrics,
+            refit_slots: Arc::new(Semaphore::new(slots)),
+            refit_tx,
+            refit_rx,
+        })
+    }
+
+    /// Devices with a monitor now.
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn has_device(&self, id: &str) -> bool {
+        self.devices.contains_key(id)
+    }
+
+    /// Handles one message from `device/<id>/telemetry` received at `now_ms`, appending what it
+    /// produced to `out`. Topics that are not telemetry topics are ignored.
+    pub fn handle_telemetry(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now_ms: i64,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let Some(id) = telemetry::device_id_from_topic(topic) else {
+            return;
+        };
+        let readings = match telemetry::parse(id, payload, now_ms, &self.limits) {
+            Ok(readings) => readings,
+            Err(e) => {
+                self.metrics.analytics.telemetry_error(e.code());
+                let reply = serde_json::json!({
+                    "type": "ERROR",
+                    "device_id": id,
+                    "code": e.code(),
+                    "reason": truncate(&e.to_string(), MAX_REASON_LEN),
+                    "timestamp": now_ms,
+                });
+                out.push(Outgoing {
+                    topic: format!("device/{id}/errors"),
+                    qos: 0,
+                    payload: reply.to_string().into_bytes(),
+                });
+                return;
+            }
+        };
+        let metrics = self.metrics.clone();
+        Metrics::inc(&metrics.analytics.messages);
+        let Some(device) = self.touch(id) else {
+            return;
+        };
+        for reading in &readings {
+            let result = device.monitor.ingest(reading);
+            metrics
+                .analytics
+                .points
+                .fetch_add(result.outcomes.len() as u64, Relaxed);
+            for alert in &result.alerts {
+                if let Ok(payload) = serde_json::to_vec(alert) {
+                    metrics.analytics.alert(alert.severity.as_str());
+                    out.push(Outgoing {
+                        topic: format!("device/{id}/alerts"),
+                        qos: 1,
+                        payload,
+                    });
+                }
+            }
+            for prediction in &result.predictions {
+                if let Ok(payload) = serde_json::to_vec(prediction) {
+                    Metrics::inc(&metrics.analytics.predictions);
+                    out.push(Outgoing {
+                        topic: format!("device/{id}/predictions"),
+                        qos: 0,
+                        payload,
+                    });
+                }
+            }
+        }
+        self.maybe_refit(id);
+    }
+
+    /// The monitor of `id`, marked as the most recently seen, created (evicting the least
+    /// recently seen device if the map is full) when missing.
+    fn touch(&mut self, id: &str) -> Option<&mut Device> {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(device) = self.devices.get_mut(id) {
+            self.recency.remove(&device.last_seen);
+            self.recency.insert(tick, id.to_string());
+            device.last_seen = tick;
+            return self.devices.get_mut(id);
+        }
+        while self.devices.len() >= self.max_devices {
+            let Some((_, oldest)) = self.recency.pop_first() else {
+                break;
+            };
+            self.devices.remove(&oldest);
+            Metrics::inc(&self.metrics.analytics.evictions);
+        }
+        // The configuration was validated in `new`, so this cannot fail; if it ever did, the
+        // message is simply not scored.
+        let monitor = DeviceMonitor::new(id, self.monitor_config.clone()).ok()?;
+        self.next_epoch += 1;
+        self.devices.insert(
+            id.to_string(),
+            Device {
+                monitor,
+                last_seen: tick,
+                epoch: self.next_epoch,
+                refit_running: false,
+            },
+        );
+        self.recency.insert(tick, id.to_string());
+        self.metrics
+            .analytics
+            .devices
+            .store(self.devices.len() as u64, Relaxed);
+        self.devices.get_mut(id)
+    }
+
+    /// Starts the refit `id` wants, if it has none running and a refit slot is free. A device
+    /// that finds no free slot asks again with its next message.
+    fn maybe_refit(&mut self, id: &str) {
+        let Some(device) = self.devices.get_mut(id) else {
+            return;
+        };
+        if device.refit_running {
+            return;
+        }
+        let Ok(slot) = self.refit_slots.clone().try_acquire_owned() else {
+            return;
+        };
+        let Some(job) = device.monitor.needs_refit() else {
+            return;
+        };
+        device.refit_running = true;
+        Metrics::inc(&self.metrics.analytics.refits_running);
+        let (device, epoch) = (id.to_string(), device.epoch);
+        let tx = self.refit_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = job.run();
+            // The receiver is gone only at shutdown, when the model is no longer wanted.
+            let _ = tx.blocking_send(RefitDone {
+                device,
+                epoch,
+                result,
+            });
+            drop(slot);
+        });
+    }
+
+    /// Installs a finished refit, unless its device was evicted meanwhile.
+    fn refit_done(&mut self, done: RefitDone) {
+        self.metrics.analytics.refits_running.fetch_sub(1, Relaxed);
+        let Some(device) = self.devices.get_mut(&done.device) else {
+            return;
+        };
+        if device.epoch != done.epoch {
+            return;
+        }
+        device.refit_running = false;
+        match done.result {
+            Ok(model) => {
+                device.monitor.install(model);
+                Metrics::inc(&self.metrics.analytics.refits);
+            }
+            Err(_) => Metrics::inc(&self.metrics.analytics.refit_failures),
+        }
+        // A device with several metrics has one job per metric; start the next one now.
+        self.maybe_refit(&done.device);
+    }
+
+    /// Waits for the next finished refit.
+    async fn next_refit(&mut self) -> Option<RefitDone> {
+        self.refit_rx.recv().await
+    }
+}
+
+/// Alerts on their way to the core: the unacknowledged window and the queue behind it. Kept
+/// across reconnects, so an alert the core never acknowledged is sent again.
+#[derive(Default)]
+struct AlertWindow {
+    unacked: VecDeque<(u16, Outgoing)>,
+    queued: VecDeque<Outgoing>,
+    next_pkid: u16,
+}
+
+impl AlertWindow {
+    fn enqueue(&mut self, alert: Outgoing, metrics: &Metrics) {
+        if self.queued.len() >= MAX_QUEUED_ALERTS {
+            self.queued.pop_front();
+            Metrics::inc(&metrics.analytics.dropped_alerts);
+        }
+        self.queued.push_back(alert);
+    }
+
+    /// Writes queued alerts while the window has room.
+    fn pump(&mut self, out: &mut BytesMut) {
+        while self.unacked.len() < MAX_UNACKED_ALERTS {
+            let Some(alert) = self.queued.pop_front() else {
+                return;
+            };
+            let pkid = self.fresh_pkid();
+            put_message(out, &alert, pkid);
+            self.unacked.push_back((pkid, alert));
+        }
+    }
+
+    fn fresh_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            let pkid = self.next_pkid;
+            if !self.unacked.iter().any(|(p, _)| *p == pkid) {
+                return pkid;
+            }
+        }
+    }
+
+    fn acked(&mut self, pkid: u16) {
+        if let Some(i) = self.unacked.iter().position(|(p, _)| *p == pkid) {
+            self.unacked.remove(i);
+        }
+    }
+
+    /// After a lost connection: unacknowledged alerts go back to the front of the queue.
+    fn requeue_unacked(&mut self) {
+        while let Some((_, alert)) = self.unacked.pop_back() {
+            self.queued.push_front(alert);
+        }
+        while self.queued.len() > MAX_QUEUED_ALERTS {
+            self.queued.pop_back();
+        }
+    }
+}
+
+fn put_message(out: &mut BytesMut, m: &Outgoing, pkid: u16) {
+    mqtt::put_publish(
+        out,
+        Version::V311,
+        false,
+        m.qos,
+        false,
+        m.topic.as_bytes(),
+        pkid,
+        &[],
+        &[&envelope::plain_header(m.qos), &m.payload],
+    );
+}
+
+/// Runs the analytics task until `shutdown` is cancelled, reconnecting to the core with backoff
+/// if its connection is lost.
+pub async fn run(edge: Arc<Edge>, config: AnalyticsConfig) {
+    let metrics = edge.metrics.clone();
+    let shutdown = edge.shutdown.clone();
+    async move {
+        let mut state = match Analytics::new(&config, metrics.clone()) {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::error!(error = %e, "analytics disabled");
+                return;
+            }
+        };
+        let mut window = AlertWindow::default();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let started = Instant::now();
+            match session(&edge.core, &mut state, &mut window, &shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "analytics lost its core connection");
+                }
+            }
+            window.requeue_unacked();
+            Metrics::inc(&metrics.analytics.core_reconnects);
+            if started.elapsed() >= STABLE_SESSION {
+                backoff = BACKOFF_MIN;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+    .instrument(tracing::info_span!("analytics"))
+    .await
+}
+
+/// One core connection: subscribe, then score telemetry until shutdown (`Ok`) or a failure.
+async fn session(
+    core: &Core,
+    state: &mut Analytics,
+    window: &mut AlertWindow,
+    shutdown: &CancellationToken,
+) -> Result<(), LiveError> {
+    let link = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        link = core.connect(CLIENT_ID, true, None) => link?,
+    };
+    if link.code != mqtt::rc::ACCEPTED {
+        return Err(LiveError::Refused(link.code));
+    }
+    let (mut rd, mut wr) = link.stream.into_split();
+    let mut read_buf = link.read_buf;
+    let mut out = BytesMut::with_capacity(4096);
+    mqtt::put_core_subscribe(
+        &mut out,
+        1,
+        &[(Bytes::from_static(TELEMETRY_FILTER.as_bytes()), 0)],
+    );
+    window.pump(&mut out);
+    let mut subscribed = false;
+    let suback_deadline = Instant::now() + SUBACK_TIMEOUT;
+    let mut ping = tokio::time::interval_at(
+        Instant::now() + core::CORE_PING_INTERVAL,
+        core::CORE_PING_INTERVAL,
+    );
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut produced = Vec::new();
+
+    loop {
+        if read_buf.capacity() - read_buf.len() < READ_CHUNK / 4 {
+            read_buf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                out.clear();
+                mqtt::put_disconnect(&mut out, Version::V311, 0);
+                // Best effort: the core forgets a clean session anyway.
+                let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
+                return Ok(());
+            }
+            n = rd.read_buf(&mut read_buf) => {
+                if n? == 0 {
+                    return Err(LiveError::Closed);
+                }
+                while let Some(frame) = mqtt::read_frame(&mut read_buf, usize::MAX)? {
+                    match frame.kind() {
+                        mqtt::PUBLISH => {
+                            let publish = mqtt::parse_core_publish(&frame)?;
+                            if publish.qos == 1 {
+                                // Subscribed at QoS 0, so this does not happen; answer anyway
+                                // so the core never waits on us.
+                                mqtt::put_ack(&mut out, mqtt::PUBACK, publish.pkid);
+                            }
+                            let opened = envelope::open(publish.payload.clone());
+                            if opened.qos.is_none() && opened.payload.is_empty() {
+                                // A retained-message clear, not a reading.
+                                continue;
+                            }
+                            state.handle_telemetry(
+                                publish.topic_str(),
+                                &opened.payload,
+                                now_ms(),
+                                &mut produced,
+                            );
+                            for m in produced.drain(..) {
+                                if m.qos > 0 {
+                                    window.enqueue(m, &state.metrics);
+                                } else if out.len() > MAX_OUT_BYTES {
+                                    Metrics::inc(&state.metrics.analytics.dropped_qos0);
+                                } else {
+                                    put_message(&mut out, &m, 0);
+                                }
+                            }
+                        }
+                        mqtt::PUBACK => {
+                            let (pkid, _) = mqtt::parse_ack(&frame)?;
+                            window.acked(pkid);
+                        }
+                        mqtt::SUBACK => {
+                            let (_, codes) = mqtt::parse_core_suback(&frame)?;
+                            if !matches!(codes.first(), Some(0..=2)) {
+                                return Err(LiveError::SubscribeRefused);
+                            }
+                            if !subscribed {
+                                subscribed = true;
+                                tracing::info!(filter = TELEMETRY_FILTER, "analytics subscribed");
+                            }
+                        }
+                        // PINGRESP and anything else the core may send need no answer.
+                        _ => {}
+                    }
+                }
+                window.pump(&mut out);
+            }
+            n = wr.write_buf(&mut out), if !out.is_empty() => {
+                if n? == 0 {
+                    return Err(LiveError::Closed);
+                }
+            }
+            Some(done) = state.next_refit() => state.refit_done(done),
+            _ = ping.tick() => mqtt::put_pingreq(&mut out),
+            _ = tokio::time::sleep_until(suback_deadline), if !subscribed => {
+                return Err(LiveError::SubackTimeout);
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// `s` cut to at most `max` bytes on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn analytics(edit: impl FnOnce(&mut AnalyticsConfig)) -> (Analytics, Arc<Metrics>) {
+        let mut config = Config::default_config().expect("default").analytics;
+        config.detector.n_trees = 10;
+        edit(&mut config);
+        let metrics = Arc::new(Metrics::default());
+        let a = Analytics::new(&config, metrics.clone()).expect("valid");
+        (a, metrics)
+    }
+
+    fn reading(v: f64) -> Vec<u8> {
+        format!("{{\"temperature\":{v}}}").into_bytes()
+    }
+
+    #[tokio::test]
+    async fn bad_payload_gets_an_error_reply_and_is_counted() {
+        let (mut a, metrics) = analytics(|_| {});
+        let mut out = Vec::new();
+        a.handle_telemetry(
+            "device/m-1/telemetry",
+            b"{nope",
+            1_760_000_000_000,
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].topic, "device/m-1/errors");
+        assert_eq!(out[0].qos, 0);
+        let v: serde_json::Value = serde_json::from_slice(&out[0].payload).expect("json");
+        assert_eq!(v["type"], "ERROR");
+        assert_eq!(v["code"], "not_json");
+        assert_eq!(v["device_id"], "m-1");
+        assert_eq!(metrics.analytics.telemetry_errors[1].load(Relaxed), 1);
+        assert!(
+            !a.has_device("m-1"),
+            "a rejected message creates no monitor"
+        );
+        assert!(metrics
+            .render()
+            .contains("vigil_analytics_telemetry_errors_total{code=\"not_json\"} 1"));
+
+        // The topic's id is the authority.
+        out.clear();
+        let p = br#"{"device_id":"other","temperature":1}"#;
+        a.handle_telemetry("device/m-1/telemetry", p, 1_760_000_000_000, &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out[0].payload).expect("json");
+        assert_eq!(v["code"], "device_mismatch");
+
+        // Not a telemetry topic: ignored.
+        out.clear();
+        a.handle_telemetry("device/m-1/alerts", b"x", 0, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[tokio::test]
+    async fn least_recently_seen_device_is_evicted() {
+        let (mut a, metrics) = analytics(|c| c.max_devices = 2);
+        let mut out = Vec::new();
+        for id in ["a", "b", "a", "c"] {
+            a.handle_telemetry(
+                &format!("device/{id}/telemetry"),
+                &reading(1.0),
+                0,
+                &mut out,
+            );
+        }
+        assert_eq!(a.device_count(), 2);
+        assert!(a.has_device("a") && a.has_device("c") && !a.has_device("b"));
+        assert_eq!(metrics.analytics.evictions.load(Relaxed), 1);
+        assert_eq!(metrics.analytics.devices.load(Relaxed), 2);
+        assert_eq!(a.recency.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn refits_run_off_thread_one_per_device_and_come_back() {
+        let (mut a, metrics) = analytics(|c| c.detector.warmup = 32);
+        let mut out = Vec::new();
+        for i in 0..40 {
+            let v = 20.0 + (i % 7) as f64 * 0.1;
+            a.handle_telemetry("device/d/telemetry", &reading(v), 0, &mut out);
+        }
+        assert!(a.devices["d"].refit_running);
+        let done = tokio::time::timeout(Duration::from_secs(30), a.next_refit())
+            .await
+            .expect("refit finishes")
+            .expect("channel open");
+        a.refit_done(done);
+        assert_eq!(metrics.analytics.refits.load(Relaxed), 1);
+        assert!(!a.devices["d"].refit_running);
+        assert_eq!(metrics.analytics.points.load(Relaxed), 40);
+        // The static limit reached the monitor: crossing it raises a threshold alert.
+        a.handle_telemetry("device/d/telemetry", &reading(90.0), 0, &mut out);
+        let alert = out
+            .iter()
+            .find(|m| m.topic == "device/d/alerts")
+            .expect("alert");
+        assert_eq!(alert.qos, 1);
+        let v: serde_json::Value = serde_json::from_slice(&alert.payload).expect("json");
+        assert_eq!(v["kind"], "threshold");
+    }
+
+    #[test]
+    fn alert_window_bounds_unacked_and_requeues_after_a_reconnect() {
+        let metrics = Metrics::default();
+        let mut w = AlertWindow::default();
+        let alert = Outgoing {
+            topic: "device/d/alerts".into(),
+            qos: 1,
+            payload: b"{}".to_vec(),
+        };
+        for _ in 0..MAX_UNACKED_ALERTS + 5 {
+            w.enqueue(alert.clone(), &metrics);
+        }
+        let mut out = BytesMut::new();
+        w.pump(&mut out);
+        assert_eq!(w.unacked.len(), MAX_UNACKED_ALERTS);
+        assert_eq!(w.queued.len(), 5);
+        let first = w.unacked[0].0;
+        w.acked(first);
+        w.pump(&mut out);
+        assert_eq!((w.unacked.len(), w.queued.len()), (MAX_UNACKED_ALERTS, 4));
+        w.requeue_unacked();
+        assert_eq!(w.queued.len(), MAX_UNACKED_ALERTS + 4);
+        // Every packet written is a well-formed enveloped QoS 1 PUBLISH.
+        let frame = mqtt::read_frame(&mut out, usize::MAX)
+            .expect("frame")
+            .expect("complete");
+        let p = mqtt::parse_core_publish(&frame).expect("publish");
+        assert_eq!((p.qos, p.topic_str()), (1, "device/d/alerts"));
+        assert_eq!(envelope::open(p.payload).qos, Some(1));
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}

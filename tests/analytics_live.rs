@@ -1,0 +1,245 @@
+//! The live analytics task end to end: telemetry published by a simulated device through the
+//! public edge comes back as one anomaly alert per incident, trend predictions and error replies.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+
+/// Normal readings before the fault: enough for the detector's warm-up (256 points) and the
+/// 500 scored points it needs before it may alert.
+const NORMAL: usize = 1000;
+/// Readings of the fault: a jump of 6 degrees, then a ramp of 0.05 degrees per reading towards
+/// the 85-degree limit of the default configuration, staying below it (ends near 76).
+const FAULT: usize = 200;
+/// Readings published at once.
+const CHUNK: usize = 100;
+
+/// Waits until vigil logs that the analytics task holds its subscription.
+fn wait_subscribed(v: &Vigil) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !v.log().contains("analytics subscribed") {
+        assert!(
+            Instant::now() < deadline,
+            "analytics never subscribed; log:\n{}",
+            v.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One JSON reading per line: a temperature around 60 with small deterministic noise, one
+/// second apart in the device's clock, ending now.
+fn telemetry_lines() -> (String, i64) {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let t0 = now_ms - ((NORMAL + FAULT) as i64) * 1000;
+    let mut seed: u64 = 42;
+    let mut uniform = move || {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    };
+    let mut lines = String::new();
+    for i in 0..NORMAL + FAULT {
+        let noise = (uniform() + uniform() + uniform()) * 0.4;
+        let value = if i < NORMAL {
+            60.0 + noise
+        } else {
+            66.0 + 0.05 * (i - NORMAL) as f64 + noise
+        };
+        let ts = t0 + i as i64 * 1000;
+        lines.push_str(&format!(
+            "{{\"temperature\":{value:.3},\"timestamp\":{ts}}}\n"
+        ));
+    }
+    (lines, t0 + NORMAL as i64 * 1000)
+}
+
+/// Publishes every line of `lines` as one message, from one `mosquitto_pub -l` process.
+fn publish_lines(port: u16, topic: &str, lines: &str) {
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-t", topic, "-q", "1", "-l"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub (apt-get install mosquitto-clients)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(lines.as_bytes()).expect("write readings");
+    drop(stdin);
+    let out = child.wait_with_output().expect("mosquitto_pub");
+    assert!(
+        out.status.success(),
+        "mosquitto_pub -l failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The JSON payload of a `MSG|topic|qos|retain|payload` line.
+fn payload(msg: &str) -> (u8, serde_json::Value) {
+    let mut parts = msg.splitn(4, '|');
+    let _topic = parts.next();
+    let qos = parts.next().and_then(|q| q.parse().ok()).unwrap_or(9);
+    let _retain = parts.next();
+    let json = parts.next().unwrap_or("");
+    let value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {msg}"));
+    (qos, value)
+}
+
+fn metrics(v: &Vigil) -> String {
+    let mut s = TcpStream::connect(v.http).expect("http");
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// The value of an unlabelled sample in a metrics page.
+fn value<'a>(page: &'a str, name: &str) -> Option<&'a str> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+}
+
+fn wait_metrics(v: &Vigil, pred: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = metrics(v);
+        if pred(&m) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "metrics never matched:\n{m}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn bad_payload_is_answered_on_the_errors_topic() {
+    let v = Vigil::start();
+    wait_subscribed(&v);
+    let mut errors = Sub::start(v.port(), &["-t", "device/+/errors", "-q", "1"]);
+    publish(
+        v.port(),
+        &["-t", "device/pump-7/telemetry", "-m", "temperature=80"],
+    );
+    let got = errors.expect_messages(1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1, "no error reply: {got:?}");
+    assert!(got[0].starts_with("device/pump-7/errors|0|"), "{got:?}");
+    let (_, e) = payload(&got[0]);
+    assert_eq!(e["type"], "ERROR");
+    assert_eq!(e["code"], "not_json");
+    assert_eq!(e["device_id"], "pump-7");
+    assert!(e["reason"].as_str().is_some_and(|r| !r.is_empty()), "{e}");
+    assert!(e["timestamp"].as_i64().is_some_and(|t| t > 0), "{e}");
+    let m = metrics(&v);
+    assert!(
+        m.contains("vigil_analytics_telemetry_errors_total{code=\"not_json\"} 1"),
+        "{m}"
+    );
+}
+
+#[test]
+fn one_anomaly_alert_per_incident_and_a_prediction_towards_the_limit() {
+    let mut v = Vigil::start();
+    wait_subscribed(&v);
+    let mut alerts = Sub::start(v.port(), &["-t", "device/sim-1/alerts", "-q", "1"]);
+    let mut predictions = Sub::start(v.port(), &["-t", "device/sim-1/predictions", "-q", "1"]);
+
+    // Devices report about once a second, so a refit (a few milliseconds) always finishes
+    // between two readings. A test that replays 20 minutes of readings at once must keep that
+    // property, or the debug build's slower refits would leave the detector unscored for
+    // hundreds of points: it publishes in chunks and lets each chunk be scored and its refit
+    // installed before the next.
+    let (lines, fault_start_ms) = telemetry_lines();
+    let lines: Vec<&str> = lines.lines().collect();
+    for (i, chunk) in lines.chunks(CHUNK).enumerate() {
+        let mut text = chunk.join("\n");
+        text.push('\n');
+        publish_lines(v.port(), "device/sim-1/telemetry", &text);
+        let sent = (i * CHUNK + chunk.len()).to_string();
+        wait_metrics(&v, |m| {
+            value(m, "vigil_analytics_points_total") == Some(sent.as_str())
+                && value(m, "vigil_analytics_refits_running") == Some("0")
+        });
+    }
+
+    // The last prediction covers the last reading: once it is in, every reading was scored.
+    let last_ts = fault_start_ms + (FAULT as i64 - 1) * 1000;
+    let done = predictions.wait_for(
+        |l| l.contains(&format!("\"timestamp\":{last_ts}")),
+        Duration::from_secs(40),
+    );
+    assert!(
+        done.is_some(),
+        "the last prediction never arrived ({} predictions); log:\n{}",
+        predictions.messages.len(),
+        v.log()
+    );
+    let got = alerts.drain(Duration::from_millis(500));
+
+    let anomalies: Vec<serde_json::Value> = got
+        .iter()
+        .map(|m| payload(m))
+        .filter(|(_, a)| a["kind"] == "anomaly")
+        .inspect(|(qos, a)| {
+            assert_eq!(*qos, 1, "alerts are published at QoS 1: {a}");
+            assert_eq!(a["type"], "ALERT");
+            assert_eq!(a["device_id"], "sim-1");
+            assert_eq!(a["metric"], "temperature");
+        })
+        .map(|(_, a)| a)
+        .collect();
+    assert_eq!(
+        anomalies.len(),
+        1,
+        "expected exactly one anomaly alert for the incident: {got:#?}"
+    );
+    let at = anomalies[0]["timestamp"].as_i64().unwrap_or(0);
+    assert!(
+        at >= fault_start_ms,
+        "anomaly alert before the fault: {:?}",
+        anomalies[0]
+    );
+
+    let towards_limit = predictions
+        .messages
+        .iter()
+        .map(|m| payload(m).1)
+        .filter(|p| p["timestamp"].as_i64().unwrap_or(0) >= fault_start_ms)
+        .find(|p| {
+            p["trend"] == "rising"
+                && p["seconds_to_limit"]
+                    .as_f64()
+                    .is_some_and(|s| s.is_finite() && s > 0.0)
+        });
+    assert!(
+        towards_limit.is_some(),
+        "no rising prediction with a finite time to the limit: {:#?}",
+        predictions
+            .messages
+            .iter()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+
+    let m = metrics(&v);
+    let points = format!("vigil_analytics_points_total {}", NORMAL + FAULT);
+    assert!(m.contains(&points), "{m}");
+    assert!(m.contains("vigil_analytics_devices 1"), "{m}");
+
+    // The analytics task leaves with the rest at shutdown.
+    let (status, took) = v.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(4), "shutdown took {took:?}");
+}
