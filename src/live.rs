@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -471,7 +471,14 @@ async fn session(
                 if n? == 0 {
                     return Err(LiveError::Closed);
                 }
+                let mut handled = 0usize;
                 while let Some(frame) = mqtt::read_frame(&mut read_buf, usize::MAX)? {
+                    // A large read holds hundreds of readings: send what is ready every few of
+                    // them instead of after the whole batch, so output latency stays bounded.
+                    handled += 1;
+                    if handled % FLUSH_EVERY == 0 && !out.is_empty() {
+                        flush_ready(&wr, &mut out)?;
+                    }
                     match frame.kind() {
                         mqtt::PUBLISH => {
                             let publish = mqtt::parse_core_publish(&frame)?;
@@ -533,6 +540,22 @@ async fn session(
             }
         }
     }
+}
+
+/// Readings handled between opportunistic writes of pending output.
+const FLUSH_EVERY: usize = 32;
+
+/// Writes as much of `out` as the socket takes without waiting.
+fn flush_ready(wr: &tokio::net::tcp::OwnedWriteHalf, out: &mut BytesMut) -> Result<(), LiveError> {
+    while !out.is_empty() {
+        match wr.try_write(out) {
+            Ok(0) => return Err(LiveError::Closed),
+            Ok(n) => out.advance(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 fn now_ms() -> i64 {

@@ -1,0 +1,133 @@
+//! Telemetry-in to analytics-out latency through a running vigil.
+//!
+//! Devices publish JSON telemetry stamped with the send time (`timestamp`, Unix ms) at a total
+//! rate; a subscriber on `device/+/predictions` and `device/+/alerts` measures, for every
+//! message the analytics task publishes, the time since the reading it is based on was sent.
+//! Predictions are published every `analytics.prediction_every` readings of a metric and go
+//! through the same path as alerts (parse, score, model, publish), so they give a steady sample;
+//! alerts are counted too.
+//!
+//! ```text
+//! cargo run --release --example analytics_latency -- --port 1883 --devices 100 --rate 10000 --secs 20
+//! ```
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn arg(args: &[String], name: &str, default: &str) -> String {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let port: u16 = arg(&args, "--port", "1883").parse().expect("--port");
+    let devices: usize = arg(&args, "--devices", "100").parse().expect("--devices");
+    let rate: f64 = arg(&args, "--rate", "10000").parse().expect("--rate");
+    let secs: f64 = arg(&args, "--secs", "20").parse().expect("--secs");
+    // Readings sent before measuring: the detectors warm up first (256 points per metric).
+    let warmup: f64 = arg(&args, "--warmup-secs", "5")
+        .parse()
+        .expect("--warmup-secs");
+
+    let mut opts = MqttOptions::new(format!("lat-sub-{}", std::process::id()), "127.0.0.1", port);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (sub, mut sub_el) = AsyncClient::new(opts, 100);
+    sub.subscribe("device/+/predictions", QoS::AtMostOnce)
+        .await
+        .expect("subscribe");
+    sub.subscribe("device/+/alerts", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let measure_from = now_ms() + (warmup * 1000.0) as i64;
+    let collector = tokio::spawn(async move {
+        let mut latencies = Vec::new();
+        let mut alerts = 0u64;
+        let deadline = Instant::now() + Duration::from_secs_f64(warmup + secs + 5.0);
+        while Instant::now() < deadline {
+            let ev = tokio::time::timeout(Duration::from_secs(1), sub_el.poll()).await;
+            let Ok(Ok(Event::Incoming(Packet::Publish(p)))) = ev else {
+                continue;
+            };
+            let received = now_ms();
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
+                continue;
+            };
+            let Some(ts) = v.get("timestamp").and_then(|t| t.as_i64()) else {
+                continue;
+            };
+            if ts < measure_from {
+                continue;
+            }
+            if p.topic.ends_with("/alerts") {
+                alerts += 1;
+            }
+            latencies.push((received - ts).max(0) as u64);
+        }
+        (latencies, alerts)
+    });
+
+    let mut opts = MqttOptions::new(format!("lat-pub-{}", std::process::id()), "127.0.0.1", port);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (publisher, mut pub_el) = AsyncClient::new(opts, 1000);
+    tokio::spawn(async move { while pub_el.poll().await.is_ok() {} });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let total = ((warmup + secs) * rate) as u64;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        let due = Duration::from_secs_f64(sent as f64 / rate);
+        let elapsed = start.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+        let d = sent as usize % devices;
+        let t = sent as f64 / rate;
+        // A daily-ish cycle and noise per device; values stay normal (no faults).
+        let temperature =
+            60.0 + 5.0 * (t / 30.0 + d as f64).sin() + ((sent * 7919) % 100) as f64 / 100.0;
+        let payload = format!(
+            r#"{{"device_id":"lat-{d}","temperature":{temperature:.3},"timestamp":{}}}"#,
+            now_ms()
+        );
+        publisher
+            .publish(
+                format!("device/lat-{d}/telemetry"),
+                QoS::AtMostOnce,
+                false,
+                payload,
+            )
+            .await
+            .expect("publish");
+        sent += 1;
+    }
+    let send_secs = start.elapsed().as_secs_f64();
+    let (mut latencies, alerts) = collector.await.expect("collector");
+    latencies.sort_unstable();
+    let pct = |q: f64| -> u64 {
+        if latencies.is_empty() {
+            return 0;
+        }
+        latencies[((latencies.len() - 1) as f64 * q).round() as usize]
+    };
+    println!(
+        "sent {sent} readings in {send_secs:.1} s ({:.0}/s) from {devices} devices; analytics messages measured {} (alerts {alerts}); latency ms p50 {} p99 {} max {}",
+        sent as f64 / send_secs,
+        latencies.len(),
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+}
