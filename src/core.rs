@@ -73,7 +73,7 @@ impl Core {
         let password: String = secret.iter().map(|b| format!("{b:02x}")).collect();
         let username = "vigil-internal".to_string();
 
-        let rumqttd_config = rumqttd_config(config, addr, &username, &password);
+        let rumqttd_config = rumqttd_config(config, addr, Some((&username, &password)));
         let mut broker = rumqttd::Broker::new(rumqttd_config);
         std::thread::Builder::new()
             .name("vigil-core".into())
@@ -191,11 +191,13 @@ fn free_loopback_port() -> std::io::Result<SocketAddr> {
     listener.local_addr()
 }
 
-fn rumqttd_config(
+/// The rumqttd configuration of the core, listening on `addr` and accepting only `credential`
+/// (user, password). `None` accepts anyone: only the benchmark baseline `examples/bare_core.rs`
+/// does that, so that it measures exactly the core vigil runs.
+pub fn rumqttd_config(
     config: &Config,
     addr: SocketAddr,
-    username: &str,
-    password: &str,
+    credential: Option<(&str, &str)>,
 ) -> rumqttd::Config {
     let router = rumqttd::RouterConfig {
         max_connections: config.limits.max_connections + INTERNAL_CONNECTIONS,
@@ -210,10 +212,8 @@ fn rumqttd_config(
         connection_timeout_ms: 5000,
         max_payload_size: config.limits.max_packet_size + ENVELOPE_SLACK,
         max_inflight_count: 100,
-        auth: Some(HashMap::from([(
-            username.to_string(),
-            password.to_string(),
-        )])),
+        auth: credential
+            .map(|(user, password)| HashMap::from([(user.to_string(), password.to_string())])),
         external_auth: None,
         dynamic_filters: true,
     };

@@ -14,19 +14,55 @@ pub mod tcp;
 pub mod web;
 pub mod ws_io;
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::core::Core;
 use crate::metrics::Metrics;
 use crate::mqtt::{self, Version};
+
+/// Accepts sockets until shutdown and runs `handle` for each in its own tracked task, inside a
+/// `conn` span. A socket that cannot get a handshake slot is closed at once (counted), so a
+/// flood never blocks the accept loop; accept errors (usually EMFILE) back off briefly.
+pub async fn accept_loop<F, Fut>(edge: Arc<Edge>, listener: TcpListener, kind: Listener, handle: F)
+where
+    F: Fn(Arc<Edge>, TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            _ = edge.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, listener = kind.as_str(), "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = edge.handshakes.clone().try_acquire_owned() else {
+            Metrics::inc(&edge.metrics.refused_handshake_overload);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let span = tracing::info_span!("conn", %peer, listener = kind.as_str(), client_id = tracing::field::Empty);
+        edge.tracker
+            .spawn(handle(edge.clone(), stream, peer, slot).instrument(span));
+    }
+}
 
 /// Which public listener a connection came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,10 +21,10 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, warn};
 
 use super::ws_io::WsIo;
-use super::{connection, Edge, Listener};
+use super::{accept_loop, connection, Edge, Listener};
 use crate::metrics::Metrics;
 
 /// Largest HTTP request head accepted.
@@ -33,30 +33,9 @@ const MAX_HEADERS: usize = 32;
 /// Subprotocols that mean MQTT, in order of preference.
 const MQTT_SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 
+/// Accepts until shutdown (see [`accept_loop`]); each socket's HTTP head decides its fate.
 pub async fn serve(edge: Arc<Edge>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            _ = edge.shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = edge.handshakes.clone().try_acquire_owned() else {
-            Metrics::inc(&edge.metrics.refused_handshake_overload);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let span = tracing::info_span!("conn", %peer, listener = Listener::WebSocket.as_str(), client_id = tracing::field::Empty);
-        let conn_edge = edge.clone();
-        edge.tracker
-            .spawn(async move { handle(conn_edge, stream, peer, slot).await }.instrument(span));
-    }
+    accept_loop(edge, listener, Listener::WebSocket, handle).await
 }
 
 /// A parsed request head: what routing needs, owned.
