@@ -18,6 +18,7 @@ pub struct Metrics {
     pub keepalive_timeouts: AtomicU64,
     pub slow_consumers: AtomicU64,
     pub takeovers: AtomicU64,
+    pub core_closed: AtomicU64,
     pub publish_in: [AtomicU64; 3],
     pub publish_out: [AtomicU64; 3],
     pub bytes_in: AtomicU64,
@@ -151,6 +152,7 @@ impl Metrics {
                 ),
                 ("{reason=\"slow_consumer\"}", g(&self.slow_consumers)),
                 ("{reason=\"session_taken_over\"}", g(&self.takeovers)),
+                ("{reason=\"core_closed\"}", g(&self.core_closed)),
             ],
         );
         let by_qos = |a: &[AtomicU64; 3]| [g(&a[0]), g(&a[1]), g(&a[2])];

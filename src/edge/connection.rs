@@ -257,6 +257,8 @@ struct Session<S> {
     /// SUBACK/UNSUBACK of the edge's own nudge still to swallow.
     nudge_acks: u8,
     prefer_core: bool,
+    /// The client set a will (only then does a clean close need DISCONNECT to the core).
+    has_will: bool,
     /// Read sizes for the next reads from each side (see `next_step`).
     client_step: usize,
     core_step: usize,
@@ -469,6 +471,7 @@ where
             pending_unsubs: Vec::new(),
             nudge_acks: 0,
             prefer_core: false,
+            has_will: connect.will.is_some(),
             client_step: READ_STEP_MIN,
             core_step: READ_STEP_MIN,
         };
@@ -488,6 +491,7 @@ where
             End::SlowConsumer => Metrics::inc(&edge.metrics.slow_consumers),
             End::ProtocolError(_) => Metrics::inc(&edge.metrics.protocol_errors),
             End::TakenOver => Metrics::inc(&edge.metrics.takeovers),
+            End::CoreGone => Metrics::inc(&edge.metrics.core_closed),
             _ => {}
         }
         // QoS 2 messages handed to the core count as routed (`close` flushes what is still
@@ -1082,11 +1086,19 @@ where
 
         // A clean DISCONNECT (and a broker shutdown) discards the will; everything else
         // publishes it, which rumqttd does when the connection drops without DISCONNECT.
-        let graceful = matches!(end, End::ClientDisconnect | End::Shutdown);
-        if graceful {
-            mqtt::put_disconnect(&mut self.core_out, Version::V311, 0);
-            let out = std::mem::take(&mut self.core_out);
-            let mut core = self.core;
+        //
+        // rumqttd raises two disconnect events for a connection that sends DISCONNECT (one for
+        // the packet, one when its link task ends). If a new connection has meanwhile taken
+        // over the freed connection slot, the late event kills it. DISCONNECT is therefore
+        // sent only when it has a job to do, discarding a will; otherwise the orderly close
+        // (flush, shutdown, drain) leaves rumqttd a single event.
+        let orderly = matches!(end, End::ClientDisconnect | End::Shutdown);
+        let mut out = std::mem::take(&mut self.core_out);
+        if orderly && self.has_will {
+            mqtt::put_disconnect(&mut out, Version::V311, 0);
+        }
+        let mut core = self.core;
+        if orderly {
             let _ = tokio::time::timeout(CORE_CLOSE_WAIT, async {
                 core.write_all(&out).await?;
                 core.shutdown().await?;
@@ -1098,8 +1110,6 @@ where
         } else {
             // Flush acknowledgements already owed, then drop the connection without
             // DISCONNECT so the will fires.
-            let out = std::mem::take(&mut self.core_out);
-            let mut core = self.core;
             let _ = tokio::time::timeout(CORE_CLOSE_WAIT, core.write_all(&out)).await;
         }
     }

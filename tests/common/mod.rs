@@ -585,3 +585,14 @@ pub fn assert_broker_serves(port: u16, tag: &str) {
         "broker no longer serves ({tag})"
     );
 }
+
+/// A plain HTTP GET on the web port; returns the whole response.
+pub fn http_get(http: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(http).expect("connect to the web port");
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
