@@ -464,3 +464,52 @@ fn packets_pipelined_behind_connect_are_handled() {
     kinds.sort();
     assert_eq!(kinds, vec![2, 3, 4, 9], "CONNACK, PUBLISH, PUBACK, SUBACK");
 }
+
+/// Wills are published by the edge: on takeover (old connection's will), on v5 DISCONNECT
+/// with reason 0x04, retained when asked; never after a clean DISCONNECT.
+#[test]
+fn will_cases_the_edge_publishes() {
+    let v = Vigil::start();
+    let mut watcher = Sub::start(v.port(), &["-t", "wills/#", "-q", "1"]);
+    // Takeover: the old connection's will is published.
+    let o = ConnectOpts {
+        will: Some(("wills/takeover", b"old-gone", 1, false)),
+        ..ConnectOpts::v311("twin-will")
+    };
+    let _old = Raw::connected(v.mqtt, &o);
+    let new = ConnectOpts {
+        will: Some(("wills/takeover", b"new-gone", 1, false)),
+        ..ConnectOpts::v311("twin-will")
+    };
+    let mut newer = Raw::connected(v.mqtt, &new);
+    assert_eq!(
+        watcher.expect_messages(1, T),
+        vec!["wills/takeover|1|0|old-gone"]
+    );
+    // The new one disconnects cleanly: nothing.
+    newer.send(&[0xE0, 0]);
+    assert!(newer.closed_within(T));
+    // v5 DISCONNECT with reason 0x04: the will is published.
+    let v5 = ConnectOpts {
+        v5: true,
+        will: Some(("wills/v5", b"asked-for", 0, false)),
+        ..ConnectOpts::v311("v5-will")
+    };
+    let mut c = Raw::connected(v.mqtt, &v5);
+    c.send(&[0xE0, 1, 0x04]);
+    assert!(c.closed_within(T));
+    assert_eq!(watcher.expect_messages(2, T)[1], "wills/v5|0|0|asked-for");
+    // A retained will is retained.
+    let r = ConnectOpts {
+        will: Some(("wills/retained", b"last", 1, true)),
+        ..ConnectOpts::v311("retained-will")
+    };
+    drop(Raw::connected(v.mqtt, &r));
+    assert_eq!(watcher.expect_messages(3, T)[2], "wills/retained|1|0|last");
+    let mut late = Sub::start(v.port(), &["-t", "wills/retained", "-q", "1"]);
+    assert_eq!(late.expect_messages(1, T), vec!["wills/retained|1|1|last"]);
+    assert!(
+        watcher.drain(Duration::from_millis(500)).len() == 3,
+        "a clean DISCONNECT published a will"
+    );
+}

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -210,6 +210,15 @@ enum End {
     CoreGone,
 }
 
+/// A will as the edge publishes it: topic, QoS, retain and the enveloped payload.
+struct PendingWill {
+    topic: Bytes,
+    qos: u8,
+    retain: bool,
+    header: BytesMut,
+    payload: Bytes,
+}
+
 /// A delivery from the core awaiting acknowledgement (to the core, in order).
 #[derive(Debug, Clone, Copy)]
 struct CoreAck {
@@ -257,8 +266,8 @@ struct Session<S> {
     /// SUBACK/UNSUBACK of the edge's own nudge still to swallow.
     nudge_acks: u8,
     prefer_core: bool,
-    /// The client set a will (only then does a clean close need DISCONNECT to the core).
-    has_will: bool,
+    /// The client's will, published by the edge when the connection ends without DISCONNECT.
+    will: Option<PendingWill>,
     /// Read sizes for the next reads from each side (see `next_step`).
     client_step: usize,
     core_step: usize,
@@ -371,40 +380,16 @@ where
         if !resume {
             edge.registry.forget_session(client_id);
         }
-        let will_header;
-        let will = match &connect.will {
-            Some(w) => {
-                // A will payload is a two-byte-length field: the envelope must still fit.
-                let mut header = envelope::header(w.qos, &w.properties);
-                if header.len() + w.payload.len() > u16::MAX as usize {
-                    header = envelope::header(w.qos, &[]);
-                }
-                if header.len() + w.payload.len() > u16::MAX as usize {
-                    info!("refused: will payload too large");
-                    let code = match version {
-                        Version::V311 => rc::SERVER_UNAVAILABLE,
-                        Version::V5 => reason::PACKET_TOO_LARGE,
-                    };
-                    refuse(&mut client, version, code).await;
-                    return Ok(());
-                }
-                will_header = header;
-                Some((w.topic.clone(), w.qos, w.retain, w.payload.clone()))
-            }
-            None => {
-                will_header = BytesMut::new();
-                None
-            }
-        };
-        let will_parts: [&[u8]; 2] = [&will_header, will.as_ref().map(|w| &w.3[..]).unwrap_or(&[])];
-        let core_will = will.as_ref().map(|(topic, qos, retain, _)| mqtt::CoreWill {
-            topic,
-            qos: *qos,
-            retain: *retain,
-            payload: &will_parts,
+        // The edge publishes the will itself (see `close`): the core never holds one.
+        let will = connect.will.as_ref().map(|w| PendingWill {
+            topic: w.topic.clone(),
+            qos: w.qos,
+            retain: w.retain,
+            header: envelope::header(w.qos, &w.properties),
+            payload: w.payload.clone(),
         });
         let core_clean = !(persistent || resume);
-        let link = match edge.core.connect(&core_id, core_clean, core_will).await {
+        let link = match edge.core.connect(&core_id, core_clean, None).await {
             Ok(link) if link.code == 0 => link,
             Ok(link) => {
                 warn!(code = link.code, "core refused the connection");
@@ -471,7 +456,7 @@ where
             pending_unsubs: Vec::new(),
             nudge_acks: 0,
             prefer_core: false,
-            has_will: connect.will.is_some(),
+            will,
             client_step: READ_STEP_MIN,
             core_step: READ_STEP_MIN,
         };
@@ -1052,8 +1037,8 @@ where
         Ok(())
     }
 
-    /// Ends the connection: tells the client why (v5), and closes the core connection so that
-    /// rumqttd publishes the will exactly when MQTT says it should.
+    /// Ends the connection: tells the client why (v5), publishes the will when MQTT says it
+    /// fires, and closes the core connection.
     async fn close(mut self, end: End) {
         let client_reason = match end {
             End::KeepAliveTimeout => Some(reason::KEEP_ALIVE_TIMEOUT),
@@ -1084,34 +1069,59 @@ where
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.shutdown()).await;
 
-        // A clean DISCONNECT (and a broker shutdown) discards the will; everything else
-        // publishes it, which rumqttd does when the connection drops without DISCONNECT.
-        //
-        // rumqttd raises two disconnect events for a connection that sends DISCONNECT (one for
-        // the packet, one when its link task ends). If a new connection has meanwhile taken
-        // over the freed connection slot, the late event kills it. DISCONNECT is therefore
-        // sent only when it has a job to do, discarding a will; otherwise the orderly close
-        // (flush, shutdown, drain) leaves rumqttd a single event.
-        let orderly = matches!(end, End::ClientDisconnect | End::Shutdown);
+        // The will: discarded by a clean DISCONNECT (and by a broker shutdown), published in
+        // every other case (MQTT-3.1.2-8, MQTT-3.14.4-3), including a v5 DISCONNECT 0x04 and a
+        // session takeover. The edge publishes it on the client's own core connection right
+        // before closing it, rather than leaving it to rumqttd: only a DISCONNECT packet can
+        // discard a will held by the core, and rumqttd raises two disconnect events for a
+        // connection that sends one; when a new connection has meanwhile taken over the freed
+        // connection slot, the late event drops it. So the core never sees a DISCONNECT from
+        // the edge, and every close is an orderly socket shutdown.
         let mut out = std::mem::take(&mut self.core_out);
-        if orderly && self.has_will {
-            mqtt::put_disconnect(&mut out, Version::V311, 0);
+        let fire_will = !matches!(end, End::ClientDisconnect | End::Shutdown);
+        if let (true, Some(w)) = (fire_will, self.will.take()) {
+            // QoS 0 into the core is enough: it routes on receipt and delivers at each
+            // subscription's QoS; the envelope carries the will's QoS for the min() rule.
+            if w.retain && w.payload.is_empty() {
+                mqtt::put_publish(
+                    &mut out,
+                    Version::V311,
+                    false,
+                    0,
+                    true,
+                    &w.topic,
+                    0,
+                    &[],
+                    &[],
+                );
+            } else {
+                mqtt::put_publish(
+                    &mut out,
+                    Version::V311,
+                    false,
+                    0,
+                    w.retain,
+                    &w.topic,
+                    0,
+                    &[],
+                    &[&w.header, &w.payload],
+                );
+            }
+            debug!(qos = w.qos, "will published");
+        }
+        if end == End::CoreGone {
+            // Nothing can be delivered over a connection the core closed.
+            return;
         }
         let mut core = self.core;
-        if orderly {
-            let _ = tokio::time::timeout(CORE_CLOSE_WAIT, async {
-                core.write_all(&out).await?;
-                core.shutdown().await?;
-                let mut sink = [0u8; 1024];
-                while core.read(&mut sink).await? > 0 {}
-                Ok::<_, io::Error>(())
-            })
-            .await;
-        } else {
-            // Flush acknowledgements already owed, then drop the connection without
-            // DISCONNECT so the will fires.
-            let _ = tokio::time::timeout(CORE_CLOSE_WAIT, core.write_all(&out)).await;
-        }
+        let _ = tokio::time::timeout(CORE_CLOSE_WAIT, async {
+            core.write_all(&out).await?;
+            core.shutdown().await?;
+            let mut sink = [0u8; 1024];
+            while core.read(&mut sink).await? > 0 {}
+            Ok::<_, io::Error>(())
+        })
+        .await;
     }
 }
 
