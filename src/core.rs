@@ -107,10 +107,9 @@ impl Core {
         loop {
             match self.connect(&id, true, None).await {
                 Ok(link) if link.code == 0 => {
+                    // An orderly close, not DISCONNECT (see `Edge::wipe_core_session`).
                     let mut stream = link.stream;
-                    let mut out = BytesMut::new();
-                    mqtt::put_disconnect(&mut out, mqtt::Version::V311, 0);
-                    let _ = stream.write_all(&out).await;
+                    let _ = stream.shutdown().await;
                     return Ok(());
                 }
                 _ if Instant::now() >= deadline => {

@@ -19,7 +19,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -30,7 +29,6 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::core::Core;
 use crate::metrics::Metrics;
-use crate::mqtt::{self, Version};
 
 /// Accepts sockets until shutdown and runs `handle` for each in its own tracked task, inside a
 /// `conn` span. A socket that cannot get a handshake slot is closed at once (counted), so a
@@ -125,14 +123,14 @@ impl Edge {
         }
     }
 
-    /// Removes a session from the core (connect with clean session, then disconnect).
+    /// Removes a session from the core: a clean-session connection replaces it and, closing,
+    /// takes it along. The close is an orderly socket shutdown, never DISCONNECT (see
+    /// ARCHITECTURE.md: rumqttd's double disconnect event could drop the connection that
+    /// follows, which here is the client's own).
     pub async fn wipe_core_session(&self, core_id: &str) {
         if let Ok(link) = self.core.connect(core_id, true, None).await {
             let mut stream = link.stream;
-            let mut out = BytesMut::with_capacity(2);
-            mqtt::put_disconnect(&mut out, Version::V311, 0);
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                stream.write_all(&out).await?;
                 stream.shutdown().await?;
                 let mut sink = [0u8; 256];
                 while stream.read(&mut sink).await? > 0 {}
