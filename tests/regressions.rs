@@ -219,3 +219,57 @@ fn fast_connect_disconnect_churn_never_drops_a_new_client() {
     );
     assert_broker_serves(v.port(), "churn");
 }
+
+/// A subscriber that stops reading is disconnected as a slow consumer after
+/// `limits.write_stall_timeout_ms`, counted, and never slows the publisher or other subscribers.
+#[test]
+fn slow_consumer_is_disconnected_and_never_blocks_others() {
+    let v = Vigil::start_with(|c| {
+        c.replace(
+            "write_stall_timeout_ms = 30000",
+            "write_stall_timeout_ms = 1000",
+        )
+    });
+    let mut stuck = Raw::connected(v.mqtt, &ConnectOpts::v311("never-reads"));
+    stuck.send(&subscribe_packet(1, &[("flood/#", 0)]));
+    assert_eq!(stuck.recv().map(|p| p.kind()), Some(9));
+    let mut healthy = Sub::start(v.port(), &["-t", "flood/#", "-q", "0", "-F", "MSG|%t"]);
+
+    // Let the stuck client's relay go idle first (its timer then sleeps until the next core
+    // ping, 20 s away): the stall must still be caught within about the configured second.
+    std::thread::sleep(Duration::from_millis(1500));
+    // 40 MB at QoS 0: far more than the loopback socket buffers of the stuck client hold.
+    let mut publisher = Raw::connected(v.mqtt, &ConnectOpts::v311("flooder"));
+    let payload = vec![b'x'; 100 * 1024];
+    let start = std::time::Instant::now();
+    for _ in 0..400 {
+        publisher.send(&publish_packet("flood/a", &payload, 0, false, 0, false));
+    }
+    publisher.send(&publish_packet("flood/a", b"done", 1, false, 7, false));
+    let ack = publisher
+        .recv_timeout(Duration::from_secs(20))
+        .expect("publisher acknowledged");
+    assert_eq!(ack.kind(), 4);
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "publisher was held back for {took:?}"
+    );
+    // The healthy subscriber keeps receiving; the stuck one is cut off and counted.
+    let got = healthy.drain(Duration::from_secs(3)).len();
+    assert!(got > 100, "healthy subscriber starved: {got} messages");
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    loop {
+        let m = http_get(v.http, "/metrics");
+        if m.contains("vigil_disconnects_total{reason=\"slow_consumer\"} 1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slow consumer not disconnected:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(stuck);
+    assert_broker_serves(v.port(), "slow-consumer");
+}

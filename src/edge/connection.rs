@@ -559,6 +559,14 @@ where
             if let Err(end) = step {
                 return end;
             }
+            // Output waiting for the client arms the slow-consumer deadline at once, instead of
+            // at the next timer event (up to the core ping interval later).
+            if !self.client_out.is_empty() {
+                let stall = self.last_client_drain + self.stall_timeout;
+                if stall < timer.deadline() {
+                    timer.as_mut().reset(stall);
+                }
+            }
         }
     }
 
