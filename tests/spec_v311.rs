@@ -513,3 +513,42 @@ fn will_cases_the_edge_publishes() {
         "a clean DISCONNECT published a will"
     );
 }
+
+/// MQTT-3.3.4-9: a v5 client's Receive Maximum bounds the unacknowledged QoS 1/2 deliveries
+/// it is sent (rumqttd alone would send up to 100).
+#[test]
+fn v5_receive_maximum_is_honoured() {
+    let v = Vigil::start();
+    let mut body = string(b"MQTT");
+    body.extend_from_slice(&[5, 0x02, 0, 30]);
+    body.extend_from_slice(&[3, 0x21, 0, 2]); // properties: Receive Maximum 2
+    body.extend(string(b"recv-max"));
+    let mut c = Raw::open(v.mqtt);
+    c.send(&packet(0x10, &body));
+    assert_eq!(c.recv().map(|p| (p.kind(), p.body[1])), Some((2, 0)));
+    let mut sub = vec![0, 1, 0];
+    sub.extend(string(b"rm/t"));
+    sub.push(1);
+    c.send(&packet(0x82, &sub));
+    assert_eq!(c.recv().map(|p| p.kind()), Some(9));
+    for i in 0..5 {
+        publish(v.port(), &["-t", "rm/t", "-m", &format!("m{i}"), "-q", "1"]);
+    }
+    let mut pkids = Vec::new();
+    while let Some(p) = c.recv_timeout(Duration::from_millis(800)) {
+        if p.kind() == 3 {
+            let tl = u16::from_be_bytes([p.body[0], p.body[1]]) as usize;
+            pkids.push(u16::from_be_bytes([p.body[2 + tl], p.body[3 + tl]]));
+        }
+    }
+    assert_eq!(pkids.len(), 2, "more in flight than the Receive Maximum");
+    // Each acknowledgement makes room for one more.
+    c.send(&ack_packet(4, pkids[0]));
+    let mut more = 0;
+    while let Some(p) = c.recv_timeout(Duration::from_millis(800)) {
+        if p.kind() == 3 {
+            more += 1;
+        }
+    }
+    assert_eq!(more, 1);
+}

@@ -55,6 +55,8 @@ const RECEIVE_MAXIMUM: u16 = 100;
 /// Client publishes the edge hands to the core before the core has acknowledged them; past it
 /// the edge stops reading from the client (a 3.1.1 client has no receive maximum to obey).
 const CORE_WINDOW: usize = 1000;
+/// rumqttd's fixed window of unacknowledged deliveries per connection.
+const CORE_INFLIGHT: usize = 100;
 /// Unacknowledged core deliveries tolerated before the core is considered broken.
 const MAX_CORE_INFLIGHT: usize = 4096;
 /// Packet id and filter of the SUBSCRIBE/UNSUBSCRIBE pair that makes the core flush a resumed
@@ -239,6 +241,8 @@ struct Session<S> {
     client_out: BytesMut,
     core_out: BytesMut,
     client_max_packet: usize,
+    /// The client's Receive Maximum (v5; 3.1.1 clients have none).
+    client_receive_max: u16,
     keep_alive: Option<Duration>,
     last_client_read: Instant,
     last_core_write: Instant,
@@ -436,6 +440,7 @@ where
             core_in: link.read_buf,
             client_out,
             core_out: BytesMut::new(),
+            client_receive_max: connect.receive_maximum,
             client_max_packet: connect
                 .max_packet_size
                 .map(|m| m as usize)
@@ -526,7 +531,14 @@ where
         loop {
             let event = poll_fn(|cx| self.poll_io(cx, timer.as_mut(), kicked.as_mut())).await;
             let step = match event {
-                Event::ClientData => self.on_client_data(edge, max_packet),
+                Event::ClientData => self.on_client_data(edge, max_packet).and_then(|()| {
+                    // Acknowledgements may have made room for core data held back.
+                    if self.core_in.is_empty() {
+                        Ok(())
+                    } else {
+                        self.on_core_data(edge)
+                    }
+                }),
                 Event::CoreData => self.on_core_data(edge),
                 Event::Timer => {
                     let now = Instant::now();
@@ -626,7 +638,7 @@ where
         release_if_idle(&mut self.core_out);
 
         let read_client = self.core_out.len() < HIGH_WATERMARK && self.core_fwd.len() < CORE_WINDOW;
-        let read_core = self.client_out.len() < HIGH_WATERMARK;
+        let read_core = self.client_out.len() < HIGH_WATERMARK && self.client_has_room();
         // Alternate which side is read first so neither can starve the other.
         self.prefer_core = !self.prefer_core;
         for side in [self.prefer_core, !self.prefer_core] {
@@ -663,6 +675,14 @@ where
             return Poll::Ready(Event::Kicked);
         }
         Poll::Pending
+    }
+
+    /// Whether the client can take another QoS 1/2 delivery under its v5 Receive Maximum
+    /// (MQTT-3.3.4-9). Only deliveries awaiting its PUBACK or PUBREC count: the PUBREL phase
+    /// waits on the core, and pausing core reads then would deadlock.
+    fn client_has_room(&self) -> bool {
+        let max = self.client_receive_max as usize;
+        max >= CORE_INFLIGHT || self.core_acks.iter().filter(|a| !a.ready).count() < max
     }
 
     // -----------------------------------------------------------------------------------------
@@ -890,6 +910,14 @@ where
 
     fn on_core_data(&mut self, edge: &Edge) -> Result<(), End> {
         loop {
+            // A QoS 1/2 delivery the client has no room for stays buffered until its
+            // acknowledgements make room (see `client_has_room`).
+            if let Some(&first) = self.core_in.first() {
+                let qos_delivery = first >> 4 == mqtt::PUBLISH && (first >> 1) & 0x03 > 0;
+                if qos_delivery && !self.client_has_room() {
+                    break;
+                }
+            }
             let frame = match mqtt::read_frame(&mut self.core_in, usize::MAX) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
