@@ -552,3 +552,59 @@ fn v5_receive_maximum_is_honoured() {
     }
     assert_eq!(more, 1);
 }
+
+/// rumqttd drops a connection subscribing to `$SYS/#` and answers UNSUBSCRIBE with one UNSUBACK
+/// per previously subscribed filter (none for an unknown one). Through vigil: `$` filters are
+/// granted, and every UNSUBSCRIBE gets exactly one UNSUBACK (MQTT-3.10.4-5).
+#[test]
+fn dollar_filters_and_unsubscribe_answers() {
+    let v = Vigil::start();
+    let mut c = Raw::connected(v.mqtt, &ConnectOpts::v311("dollar-sub"));
+    c.send(&subscribe_packet(
+        1,
+        &[("$SYS/#", 1), ("ds/t", 1), ("$internal/x", 0)],
+    ));
+    let suback = c.recv().expect("SUBACK");
+    assert_eq!(
+        (suback.kind(), suback.body.clone()),
+        (9, vec![0, 1, 1, 1, 0])
+    );
+    // Only `$` filters.
+    c.send(&subscribe_packet(2, &[("$SYS/broker/uptime", 0)]));
+    assert_eq!(
+        c.recv().map(|p| (p.kind(), p.body)),
+        Some((9, vec![0, 2, 0]))
+    );
+    // Still connected and receiving.
+    publish(v.port(), &["-t", "ds/t", "-m", "alive", "-q", "1"]);
+    let p = c.recv().expect("delivery");
+    assert_eq!(parse_publish(&p).5, b"alive");
+    c.send(&ack_packet(4, parse_publish(&p).4));
+    // One UNSUBACK for two subscribed filters, one for an unknown filter, one for a `$` filter.
+    for (pkid, filters) in [
+        (3u16, vec!["ds/t", "$SYS/#"]),
+        (4, vec!["never/subscribed"]),
+        (5, vec!["$internal/x"]),
+    ] {
+        let mut body = pkid.to_be_bytes().to_vec();
+        for f in &filters {
+            body.extend(string(f.as_bytes()));
+        }
+        c.send(&packet(0xA2, &body));
+        let ack = c.recv().expect("UNSUBACK");
+        assert_eq!(
+            (ack.kind(), ack.body.clone()),
+            (11, pkid.to_be_bytes().to_vec()),
+            "{filters:?}"
+        );
+    }
+    assert!(
+        c.recv_timeout(Duration::from_millis(500)).is_none(),
+        "an extra UNSUBACK arrived"
+    );
+    publish(v.port(), &["-t", "ds/t", "-m", "gone", "-q", "1"]);
+    assert!(
+        c.recv_timeout(Duration::from_millis(500)).is_none(),
+        "delivered after UNSUBACK"
+    );
+}

@@ -59,10 +59,8 @@ const CORE_WINDOW: usize = 1000;
 const CORE_INFLIGHT: usize = 100;
 /// Unacknowledged core deliveries tolerated before the core is considered broken.
 const MAX_CORE_INFLIGHT: usize = 4096;
-/// Packet id and filter of the SUBSCRIBE/UNSUBSCRIBE pair that makes the core flush a resumed
-/// session's PUBRELs. Nothing is ever published there (the prefix is reserved for vigil).
-const NUDGE_PKID: u16 = u16::MAX;
-const NUDGE_FILTER: &[u8] = b"vigil-internal/nudge";
+/// SUBSCRIBE/UNSUBSCRIBE requests a client may have outstanding at the core.
+const MAX_PENDING_CONTROL: usize = 1024;
 /// Longest a graceful close waits for the core to finish reading our DISCONNECT.
 const CORE_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -212,6 +210,23 @@ enum End {
     CoreGone,
 }
 
+/// What a PINGREQ the edge sent the core is for. rumqttd answers pings in order with its other
+/// acknowledgements, so a PINGRESP proves that everything sent before the PINGREQ has been
+/// processed.
+#[derive(Debug, Clone, Copy)]
+enum PingFor {
+    /// Keep-alive, or making the core flush pending acknowledgements.
+    Nothing,
+    /// The client's UNSUBSCRIBE: answer it with one UNSUBACK.
+    Unsubscribe { pkid: u16, filters: usize },
+}
+
+/// `$` filters other than shared subscriptions: rumqttd refuses them (by dropping the
+/// connection), and nothing routes a `$` topic anyway.
+fn is_dollar_filter(filter: &[u8]) -> bool {
+    filter.first() == Some(&b'$') && !filter.starts_with(b"$share/")
+}
+
 /// A will as the edge publishes it: topic, QoS, retain and the enveloped payload.
 struct PendingWill {
     topic: Bytes,
@@ -265,10 +280,11 @@ struct Session<S> {
     /// Ids the client had not acknowledged when its previous connection ended: the core's
     /// re-sending of them is marked DUP.
     redeliveries: Vec<u16>,
-    /// UNSUBSCRIBE packet ids and their filter counts (v5 UNSUBACK lists one reason each).
-    pending_unsubs: Vec<(u16, usize)>,
-    /// SUBACK/UNSUBACK of the edge's own nudge still to swallow.
-    nudge_acks: u8,
+    /// Why each PINGREQ the edge sent the core is outstanding, in order (see `PingFor`).
+    core_pings: std::collections::VecDeque<PingFor>,
+    /// SUBSCRIBEs whose `$` filters the edge answered itself: packet id and, per filter, the
+    /// edge's code or `None` for a code the core's SUBACK supplies.
+    pending_subacks: Vec<(u16, Vec<Option<u8>>)>,
     prefer_core: bool,
     /// The client's will, published by the edge when the connection ends without DISCONNECT.
     will: Option<PendingWill>,
@@ -458,8 +474,8 @@ where
             inbound_qos2: Vec::new(),
             inbound_qos2_earlier: offline.inbound_qos2,
             redeliveries: offline.unacked_out,
-            pending_unsubs: Vec::new(),
-            nudge_acks: 0,
+            core_pings: Default::default(),
+            pending_subacks: Vec::new(),
             prefer_core: false,
             will,
             client_step: READ_STEP_MIN,
@@ -467,12 +483,9 @@ where
         };
         if session_present {
             // rumqttd re-sends a resumed session's unacknowledged PUBRELs only together with
-            // the next acknowledgement it writes (MQTT-4.4.0-1 wants them at once): make it
-            // write one. The filter is one fixed private name, so this adds no state per client.
-            let filters = [(bytes::Bytes::from_static(NUDGE_FILTER), 0u8)];
-            mqtt::put_core_subscribe(&mut session.core_out, NUDGE_PKID, &filters);
-            mqtt::put_core_unsubscribe(&mut session.core_out, NUDGE_PKID, &[filters[0].0.clone()]);
-            session.nudge_acks = 2;
+            // the next acknowledgement it writes (MQTT-4.4.0-1 wants them at once): a PINGREQ
+            // makes it write one.
+            session.ping_core(PingFor::Nothing);
         }
         let end = session.relay(edge, claim).await;
         debug!(?end, "relay ended");
@@ -553,7 +566,7 @@ where
                         return End::SlowConsumer;
                     }
                     if now >= self.last_core_write + CORE_PING_INTERVAL {
-                        mqtt::put_pingreq(&mut self.core_out);
+                        self.ping_core(PingFor::Nothing);
                         self.last_core_write = now;
                     }
                     timer.as_mut().reset(self.next_deadline());
@@ -675,6 +688,12 @@ where
             return Poll::Ready(Event::Kicked);
         }
         Poll::Pending
+    }
+
+    /// Sends the core a PINGREQ, remembering what its PINGRESP will mean.
+    fn ping_core(&mut self, why: PingFor) {
+        mqtt::put_pingreq(&mut self.core_out);
+        self.core_pings.push_back(why);
     }
 
     /// Whether the client can take another QoS 1/2 delivery under its v5 Receive Maximum
@@ -838,18 +857,57 @@ where
                 if s.has_subscription_id {
                     return Err(End::ProtocolError(reason::SUB_IDS_NOT_SUPPORTED));
                 }
-                mqtt::put_core_subscribe(&mut self.core_out, s.pkid, &s.filters);
+                // rumqttd drops a connection that subscribes to a `$` filter (other than
+                // `$share/`). No `$` topic is ever routed, so the edge grants those itself, as a
+                // broker without `$SYS` topics does, and merges its codes with the core's.
+                if !s.filters.iter().any(|(f, _)| is_dollar_filter(f)) {
+                    mqtt::put_core_subscribe(&mut self.core_out, s.pkid, &s.filters);
+                    return Ok(());
+                }
+                let codes: Vec<Option<u8>> = s
+                    .filters
+                    .iter()
+                    .map(|(f, options)| is_dollar_filter(f).then_some(options & 0x03))
+                    .collect();
+                let to_core: Vec<(Bytes, u8)> = s
+                    .filters
+                    .into_iter()
+                    .filter(|(f, _)| !is_dollar_filter(f))
+                    .collect();
+                if to_core.is_empty() {
+                    let codes: Vec<u8> = codes.into_iter().flatten().collect();
+                    mqtt::put_suback(&mut self.client_out, self.version, s.pkid, &codes);
+                } else {
+                    if self.pending_subacks.len() >= MAX_PENDING_CONTROL {
+                        return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
+                    }
+                    mqtt::put_core_subscribe(&mut self.core_out, s.pkid, &to_core);
+                    self.pending_subacks.push((s.pkid, codes));
+                }
             }
             mqtt::UNSUBSCRIBE => {
                 let u = mqtt::parse_unsubscribe(&frame, self.version)
                     .map_err(|e| self.violation(&e))?;
-                if self.version == Version::V5 {
-                    if self.pending_unsubs.len() >= 1024 {
-                        return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
-                    }
-                    self.pending_unsubs.push((u.pkid, u.filters.len()));
+                // rumqttd answers UNSUBSCRIBE with one UNSUBACK per filter that was subscribed
+                // and none otherwise (MQTT-3.10.4-5 wants exactly one). The edge answers
+                // itself, once the core has processed the request: the core answers the
+                // PINGREQ sent right after it only then.
+                if self.core_pings.len() >= MAX_PENDING_CONTROL {
+                    return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
                 }
-                mqtt::put_core_unsubscribe(&mut self.core_out, u.pkid, &u.filters);
+                let filters = u.filters.len();
+                let to_core: Vec<Bytes> = u
+                    .filters
+                    .into_iter()
+                    .filter(|f| !is_dollar_filter(f))
+                    .collect();
+                if !to_core.is_empty() {
+                    mqtt::put_core_unsubscribe(&mut self.core_out, u.pkid, &to_core);
+                }
+                self.ping_core(PingFor::Unsubscribe {
+                    pkid: u.pkid,
+                    filters,
+                });
             }
             mqtt::PINGREQ => {
                 if frame.flags() != 0 || !frame.body.is_empty() {
@@ -1046,24 +1104,31 @@ where
                     self.core_pubrels.push_back((pkid, false));
                 }
             }
-            mqtt::SUBACK | mqtt::UNSUBACK
-                if self.nudge_acks > 0 && frame.body.starts_with(&NUDGE_PKID.to_be_bytes()) =>
-            {
-                self.nudge_acks -= 1;
-            }
             mqtt::SUBACK => {
                 let (pkid, codes) = mqtt::parse_core_suback(&frame).map_err(|_| End::CoreGone)?;
-                mqtt::put_suback(&mut self.client_out, self.version, pkid, &codes);
+                match self.pending_subacks.iter().position(|(id, _)| *id == pkid) {
+                    Some(i) => {
+                        let (_, mine) = self.pending_subacks.swap_remove(i);
+                        let mut from_core = codes.iter().copied();
+                        let merged: Vec<u8> = mine
+                            .into_iter()
+                            .map(|c| {
+                                c.or_else(|| from_core.next())
+                                    .unwrap_or(reason::UNSPECIFIED)
+                            })
+                            .collect();
+                        mqtt::put_suback(&mut self.client_out, self.version, pkid, &merged);
+                    }
+                    None => mqtt::put_suback(&mut self.client_out, self.version, pkid, &codes),
+                }
             }
-            mqtt::UNSUBACK => {
-                let (pkid, _) = mqtt::parse_ack(&frame).map_err(|_| End::CoreGone)?;
-                let count = match self.pending_unsubs.iter().position(|&(id, _)| id == pkid) {
-                    Some(i) => self.pending_unsubs.swap_remove(i).1,
-                    None => 1,
-                };
-                mqtt::put_unsuback(&mut self.client_out, self.version, pkid, count);
+            // The edge answers UNSUBSCRIBE itself (see `on_client_packet`).
+            mqtt::UNSUBACK => {}
+            mqtt::PINGRESP => {
+                if let Some(PingFor::Unsubscribe { pkid, filters }) = self.core_pings.pop_front() {
+                    mqtt::put_unsuback(&mut self.client_out, self.version, pkid, filters);
+                }
             }
-            mqtt::PINGRESP => {}
             mqtt::DISCONNECT => return Err(End::CoreGone),
             _ => {
                 warn!(kind = frame.kind(), "unexpected packet from the core");
