@@ -255,3 +255,47 @@ fn v5_user_properties_reach_v5_subscribers_and_never_v311_ones() {
     assert_eq!(v4.expect_messages(1, T), vec!["props/a|1|0|hello"]);
     assert_broker_serves(v.port(), "after-props");
 }
+
+#[test]
+fn shared_subscriptions_split_messages_between_members() {
+    let v = Vigil::start();
+    let mut a = Sub::start(
+        v.port(),
+        &["-t", "$share/workers/jobs/#", "-q", "1", "-V", "mqttv5"],
+    );
+    let mut b = Sub::start(
+        v.port(),
+        &["-t", "$share/workers/jobs/#", "-q", "1", "-V", "mqttv5"],
+    );
+    let mut all = Sub::start(v.port(), &["-t", "jobs/#", "-q", "1"]);
+    for i in 0..20 {
+        publish(
+            v.port(),
+            &["-t", "jobs/x", "-m", &format!("j{i}"), "-q", "1"],
+        );
+    }
+    assert_eq!(
+        all.expect_messages(20, T).len(),
+        20,
+        "a normal subscriber gets every message"
+    );
+    let (ga, gb) = (
+        a.drain(Duration::from_millis(700)),
+        b.drain(Duration::from_millis(300)),
+    );
+    let mut seen: Vec<String> = ga.iter().chain(gb.iter()).cloned().collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        ga.len() + gb.len(),
+        20,
+        "each message to exactly one member: {ga:?} {gb:?}"
+    );
+    assert_eq!(seen.len(), 20);
+    assert!(
+        !ga.is_empty() && !gb.is_empty(),
+        "both members get work: {} / {}",
+        ga.len(),
+        gb.len()
+    );
+}
