@@ -14,9 +14,15 @@
 //!    standard score `z` and its Gaussian tail probability, the "anomaly likelihood" of
 //!    Numenta's NAB detectors. This makes one threshold meaningful across metrics whose raw
 //!    scores sit at different levels. The point's `score` is `1 − tail(max z)`;
-//! 5. raises an alert when the tail probability falls to `alert_tail` or below, then stays
-//!    silent until the likelihood has dropped below `rearm_likelihood` and `cooldown` points
-//!    have passed, so one incident gives one alert.
+//! 5. treats a channel as unsurprising when its smoothed score is no higher than one it already
+//!    produced between `recurrence_window` and `recurrence_gap` points ago (the recurrence
+//!    check): a daily spike, a periodic batch job or the after-effects of an incident that was
+//!    already reported do not open a new incident, only a bigger excursion does;
+//! 6. raises an alert when `z` reaches the standard score of `alert_tail` (plus `young_margin`
+//!    scaled by how empty the score history still is, so the first alerts after the warm-up,
+//!    judged against few points, must be clearer), then stays silent until the likelihood has
+//!    dropped below `rearm_likelihood` and `cooldown` points have passed, so one incident gives
+//!    one alert.
 //!
 //! Refitting is the only expensive step, so it is handed to the caller: `needs_refit` returns a
 //! `RefitJob` that owns a copy of the training data, `RefitJob::run` is a pure function the
@@ -27,7 +33,7 @@
 //! devices that report at a steady rate.
 //!
 //! Memory per metric is bounded by the configuration (`DetectorConfig::bytes_per_metric`): with
-//! the defaults at most about 480 KB, typically about 230 KB (the forest's trees are rarely
+//! the defaults at most about 510 KB, typically about 230 KB (the forest's trees are rarely
 //! full), and a device tracks at most `max_metrics` metrics.
 
 use std::collections::VecDeque;
@@ -57,7 +63,8 @@ pub enum DetectorError {
 
 /// Tuning of the streaming detector. The defaults are general-purpose settings (isolation
 /// forest: 100 trees, subsample 256; anomaly likelihood: 10-point smoothing judged against the
-/// last 1000 points, alert at a one-in-100,000 tail) and are not fitted to any data file.
+/// last 1000 points, alert at a one-in-100,000 tail, recurrence check over the same 1000 points)
+/// and are not fitted to any data file.
 ///
 /// It deserialises with every field optional (missing fields keep their defaults), so a
 /// service can embed it in its own configuration file.
@@ -83,8 +90,9 @@ pub struct DetectorConfig {
     pub avg_window: usize,
     /// Smoothed scores kept per channel to estimate their normal distribution.
     pub history: usize,
-    /// Smoothed scores needed before alerts are allowed (a distribution estimated from fewer
-    /// points is too unreliable to call anything a one-in-100,000 event).
+    /// Smoothed scores needed before alerts are allowed at all (a distribution estimated from
+    /// fewer points is too unreliable to call anything a one-in-100,000 event); between this
+    /// and `history` the bar is raised by `young_margin`.
     pub min_history: usize,
     /// Lower bound on the standard deviation of smoothed isolation scores, so a very regular
     /// signal does not turn tiny score wobbles into alerts: with 0.03 the smoothed score must
@@ -110,6 +118,19 @@ pub struct DetectorConfig {
     pub cooldown: usize,
     /// Most metrics tracked per device; further metrics are ignored.
     pub max_metrics: usize,
+    /// Extra standard deviations demanded of an alert while a channel's score history is
+    /// still filling: the bar is `z(alert_tail) + young_margin * (1 - filled / history)`, so
+    /// the first alerts after the warm-up, judged against a distribution estimated from few
+    /// points, must be clearly larger than later ones.
+    pub young_margin: f64,
+    /// Recurrence check: a channel's smoothed score only counts as surprising if it exceeds
+    /// every smoothed score of the same channel from `recurrence_window` down to
+    /// `recurrence_gap` points ago, so a periodic spike or a repeated batch job that the metric
+    /// has already produced recently does not alert again (0 disables).
+    pub recurrence_window: usize,
+    /// Most recent smoothed scores left out of the recurrence check, so an incident's own
+    /// rising edge cannot mask it.
+    pub recurrence_gap: usize,
 }
 
 impl Default for DetectorConfig {
@@ -124,7 +145,7 @@ impl Default for DetectorConfig {
             seed: 0x0071_6115,
             avg_window: 10,
             history: 1000,
-            min_history: 500,
+            min_history: 150,
             min_std: 0.03,
             min_smoothed_score: 0.5,
             shape_len: 12,
@@ -135,6 +156,9 @@ impl Default for DetectorConfig {
             rearm_likelihood: 0.99,
             cooldown: 100,
             max_metrics: 32,
+            young_margin: 3.0,
+            recurrence_window: 1000,
+            recurrence_gap: 50,
         }
     }
 }
@@ -180,6 +204,16 @@ impl DetectorConfig {
                 "min_history must not exceed history",
             ));
         }
+        if !(self.young_margin >= 0.0 && self.young_margin.is_finite()) {
+            return Err(DetectorError::InvalidConfig(
+                "young_margin must be finite and not negative",
+            ));
+        }
+        if self.recurrence_window > 0 && self.recurrence_gap >= self.recurrence_window {
+            return Err(DetectorError::InvalidConfig(
+                "recurrence_gap must be smaller than recurrence_window",
+            ));
+        }
         if self.max_metrics == 0 {
             return Err(DetectorError::InvalidConfig("max_metrics must be positive"));
         }
@@ -202,7 +236,14 @@ impl DetectorConfig {
         let shape = (self.shape_capacity + self.shape_reservoir * self.shape_len) * 8;
         let forest = self.n_trees * (2 * self.subsample.min(self.window + self.reservoir) - 1) * 8
             + self.n_trees * 4;
-        std::mem::size_of::<MetricDetector>() + training + scores + shape + forest
+        // Two recurrence queues: at most `recurrence_window` (index, value) pairs each plus the
+        // `recurrence_gap` values not yet eligible.
+        let recurrence = if self.recurrence_window > 0 {
+            2 * (self.recurrence_window * 16 + self.recurrence_gap * 8)
+        } else {
+            0
+        };
+        std::mem::size_of::<MetricDetector>() + training + scores + shape + forest + recurrence
     }
 
     /// Upper bound of the memory one device takes (`max_metrics` metrics plus names).
@@ -320,6 +361,50 @@ impl RollingStats {
     }
 }
 
+/// Maximum of the values pushed between `window` and `gap` pushes ago, in amortised O(1) per
+/// value (a monotonic queue). Holds at most `window` values.
+#[derive(Debug, Clone, Default)]
+struct LaggedMax {
+    /// The last `gap` values, not yet eligible.
+    pending: VecDeque<f64>,
+    /// (push index, value) with decreasing values: the candidates for the maximum.
+    peaks: VecDeque<(u64, f64)>,
+    pushes: u64,
+}
+
+impl LaggedMax {
+    fn max(&self) -> Option<f64> {
+        self.peaks.front().map(|&(_, v)| v)
+    }
+
+    fn push(&mut self, x: f64, window: usize, gap: usize) {
+        if x.is_nan() {
+            return;
+        }
+        self.pending.push_back(x);
+        // Values older than `gap` pushes become candidates; a candidate is dropped as soon as a
+        // later, at least as large one arrives, so the queue is decreasing and its front is the
+        // maximum.
+        while self.pending.len() > gap {
+            let Some(v) = self.pending.pop_front() else {
+                break;
+            };
+            // Push index of `v`: the current value has index `pushes`, and the values still
+            // pending after `v` are the ones just before it.
+            let idx = self.pushes.saturating_sub(self.pending.len() as u64);
+            while self.peaks.back().is_some_and(|&(_, p)| p <= v) {
+                self.peaks.pop_back();
+            }
+            self.peaks.push_back((idx, v));
+        }
+        self.pushes += 1;
+        let oldest = self.pushes.saturating_sub(window as u64);
+        while self.peaks.front().is_some_and(|&(i, _)| i < oldest) {
+            self.peaks.pop_front();
+        }
+    }
+}
+
 /// Streaming state of one metric.
 #[derive(Debug, Clone)]
 pub struct MetricDetector {
@@ -341,6 +426,10 @@ pub struct MetricDetector {
     shape_hist: RollingStats,
     cooldown_left: usize,
     armed: bool,
+    /// Standard score whose upper tail is `alert_tail`.
+    alert_z: f64,
+    forest_peak: LaggedMax,
+    shape_peak: LaggedMax,
 }
 
 impl MetricDetector {
@@ -368,6 +457,9 @@ impl MetricDetector {
             shape_hist: RollingStats::default(),
             cooldown_left: 0,
             armed: true,
+            alert_z: z_for_upper_tail(cfg.alert_tail),
+            forest_peak: LaggedMax::default(),
+            shape_peak: LaggedMax::default(),
         }
     }
 
@@ -421,6 +513,11 @@ impl MetricDetector {
             z_forest = z_forest.min(0.0);
         }
         self.smooth_hist.push(avg, cfg.history);
+        if cfg.recurrence_window > 0 && self.forest_peak.max().is_some_and(|m| avg <= m) {
+            z_forest = z_forest.min(0.0);
+        }
+        self.forest_peak
+            .push(avg, cfg.recurrence_window, cfg.recurrence_gap);
         let z_shape = match novelty {
             Some(d) => {
                 if self.shape_avg.is_nan() {
@@ -429,8 +526,15 @@ impl MetricDetector {
                 // An exponential average with the same centre of mass as the forest channel's
                 // moving average, so both channels react on the same time scale.
                 self.shape_avg += (d - self.shape_avg) * 2.0 / (cfg.avg_window as f64 + 1.0);
-                let z = self.shape_hist.z(self.shape_avg, cfg.shape_min_std);
+                let mut z = self.shape_hist.z(self.shape_avg, cfg.shape_min_std);
                 self.shape_hist.push(self.shape_avg, cfg.history);
+                if cfg.recurrence_window > 0
+                    && self.shape_peak.max().is_some_and(|m| self.shape_avg <= m)
+                {
+                    z = z.min(0.0);
+                }
+                self.shape_peak
+                    .push(self.shape_avg, cfg.recurrence_window, cfg.recurrence_gap);
                 z
             }
             None => f64::NEG_INFINITY,
@@ -445,11 +549,9 @@ impl MetricDetector {
             self.armed = true;
         }
         let mut alert = None;
-        if n >= cfg.min_history
-            && self.armed
-            && self.cooldown_left == 0
-            && upper_tail(z) <= cfg.alert_tail
-        {
+        let young = 1.0 - (n as f64 / cfg.history as f64).min(1.0);
+        let bar = self.alert_z + cfg.young_margin * young;
+        if n >= cfg.min_history && self.armed && self.cooldown_left == 0 && z >= bar {
             alert = Some(severity_for(z));
             self.armed = false;
             self.cooldown_left = cfg.cooldown;
@@ -530,6 +632,24 @@ impl MetricDetector {
         }
         true
     }
+}
+
+/// The standard score whose upper-tail probability is `tail` (by bisection on `upper_tail`,
+/// which stays accurate down to 1e-300); 0 for `tail` at or above 0.5 (or NaN).
+fn z_for_upper_tail(tail: f64) -> f64 {
+    if tail.is_nan() || tail >= 0.5 {
+        return 0.0;
+    }
+    let (mut lo, mut hi) = (0.0, 40.0);
+    for _ in 0..100 {
+        let mid = 0.5 * (lo + hi);
+        if upper_tail(mid) > tail {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
 }
 
 /// Upper-tail probability of the standard normal distribution, `Q(z) = erfc(z / sqrt 2) / 2`.
@@ -766,6 +886,56 @@ mod tests {
     }
 
     #[test]
+    fn alert_bar_matches_the_tail() {
+        assert!((z_for_upper_tail(1e-5) - 4.264_891).abs() < 1e-5);
+        assert!((z_for_upper_tail(0.025) - 1.959_964).abs() < 1e-5);
+        assert!(z_for_upper_tail(1e-300) > 37.0);
+        assert_eq!(z_for_upper_tail(0.5), 0.0);
+    }
+
+    #[test]
+    fn lagged_max_ignores_recent_and_old_values() {
+        let mut m = LaggedMax::default();
+        for x in [5.0, 1.0, 2.0, 3.0] {
+            m.push(x, 3, 1);
+        }
+        // Eligible: pushes 1..=2 (window 3 back, the newest one left out) -> max(1, 2).
+        assert_eq!(m.max(), Some(2.0));
+        m.push(0.0, 3, 1);
+        assert_eq!(m.max(), Some(3.0));
+        let mut empty = LaggedMax::default();
+        empty.push(1.0, 10, 5);
+        assert_eq!(empty.max(), None);
+    }
+
+    #[test]
+    fn recurring_spikes_do_not_keep_alerting() {
+        // A spike of the same size every 150 points on a noisy level: once the detector has
+        // seen a few of them, later ones are a known pattern, not new incidents.
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(8);
+        let values: Vec<f64> = (0..3000)
+            .map(|i| 10.0 + 0.2 * rng.gen::<f64>() + if i % 150 < 3 { 3.0 } else { 0.0 })
+            .collect();
+        let alerts_with = |cfg: DetectorConfig| {
+            let mut det = DeviceDetector::new(cfg).expect("config");
+            let out = run(&mut det, &values);
+            (0..out.len())
+                .filter(|&i| out[i].alert.is_some())
+                .collect::<Vec<usize>>()
+        };
+        let alerts = alerts_with(small_config());
+        let without = alerts_with(DetectorConfig {
+            recurrence_window: 0,
+            ..small_config()
+        });
+        assert!(
+            alerts.len() <= 1,
+            "alerts at {alerts:?} (without the check: {without:?})"
+        );
+        assert!(without.len() > alerts.len(), "{alerts:?} {without:?}");
+    }
+
+    #[test]
     fn steady_signals_do_not_alert() {
         for values in [vec![5.0; 3000], noise(3000, 3)] {
             let mut det = DeviceDetector::new(small_config()).expect("config");
@@ -888,6 +1058,6 @@ mod tests {
         })
         .is_err());
         let bytes = DetectorConfig::default().bytes_per_metric();
-        assert!(bytes > 400_000 && bytes < 500_000, "{bytes}");
+        assert!(bytes > 400_000 && bytes < 550_000, "{bytes}");
     }
 }

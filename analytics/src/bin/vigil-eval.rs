@@ -1,21 +1,25 @@
 //! Offline evaluation of vigil's analytics on public benchmarks (NAB and NASA C-MAPSS).
 //!
-//! `vigil-eval nab DATA_DIR WINDOWS_JSON [--detections OUT_DIR] [--config JSON]` replays every
-//! NAB series through the same streaming detector the broker uses and prints the NAB
-//! standard-profile score per file (`category/name.csv SCORE`) and the mean of the files
-//! (`mean SCORE`, last) on standard output; per-file diagnostics and per-category means go to
-//! standard error. `vigil-eval cmapss DIR [--config JSON]` trains the remaining-useful-life
-//! model on `train_FD001.txt` and prints the RMSE on the test engines (`rmse X`, last).
+//! `vigil-eval nab DATA_DIR WINDOWS_JSON [--detections OUT_DIR] [--config JSON] [--seed N]
+//! [--jobs N]` replays every NAB series, one `Reading` (time stamp and value) per row, through
+//! the same streaming detector the broker uses and prints the NAB standard-profile score per file
+//! (`category/name.csv SCORE`) and the mean of the files (`mean SCORE`, last) on standard output;
+//! per-file diagnostics and per-category means go to standard error. `--seed` overrides the
+//! forest seed (after `--config`); `--jobs` replays files on that many threads without changing
+//! any result. `vigil-eval cmapss DIR [--config JSON]` trains the remaining-useful-life model on
+//! `train_FD001.txt` and prints the RMSE on the test engines (`rmse X`, last).
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use vigil_analytics::detector::{DetectorConfig, DeviceDetector};
-use vigil_analytics::nab::{score_file, windows_to_rows};
+use vigil_analytics::nab::{score_file, windows_to_rows, FileScore};
 use vigil_analytics::rul::{self, RulConfig};
-use vigil_analytics::telemetry::parse_datetime_ms;
+use vigil_analytics::telemetry::{parse_datetime_ms, Reading};
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -26,7 +30,7 @@ fn main() -> ExitCode {
         Some("cmapss") if args.len() >= 2 => run_cmapss(&args[1..]),
         _ => {
             eprintln!(
-                "usage:\n  vigil-eval nab DATA_DIR WINDOWS_JSON [--detections OUT_DIR] [--config JSON]\n  vigil-eval cmapss DIR [--config JSON]"
+                "usage:\n  vigil-eval nab DATA_DIR WINDOWS_JSON [--detections OUT_DIR] [--config JSON] [--seed N] [--jobs N]\n  vigil-eval cmapss DIR [--config JSON]"
             );
             return ExitCode::from(2);
         }
@@ -84,6 +88,8 @@ fn run_nab(args: &[String]) -> Result<(), BoxError> {
     let windows_path = PathBuf::from(&args[1]);
     let mut out_dir: Option<PathBuf> = None;
     let mut config = DetectorConfig::default();
+    let mut seed: Option<u64> = None;
+    let mut jobs = 1usize;
     let mut rest = args[2..].iter();
     while let Some(a) = rest.next() {
         match a.as_str() {
@@ -96,8 +102,20 @@ fn run_nab(args: &[String]) -> Result<(), BoxError> {
                 let json = rest.next().ok_or("--config needs a JSON object")?;
                 config = serde_json::from_str(json)?;
             }
+            "--seed" => {
+                let v = rest.next().ok_or("--seed needs an integer")?;
+                seed = Some(v.parse().map_err(|e| format!("--seed {v}: {e}"))?);
+            }
+            "--jobs" => {
+                let v = rest.next().ok_or("--jobs needs an integer")?;
+                jobs = v.parse().map_err(|e| format!("--jobs {v}: {e}"))?;
+                jobs = jobs.max(1);
+            }
             other => return Err(format!("unknown option {other}").into()),
         }
+    }
+    if let Some(seed) = seed {
+        config.seed = seed;
     }
     let windows_json: BTreeMap<String, Vec<[String; 2]>> =
         serde_json::from_str(&read(&windows_path)?)
@@ -134,69 +152,21 @@ fn run_nab(args: &[String]) -> Result<(), BoxError> {
         return Err(format!("no CSV files under {}", data_dir.display()).into());
     }
 
+    let results = evaluate_files(&files, &config, &windows_json, &out_dir, jobs)?;
     let mut per_category: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut all = Vec::new();
-    for (key, path) in &files {
-        let series = read_series(path)?;
-        let mut detector = DeviceDetector::new(config.clone())?;
-        let mut alerts = Vec::with_capacity(series.values.len());
-        let mut scores = Vec::with_capacity(series.values.len());
-        for &v in &series.values {
-            let o = detector
-                .feed_value("value", v)
-                .ok_or("the detector refused the metric")?;
-            detector.refit_inline()?;
-            alerts.push(o.alert.is_some());
-            scores.push(o.score);
-        }
-        let windows: Vec<(i64, i64)> = match windows_json.get(key) {
-            Some(ws) => ws
-                .iter()
-                .map(|[s, e]| {
-                    let s = parse_datetime_ms(s).ok_or_else(|| format!("bad window start {s}"))?;
-                    let e = parse_datetime_ms(e).ok_or_else(|| format!("bad window end {e}"))?;
-                    Ok((s, e))
-                })
-                .collect::<Result<_, BoxError>>()?,
-            None => {
-                eprintln!(
-                    "note: {key} has no entry in the windows file; scoring it as window-free"
-                );
-                Vec::new()
-            }
-        };
-        let rows = windows_to_rows(&series.timestamps, &windows);
-        let fs_ = score_file(&alerts, &rows);
-        let s = fs_.normalized();
+    for (key, r) in files.iter().map(|(k, _)| k).zip(&results) {
+        let s = r.score.normalized();
         // Standard output carries exactly `name score` lines and the final `mean` line, so
         // scripts can parse it; the diagnostics go to standard error.
         println!("{key} {s:.2}");
         eprintln!(
             "  {key}: windows {} detected {} false positives {} alerts {} raw {:.3}",
-            rows.len(),
-            fs_.tp,
-            fs_.fp,
-            alerts.iter().filter(|a| **a).count(),
-            fs_.raw
+            r.windows, r.score.tp, r.score.fp, r.alerts, r.score.raw
         );
         let category = key.split('/').next().unwrap_or("?").to_string();
         per_category.entry(category).or_default().push(s);
         all.push(s);
-
-        if let Some(dir) = &out_dir {
-            let target = dir.join(key);
-            if let Some(parent) = target.parent() {
-                fs::create_dir_all(parent)?;
-            }
-            let mut csv = String::from("timestamp,value,score,alert\n");
-            let text = read(path)?;
-            let raw_ts = text.lines().skip(1).filter(|l| !l.trim().is_empty());
-            for (((ts_line, v), sc), al) in raw_ts.zip(&series.values).zip(&scores).zip(&alerts) {
-                let ts = ts_line.split(',').next().unwrap_or("");
-                csv.push_str(&format!("{ts},{v},{sc:.6},{}\n", u8::from(*al)));
-            }
-            fs::write(&target, csv)?;
-        }
     }
     for (cat, scores) in &per_category {
         eprintln!(
@@ -207,6 +177,111 @@ fn run_nab(args: &[String]) -> Result<(), BoxError> {
     }
     println!("mean {:.2}", mean(&all));
     Ok(())
+}
+
+/// Outcome of replaying one NAB file.
+struct FileResult {
+    score: FileScore,
+    windows: usize,
+    alerts: usize,
+}
+
+/// Replays every file, on `jobs` threads (files are handed out in order; results keep it).
+fn evaluate_files(
+    files: &[(String, PathBuf)],
+    config: &DetectorConfig,
+    windows_json: &BTreeMap<String, Vec<[String; 2]>>,
+    out_dir: &Option<PathBuf>,
+    jobs: usize,
+) -> Result<Vec<FileResult>, BoxError> {
+    let next = AtomicUsize::new(0);
+    let slots: Vec<Mutex<Option<Result<FileResult, String>>>> =
+        files.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.min(files.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((key, path)) = files.get(i) else {
+                    break;
+                };
+                let r = evaluate_file(key, path, config, windows_json, out_dir)
+                    .map_err(|e| e.to_string());
+                if let Ok(mut slot) = slots[i].lock() {
+                    *slot = Some(r);
+                }
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .map(|m| match m.into_inner() {
+            Ok(Some(r)) => r.map_err(BoxError::from),
+            _ => Err("a worker thread failed".into()),
+        })
+        .collect()
+}
+
+fn evaluate_file(
+    key: &str,
+    path: &Path,
+    config: &DetectorConfig,
+    windows_json: &BTreeMap<String, Vec<[String; 2]>>,
+    out_dir: &Option<PathBuf>,
+) -> Result<FileResult, BoxError> {
+    let series = read_series(path)?;
+    let mut detector = DeviceDetector::new(config.clone())?;
+    let mut alerts = Vec::with_capacity(series.values.len());
+    let mut scores = Vec::with_capacity(series.values.len());
+    for (&t, &v) in series.timestamps.iter().zip(&series.values) {
+        // Replayed like live telemetry: one reading per row, with its time stamp.
+        let reading = Reading {
+            timestamp_ms: t,
+            metrics: vec![("value".to_string(), v)],
+        };
+        let o = detector
+            .feed(&reading)
+            .pop()
+            .ok_or("the detector refused the metric")?
+            .outcome;
+        detector.refit_inline()?;
+        alerts.push(o.alert.is_some());
+        scores.push(o.score);
+    }
+    let windows: Vec<(i64, i64)> = match windows_json.get(key) {
+        Some(ws) => ws
+            .iter()
+            .map(|[s, e]| {
+                let s = parse_datetime_ms(s).ok_or_else(|| format!("bad window start {s}"))?;
+                let e = parse_datetime_ms(e).ok_or_else(|| format!("bad window end {e}"))?;
+                Ok((s, e))
+            })
+            .collect::<Result<_, BoxError>>()?,
+        None => {
+            eprintln!("note: {key} has no entry in the windows file; scoring it as window-free");
+            Vec::new()
+        }
+    };
+    let rows = windows_to_rows(&series.timestamps, &windows);
+    let score = score_file(&alerts, &rows);
+    if let Some(dir) = out_dir {
+        let target = dir.join(key);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let mut csv = String::from("timestamp,value,score,alert\n");
+        let text = read(path)?;
+        let raw_ts = text.lines().skip(1).filter(|l| !l.trim().is_empty());
+        for (((ts_line, v), sc), al) in raw_ts.zip(&series.values).zip(&scores).zip(&alerts) {
+            let ts = ts_line.split(',').next().unwrap_or("");
+            csv.push_str(&format!("{ts},{v},{sc:.6},{}\n", u8::from(*al)));
+        }
+        fs::write(&target, csv)?;
+    }
+    Ok(FileResult {
+        score,
+        windows: rows.len(),
+        alerts: alerts.iter().filter(|a| **a).count(),
+    })
 }
 
 fn mean(xs: &[f64]) -> f64 {
