@@ -266,4 +266,16 @@ fn http_endpoints() {
     assert!(m.starts_with("HTTP/1.1 200"), "{m}");
     assert!(m.contains("vigil_connections{listener=\"tcp\"} 1"), "{m}");
     assert!(get("/nope").starts_with("HTTP/1.1 404"));
+    // HEAD: the same head, no body.
+    let mut s = TcpStream::connect(v.http).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.contains("Content-Length: 16\r\n"),
+        "{out}"
+    );
+    assert!(out.ends_with("\r\n\r\n"), "HEAD response has a body: {out}");
 }

@@ -109,32 +109,20 @@ async fn handle(
         .await;
         return;
     }
-    match head.path.as_str() {
-        "/healthz" => {
-            respond(
-                &mut stream,
-                200,
-                "application/json",
-                "{\"status\":\"ok\"}\n",
-                &[],
-            )
-            .await
-        }
+    let metrics;
+    let (status, content_type, body) = match head.path.as_str() {
+        "/healthz" => (200, "application/json", "{\"status\":\"ok\"}\n"),
         "/metrics" => {
-            let body = edge.metrics.render();
-            respond(&mut stream, 200, "text/plain; version=0.0.4", &body, &[]).await
+            metrics = edge.metrics.render();
+            (200, "text/plain; version=0.0.4", metrics.as_str())
         }
-        "/" => {
-            respond(
-                &mut stream,
-                200,
-                "text/html; charset=utf-8",
-                INDEX_HTML,
-                &[],
-            )
-            .await
-        }
-        _ => respond(&mut stream, 404, "text/plain", "not found\n", &[]).await,
+        "/" => (200, "text/html; charset=utf-8", INDEX_HTML),
+        _ => (404, "text/plain", "not found\n"),
+    };
+    if head.method == "HEAD" {
+        respond_head_only(&mut stream, status, content_type, body).await;
+    } else {
+        respond(&mut stream, status, content_type, body, &[]).await;
     }
 }
 
@@ -313,12 +301,28 @@ fn parse_head(bytes: &[u8]) -> Option<Head> {
     Some(head)
 }
 
+/// A HEAD response: the head GET would send (Content-Length included), without the body.
+async fn respond_head_only(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) {
+    write_response(stream, status, content_type, body, &[], false).await
+}
+
 async fn respond(
     stream: &mut TcpStream,
     status: u16,
     content_type: &str,
     body: &str,
     extra: &[(&str, &str)],
+) {
+    write_response(stream, status, content_type, body, extra, true).await
+}
+
+async fn write_response(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+    extra: &[(&str, &str)],
+    with_body: bool,
 ) {
     let reason = match status {
         200 => "OK",
@@ -342,7 +346,9 @@ async fn respond(
         out.push_str("\r\n");
     }
     out.push_str("\r\n");
-    out.push_str(body);
+    if with_body {
+        out.push_str(body);
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = stream.write_all(out.as_bytes()).await;
         let _ = stream.shutdown().await;
