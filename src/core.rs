@@ -105,7 +105,7 @@ impl Core {
         let deadline = Instant::now() + limit;
         let mut id = String::from("vigil-probe");
         loop {
-            match self.connect(&id, true, None).await {
+            match self.connect(&id, true).await {
                 Ok(link) if link.code == 0 => {
                     // An orderly close, not DISCONNECT (see `Edge::wipe_core_session`).
                     let mut stream = link.stream;
@@ -129,12 +129,11 @@ impl Core {
     }
 
     /// Opens a core connection for `client_id` (already mapped to a core-safe id) and waits for
-    /// its CONNACK.
+    /// its CONNACK. It never carries a will: the edge publishes wills itself (ARCHITECTURE.md).
     pub async fn connect(
         &self,
         client_id: &str,
         clean_session: bool,
-        will: Option<mqtt::CoreWill<'_>>,
     ) -> Result<CoreLink, CoreError> {
         let mut stream = TcpStream::connect(self.addr).await?;
         stream.set_nodelay(true)?;
@@ -147,7 +146,7 @@ impl Core {
                 keep_alive: CORE_KEEP_ALIVE_SECS,
                 username: &self.username,
                 password: &self.password,
-                will,
+                will: None,
             },
         );
         stream.write_all(&out).await?;

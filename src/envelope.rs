@@ -53,6 +53,39 @@ pub fn plain_header(qos: u8) -> [u8; 1] {
     [MAGIC | (qos & 0x03)]
 }
 
+/// Writes a PUBLISH for the core (always MQTT 3.1.1) holding `payload` behind the envelope
+/// `header`, or bare when it is a retained empty payload: that one clears the retained message,
+/// and it is the only payload the core ever sees without an envelope. Every writer of core
+/// publishes (the edge, its wills, the analytics task) goes through here.
+#[allow(clippy::too_many_arguments)]
+pub fn put_core_publish(
+    out: &mut BytesMut,
+    dup: bool,
+    qos: u8,
+    retain: bool,
+    topic: &[u8],
+    pkid: u16,
+    header: &[u8],
+    payload: &[u8],
+) {
+    let parts: &[&[u8]] = if retain && payload.is_empty() {
+        &[]
+    } else {
+        &[header, payload]
+    };
+    mqtt::put_publish(
+        out,
+        mqtt::Version::V311,
+        dup,
+        qos,
+        retain,
+        topic,
+        pkid,
+        &[],
+        parts,
+    );
+}
+
 /// Opens a payload read from the core. Anything not produced by [`header`] is returned as a
 /// bare payload, so a malformed envelope can never crash or confuse delivery.
 pub fn open(raw: Bytes) -> Opened {

@@ -371,16 +371,15 @@ impl AlertWindow {
 }
 
 fn put_message(out: &mut BytesMut, m: &Outgoing, pkid: u16) {
-    mqtt::put_publish(
+    envelope::put_core_publish(
         out,
-        Version::V311,
         false,
         m.qos,
         false,
         m.topic.as_bytes(),
         pkid,
-        &[],
-        &[&envelope::plain_header(m.qos), &m.payload],
+        &envelope::plain_header(m.qos),
+        &m.payload,
     );
 }
 
@@ -432,7 +431,7 @@ async fn session(
 ) -> Result<(), LiveError> {
     let link = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
-        link = core.connect(CLIENT_ID, true, None) => link?,
+        link = core.connect(CLIENT_ID, true) => link?,
     };
     if link.code != mqtt::rc::ACCEPTED {
         return Err(LiveError::Refused(link.code));

@@ -227,10 +227,10 @@ fn is_dollar_filter(filter: &[u8]) -> bool {
     filter.first() == Some(&b'$') && !filter.starts_with(b"$share/")
 }
 
-/// A will as the edge publishes it: topic, QoS, retain and the enveloped payload.
+/// A will as the edge publishes it: topic, retain, the envelope header (which records its
+/// QoS) and the payload.
 struct PendingWill {
     topic: Bytes,
-    qos: u8,
     retain: bool,
     header: BytesMut,
     payload: Bytes,
@@ -403,13 +403,12 @@ where
         // The edge publishes the will itself (see `close`): the core never holds one.
         let will = connect.will.as_ref().map(|w| PendingWill {
             topic: w.topic.clone(),
-            qos: w.qos,
             retain: w.retain,
             header: envelope::header(w.qos, &w.properties),
             payload: w.payload.clone(),
         });
         let core_clean = !(persistent || resume);
-        let link = match edge.core.connect(&core_id, core_clean, None).await {
+        let link = match edge.core.connect(&core_id, core_clean).await {
             Ok(link) if link.code == 0 => link,
             Ok(link) => {
                 warn!(code = link.code, "core refused the connection");
@@ -759,46 +758,25 @@ where
                 if core_qos == 1 {
                     self.core_fwd.push_back((p.pkid, p.qos));
                 }
-                if p.retain && p.payload.is_empty() {
-                    // Clears the retained message: the one bare payload the core sees.
-                    mqtt::put_publish(
-                        &mut self.core_out,
-                        Version::V311,
-                        p.dup,
-                        core_qos,
-                        true,
-                        &p.topic,
-                        p.pkid,
-                        &[],
-                        &[],
-                    );
-                } else if p.properties.is_empty() {
-                    let header = envelope::plain_header(p.qos);
-                    mqtt::put_publish(
-                        &mut self.core_out,
-                        Version::V311,
-                        p.dup,
-                        core_qos,
-                        p.retain,
-                        &p.topic,
-                        p.pkid,
-                        &[],
-                        &[&header, &p.payload],
-                    );
+                let plain;
+                let with_properties;
+                let header: &[u8] = if p.properties.is_empty() {
+                    plain = envelope::plain_header(p.qos);
+                    &plain
                 } else {
-                    let header = envelope::header(p.qos, &p.properties);
-                    mqtt::put_publish(
-                        &mut self.core_out,
-                        Version::V311,
-                        p.dup,
-                        core_qos,
-                        p.retain,
-                        &p.topic,
-                        p.pkid,
-                        &[],
-                        &[&header, &p.payload],
-                    );
-                }
+                    with_properties = envelope::header(p.qos, &p.properties);
+                    &with_properties
+                };
+                envelope::put_core_publish(
+                    &mut self.core_out,
+                    p.dup,
+                    core_qos,
+                    p.retain,
+                    &p.topic,
+                    p.pkid,
+                    header,
+                    &p.payload,
+                );
             }
             mqtt::PUBACK | mqtt::PUBREC => {
                 let (pkid, code) = mqtt::parse_ack(&frame).map_err(|e| self.violation(&e))?;
@@ -1183,32 +1161,10 @@ where
         if let (true, Some(w)) = (fire_will, self.will.take()) {
             // QoS 0 into the core is enough: it routes on receipt and delivers at each
             // subscription's QoS; the envelope carries the will's QoS for the min() rule.
-            if w.retain && w.payload.is_empty() {
-                mqtt::put_publish(
-                    &mut out,
-                    Version::V311,
-                    false,
-                    0,
-                    true,
-                    &w.topic,
-                    0,
-                    &[],
-                    &[],
-                );
-            } else {
-                mqtt::put_publish(
-                    &mut out,
-                    Version::V311,
-                    false,
-                    0,
-                    w.retain,
-                    &w.topic,
-                    0,
-                    &[],
-                    &[&w.header, &w.payload],
-                );
-            }
-            debug!(qos = w.qos, "will published");
+            envelope::put_core_publish(
+                &mut out, false, 0, w.retain, &w.topic, 0, &w.header, &w.payload,
+            );
+            debug!("will published");
         }
         if end == End::CoreGone {
             // Nothing can be delivered over a connection the core closed.

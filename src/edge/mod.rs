@@ -128,7 +128,7 @@ impl Edge {
     /// ARCHITECTURE.md: rumqttd's double disconnect event could drop the connection that
     /// follows, which here is the client's own).
     pub async fn wipe_core_session(&self, core_id: &str) {
-        if let Ok(link) = self.core.connect(core_id, true, None).await {
+        if let Ok(link) = self.core.connect(core_id, true).await {
             let mut stream = link.stream;
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 stream.shutdown().await?;
