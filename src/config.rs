@@ -39,6 +39,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub limits: Limits,
     pub auth: AuthConfig,
+    pub bridge: BridgeConfig,
     pub core: CoreConfig,
     pub analytics: AnalyticsConfig,
 }
@@ -89,6 +90,18 @@ impl AuthConfig {
     pub fn local_only(&self) -> bool {
         self.users.is_empty()
     }
+}
+
+/// The JSON WebSocket bridge at `/ws` (docs/bridge-protocol.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Bridge sessions at once (each also counts against `limits.max_connections`).
+    pub max_sessions: usize,
+    /// Topic filters one bridge connection may hold.
+    pub max_subscriptions: usize,
+    /// Outgoing frames buffered per session; QoS 0 messages over it are dropped.
+    pub max_queued_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -271,6 +284,22 @@ impl Config {
                 "each origin must start with http:// or https://",
             )?;
         }
+        let b = &self.bridge;
+        check(
+            "bridge.max_sessions",
+            (1..=1_000_000).contains(&b.max_sessions),
+            "must be between 1 and 1000000",
+        )?;
+        check(
+            "bridge.max_subscriptions",
+            (1..=100_000).contains(&b.max_subscriptions),
+            "must be between 1 and 100000",
+        )?;
+        check(
+            "bridge.max_queued_bytes",
+            (4096..=1 << 30).contains(&b.max_queued_bytes),
+            "must be between 4096 and 1073741824",
+        )?;
         let c = &self.core;
         check(
             "core.max_segment_size",

@@ -13,6 +13,7 @@
 //!
 //! [`run`] takes already bound listeners and a cancellation token, so tests bind port 0.
 
+pub mod bridge;
 pub mod config;
 pub mod core;
 pub mod edge;

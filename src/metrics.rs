@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 pub struct Metrics {
     pub tcp_connections: AtomicU64,
     pub ws_connections: AtomicU64,
+    /// JSON bridge sessions connected now (`bridge`).
+    pub bridge_sessions: AtomicU64,
     pub connections_total: AtomicU64,
     pub refused_over_cap: AtomicU64,
     pub refused_handshake_overload: AtomicU64,
@@ -25,6 +27,13 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     pub dropped_too_large_for_client: AtomicU64,
     pub dropped_qos2_state: AtomicU64,
+    /// JSON bridge frames received and sent, error frames sent, QoS 0 messages dropped for a
+    /// full session buffer, and sessions closed as slow consumers.
+    pub bridge_frames_in: AtomicU64,
+    pub bridge_frames_out: AtomicU64,
+    pub bridge_errors: AtomicU64,
+    pub bridge_dropped_qos0: AtomicU64,
+    pub bridge_slow_consumers: AtomicU64,
     /// Live analytics (`live`).
     pub analytics: AnalyticsMetrics,
 }
@@ -115,7 +124,41 @@ impl Metrics {
             &[
                 ("{listener=\"tcp\"}", g(&self.tcp_connections)),
                 ("{listener=\"ws\"}", g(&self.ws_connections)),
+                ("{listener=\"bridge\"}", g(&self.bridge_sessions)),
             ],
+        );
+        metric(
+            "bridge_sessions",
+            "gauge",
+            "JSON bridge sessions connected now.",
+            &[("", g(&self.bridge_sessions))],
+        );
+        metric(
+            "bridge_frames_total",
+            "counter",
+            "JSON bridge frames, by direction.",
+            &[
+                ("{direction=\"in\"}", g(&self.bridge_frames_in)),
+                ("{direction=\"out\"}", g(&self.bridge_frames_out)),
+            ],
+        );
+        metric(
+            "bridge_errors_total",
+            "counter",
+            "JSON bridge error frames sent (bad frames from clients).",
+            &[("", g(&self.bridge_errors))],
+        );
+        metric(
+            "bridge_dropped_qos0_total",
+            "counter",
+            "QoS 0 messages dropped because a bridge session's buffer was full.",
+            &[("", g(&self.bridge_dropped_qos0))],
+        );
+        metric(
+            "bridge_slow_consumers_total",
+            "counter",
+            "Bridge sessions closed because the browser did not read.",
+            &[("", g(&self.bridge_slow_consumers))],
         );
         metric(
             "connections_total",

@@ -173,8 +173,17 @@ fn subprotocol_negotiation_and_routing() {
     );
     // "/" without an MQTT subprotocol is not MQTT.
     assert!(upgrade(v.http, "/", "").starts_with("HTTP/1.1 404"));
-    // "/ws" is reserved for the JSON bridge.
-    assert!(upgrade(v.http, "/ws", "").starts_with("HTTP/1.1 501"));
+    // "/ws" is the JSON bridge: it upgrades, and echoes only the bridge's own subprotocol.
+    let r = upgrade(v.http, "/ws", "Sec-WebSocket-Protocol: mqtt\r\n");
+    assert!(
+        r.starts_with("HTTP/1.1 101") && !r.contains("Sec-WebSocket-Protocol"),
+        "{r}"
+    );
+    let r = upgrade(v.http, "/ws", "Sec-WebSocket-Protocol: vigil.bridge.v1\r\n");
+    assert!(
+        r.contains("Sec-WebSocket-Protocol: vigil.bridge.v1\r\n"),
+        "{r}"
+    );
     assert!(
         upgrade(v.http, "/elsewhere", "Sec-WebSocket-Protocol: mqtt\r\n")
             .starts_with("HTTP/1.1 404")

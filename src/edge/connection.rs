@@ -140,6 +140,7 @@ pub async fn serve<S>(
     let counter = match listener {
         Listener::Tcp => &edge.metrics.tcp_connections,
         Listener::WebSocket => &edge.metrics.ws_connections,
+        Listener::Bridge => &edge.metrics.bridge_sessions,
     };
     counter.fetch_add(1, Relaxed);
     Metrics::inc(&edge.metrics.connections_total);

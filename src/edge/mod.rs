@@ -67,6 +67,8 @@ where
 pub enum Listener {
     Tcp,
     WebSocket,
+    /// The JSON bridge: a session's MQTT side, inside the process.
+    Bridge,
 }
 
 impl Listener {
@@ -74,6 +76,7 @@ impl Listener {
         match self {
             Listener::Tcp => "tcp",
             Listener::WebSocket => "ws",
+            Listener::Bridge => "bridge",
         }
     }
 }
@@ -97,6 +100,14 @@ pub struct Edge {
     pub write_stall_timeout: Duration,
     pub allowed_origins: Vec<String>,
     pub max_packet_size: usize,
+    pub bridge: BridgeLimits,
+}
+
+/// Bounds of the JSON bridge (`[bridge]`).
+pub struct BridgeLimits {
+    pub sessions: Arc<Semaphore>,
+    pub max_subscriptions: usize,
+    pub max_queued_bytes: usize,
 }
 
 impl Edge {
@@ -120,6 +131,11 @@ impl Edge {
             write_stall_timeout: config.limits.write_stall_timeout(),
             allowed_origins: config.http.allowed_origins.clone(),
             max_packet_size: config.limits.max_packet_size,
+            bridge: BridgeLimits {
+                sessions: Arc::new(Semaphore::new(config.bridge.max_sessions)),
+                max_subscriptions: config.bridge.max_subscriptions,
+                max_queued_bytes: config.bridge.max_queued_bytes,
+            },
         }
     }
 

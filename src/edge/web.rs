@@ -6,7 +6,8 @@
 //! one handshake slot and never delays anyone else, and so that routing is ours:
 //! - WebSocket upgrade on `/mqtt`, or on `/` offering the `mqtt`/`mqttv3.1` subprotocol: MQTT.
 //!   The chosen subprotocol is echoed, as browsers require.
-//! - `/ws`: reserved for the JSON bridge.
+//! - WebSocket upgrade on `/ws`: the JSON bridge (`bridge`), echoing the `vigil.bridge.v1`
+//!   subprotocol when offered.
 //! - `GET /healthz`, `GET /metrics`, `GET /`.
 
 use std::net::SocketAddr;
@@ -25,11 +26,16 @@ use tracing::{debug, warn};
 
 use super::ws_io::WsIo;
 use super::{accept_loop, connection, Edge, Listener};
+use crate::bridge;
 use crate::metrics::Metrics;
 
 /// Largest HTTP request head accepted.
 const MAX_HEAD: usize = 8 * 1024;
 const MAX_HEADERS: usize = 32;
+/// tungstenite's read buffer per WebSocket, allocated when the connection opens.
+const WS_READ_BUFFER: usize = 8 * 1024;
+/// Frames are written to the socket once this much is buffered, and on every flush.
+const WS_WRITE_BUFFER: usize = 16 * 1024;
 /// Subprotocols that mean MQTT, in order of preference.
 const MQTT_SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 
@@ -47,6 +53,8 @@ struct Head {
     version_13: bool,
     origin: Option<String>,
     protocols: Vec<String>,
+    /// A bearer token from `?token=` or `Authorization: Bearer` (the bridge's credentials).
+    token: Option<String>,
 }
 
 async fn handle(
@@ -178,23 +186,21 @@ async fn upgrade(
                 .any(|offered| offered.eq_ignore_ascii_case(p))
         })
         .copied();
+    let is_bridge = head.path == "/ws";
+    let chosen = if is_bridge {
+        head.protocols
+            .iter()
+            .any(|p| p == bridge::SUBPROTOCOL)
+            .then_some(bridge::SUBPROTOCOL)
+    } else {
+        chosen
+    };
     let is_mqtt = match head.path.as_str() {
         "/mqtt" => true,
         "/" => chosen.is_some(),
-        "/ws" => {
-            respond(
-                &mut stream,
-                501,
-                "text/plain",
-                "the JSON bridge is not available in this build\n",
-                &[],
-            )
-            .await;
-            return;
-        }
         _ => false,
     };
-    if !is_mqtt {
+    if !is_mqtt && !is_bridge {
         respond(
             &mut stream,
             404,
@@ -218,14 +224,29 @@ async fn upgrade(
     if stream.write_all(response.as_bytes()).await.is_err() {
         return;
     }
-    // A frame may span at most one MQTT packet plus a little framing.
-    let frame_limit = edge.max_packet_size + 16;
+    // An MQTT-over-WebSocket message carries at most one MQTT packet plus a little framing. A
+    // bridge message carries one packet's payload as JSON: base64 grows it by a third, so twice
+    // the packet size leaves room to answer an oversized payload with `payload_too_large`
+    // instead of closing the connection.
+    let message_limit = if is_bridge {
+        2 * edge.max_packet_size + 4096
+    } else {
+        edge.max_packet_size + 16
+    };
+    // Small eager buffers: tungstenite's 128 KiB defaults would cost 256 KiB per idle browser.
     let config = WebSocketConfig::default()
-        .max_frame_size(Some(frame_limit))
-        .max_message_size(Some(frame_limit));
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .max_frame_size(Some(message_limit))
+        .max_message_size(Some(message_limit));
     let ws =
         WebSocketStream::from_partially_read(stream, leftover.to_vec(), Role::Server, Some(config))
             .await;
+    if is_bridge {
+        let handshake = bridge::Handshake { token: head.token };
+        bridge::serve(edge, ws, peer, handshake, slot, deadline).await;
+        return;
+    }
     connection::serve(
         edge,
         WsIo::new(ws),
@@ -261,7 +282,12 @@ fn parse_head(bytes: &[u8]) -> Option<Head> {
         _ => return None,
     }
     let method = req.method?.to_string();
-    let path = req.path?.split('?').next().unwrap_or("/").to_string();
+    let (path, query) = req.path?.split_once('?').unwrap_or((req.path?, ""));
+    let path = path.to_string();
+    let token = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("token="))
+        .and_then(percent_decode);
     let mut head = Head {
         method,
         path,
@@ -270,6 +296,7 @@ fn parse_head(bytes: &[u8]) -> Option<Head> {
         version_13: false,
         origin: None,
         protocols: Vec::new(),
+        token,
     };
     let mut connection_upgrade = false;
     let mut upgrade_ws = false;
@@ -286,6 +313,14 @@ fn parse_head(bytes: &[u8]) -> Option<Head> {
             head.key = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             head.version_13 = value == "13";
+        } else if name.eq_ignore_ascii_case("authorization") {
+            let bearer = value
+                .split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token.trim().to_string());
+            if bearer.is_some() {
+                head.token = bearer;
+            }
         } else if name.eq_ignore_ascii_case("origin") {
             head.origin = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
@@ -299,6 +334,31 @@ fn parse_head(bytes: &[u8]) -> Option<Head> {
     }
     head.upgrade_websocket = upgrade_ws && connection_upgrade;
     Some(head)
+}
+
+/// Decodes `%XX` escapes and `+` of a query value; `None` when it is not valid UTF-8.
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// A HEAD response: the head GET would send (Content-Length included), without the body.
