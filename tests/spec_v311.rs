@@ -389,6 +389,85 @@ fn unacknowledged_deliveries_are_redelivered_after_reconnect() {
     );
 }
 
+/// MQTT-4.4.0-1: a resumed session re-sends unacknowledged PUBLISH and PUBREL packets under
+/// their original packet ids (rumqttd numbers every connection afresh); MQTT-2.2.1-3: no id
+/// is reused while its exchange is open; and an UNSUBSCRIBE on the resumed session removes a
+/// subscription made on the earlier connection.
+#[test]
+fn resumed_session_keeps_packet_ids_and_can_unsubscribe() {
+    let v = Vigil::start();
+    let o = ConnectOpts {
+        clean: false,
+        ..ConnectOpts::v311("keeps-ids")
+    };
+    let mut c = Raw::connected(v.mqtt, &o);
+    c.send(&subscribe_packet(1, &[("ids/#", 2)]));
+    assert_eq!(c.recv().unwrap().kind(), 9);
+    publish(v.port(), &["-t", "ids/a", "-m", "a", "-q", "1"]);
+    publish(v.port(), &["-t", "ids/b", "-m", "b", "-q", "2"]);
+    publish(v.port(), &["-t", "ids/c", "-m", "c", "-q", "1"]);
+    let got: Vec<_> = (0..3).map(|_| parse_publish(&c.recv().unwrap())).collect();
+    let names: Vec<&str> = got.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(names, ["ids/a", "ids/b", "ids/c"]);
+    let (a, b, cc) = (got[0].4, got[1].4, got[2].4);
+    // a is acknowledged; b gets its PUBREC and PUBREL but no PUBCOMP; c is not acknowledged.
+    c.send(&ack_packet(4, a));
+    c.send(&ack_packet(5, b));
+    let rel = c.recv().unwrap();
+    assert_eq!(
+        (rel.kind(), rel.body.clone()),
+        (6, b.to_be_bytes().to_vec())
+    );
+    drop(c);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (mut c, ack) = Raw::connect(v.mqtt, &o);
+    assert_eq!(ack.body, vec![1, 0], "session present");
+    let mut pubrel = None;
+    let mut again = None;
+    while pubrel.is_none() || again.is_none() {
+        let p = c.recv_timeout(T).expect("PUBREL and re-sent PUBLISH");
+        match p.kind() {
+            6 => pubrel = Some(u16::from_be_bytes([p.body[0], p.body[1]])),
+            3 => again = Some(parse_publish(&p)),
+            other => panic!("unexpected packet {other}: {p:?}"),
+        }
+    }
+    assert_eq!(pubrel, Some(b), "PUBREL under its original id");
+    let again = again.unwrap();
+    assert_eq!(
+        (again.0.as_str(), again.3, again.4),
+        ("ids/c", true, cc),
+        "the unacknowledged PUBLISH again, with DUP and its original id"
+    );
+    // A new delivery while b awaits its PUBCOMP and c its PUBACK gets another id.
+    publish(v.port(), &["-t", "ids/d", "-m", "d", "-q", "2"]);
+    let d = parse_publish(&c.recv_timeout(T).expect("new delivery"));
+    assert_eq!((d.0.as_str(), d.3), ("ids/d", false));
+    assert!(d.4 != b && d.4 != cc, "id {} reused while in flight", d.4);
+    c.send(&ack_packet(7, b));
+    c.send(&ack_packet(4, cc));
+    c.send(&ack_packet(5, d.4));
+    let rel = c.recv_timeout(T).expect("PUBREL for d");
+    assert_eq!(
+        (rel.kind(), rel.body.clone()),
+        (6, d.4.to_be_bytes().to_vec())
+    );
+    c.send(&ack_packet(7, d.4));
+
+    // The subscription was made on the first connection.
+    let mut unsub = vec![0, 9];
+    unsub.extend(string(b"ids/#"));
+    c.send(&packet(0xA2, &unsub));
+    let unsuback = c.recv_timeout(T).expect("UNSUBACK");
+    assert_eq!((unsuback.kind(), unsuback.body.clone()), (11, vec![0, 9]));
+    publish(v.port(), &["-t", "ids/e", "-m", "e", "-q", "1"]);
+    assert!(
+        c.recv_timeout(Duration::from_millis(800)).is_none(),
+        "delivered after UNSUBSCRIBE"
+    );
+}
+
 #[test]
 fn unsubscribe_stops_delivery() {
     let v = Vigil::start();

@@ -41,7 +41,7 @@ use tokio_util::io::poll_read_buf;
 use tracing::{debug, info, warn};
 
 use super::policy::{self, AuthOutcome};
-use super::registry::{Claim, OfflineState, MAX_PENDING_QOS2};
+use super::registry::{Claim, OfflineState, Redelivery, MAX_PENDING_QOS2};
 use super::{Edge, Listener};
 use crate::core::{CoreError, CORE_PING_INTERVAL};
 use crate::envelope;
@@ -218,6 +218,9 @@ enum End {
 enum PingFor {
     /// Keep-alive, or making the core flush pending acknowledgements.
     Nothing,
+    /// A resumed session: the core has re-sent every PUBREL of the earlier connection by the
+    /// time it answers.
+    Resume,
     /// The client's UNSUBSCRIBE: answer it with one UNSUBACK.
     Unsubscribe { pkid: u16, filters: usize },
 }
@@ -240,12 +243,20 @@ struct PendingWill {
 /// A delivery from the core awaiting acknowledgement (to the core, in order).
 #[derive(Debug, Clone, Copy)]
 struct CoreAck {
+    /// The core's packet id.
     pkid: u16,
+    /// The packet id the client sees (0 when it got the message at QoS 0). The edge numbers
+    /// deliveries itself: rumqttd restarts its numbering on every connection, re-sends a
+    /// resumed session's unacknowledged messages under new ids without DUP, and reuses ids
+    /// whose QoS 2 exchange is still awaiting PUBCOMP (MQTT-2.2.1-3, MQTT-4.4.0-1).
+    client_id: u16,
     /// PUBACK for a QoS 1 delivery, PUBREC for QoS 2.
     kind: u8,
     ready: bool,
     /// The client received it at QoS 2, so the core's PUBREL goes on to the client.
     client_qos2: bool,
+    /// Topic and payload digest, kept for persistent sessions to recognise a re-send.
+    fingerprint: u64,
 }
 
 struct Session<S> {
@@ -266,10 +277,16 @@ struct Session<S> {
     stall_timeout: Duration,
     /// QoS 1/2 deliveries from the core, in the order the core sent them.
     core_acks: std::collections::VecDeque<CoreAck>,
-    /// PUBRELs from the core awaiting PUBCOMP (pkid, ready), in the order the core sent them.
-    core_pubrels: std::collections::VecDeque<(u16, bool)>,
-    /// Deliveries acknowledged to the core with PUBREC whose PUBREL must reach the client.
-    pubrel_to_client: Vec<u16>,
+    /// PUBRELs from the core awaiting PUBCOMP (core id, client id, ready), in the order the
+    /// core sent them. Core id 0: a PUBREL the edge sent on its own, never acknowledged to
+    /// the core.
+    core_pubrels: std::collections::VecDeque<(u16, u16, bool)>,
+    /// Deliveries acknowledged to the core with PUBREC whose PUBREL must reach the client:
+    /// (core id, client id).
+    pubrel_to_client: Vec<(u16, u16)>,
+    /// The same for an earlier connection of this session: the core re-sends these PUBRELs
+    /// (under that connection's core ids) right after the CONNACK.
+    pubrel_to_client_earlier: Vec<(u16, u16)>,
     /// QoS 2 deliveries the client got at QoS 0 or 1, whose PUBREL the edge answers itself.
     local_pubrel: Vec<u16>,
     /// Client publishes (packet id, client QoS) handed to the core and not yet acknowledged.
@@ -278,9 +295,21 @@ struct Session<S> {
     inbound_qos2: Vec<u16>,
     /// Inbound QoS 2 ids forwarded on an earlier connection of this session.
     inbound_qos2_earlier: Vec<u16>,
-    /// Ids the client had not acknowledged when its previous connection ended: the core's
-    /// re-sending of them is marked DUP.
-    redeliveries: Vec<u16>,
+    /// Deliveries the core had not seen acknowledged when the previous connection ended: the
+    /// core's re-sending of them keeps the client id and is marked DUP.
+    redeliveries: Vec<Redelivery>,
+    /// Next client packet id to try for a delivery.
+    next_client_id: u16,
+    /// New client ids must be checked against the ids in flight: after a wrap-around, or
+    /// from the start when an earlier connection of the session left ids in flight.
+    check_client_ids: bool,
+    /// The session outlives the connection: deliveries carry a fingerprint.
+    persistent: bool,
+    /// This connection resumed a stored session.
+    resumed: bool,
+    /// SUBSCRIBEs the edge sent on its own (see UNSUBSCRIBE): their SUBACKs are not the
+    /// client's.
+    internal_subacks: Vec<u16>,
     /// Why each PINGREQ the edge sent the core is outstanding, in order (see `PingFor`).
     core_pings: std::collections::VecDeque<PingFor>,
     /// SUBSCRIBEs whose `$` filters the edge answered itself: packet id and, per filter, the
@@ -447,6 +476,7 @@ where
         } else {
             OfflineState::default()
         };
+        let ids_in_flight = !offline.unacked_out.is_empty() || !offline.pubrel_out.is_empty();
         let now = Instant::now();
         let mut session = Session {
             version,
@@ -469,11 +499,17 @@ where
             core_acks: Default::default(),
             core_pubrels: Default::default(),
             pubrel_to_client: Vec::new(),
+            pubrel_to_client_earlier: offline.pubrel_out,
             local_pubrel: Vec::new(),
             core_fwd: Default::default(),
             inbound_qos2: Vec::new(),
             inbound_qos2_earlier: offline.inbound_qos2,
+            check_client_ids: ids_in_flight,
             redeliveries: offline.unacked_out,
+            next_client_id: 1,
+            persistent,
+            resumed: session_present,
+            internal_subacks: Vec::new(),
             core_pings: Default::default(),
             pending_subacks: Vec::new(),
             prefer_core: false,
@@ -485,7 +521,7 @@ where
             // rumqttd re-sends a resumed session's unacknowledged PUBRELs only together with
             // the next acknowledgement it writes (MQTT-4.4.0-1 wants them at once): a PINGREQ
             // makes it write one.
-            session.ping_core(PingFor::Nothing);
+            session.ping_core(PingFor::Resume);
         }
         let end = session.relay(edge, claim).await;
         debug!(?end, "relay ended");
@@ -502,16 +538,23 @@ where
         // reconnect is acknowledged, not delivered again.
         let mut offline = OfflineState {
             inbound_qos2: std::mem::take(&mut session.inbound_qos2),
-            unacked_out: session
-                .core_acks
-                .iter()
-                .filter(|a| !a.ready)
-                .map(|a| a.pkid)
-                .collect(),
+            unacked_out: session.offline_redeliveries(),
+            pubrel_out: std::mem::take(&mut session.pubrel_to_client),
         };
+        offline
+            .pubrel_out
+            .append(&mut session.pubrel_to_client_earlier);
         offline
             .inbound_qos2
             .append(&mut session.inbound_qos2_earlier);
+        // PUBRELs still with the client are re-sent by the core too (its PUBCOMP is missing).
+        offline.pubrel_out.extend(
+            session
+                .core_pubrels
+                .iter()
+                .filter(|&&(core, _, ready)| core != 0 && !ready)
+                .map(|&(core, client, _)| (core, client)),
+        );
         session.close(end).await;
         if persistent && !edge.registry.store_offline(client_id, offline) {
             Metrics::inc(&edge.metrics.dropped_qos2_state);
@@ -785,7 +828,7 @@ where
                 if let Some(entry) = self
                     .core_acks
                     .iter_mut()
-                    .find(|a| a.pkid == pkid && !a.ready)
+                    .find(|a| a.client_id == pkid && !a.ready)
                 {
                     entry.ready = true;
                     // A v5 PUBREC with a failure code ends the flow: no PUBREL will follow.
@@ -824,9 +867,9 @@ where
                 if let Some(entry) = self
                     .core_pubrels
                     .iter_mut()
-                    .find(|(id, ready)| *id == pkid && !ready)
+                    .find(|(_, client, ready)| *client == pkid && !ready)
                 {
-                    entry.1 = true;
+                    entry.2 = true;
                 }
                 self.flush_core_pubcomps();
             }
@@ -881,6 +924,18 @@ where
                     .filter(|f| !is_dollar_filter(f))
                     .collect();
                 if !to_core.is_empty() {
+                    if self.resumed {
+                        // rumqttd restores a resumed session's subscriptions without indexing
+                        // them under the new connection, so an UNSUBSCRIBE alone leaves them in
+                        // place. Subscribing again first indexes them (an existing
+                        // subscription keeps its QoS and sends no retained messages); the
+                        // core handles both packets in one pass, so a filter that was not
+                        // subscribed is gone again before anything is routed to it.
+                        let again: Vec<(Bytes, u8)> =
+                            to_core.iter().map(|f| (f.clone(), 0)).collect();
+                        mqtt::put_core_subscribe(&mut self.core_out, u.pkid, &again);
+                        self.internal_subacks.push(u.pkid);
+                    }
                     mqtt::put_core_unsubscribe(&mut self.core_out, u.pkid, &to_core);
                 }
                 self.ping_core(PingFor::Unsubscribe {
@@ -915,6 +970,50 @@ where
         Ok(())
     }
 
+    /// A packet id for a new QoS 1/2 delivery: not used by a delivery or PUBREL in flight on
+    /// this connection, nor kept for one of an earlier connection of the session.
+    fn alloc_client_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_client_id;
+            self.next_client_id = match id.checked_add(1) {
+                Some(next) => next,
+                None => {
+                    self.check_client_ids = true;
+                    1
+                }
+            };
+            let kept = self.redeliveries.iter().any(|r| r.client_id == id)
+                || self.pubrel_to_client_earlier.iter().any(|&(_, c)| c == id);
+            // Ids are handed out in order, so one of this connection's can come round again
+            // only after a wrap.
+            let in_flight = self.check_client_ids
+                && (self.core_acks.iter().any(|a| a.client_id == id)
+                    || self.core_pubrels.iter().any(|&(_, c, _)| c == id)
+                    || self.pubrel_to_client.iter().any(|&(_, c)| c == id));
+            if !kept && !in_flight {
+                return id;
+            }
+        }
+    }
+
+    /// What a persistent session keeps of its deliveries when the connection ends: every one
+    /// the core has not seen acknowledged, which the core re-sends.
+    fn offline_redeliveries(&mut self) -> Vec<Redelivery> {
+        let mut out: Vec<Redelivery> = self
+            .core_acks
+            .iter()
+            .map(|a| Redelivery {
+                client_id: a.client_id,
+                fingerprint: a.fingerprint,
+                acked: a.ready,
+                client_qos2: a.client_qos2,
+            })
+            .collect();
+        // Re-sends the core has not made yet stay expected.
+        out.append(&mut self.redeliveries);
+        out
+    }
+
     fn flush_core_acks(&mut self) {
         while let Some(front) = self.core_acks.front() {
             if !front.ready {
@@ -923,7 +1022,7 @@ where
             mqtt::put_ack(&mut self.core_out, front.kind, front.pkid);
             if front.kind == mqtt::PUBREC {
                 if front.client_qos2 {
-                    self.pubrel_to_client.push(front.pkid);
+                    self.pubrel_to_client.push((front.pkid, front.client_id));
                 } else {
                     self.local_pubrel.push(front.pkid);
                 }
@@ -933,11 +1032,13 @@ where
     }
 
     fn flush_core_pubcomps(&mut self) {
-        while let Some(&(pkid, ready)) = self.core_pubrels.front() {
+        while let Some(&(pkid, _, ready)) = self.core_pubrels.front() {
             if !ready {
                 break;
             }
-            mqtt::put_ack(&mut self.core_out, mqtt::PUBCOMP, pkid);
+            if pkid != 0 {
+                mqtt::put_ack(&mut self.core_out, mqtt::PUBCOMP, pkid);
+            }
             self.core_pubrels.pop_front();
         }
     }
@@ -976,19 +1077,28 @@ where
                 let opened = envelope::open(p.payload);
                 let qos = opened.qos.map_or(p.qos, |q| q.min(p.qos));
                 let mut dup = p.dup;
-                if !self.redeliveries.is_empty() && p.qos > 0 {
-                    if let Some(i) = self.redeliveries.iter().position(|&id| id == p.pkid) {
-                        self.redeliveries.swap_remove(i);
-                        dup = true;
-                    }
-                }
+                let mut client_id = 0;
                 if p.qos > 0 {
                     if self.core_acks.len() >= MAX_CORE_INFLIGHT {
                         warn!("core exceeded the inflight window");
                         return Err(End::CoreGone);
                     }
-                    self.core_acks.push_back(CoreAck {
+                    let fingerprint = if self.persistent {
+                        fingerprint(&p.topic, &opened.payload)
+                    } else {
+                        0
+                    };
+                    let earlier = match self.redeliveries.is_empty() {
+                        true => None,
+                        false => self
+                            .redeliveries
+                            .iter()
+                            .position(|r| r.fingerprint == fingerprint)
+                            .map(|i| self.redeliveries.remove(i)),
+                    };
+                    let mut entry = CoreAck {
                         pkid: p.pkid,
+                        client_id: 0,
                         kind: if p.qos == 1 {
                             mqtt::PUBACK
                         } else {
@@ -996,7 +1106,28 @@ where
                         },
                         ready: qos == 0,
                         client_qos2: false,
-                    });
+                        fingerprint,
+                    };
+                    match earlier {
+                        // Acknowledged by the client already, not yet by the edge to the core:
+                        // acknowledge it now; the client never sees it twice.
+                        Some(r) if r.acked => {
+                            entry.client_id = r.client_id;
+                            entry.ready = true;
+                            entry.client_qos2 = r.client_qos2;
+                            self.core_acks.push_back(entry);
+                            self.flush_core_acks();
+                            return Ok(());
+                        }
+                        Some(r) => {
+                            entry.client_id = r.client_id;
+                            dup = true;
+                        }
+                        None if qos > 0 => entry.client_id = self.alloc_client_id(),
+                        None => {}
+                    }
+                    client_id = entry.client_id;
+                    self.core_acks.push_back(entry);
                 }
                 let props: &[u8] = match self.version {
                     Version::V5 => &opened.properties,
@@ -1025,7 +1156,7 @@ where
                         qos,
                         p.retain,
                         &p.topic,
-                        p.pkid,
+                        client_id,
                         props,
                         &[&opened.payload],
                     );
@@ -1064,27 +1195,47 @@ where
                 if let Some(i) = self.local_pubrel.iter().position(|&id| id == pkid) {
                     // The client got this message at QoS 0 or 1: the edge completes the flow.
                     self.local_pubrel.swap_remove(i);
-                    self.core_pubrels.push_back((pkid, true));
+                    self.core_pubrels.push_back((pkid, 0, true));
                     self.flush_core_pubcomps();
                 } else {
-                    // Either the client got it at QoS 2, or the core re-sends a PUBREL from
-                    // before a reconnect, which the client may still be waiting for.
-                    if let Some(i) = self.pubrel_to_client.iter().position(|&id| id == pkid) {
-                        self.pubrel_to_client.swap_remove(i);
+                    // The core re-sends the PUBRELs of an earlier connection first (under
+                    // that connection's ids), then those of this one.
+                    let earlier = self
+                        .pubrel_to_client_earlier
+                        .iter()
+                        .position(|&(core, _)| core == pkid);
+                    let now = self
+                        .pubrel_to_client
+                        .iter()
+                        .position(|&(core, _)| core == pkid);
+                    let client = if let Some(i) = earlier {
+                        self.pubrel_to_client_earlier.swap_remove(i).1
+                    } else if let Some(i) = now {
+                        self.pubrel_to_client.swap_remove(i).1
                     } else if self
                         .core_pubrels
                         .iter()
-                        .any(|&(id, ready)| id == pkid && !ready)
+                        .any(|&(core, _, ready)| core == pkid && !ready)
                     {
                         // Already with the client, awaiting its PUBCOMP.
                         return Ok(());
-                    }
-                    mqtt::put_ack(&mut self.client_out, mqtt::PUBREL, pkid);
-                    self.core_pubrels.push_back((pkid, false));
+                    } else {
+                        // No client id is known for it (the session's offline state was
+                        // dropped): the edge completes the flow itself.
+                        self.core_pubrels.push_back((pkid, 0, true));
+                        self.flush_core_pubcomps();
+                        return Ok(());
+                    };
+                    mqtt::put_ack(&mut self.client_out, mqtt::PUBREL, client);
+                    self.core_pubrels.push_back((pkid, client, false));
                 }
             }
             mqtt::SUBACK => {
                 let (pkid, codes) = mqtt::parse_core_suback(&frame).map_err(|_| End::CoreGone)?;
+                if let Some(i) = self.internal_subacks.iter().position(|&id| id == pkid) {
+                    self.internal_subacks.swap_remove(i);
+                    return Ok(());
+                }
                 match self.pending_subacks.iter().position(|(id, _)| *id == pkid) {
                     Some(i) => {
                         let (_, mine) = self.pending_subacks.swap_remove(i);
@@ -1104,8 +1255,16 @@ where
             // The edge answers UNSUBSCRIBE itself (see `on_client_packet`).
             mqtt::UNSUBACK => {}
             mqtt::PINGRESP => {
-                if let Some(PingFor::Unsubscribe { pkid, filters }) = self.core_pings.pop_front() {
-                    mqtt::put_unsuback(&mut self.client_out, self.version, pkid, filters);
+                match self.core_pings.pop_front() {
+                    Some(PingFor::Unsubscribe { pkid, filters }) => {
+                        mqtt::put_unsuback(&mut self.client_out, self.version, pkid, filters);
+                    }
+                    Some(PingFor::Resume) => {
+                        // PUBRELs the core did not re-send: it had completed them. Their ids
+                        // are free again.
+                        self.pubrel_to_client_earlier.clear();
+                    }
+                    Some(PingFor::Nothing) | None => {}
                 }
             }
             mqtt::DISCONNECT => return Err(End::CoreGone),
@@ -1199,6 +1358,26 @@ const READ_STEP_MAX: usize = 64 * 1024;
 const RETAIN_CAPACITY: usize = 16 * 1024;
 
 /// Makes room for the next read, sized by how much the last reads brought (`step`).
+/// A digest of a delivery's topic and payload, to recognise the core's
+/// re-sending of a message after a persistent session resumes. Not cryptographic: it only has
+/// to tell apart the few deliveries one session had in flight.
+fn fingerprint(topic: &[u8], payload: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = (topic.len() as u64) << 32 ^ payload.len() as u64;
+    for part in [topic, payload] {
+        let mut chunks = part.chunks_exact(8);
+        for c in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(c);
+            h = (h.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(K);
+        }
+        let mut tail = [0u8; 8];
+        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(tail)).wrapping_mul(K);
+    }
+    h
+}
+
 fn reserve(buf: &mut BytesMut, step: usize) {
     if buf.capacity() - buf.len() < step / 2 {
         buf.reserve(step);

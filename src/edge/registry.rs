@@ -44,13 +44,30 @@ pub struct Registry {
 pub struct OfflineState {
     /// Inbound QoS 2 ids routed but not yet released by the client's PUBREL.
     pub inbound_qos2: Vec<u16>,
-    /// Ids of deliveries the client had not acknowledged: re-sent with DUP set.
-    pub unacked_out: Vec<u16>,
+    /// Deliveries the core has not seen acknowledged, in the order it sent them: it re-sends
+    /// each (under a new id of its own), and the client must get it under the id it knew.
+    pub unacked_out: Vec<Redelivery>,
+    /// QoS 2 deliveries whose PUBREL the client still needs: (core id, client id). The core
+    /// re-sends these PUBRELs under the ids of the connection that ended.
+    pub pubrel_out: Vec<(u16, u16)>,
+}
+
+/// A delivery awaiting re-sending when a persistent session resumes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Redelivery {
+    /// The packet id the client knows it by (0: it got it at QoS 0).
+    pub client_id: u16,
+    /// Digest of topic and payload that recognises the core's re-sending.
+    pub fingerprint: u64,
+    /// The client acknowledged it (PUBACK, or PUBREC with `client_qos2`) but the core had not
+    /// been told yet: the re-sending is acknowledged by the edge, not shown to the client.
+    pub acked: bool,
+    pub client_qos2: bool,
 }
 
 impl OfflineState {
     fn is_empty(&self) -> bool {
-        self.inbound_qos2.is_empty() && self.unacked_out.is_empty()
+        self.inbound_qos2.is_empty() && self.unacked_out.is_empty() && self.pubrel_out.is_empty()
     }
 }
 
@@ -135,6 +152,7 @@ impl Registry {
         }
         state.inbound_qos2.truncate(MAX_PENDING_QOS2);
         state.unacked_out.truncate(MAX_PENDING_QOS2);
+        state.pubrel_out.truncate(MAX_PENDING_QOS2);
         inner.offline.insert(id.to_string(), state);
         true
     }
@@ -171,14 +189,18 @@ mod tests {
         let reg = Registry::new(1);
         let a = OfflineState {
             inbound_qos2: vec![1, 2],
-            unacked_out: vec![9],
+            unacked_out: vec![Redelivery {
+                client_id: 9,
+                ..Redelivery::default()
+            }],
+            pubrel_out: vec![(3, 4)],
         };
         assert!(reg.store_offline("a", a.clone()));
         assert!(!reg.store_offline(
             "b",
             OfflineState {
                 inbound_qos2: vec![3],
-                unacked_out: vec![]
+                ..OfflineState::default()
             }
         ));
         assert_eq!(reg.take_offline("a"), a);

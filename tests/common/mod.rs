@@ -63,7 +63,10 @@ impl Vigil {
                 "--http-listen",
                 "127.0.0.1:0",
             ])
-            .env("RUST_LOG", "info,rumqttd=off")
+            .env(
+                "RUST_LOG",
+                std::env::var("VIGIL_TEST_LOG").unwrap_or_else(|_| "info,rumqttd=off".into()),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -150,6 +153,12 @@ impl Drop for Vigil {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what vigil logged (set VIGIL_TEST_LOG for more detail).
+        if std::thread::panicking() {
+            if let Ok(log) = self.log.lock() {
+                eprintln!("--- vigil log ---\n{log}--- end of vigil log ---");
+            }
+        }
     }
 }
 
