@@ -35,7 +35,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::io::poll_read_buf;
 use tracing::{debug, info, Instrument};
@@ -178,7 +178,7 @@ pub async fn serve<S>(
         .clone()
         .or(connect.client_id.clone())
         .unwrap_or_default();
-    tracing::Span::current().record("client_id", client_id.as_str());
+    // The relay has recorded the client id in the connection span this session shares.
     let keep_alive = connack.server_keep_alive.unwrap_or(connect.keep_alive);
     let mut greeting = String::with_capacity(192);
     greeting.push_str("{\"op\":\"connack\",\"ok\":true,\"protocol\":");
@@ -301,7 +301,19 @@ where
         code,
         reason: Utf8Bytes::from(&reason[..cut]),
     };
-    let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(Some(frame))).await;
+    let deadline = Instant::now() + CLOSE_WAIT;
+    if tokio::time::timeout_at(deadline, ws.close(Some(frame)))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Read what the client still sends (its close frame, the rest of an oversized message)
+    // until it closes: closing a socket with unread data resets it, and the client could
+    // lose the close frame.
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 4096];
+    while let Ok(Ok(1..)) = tokio::time::timeout_at(deadline, ws.get_mut().read(&mut sink)).await {}
 }
 
 /// Reads one MQTT packet from the pipe (`None` at end of stream).
@@ -481,6 +493,8 @@ enum End {
     Disconnected,
     SlowConsumer,
     ProtocolViolation(&'static str),
+    /// A WebSocket message or frame over the size limit.
+    TooLarge,
 }
 
 enum Event {
@@ -634,6 +648,10 @@ where
             } else if !pipe_side && read_browser {
                 match Pin::new(&mut self.ws).poll_next(cx) {
                     Poll::Ready(Some(Ok(msg))) => return Poll::Ready(Event::Browser(msg)),
+                    Poll::Ready(Some(Err(WsError::Capacity(e)))) => {
+                        debug!(error = %e, "WebSocket message too large");
+                        return Poll::Ready(Event::End(End::TooLarge));
+                    }
                     Poll::Ready(Some(Err(e))) => {
                         debug!(error = %e, "WebSocket read failed");
                         return Poll::Ready(Event::End(End::BrowserGone));
@@ -1043,6 +1061,10 @@ where
                 )
             }
             End::ProtocolViolation(why) => (CloseCode::Protocol, format!("protocol_error: {why}")),
+            End::TooLarge => (
+                CloseCode::Size,
+                "message_too_large: over the WebSocket message size limit".into(),
+            ),
             End::RelayClosed(code) => close_reason(code),
         };
         // Closing the pipe first ends the MQTT side at once (a slow consumer's will fires now,
