@@ -347,12 +347,8 @@ fn put_connect(
         .as_deref()
         .or(c.token.as_deref())
         .or(handshake.token.as_deref());
-    let mut flags = 0u8;
-    if !c.clean {
-        // MQTT 5 Clean Start 0; the session outlives the connection (Session Expiry below).
-    } else {
-        flags |= 0x02;
-    }
+    // Clean Start; without it the session outlives the connection (Session Expiry below).
+    let mut flags = if c.clean { 0x02 } else { 0 };
     let mut body = BytesMut::with_capacity(64);
     body.put_slice(&[0, 4, b'M', b'Q', b'T', b'T', 5]);
     let flags_at = body.len();
