@@ -39,6 +39,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub limits: Limits,
     pub auth: AuthConfig,
+    pub acl: AclConfig,
     pub bridge: BridgeConfig,
     pub core: CoreConfig,
     pub analytics: AnalyticsConfig,
@@ -82,14 +83,24 @@ impl Limits {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    pub users: BTreeMap<String, String>,
+    /// The password file (`vigil passwd`); empty for none.
+    pub password_file: String,
+    /// Failed logins from one address within a minute before it is refused outright.
+    pub max_failures_per_minute: u32,
 }
 
 impl AuthConfig {
     /// Local-only mode: no credentials configured, anonymous clients on loopback only.
     pub fn local_only(&self) -> bool {
-        self.users.is_empty()
+        self.password_file.is_empty()
     }
+}
+
+/// Topic rules per role (`edge::acl`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclConfig {
+    pub roles: BTreeMap<String, crate::edge::acl::RoleRules>,
 }
 
 /// The JSON WebSocket bridge at `/ws` (docs/bridge-protocol.md).
@@ -270,13 +281,22 @@ impl Config {
             l.write_stall_timeout_ms >= 100,
             "must be at least 100",
         )?;
-        for (user, password) in &self.auth.users {
-            check(
-                "auth.users",
-                !user.is_empty() && !password.is_empty(),
-                "user names and passwords must not be empty",
-            )?;
-        }
+        crate::edge::acl::Acl::new(&self.acl.roles).map_err(|e| ConfigError::Invalid {
+            key: "acl.roles",
+            reason: e.to_string(),
+        })?;
+        check(
+            "auth.max_failures_per_minute",
+            self.auth.max_failures_per_minute >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "acl.roles",
+            self.acl
+                .roles
+                .contains_key(crate::edge::policy::DEFAULT_ROLE),
+            "a `device` role is required (the role of password-file users without one)",
+        )?;
         for origin in &self.http.allowed_origins {
             check(
                 "http.allowed_origins",

@@ -44,6 +44,8 @@ pub enum RunError {
     },
     #[error(transparent)]
     Core(#[from] core::CoreError),
+    #[error(transparent)]
+    Policy(#[from] edge::policy::PolicyError),
 }
 
 /// The public listeners, bound.
@@ -83,7 +85,7 @@ async fn bind_one(
         };
         tracing::warn!(
             configured = %addr,
-            "no credentials configured ([auth] users is empty): local-only mode, `{key}` binds to {loopback} and anonymous clients are allowed"
+            "no credentials configured ([auth] password_file is empty): local-only mode, `{key}` binds to {loopback}, anonymous clients are allowed and ACLs are not enforced"
         );
         addr.set_ip(loopback);
     }
@@ -101,7 +103,8 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let metrics = Arc::new(metrics::Metrics::default());
     let core = core::Core::start(&config).await?;
-    let edge = Arc::new(edge::Edge::new(&config, core, metrics, shutdown.clone()));
+    let edge = Arc::new(edge::Edge::new(&config, core, metrics, shutdown.clone())?);
+    tokio::spawn(reload_on_hangup(edge.clone()));
     if config.analytics.enabled {
         // Tracked with the connections, so shutdown waits for it too.
         edge.tracker
@@ -133,6 +136,29 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// SIGHUP reloads the password file; connections stay up. A file that does not load is
+/// reported and the previous one stays in force.
+async fn reload_on_hangup(edge: Arc<edge::Edge>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: the password file will not be reloaded");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match edge.policy.reload() {
+                Ok(users) => tracing::info!(users, "password file reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "password file not reloaded; the previous one stays in force")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = edge;
 }
 
 fn fmt_addr(addr: Option<SocketAddr>) -> String {

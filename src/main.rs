@@ -37,6 +37,31 @@ enum Command {
     PrintConfig,
     /// Check a configuration file and exit: 0 when valid, 1 with the reason when not.
     CheckConfig { file: PathBuf },
+    /// Manage a password file (`[auth] password_file`), as mosquitto_passwd does. A running
+    /// vigil reads it again on SIGHUP.
+    Passwd {
+        #[command(subcommand)]
+        action: PasswdAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum PasswdAction {
+    /// Add a user, or change its password and role (the file is created if missing).
+    Add {
+        file: PathBuf,
+        user: String,
+        /// The password (for scripts); without it, it is asked for twice on the terminal.
+        #[arg(long)]
+        password: Option<String>,
+        /// The user's role, one of `[acl.roles]`.
+        #[arg(long, default_value = "device")]
+        role: String,
+    },
+    /// Remove a user.
+    Remove { file: PathBuf, user: String },
+    /// List the users and their roles.
+    List { file: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -58,6 +83,15 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Command::Passwd { ref action }) => {
+            return match passwd(action) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Command::Run) | None => {}
     }
     init_tracing();
@@ -69,6 +103,45 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn passwd(action: &PasswdAction) -> anyhow::Result<()> {
+    use vigil::edge::passwd;
+    match action {
+        PasswdAction::Add {
+            file,
+            user,
+            password,
+            role,
+        } => {
+            passwd::check_user(user)?;
+            passwd::check_role(role)?;
+            let password = match password {
+                Some(p) => p.clone(),
+                None => {
+                    let first = rpassword::prompt_password("Password: ")
+                        .context("cannot read the password")?;
+                    let again = rpassword::prompt_password("Reenter password: ")
+                        .context("cannot read the password")?;
+                    anyhow::ensure!(first == again, "the passwords do not match");
+                    first
+                }
+            };
+            let replaced = passwd::add(file, user, password.as_bytes(), role)?;
+            let verb = if replaced { "updated" } else { "added" };
+            eprintln!("{verb} user `{user}` (role `{role}`) in {}", file.display());
+        }
+        PasswdAction::Remove { file, user } => {
+            passwd::remove(file, user)?;
+            eprintln!("removed user `{user}` from {}", file.display());
+        }
+        PasswdAction::List { file } => {
+            for (user, role) in passwd::list(file)? {
+                println!("{user}\t{role}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn init_tracing() {

@@ -16,6 +16,10 @@ pub struct Metrics {
     pub refused_handshake_overload: AtomicU64,
     pub handshake_timeouts: AtomicU64,
     pub auth_failures: AtomicU64,
+    /// PUBLISH packets and subscription filters refused by the ACL (will topics count as
+    /// publishes).
+    pub acl_denied_publish: AtomicU64,
+    pub acl_denied_subscribe: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
     pub slow_consumers: AtomicU64,
@@ -181,6 +185,15 @@ impl Metrics {
                     g(&self.handshake_timeouts),
                 ),
                 ("{reason=\"auth\"}", g(&self.auth_failures)),
+            ],
+        );
+        metric(
+            "acl_denied_total",
+            "counter",
+            "Requests refused by the topic ACL, by kind.",
+            &[
+                ("{kind=\"publish\"}", g(&self.acl_denied_publish)),
+                ("{kind=\"subscribe\"}", g(&self.acl_denied_subscribe)),
             ],
         );
         metric(

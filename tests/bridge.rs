@@ -1606,7 +1606,7 @@ fn max_sessions_refuses_with_server_busy() {
 
 #[test]
 fn auth_credentials_are_checked() {
-    let v = Vigil::start_with(|c| set(&c, "auth", "users", r#"{ "u" = "p" }"#));
+    let v = Vigil::start_with_users(&[("u", "p", "admin")], |c| c);
     rt().block_on(async {
         for (what, frame) in [
             (

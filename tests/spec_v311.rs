@@ -259,8 +259,7 @@ fn protocol_violations_close_only_the_offender() {
 
 #[test]
 fn authentication_failures_get_not_authorized() {
-    let v =
-        Vigil::start_with(|c| c.replace("users = {}", "users = { \"sensor-01\" = \"s3cret\" }"));
+    let v = Vigil::start_with_users(&[("sensor-01", "s3cret", "admin")], |c| c);
     let deny = |o: ConnectOpts<'_>, expected: &[u8]| {
         let (mut r, ack) = Raw::connect(v.mqtt, &o);
         assert_eq!(&ack.body[..2], expected);

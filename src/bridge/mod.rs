@@ -81,6 +81,8 @@ pub enum BridgeError {
 #[derive(Debug, Default, Clone)]
 pub struct Handshake {
     pub token: Option<String>,
+    /// The verified client-certificate common name of a TLS connection.
+    pub tls_cn: Option<String>,
 }
 
 /// Serves one bridge WebSocket from its first frame to its close.
@@ -141,6 +143,7 @@ pub async fn serve<S>(
         BytesMut::new(),
         peer,
         Listener::Bridge,
+        handshake.tls_cn.clone(),
         slot,
         deadline,
     );

@@ -40,7 +40,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 use tracing::{debug, info, warn};
 
-use super::policy::{self, AuthOutcome};
+use super::policy::{self, Credentials, Identity};
 use super::registry::{Claim, OfflineState, Redelivery, MAX_PENDING_QOS2};
 use super::{Edge, Listener};
 use crate::core::{CoreError, CORE_PING_INTERVAL};
@@ -87,6 +87,7 @@ pub async fn serve<S>(
     mut read_buf: BytesMut,
     peer: SocketAddr,
     listener: Listener,
+    tls_cn: Option<String>,
     slot: OwnedSemaphorePermit,
     handshake_deadline: Instant,
 ) where
@@ -144,7 +145,7 @@ pub async fn serve<S>(
     };
     counter.fetch_add(1, Relaxed);
     Metrics::inc(&edge.metrics.connections_total);
-    let result = Session::run(&edge, stream, read_buf, connect, peer).await;
+    let result = Session::run(&edge, stream, read_buf, connect, peer, tls_cn.as_deref()).await;
     counter.fetch_sub(1, Relaxed);
     drop(permit);
     if let Err(e) = result {
@@ -310,6 +311,12 @@ struct Session<S> {
     /// SUBSCRIBEs the edge sent on its own (see UNSUBSCRIBE): their SUBACKs are not the
     /// client's.
     internal_subacks: Vec<u16>,
+    /// Who the client is, for the ACL, and its client id (`%c`).
+    identity: Identity,
+    client_id: String,
+    /// The last topic the ACL allowed this client to publish to: devices publish to the same
+    /// few topics, so most checks are one comparison.
+    last_allowed_topic: Option<Bytes>,
     /// Why each PINGREQ the edge sent the core is outstanding, in order (see `PingFor`).
     core_pings: std::collections::VecDeque<PingFor>,
     /// SUBSCRIBEs whose `$` filters the edge answered itself: packet id and, per filter, the
@@ -333,6 +340,7 @@ where
         client_in: BytesMut,
         connect: mqtt::Connect,
         peer: SocketAddr,
+        tls_cn: Option<&str>,
     ) -> Result<(), ConnError> {
         let version = connect.version;
         let span = tracing::Span::current();
@@ -365,18 +373,31 @@ where
             refuse(&mut client, version, reason::BAD_AUTH_METHOD).await;
             return Ok(());
         }
-        if let AuthOutcome::Denied(why) = edge
-            .policy
-            .authenticate(connect.username.as_deref(), connect.password.as_deref())
-        {
-            Metrics::inc(&edge.metrics.auth_failures);
-            warn!(reason = why, %peer, user = connect.username.as_deref().unwrap_or(""), "authentication failed");
-            let code = match version {
-                Version::V311 => rc::NOT_AUTHORIZED,
-                Version::V5 => reason::NOT_AUTHORIZED,
-            };
-            refuse(&mut client, version, code).await;
-            return Ok(());
+        let creds = Credentials {
+            username: connect.username.as_deref(),
+            password: connect.password.as_deref(),
+            tls_cn,
+        };
+        let not_authorized = match version {
+            Version::V311 => rc::NOT_AUTHORIZED,
+            Version::V5 => reason::NOT_AUTHORIZED,
+        };
+        let identity = match edge.policy.authenticate(peer.ip(), creds).await {
+            Ok(identity) => identity,
+            Err(why) => {
+                Metrics::inc(&edge.metrics.auth_failures);
+                warn!(reason = why, %peer, user = connect.username.as_deref().unwrap_or(""), "authentication failed");
+                refuse(&mut client, version, not_authorized).await;
+                return Ok(());
+            }
+        };
+        if let Some(w) = &connect.will {
+            if !edge.policy.may_publish(&identity, &client_id, &w.topic) {
+                Metrics::inc(&edge.metrics.acl_denied_publish);
+                warn!(user = %identity.user, role = %identity.role, topic = %String::from_utf8_lossy(&w.topic), "refused: will topic not allowed");
+                refuse(&mut client, version, not_authorized).await;
+                return Ok(());
+            }
         }
         let (keep_alive, keep_alive_changed) = edge.policy.keep_alive(connect.keep_alive);
 
@@ -394,6 +415,7 @@ where
             client_in,
             connect,
             &client_id,
+            identity,
             assigned,
             keep_alive,
             keep_alive_changed,
@@ -413,6 +435,7 @@ where
         client_in: BytesMut,
         connect: mqtt::Connect,
         client_id: &str,
+        identity: Identity,
         assigned: Option<String>,
         keep_alive: u16,
         keep_alive_changed: bool,
@@ -510,6 +533,9 @@ where
             persistent,
             resumed: session_present,
             internal_subacks: Vec::new(),
+            identity,
+            client_id: client_id.to_string(),
+            last_allowed_topic: None,
             core_pings: Default::default(),
             pending_subacks: Vec::new(),
             prefer_core: false,
@@ -778,6 +804,9 @@ where
                 let p =
                     mqtt::parse_publish(&frame, self.version).map_err(|e| self.violation(&e))?;
                 Metrics::inc(&edge.metrics.publish_in[p.qos as usize]);
+                if !self.may_publish(edge, &p.topic) {
+                    return self.refuse_publish(p.qos, p.pkid);
+                }
                 if p.qos == 2 {
                     if self.inbound_qos2.contains(&p.pkid)
                         || self.inbound_qos2_earlier.contains(&p.pkid)
@@ -879,22 +908,25 @@ where
                 if s.has_subscription_id {
                     return Err(End::ProtocolError(reason::SUB_IDS_NOT_SUPPORTED));
                 }
-                // rumqttd drops a connection that subscribes to a `$` filter (other than
-                // `$share/`). No `$` topic is ever routed, so the edge grants those itself, as a
-                // broker without `$SYS` topics does, and merges its codes with the core's.
-                if !s.filters.iter().any(|(f, _)| is_dollar_filter(f)) {
-                    mqtt::put_core_subscribe(&mut self.core_out, s.pkid, &s.filters);
-                    return Ok(());
-                }
+                // Filters the edge answers itself, merging its codes with the core's SUBACK:
+                // those the ACL refuses, and `$` filters (other than `$share/`), which rumqttd
+                // answers by dropping the connection. No `$` topic is ever routed, so the edge
+                // grants those, as a broker without `$SYS` topics does.
                 let codes: Vec<Option<u8>> = s
                     .filters
                     .iter()
-                    .map(|(f, options)| is_dollar_filter(f).then_some(options & 0x03))
+                    .map(|(f, options)| self.edge_suback_code(edge, f, *options))
                     .collect();
+                if codes.iter().all(Option::is_none) {
+                    mqtt::put_core_subscribe(&mut self.core_out, s.pkid, &s.filters);
+                    return Ok(());
+                }
                 let to_core: Vec<(Bytes, u8)> = s
                     .filters
                     .into_iter()
-                    .filter(|(f, _)| !is_dollar_filter(f))
+                    .zip(&codes)
+                    .filter(|(_, code)| code.is_none())
+                    .map(|(f, _)| f)
                     .collect();
                 if to_core.is_empty() {
                     let codes: Vec<u8> = codes.into_iter().flatten().collect();
@@ -968,6 +1000,65 @@ where
             }
         }
         Ok(())
+    }
+
+    /// The ACL's answer for a PUBLISH topic, remembering the last topic allowed.
+    fn may_publish(&mut self, edge: &Edge, topic: &Bytes) -> bool {
+        if self.last_allowed_topic.as_ref() == Some(topic) {
+            return true;
+        }
+        if edge
+            .policy
+            .may_publish(&self.identity, &self.client_id, topic)
+        {
+            self.last_allowed_topic = Some(topic.clone());
+            return true;
+        }
+        Metrics::inc(&edge.metrics.acl_denied_publish);
+        debug!(topic = %String::from_utf8_lossy(topic), "publish refused by the ACL");
+        false
+    }
+
+    /// A PUBLISH the ACL refused: dropped. A v5 client is told with reason 0x87 on its
+    /// acknowledgement; a 3.1.1 client, which has no way to be told, is acknowledged as if it
+    /// had been accepted (as mosquitto does), its QoS 2 flow completed by the edge.
+    fn refuse_publish(&mut self, qos: u8, pkid: u16) -> Result<(), End> {
+        let kind = match qos {
+            0 => return Ok(()),
+            1 => mqtt::PUBACK,
+            _ => mqtt::PUBREC,
+        };
+        match self.version {
+            Version::V5 => {
+                mqtt::put_ack_reason(&mut self.client_out, kind, pkid, reason::NOT_AUTHORIZED)
+            }
+            Version::V311 => {
+                if qos == 2 && !self.inbound_qos2.contains(&pkid) {
+                    if self.inbound_qos2.len() >= MAX_PENDING_QOS2 {
+                        return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
+                    }
+                    self.inbound_qos2.push(pkid);
+                }
+                mqtt::put_ack(&mut self.client_out, kind, pkid);
+            }
+        }
+        Ok(())
+    }
+
+    /// The SUBACK code the edge gives a filter itself, or `None` when the core decides.
+    fn edge_suback_code(&self, edge: &Edge, filter: &[u8], options: u8) -> Option<u8> {
+        if !edge
+            .policy
+            .may_subscribe(&self.identity, &self.client_id, filter)
+        {
+            Metrics::inc(&edge.metrics.acl_denied_subscribe);
+            debug!(filter = %String::from_utf8_lossy(filter), "subscription refused by the ACL");
+            return Some(match self.version {
+                Version::V311 => 0x80,
+                Version::V5 => reason::NOT_AUTHORIZED,
+            });
+        }
+        is_dollar_filter(filter).then_some(options & 0x03)
     }
 
     /// A packet id for a new QoS 1/2 delivery: not used by a delivery or PUBREL in flight on

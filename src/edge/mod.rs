@@ -7,7 +7,9 @@
 //! - `policy` holds the rules (authentication, client ids, limits) in one place.
 //! - `registry` holds live client ids (takeover) and QoS 2 state rumqttd forgets.
 
+pub mod acl;
 pub mod connection;
+pub mod passwd;
 pub mod policy;
 pub mod registry;
 pub mod tcp;
@@ -116,10 +118,10 @@ impl Edge {
         core: Core,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
-    ) -> Edge {
+    ) -> Result<Edge, policy::PolicyError> {
         let cap = config.limits.max_connections;
-        Edge {
-            policy: policy::Policy::new(config),
+        Ok(Edge {
+            policy: policy::Policy::new(config)?,
             core,
             registry: registry::Registry::new(cap),
             metrics,
@@ -136,7 +138,7 @@ impl Edge {
                 max_subscriptions: config.bridge.max_subscriptions,
                 max_queued_bytes: config.bridge.max_queued_bytes,
             },
-        }
+        })
     }
 
     /// Removes a session from the core: a clean-session connection replaces it and, closing,

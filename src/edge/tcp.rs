@@ -22,6 +22,7 @@ pub async fn serve(edge: Arc<Edge>, listener: TcpListener) {
                 BytesMut::new(),
                 peer,
                 Listener::Tcp,
+                None,
                 slot,
                 deadline,
             )

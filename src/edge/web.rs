@@ -243,7 +243,10 @@ async fn upgrade(
         WebSocketStream::from_partially_read(stream, leftover.to_vec(), Role::Server, Some(config))
             .await;
     if is_bridge {
-        let handshake = bridge::Handshake { token: head.token };
+        let handshake = bridge::Handshake {
+            token: head.token,
+            tls_cn: None,
+        };
         bridge::serve(edge, ws, peer, handshake, slot, deadline).await;
         return;
     }
@@ -253,6 +256,7 @@ async fn upgrade(
         BytesMut::new(),
         peer,
         Listener::WebSocket,
+        None,
         slot,
         deadline,
     )

@@ -50,9 +50,37 @@ impl Vigil {
         Vigil::start_with(|c| c)
     }
 
+    /// Starts vigil with a password file of `(user, password, role)` entries, made with
+    /// `vigil passwd add`, and the default config passed through `edit`.
+    pub fn start_with_users(
+        users: &[(&str, &str, &str)],
+        edit: impl FnOnce(String) -> String,
+    ) -> Vigil {
+        let dir = TempDir::new();
+        let file = dir.0.join("passwords");
+        for (user, password, role) in users {
+            let out = Command::new(vigil_bin())
+                .args(["passwd", "add"])
+                .arg(&file)
+                .args([user, "--password", password, "--role", role])
+                .output()
+                .expect("vigil passwd");
+            assert!(
+                out.status.success(),
+                "vigil passwd add {user}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let line = format!("password_file = {:?}", file.to_string_lossy());
+        Vigil::start_in(dir, |c| edit(c.replacen("password_file = \"\"", &line, 1)))
+    }
+
     /// Starts vigil with the default config passed through `edit`.
     pub fn start_with(edit: impl FnOnce(String) -> String) -> Vigil {
-        let dir = TempDir::new();
+        Vigil::start_in(TempDir::new(), edit)
+    }
+
+    fn start_in(dir: TempDir, edit: impl FnOnce(String) -> String) -> Vigil {
         let path = dir.0.join("broker.toml");
         std::fs::write(&path, edit(DEFAULT_CONFIG.to_string())).expect("write config");
         let mut child = Command::new(vigil_bin())
