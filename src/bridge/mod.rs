@@ -40,7 +40,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::io::poll_read_buf;
 use tracing::{debug, info, Instrument};
 
-use crate::edge::{connection, Edge, Listener};
+use crate::edge::{connection, Edge, Listener, Origin};
 use crate::metrics::Metrics;
 use crate::mqtt::{self, reason, Frame};
 use frames::{ConnectReq, FrameError, PublishReq, Request};
@@ -141,9 +141,11 @@ pub async fn serve<S>(
         edge.clone(),
         relay_end,
         BytesMut::new(),
-        peer,
-        Listener::Bridge,
-        handshake.tls_cn.clone(),
+        Origin {
+            peer,
+            listener: Listener::Bridge,
+            tls_cn: handshake.tls_cn.clone(),
+        },
         slot,
         deadline,
     );

@@ -42,7 +42,7 @@ use tracing::{debug, info, warn};
 
 use super::policy::{self, Credentials, Identity};
 use super::registry::{Claim, OfflineState, Redelivery, MAX_PENDING_QOS2};
-use super::{Edge, Listener};
+use super::{Edge, Listener, Origin};
 use crate::core::{CoreError, CORE_PING_INTERVAL};
 use crate::envelope;
 use crate::metrics::Metrics;
@@ -85,9 +85,7 @@ pub async fn serve<S>(
     edge: Arc<Edge>,
     mut stream: S,
     mut read_buf: BytesMut,
-    peer: SocketAddr,
-    listener: Listener,
-    tls_cn: Option<String>,
+    origin: Origin,
     slot: OwnedSemaphorePermit,
     handshake_deadline: Instant,
 ) where
@@ -138,6 +136,11 @@ pub async fn serve<S>(
             return;
         }
     };
+    let Origin {
+        peer,
+        listener,
+        tls_cn,
+    } = origin;
     let counter = match listener {
         Listener::Tcp => &edge.metrics.tcp_connections,
         Listener::WebSocket => &edge.metrics.ws_connections,

@@ -64,6 +64,25 @@ where
     }
 }
 
+/// Where a connection comes from: its address, listener, and the client-certificate name a
+/// TLS handshake verified.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub peer: SocketAddr,
+    pub listener: Listener,
+    pub tls_cn: Option<String>,
+}
+
+impl Origin {
+    pub fn new(peer: SocketAddr, listener: Listener) -> Origin {
+        Origin {
+            peer,
+            listener,
+            tls_cn: None,
+        }
+    }
+}
+
 /// Which public listener a connection came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listener {

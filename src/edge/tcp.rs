@@ -6,7 +6,7 @@ use bytes::BytesMut;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-use super::{accept_loop, connection, Edge, Listener};
+use super::{accept_loop, connection, Edge, Listener, Origin};
 
 /// Accepts until shutdown (see [`accept_loop`]).
 pub async fn serve(edge: Arc<Edge>, listener: TcpListener) {
@@ -20,9 +20,7 @@ pub async fn serve(edge: Arc<Edge>, listener: TcpListener) {
                 edge,
                 stream,
                 BytesMut::new(),
-                peer,
-                Listener::Tcp,
-                None,
+                Origin::new(peer, Listener::Tcp),
                 slot,
                 deadline,
             )

@@ -25,7 +25,7 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, warn};
 
 use super::ws_io::WsIo;
-use super::{accept_loop, connection, Edge, Listener};
+use super::{accept_loop, connection, Edge, Listener, Origin};
 use crate::bridge;
 use crate::metrics::Metrics;
 
@@ -254,9 +254,7 @@ async fn upgrade(
         edge,
         WsIo::new(ws),
         BytesMut::new(),
-        peer,
-        Listener::WebSocket,
-        None,
+        Origin::new(peer, Listener::WebSocket),
         slot,
         deadline,
     )
