@@ -59,6 +59,9 @@ struct Args {
     analytics: bool,
     /// `bridge` (the default) or `mqtt` (plain MQTT subscribers, for comparison).
     transport: String,
+    /// Keep-alive (s) in the MQTT CONNECTs of devices and `mqtt` sessions. 0 (the default)
+    /// works with vigil; rumqttd alone (`examples/bare_core.rs`) refuses 0, so pass e.g. 60.
+    keep_alive: u16,
 }
 
 fn parse_args() -> Args {
@@ -75,6 +78,7 @@ fn parse_args() -> Args {
         size: 100,
         analytics: false,
         transport: "bridge".into(),
+        keep_alive: 0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -93,6 +97,7 @@ fn parse_args() -> Args {
             "--warmup-secs" => a.warmup_secs = v.parse().expect("--warmup-secs"),
             "--size" => a.size = v.parse().expect("--size (payload bytes, at least 40)"),
             "--transport" => a.transport = v,
+            "--keep-alive" => a.keep_alive = v.parse().expect("--keep-alive SECS"),
             "--analytics" => {
                 a.analytics = true;
                 step = 1;
@@ -282,6 +287,8 @@ struct Shared {
     delivered: AtomicU64,
     published: AtomicU64,
     ready: AtomicU64,
+    /// Deliveries slower than 5 ms: (sent us, latency us, session), dumped to $BENCH_SLOW.
+    slow: std::sync::Mutex<Vec<(u64, u64, u32)>>,
 }
 
 /// The send time embedded in a message frame: the number after `"t":` in the payload.
@@ -370,6 +377,7 @@ async fn mqtt_session(
     shared: Arc<Shared>,
     gate: Arc<Semaphore>,
     stop: Arc<AtomicBool>,
+    keep_alive: u16,
 ) -> Result<Vec<u32>, String> {
     let mut permit = Some(gate.acquire().await.unwrap());
     let mut s = TcpStream::connect(mqtt)
@@ -377,7 +385,8 @@ async fn mqtt_session(
         .map_err(|e| format!("tcp: {e}"))?;
     s.set_nodelay(true).ok();
     let mut body = mqtt_string(b"MQTT");
-    body.extend_from_slice(&[4, 0x02, 0, 0]);
+    body.extend_from_slice(&[4, 0x02]);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
     body.extend(mqtt_string(format!("bench-mqtt-{i}").as_bytes()));
     let mut out = mqtt_packet(0x10, &body);
     let mut sub = vec![0, 1];
@@ -430,6 +439,13 @@ async fn mqtt_session(
                     shared.delivered.fetch_add(1, Ordering::Relaxed);
                     if sent >= shared.timed_from_us.load(Ordering::Relaxed) {
                         samples.push(now.saturating_sub(sent).min(u32::MAX as u64) as u32);
+                        if now.saturating_sub(sent) >= 5000 {
+                            shared
+                                .slow
+                                .lock()
+                                .unwrap()
+                                .push((sent, now - sent, i as u32));
+                        }
                     }
                 }
             }
@@ -481,6 +497,7 @@ struct DeviceSpec {
     /// Offset of its first publish, as a fraction of its period.
     phase: f64,
     size: usize,
+    keep_alive: u16,
     start: tokio::time::Instant,
     until: tokio::time::Instant,
 }
@@ -493,13 +510,15 @@ async fn device(spec: DeviceSpec, shared: Arc<Shared>) {
         per_sec,
         phase,
         size,
+        keep_alive,
         start,
         until,
     } = spec;
     let mut s = TcpStream::connect(mqtt).await.expect("device connect");
     s.set_nodelay(true).ok();
     let mut body = mqtt_string(b"MQTT");
-    body.extend_from_slice(&[4, 0x02, 0, 0]);
+    body.extend_from_slice(&[4, 0x02]);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
     body.extend(mqtt_string(
         format!("bench-dev-{d}-{}", std::process::id()).as_bytes(),
     ));
@@ -580,16 +599,20 @@ fn main() {
         delivered: AtomicU64::new(0),
         published: AtomicU64::new(0),
         ready: AtomicU64::new(0),
+        slow: Default::default(),
     });
     let stop = Arc::new(AtomicBool::new(false));
     let gate = Arc::new(Semaphore::new(64));
     let connect_start = Instant::now();
+    let keep_alive = args.keep_alive;
     let sessions: Vec<_> = (0..args.sessions)
         .map(|i| {
             let filter = format!("device/dev-{}/telemetry", i % args.devices);
             let (shared, gate, stop) = (shared.clone(), gate.clone(), stop.clone());
             if args.transport == "mqtt" {
-                rt.spawn(mqtt_session(i, mqtt, filter, shared, gate, stop))
+                rt.spawn(mqtt_session(
+                    i, mqtt, filter, shared, gate, stop, keep_alive,
+                ))
             } else {
                 rt.spawn(session(i, http, filter, shared, gate, stop))
             }
@@ -637,6 +660,7 @@ fn main() {
                     per_sec: per_device,
                     phase: d as f64 / args.devices as f64,
                     size: args.size,
+                    keep_alive: args.keep_alive,
                     start,
                     until,
                 };
@@ -677,6 +701,15 @@ fn main() {
         }
     }
     samples.sort_unstable();
+    if let Ok(path) = std::env::var("BENCH_SLOW") {
+        let mut slow = shared.slow.lock().unwrap().clone();
+        slow.sort_unstable();
+        let text: String = slow
+            .iter()
+            .map(|(s, l, i)| format!("{s} {l} {i}\n"))
+            .collect();
+        std::fs::write(path, text).ok();
+    }
     let delivered = shared.delivered.load(Ordering::Relaxed);
 
     let mib = |k: u64| k as f64 / 1024.0;

@@ -43,6 +43,7 @@ pub struct Config {
     pub bridge: BridgeConfig,
     pub core: CoreConfig,
     pub analytics: AnalyticsConfig,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +69,10 @@ pub struct Limits {
     pub max_client_id_len: usize,
     pub write_stall_timeout_ms: u64,
     pub max_keepalive_secs: u16,
+    pub max_connections_per_ip: usize,
+    pub max_topic_length: usize,
+    pub max_topic_levels: usize,
+    pub max_subscriptions: usize,
 }
 
 impl Limits {
@@ -87,12 +92,19 @@ pub struct AuthConfig {
     pub password_file: String,
     /// Failed logins from one address within a minute before it is refused outright.
     pub max_failures_per_minute: u32,
+    /// JWT verification keys (`edge::jwt`); empty for none.
+    pub jwt_hs256_secret_file: String,
+    pub jwt_rs256_public_key_file: String,
+    pub jwt_es256_public_key_file: String,
 }
 
 impl AuthConfig {
     /// Local-only mode: no credentials configured, anonymous clients on loopback only.
     pub fn local_only(&self) -> bool {
         self.password_file.is_empty()
+            && self.jwt_hs256_secret_file.is_empty()
+            && self.jwt_rs256_public_key_file.is_empty()
+            && self.jwt_es256_public_key_file.is_empty()
     }
 }
 
@@ -281,6 +293,26 @@ impl Config {
             l.write_stall_timeout_ms >= 100,
             "must be at least 100",
         )?;
+        check(
+            "limits.max_connections_per_ip",
+            l.max_connections_per_ip >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "limits.max_topic_length",
+            (1..=65_535).contains(&l.max_topic_length),
+            "must be between 1 and 65535",
+        )?;
+        check(
+            "limits.max_topic_levels",
+            l.max_topic_levels >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "limits.max_subscriptions",
+            l.max_subscriptions >= 1,
+            "must be at least 1",
+        )?;
         crate::edge::acl::Acl::new(&self.acl.roles).map_err(|e| ConfigError::Invalid {
             key: "acl.roles",
             reason: e.to_string(),
@@ -337,6 +369,7 @@ impl Config {
             "must be between 1 and 100000",
         )?;
         self.analytics.validate()?;
+        self.tls.validate_tls()?;
         Ok(())
     }
 }
@@ -349,6 +382,68 @@ fn check(key: &'static str, ok: bool, reason: &str) -> Result<(), ConfigError> {
             key,
             reason: reason.to_string(),
         })
+    }
+}
+
+/// TLS for MQTT (`mqtt_listen`) and for the web port (`https`), served by `edge::tls`. The
+/// files are read at start, not here, so `check-config` needs no access to private keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address of the MQTT-over-TLS listener; empty for none.
+    pub mqtt_listen: String,
+    /// The web port speaks TLS (HTTPS, WSS) instead of plain HTTP.
+    pub https: bool,
+    /// Certificate chain, server certificate first (PEM).
+    pub cert_file: String,
+    /// The server certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+    /// CA certificates that sign client certificates (PEM); needs `client_certs` on.
+    pub client_ca_file: String,
+    pub client_certs: ClientCerts,
+}
+
+/// Whether clients authenticate with a certificate, whose common name is then their user name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCerts {
+    /// No certificate is asked for.
+    Off,
+    /// A certificate is asked for; a client without one authenticates as usual.
+    Optional,
+    /// The TLS handshake fails without a certificate signed by `client_ca_file`.
+    Required,
+}
+
+impl TlsConfig {
+    /// The MQTT/TLS listener's address, when one is configured.
+    pub fn mqtt_listen_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_listen.parse().ok()
+    }
+
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        check(
+            "tls.mqtt_listen",
+            self.mqtt_listen.is_empty() || self.mqtt_listen_addr().is_some(),
+            "must be empty (no MQTT/TLS listener) or an address such as \"0.0.0.0:8883\"",
+        )?;
+        let serving = !self.mqtt_listen.is_empty() || self.https;
+        for (key, file) in [
+            ("tls.cert_file", &self.cert_file),
+            ("tls.key_file", &self.key_file),
+        ] {
+            check(
+                key,
+                !serving || !file.is_empty(),
+                "a file is required when tls.mqtt_listen or tls.https is set",
+            )?;
+        }
+        check(
+            "tls.client_ca_file",
+            (self.client_certs == ClientCerts::Off) == self.client_ca_file.is_empty(),
+            "required exactly when tls.client_certs is \"optional\" or \"required\"",
+        )?;
+        Ok(())
     }
 }
 

@@ -46,12 +46,16 @@ pub enum RunError {
     Core(#[from] core::CoreError),
     #[error(transparent)]
     Policy(#[from] edge::policy::PolicyError),
+    #[error(transparent)]
+    Tls(#[from] edge::tls::TlsError),
 }
 
 /// The public listeners, bound.
 pub struct Listeners {
     pub mqtt: TcpListener,
     pub http: TcpListener,
+    /// MQTT over TLS, when `tls.mqtt_listen` is set.
+    pub mqtts: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -61,7 +65,11 @@ impl Listeners {
         let local_only = config.auth.local_only();
         let mqtt = bind_one("mqtt.listen", config.mqtt.listen, local_only).await?;
         let http = bind_one("http.listen", config.http.listen, local_only).await?;
-        Ok(Listeners { mqtt, http })
+        let mqtts = match config.tls.mqtt_listen_addr() {
+            Some(addr) => Some(bind_one("tls.mqtt_listen", addr, local_only).await?),
+            None => None,
+        };
+        Ok(Listeners { mqtt, http, mqtts })
     }
 
     pub fn mqtt_addr(&self) -> std::io::Result<SocketAddr> {
@@ -101,6 +109,16 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    // Certificates first: a bad file is reported before anything starts.
+    let certificates = if listeners.mqtts.is_some() || config.tls.https {
+        Some(edge::tls::Certificates::load(&config.tls)?)
+    } else {
+        None
+    };
+    let web_tls = match &certificates {
+        Some(c) if config.tls.https => Some(c.acceptor(edge::tls::HTTP_ALPN)?),
+        _ => None,
+    };
     let metrics = Arc::new(metrics::Metrics::default());
     let core = core::Core::start(&config).await?;
     let edge = Arc::new(edge::Edge::new(&config, core, metrics, shutdown.clone())?);
@@ -113,11 +131,25 @@ pub async fn run(
 
     let mqtt_addr = listeners.mqtt.local_addr().ok();
     let http_addr = listeners.http.local_addr().ok();
+    let mqtts_addr = listeners.mqtts.as_ref().map(|l| l.local_addr().ok());
     let tcp_task = tokio::spawn(edge::tcp::serve(edge.clone(), listeners.mqtt));
-    let web_task = tokio::spawn(edge::web::serve(edge.clone(), listeners.http));
+    let web_task = tokio::spawn(edge::web::serve(edge.clone(), listeners.http, web_tls));
+    let tls_task = match (listeners.mqtts, &certificates) {
+        (Some(listener), Some(c)) => {
+            let acceptor = c.acceptor(edge::tls::MQTT_ALPN)?;
+            Some(tokio::spawn(edge::tcp::serve_tls(
+                edge.clone(),
+                listener,
+                acceptor,
+            )))
+        }
+        _ => None,
+    };
     tracing::info!(
         mqtt = %fmt_addr(mqtt_addr),
         http = %fmt_addr(http_addr),
+        mqtts = %mqtts_addr.map_or_else(|| "off".to_string(), fmt_addr),
+        https = config.tls.https,
         "vigil listening"
     );
 
@@ -125,6 +157,9 @@ pub async fn run(
     tracing::info!("shutting down");
     let _ = tcp_task.await;
     let _ = web_task.await;
+    if let Some(task) = tls_task {
+        let _ = task.await;
+    }
     edge.tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, edge.tracker.wait())
         .await

@@ -25,6 +25,9 @@ struct Cli {
     /// Address for the web port, overriding `http.listen` (port 0 picks a free port).
     #[arg(long, global = true)]
     http_listen: Option<SocketAddr>,
+    /// Address for MQTT over TLS, overriding `tls.mqtt_listen` (needs `[tls]` certificates).
+    #[arg(long, global = true)]
+    mqtts_listen: Option<SocketAddr>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -165,6 +168,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if let Some(addr) = cli.http_listen {
         config.http.listen = addr;
+    }
+    if let Some(addr) = cli.mqtts_listen {
+        config.tls.mqtt_listen = addr.to_string();
     }
     // rumqttd runs its router and listener on threads of its own: leave them a core. Measured on
     // 2 cores (BENCHMARKS.md): one worker instead of two gave about +10% for a publisher waiting

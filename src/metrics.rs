@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub tcp_connections: AtomicU64,
+    /// MQTT over TLS (`tls.mqtt_listen`).
+    pub tls_connections: AtomicU64,
     pub ws_connections: AtomicU64,
     /// JSON bridge sessions connected now (`bridge`).
     pub bridge_sessions: AtomicU64,
@@ -20,6 +22,13 @@ pub struct Metrics {
     /// publishes).
     pub acl_denied_publish: AtomicU64,
     pub acl_denied_subscribe: AtomicU64,
+    /// Limits: connections refused per address, publishes over a role's rate (and v5 clients
+    /// disconnected for it), topics over the length/level limits, subscriptions over the cap.
+    pub refused_per_ip: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub rate_limited_disconnects: AtomicU64,
+    pub topic_limit_refusals: AtomicU64,
+    pub subscription_limit_refusals: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
     pub slow_consumers: AtomicU64,
@@ -127,6 +136,7 @@ impl Metrics {
             "MQTT clients connected now, by listener.",
             &[
                 ("{listener=\"tcp\"}", g(&self.tcp_connections)),
+                ("{listener=\"tls\"}", g(&self.tls_connections)),
                 ("{listener=\"ws\"}", g(&self.ws_connections)),
                 ("{listener=\"bridge\"}", g(&self.bridge_sessions)),
             ],
@@ -185,6 +195,25 @@ impl Metrics {
                     g(&self.handshake_timeouts),
                 ),
                 ("{reason=\"auth\"}", g(&self.auth_failures)),
+                ("{reason=\"per_ip\"}", g(&self.refused_per_ip)),
+            ],
+        );
+        metric(
+            "rate_limited_total",
+            "counter",
+            "Publishes over the role's rate limit (dropped, or the v5 client disconnected).",
+            &[("", g(&self.rate_limited))],
+        );
+        metric(
+            "limit_refusals_total",
+            "counter",
+            "Requests refused by a limit, by limit.",
+            &[
+                ("{limit=\"topic\"}", g(&self.topic_limit_refusals)),
+                (
+                    "{limit=\"subscriptions\"}",
+                    g(&self.subscription_limit_refusals),
+                ),
             ],
         );
         metric(
@@ -209,6 +238,10 @@ impl Metrics {
                 ("{reason=\"slow_consumer\"}", g(&self.slow_consumers)),
                 ("{reason=\"session_taken_over\"}", g(&self.takeovers)),
                 ("{reason=\"core_closed\"}", g(&self.core_closed)),
+                (
+                    "{reason=\"rate_limited\"}",
+                    g(&self.rate_limited_disconnects),
+                ),
             ],
         );
         let by_qos = |a: &[AtomicU64; 3]| [g(&a[0]), g(&a[1]), g(&a[2])];

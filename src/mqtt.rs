@@ -70,12 +70,16 @@ pub mod reason {
     pub const BAD_AUTH_METHOD: u8 = 0x8C;
     pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
     pub const SESSION_TAKEN_OVER: u8 = 0x8E;
+    pub const TOPIC_FILTER_INVALID: u8 = 0x8F;
     pub const TOPIC_NAME_INVALID: u8 = 0x90;
     pub const PACKET_ID_NOT_FOUND: u8 = 0x92;
     pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
     pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
     pub const PACKET_TOO_LARGE: u8 = 0x95;
+    pub const MESSAGE_RATE_TOO_HIGH: u8 = 0x96;
+    pub const QUOTA_EXCEEDED: u8 = 0x97;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
+    pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
     pub const SUB_IDS_NOT_SUPPORTED: u8 = 0xA1;
 }
 

@@ -1104,6 +1104,10 @@ fn close_reason(code: Option<u8>) -> (CloseCode, String) {
             CloseCode::Policy,
             "slow_consumer: messages were not read in time",
         ),
+        Some(reason::MESSAGE_RATE_TOO_HIGH) => (
+            CloseCode::Policy,
+            "rate_limited: publishing faster than this user's role allows",
+        ),
         Some(reason::UNSPECIFIED) | None => (
             CloseCode::Error,
             "server_error: the broker ended the session",
@@ -1122,7 +1126,10 @@ fn reason_code(code: u8) -> (&'static str, &'static str) {
         reason::NOT_AUTHORIZED => ("not_authorized", "not authorized"),
         reason::TOPIC_NAME_INVALID => ("bad_topic", "topic name not accepted"),
         reason::PACKET_TOO_LARGE => ("payload_too_large", "message over the maximum size"),
-        0x97 => ("quota_exceeded", "rate limit exceeded"),
+        reason::QUOTA_EXCEEDED => ("quota_exceeded", "subscription limit reached"),
+        reason::TOPIC_FILTER_INVALID => {
+            ("bad_filter", "topic filter over the length or level limit")
+        }
         _ => ("failed", "the broker refused the message"),
     }
 }
@@ -1147,7 +1154,10 @@ fn suback_frame(pending: &PendingSub, codes: &[u8]) -> String {
                     None
                 }
                 Some(reason::NOT_AUTHORIZED) => Some("not_authorized"),
-                Some(reason::TOPIC_NAME_INVALID) => Some("bad_filter"),
+                Some(reason::TOPIC_NAME_INVALID | reason::TOPIC_FILTER_INVALID) => {
+                    Some("bad_filter")
+                }
+                Some(reason::QUOTA_EXCEEDED) => Some("too_many_subscriptions"),
                 _ => Some("failed"),
             },
         };

@@ -39,6 +39,11 @@ pub struct RoleRules {
     pub publish: Vec<String>,
     #[serde(default)]
     pub subscribe: Vec<String>,
+    /// Publish rate limits (0: none).
+    #[serde(default)]
+    pub max_messages_per_sec: u32,
+    #[serde(default)]
+    pub max_bytes_per_sec: u64,
 }
 
 /// One level of a compiled rule.
@@ -58,6 +63,14 @@ struct Rule(Vec<Level>);
 struct CompiledRole {
     publish: Vec<Rule>,
     subscribe: Vec<Rule>,
+    rates: Rates,
+}
+
+/// A role's publish rate limits; 0 means none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rates {
+    pub messages_per_sec: u32,
+    pub bytes_per_sec: u64,
 }
 
 /// All roles' rules, checked once at start.
@@ -86,6 +99,10 @@ impl Acl {
                 CompiledRole {
                     publish: compile_all(&rules.publish)?,
                     subscribe: compile_all(&rules.subscribe)?,
+                    rates: Rates {
+                        messages_per_sec: rules.max_messages_per_sec,
+                        bytes_per_sec: rules.max_bytes_per_sec,
+                    },
                 },
             );
         }
@@ -94,6 +111,11 @@ impl Acl {
 
     pub fn has_role(&self, role: &str) -> bool {
         self.roles.contains_key(role)
+    }
+
+    /// The role's publish rate limits (none for an unknown role, which may not publish).
+    pub fn rates(&self, role: &str) -> Rates {
+        self.roles.get(role).map(|r| r.rates).unwrap_or_default()
     }
 
     /// Whether `who` may publish to `topic` (a valid topic name).
@@ -207,6 +229,7 @@ mod tests {
             RoleRules {
                 publish: vec!["device/%u/telemetry".into(), "device/%u/status".into()],
                 subscribe: vec!["device/%u/commands".into()],
+                ..RoleRules::default()
             },
         );
         roles.insert(
@@ -214,6 +237,7 @@ mod tests {
             RoleRules {
                 publish: vec![],
                 subscribe: vec!["device/+/telemetry".into(), "device/+/alerts".into()],
+                ..RoleRules::default()
             },
         );
         roles.insert(
@@ -221,6 +245,7 @@ mod tests {
             RoleRules {
                 publish: vec!["#".into()],
                 subscribe: vec!["#".into()],
+                ..RoleRules::default()
             },
         );
         roles.insert(
@@ -228,6 +253,7 @@ mod tests {
             RoleRules {
                 publish: vec!["clients/%c/#".into()],
                 subscribe: vec![],
+                ..RoleRules::default()
             },
         );
         Acl::new(&roles).unwrap()
@@ -306,7 +332,7 @@ mod tests {
             "r".to_string(),
             RoleRules {
                 publish: vec!["a/#/b".into()],
-                subscribe: vec![],
+                ..RoleRules::default()
             },
         );
         assert!(matches!(Acl::new(&roles), Err(AclError::BadRule { .. })));
@@ -314,7 +340,7 @@ mod tests {
             "r".to_string(),
             RoleRules {
                 publish: vec!["dev-%u/x".into()],
-                subscribe: vec![],
+                ..RoleRules::default()
             },
         );
         assert!(matches!(

@@ -40,6 +40,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 use tracing::{debug, info, warn};
 
+use super::limits::RateLimiter;
 use super::policy::{self, Credentials, Identity};
 use super::registry::{Claim, OfflineState, Redelivery, MAX_PENDING_QOS2};
 use super::{Edge, Listener, Origin};
@@ -141,8 +142,19 @@ pub async fn serve<S>(
         listener,
         tls_cn,
     } = origin;
+    let Some(_ip_slot) = edge.policy.ip_slot(peer.ip()) else {
+        Metrics::inc(&edge.metrics.refused_per_ip);
+        info!("refused: too many connections from this address");
+        let code = match connect.version {
+            Version::V311 => rc::SERVER_UNAVAILABLE,
+            Version::V5 => reason::CONNECTION_RATE_EXCEEDED,
+        };
+        refuse(&mut stream, connect.version, code).await;
+        return;
+    };
     let counter = match listener {
         Listener::Tcp => &edge.metrics.tcp_connections,
+        Listener::Tls => &edge.metrics.tls_connections,
         Listener::WebSocket => &edge.metrics.ws_connections,
         Listener::Bridge => &edge.metrics.bridge_sessions,
     };
@@ -210,6 +222,8 @@ enum End {
     KeepAliveTimeout,
     SlowConsumer,
     ProtocolError(u8),
+    /// A v5 client over its role's publish rate: DISCONNECT 0x96.
+    RateLimited,
     TakenOver,
     Shutdown,
     CoreGone,
@@ -320,6 +334,13 @@ struct Session<S> {
     /// The last topic the ACL allowed this client to publish to: devices publish to the same
     /// few topics, so most checks are one comparison.
     last_allowed_topic: Option<Bytes>,
+    /// The role's publish rate limit.
+    rate: RateLimiter,
+    /// Messages dropped for the rate limit since the last log line about it.
+    rate_dropped: u64,
+    rate_logged: Option<Instant>,
+    /// Filters subscribed on this connection (the `max_subscriptions` count).
+    subscriptions: std::collections::HashSet<Bytes>,
     /// Why each PINGREQ the edge sent the core is outstanding, in order (see `PingFor`).
     core_pings: std::collections::VecDeque<PingFor>,
     /// SUBSCRIBEs whose `$` filters the edge answered itself: packet id and, per filter, the
@@ -536,6 +557,10 @@ where
             persistent,
             resumed: session_present,
             internal_subacks: Vec::new(),
+            rate: RateLimiter::new(edge.policy.rates(&identity)),
+            rate_dropped: 0,
+            rate_logged: None,
+            subscriptions: Default::default(),
             identity,
             client_id: client_id.to_string(),
             last_allowed_topic: None,
@@ -558,6 +583,7 @@ where
             End::KeepAliveTimeout => Metrics::inc(&edge.metrics.keepalive_timeouts),
             End::SlowConsumer => Metrics::inc(&edge.metrics.slow_consumers),
             End::ProtocolError(_) => Metrics::inc(&edge.metrics.protocol_errors),
+            End::RateLimited => Metrics::inc(&edge.metrics.rate_limited_disconnects),
             End::TakenOver => Metrics::inc(&edge.metrics.takeovers),
             End::CoreGone => Metrics::inc(&edge.metrics.core_closed),
             _ => {}
@@ -807,8 +833,15 @@ where
                 let p =
                     mqtt::parse_publish(&frame, self.version).map_err(|e| self.violation(&e))?;
                 Metrics::inc(&edge.metrics.publish_in[p.qos as usize]);
-                if !self.may_publish(edge, &p.topic) {
-                    return self.refuse_publish(p.qos, p.pkid);
+                if let Err(code) = self.check_publish(edge, &p.topic) {
+                    return self.refuse_publish(p.qos, p.pkid, code);
+                }
+                if !self.rate.is_unlimited()
+                    && !self
+                        .rate
+                        .allow(p.topic.len() + p.payload.len(), Instant::now())
+                {
+                    return self.over_rate(edge, p.qos, p.pkid);
                 }
                 if p.qos == 2 {
                     if self.inbound_qos2.contains(&p.pkid)
@@ -953,6 +986,9 @@ where
                     return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
                 }
                 let filters = u.filters.len();
+                for f in &u.filters {
+                    self.subscriptions.remove(f);
+                }
                 let to_core: Vec<Bytes> = u
                     .filters
                     .into_iter()
@@ -1005,36 +1041,69 @@ where
         Ok(())
     }
 
-    /// The ACL's answer for a PUBLISH topic, remembering the last topic allowed.
-    fn may_publish(&mut self, edge: &Edge, topic: &Bytes) -> bool {
+    /// The topic limits' and the ACL's answer for a PUBLISH topic (`Err` with the v5 reason
+    /// code), remembering the last topic allowed.
+    fn check_publish(&mut self, edge: &Edge, topic: &Bytes) -> Result<(), u8> {
         if self.last_allowed_topic.as_ref() == Some(topic) {
-            return true;
+            return Ok(());
         }
-        if edge
+        if !edge.policy.topic_within_limits(topic) {
+            Metrics::inc(&edge.metrics.topic_limit_refusals);
+            debug!(
+                len = topic.len(),
+                "publish refused: topic over the length or level limit"
+            );
+            return Err(reason::TOPIC_NAME_INVALID);
+        }
+        if !edge
             .policy
             .may_publish(&self.identity, &self.client_id, topic)
         {
-            self.last_allowed_topic = Some(topic.clone());
-            return true;
+            Metrics::inc(&edge.metrics.acl_denied_publish);
+            debug!(topic = %String::from_utf8_lossy(topic), "publish refused by the ACL");
+            return Err(reason::NOT_AUTHORIZED);
         }
-        Metrics::inc(&edge.metrics.acl_denied_publish);
-        debug!(topic = %String::from_utf8_lossy(topic), "publish refused by the ACL");
-        false
+        self.last_allowed_topic = Some(topic.clone());
+        Ok(())
     }
 
-    /// A PUBLISH the ACL refused: dropped. A v5 client is told with reason 0x87 on its
+    /// A PUBLISH over the role's rate: a v5 client is disconnected (0x96), a 3.1.1 client's
+    /// message is dropped (and acknowledged, see `refuse_publish`). Logged at most every 10 s
+    /// per connection, with the count.
+    fn over_rate(&mut self, edge: &Edge, qos: u8, pkid: u16) -> Result<(), End> {
+        Metrics::inc(&edge.metrics.rate_limited);
+        self.rate_dropped += 1;
+        let now = Instant::now();
+        let due = self
+            .rate_logged
+            .map_or(true, |t| now.duration_since(t) >= Duration::from_secs(10));
+        if due {
+            warn!(
+                user = %self.identity.user,
+                role = %self.identity.role,
+                dropped = self.rate_dropped,
+                "publish rate limit exceeded"
+            );
+            self.rate_logged = Some(now);
+            self.rate_dropped = 0;
+        }
+        match self.version {
+            Version::V5 => Err(End::RateLimited),
+            Version::V311 => self.refuse_publish(qos, pkid, reason::MESSAGE_RATE_TOO_HIGH),
+        }
+    }
+
+    /// A PUBLISH the edge refused: dropped. A v5 client is told with `code` on its
     /// acknowledgement; a 3.1.1 client, which has no way to be told, is acknowledged as if it
     /// had been accepted (as mosquitto does), its QoS 2 flow completed by the edge.
-    fn refuse_publish(&mut self, qos: u8, pkid: u16) -> Result<(), End> {
+    fn refuse_publish(&mut self, qos: u8, pkid: u16, code: u8) -> Result<(), End> {
         let kind = match qos {
             0 => return Ok(()),
             1 => mqtt::PUBACK,
             _ => mqtt::PUBREC,
         };
         match self.version {
-            Version::V5 => {
-                mqtt::put_ack_reason(&mut self.client_out, kind, pkid, reason::NOT_AUTHORIZED)
-            }
+            Version::V5 => mqtt::put_ack_reason(&mut self.client_out, kind, pkid, code),
             Version::V311 => {
                 if qos == 2 && !self.inbound_qos2.contains(&pkid) {
                     if self.inbound_qos2.len() >= MAX_PENDING_QOS2 {
@@ -1049,7 +1118,22 @@ where
     }
 
     /// The SUBACK code the edge gives a filter itself, or `None` when the core decides.
-    fn edge_suback_code(&self, edge: &Edge, filter: &[u8], options: u8) -> Option<u8> {
+    fn edge_suback_code(&mut self, edge: &Edge, filter: &Bytes, options: u8) -> Option<u8> {
+        let v5_or = |code: u8| match self.version {
+            Version::V311 => 0x80,
+            Version::V5 => code,
+        };
+        if !edge.policy.topic_within_limits(filter) {
+            Metrics::inc(&edge.metrics.topic_limit_refusals);
+            return Some(v5_or(reason::TOPIC_FILTER_INVALID));
+        }
+        if !self.subscriptions.contains(filter)
+            && self.subscriptions.len() >= edge.policy.max_subscriptions
+        {
+            Metrics::inc(&edge.metrics.subscription_limit_refusals);
+            debug!("subscription refused: max_subscriptions reached");
+            return Some(v5_or(reason::QUOTA_EXCEEDED));
+        }
         if !edge
             .policy
             .may_subscribe(&self.identity, &self.client_id, filter)
@@ -1061,6 +1145,7 @@ where
                 Version::V5 => reason::NOT_AUTHORIZED,
             });
         }
+        self.subscriptions.insert(filter.clone());
         is_dollar_filter(filter).then_some(options & 0x03)
     }
 
@@ -1377,6 +1462,7 @@ where
             End::KeepAliveTimeout => Some(reason::KEEP_ALIVE_TIMEOUT),
             End::SlowConsumer => Some(reason::IMPLEMENTATION_SPECIFIC),
             End::ProtocolError(code) => Some(code),
+            End::RateLimited => Some(reason::MESSAGE_RATE_TOO_HIGH),
             End::TakenOver => Some(reason::SESSION_TAKEN_OVER),
             End::Shutdown => Some(reason::SERVER_SHUTTING_DOWN),
             End::CoreGone => Some(reason::UNSPECIFIED),

@@ -1,18 +1,22 @@
 //! The edge: vigil's public face. It owns every public socket, polices every client and
 //! gives each one its own connection to the core.
 //!
-//! - `tcp` and `web` accept sockets (MQTT over TCP; HTTP, MQTT over WebSocket) and spawn one
-//!   task per connection, bounded by a handshake pool and the connection cap.
+//! - `tcp` and `web` accept sockets (MQTT over TCP or TLS; HTTP(S), MQTT over WebSocket) and
+//!   spawn one task per connection, bounded by a handshake pool and the connection cap.
+//! - `tls` loads certificates, runs TLS handshakes and names verified client certificates.
 //! - `connection` runs one client: CONNECT, policies, then the relay to the core.
 //! - `policy` holds the rules (authentication, client ids, limits) in one place.
 //! - `registry` holds live client ids (takeover) and QoS 2 state rumqttd forgets.
 
 pub mod acl;
 pub mod connection;
+pub mod jwt;
+pub mod limits;
 pub mod passwd;
 pub mod policy;
 pub mod registry;
 pub mod tcp;
+pub mod tls;
 pub mod web;
 pub mod ws_io;
 
@@ -87,6 +91,8 @@ impl Origin {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listener {
     Tcp,
+    /// MQTT over TLS (`tls.mqtt_listen`).
+    Tls,
     WebSocket,
     /// The JSON bridge: a session's MQTT side, inside the process.
     Bridge,
@@ -96,6 +102,7 @@ impl Listener {
     pub fn as_str(self) -> &'static str {
         match self {
             Listener::Tcp => "tcp",
+            Listener::Tls => "tls",
             Listener::WebSocket => "ws",
             Listener::Bridge => "bridge",
         }

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use rand::RngCore;
 use tokio::sync::Semaphore;
 
-use super::acl::{Acl, AclError, Subject};
+use super::acl::{Acl, AclError, Rates, Subject};
+use super::jwt::{JwtError, JwtVerifier};
+use super::limits::{IpSlot, PerIp};
 use super::passwd::{self, PasswdError, PasswordDb};
 use crate::config::Config;
 
@@ -22,6 +24,8 @@ pub enum PolicyError {
     Passwd(#[from] PasswdError),
     #[error("invalid ACL: {0}")]
     Acl(#[from] AclError),
+    #[error(transparent)]
+    Jwt(#[from] JwtError),
     #[error("user `{user}` has role `{role}`, which [acl.roles] does not define")]
     UnknownRole { user: String, role: String },
 }
@@ -54,13 +58,18 @@ const CONCURRENT_VERIFICATIONS: usize = 4;
 pub struct Policy {
     password_file: Option<PathBuf>,
     passwords: RwLock<Arc<PasswordDb>>,
+    jwt: JwtVerifier,
     acl: Acl,
     verifications: Semaphore,
     failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     max_failures_per_minute: u32,
+    per_ip: Arc<PerIp>,
     pub max_client_id_len: usize,
     pub max_packet_size: usize,
     pub max_keepalive_secs: u16,
+    pub max_topic_length: usize,
+    pub max_topic_levels: usize,
+    pub max_subscriptions: usize,
 }
 
 impl Policy {
@@ -72,16 +81,27 @@ impl Policy {
             Some(path) => PasswordDb::load(path)?,
             None => PasswordDb::default(),
         };
+        let a = &config.auth;
+        let jwt = JwtVerifier::load(
+            &a.jwt_hs256_secret_file,
+            &a.jwt_rs256_public_key_file,
+            &a.jwt_es256_public_key_file,
+        )?;
         let policy = Policy {
             password_file,
             passwords: RwLock::new(Arc::new(PasswordDb::default())),
+            jwt,
             acl,
             verifications: Semaphore::new(CONCURRENT_VERIFICATIONS),
             failures: Mutex::new(HashMap::new()),
             max_failures_per_minute: config.auth.max_failures_per_minute,
+            per_ip: Arc::new(PerIp::new(config.limits.max_connections_per_ip)),
             max_client_id_len: config.limits.max_client_id_len,
             max_packet_size: config.limits.max_packet_size,
             max_keepalive_secs: config.limits.max_keepalive_secs,
+            max_topic_length: config.limits.max_topic_length,
+            max_topic_levels: config.limits.max_topic_levels,
+            max_subscriptions: config.limits.max_subscriptions,
         };
         policy.install(passwords)?;
         Ok(policy)
@@ -89,7 +109,7 @@ impl Policy {
 
     /// Local-only mode: no credentials, anonymous clients, no ACLs.
     pub fn local_only(&self) -> bool {
-        self.password_file.is_none()
+        self.password_file.is_none() && !self.jwt.is_configured()
     }
 
     /// Reads the password file again (SIGHUP). Connections stay; new CONNECTs see the new
@@ -155,6 +175,20 @@ impl Policy {
                 role: role.to_string(),
             });
         }
+        if let Some(token) = creds
+            .password
+            .filter(|p| self.jwt.is_configured() && JwtVerifier::looks_like_token(p))
+        {
+            let t = self.jwt.verify(token)?;
+            if creds.username.is_some_and(|u| !u.is_empty() && u != t.user) {
+                return Err("user name differs from the token's `sub`");
+            }
+            let role = t.role.unwrap_or_else(|| DEFAULT_ROLE.to_string());
+            if !self.acl.has_role(&role) {
+                return Err("token role is not one of [acl.roles]");
+            }
+            return Ok(Identity { user: t.user, role });
+        }
         let (Some(user), Some(password)) = (creds.username, creds.password) else {
             return Err("no credentials");
         };
@@ -212,6 +246,25 @@ impl Policy {
     /// Whether `who` may subscribe to `filter`.
     pub fn may_subscribe(&self, who: &Identity, client_id: &str, filter: &[u8]) -> bool {
         self.local_only() || self.acl.may_subscribe(&subject(who, client_id), filter)
+    }
+
+    /// The publish rate limits of `who` (none in local-only mode).
+    pub fn rates(&self, who: &Identity) -> Rates {
+        if self.local_only() {
+            return Rates::default();
+        }
+        self.acl.rates(&who.role)
+    }
+
+    /// A connection slot for the address, or `None` when it has `max_connections_per_ip`.
+    pub fn ip_slot(&self, ip: IpAddr) -> Option<IpSlot> {
+        self.per_ip.acquire(ip)
+    }
+
+    /// Whether a topic name or filter is within the length and level limits.
+    pub fn topic_within_limits(&self, topic: &[u8]) -> bool {
+        topic.len() <= self.max_topic_length
+            && topic.iter().filter(|&&b| b == b'/').count() < self.max_topic_levels
     }
 
     /// Checks a client identifier; `Err` carries the reason for the log.

@@ -9,23 +9,27 @@
 //! - WebSocket upgrade on `/ws`: the JSON bridge (`bridge`), echoing the `vigil.bridge.v1`
 //!   subprotocol when offered.
 //! - `GET /healthz`, `GET /metrics`, `GET /`.
+//!
+//! With `tls.https` the port speaks TLS only: the same routes over HTTPS and WSS, and the
+//! common name of a verified client certificate goes to the MQTT origin or the bridge.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, warn};
 
 use super::ws_io::WsIo;
-use super::{accept_loop, connection, Edge, Listener, Origin};
+use super::{accept_loop, connection, tls, Edge, Listener, Origin};
 use crate::bridge;
 use crate::metrics::Metrics;
 
@@ -40,9 +44,35 @@ const WS_WRITE_BUFFER: usize = 16 * 1024;
 const MQTT_SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 
 /// Accepts until shutdown (see [`accept_loop`]); each socket's HTTP head decides its fate.
-pub async fn serve(edge: Arc<Edge>, listener: TcpListener) {
-    accept_loop(edge, listener, Listener::WebSocket, handle).await
+/// With an acceptor, every socket first completes a TLS handshake (HTTPS, WSS).
+pub async fn serve(edge: Arc<Edge>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    accept_loop(
+        edge,
+        listener,
+        Listener::WebSocket,
+        move |edge, stream, peer, slot| {
+            let tls = tls.clone();
+            async move {
+                let deadline = Instant::now() + edge.handshake_timeout;
+                match tls {
+                    None => handle(edge, stream, peer, None, slot, deadline).await,
+                    Some(acceptor) => {
+                        if let Ok((stream, tls_cn)) =
+                            tls::accept(&edge, &acceptor, stream, deadline).await
+                        {
+                            handle(edge, stream, peer, tls_cn, slot, deadline).await
+                        }
+                    }
+                }
+            }
+        },
+    )
+    .await
 }
+
+/// What the web port's streams are: plain TCP, or TLS over it.
+trait WebStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WebStream for S {}
 
 /// A parsed request head: what routing needs, owned.
 struct Head {
@@ -57,13 +87,16 @@ struct Head {
     token: Option<String>,
 }
 
+/// Serves one connection from its HTTP head on. `tls_cn` is the common name of a verified
+/// client certificate (TLS only); `deadline` bounds the whole handshake, TLS included.
 async fn handle(
     edge: Arc<Edge>,
-    mut stream: TcpStream,
+    mut stream: impl WebStream,
     peer: SocketAddr,
+    tls_cn: Option<String>,
     slot: OwnedSemaphorePermit,
+    deadline: Instant,
 ) {
-    let deadline = Instant::now() + edge.handshake_timeout;
     let mut buf = BytesMut::with_capacity(1024);
     let head_len = match tokio::time::timeout_at(deadline, read_head(&mut stream, &mut buf)).await {
         Ok(Ok(Some(n))) => n,
@@ -99,6 +132,7 @@ async fn handle(
             buf.split_off(head_len),
             head,
             peer,
+            tls_cn,
             slot,
             deadline,
         )
@@ -138,12 +172,14 @@ const INDEX_HTML: &str = "<!doctype html><html><head><meta charset=\"utf-8\"><ti
 <body><h1>vigil</h1><p>MQTT over WebSocket: <code>/mqtt</code>. Health: <a href=\"/healthz\">/healthz</a>. \
 Metrics: <a href=\"/metrics\">/metrics</a>.</p></body></html>\n";
 
+#[allow(clippy::too_many_arguments)]
 async fn upgrade(
     edge: Arc<Edge>,
-    mut stream: TcpStream,
+    mut stream: impl WebStream,
     leftover: BytesMut,
     head: Head,
     peer: SocketAddr,
+    tls_cn: Option<String>,
     slot: OwnedSemaphorePermit,
     deadline: Instant,
 ) {
@@ -245,7 +281,7 @@ async fn upgrade(
     if is_bridge {
         let handshake = bridge::Handshake {
             token: head.token,
-            tls_cn: None,
+            tls_cn,
         };
         bridge::serve(edge, ws, peer, handshake, slot, deadline).await;
         return;
@@ -254,7 +290,10 @@ async fn upgrade(
         edge,
         WsIo::new(ws),
         BytesMut::new(),
-        Origin::new(peer, Listener::WebSocket),
+        Origin {
+            tls_cn,
+            ..Origin::new(peer, Listener::WebSocket)
+        },
         slot,
         deadline,
     )
@@ -262,7 +301,10 @@ async fn upgrade(
 }
 
 /// Reads until the end of the request head. `Ok(None)` when it exceeds [`MAX_HEAD`].
-async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<Option<usize>> {
+async fn read_head(
+    stream: &mut impl WebStream,
+    buf: &mut BytesMut,
+) -> std::io::Result<Option<usize>> {
     loop {
         if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             return Ok(Some(pos + 4));
@@ -364,12 +406,17 @@ fn percent_decode(value: &str) -> Option<String> {
 }
 
 /// A HEAD response: the head GET would send (Content-Length included), without the body.
-async fn respond_head_only(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) {
+async fn respond_head_only(
+    stream: &mut impl WebStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+) {
     write_response(stream, status, content_type, body, &[], false).await
 }
 
 async fn respond(
-    stream: &mut TcpStream,
+    stream: &mut impl WebStream,
     status: u16,
     content_type: &str,
     body: &str,
@@ -379,7 +426,7 @@ async fn respond(
 }
 
 async fn write_response(
-    stream: &mut TcpStream,
+    stream: &mut impl WebStream,
     status: u16,
     content_type: &str,
     body: &str,

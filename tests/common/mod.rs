@@ -142,6 +142,11 @@ impl Vigil {
         }
     }
 
+    /// The directory holding this instance's config (and password file, if any).
+    pub fn dir(&self) -> &std::path::Path {
+        &self._dir.0
+    }
+
     pub fn port(&self) -> u16 {
         self.mqtt.port()
     }
