@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! cargo run --release --example loadgen -- --port 1883 --publishers 1 --subscribers 1 \
-//!     --qos 1 --size 100 --count 200000 [--rate 10000] [--inflight 100]
+//!     --qos 1 --size 100 --count 200000 [--rate 10000] [--inflight 100] \
+//!     [--user U --password P]
 //! ```
 //!
 //! Every publisher sends `count` messages to `<prefix>/<publisher>`; every subscriber
@@ -31,6 +32,9 @@ struct Args {
     inflight: u16,
     prefix: String,
     label: String,
+    /// Credentials for brokers that require them (`--user`, `--password`).
+    user: Option<String>,
+    password: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -46,6 +50,8 @@ fn parse_args() -> Args {
         inflight: 100,
         prefix: format!("bench/{}", std::process::id()),
         label: String::new(),
+        user: None,
+        password: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -63,6 +69,8 @@ fn parse_args() -> Args {
             "--inflight" => a.inflight = v.parse().expect("--inflight"),
             "--prefix" => a.prefix = v,
             "--label" => a.label = v,
+            "--user" => a.user = Some(v),
+            "--password" => a.password = Some(v),
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -84,6 +92,9 @@ fn qos(q: u8) -> QoS {
 
 fn options(args: &Args, id: String) -> MqttOptions {
     let mut o = MqttOptions::new(id, args.host.clone(), args.port);
+    if let (Some(user), Some(password)) = (&args.user, &args.password) {
+        o.set_credentials(user.clone(), password.clone());
+    }
     o.set_keep_alive(Duration::from_secs(30));
     o.set_inflight(args.inflight);
     o.set_max_packet_size(1 << 20, 1 << 20);
