@@ -231,6 +231,32 @@ mod tests {
     }
 
     #[test]
+    fn es256_with_a_public_key_file() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let dir = std::env::temp_dir().join(format!("vigil-jwt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let public = dir.join("es256.pub.pem");
+        std::fs::write(&public, key.public_key_pem()).unwrap();
+        let v = JwtVerifier::load("", "", public.to_str().unwrap()).unwrap();
+        let signing = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+        let claims = serde_json::json!({"sub": "plc-7", "role": "operator", "exp": now() + 60});
+        let t = encode(&Header::new(Algorithm::ES256), &claims, &signing).unwrap();
+        assert_eq!(v.verify(t.as_bytes()).unwrap().user, "plc-7");
+        // An HS256 token is refused when only ES256 is configured (no algorithm confusion).
+        let hs = token(serde_json::json!({"sub": "plc-7"}), SECRET);
+        assert_eq!(v.verify(hs.as_bytes()), Err("token algorithm not accepted"));
+        // Bad key files are errors naming the key.
+        std::fs::write(&public, "not a key").unwrap();
+        match JwtVerifier::load("", "", public.to_str().unwrap()) {
+            Err(JwtError::BadKey { key, .. }) => assert_eq!(key, "auth.jwt_es256_public_key_file"),
+            other => panic!("{:?}", other.err()),
+        }
+        let short = dir.join("short.secret");
+        std::fs::write(&short, "too short").unwrap();
+        assert!(JwtVerifier::load(short.to_str().unwrap(), "", "").is_err());
+    }
+
+    #[test]
     fn algorithms_without_a_key_are_refused() {
         let v = JwtVerifier::default();
         let t = token(serde_json::json!({"sub": "m1"}), SECRET);
