@@ -287,7 +287,7 @@ fn authentication_failures_get_not_authorized() {
             v5: true,
             ..ConnectOpts::v311("c")
         },
-        &[0, 0x87],
+        &[0, 0x86],
     );
     let good = ConnectOpts {
         user: Some("sensor-01"),

@@ -411,7 +411,13 @@ where
             Err(why) => {
                 Metrics::inc(&edge.metrics.auth_failures);
                 warn!(reason = why, %peer, user = connect.username.as_deref().unwrap_or(""), "authentication failed");
-                refuse(&mut client, version, not_authorized).await;
+                // As mosquitto answers a failed login: 3.1.1 "not authorized" (5), v5 "bad
+                // user name or password" (0x86), whichever part was wrong.
+                let code = match version {
+                    Version::V311 => rc::NOT_AUTHORIZED,
+                    Version::V5 => reason::BAD_USER_NAME_OR_PASSWORD,
+                };
+                refuse(&mut client, version, code).await;
                 return Ok(());
             }
         };
