@@ -257,6 +257,40 @@ mod tests {
     }
 
     #[test]
+    fn rs256_with_a_public_key_file() {
+        // rcgen (ring) cannot make RSA keys; openssl is on every Debian machine.
+        let dir = std::env::temp_dir().join(format!("vigil-jwt-rsa-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let private = dir.join("rsa.pem");
+        let public = dir.join("rsa.pub.pem");
+        let run = |args: &[&str]| {
+            let ok = std::process::Command::new("openssl")
+                .args(args)
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            assert!(ok, "openssl {args:?}");
+        };
+        run(&["genrsa", "-out", private.to_str().unwrap(), "2048"]);
+        run(&[
+            "rsa",
+            "-in",
+            private.to_str().unwrap(),
+            "-pubout",
+            "-out",
+            public.to_str().unwrap(),
+        ]);
+        let v = JwtVerifier::load("", public.to_str().unwrap(), "").unwrap();
+        let signing = EncodingKey::from_rsa_pem(&std::fs::read(&private).unwrap()).unwrap();
+        let claims = serde_json::json!({"sub": "m3", "exp": now() + 60});
+        let t = encode(&Header::new(Algorithm::RS256), &claims, &signing).unwrap();
+        assert_eq!(v.verify(t.as_bytes()).unwrap().user, "m3");
+        let expired = serde_json::json!({"sub": "m3", "exp": now() - 600});
+        let t = encode(&Header::new(Algorithm::RS256), &expired, &signing).unwrap();
+        assert_eq!(v.verify(t.as_bytes()), Err("token expired"));
+    }
+
+    #[test]
     fn algorithms_without_a_key_are_refused() {
         let v = JwtVerifier::default();
         let t = token(serde_json::json!({"sub": "m1"}), SECRET);
