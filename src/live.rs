@@ -385,14 +385,21 @@ fn put_message(out: &mut BytesMut, m: &Outgoing, pkid: u16) {
 
 /// Runs the analytics task until `shutdown` is cancelled, reconnecting to the core with backoff
 /// if its connection is lost.
+/// Values of `AnalyticsMetrics::state` (0 is "disabled").
+pub const ANALYTICS_STARTING: u64 = 1;
+pub const ANALYTICS_READY: u64 = 2;
+pub const ANALYTICS_FAILED: u64 = 3;
+
 pub async fn run(edge: Arc<Edge>, config: AnalyticsConfig) {
     let metrics = edge.metrics.clone();
     let shutdown = edge.shutdown.clone();
+    metrics.analytics.state.store(ANALYTICS_STARTING, Relaxed);
     async move {
         let mut state = match Analytics::new(&config, metrics.clone()) {
             Ok(state) => state,
             Err(e) => {
                 tracing::error!(error = %e, "analytics disabled");
+                metrics.analytics.state.store(ANALYTICS_FAILED, Relaxed);
                 return;
             }
         };
@@ -407,6 +414,7 @@ pub async fn run(edge: Arc<Edge>, config: AnalyticsConfig) {
                 }
             }
             window.requeue_unacked();
+            metrics.analytics.state.store(ANALYTICS_STARTING, Relaxed);
             Metrics::inc(&metrics.analytics.core_reconnects);
             if started.elapsed() >= STABLE_SESSION {
                 backoff = BACKOFF_MIN;
@@ -518,6 +526,7 @@ async fn session(
                             }
                             if !subscribed {
                                 subscribed = true;
+                                state.metrics.analytics.state.store(ANALYTICS_READY, Relaxed);
                                 tracing::info!(filter = TELEMETRY_FILTER, "analytics subscribed");
                             }
                         }

@@ -40,6 +40,13 @@ enum Command {
     PrintConfig,
     /// Check a configuration file and exit: 0 when valid, 1 with the reason when not.
     CheckConfig { file: PathBuf },
+    /// Print a short live summary of a running vigil (its /readyz and /metrics).
+    Status {
+        /// The web port of the instance (default: `http.listen` of the configuration, with
+        /// 0.0.0.0 read as 127.0.0.1).
+        #[arg(long)]
+        addr: Option<String>,
+    },
     /// Manage a password file (`[auth] password_file`), as mosquitto_passwd does. A running
     /// vigil reads it again on SIGHUP.
     Passwd {
@@ -88,6 +95,15 @@ fn main() -> ExitCode {
         }
         Some(Command::Passwd { ref action }) => {
             return match passwd(action) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Status { ref addr }) => {
+            return match status(&cli, addr.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -145,6 +161,99 @@ fn passwd(action: &PasswdAction) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `vigil status`: fetches /readyz and /metrics over plain HTTP and prints a summary.
+fn status(cli: &Cli, addr: Option<&str>) -> anyhow::Result<()> {
+    let addr = match addr {
+        Some(a) => a
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string(),
+        None => {
+            let config = match &cli.config {
+                Some(path) => Config::from_file(path)?,
+                None => Config::default_config()?,
+            };
+            let mut a = cli.http_listen.unwrap_or(config.http.listen);
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            a.to_string()
+        }
+    };
+    let ready = http_get(&addr, "/readyz")?;
+    let metrics = http_get(&addr, "/metrics")?;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let sum = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    println!("vigil at {addr}: {}", ready.trim());
+    println!(
+        "connections: tcp {} tls {} ws {} bridge {} (accepted since start: {})",
+        value("vigil_connections{listener=\"tcp\"}"),
+        value("vigil_connections{listener=\"tls\"}"),
+        value("vigil_connections{listener=\"ws\"}"),
+        value("vigil_connections{listener=\"bridge\"}"),
+        value("vigil_connections_total"),
+    );
+    println!(
+        "messages: in {} out {}; bytes: in {} out {}",
+        sum("vigil_messages_in_total"),
+        sum("vigil_messages_out_total"),
+        value("vigil_bytes_in_total"),
+        value("vigil_bytes_out_total"),
+    );
+    println!(
+        "refused: auth {} per-ip {} over-cap {}; acl denied {}; rate limited {}; disconnected {}",
+        value("vigil_connections_refused_total{reason=\"auth\"}"),
+        value("vigil_connections_refused_total{reason=\"per_ip\"}"),
+        value("vigil_connections_refused_total{reason=\"over_cap\"}"),
+        sum("vigil_acl_denied_total"),
+        value("vigil_rate_limited_total"),
+        sum("vigil_disconnects_total"),
+    );
+    println!(
+        "analytics: devices {} points {} alerts {} refits {}",
+        value("vigil_analytics_devices"),
+        value("vigil_analytics_points_total"),
+        sum("vigil_analytics_alerts_total"),
+        value("vigil_analytics_refits_total"),
+    );
+    Ok(())
+}
+
+/// A plain HTTP/1.1 GET; returns the body.
+fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)
+        .with_context(|| format!("cannot reach vigil's web port at {addr}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .with_context(|| format!("no HTTP answer from {addr} (is the web port HTTPS?)"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("not an HTTP answer from {addr}"))?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200") || (path == "/readyz" && head.starts_with("HTTP/1.1 503")),
+        "{path}: {}",
+        head.lines().next().unwrap_or_default()
+    );
+    Ok(body.to_string())
 }
 
 fn init_tracing() {

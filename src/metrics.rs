@@ -75,6 +75,9 @@ pub const SEVERITIES: [&str; 4] = ["LOW", "MEDIUM", "HIGH", "CRITICAL"];
 /// Counters of the live analytics task.
 #[derive(Debug, Default)]
 pub struct AnalyticsMetrics {
+    /// 0: analytics disabled; 1: enabled, not subscribed (starting or reconnecting);
+    /// 2: subscribed to telemetry (ready). For `/readyz`.
+    pub state: AtomicU64,
     /// Devices with a monitor in memory now.
     pub devices: AtomicU64,
     /// Telemetry messages that parsed.

@@ -167,3 +167,45 @@ fn sigterm_closes_clients_and_exits_zero_within_five_seconds() {
     let d = raw.recv().expect("DISCONNECT before close");
     assert_eq!((d.kind(), d.body[0]), (14, 0x8B));
 }
+
+/// `/readyz` reports the core and the analytics task; `vigil status` summarises a running
+/// instance from it and from `/metrics`.
+#[test]
+fn readyz_and_status() {
+    let v = Vigil::start();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = http_get(v.http, "/readyz");
+        if r.starts_with("HTTP/1.1 200") {
+            assert!(
+                r.contains("\"core\":\"ok\"") && r.contains("\"analytics\":\"ok\""),
+                "{r}"
+            );
+            break;
+        }
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        assert!(std::time::Instant::now() < deadline, "never ready: {r}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    publish(v.port(), &["-t", "status/x", "-m", "1"]);
+    let out = std::process::Command::new(vigil_bin())
+        .args(["status", "--addr", &v.http.to_string()])
+        .output()
+        .expect("vigil status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("\"status\":\"ready\""), "{text}");
+    assert!(text.contains("connections: tcp"), "{text}");
+    assert!(text.contains("messages: in 1"), "{text}");
+    // Nothing listening: a clear error, exit 1.
+    let out = std::process::Command::new(vigil_bin())
+        .args(["status", "--addr", "127.0.0.1:1"])
+        .output()
+        .expect("vigil status");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}

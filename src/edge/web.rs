@@ -8,7 +8,8 @@
 //!   The chosen subprotocol is echoed, as browsers require.
 //! - WebSocket upgrade on `/ws`: the JSON bridge (`bridge`), echoing the `vigil.bridge.v1`
 //!   subprotocol when offered.
-//! - `GET /healthz`, `GET /metrics`, `GET /`.
+//! - `GET /healthz` (the process is up), `GET /readyz` (it can serve: JSON checks, 503 when
+//!   not), `GET /metrics`, `GET /`.
 //!
 //! With `tls.https` the port speaks TLS only: the same routes over HTTPS and WSS, and the
 //! common name of a verified client certificate goes to the MQTT origin or the bridge.
@@ -152,8 +153,18 @@ async fn handle(
         return;
     }
     let metrics;
+    let ready;
     let (status, content_type, body) = match head.path.as_str() {
         "/healthz" => (200, "application/json", "{\"status\":\"ok\"}\n"),
+        "/readyz" => {
+            let (ok, text) = readiness(&edge).await;
+            ready = text;
+            (
+                if ok { 200 } else { 503 },
+                "application/json",
+                ready.as_str(),
+            )
+        }
         "/metrics" => {
             metrics = edge.metrics.render();
             (200, "text/plain; version=0.0.4", metrics.as_str())
@@ -166,6 +177,45 @@ async fn handle(
     } else {
         respond(&mut stream, status, content_type, body, &[]).await;
     }
+}
+
+/// Longest the core may take to answer the readiness probe's CONNECT.
+const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `/readyz`: whether the core routes (a CONNECT answered) and the analytics task is
+/// subscribed (when enabled). Redis is not part of vigil yet: reported as not configured.
+async fn readiness(edge: &Edge) -> (bool, String) {
+    let core = match tokio::time::timeout(READY_PROBE_TIMEOUT, edge.core.connect("i-readyz", true))
+        .await
+    {
+        Ok(Ok(link)) if link.code == 0 => {
+            let mut stream = link.stream;
+            let _ = stream.shutdown().await;
+            "ok"
+        }
+        Ok(Ok(_)) => "refused",
+        Ok(Err(_)) => "unreachable",
+        Err(_) => "timeout",
+    };
+    let analytics = match edge
+        .metrics
+        .analytics
+        .state
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        0 => "disabled",
+        crate::live::ANALYTICS_READY => "ok",
+        crate::live::ANALYTICS_FAILED => "failed",
+        _ => "starting",
+    };
+    let ok = core == "ok" && matches!(analytics, "ok" | "disabled");
+    let status = if ok { "ready" } else { "not_ready" };
+    (
+        ok,
+        format!(
+            "{{\"status\":\"{status}\",\"checks\":{{\"core\":\"{core}\",\"analytics\":\"{analytics}\",\"redis\":\"not_configured\"}}}}\n"
+        ),
+    )
 }
 
 const INDEX_HTML: &str = "<!doctype html><html><head><meta charset=\"utf-8\"><title>vigil</title></head>\
