@@ -499,12 +499,14 @@ async fn session(
                                 // A retained-message clear, not a reading.
                                 continue;
                             }
+                            let started = std::time::Instant::now();
                             state.handle_telemetry(
                                 publish.topic_str(),
                                 &opened.payload,
                                 now_ms(),
                                 &mut produced,
                             );
+                            state.metrics.analytics.processing.observe(started.elapsed());
                             for m in produced.drain(..) {
                                 if m.qos > 0 {
                                     window.enqueue(m, &state.metrics);

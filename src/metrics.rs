@@ -73,6 +73,53 @@ pub const TELEMETRY_ERROR_CODES: [&str; 13] = [
 pub const SEVERITIES: [&str; 4] = ["LOW", "MEDIUM", "HIGH", "CRITICAL"];
 
 /// Counters of the live analytics task.
+/// Upper bounds (seconds) of the latency histogram buckets; the last bucket is `+Inf`.
+pub const LATENCY_BUCKETS: [f64; 10] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05, 0.25,
+];
+
+/// A Prometheus histogram with fixed buckets, lock-free: one atomic add per bucket hit.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative; rendered cumulatively). The last is `+Inf`.
+    counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_nanos
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP vigil_{name} {help}");
+        let _ = writeln!(out, "# TYPE vigil_{name} histogram");
+        let mut cumulative = 0u64;
+        for (i, c) in self.counts.iter().enumerate() {
+            cumulative += c.load(Relaxed);
+            match LATENCY_BUCKETS.get(i) {
+                Some(b) => {
+                    let _ = writeln!(out, "vigil_{name}_bucket{{le=\"{b}\"}} {cumulative}");
+                }
+                None => {
+                    let _ = writeln!(out, "vigil_{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let sum = self.sum_nanos.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "vigil_{name}_sum {sum}");
+        let _ = writeln!(out, "vigil_{name}_count {cumulative}");
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct AnalyticsMetrics {
     /// 0: analytics disabled; 1: enabled, not subscribed (starting or reconnecting);
@@ -80,6 +127,8 @@ pub struct AnalyticsMetrics {
     pub state: AtomicU64,
     /// Devices with a monitor in memory now.
     pub devices: AtomicU64,
+    /// Time to parse and score one telemetry message (all its readings) on the analytics task.
+    pub processing: Histogram,
     /// Telemetry messages that parsed.
     pub messages: AtomicU64,
     /// Metric values scored (one reading of three metrics is three points).
@@ -379,6 +428,46 @@ impl Metrics {
             "Times the analytics task reconnected to the core.",
             &[("", g(&a.core_reconnects))],
         );
+        a.processing.render(
+            &mut out,
+            "analytics_processing_seconds",
+            "Time to parse and score one telemetry message on the analytics task.",
+        );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn histogram_renders_cumulative_buckets() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(30));
+        h.observe(Duration::from_micros(700));
+        h.observe(Duration::from_secs(2));
+        let mut out = String::new();
+        h.render(&mut out, "x_seconds", "test");
+        assert!(out.contains("# TYPE vigil_x_seconds histogram"), "{out}");
+        assert!(
+            out.contains("vigil_x_seconds_bucket{le=\"0.00005\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("vigil_x_seconds_bucket{le=\"0.001\"} 2"),
+            "{out}"
+        );
+        assert!(
+            out.contains("vigil_x_seconds_bucket{le=\"0.25\"} 2"),
+            "{out}"
+        );
+        assert!(
+            out.contains("vigil_x_seconds_bucket{le=\"+Inf\"} 3"),
+            "{out}"
+        );
+        assert!(out.contains("vigil_x_seconds_count 3"), "{out}");
+        assert!(out.contains("vigil_x_seconds_sum 2.00073"), "{out}");
     }
 }
