@@ -12,8 +12,9 @@
 //!
 //! Without `--http`/`--mqtt` it starts the vigil binary itself (`--vigil PATH`, default
 //! `target/release/vigil`) on free loopback ports, with its built-in configuration
-//! (`vigil print-config`) changed in three places: `[bridge] max_sessions` and
-//! `[limits] max_connections` are raised to fit the run, and `[analytics] enabled = false`
+//! (`vigil print-config`) changed in four places: `[bridge] max_sessions`,
+//! `[limits] max_connections` and `max_connections_per_ip` are raised to fit the run (every
+//! client comes from 127.0.0.1), and `[analytics] enabled = false`
 //! unless `--analytics` is given (the benchmark measures the bridge, not the detector).
 //!
 //! Bridge session `i` (tokio-tungstenite) subscribes `device/dev-{i % devices}/telemetry` at
@@ -195,6 +196,8 @@ fn start_vigil(args: &Args) -> Vigil {
     config = set(&config, "bridge", "max_sessions", &sessions);
     let conns = (args.sessions + args.devices + 100).max(10000).to_string();
     config = set(&config, "limits", "max_connections", &conns);
+    // Every client of the run comes from 127.0.0.1.
+    config = set(&config, "limits", "max_connections_per_ip", &conns);
     if !args.analytics {
         config = set(&config, "analytics", "enabled", "false");
     }
