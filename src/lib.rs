@@ -16,6 +16,8 @@
 pub mod bridge;
 pub mod config;
 pub mod core;
+pub mod dashboard;
+pub mod demo;
 pub mod edge;
 pub mod envelope;
 pub mod live;

@@ -40,6 +40,16 @@ enum Command {
     PrintConfig,
     /// Check a configuration file and exit: 0 when valid, 1 with the reason when not.
     CheckConfig { file: PathBuf },
+    /// Run the broker with a simulated fleet connected to it, to watch the dashboard,
+    /// alerts and forecasts live (faults are injected within the first minute).
+    Demo {
+        /// Simulated devices (`demo-0` ...).
+        #[arg(long, default_value_t = 50)]
+        devices: usize,
+        /// Readings per second per device.
+        #[arg(long, default_value_t = 5.0)]
+        rate: f64,
+    },
     /// Print a short live summary of a running vigil (its /readyz and /metrics).
     Status {
         /// The web port of the instance (default: `http.listen` of the configuration, with
@@ -111,7 +121,7 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Some(Command::Run) | None => {}
+        Some(Command::Run) | Some(Command::Demo { .. }) | None => {}
     }
     init_tracing();
     match run(cli) {
@@ -210,8 +220,8 @@ fn status(cli: &Cli, addr: Option<&str>) -> anyhow::Result<()> {
         "messages: in {} out {}; bytes: in {} out {}",
         sum("vigil_messages_in_total"),
         sum("vigil_messages_out_total"),
-        value("vigil_bytes_in_total"),
-        value("vigil_bytes_out_total"),
+        value("vigil_bytes_total{direction=\"in\"}"),
+        value("vigil_bytes_total{direction=\"out\"}"),
     );
     println!(
         "refused: auth {} per-ip {} over-cap {}; acl denied {}; rate limited {}; disconnected {}",
@@ -227,7 +237,7 @@ fn status(cli: &Cli, addr: Option<&str>) -> anyhow::Result<()> {
         value("vigil_analytics_devices"),
         value("vigil_analytics_points_total"),
         sum("vigil_analytics_alerts_total"),
-        value("vigil_analytics_refits_total"),
+        value("vigil_analytics_refits_total{result=\"ok\"}"),
     );
     Ok(())
 }
@@ -281,6 +291,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(addr) = cli.mqtts_listen {
         config.tls.mqtt_listen = addr.to_string();
     }
+    let demo = match cli.command {
+        Some(Command::Demo { devices, rate }) => {
+            anyhow::ensure!(
+                (1..=10_000).contains(&devices) && rate > 0.0 && rate <= 100.0,
+                "demo: --devices must be 1..=10000 and --rate in (0, 100]"
+            );
+            vigil::demo::configure(&mut config);
+            Some((devices, rate))
+        }
+        _ => None,
+    };
     // rumqttd runs its router and listener on threads of its own: leave them a core. Measured on
     // 2 cores (BENCHMARKS.md): one worker instead of two gave about +10% for a publisher waiting
     // for each ack and for fan-out, and the same for pipelined QoS 1.
@@ -296,6 +317,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let listeners = vigil::Listeners::bind(&config).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(signal_shutdown(shutdown.clone()));
+        if let Some((devices, rate)) = demo {
+            let mut mqtt = listeners.mqtt_addr()?;
+            let mut http = listeners.http_addr()?;
+            for a in [&mut mqtt, &mut http] {
+                if a.ip().is_unspecified() {
+                    a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+            }
+            eprintln!(
+                "vigil demo: {devices} simulated devices at {rate} readings/s. Dashboard: http://{http}/  \
+                 MQTT: mqtt://{mqtt} (try: mosquitto_sub -p {} -t 'device/+/alerts' -v). Ctrl-C stops.",
+                mqtt.port()
+            );
+            tokio::spawn(vigil::demo::run_fleet(mqtt, devices, rate, shutdown.clone()));
+        }
         vigil::run(config, listeners, shutdown).await?;
         Ok::<_, anyhow::Error>(())
     })?;

@@ -209,3 +209,59 @@ fn readyz_and_status() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
 }
+
+/// `vigil demo`: a simulated fleet connects over MQTT and, within about a minute, the
+/// analytics raise a forecast and a threshold alert (the overheating motor) and an anomaly
+/// alert (the motor whose current jumps).
+#[test]
+fn demo_fleet_raises_alerts_within_a_minute() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(vigil_bin())
+        .args([
+            "demo",
+            "--devices",
+            "10",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vigil demo");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut banner = false;
+    let mqtt = loop {
+        let line = lines.next().expect("demo log").expect("demo log line");
+        banner |= line.contains("vigil demo: 10 simulated devices")
+            && line.contains("Dashboard: http://");
+        if line.contains("vigil listening") {
+            break field(&line, "mqtt").expect("mqtt address");
+        }
+    };
+    assert!(banner, "no dashboard banner");
+    // Keep draining the log so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let mut sub = Sub::start(mqtt.port(), &["-t", "device/+/alerts", "-q", "1"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(100);
+    let wanted = [
+        ("demo-3", "\"kind\":\"forecast\""),
+        ("demo-3", "\"kind\":\"threshold\""),
+        ("demo-7", "\"kind\":\"anomaly\""),
+    ];
+    let mut seen = [false; 3];
+    while !seen.iter().all(|&s| s) && std::time::Instant::now() < deadline {
+        for line in sub.drain(Duration::from_millis(500)) {
+            for (i, (device, kind)) in wanted.iter().enumerate() {
+                seen[i] |=
+                    line.starts_with(&format!("device/{device}/alerts")) && line.contains(kind);
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen, [true; 3], "alerts seen: {:?} of {wanted:?}", seen);
+}

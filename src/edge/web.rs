@@ -9,7 +9,8 @@
 //! - WebSocket upgrade on `/ws`: the JSON bridge (`bridge`), echoing the `vigil.bridge.v1`
 //!   subprotocol when offered.
 //! - `GET /healthz` (the process is up), `GET /readyz` (it can serve: JSON checks, 503 when
-//!   not), `GET /metrics`, `GET /`.
+//!   not), `GET /metrics`, and the dashboard: `GET /` and `GET /assets/...`
+//!   ([`crate::dashboard`], embedded in the binary).
 //!
 //! With `tls.https` the port speaks TLS only: the same routes over HTTPS and WSS, and the
 //! common name of a verified client certificate goes to the MQTT origin or the bridge.
@@ -32,6 +33,7 @@ use tracing::{debug, warn};
 use super::ws_io::WsIo;
 use super::{accept_loop, connection, tls, Edge, Listener, Origin};
 use crate::bridge;
+use crate::dashboard;
 use crate::metrics::Metrics;
 
 /// Largest HTTP request head accepted.
@@ -154,6 +156,7 @@ async fn handle(
     }
     let metrics;
     let ready;
+    let mut is_dashboard = false;
     let (status, content_type, body) = match head.path.as_str() {
         "/healthz" => (200, "application/json", "{\"status\":\"ok\"}\n"),
         "/readyz" => {
@@ -169,13 +172,29 @@ async fn handle(
             metrics = edge.metrics.render();
             (200, "text/plain; version=0.0.4", metrics.as_str())
         }
-        "/" => (200, "text/html; charset=utf-8", INDEX_HTML),
-        _ => (404, "text/plain", "not found\n"),
+        path => match dashboard::asset(path) {
+            Some((content_type, body)) => {
+                // The dashboard: its own assets only, plus WebSockets to any host (the bridge).
+                // Cache-Control is `no-store` on every response (see `write_response`), so a
+                // new binary's assets are never mixed with an old page.
+                is_dashboard = true;
+                (200, content_type, body)
+            }
+            None => (404, "text/plain", "not found\n"),
+        },
     };
     if head.method == "HEAD" {
         respond_head_only(&mut stream, status, content_type, body).await;
     } else {
-        respond(&mut stream, status, content_type, body, &[]).await;
+        let extra: &[(&str, &str)] = if is_dashboard {
+            &[(
+                "Content-Security-Policy",
+                dashboard::CONTENT_SECURITY_POLICY,
+            )]
+        } else {
+            &[]
+        };
+        respond(&mut stream, status, content_type, body, extra).await;
     }
 }
 
@@ -217,10 +236,6 @@ async fn readiness(edge: &Edge) -> (bool, String) {
         ),
     )
 }
-
-const INDEX_HTML: &str = "<!doctype html><html><head><meta charset=\"utf-8\"><title>vigil</title></head>\
-<body><h1>vigil</h1><p>MQTT over WebSocket: <code>/mqtt</code>. Health: <a href=\"/healthz\">/healthz</a>. \
-Metrics: <a href=\"/metrics\">/metrics</a>.</p></body></html>\n";
 
 #[allow(clippy::too_many_arguments)]
 async fn upgrade(

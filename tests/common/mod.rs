@@ -212,7 +212,7 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-fn field(line: &str, name: &str) -> Option<SocketAddr> {
+pub fn field(line: &str, name: &str) -> Option<SocketAddr> {
     let key = format!("{name}=");
     let start = line.find(&key)? + key.len();
     line[start..].split_whitespace().next()?.parse().ok()
