@@ -195,14 +195,21 @@ impl Policy {
         let entry = db.get(user);
         // An unknown user costs a verification too, so timing does not reveal which users
         // exist.
-        let hash = entry.map_or_else(|| passwd::decoy_hash().to_string(), |e| e.hash.clone());
+        // (The decoy is hashed once, on first use: on the blocking pool too.)
+        let hash = entry.map(|e| e.hash.clone());
         let password = password.to_vec();
         let Ok(_permit) = self.verifications.acquire().await else {
             return Err("shutting down");
         };
-        let matches = tokio::task::spawn_blocking(move || passwd::verify(&hash, &password))
-            .await
-            .unwrap_or(false);
+        let matches = tokio::task::spawn_blocking(move || {
+            let hash: &str = match &hash {
+                Some(h) => h,
+                None => passwd::decoy_hash(),
+            };
+            passwd::verify(hash, &password)
+        })
+        .await
+        .unwrap_or(false);
         match (entry, matches) {
             (Some(e), true) => Ok(Identity {
                 user: user.to_string(),
