@@ -1,7 +1,18 @@
 //! The dashboard on the web port: its assets are served with the right types and headers and
 //! load nothing from elsewhere; and, when Debian's chromium is installed, a real headless
-//! browser loads the page, which connects through the bridge and lists the devices that
-//! publish telemetry.
+//! browser, driven over the DevTools protocol, loads the page, which connects through the bridge
+//! and lists the devices that publish telemetry, sends a command typed into its form (received
+//! by mosquitto_sub), and runs MQTT.js (injected from tests/mqttjs/node_modules) against
+//! `/mqtt`. Each browser test leaves a screenshot in `<target dir>/dashboard-screenshots/`.
+//!
+//! `docs/dashboard.png` is made by the ignored test `docs_dashboard_screenshot` (a demo fleet
+//! of 20 devices for a minute, demo-3 selected, 1400x900); regenerate it with:
+//!
+//! ```text
+//! cargo build --release --bin vigil
+//! VIGIL_DEMO_BIN=target/release/vigil \
+//!     cargo test --test dashboard docs_dashboard_screenshot -- --ignored --nocapture
+//! ```
 
 mod common;
 
@@ -193,8 +204,9 @@ struct Chromium {
 }
 
 impl Chromium {
-    /// Starts chromium headless on `url`, with its DevTools endpoint on a free port.
-    fn start(url: &str, profile: &Path) -> Chromium {
+    /// Starts chromium headless on `url` in a `width` x `height` window, with its DevTools
+    /// endpoint on a free port.
+    fn start(url: &str, profile: &Path, (width, height): (u32, u32)) -> Chromium {
         let mut child = Command::new(CHROMIUM)
             .args([
                 "--headless=new",
@@ -207,9 +219,11 @@ impl Chromium {
                 "--disable-sync",
                 "--disable-extensions",
                 "--disable-dev-shm-usage",
+                "--hide-scrollbars",
                 "--remote-debugging-address=127.0.0.1",
                 "--remote-debugging-port=0",
             ])
+            .arg(format!("--window-size={width},{height}"))
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg(url)
             .stdin(Stdio::null())
@@ -270,90 +284,230 @@ impl Drop for Chromium {
     }
 }
 
-/// Evaluates `expression` in the page every 250 ms (over the DevTools protocol) until
-/// `done(value)` or `limit`; returns the last value.
-async fn poll_page(
-    ws_url: &str,
-    expression: &str,
-    limit: Duration,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url)
-        .await
-        .expect("DevTools WebSocket");
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut last = serde_json::Value::Null;
-    for id in 1.. {
-        let cmd = serde_json::json!({"id": id, "method": "Runtime.evaluate",
-            "params": {"expression": expression, "returnByValue": true}});
-        ws.send(Message::text(cmd.to_string())).await.expect("send");
-        // Skip events; wait for the answer to this id.
-        let answer = tokio::time::timeout_at(deadline, async {
-            while let Some(Ok(msg)) = ws.next().await {
-                if let Message::Text(text) = msg {
-                    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-                    if v["id"] == id {
-                        return Some(v);
+type DevToolsSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A blocking DevTools-protocol client of one page (its own runtime drives the WebSocket).
+struct Cdp {
+    rt: tokio::runtime::Runtime,
+    ws: DevToolsSocket,
+    next_id: u64,
+}
+
+impl Cdp {
+    fn connect(ws_url: &str) -> Cdp {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (ws, _) = rt
+            .block_on(tokio_tungstenite::connect_async(ws_url))
+            .expect("DevTools WebSocket");
+        Cdp { rt, ws, next_id: 0 }
+    }
+
+    /// Sends `method` and waits (at most `limit`) for its answer, skipping events: the
+    /// `result` object, or the protocol error as text.
+    fn call(
+        &mut self,
+        method: &str,
+        params: serde_json::Value,
+        limit: Duration,
+    ) -> Result<serde_json::Value, String> {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        self.next_id += 1;
+        let id = self.next_id;
+        let Cdp { rt, ws, .. } = self;
+        rt.block_on(async {
+            let cmd = serde_json::json!({"id": id, "method": method, "params": params});
+            ws.send(Message::text(cmd.to_string()))
+                .await
+                .map_err(|e| format!("{method}: send: {e}"))?;
+            let answer = tokio::time::timeout(limit, async {
+                while let Some(Ok(msg)) = ws.next().await {
+                    if let Message::Text(text) = msg {
+                        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                        if v["id"] == id {
+                            return Some(v);
+                        }
                     }
                 }
+                None
+            })
+            .await
+            .map_err(|_| format!("{method}: no answer within {limit:?}"))?
+            .ok_or_else(|| format!("{method}: DevTools connection closed"))?;
+            if answer["error"].is_object() {
+                return Err(format!("{method}: {}", answer["error"]));
             }
-            None
+            Ok(answer["result"].clone())
         })
-        .await;
-        match answer {
-            Ok(Some(v)) => last = v["result"]["result"]["value"].clone(),
-            _ => return last,
-        }
-        if done(&last) || tokio::time::Instant::now() >= deadline {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    last
+
+    /// Evaluates `expression` in the page, awaiting it when it is a promise; returns its value
+    /// (by value), or the exception's description as the error.
+    fn try_eval(&mut self, expression: &str) -> Result<serde_json::Value, String> {
+        let params = serde_json::json!({"expression": expression, "returnByValue": true,
+            "awaitPromise": true});
+        let result = self.call("Runtime.evaluate", params, Duration::from_secs(20))?;
+        if let Some(ex) = result.get("exceptionDetails") {
+            let what = ex["exception"]["description"]
+                .as_str()
+                .or(ex["text"].as_str())
+                .unwrap_or("exception");
+            return Err(what.to_string());
+        }
+        Ok(result["result"]["value"].clone())
+    }
+
+    fn eval(&mut self, expression: &str) -> serde_json::Value {
+        self.try_eval(expression)
+            .unwrap_or_else(|e| panic!("page evaluation failed: {e}\nexpression: {expression}"))
+    }
+
+    /// Evaluates `expression` every 250 ms until `done(value)` or `limit`; returns the last
+    /// value.
+    fn poll(
+        &mut self,
+        expression: &str,
+        limit: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let last = self.try_eval(expression).unwrap_or_default();
+            if done(&last) || Instant::now() >= deadline {
+                return last;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Saves a PNG of the page's viewport to `path` (creating its directory); returns its size.
+    fn screenshot(&mut self, path: &Path) -> usize {
+        use base64::Engine;
+        let shot = self
+            .call(
+                "Page.captureScreenshot",
+                serde_json::json!({"format": "png"}),
+                Duration::from_secs(20),
+            )
+            .expect("Page.captureScreenshot");
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().unwrap_or_default())
+            .expect("base64 PNG");
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).expect("screenshot directory");
+        }
+        std::fs::write(path, &png).expect("write screenshot");
+        png.len()
+    }
 }
+
+/// Where the browser tests leave their screenshots: `dashboard-screenshots/` in cargo's
+/// target directory (not committed).
+fn screenshot_path(test: &str) -> std::path::PathBuf {
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    tmp.parent()
+        .unwrap_or(tmp)
+        .join("dashboard-screenshots")
+        .join(format!("{test}.png"))
+}
+
+/// Saves the test's screenshot and says where.
+fn save_screenshot(cdp: &mut Cdp, test: &str) {
+    let path = screenshot_path(test);
+    let size = cdp.screenshot(&path);
+    eprintln!("screenshot: {} ({size} bytes)", path.display());
+}
+
+/// A headless chromium showing `url`, with a DevTools client of that page.
+struct Browser {
+    cdp: Cdp,
+    // Dropped in this order: the client, the browser (killed), then its profile directory.
+    _chromium: Chromium,
+    _profile: TempDir,
+}
+
+impl Browser {
+    /// Opens `url`; `None` (after saying so) when chromium is not installed.
+    fn open(url: &str, size: (u32, u32), what: &str) -> Option<Browser> {
+        if !Path::new(CHROMIUM).exists() {
+            eprintln!("SKIPPED {what}: {CHROMIUM} is not installed (apt-get install chromium)");
+            return None;
+        }
+        let profile = TempDir::new();
+        let chromium = Chromium::start(url, &profile.0, size);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let ws_url = loop {
+            if let Some(u) = chromium.page_ws(url) {
+                break u;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no DevTools page target for {url}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let mut cdp = Cdp::connect(&ws_url);
+        // The window includes room for browser UI, even headless: make the viewport the size.
+        cdp.call(
+            "Emulation.setDeviceMetricsOverride",
+            serde_json::json!({"width": size.0, "height": size.1, "deviceScaleFactor": 1,
+                "mobile": false}),
+            Duration::from_secs(10),
+        )
+        .expect("Emulation.setDeviceMetricsOverride");
+        Some(Browser {
+            cdp,
+            _chromium: chromium,
+            _profile: profile,
+        })
+    }
+
+    /// Waits until the dashboard is connected to the bridge.
+    fn wait_connected(&mut self, v: &Vigil) {
+        let state = self.cdp.poll(
+            "document.body.dataset.state || ''",
+            Duration::from_secs(20),
+            |s| s == "connected",
+        );
+        assert_eq!(
+            state,
+            "connected",
+            "the page did not connect to the bridge; vigil log:\n{}",
+            v.log()
+        );
+    }
+}
+
+const TEST_WINDOW: (u32, u32) = (1280, 900);
 
 #[test]
 fn a_real_browser_lists_publishing_devices() {
-    if !Path::new(CHROMIUM).exists() {
-        eprintln!(
-            "SKIPPED the real-browser check: {CHROMIUM} is not installed (apt-get install chromium); only the HTTP checks ran"
-        );
-        return;
-    }
     let v = Vigil::start();
     let url = format!("http://{}/", v.http);
-    let profile = TempDir::new();
-    let browser = Chromium::start(&url, &profile.0);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let ws_url = loop {
-        if let Some(u) = browser.page_ws(&url) {
-            break u;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no DevTools page target for {url}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
+    let Some(mut browser) = Browser::open(
+        &url,
+        TEST_WINDOW,
+        "the real-browser check (only the HTTP checks ran)",
+    ) else {
+        return;
     };
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = telemetry_publisher(v.port(), stop.clone());
     let expression = "JSON.stringify({state: document.body.dataset.state || '', \
         devices: [...document.querySelectorAll('#fleet-body tr')].map(r => r.dataset.device), \
         text: document.body.innerText})";
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let value = rt.block_on(poll_page(
-        &ws_url,
-        expression,
-        Duration::from_secs(20),
-        |v| {
-            let text = v.as_str().unwrap_or_default();
-            text.contains("\"connected\"") && text.contains("press-1") && text.contains("press-2")
-        },
-    ));
+    let value = browser.cdp.poll(expression, Duration::from_secs(20), |v| {
+        let text = v.as_str().unwrap_or_default();
+        text.contains("\"connected\"") && text.contains("press-1") && text.contains("press-2")
+    });
     stop.store(true, Ordering::Relaxed);
     let rounds = publisher.join().expect("publisher");
+    save_screenshot(&mut browser.cdp, "a_real_browser_lists_publishing_devices");
     drop(browser);
     let page: serde_json::Value =
         serde_json::from_str(value.as_str().unwrap_or("{}")).unwrap_or_default();
@@ -381,4 +535,249 @@ fn a_real_browser_lists_publishing_devices() {
     eprintln!(
         "real-browser check ran: {CHROMIUM} listed press-1 and press-2 after {rounds} rounds of telemetry"
     );
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn a_command_from_the_page_reaches_mosquitto_sub() {
+    let v = Vigil::start();
+    let url = format!("http://{}/", v.http);
+    let Some(mut browser) = Browser::open(&url, TEST_WINDOW, "the real-browser command check")
+    else {
+        return;
+    };
+    let mut sub = Sub::start(v.port(), &["-t", "device/press-1/commands", "-q", "1"]);
+    browser.wait_connected(&v);
+    // Fill the form as a user would, then press its submit button.
+    let before = now_ms();
+    let submitted = browser.cdp.eval(
+        r#"(() => {
+            const set = (id, value) => {
+                const el = document.getElementById(id);
+                el.focus();
+                el.value = value;
+                el.dispatchEvent(new Event("input", { bubbles: true }));
+                el.dispatchEvent(new Event("change", { bubbles: true }));
+            };
+            set("command-device", "press-1");
+            set("command-payload", '{"cmd":"stop"}');
+            document.querySelector('#command-form button[type="submit"]').click();
+            return document.getElementById("command-result").textContent;
+        })()"#,
+    );
+    let result = browser.cdp.poll(
+        "JSON.stringify({cls: document.getElementById('command-result').className, \
+            text: document.getElementById('command-result').textContent})",
+        Duration::from_secs(10),
+        |r| r.as_str().unwrap_or_default().contains("puback for"),
+    );
+    let got = sub.expect_messages(1, Duration::from_secs(10));
+    let after = now_ms();
+    save_screenshot(
+        &mut browser.cdp,
+        "a_command_from_the_page_reaches_mosquitto_sub",
+    );
+    let result: serde_json::Value =
+        serde_json::from_str(result.as_str().unwrap_or("{}")).unwrap_or_default();
+    assert_eq!(
+        result["cls"], "ok",
+        "the page shows no puback: {result} (right after submitting: {submitted})"
+    );
+    let text = result["text"].as_str().unwrap_or_default();
+    assert!(
+        text.starts_with("puback for device/press-1/commands in ") && text.ends_with(" ms"),
+        "{text}"
+    );
+    assert_eq!(got.len(), 1, "mosquitto_sub received {got:?}");
+    let payload = got[0]
+        .strip_prefix("device/press-1/commands|1|0|")
+        .unwrap_or_else(|| panic!("not a QoS 1, non-retained command: {}", got[0]));
+    // The page stamps a command object that has no `timestamp` with the send time (app.js,
+    // sendCommand); everything else arrives as typed.
+    let sent: serde_json::Value = serde_json::from_str(payload).expect("a JSON payload");
+    let stamp = sent["timestamp"].as_u64().unwrap_or_default();
+    assert!(
+        (before..=after).contains(&stamp),
+        "timestamp {stamp} not within the test ({before}..={after}): {payload}"
+    );
+    assert_eq!(
+        sent,
+        serde_json::json!({"cmd": "stop", "timestamp": stamp}),
+        "{payload}"
+    );
+    assert_eq!(
+        payload,
+        format!("{{\"cmd\":\"stop\",\"timestamp\":{stamp}}}"),
+        "the payload's bytes"
+    );
+    eprintln!("real-browser command check ran: {text}; mosquitto_sub got {payload}");
+}
+
+/// MQTT.js's browser bundle, installed by the setup script (npm in tests/mqttjs).
+const MQTTJS_BUNDLE: &str = "tests/mqttjs/node_modules/mqtt/dist/mqtt.min.js";
+
+#[test]
+fn mqttjs_in_the_page_talks_to_mosquitto_clients() {
+    let bundle = Path::new(env!("CARGO_MANIFEST_DIR")).join(MQTTJS_BUNDLE);
+    let Ok(source) = std::fs::read_to_string(&bundle) else {
+        eprintln!(
+            "SKIPPED the MQTT.js-in-the-browser check: {} is missing (npm ci --prefix tests/mqttjs)",
+            bundle.display()
+        );
+        return;
+    };
+    let v = Vigil::start();
+    let url = format!("http://{}/", v.http);
+    let Some(mut browser) = Browser::open(&url, TEST_WINDOW, "the MQTT.js-in-the-browser check")
+    else {
+        return;
+    };
+    let mut sub = Sub::start(v.port(), &["-t", "browser/out", "-q", "1"]);
+    // Wait for the page's own scripts, then load the bundle into it (script evaluated through
+    // the DevTools protocol is not subject to the page's CSP; its WebSocket is: connect-src
+    // allows ws:).
+    browser.wait_connected(&v);
+    let kind = browser.cdp.eval(&format!("{source}\n;typeof mqtt.connect"));
+    assert_eq!(kind, "function", "the MQTT.js bundle defines mqtt.connect");
+    let mqtt_url = format!("ws://{}/mqtt", v.http);
+    let granted = browser.cdp.eval(&format!(
+        r#"new Promise((resolve, reject) => {{
+            setTimeout(() => reject(new Error("no CONNACK and SUBACK within 10 s")), 10000);
+            window.received = [];
+            const client = mqtt.connect({url:?}, {{
+                clientId: "mqttjs-in-chromium", protocolVersion: 4, connectTimeout: 5000,
+                reconnectPeriod: 0 }});
+            window.client = client;
+            client.on("error", (e) => reject(e));
+            client.on("message", (topic, payload, packet) =>
+                window.received.push(`${{topic}}|${{packet.qos}}|${{payload.toString()}}`));
+            client.on("connect", () => client.subscribe("browser/in", {{ qos: 1 }},
+                (err, granted) => err ? reject(err) : resolve(JSON.stringify(granted))));
+        }})"#,
+        url = mqtt_url
+    ));
+    assert_eq!(
+        granted, r#"[{"topic":"browser/in","qos":1}]"#,
+        "SUBACK seen by MQTT.js"
+    );
+    // QoS 1 publish: resolved on PUBACK.
+    let published = browser.cdp.eval(
+        r#"new Promise((resolve, reject) => {
+            setTimeout(() => reject(new Error("no PUBACK within 10 s")), 10000);
+            window.client.publish("browser/out", "from-mqttjs", { qos: 1 },
+                (err) => err ? reject(err) : resolve("puback"));
+        })"#,
+    );
+    assert_eq!(published, "puback");
+    let got = sub.expect_messages(1, Duration::from_secs(10));
+    assert_eq!(got, ["browser/out|1|0|from-mqttjs"], "mosquitto_sub");
+    publish(
+        v.port(),
+        &["-t", "browser/in", "-m", "to-browser", "-q", "1"],
+    );
+    let received = browser.cdp.poll(
+        "JSON.stringify(window.received)",
+        Duration::from_secs(10),
+        |r| r.as_str().unwrap_or_default().contains("to-browser"),
+    );
+    save_screenshot(
+        &mut browser.cdp,
+        "mqttjs_in_the_page_talks_to_mosquitto_clients",
+    );
+    browser.cdp.eval("window.client.end(true), true");
+    assert_eq!(
+        received, r#"["browser/in|1|to-browser"]"#,
+        "what MQTT.js received in the page"
+    );
+    eprintln!("MQTT.js-in-the-browser check ran: {MQTTJS_BUNDLE} in {CHROMIUM} over {mqtt_url}");
+}
+
+/// Regenerates docs/dashboard.png (see the top of this file): a demo fleet of 20 devices,
+/// given a minute to raise alerts, with demo-3 selected, at 1400x900.
+#[test]
+#[ignore = "regenerates docs/dashboard.png; takes over a minute"]
+fn docs_dashboard_screenshot() {
+    let bin = std::env::var("VIGIL_DEMO_BIN").unwrap_or_else(|_| vigil_bin().to_string());
+    let mut demo = Command::new(&bin)
+        .args(["demo", "--devices", "20"])
+        .args([
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{bin} demo: {e}"));
+    let stderr = demo.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let started = Instant::now();
+    let http = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| {
+                let _ = demo.kill();
+                let _ = demo.wait();
+                panic!("{bin} demo did not print its dashboard address")
+            });
+        if let Some(rest) = line.split("Dashboard: http://").nth(1) {
+            break rest.split('/').next().unwrap_or_default().to_string();
+        }
+    };
+    let url = format!("http://{http}/");
+    let Some(mut browser) = Browser::open(&url, (1400, 900), "docs/dashboard.png") else {
+        let _ = demo.kill();
+        let _ = demo.wait();
+        return;
+    };
+    // A minute of history, then wait for alerts and demo-3's row.
+    while started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let ready = browser.cdp.poll(
+        "document.querySelectorAll('#alerts-list li').length > 0 \
+            && !!document.querySelector('#fleet-body tr[data-device=\"demo-3\"]')",
+        Duration::from_secs(60),
+        |r| r == true,
+    );
+    assert_eq!(ready, true, "no alerts or no demo-3 after a minute");
+    browser
+        .cdp
+        .eval("document.querySelector('#fleet-body tr[data-device=\"demo-3\"]').click(), true");
+    let charts = browser.cdp.poll(
+        "document.querySelectorAll('#charts canvas').length",
+        Duration::from_secs(10),
+        |n| n.as_u64().unwrap_or(0) > 0,
+    );
+    assert!(charts.as_u64().unwrap_or(0) > 0, "demo-3's charts");
+    // Two more render ticks so every chart is drawn with the latest data.
+    browser
+        .cdp
+        .eval("new Promise((r) => setTimeout(() => r(true), 600))");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.png");
+    let size = browser.cdp.screenshot(&path);
+    drop(browser);
+    let _ = demo.kill();
+    let _ = demo.wait();
+    eprintln!("wrote {} ({size} bytes)", path.display());
+    assert!(size < 400_000, "docs/dashboard.png is {size} bytes");
 }
