@@ -297,20 +297,8 @@ fn mqtt5_property_abuse() {
         props.extend(string(b"v"));
     }
     let mut body = string(b"p/many");
-    let mut len = Vec::new();
-    let mut n = props.len();
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        len.push(byte);
-        if n == 0 {
-            break;
-        }
-    }
-    body.extend(len);
+    // The properties length is a variable byte integer, like a remaining length.
+    body.extend(remaining_length(props.len()));
     body.extend(props);
     body.extend_from_slice(b"many");
     let mut c = Raw::connected(v.mqtt, &v5);
