@@ -475,21 +475,11 @@ fn mqtt_string(s: &[u8]) -> Vec<u8> {
 }
 
 fn mqtt_packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![header];
-    let mut n = body.len();
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
+    let mut out = bytes::BytesMut::with_capacity(body.len() + 5);
+    out.extend_from_slice(&[header]);
+    vigil::mqtt::put_varint(&mut out, body.len());
     out.extend_from_slice(body);
-    out
+    out.to_vec()
 }
 
 /// What one device publishes, and when.
