@@ -44,6 +44,75 @@ pub struct Config {
     pub core: CoreConfig,
     pub analytics: AnalyticsConfig,
     pub tls: TlsConfig,
+    /// Optional: absent in configs written before scale-out existed.
+    #[serde(default)]
+    pub redis: RedisConfig,
+    #[serde(default)]
+    pub history: HistoryConfig,
+}
+
+/// Scale-out over Redis (`cluster`). Off when `url` is empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`; empty = one self-sufficient instance.
+    pub url: String,
+    /// This instance's name in the cluster; empty = a random name per process.
+    pub instance_id: String,
+    /// Key prefix of everything vigil stores, so several clusters can share one Redis.
+    pub key_prefix: String,
+    /// Approximate bound of the shared message stream (`XADD MAXLEN ~`).
+    pub stream_maxlen: usize,
+    /// Messages waiting for Redis (e.g. during an outage) before QoS 0 ones are dropped and
+    /// QoS 1/2 ones are held in the core.
+    pub outbox_max_messages: usize,
+    /// Bytes of payload in the outbox, same rule.
+    pub outbox_max_bytes: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> RedisConfig {
+        RedisConfig {
+            url: String::new(),
+            instance_id: String::new(),
+            key_prefix: "vigil".into(),
+            stream_maxlen: 1_000_000,
+            outbox_max_messages: 200_000,
+            outbox_max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+impl RedisConfig {
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+}
+
+/// Telemetry history per device (`history`): in Redis when `[redis]` is on, else in memory
+/// with a snapshot file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Readings kept per device (a ring in memory, `MAXLEN ~` in Redis); 0 = no history.
+    pub points_per_device: usize,
+    /// Devices with a history in memory; the least recently written one is dropped beyond it.
+    pub max_devices: usize,
+    /// Directory of the snapshot file (`history.snapshot`) without Redis; empty = none.
+    pub data_dir: String,
+    /// Seconds between snapshots (one is also written at shutdown).
+    pub snapshot_interval_secs: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> HistoryConfig {
+        HistoryConfig {
+            points_per_device: 1000,
+            max_devices: 10_000,
+            data_dir: String::new(),
+            snapshot_interval_secs: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -266,7 +335,64 @@ impl Config {
         Ok(config)
     }
 
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let r = &self.redis;
+        if r.enabled() {
+            check(
+                "redis.url",
+                redis::Client::open(r.url.as_str()).is_ok(),
+                "must be a redis:// URL (TLS to Redis, rediss://, is not built in)",
+            )?;
+        }
+        check(
+            "redis.instance_id",
+            r.instance_id.len() <= 64
+                && r.instance_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+            "at most 64 characters of [A-Za-z0-9_.-]",
+        )?;
+        check(
+            "redis.key_prefix",
+            !r.key_prefix.is_empty() && r.key_prefix.len() <= 64,
+            "must be 1 to 64 characters",
+        )?;
+        check(
+            "redis.stream_maxlen",
+            r.stream_maxlen >= 1000,
+            "must be at least 1000",
+        )?;
+        check(
+            "redis.outbox_max_messages",
+            r.outbox_max_messages >= 100,
+            "must be at least 100",
+        )?;
+        check(
+            "redis.outbox_max_bytes",
+            r.outbox_max_bytes >= self.limits.max_packet_size,
+            "must be at least limits.max_packet_size",
+        )?;
+        let h = &self.history;
+        check(
+            "history.points_per_device",
+            h.points_per_device <= 1_000_000,
+            "must be at most 1000000",
+        )?;
+        check(
+            "history.max_devices",
+            (1..=1_000_000).contains(&h.max_devices),
+            "must be between 1 and 1000000",
+        )?;
+        check(
+            "history.snapshot_interval_secs",
+            h.snapshot_interval_secs >= 1,
+            "must be at least 1",
+        )?;
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_redis()?;
         let l = &self.limits;
         check(
             "limits.max_connections",

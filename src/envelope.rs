@@ -8,15 +8,22 @@
 //! payload the core ever sees is the empty one of a retained publish meant to clear a retained
 //! message, which is exactly when rumqttd's clearing behaviour is right.
 //!
-//! Layout: `0b1110_0PQQ` then, if P, a variable byte integer length and the property bytes,
-//! then the application payload.
+//! Layout: `0b111T_RPQQ` then, if P, a variable byte integer length and the property bytes,
+//! then the application payload. R marks a message that another vigil instance accepted and
+//! the cluster importer (`cluster`) brought in from Redis: it is delivered like any other, but
+//! never exported again (no loops) and never scored by this instance's analytics (the
+//! instance the device is connected to does that). T records that the publisher set RETAIN:
+//! rumqttd clears the flag when it forwards a message to existing subscriptions (as MQTT says),
+//! and the exporter needs it to replicate retained messages.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::mqtt;
 
-const MAGIC_MASK: u8 = 0xF8;
+const MAGIC_MASK: u8 = 0xE0;
 const MAGIC: u8 = 0xE0;
+const RETAINED: u8 = 0x10;
+const REMOTE: u8 = 0x08;
 const HAS_PROPERTIES: u8 = 0x04;
 
 /// A decoded core payload.
@@ -24,6 +31,8 @@ const HAS_PROPERTIES: u8 = 0x04;
 pub struct Opened {
     /// The QoS the publisher used; `None` for a bare payload (a retained-message clear).
     pub qos: Option<u8>,
+    /// Brought in from another instance by the cluster importer.
+    pub remote: bool,
     pub properties: Bytes,
     pub payload: Bytes,
 }
@@ -68,10 +77,14 @@ pub fn put_core_publish(
     header: &[u8],
     payload: &[u8],
 ) {
-    let parts: &[&[u8]] = if retain && payload.is_empty() {
-        &[]
-    } else {
-        &[header, payload]
+    let first;
+    let parts: &[&[u8]] = match header.split_first() {
+        _ if retain && payload.is_empty() => &[],
+        Some((&b, rest)) if retain => {
+            first = [b | RETAINED];
+            &[&first, rest, payload]
+        }
+        _ => &[header, payload],
     };
     mqtt::put_publish(
         out,
@@ -86,11 +99,31 @@ pub fn put_core_publish(
     );
 }
 
+/// Whether a core payload carries the remote mark, without opening it (the exporter's test).
+pub fn is_remote(raw: &[u8]) -> bool {
+    matches!(raw.first(), Some(&b) if b & MAGIC_MASK == MAGIC && b & 0x03 != 3 && b & REMOTE != 0)
+}
+
+/// Whether the publisher of a core payload set RETAIN (recorded by [`put_core_publish`]).
+pub fn published_retained(raw: &[u8]) -> bool {
+    matches!(raw.first(), Some(&b) if b & MAGIC_MASK == MAGIC && b & 0x03 != 3 && b & RETAINED != 0)
+}
+
+/// The first byte of `raw` (an enveloped core payload) with the remote mark set, for the
+/// importer, which writes it in front of `raw[1..]`. `None` for a bare payload.
+pub fn remote_first_byte(raw: &[u8]) -> Option<u8> {
+    match raw.first() {
+        Some(&b) if b & MAGIC_MASK == MAGIC && b & 0x03 != 3 => Some(b | REMOTE),
+        _ => None,
+    }
+}
+
 /// Opens a payload read from the core. Anything not produced by [`header`] is returned as a
 /// bare payload, so a malformed envelope can never crash or confuse delivery.
 pub fn open(raw: Bytes) -> Opened {
     let bare = |raw: Bytes| Opened {
         qos: None,
+        remote: false,
         properties: Bytes::new(),
         payload: raw,
     };
@@ -101,9 +134,11 @@ pub fn open(raw: Bytes) -> Opened {
         return bare(raw);
     }
     let qos = first & 0x03;
+    let remote = first & REMOTE != 0;
     if first & HAS_PROPERTIES == 0 {
         return Opened {
             qos: Some(qos),
+            remote,
             properties: Bytes::new(),
             payload: raw.slice(1..),
         };
@@ -126,6 +161,7 @@ pub fn open(raw: Bytes) -> Opened {
     }
     Opened {
         qos: Some(qos),
+        remote,
         properties: raw.slice(pos..pos + len),
         payload: raw.slice(pos + len..),
     }
@@ -152,6 +188,39 @@ mod tests {
         assert_eq!(o.qos, Some(2));
         assert_eq!(&o.properties[..], &props[..]);
         assert!(o.payload.is_empty());
+    }
+
+    #[test]
+    fn remote_mark_survives_and_is_recognised() {
+        let props = [0x26u8, 0, 1, b'k', 0, 1, b'v'];
+        for local in [header(1, &[]), header(2, &props)] {
+            let mut local = local;
+            local.extend_from_slice(b"data");
+            assert!(!is_remote(&local));
+            assert!(!open(local.clone().freeze()).remote);
+            let mut remote = BytesMut::new();
+            remote.extend_from_slice(&[remote_first_byte(&local).expect("enveloped")]);
+            remote.extend_from_slice(&local[1..]);
+            assert!(is_remote(&remote));
+            let o = open(remote.freeze());
+            let l = open(local.freeze());
+            assert!(o.remote);
+            assert_eq!(
+                (o.qos, o.properties, o.payload),
+                (l.qos, l.properties, l.payload)
+            );
+        }
+        assert_eq!(remote_first_byte(b""), None);
+        let mut out = BytesMut::new();
+        put_core_publish(&mut out, false, 1, true, b"t", 1, &plain_header(2), b"x");
+        // Fixed header (2), topic (3), packet id (2), then the envelope.
+        assert!(published_retained(&out[7..]));
+        assert_eq!(open(Bytes::copy_from_slice(&out[7..])).qos, Some(2));
+        out.clear();
+        put_core_publish(&mut out, false, 1, false, b"t", 1, &plain_header(2), b"x");
+        assert!(!published_retained(&out[7..]));
+        assert_eq!(remote_first_byte(b"{}"), None);
+        assert!(!is_remote(b"\xEB"));
     }
 
     #[test]

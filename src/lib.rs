@@ -10,10 +10,12 @@
 //! - [`envelope`]: the header vigil puts on payloads inside the core.
 //! - [`metrics`]: counters rendered at `/metrics`.
 //! - [`live`]: the analytics task, an internal core client scoring device telemetry.
+//! - [`cluster`]: scale-out over Redis, two internal core clients exporting and importing.
 //!
 //! [`run`] takes already bound listeners and a cancellation token, so tests bind port 0.
 
 pub mod bridge;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod dashboard;
@@ -125,6 +127,9 @@ pub async fn run(
     let core = core::Core::start(&config).await?;
     let edge = Arc::new(edge::Edge::new(&config, core, metrics, shutdown.clone())?);
     tokio::spawn(reload_on_hangup(edge.clone()));
+    if config.redis.enabled() {
+        cluster::start(&edge, &config.redis);
+    }
     if config.analytics.enabled {
         // Tracked with the connections, so shutdown waits for it too.
         edge.tracker

@@ -499,6 +499,10 @@ async fn session(
                                 // A retained-message clear, not a reading.
                                 continue;
                             }
+                            if opened.remote {
+                                // Scored by the instance the device is connected to.
+                                continue;
+                            }
                             let started = std::time::Instant::now();
                             state.handle_telemetry(
                                 publish.topic_str(),

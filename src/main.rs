@@ -239,6 +239,20 @@ fn status(cli: &Cli, addr: Option<&str>) -> anyhow::Result<()> {
         sum("vigil_analytics_alerts_total"),
         value("vigil_analytics_refits_total{result=\"ok\"}"),
     );
+    if ready.contains("\"redis\":\"ok\"") || ready.contains("\"redis\":\"down\"") {
+        println!(
+            "cluster: redis {} exported {} imported {} outbox {} dropped {}",
+            if value("vigil_cluster_redis_up") == 1.0 {
+                "up"
+            } else {
+                "down"
+            },
+            value("vigil_cluster_messages_total{direction=\"exported\"}"),
+            value("vigil_cluster_messages_total{direction=\"imported\"}"),
+            value("vigil_cluster_outbox_messages"),
+            sum("vigil_cluster_dropped_total"),
+        );
+    }
     Ok(())
 }
 

@@ -49,6 +49,30 @@ pub struct Metrics {
     pub bridge_slow_consumers: AtomicU64,
     /// Live analytics (`live`).
     pub analytics: AnalyticsMetrics,
+    /// Scale-out over Redis (`cluster`).
+    pub cluster: ClusterMetrics,
+}
+
+/// Counters of the cluster exporter and importer (all zero without `[redis]`).
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    /// 0: no Redis configured; 1: configured, not connected; 2: connected.
+    pub state: AtomicU64,
+    /// Messages written to the shared stream (confirmed by Redis).
+    pub exported: AtomicU64,
+    /// Messages from other instances published into this instance's core.
+    pub imported: AtomicU64,
+    /// Messages waiting in the outbox for Redis now.
+    pub outbox: AtomicU64,
+    /// QoS 0 messages dropped because the outbox was full.
+    pub dropped_qos0: AtomicU64,
+    /// Stream entries skipped as already delivered (re-reads after a reconnect, re-sent
+    /// batches).
+    pub duplicates_skipped: AtomicU64,
+    /// Failed Redis round trips (each followed by a retry).
+    pub redis_errors: AtomicU64,
+    /// Retained messages loaded from Redis at start.
+    pub retained_loaded: AtomicU64,
 }
 
 /// Stable codes of rejected telemetry (`TelemetryError::code`), in the order of
@@ -432,6 +456,59 @@ impl Metrics {
             &mut out,
             "analytics_processing_seconds",
             "Time to parse and score one telemetry message on the analytics task.",
+        );
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP vigil_{name} {help}");
+            let _ = writeln!(out, "# TYPE vigil_{name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "vigil_{name}{labels} {value}");
+            }
+        };
+        let c = &self.cluster;
+        metric(
+            "cluster_redis_up",
+            "gauge",
+            "1 when Redis is configured and reachable, 0 otherwise.",
+            &[("", u64::from(g(&c.state) == 2))],
+        );
+        metric(
+            "cluster_messages_total",
+            "counter",
+            "Messages exchanged with other instances through Redis, by direction.",
+            &[
+                ("{direction=\"exported\"}", g(&c.exported)),
+                ("{direction=\"imported\"}", g(&c.imported)),
+            ],
+        );
+        metric(
+            "cluster_outbox_messages",
+            "gauge",
+            "Messages waiting for Redis.",
+            &[("", g(&c.outbox))],
+        );
+        metric(
+            "cluster_dropped_total",
+            "counter",
+            "Messages not exported, by reason.",
+            &[("{reason=\"outbox_full_qos0\"}", g(&c.dropped_qos0))],
+        );
+        metric(
+            "cluster_duplicates_skipped_total",
+            "counter",
+            "Stream entries skipped because they were already delivered.",
+            &[("", g(&c.duplicates_skipped))],
+        );
+        metric(
+            "cluster_redis_errors_total",
+            "counter",
+            "Failed Redis round trips (each is retried).",
+            &[("", g(&c.redis_errors))],
+        );
+        metric(
+            "cluster_retained_loaded_total",
+            "counter",
+            "Retained messages loaded from Redis.",
+            &[("", g(&c.retained_loaded))],
         );
         out
     }

@@ -227,12 +227,28 @@ async fn readiness(edge: &Edge) -> (bool, String) {
         crate::live::ANALYTICS_FAILED => "failed",
         _ => "starting",
     };
+    let redis = match edge
+        .metrics
+        .cluster
+        .state
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        0 => "not_configured",
+        crate::cluster::REDIS_UP => "ok",
+        _ => "down",
+    };
+    // Without Redis an instance still serves its own clients: degraded, not unready, so a load
+    // balancer keeps sending it traffic.
     let ok = core == "ok" && matches!(analytics, "ok" | "disabled");
-    let status = if ok { "ready" } else { "not_ready" };
+    let status = match (ok, redis) {
+        (false, _) => "not_ready",
+        (true, "down") => "degraded",
+        (true, _) => "ready",
+    };
     (
         ok,
         format!(
-            "{{\"status\":\"{status}\",\"checks\":{{\"core\":\"{core}\",\"analytics\":\"{analytics}\",\"redis\":\"not_configured\"}}}}\n"
+            "{{\"status\":\"{status}\",\"checks\":{{\"core\":\"{core}\",\"analytics\":\"{analytics}\",\"redis\":\"{redis}\"}}}}\n"
         ),
     )
 }
