@@ -108,7 +108,7 @@ impl Default for HistoryConfig {
     fn default() -> HistoryConfig {
         HistoryConfig {
             points_per_device: 1000,
-            max_devices: 10_000,
+            max_devices: 2000,
             data_dir: String::new(),
             snapshot_interval_secs: 60,
         }

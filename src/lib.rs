@@ -11,6 +11,7 @@
 //! - [`metrics`]: counters rendered at `/metrics`.
 //! - [`live`]: the analytics task, an internal core client scoring device telemetry.
 //! - [`cluster`]: scale-out over Redis, two internal core clients exporting and importing.
+//! - [`history`]: telemetry history per device, in memory (with a snapshot file) or in Redis.
 //!
 //! [`run`] takes already bound listeners and a cancellation token, so tests bind port 0.
 
@@ -22,6 +23,7 @@ pub mod dashboard;
 pub mod demo;
 pub mod edge;
 pub mod envelope;
+pub mod history;
 pub mod live;
 pub mod metrics;
 pub mod mqtt;
@@ -52,6 +54,8 @@ pub enum RunError {
     Policy(#[from] edge::policy::PolicyError),
     #[error(transparent)]
     Tls(#[from] edge::tls::TlsError),
+    #[error(transparent)]
+    History(#[from] history::HistoryError),
 }
 
 /// The public listeners, bound.
@@ -125,15 +129,27 @@ pub async fn run(
     };
     let metrics = Arc::new(metrics::Metrics::default());
     let core = core::Core::start(&config).await?;
-    let edge = Arc::new(edge::Edge::new(&config, core, metrics, shutdown.clone())?);
+    let tracker = tokio_util::task::TaskTracker::new();
+    let history = history::History::start(&config, &tracker, shutdown.clone())?;
+    let edge = Arc::new(edge::Edge::new(
+        &config,
+        core,
+        metrics,
+        history,
+        tracker,
+        shutdown.clone(),
+    )?);
     tokio::spawn(reload_on_hangup(edge.clone()));
     if config.redis.enabled() {
         cluster::start(&edge, &config.redis);
     }
     if config.analytics.enabled {
         // Tracked with the connections, so shutdown waits for it too.
-        edge.tracker
-            .spawn(live::run(edge.clone(), config.analytics.clone()));
+        edge.tracker.spawn(live::run(
+            edge.clone(),
+            config.analytics.clone(),
+            config.history.points_per_device,
+        ));
     }
 
     let mqtt_addr = listeners.mqtt.local_addr().ok();

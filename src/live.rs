@@ -29,6 +29,7 @@ use crate::config::AnalyticsConfig;
 use crate::core::{self, Core, CoreError};
 use crate::edge::Edge;
 use crate::envelope;
+use crate::history::History;
 use crate::metrics::Metrics;
 use crate::mqtt::{self, Version};
 
@@ -83,6 +84,25 @@ pub struct Outgoing {
     pub payload: Vec<u8>,
 }
 
+/// Readings of a warming device held until its warm start finishes; older ones are dropped.
+const MAX_WARMING_READINGS: usize = 256;
+/// Time a warm start may spend fetching history before the device starts cold.
+const WARM_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A monitor rebuilt from history on a blocking thread.
+struct Warmed {
+    device: String,
+    epoch: u64,
+    monitor: DeviceMonitor,
+    points: usize,
+}
+
+/// Work finished off the analytics task.
+enum Background {
+    Refit(RefitDone),
+    Warmed(Box<Warmed>),
+}
+
 /// A finished refit coming back from a blocking thread.
 struct RefitDone {
     device: String,
@@ -98,6 +118,9 @@ struct Device {
     /// started for the old one is never installed into the new one.
     epoch: u64,
     refit_running: bool,
+    /// While the monitor is being warmed from history: the readings that arrived meanwhile,
+    /// scored once it is installed.
+    warming: Option<VecDeque<vigil_analytics::telemetry::Reading>>,
 }
 
 /// The analytics state: device monitors, their recency order and the refit machinery. It
@@ -114,13 +137,27 @@ pub struct Analytics {
     metrics: Arc<Metrics>,
     refit_slots: Arc<Semaphore>,
     refit_tx: mpsc::Sender<RefitDone>,
+    history: History,
+    /// Points replayed into a new monitor (the detector's window, at most the stored history).
+    warm_points: usize,
+    warm_tx: mpsc::Sender<Warmed>,
+    warm_rx: mpsc::Receiver<Warmed>,
     refit_rx: mpsc::Receiver<RefitDone>,
 }
 
 impl Analytics {
     /// Checks the monitor settings once, so creating a device's monitor later cannot fail.
-    pub fn new(config: &AnalyticsConfig, metrics: Arc<Metrics>) -> Result<Analytics, LiveError> {
+    pub fn new(
+        config: &AnalyticsConfig,
+        metrics: Arc<Metrics>,
+        history: History,
+        history_points: usize,
+    ) -> Result<Analytics, LiveError> {
         let monitor_config = config.monitor_config();
+        let warm_points = monitor_config.detector.history.min(history_points);
+        // Warm starts wait for a refit slot after fetching; a full channel makes them wait
+        // too, never the analytics task.
+        let (warm_tx, warm_rx) = mpsc::channel(64);
         DeviceMonitor::new("config-check", monitor_config.clone())?;
         let slots = config.max_concurrent_refits.max(1);
         // A refit releases its slot only after its result is sent, so at most `slots` results
@@ -138,6 +175,10 @@ impl Analytics {
             refit_slots: Arc::new(Semaphore::new(slots)),
             refit_tx,
             refit_rx,
+            history,
+            warm_points,
+            warm_tx,
+            warm_rx,
         })
     }
 
@@ -183,10 +224,37 @@ impl Analytics {
         };
         let metrics = self.metrics.clone();
         Metrics::inc(&metrics.analytics.messages);
-        let Some(device) = self.touch(id) else {
+        for reading in &readings {
+            self.history
+                .record(id, reading.timestamp_ms, &reading.metrics);
+        }
+        let first_ts = readings.first().map_or(now_ms, |r| r.timestamp_ms);
+        let Some(device) = self.touch(id, first_ts) else {
             return;
         };
-        for reading in &readings {
+        if let Some(waiting) = &mut device.warming {
+            for reading in readings {
+                if waiting.len() >= MAX_WARMING_READINGS {
+                    waiting.pop_front();
+                    Metrics::inc(&metrics.analytics.warm_dropped);
+                }
+                waiting.push_back(reading);
+            }
+            return;
+        }
+        Self::score(&metrics, id, device, &readings, out);
+        self.maybe_refit(id);
+    }
+
+    /// Feeds readings to a device's monitor and appends the alerts and predictions to `out`.
+    fn score(
+        metrics: &Metrics,
+        id: &str,
+        device: &mut Device,
+        readings: &[vigil_analytics::telemetry::Reading],
+        out: &mut Vec<Outgoing>,
+    ) {
+        for reading in readings {
             let result = device.monitor.ingest(reading);
             metrics
                 .analytics
@@ -213,12 +281,77 @@ impl Analytics {
                 }
             }
         }
-        self.maybe_refit(id);
+    }
+
+    /// Starts rebuilding a new device's monitor from its stored history (points before
+    /// `before_ms`, the first reading that made it new): fetched, then replayed with its
+    /// refits on a blocking thread under a refit slot. The device's readings wait meanwhile.
+    fn start_warm(&mut self, id: &str, epoch: u64, monitor: DeviceMonitor, before_ms: i64) {
+        let history = self.history.clone();
+        let slots = self.refit_slots.clone();
+        let tx = self.warm_tx.clone();
+        let (device, limit) = (id.to_string(), self.warm_points);
+        tokio::spawn(async move {
+            let points = tokio::time::timeout(WARM_FETCH_TIMEOUT, history.recent(&device, limit))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            let replay = async {
+                if points.is_empty() {
+                    return Some((monitor, 0));
+                }
+                let slot = slots.acquire_owned().await.ok()?;
+                tokio::task::spawn_blocking(move || {
+                    let _slot = slot;
+                    replay(monitor, &points, before_ms)
+                })
+                .await
+                .ok()
+            };
+            if let Some((monitor, points)) = replay.await {
+                let _ = tx
+                    .send(Warmed {
+                        device,
+                        epoch,
+                        monitor,
+                        points,
+                    })
+                    .await;
+            }
+        });
+    }
+
+    /// Installs a warmed monitor and scores the readings that waited for it.
+    fn warm_done(&mut self, warmed: Warmed, out: &mut Vec<Outgoing>) {
+        let Some(device) = self.devices.get_mut(&warmed.device) else {
+            return;
+        };
+        if device.epoch != warmed.epoch {
+            return;
+        }
+        if warmed.points > 0 {
+            Metrics::inc(&self.metrics.analytics.warm_starts);
+        }
+        device.monitor = warmed.monitor;
+        let waiting: Vec<_> = device.warming.take().unwrap_or_default().into();
+        Self::score(&self.metrics, &warmed.device, device, &waiting, out);
+        self.maybe_refit(&warmed.device);
+    }
+
+    /// Waits for the next finished refit or warmed monitor.
+    async fn next_background(&mut self) -> Background {
+        tokio::select! {
+            Some(done) = self.refit_rx.recv() => Background::Refit(done),
+            Some(warmed) = self.warm_rx.recv() => Background::Warmed(Box::new(warmed)),
+            // Both senders live in `self`, so this is never reached.
+            else => std::future::pending().await,
+        }
     }
 
     /// The monitor of `id`, marked as the most recently seen, created (evicting the least
     /// recently seen device if the map is full) when missing.
-    fn touch(&mut self, id: &str) -> Option<&mut Device> {
+    fn touch(&mut self, id: &str, first_ts: i64) -> Option<&mut Device> {
         self.tick += 1;
         let tick = self.tick;
         if let Some(device) = self.devices.get_mut(id) {
@@ -238,13 +371,21 @@ impl Analytics {
         // message is simply not scored.
         let monitor = DeviceMonitor::new(id, self.monitor_config.clone()).ok()?;
         self.next_epoch += 1;
+        let epoch = self.next_epoch;
+        // A device new to this instance (first reading, after a restart or an eviction, or
+        // moved from another instance) warms up from its stored history when there is any.
+        let warm = self.warm_points > 0 && self.history.ready();
+        if warm {
+            self.start_warm(id, epoch, monitor.clone(), first_ts);
+        }
         self.devices.insert(
             id.to_string(),
             Device {
                 monitor,
                 last_seen: tick,
-                epoch: self.next_epoch,
+                epoch,
                 refit_running: false,
+                warming: warm.then(VecDeque::new),
             },
         );
         self.recency.insert(tick, id.to_string());
@@ -306,11 +447,40 @@ impl Analytics {
         // A device with several metrics has one job per metric; start the next one now.
         self.maybe_refit(&done.device);
     }
+}
 
-    /// Waits for the next finished refit.
-    async fn next_refit(&mut self) -> Option<RefitDone> {
-        self.refit_rx.recv().await
+/// Feeds stored points (those before `before_ms`) into a fresh monitor, discarding what it
+/// says, then runs the refits it asks for, so it scores like a monitor that saw them live.
+/// Returns the monitor and the number of points replayed.
+fn replay(
+    mut monitor: DeviceMonitor,
+    points: &[crate::history::Point],
+    before_ms: i64,
+) -> (DeviceMonitor, usize) {
+    let mut replayed = 0;
+    let mut reading = vigil_analytics::telemetry::Reading {
+        timestamp_ms: 0,
+        metrics: Vec::new(),
+    };
+    for p in points.iter().filter(|p| p.ts_ms < before_ms) {
+        reading.timestamp_ms = p.ts_ms;
+        reading.metrics.clone_from(&p.values);
+        monitor.ingest(&reading);
+        replayed += 1;
     }
+    // One job per metric that wants a model; a failing job ends the loop.
+    for _ in 0..64 {
+        let Some(job) = monitor.needs_refit() else {
+            break;
+        };
+        match job.run() {
+            Ok(model) => {
+                monitor.install(model);
+            }
+            Err(_) => break,
+        }
+    }
+    (monitor, replayed)
 }
 
 /// Alerts on their way to the core: the unacknowledged window and the queue behind it. Kept
@@ -390,12 +560,18 @@ pub const ANALYTICS_STARTING: u64 = 1;
 pub const ANALYTICS_READY: u64 = 2;
 pub const ANALYTICS_FAILED: u64 = 3;
 
-pub async fn run(edge: Arc<Edge>, config: AnalyticsConfig) {
+/// `history_points` is `history.points_per_device` (0: no history, no warm starts).
+pub async fn run(edge: Arc<Edge>, config: AnalyticsConfig, history_points: usize) {
     let metrics = edge.metrics.clone();
     let shutdown = edge.shutdown.clone();
     metrics.analytics.state.store(ANALYTICS_STARTING, Relaxed);
     async move {
-        let mut state = match Analytics::new(&config, metrics.clone()) {
+        let mut state = match Analytics::new(
+            &config,
+            metrics.clone(),
+            edge.history.clone(),
+            history_points,
+        ) {
             Ok(state) => state,
             Err(e) => {
                 tracing::error!(error = %e, "analytics disabled");
@@ -547,7 +723,26 @@ async fn session(
                     return Err(LiveError::Closed);
                 }
             }
-            Some(done) = state.next_refit() => state.refit_done(done),
+            background = state.next_background() => {
+                let warmed = match background {
+                    Background::Refit(done) => {
+                        state.refit_done(done);
+                        continue;
+                    }
+                    Background::Warmed(warmed) => warmed,
+                };
+                state.warm_done(*warmed, &mut produced);
+                for m in produced.drain(..) {
+                    if m.qos > 0 {
+                        window.enqueue(m, &state.metrics);
+                    } else if out.len() <= MAX_OUT_BYTES {
+                        put_message(&mut out, &m, 0);
+                    } else {
+                        Metrics::inc(&state.metrics.analytics.dropped_qos0);
+                    }
+                }
+                window.pump(&mut out);
+            }
             _ = ping.tick() => mqtt::put_pingreq(&mut out),
             _ = tokio::time::sleep_until(suback_deadline), if !subscribed => {
                 return Err(LiveError::SubackTimeout);
@@ -601,7 +796,7 @@ mod tests {
         config.detector.n_trees = 10;
         edit(&mut config);
         let metrics = Arc::new(Metrics::default());
-        let a = Analytics::new(&config, metrics.clone()).expect("valid");
+        let a = Analytics::new(&config, metrics.clone(), History::disabled(), 0).expect("valid");
         (a, metrics)
     }
 
@@ -676,10 +871,12 @@ mod tests {
             a.handle_telemetry("device/d/telemetry", &reading(v), 0, &mut out);
         }
         assert!(a.devices["d"].refit_running);
-        let done = tokio::time::timeout(Duration::from_secs(30), a.next_refit())
+        let done = tokio::time::timeout(Duration::from_secs(30), a.next_background())
             .await
-            .expect("refit finishes")
-            .expect("channel open");
+            .expect("refit finishes");
+        let Background::Refit(done) = done else {
+            panic!("a refit was expected");
+        };
         a.refit_done(done);
         assert_eq!(metrics.analytics.refits.load(Relaxed), 1);
         assert!(!a.devices["d"].refit_running);
@@ -693,6 +890,70 @@ mod tests {
         assert_eq!(alert.qos, 1);
         let v: serde_json::Value = serde_json::from_slice(&alert.payload).expect("json");
         assert_eq!(v["kind"], "threshold");
+    }
+
+    #[tokio::test]
+    async fn new_device_warms_up_from_history_then_scores_what_waited() {
+        let config = Config::default_config().expect("default");
+        let history = History::start(
+            &config,
+            &tokio_util::task::TaskTracker::new(),
+            CancellationToken::new(),
+        )
+        .expect("memory history");
+        let mut analytics_config = config.analytics.clone();
+        analytics_config.detector.n_trees = 10;
+        analytics_config.detector.warmup = 32;
+        let new = |metrics: &Arc<Metrics>| {
+            Analytics::new(&analytics_config, metrics.clone(), history.clone(), 1000)
+                .expect("valid")
+        };
+        const NOW: i64 = 1_700_000_300_000;
+        // The first instance (or process) sees 200 readings of `w`; they are stored.
+        let first_metrics = Arc::new(Metrics::default());
+        let mut first = new(&first_metrics);
+        let mut out = Vec::new();
+        for i in 0..200 {
+            let v = 20.0 + (i % 7) as f64 * 0.1;
+            let payload = format!(
+                "{{\"temperature\":{v},\"timestamp\":{}}}",
+                1_700_000_000 + i
+            );
+            first.handle_telemetry("device/w/telemetry", payload.as_bytes(), NOW, &mut out);
+        }
+        assert_eq!(
+            first_metrics.analytics.warm_starts.load(Relaxed),
+            0,
+            "nothing stored yet"
+        );
+        // A second one (a restart, or the device moved) rebuilds the model from history.
+        let metrics = Arc::new(Metrics::default());
+        let mut second = new(&metrics);
+        let payload = format!("{{\"temperature\":20.3,\"timestamp\":{}}}", 1_700_000_200);
+        second.handle_telemetry("device/w/telemetry", payload.as_bytes(), NOW, &mut out);
+        assert!(second.devices["w"].warming.is_some());
+        assert_eq!(
+            metrics.analytics.points.load(Relaxed),
+            0,
+            "waits for the warm start"
+        );
+        let background = tokio::time::timeout(Duration::from_secs(30), second.next_background())
+            .await
+            .expect("warm start finishes");
+        let Background::Warmed(warmed) = background else {
+            panic!("a warm start was expected");
+        };
+        assert_eq!(warmed.points, 200);
+        second.warm_done(*warmed, &mut out);
+        assert_eq!(metrics.analytics.warm_starts.load(Relaxed), 1);
+        assert!(second.devices["w"].warming.is_none());
+        assert_eq!(
+            metrics.analytics.points.load(Relaxed),
+            1,
+            "the waiting reading is scored"
+        );
+        // It needed no refit after the replay: the replay fitted the model.
+        assert!(!second.devices["w"].refit_running);
     }
 
     #[test]

@@ -57,6 +57,21 @@ enum Command {
         #[arg(long)]
         addr: Option<String>,
     },
+    /// Write a device's stored telemetry history as CSV (`timestamp_ms` and one column per
+    /// metric), for offline training. Reads Redis when `[redis]` is configured, otherwise the
+    /// snapshot file in `history.data_dir` (written every `snapshot_interval_secs` and at
+    /// shutdown); no running instance is needed.
+    Export {
+        /// The device id (as in `device/<id>/telemetry`).
+        #[arg(long)]
+        device: String,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Only the most recent N readings.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Manage a password file (`[auth] password_file`), as mosquitto_passwd does. A running
     /// vigil reads it again on SIGHUP.
     Passwd {
@@ -121,6 +136,19 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Command::Export {
+            ref device,
+            ref output,
+            limit,
+        }) => {
+            return match export(&cli, device, output.as_deref(), limit) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Command::Run) | Some(Command::Demo { .. }) | None => {}
     }
     init_tracing();
@@ -132,6 +160,58 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `vigil export`: a device's history as CSV.
+fn export(
+    cli: &Cli,
+    device: &str,
+    output: Option<&std::path::Path>,
+    limit: Option<usize>,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let config = match &cli.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default_config()?,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let rows = match output {
+        Some(path) => {
+            // Written next to the target and renamed, so a failed export leaves no half file.
+            let tmp = path.with_extension("csv.partial");
+            let file = std::fs::File::create(&tmp)
+                .with_context(|| format!("cannot create {}", tmp.display()))?;
+            let mut out = std::io::BufWriter::new(file);
+            let rows =
+                runtime.block_on(vigil::history::export_csv(&config, device, limit, &mut out));
+            let rows = match rows.map_err(anyhow::Error::from).and_then(|rows| {
+                out.flush()?;
+                Ok(rows)
+            }) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
+            };
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            rows
+        }
+        None => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let rows =
+                runtime.block_on(vigil::history::export_csv(&config, device, limit, &mut out))?;
+            out.flush()?;
+            rows
+        }
+    };
+    eprintln!("exported {rows} readings of `{device}`");
+    Ok(())
 }
 
 fn passwd(action: &PasswdAction) -> anyhow::Result<()> {

@@ -165,6 +165,10 @@ pub struct AnalyticsMetrics {
     pub refits: AtomicU64,
     pub refit_failures: AtomicU64,
     pub evictions: AtomicU64,
+    /// Monitors rebuilt from stored history (a device new to this process or instance).
+    pub warm_starts: AtomicU64,
+    /// Readings dropped while their device was warming (more than 256 waiting).
+    pub warm_dropped: AtomicU64,
     /// Alerts dropped because too many were waiting for the core's acknowledgements.
     pub dropped_alerts: AtomicU64,
     /// Predictions and error replies dropped because the core was not draining our output.
@@ -444,7 +448,14 @@ impl Metrics {
             &[
                 ("{reason=\"alert_window_full\"}", g(&a.dropped_alerts)),
                 ("{reason=\"core_not_draining\"}", g(&a.dropped_qos0)),
+                ("{reason=\"warming\"}", g(&a.warm_dropped)),
             ],
+        );
+        metric(
+            "analytics_warm_starts_total",
+            "counter",
+            "Device models rebuilt from stored history instead of learning from zero.",
+            &[("", g(&a.warm_starts))],
         );
         metric(
             "analytics_core_reconnects_total",
@@ -512,6 +523,54 @@ impl Metrics {
         );
         out
     }
+}
+
+/// Appends the history store's counters (`crate::history`) to a rendered page.
+pub fn render_history(out: &mut String, h: &crate::history::HistoryMetrics, ready: bool) {
+    let g = |c: &AtomicU64| c.load(Relaxed);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP vigil_{name} {help}");
+        let _ = writeln!(out, "# TYPE vigil_{name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "vigil_{name}{labels} {value}");
+        }
+    };
+    metric(
+        "history_up",
+        "gauge",
+        "1 when the history store can be written (always in memory mode).",
+        &[("", u64::from(ready))],
+    );
+    metric(
+        "history_points_total",
+        "counter",
+        "Telemetry readings stored, and lost on the way (queue full, Redis errors).",
+        &[
+            ("{result=\"stored\"}", g(&h.points_recorded)),
+            ("{result=\"dropped\"}", g(&h.points_dropped)),
+        ],
+    );
+    metric(
+        "history_values_refused_total",
+        "counter",
+        "Metric values not stored: their device had too many metric names.",
+        &[("", g(&h.values_refused))],
+    );
+    metric(
+        "history_devices_evicted_total",
+        "counter",
+        "Device histories dropped to stay within history.max_devices (memory mode).",
+        &[("", g(&h.devices_evicted))],
+    );
+    metric(
+        "history_snapshots_total",
+        "counter",
+        "Snapshot files written, and failed (memory mode).",
+        &[
+            ("{result=\"ok\"}", g(&h.snapshot_writes)),
+            ("{result=\"failed\"}", g(&h.snapshot_failures)),
+        ],
+    );
 }
 
 #[cfg(test)]

@@ -6,16 +6,15 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::browser::Browser;
 use common::{http_get, publish, Sub, TempDir, Vigil};
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 
 const T: Duration = Duration::from_secs(15);
 
@@ -141,96 +140,6 @@ fn ready_status(http: SocketAddr) -> String {
         .ok()
         .and_then(|v| v["status"].as_str().map(str::to_string))
         .unwrap_or_default()
-}
-
-// ---------------------------------------------------------------------------------------------
-// A browser: a JSON-bridge session that acknowledges what it receives.
-
-struct Browser {
-    ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-}
-
-impl Browser {
-    async fn connect(http: SocketAddr, client_id: &str, filter: &str, qos: u8) -> Browser {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{http}/ws"))
-            .await
-            .expect("bridge WebSocket");
-        let mut b = Browser { ws };
-        b.send(json!({"op": "connect", "client_id": client_id, "clean": false}))
-            .await;
-        let connack = b.recv(T).await.expect("connack");
-        assert_eq!(connack["ok"], true, "{connack}");
-        b.send(json!({"op": "subscribe", "ref": 1, "filters": [{"filter": filter, "qos": qos}]}))
-            .await;
-        let suback = b.recv(T).await.expect("suback");
-        assert_eq!(suback["op"], "suback", "{suback}");
-        b
-    }
-
-    async fn send(&mut self, v: Value) {
-        self.ws
-            .send(Message::Text(v.to_string().into()))
-            .await
-            .expect("send frame");
-    }
-
-    async fn recv(&mut self, wait: Duration) -> Option<Value> {
-        loop {
-            match tokio::time::timeout(wait, self.ws.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) => {
-                    return Some(serde_json::from_str(&t).expect("JSON frame"))
-                }
-                Ok(Some(Ok(_))) => continue,
-                _ => return None,
-            }
-        }
-    }
-
-    /// Receives messages until `quiet` passes without one, acknowledging each; returns
-    /// `(topic, qos, payload text)` in arrival order, QoS 2 de-duplicated by id as the protocol
-    /// says (ids between `message` and `pubcomp`).
-    async fn collect(&mut self, quiet: Duration, deadline: Instant) -> Vec<(String, u64, String)> {
-        let mut got = Vec::new();
-        let mut open_q2: HashSet<u64> = HashSet::new();
-        while Instant::now() < deadline {
-            let Some(f) = self.recv(quiet).await else {
-                break;
-            };
-            match f["op"].as_str() {
-                Some("message") => {
-                    let qos = f["qos"].as_u64().unwrap_or(0);
-                    let id = f["id"].as_u64().unwrap_or(0);
-                    let text = match &f["payload"] {
-                        Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    };
-                    let topic = f["topic"].as_str().unwrap_or_default().to_string();
-                    match qos {
-                        1 => {
-                            got.push((topic, qos, text));
-                            self.send(json!({"op": "puback", "id": id})).await;
-                        }
-                        2 => {
-                            if open_q2.insert(id) {
-                                got.push((topic, qos, text));
-                            }
-                            self.send(json!({"op": "pubrec", "id": id})).await;
-                        }
-                        _ => got.push((topic, qos, text)),
-                    }
-                }
-                Some("pubrel") => {
-                    let id = f["id"].as_u64().unwrap_or(0);
-                    open_q2.remove(&id);
-                    self.send(json!({"op": "pubcomp", "id": id})).await;
-                }
-                _ => {}
-            }
-        }
-        got
-    }
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -540,5 +449,96 @@ fn redis_killed_mid_stream_loses_no_qos1_or_qos2_message() {
     assert_eq!(
         lost_sub as f64, dropped,
         "QoS 0 losses are the counted drops"
+    );
+}
+
+/// History lives in Redis: a device that moves to another instance is warm-started there from
+/// what the first instance stored, and its history is readable and exportable from anywhere.
+#[test]
+fn device_moving_to_another_instance_keeps_its_model_and_history() {
+    let redis = Redis::start();
+    let v1 = instance(&redis, "h1");
+    let v2 = instance(&redis, "h2");
+    for v in [&v1, &v2] {
+        wait_until("redis connected", || ready_status(v.http) == "ready");
+        wait_until("history writer connected", || {
+            metric(v.http, "vigil_history_up") == 1.0
+        });
+    }
+    let reading = |i: u64| {
+        format!(
+            "{{\"temperature\": {}, \"timestamp\": {}}}",
+            30 + i % 5,
+            1_790_000_000 + i
+        )
+    };
+    let mut lines = String::new();
+    for i in 0..100 {
+        lines.push_str(&reading(i));
+        lines.push('\n');
+    }
+    let mut child = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &v1.port().to_string(),
+            "-t",
+            "device/m-9/telemetry",
+            "-q",
+            "1",
+            "-l",
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(lines.as_bytes())
+        .expect("write");
+    assert!(child.wait().expect("mosquitto_pub exits").success());
+    wait_until("100 readings stored by instance 1", || {
+        metric(v1.http, "vigil_history_points_total{result=\"stored\"}") == 100.0
+    });
+    // The device reconnects to instance 2.
+    publish(
+        v2.port(),
+        &["-t", "device/m-9/telemetry", "-m", &reading(100), "-q", "1"],
+    );
+    wait_until("instance 2 warm-started m-9", || {
+        metric(v2.http, "vigil_analytics_warm_starts_total") == 1.0
+    });
+    wait_until("instance 2 stored its reading", || {
+        metric(v2.http, "vigil_history_points_total{result=\"stored\"}") == 1.0
+    });
+    let answer = rt().block_on(async {
+        let mut b = Browser::login(v2.http, serde_json::json!({"op": "connect"})).await;
+        b.ask(
+            serde_json::json!({"op": "history", "device": "m-9", "limit": 1000}),
+            "history",
+        )
+        .await
+    });
+    assert_eq!(
+        answer["points"].as_array().map(Vec::len),
+        Some(101),
+        "{answer}"
+    );
+    let csv = Command::new(common::vigil_bin())
+        .arg("--config")
+        .arg(v2.dir().join("broker.toml"))
+        .args(["export", "--device", "m-9", "--limit", "3"])
+        .output()
+        .expect("vigil export");
+    assert!(
+        csv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&csv.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&csv.stdout),
+        "timestamp_ms,temperature\n1790000098000,33\n1790000099000,34\n1790000100000,30\n"
     );
 }

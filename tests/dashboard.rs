@@ -544,6 +544,83 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// A device's chart opened after it has been reporting for a while starts with the readings
+/// vigil stored (the bridge's `history` request), not empty.
+#[test]
+fn a_device_chart_is_back_filled_from_history() {
+    let v = Vigil::start();
+    // 40 readings from the last 40 seconds, stored before any page is open.
+    let now = now_ms();
+    let lines: Vec<String> = (0..40u64)
+        .map(|i| {
+            format!(
+                "{{\"temperature\": {}, \"timestamp\": {}}}",
+                50 + i % 7,
+                now - (40 - i) * 1000
+            )
+        })
+        .collect();
+    let mut child = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &v.port().to_string(),
+            "-t",
+            "device/kiln-1/telemetry",
+        ])
+        .args(["-q", "1", "-l"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        for l in &lines {
+            writeln!(stdin, "{l}").expect("write");
+        }
+    }
+    assert!(child.wait().expect("mosquitto_pub").success());
+    let url = format!("http://{}/", v.http);
+    let Some(mut browser) = Browser::open(&url, TEST_WINDOW, "the real-browser back-fill check")
+    else {
+        return;
+    };
+    browser.wait_connected(&v);
+    // One live reading makes the device appear; opening it back-fills the chart.
+    let live = format!("{{\"temperature\": 55, \"timestamp\": {}}}", now_ms());
+    publish(
+        v.port(),
+        &["-t", "device/kiln-1/telemetry", "-q", "1", "-m", &live],
+    );
+    browser.cdp.poll(
+        "!!document.querySelector('#fleet-body tr[data-device=\"kiln-1\"]')",
+        Duration::from_secs(20),
+        |r| r == &serde_json::Value::Bool(true),
+    );
+    browser
+        .cdp
+        .eval("document.querySelector('#fleet-body tr[data-device=\"kiln-1\"]').click(), true");
+    let points = browser.cdp.poll(
+        "document.querySelector('#charts canvas')?.dataset.points ?? ''",
+        Duration::from_secs(20),
+        |p| {
+            p.as_str()
+                .and_then(|s| s.parse::<u32>().ok())
+                .is_some_and(|n| n >= 41)
+        },
+    );
+    save_screenshot(
+        &mut browser.cdp,
+        "a_device_chart_is_back_filled_from_history",
+    );
+    assert_eq!(
+        points,
+        serde_json::json!("41"),
+        "the chart holds the 40 stored readings and the live one"
+    );
+}
+
 #[test]
 fn a_command_from_the_page_reaches_mosquitto_sub() {
     let v = Vigil::start();

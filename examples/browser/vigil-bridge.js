@@ -336,6 +336,19 @@ export class VigilBridge {
   }
 
   /**
+   * Fetches a device's stored telemetry (the bridge's `history` request), to back-fill a chart.
+   * @param {string} device the device id, as in `device/<id>/telemetry`
+   * @param {number} [limit] most recent readings wanted (server default 500, at most 10,000)
+   * @returns {Promise<Array<{t: number, v: Object<string, number>}>>} oldest first; `t` in Unix
+   *   ms. Rejected with a {@link BridgeError} (`not_authorized`, `history_unavailable`, ...).
+   */
+  history(device, limit) {
+    const frame = { op: "history", device };
+    if (limit !== undefined) frame.limit = limit;
+    return this._request("history", frame);
+  }
+
+  /**
    * Sends an application-level `ping`.
    * @returns {Promise<number>} the round-trip time in ms, on `pong`.
    */
@@ -467,7 +480,7 @@ export class VigilBridge {
     }
     // Pings are only meaningful on the connection they were sent on.
     for (const [ref, req] of this._requests) {
-      if (req.kind === "ping" || req.kind === "resubscribe") {
+      if (req.kind === "ping" || req.kind === "resubscribe" || req.kind === "history") {
         this._requests.delete(ref);
         req.reject(new BridgeError("connection_lost", "the connection closed"));
       }
@@ -554,6 +567,8 @@ export class VigilBridge {
         return this._takeRequest(f.ref)?.resolve(f.filters);
       case "pong":
         return this._takeRequest(f.ref)?.resolve();
+      case "history":
+        return this._takeRequest(f.ref)?.resolve(Array.isArray(f.points) ? f.points : []);
       case "error": {
         const req = this._takeRequest(f.ref);
         if (req?.kind === "publish") {

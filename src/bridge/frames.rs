@@ -59,6 +59,10 @@ struct RawFrame<'a> {
     #[serde(borrow)]
     filters: Option<&'a RawValue>,
     #[serde(borrow)]
+    device: Option<&'a RawValue>,
+    #[serde(borrow)]
+    limit: Option<&'a RawValue>,
+    #[serde(borrow)]
     topic: Option<&'a RawValue>,
     #[serde(borrow)]
     payload: Option<&'a RawValue>,
@@ -87,7 +91,16 @@ pub enum Request {
     PubRec(u16),
     PubRel(u16),
     PubComp(u16),
+    /// Stored telemetry of one device, most recent `limit` readings.
+    History {
+        device: String,
+        limit: usize,
+    },
 }
+
+/// Readings a `history` request returns when it names no `limit`, and the most it may ask.
+pub const HISTORY_DEFAULT_LIMIT: usize = 500;
+pub const HISTORY_MAX_LIMIT: usize = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ConnectReq {
@@ -178,6 +191,7 @@ fn request(raw: &RawFrame<'_>, max_payload: usize) -> Result<Request, FrameError
         "pubrec" => Request::PubRec(required_id(raw.id)?),
         "pubrel" => Request::PubRel(required_id(raw.id)?),
         "pubcomp" => Request::PubComp(required_id(raw.id)?),
+        "history" => history(raw)?,
         other => {
             let mut shown: String = other.chars().take(32).collect();
             if shown.len() < other.len() {
@@ -189,6 +203,68 @@ fn request(raw: &RawFrame<'_>, max_payload: usize) -> Result<Request, FrameError
             ));
         }
     })
+}
+
+fn history(raw: &RawFrame<'_>) -> Result<Request, FrameError> {
+    let device: String = field(raw.device, "device", "a string")?
+        .ok_or_else(|| bad_frame("`history` needs a `device`"))?;
+    if device.is_empty()
+        || device.len() > 256
+        || device.contains(['/', '+', '#'])
+        || device.contains('\0')
+    {
+        return Err(FrameError::new(
+            "bad_device",
+            "a device id is 1 to 256 bytes without `/`, `+`, `#`",
+        ));
+    }
+    let limit: Option<u64> = field(raw.limit, "limit", "a positive integer")?;
+    let limit = match limit {
+        None => HISTORY_DEFAULT_LIMIT,
+        Some(n @ 1..) => (n as usize).min(HISTORY_MAX_LIMIT),
+        Some(0) => return Err(bad_frame("`limit` must be a positive integer")),
+    };
+    Ok(Request::History { device, limit })
+}
+
+/// The answer to a `history` request: `points` oldest first, each `{"t": ms, "v": {metric:
+/// value}}`.
+pub fn history_answer(
+    device: &str,
+    points: &[crate::history::Point],
+    reference: Option<&str>,
+) -> String {
+    let mut out = String::with_capacity(64 + points.len() * 48);
+    out.push_str("{\"op\":\"history\"");
+    push_ref(&mut out, reference);
+    out.push_str(",\"device\":");
+    push_str(&mut out, device);
+    out.push_str(",\"points\":[");
+    for (i, p) in points.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"t\":");
+        out.push_str(&p.ts_ms.to_string());
+        out.push_str(",\"v\":{");
+        let mut first = true;
+        for (name, value) in &p.values {
+            // JSON has no NaN or infinity; stored values are finite, but never write bad JSON.
+            if !value.is_finite() {
+                continue;
+            }
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            push_str(&mut out, name);
+            out.push(':');
+            out.push_str(&value.to_string());
+        }
+        out.push_str("}}");
+    }
+    out.push_str("]}");
+    out
 }
 
 fn field<'de, T: Deserialize<'de>>(
@@ -700,6 +776,52 @@ mod tests {
         let m = message("a", 0, 0, false, false, b"12 apples");
         let v: serde_json::Value = serde_json::from_str(&m).unwrap();
         assert_eq!(v["encoding"], "utf8");
+    }
+
+    #[test]
+    fn history_requests_and_answers() {
+        assert_eq!(
+            req(r#"{"op":"history","device":"m-1"}"#),
+            Ok(Request::History {
+                device: "m-1".into(),
+                limit: HISTORY_DEFAULT_LIMIT
+            })
+        );
+        assert_eq!(
+            req(r#"{"op":"history","device":"m-1","limit":99999}"#),
+            Ok(Request::History {
+                device: "m-1".into(),
+                limit: HISTORY_MAX_LIMIT
+            })
+        );
+        for bad in [
+            r#"{"op":"history"}"#,
+            r#"{"op":"history","device":"a/b"}"#,
+            r#"{"op":"history","device":""}"#,
+            r#"{"op":"history","device":"m","limit":0}"#,
+            r#"{"op":"history","device":"m","limit":"x"}"#,
+        ] {
+            assert!(req(bad).is_err(), "{bad}");
+        }
+        let points = vec![
+            crate::history::Point {
+                ts_ms: 5,
+                values: vec![("temperature".into(), 20.5), ("v\"x".into(), 1.0)],
+            },
+            crate::history::Point {
+                ts_ms: 6,
+                values: vec![("temperature".into(), 21.0)],
+            },
+        ];
+        let text = history_answer("m-1", &points, Some("7"));
+        let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        assert_eq!(v["op"], "history");
+        assert_eq!(v["ref"], 7);
+        assert_eq!(v["device"], "m-1");
+        assert_eq!(v["points"][0]["t"], 5);
+        assert_eq!(v["points"][0]["v"]["temperature"], 20.5);
+        assert_eq!(v["points"][0]["v"]["v\"x"], 1.0);
+        assert_eq!(v["points"][1]["v"]["temperature"], 21.0);
     }
 
     #[test]

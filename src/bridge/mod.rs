@@ -31,7 +31,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{Sink, SinkExt, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -40,6 +40,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::io::poll_read_buf;
 use tracing::{debug, info, Instrument};
 
+use crate::edge::policy::Identity;
 use crate::edge::{connection, Edge, Listener, Origin};
 use crate::metrics::Metrics;
 use crate::mqtt::{self, reason, Frame};
@@ -63,6 +64,8 @@ const MAX_QOS2_OPEN: usize = 1000;
 /// Subscribe/unsubscribe requests awaiting the relay's answer.
 const MAX_PENDING_CONTROL: usize = 256;
 /// How long the relay may take to answer the CONNECT (it may be waiting for a takeover).
+/// `history` requests of one session being answered at once; more get `too_many_requests`.
+const MAX_HISTORY_REQUESTS: usize = 4;
 const CONNACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a closing session may take to flush its last frames and close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -137,6 +140,7 @@ pub async fn serve<S>(
         return;
     }
     let (mut pipe, relay_end) = tokio::io::duplex(PIPE_CAPACITY);
+    let identity = Arc::new(std::sync::OnceLock::new());
     let relay = connection::serve(
         edge.clone(),
         relay_end,
@@ -145,6 +149,7 @@ pub async fn serve<S>(
             peer,
             listener: Listener::Bridge,
             tls_cn: handshake.tls_cn.clone(),
+            identity: Some(identity.clone()),
         },
         slot,
         deadline,
@@ -205,6 +210,7 @@ pub async fn serve<S>(
     );
 
     let now = Instant::now();
+    let (history_tx, history_rx) = mpsc::channel(MAX_HISTORY_REQUESTS);
     let mut session = Session {
         edge: &edge,
         ws,
@@ -228,6 +234,11 @@ pub async fn serve<S>(
         prefer_pipe: false,
         disconnecting: false,
         closing: None,
+        identity,
+        client_id,
+        history_in_flight: 0,
+        history_tx,
+        history_rx,
     };
     session.queue(greeting);
     let end = session.run().await;
@@ -500,6 +511,8 @@ enum End {
 
 enum Event {
     Browser(Message),
+    /// The answer to a `history` request, ready to queue.
+    History(String),
     Relay,
     Timer,
     End(End),
@@ -534,6 +547,13 @@ struct Session<'e, S> {
     disconnecting: bool,
     /// The relay's DISCONNECT reason, once received.
     closing: Option<u8>,
+    /// The identity the relay authenticated (for requests outside MQTT) and the client id.
+    identity: Arc<std::sync::OnceLock<Identity>>,
+    client_id: String,
+    /// `history` requests being answered, and where their answers arrive.
+    history_in_flight: usize,
+    history_tx: mpsc::Sender<String>,
+    history_rx: mpsc::Receiver<String>,
 }
 
 impl<S> Session<'_, S>
@@ -551,6 +571,11 @@ where
             let step = match event {
                 Event::Browser(msg) => self.on_browser(msg),
                 Event::Relay => self.on_relay(),
+                Event::History(frame) => {
+                    self.history_in_flight -= 1;
+                    self.queue(frame);
+                    Ok(())
+                }
                 Event::Timer => {
                     if self.stalled() && Instant::now() >= self.last_progress + self.stall_timeout {
                         return End::SlowConsumer;
@@ -662,6 +687,11 @@ where
                 }
             }
         }
+        if self.history_in_flight > 0 && out_room {
+            if let Poll::Ready(Some(frame)) = self.history_rx.poll_recv(cx) {
+                return Poll::Ready(Event::History(frame));
+            }
+        }
         if timer.poll(cx).is_ready() {
             return Poll::Ready(Event::Timer);
         }
@@ -746,6 +776,7 @@ where
             Request::PubAck(id) => self.on_delivery_ack(id, Delivery::AwaitPuback, reference),
             Request::PubRec(id) => self.on_delivery_ack(id, Delivery::AwaitPubrec, reference),
             Request::PubComp(id) => self.on_delivery_ack(id, Delivery::AwaitPubcomp, reference),
+            Request::History { device, limit } => self.on_history(device, limit, reference),
             Request::PubRel(id) => match self.browser_pubs.get(&id).copied() {
                 Some(BrowserPub::Received) | None => {
                     // Unknown ids go to the relay too: the exchange may have begun on an
@@ -763,6 +794,48 @@ where
             },
         }
         Ok(())
+    }
+
+    /// Answers a `history` request off the event loop (Redis may take a round trip), under the
+    /// same rule as subscribing to the device's telemetry.
+    fn on_history(&mut self, device: String, limit: usize, reference: Option<&str>) {
+        let topic = format!("device/{device}/telemetry");
+        let allowed = self.identity.get().is_some_and(|who| {
+            self.edge
+                .policy
+                .may_subscribe(who, &self.client_id, topic.as_bytes())
+        });
+        if !allowed {
+            Metrics::inc(&self.edge.metrics.acl_denied_subscribe);
+            let e = FrameError::new(
+                "not_authorized",
+                "not allowed to read this device's telemetry",
+            );
+            return self.queue_error(&e, reference);
+        }
+        if self.history_in_flight >= MAX_HISTORY_REQUESTS {
+            let e = FrameError::new("too_many_requests", "too many history requests at once");
+            return self.queue_error(&e, reference);
+        }
+        self.history_in_flight += 1;
+        let history = self.edge.history.clone();
+        let tx = self.history_tx.clone();
+        let reference = reference.map(str::to_owned);
+        tokio::spawn(async move {
+            let frame = match history.recent(&device, limit).await {
+                Ok(points) => frames::history_answer(&device, &points, reference.as_deref()),
+                Err(e) => {
+                    debug!(error = %e, "history request failed");
+                    frames::error(
+                        "history_unavailable",
+                        "the history store is not reachable now; try again",
+                        reference.as_deref(),
+                    )
+                }
+            };
+            // The session may have ended meanwhile; then nobody wants the answer.
+            let _ = tx.send(frame).await;
+        });
     }
 
     fn on_publish(&mut self, p: PublishReq, reference: Option<&str>) {

@@ -141,6 +141,7 @@ pub async fn serve<S>(
         peer,
         listener,
         tls_cn,
+        identity: identity_out,
     } = origin;
     let Some(_ip_slot) = edge.policy.ip_slot(peer.ip()) else {
         Metrics::inc(&edge.metrics.refused_per_ip);
@@ -160,7 +161,16 @@ pub async fn serve<S>(
     };
     counter.fetch_add(1, Relaxed);
     Metrics::inc(&edge.metrics.connections_total);
-    let result = Session::run(&edge, stream, read_buf, connect, peer, tls_cn.as_deref()).await;
+    let result = Session::run(
+        &edge,
+        stream,
+        read_buf,
+        connect,
+        peer,
+        tls_cn.as_deref(),
+        identity_out.as_deref(),
+    )
+    .await;
     counter.fetch_sub(1, Relaxed);
     drop(permit);
     if let Err(e) = result {
@@ -365,6 +375,7 @@ where
         connect: mqtt::Connect,
         peer: SocketAddr,
         tls_cn: Option<&str>,
+        identity_out: Option<&std::sync::OnceLock<Identity>>,
     ) -> Result<(), ConnError> {
         let version = connect.version;
         let span = tracing::Span::current();
@@ -428,6 +439,9 @@ where
                 refuse(&mut client, version, not_authorized).await;
                 return Ok(());
             }
+        }
+        if let Some(out) = identity_out {
+            let _ = out.set(identity.clone());
         }
         let (keep_alive, keep_alive_changed) = edge.policy.keep_alive(connect.keep_alive);
 

@@ -34,6 +34,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::core::Core;
+use crate::history::History;
 use crate::metrics::Metrics;
 
 /// Accepts sockets until shutdown and runs `handle` for each in its own tracked task, inside a
@@ -75,6 +76,9 @@ pub struct Origin {
     pub peer: SocketAddr,
     pub listener: Listener,
     pub tls_cn: Option<String>,
+    /// Where the relay reports the identity it authenticated, for whoever started it (the
+    /// bridge answers requests outside MQTT, such as `history`, under that identity).
+    pub identity: Option<Arc<std::sync::OnceLock<policy::Identity>>>,
 }
 
 impl Origin {
@@ -83,6 +87,7 @@ impl Origin {
             peer,
             listener,
             tls_cn: None,
+            identity: None,
         }
     }
 }
@@ -129,6 +134,8 @@ pub struct Edge {
     pub allowed_origins: Vec<String>,
     pub max_packet_size: usize,
     pub bridge: BridgeLimits,
+    /// Telemetry history per device (analytics warm starts, the bridge's `history` request).
+    pub history: History,
 }
 
 /// Bounds of the JSON bridge (`[bridge]`).
@@ -143,6 +150,8 @@ impl Edge {
         config: &Config,
         core: Core,
         metrics: Arc<Metrics>,
+        history: History,
+        tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Edge, policy::PolicyError> {
         let cap = config.limits.max_connections;
@@ -152,7 +161,7 @@ impl Edge {
             registry: registry::Registry::new(cap),
             metrics,
             shutdown,
-            tracker: TaskTracker::new(),
+            tracker,
             connections: Arc::new(Semaphore::new(cap)),
             handshakes: Arc::new(Semaphore::new(cap.max(64))),
             handshake_timeout: config.limits.handshake_timeout(),
@@ -164,6 +173,7 @@ impl Edge {
                 max_subscriptions: config.bridge.max_subscriptions,
                 max_queued_bytes: config.bridge.max_queued_bytes,
             },
+            history,
         })
     }
 

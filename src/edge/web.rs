@@ -154,7 +154,7 @@ async fn handle(
         .await;
         return;
     }
-    let metrics;
+    let mut metrics;
     let ready;
     let mut is_dashboard = false;
     let (status, content_type, body) = match head.path.as_str() {
@@ -170,6 +170,11 @@ async fn handle(
         }
         "/metrics" => {
             metrics = edge.metrics.render();
+            crate::metrics::render_history(
+                &mut metrics,
+                edge.history.metrics(),
+                edge.history.ready(),
+            );
             (200, "text/plain; version=0.0.4", metrics.as_str())
         }
         path => match dashboard::asset(path) {

@@ -505,6 +505,60 @@ function select(id) {
   }
   dirty.device = true;
   dirty.fleet = true;
+  if (id !== null) backfill(id);
+}
+
+/**
+ * Fills the selected device's charts with the readings vigil stored before this page saw any
+ * (the bridge's `history` request). Live points already drawn are kept; older stored ones go
+ * in front of them.
+ */
+async function backfill(id) {
+  const b = bridge;
+  if (!b) return;
+  let points;
+  try {
+    points = await b.history(id, RING_CAPACITY);
+  } catch (e) {
+    // No right to read it, or no store reachable now: the charts fill from live data.
+    if (e.code !== "not_authorized") notice(`history of ${id}: ${e.code ?? e.message}`, true);
+    return;
+  }
+  if (bridge !== b || !Array.isArray(points) || points.length === 0) return;
+  const d = device(id);
+  const merged = new Map(); // metric -> Ring
+  const firstLive = new Map();
+  for (const [metric, ring] of d.rings) {
+    const first = ring.len > 0 ? ring.t[ring.start] : Infinity;
+    firstLive.set(metric, first);
+  }
+  for (const p of points) {
+    if (!p || typeof p.t !== "number" || !p.v || typeof p.v !== "object") continue;
+    for (const [metric, value] of Object.entries(p.v)) {
+      if (typeof value !== "number" || !Number.isFinite(value)) continue;
+      if (p.t >= (firstLive.get(metric) ?? Infinity)) continue;
+      let ring = merged.get(metric);
+      if (!ring) {
+        if (merged.size >= 32) continue;
+        ring = new Ring(RING_CAPACITY);
+        merged.set(metric, ring);
+      }
+      ring.push(p.t, value);
+      if (!d.latest.has(metric)) d.latest.set(metric, value);
+    }
+  }
+  for (const [metric, ring] of d.rings) {
+    let into = merged.get(metric);
+    if (!into) {
+      into = new Ring(RING_CAPACITY);
+      merged.set(metric, into);
+    }
+    ring.forEach(-Infinity, (t, v) => into.push(t, v));
+  }
+  d.rings = merged;
+  if (d.lastSeen === 0) d.lastSeen = points[points.length - 1].t;
+  dirty.device = true;
+  dirty.fleet = true;
 }
 
 function renderDevice(now) {
@@ -560,10 +614,14 @@ function drawChart(canvas, ring, marks, now) {
   const since = now - WINDOW_MS;
   let lo = Infinity;
   let hi = -Infinity;
+  let count = 0;
   ring.forEach(since, (_, v) => {
     if (v < lo) lo = v;
     if (v > hi) hi = v;
+    count++;
   });
+  // What the chart shows, for tests and for anyone inspecting the page.
+  canvas.dataset.points = String(count);
   const pad = { l: 50 * dpr, r: 8 * dpr, t: 8 * dpr, b: 16 * dpr };
   const pw = w - pad.l - pad.r;
   const ph = h - pad.t - pad.b;
@@ -615,12 +673,10 @@ function drawChart(canvas, ring, marks, now) {
   ctx.lineWidth = 1.5 * dpr;
   ctx.beginPath();
   let first = true;
-  let count = 0;
   ring.forEach(since, (t, v) => {
     if (first) ctx.moveTo(x(t), y(v));
     else ctx.lineTo(x(t), y(v));
     first = false;
-    count++;
   });
   ctx.stroke();
   if (count === 1) {

@@ -1,0 +1,218 @@
+//! Telemetry history, through the real binary: readings published with mosquitto_pub are
+//! stored, answered to the bridge's `history` request (under the subscribe ACL), kept across a
+//! restart by the snapshot file, used to warm-start the models, and exported with
+//! `vigil export`.
+
+mod common;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::browser::Browser;
+use common::{http_get, vigil_bin, TempDir, Vigil};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(15);
+
+/// Publishes one message per line of `lines` to `topic` with a single `mosquitto_pub -l`.
+fn publish_lines(port: u16, topic: &str, lines: &[String], auth: &[&str]) {
+    let mut child = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            topic,
+            "-q",
+            "1",
+            "-l",
+        ])
+        .args(auth)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    {
+        let mut stdin = child.stdin.take().expect("stdin");
+        for l in lines {
+            writeln!(stdin, "{l}").expect("write line");
+        }
+    }
+    let out = child.wait_with_output().expect("mosquitto_pub exits");
+    assert!(
+        out.status.success(),
+        "mosquitto_pub -l: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `n` readings of temperature 20.0, 20.1, ... with timestamps one second apart.
+fn readings(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!(
+                "{{\"temperature\": {:.1}, \"vibration\": 0.5, \"timestamp\": {}}}",
+                20.0 + i as f64 / 10.0,
+                1_790_000_000 + i
+            )
+        })
+        .collect()
+}
+
+fn metric(http: SocketAddr, name: &str) -> f64 {
+    http_get(http, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+fn wait_metric(http: SocketAddr, name: &str, want: f64) {
+    let deadline = Instant::now() + T;
+    while metric(http, name) != want {
+        assert!(
+            Instant::now() < deadline,
+            "{name} stayed at {} (want {want})",
+            metric(http, name)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn with_data_dir(dir: &TempDir) -> impl FnOnce(String) -> String {
+    let line = format!("data_dir = {:?}", dir.0.to_string_lossy());
+    move |c| c.replacen("data_dir = \"\"", &line, 1)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+async fn history(http: SocketAddr, connect: Value, device: &str, limit: usize) -> Value {
+    let mut b = Browser::login(http, connect).await;
+    b.ask(
+        json!({"op": "history", "ref": "h", "device": device, "limit": limit}),
+        "history",
+    )
+    .await
+}
+
+fn temperatures(answer: &Value) -> Vec<f64> {
+    answer["points"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no points: {answer}"))
+        .iter()
+        .map(|p| p["v"]["temperature"].as_f64().expect("temperature"))
+        .collect()
+}
+
+#[test]
+fn history_is_answered_kept_across_a_restart_warms_models_and_exports() {
+    let data = TempDir::new();
+    let mut v1 = Vigil::start_with(with_data_dir(&data));
+    publish_lines(v1.port(), "device/m-1/telemetry", &readings(30), &[]);
+    wait_metric(
+        v1.http,
+        "vigil_history_points_total{result=\"stored\"}",
+        30.0,
+    );
+    let rt = rt();
+    let answer = rt.block_on(history(v1.http, json!({"op": "connect"}), "m-1", 10));
+    assert_eq!(answer["op"], "history", "{answer}");
+    assert_eq!(answer["ref"], "h");
+    assert_eq!(answer["device"], "m-1");
+    let t: Vec<f64> = temperatures(&answer);
+    assert_eq!(t.len(), 10, "the 10 most recent, oldest first");
+    assert!(
+        (t[0] - 22.0).abs() < 1e-9 && (t[9] - 22.9).abs() < 1e-9,
+        "{t:?}"
+    );
+    assert_eq!(answer["points"][9]["t"], 1_790_000_029_000i64);
+    let unknown = rt.block_on(history(v1.http, json!({"op": "connect"}), "nobody", 10));
+    assert_eq!(
+        unknown["points"],
+        json!([]),
+        "an unknown device has no history"
+    );
+
+    // SIGTERM writes the snapshot; a new process answers from it and warm-starts the model.
+    let (status, _) = v1.terminate();
+    assert!(status.success());
+    let csv = Command::new(vigil_bin())
+        .arg("--config")
+        .arg(v1.dir().join("broker.toml"))
+        .args(["export", "--device", "m-1"])
+        .output()
+        .expect("vigil export");
+    assert!(
+        csv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&csv.stderr)
+    );
+    let text = String::from_utf8_lossy(&csv.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "timestamp_ms,temperature,vibration");
+    assert_eq!(lines.len(), 31, "header and 30 readings:\n{text}");
+    assert_eq!(lines[1], "1790000000000,20,0.5");
+    let missing = Command::new(vigil_bin())
+        .arg("--config")
+        .arg(v1.dir().join("broker.toml"))
+        .args(["export", "--device", "nobody"])
+        .output()
+        .expect("vigil export");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no history for device `nobody`"));
+
+    let v2 = Vigil::start_with(with_data_dir(&data));
+    let answer = rt.block_on(history(v2.http, json!({"op": "connect"}), "m-1", 100));
+    assert_eq!(
+        temperatures(&answer).len(),
+        30,
+        "restored from the snapshot"
+    );
+    publish_lines(v2.port(), "device/m-1/telemetry", &readings(31)[30..], &[]);
+    wait_metric(v2.http, "vigil_analytics_warm_starts_total", 1.0);
+    wait_metric(v2.http, "vigil_analytics_points_total", 2.0);
+}
+
+#[test]
+fn history_needs_the_right_to_read_the_device() {
+    let data = TempDir::new();
+    let v = Vigil::start_with_users(
+        &[("m-1", "pw-m1", "device"), ("ui", "pw-ui", "viewer")],
+        with_data_dir(&data),
+    );
+    publish_lines(
+        v.port(),
+        "device/m-1/telemetry",
+        &readings(5),
+        &["-u", "m-1", "-P", "pw-m1"],
+    );
+    wait_metric(v.http, "vigil_history_points_total{result=\"stored\"}", 5.0);
+    let rt = rt();
+    let device = json!({"op": "connect", "username": "m-1", "password": "pw-m1"});
+    let refused = rt.block_on(history(v.http, device, "m-1", 10));
+    assert_eq!(refused["op"], "error", "{refused}");
+    assert_eq!(refused["code"], "not_authorized");
+    assert_eq!(refused["ref"], "h");
+    let viewer = json!({"op": "connect", "username": "ui", "password": "pw-ui"});
+    let answer = rt.block_on(history(v.http, viewer, "m-1", 10));
+    assert_eq!(temperatures(&answer).len(), 5, "{answer}");
+    let bad = rt.block_on(async {
+        let mut b = Browser::login(
+            v.http,
+            json!({"op": "connect", "username": "ui", "password": "pw-ui"}),
+        )
+        .await;
+        b.ask(json!({"op": "history", "device": "a/b"}), "history")
+            .await
+    });
+    assert_eq!(bad["code"], "bad_device", "{bad}");
+}
