@@ -630,7 +630,12 @@ async fn importer(edge: Arc<Edge>, shared: Arc<Shared>) {
     let mut backoff = BACKOFF_MIN;
     loop {
         match import_session(&edge.core, &shared, &mut state, &shutdown).await {
-            Ok(()) => return,
+            Ok(()) => {
+                if shared.config.instance_id.is_empty() {
+                    forget_group(&shared.keys, &mut state.conn).await;
+                }
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cluster importer lost its core connection")
             }
@@ -647,6 +652,17 @@ async fn importer(edge: Arc<Edge>, shared: Arc<Shared>) {
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// At shutdown of an instance with a random name: its consumer group would never be used
+/// again, so it is removed (best effort) instead of accumulating in Redis.
+async fn forget_group(keys: &Keys, conn: &mut ConnectionManager) {
+    let mut cmd = redis::cmd("XGROUP");
+    cmd.arg("DESTROY").arg(&keys.bus).arg(&keys.group);
+    let destroy = cmd.query_async::<()>(conn);
+    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), destroy).await {
+        tracing::debug!(error = %e, "could not remove this instance's consumer group");
     }
 }
 

@@ -35,10 +35,10 @@
 //! - per point: 16 bytes + 8 bytes per value;
 //! - per device: `points_per_device * (16 + 8 * metrics)` + names (at most 64 * about 100 bytes)
 //!   + about 300 bytes of bookkeeping and two copies of the device id;
-//! - defaults (1000 points, 10000 devices), typical device with 4 metrics: about 49 KB per
-//!   device, about 490 MB in all;
+//! - defaults (1000 points, 2000 devices), typical device with 4 metrics: about 49 KB per
+//!   device, about 100 MB in all;
 //! - defaults, worst case (64 metrics in every reading): 16 KB + 512 KB + 6 KB = about 534 KB per
-//!   device, about 5.3 GB in all.
+//!   device, about 1.07 GB in all.
 //!
 //! In Redis mode the process holds the writer queue: at most 16384 points of about 150 bytes
 //! (device id, timestamp, the `v` JSON), 2.5 MB typically, about 100 MB if every point carried

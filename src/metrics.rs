@@ -47,6 +47,9 @@ pub struct Metrics {
     pub bridge_errors: AtomicU64,
     pub bridge_dropped_qos0: AtomicU64,
     pub bridge_slow_consumers: AtomicU64,
+    /// Time from handing a client's QoS 1/2 publish to the core until the core acknowledged it:
+    /// the broker path (edge -> core routing -> edge), without the client's network.
+    pub core_ack: Histogram,
     /// Live analytics (`live`).
     pub analytics: AnalyticsMetrics,
     /// Scale-out over Redis (`cluster`).
@@ -467,6 +470,11 @@ impl Metrics {
             &mut out,
             "analytics_processing_seconds",
             "Time to parse and score one telemetry message on the analytics task.",
+        );
+        self.core_ack.render(
+            &mut out,
+            "publish_core_ack_seconds",
+            "Time from handing a QoS 1/2 publish to the routing core until it acknowledged it (the broker path, without the client's network).",
         );
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
             let _ = writeln!(out, "# HELP vigil_{name} {help}");

@@ -31,17 +31,22 @@ impl Redis {
     /// Starts redis-server on a free port with an append-only file fsynced on every write, so a
     /// SIGKILL loses nothing Redis acknowledged.
     fn start() -> Redis {
+        let mut redis = Redis::not_started();
+        redis.spawn();
+        redis
+    }
+
+    /// A free port for a Redis that `spawn` starts later.
+    fn not_started() -> Redis {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let mut redis = Redis {
+        Redis {
             child: None,
             port,
             dir: TempDir::new(),
-        };
-        redis.spawn();
-        redis
+        }
     }
 
     fn spawn(&mut self) {
@@ -540,5 +545,27 @@ fn device_moving_to_another_instance_keeps_its_model_and_history() {
     assert_eq!(
         String::from_utf8_lossy(&csv.stdout),
         "timestamp_ms,temperature\n1790000098000,33\n1790000099000,34\n1790000100000,30\n"
+    );
+}
+
+/// An instance whose Redis is not there at start serves its own clients (degraded), and joins
+/// the cluster when Redis comes up.
+#[test]
+fn instance_started_without_redis_serves_locally_then_joins() {
+    let mut redis = Redis::not_started();
+    let v1 = instance(&redis, "late-1");
+    let v2 = instance(&redis, "late-2");
+    assert_eq!(ready_status(v1.http), "degraded");
+    let mut local = Sub::start(v1.port(), &["-t", "t/#", "-q", "1"]);
+    publish(v1.port(), &["-t", "t/local", "-m", "here", "-q", "1"]);
+    assert_eq!(local.expect_messages(1, T), vec!["t/local|1|0|here"]);
+    redis.spawn();
+    for v in [&v1, &v2] {
+        wait_until("redis connected", || ready_status(v.http) == "ready");
+    }
+    publish(v2.port(), &["-t", "t/remote", "-m", "there", "-q", "1"]);
+    assert_eq!(
+        local.expect_messages(2, T),
+        vec!["t/local|1|0|here", "t/remote|1|0|there"]
     );
 }

@@ -146,6 +146,11 @@ pub struct PredictionMessage {
     pub seconds_to_limit: Option<f64>,
     /// Confidence in 0..1.
     pub confidence: f64,
+    /// The trend line's value at `timestamp` (with `slope`, the whole line, for charts).
+    pub fitted: f64,
+    /// The highest anomaly score (0..1) of the metric's readings since the previous
+    /// prediction, for an anomaly-score plot at the prediction rate.
+    pub anomaly_score: f64,
     /// Unix time in milliseconds of the newest reading used.
     pub timestamp: i64,
 }
@@ -188,10 +193,14 @@ mod tests {
             slope: 0.01,
             seconds_to_limit: None,
             confidence: 0.8,
+            fitted: 71.5,
+            anomaly_score: 0.25,
             timestamp: 1,
         };
         let v: serde_json::Value = serde_json::to_value(&p).expect("serialise");
         assert_eq!(v["trend"], "rising");
         assert!(v["seconds_to_limit"].is_null());
+        assert_eq!(v["fitted"], 71.5);
+        assert_eq!(v["anomaly_score"], 0.25);
     }
 }

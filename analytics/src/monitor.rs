@@ -93,6 +93,8 @@ struct MetricState {
     seen: u64,
     over_limit: bool,
     forecast_active: bool,
+    /// Highest anomaly score since the last prediction.
+    score_max: f64,
 }
 
 /// Everything one reading produced.
@@ -169,6 +171,7 @@ impl DeviceMonitor {
                         seen: 0,
                         over_limit: false,
                         forecast_active: false,
+                        score_max: 0.0,
                     });
                     self.metrics.len() - 1
                 }
@@ -181,6 +184,9 @@ impl DeviceMonitor {
             };
             state.trend.push(ts, *value);
             state.seen += 1;
+            if let Some(o) = out.outcomes.iter().find(|o| &o.metric == name) {
+                state.score_max = state.score_max.max(o.outcome.score);
+            }
 
             if let Some(l) = limit {
                 let violated = l.violated(*value);
@@ -234,8 +240,11 @@ impl DeviceMonitor {
                 slope: f.slope_per_s,
                 seconds_to_limit: f.seconds_to_limit,
                 confidence: f.confidence,
+                fitted: f.fitted_now,
+                anomaly_score: state.score_max,
                 timestamp: f.timestamp_ms,
             });
+            state.score_max = 0.0;
         }
         out
     }

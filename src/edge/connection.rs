@@ -317,8 +317,9 @@ struct Session<S> {
     pubrel_to_client_earlier: Vec<(u16, u16)>,
     /// QoS 2 deliveries the client got at QoS 0 or 1, whose PUBREL the edge answers itself.
     local_pubrel: Vec<u16>,
-    /// Client publishes (packet id, client QoS) handed to the core and not yet acknowledged.
-    core_fwd: std::collections::VecDeque<(u16, u8)>,
+    /// Client publishes (packet id, client QoS, when handed over) handed to the core and not
+    /// yet acknowledged.
+    core_fwd: std::collections::VecDeque<(u16, u8, Instant)>,
     /// Inbound QoS 2 ids handed to the core on this connection, awaiting the client's PUBREL.
     inbound_qos2: Vec<u16>,
     /// Inbound QoS 2 ids forwarded on an earlier connection of this session.
@@ -885,7 +886,7 @@ where
                 // why the edge does not acknowledge earlier).
                 let core_qos = p.qos.min(1);
                 if core_qos == 1 {
-                    self.core_fwd.push_back((p.pkid, p.qos));
+                    self.core_fwd.push_back((p.pkid, p.qos, Instant::now()));
                 }
                 let plain;
                 let with_properties;
@@ -1369,9 +1370,12 @@ where
             mqtt::PUBACK => {
                 // The core acknowledging one of the client's publishes (in the order received).
                 let (pkid, _) = mqtt::parse_ack(&frame).map_err(|_| End::CoreGone)?;
-                match self.core_fwd.iter().position(|&(id, _)| id == pkid) {
+                match self.core_fwd.iter().position(|&(id, _, _)| id == pkid) {
                     Some(i) => {
-                        let (pkid, qos) = self.core_fwd.remove(i).unwrap_or((pkid, 1));
+                        let Some((pkid, qos, sent)) = self.core_fwd.remove(i) else {
+                            return Ok(());
+                        };
+                        edge.metrics.core_ack.observe(sent.elapsed());
                         let kind = if qos == 2 { mqtt::PUBREC } else { mqtt::PUBACK };
                         mqtt::put_ack(&mut self.client_out, kind, pkid);
                     }
