@@ -258,14 +258,20 @@ async fn connect_redis(
 // ---------------------------------------------------------------------------------------------
 // Exporter: core -> outbox -> Redis.
 
-/// One message on its way to the stream.
+/// A message to export.
 #[derive(Debug, Clone)]
-struct OutEntry {
-    seq: u64,
+struct OutMessage {
     topic: Bytes,
     retain: bool,
     /// The payload as stored in the core (envelope included), or empty for a retained clear.
     raw: Bytes,
+}
+
+/// One message on its way to the stream, numbered.
+#[derive(Debug, Clone)]
+struct OutEntry {
+    seq: u64,
+    message: OutMessage,
 }
 
 /// Messages accepted from the core, waiting for Redis to confirm them.
@@ -298,29 +304,29 @@ impl Outbox {
     }
 
     /// Appends a message if there is room; `false` when full.
-    fn push(&self, topic: Bytes, retain: bool, raw: Bytes, metrics: &ClusterMetrics) -> bool {
+    fn push(&self, message: OutMessage, metrics: &ClusterMetrics) -> bool {
+        self.try_push(message, metrics).is_ok()
+    }
+
+    /// Appends a message if there is room, else hands it back.
+    fn try_push(&self, message: OutMessage, metrics: &ClusterMetrics) -> Result<(), OutMessage> {
         let Ok(mut inner) = self.inner.lock() else {
-            return false;
+            return Err(message);
         };
-        let size = topic.len() + raw.len();
+        let size = message.topic.len() + message.raw.len();
         if inner.entries.len() >= self.max_messages
             || (inner.bytes + size > self.max_bytes && !inner.entries.is_empty())
         {
-            return false;
+            return Err(message);
         }
         inner.next_seq += 1;
         let seq = inner.next_seq;
         inner.bytes += size;
-        inner.entries.push_back(OutEntry {
-            seq,
-            topic,
-            retain,
-            raw,
-        });
+        inner.entries.push_back(OutEntry { seq, message });
         metrics.outbox.store(inner.entries.len() as u64, Relaxed);
         drop(inner);
         self.filled.notify_one();
-        true
+        Ok(())
     }
 
     /// Copies of the oldest entries, at most `n` (cheap: `Bytes` are shared).
@@ -338,7 +344,7 @@ impl Outbox {
         };
         while inner.entries.front().is_some_and(|e| e.seq <= last) {
             if let Some(e) = inner.entries.pop_front() {
-                inner.bytes -= e.topic.len() + e.raw.len();
+                inner.bytes -= e.message.topic.len() + e.message.raw.len();
                 Metrics::inc(&metrics.exported);
             }
         }
@@ -395,9 +401,10 @@ async fn export_session(
     if !link.session_present {
         mqtt::put_core_subscribe(&mut out, 1, &[(Bytes::from_static(b"#"), 1)]);
     }
-    // QoS 1 messages that found the outbox full: not acknowledged, so the core holds the rest
-    // (its window is 100), in the order the core sent them.
-    let mut held: VecDeque<(u16, Bytes, bool, Bytes)> = VecDeque::new();
+    // QoS 1 messages not acknowledged yet because the outbox was full, in the order the core
+    // sent them (the core's window of 100 then holds the rest). The core wants acknowledgements
+    // in order, so a message not to be exported that arrives behind them waits too (`None`).
+    let mut held: VecDeque<(u16, Option<OutMessage>)> = VecDeque::new();
     let mut ping = tokio::time::interval_at(
         Instant::now() + core::CORE_PING_INTERVAL,
         core::CORE_PING_INTERVAL,
@@ -431,20 +438,37 @@ async fn export_session(
                             } else {
                                 !envelope::is_remote(&p.payload)
                             };
-                            if !export {
-                                if p.qos > 0 {
+                            // The core delivers at the subscription's QoS (1): the envelope
+                            // tells what the publisher used. QoS 0 messages may be dropped when
+                            // the outbox is full; QoS 1/2 ones and retained clears may not.
+                            let droppable = envelope::open_qos(&p.payload) == Some(0);
+                            let message = export.then_some(OutMessage {
+                                topic: p.topic,
+                                retain: p.retain,
+                                raw: p.payload,
+                            });
+                            let ack = match message {
+                                Some(m) if droppable => {
+                                    if !outbox.push(m, cm) {
+                                        Metrics::inc(&cm.dropped_qos0);
+                                    }
+                                    None
+                                }
+                                Some(m) if held.is_empty() => outbox.try_push(m, cm).err(),
+                                other => other,
+                            };
+                            // Acknowledgements go to the core in the order it sent the messages.
+                            if p.qos > 0 {
+                                if held.is_empty() && ack.is_none() {
                                     mqtt::put_ack(&mut out, mqtt::PUBACK, p.pkid);
+                                } else {
+                                    held.push_back((p.pkid, ack));
                                 }
-                            } else if p.qos == 0 {
-                                if !outbox.push(p.topic, p.retain, p.payload, cm) {
-                                    Metrics::inc(&cm.dropped_qos0);
-                                }
-                            } else if held.is_empty()
-                                && outbox.push(p.topic.clone(), p.retain, p.payload.clone(), cm)
-                            {
-                                mqtt::put_ack(&mut out, mqtt::PUBACK, p.pkid);
-                            } else {
-                                held.push_back((p.pkid, p.topic, p.retain, p.payload));
+                            } else if let Some(m) = ack {
+                                // Delivered at QoS 0 (no acknowledgement owed): nothing to hold it
+                                // back with, so it is dropped like any QoS 0 message.
+                                drop(m);
+                                Metrics::inc(&cm.dropped_qos0);
                             }
                         }
                         mqtt::SUBACK => {
@@ -458,13 +482,14 @@ async fn export_session(
                 }
             }
             _ = outbox.drained.notified(), if !held.is_empty() => {
-                while let Some((pkid, topic, retain, raw)) = held.pop_front() {
-                    if outbox.push(topic.clone(), retain, raw.clone(), cm) {
-                        mqtt::put_ack(&mut out, mqtt::PUBACK, pkid);
-                    } else {
-                        held.push_front((pkid, topic, retain, raw));
-                        break;
+                while let Some((pkid, message)) = held.pop_front() {
+                    if let Some(message) = message {
+                        if let Err(message) = outbox.try_push(message, cm) {
+                            held.push_front((pkid, Some(message)));
+                            break;
+                        }
                     }
+                    mqtt::put_ack(&mut out, mqtt::PUBACK, pkid);
                 }
             }
             n = wr.write_buf(&mut out), if !out.is_empty() => {
@@ -499,6 +524,7 @@ async fn exporter_redis(edge: Arc<Edge>, shared: Arc<Shared>, outbox: Arc<Outbox
         }
         let mut pipe = redis::pipe();
         for e in &batch {
+            let m = &e.message;
             pipe.cmd("XADD")
                 .arg(&shared.keys.bus)
                 .arg("MAXLEN")
@@ -510,23 +536,23 @@ async fn exporter_redis(edge: Arc<Edge>, shared: Arc<Shared>, outbox: Arc<Outbox
                 .arg("s")
                 .arg(e.seq)
                 .arg("t")
-                .arg(&e.topic[..])
+                .arg(&m.topic[..])
                 .arg("r")
-                .arg(u8::from(e.retain))
+                .arg(u8::from(m.retain))
                 .arg("m")
-                .arg(&e.raw[..])
+                .arg(&m.raw[..])
                 .ignore();
-            if e.retain {
-                if e.raw.is_empty() {
+            if m.retain {
+                if m.raw.is_empty() {
                     pipe.cmd("HDEL")
                         .arg(&shared.keys.retained)
-                        .arg(&e.topic[..])
+                        .arg(&m.topic[..])
                         .ignore();
                 } else {
                     pipe.cmd("HSET")
                         .arg(&shared.keys.retained)
-                        .arg(&e.topic[..])
-                        .arg(&e.raw[..])
+                        .arg(&m.topic[..])
+                        .arg(&m.raw[..])
                         .ignore();
                 }
             }
@@ -1149,21 +1175,25 @@ mod tests {
             outbox_max_messages: 3,
             ..RedisConfig::default()
         });
+        let message = |raw: &[u8]| OutMessage {
+            topic: Bytes::from_static(b"t"),
+            retain: false,
+            raw: Bytes::copy_from_slice(raw),
+        };
         for i in 0..3u8 {
-            assert!(outbox.push(
-                Bytes::from_static(b"t"),
-                false,
-                Bytes::from(vec![i]),
-                &metrics
-            ));
+            assert!(outbox.push(message(&[i]), &metrics));
         }
-        assert!(!outbox.push(Bytes::from_static(b"t"), false, Bytes::new(), &metrics));
+        let refused = outbox.try_push(message(b"x"), &metrics);
+        assert!(
+            matches!(refused, Err(m) if &m.raw[..] == b"x"),
+            "handed back when full"
+        );
         let front = outbox.front(2);
         assert_eq!(front.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
         outbox.confirm(2, &metrics);
         assert_eq!(metrics.exported.load(Relaxed), 2);
         assert_eq!(metrics.outbox.load(Relaxed), 1);
-        assert!(outbox.push(Bytes::from_static(b"t"), false, Bytes::new(), &metrics));
+        assert!(outbox.push(message(b""), &metrics));
         assert_eq!(
             outbox.front(10).iter().map(|e| e.seq).collect::<Vec<_>>(),
             [3, 4]

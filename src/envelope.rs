@@ -104,6 +104,14 @@ pub fn is_remote(raw: &[u8]) -> bool {
     matches!(raw.first(), Some(&b) if b & MAGIC_MASK == MAGIC && b & 0x03 != 3 && b & REMOTE != 0)
 }
 
+/// The publisher's QoS recorded in a core payload, without opening it; `None` for a bare one.
+pub fn open_qos(raw: &[u8]) -> Option<u8> {
+    match raw.first() {
+        Some(&b) if b & MAGIC_MASK == MAGIC && b & 0x03 != 3 => Some(b & 0x03),
+        _ => None,
+    }
+}
+
 /// Whether the publisher of a core payload set RETAIN (recorded by [`put_core_publish`]).
 pub fn published_retained(raw: &[u8]) -> bool {
     matches!(raw.first(), Some(&b) if b & MAGIC_MASK == MAGIC && b & 0x03 != 3 && b & RETAINED != 0)

@@ -569,3 +569,82 @@ fn instance_started_without_redis_serves_locally_then_joins() {
         vec!["t/local|1|0|here", "t/remote|1|0|there"]
     );
 }
+
+/// Publishes one message per line with a single `mosquitto_pub -l`.
+fn publish_lines(port: u16, topic: &str, qos: u8, lines: impl Iterator<Item = String>) {
+    let mut child = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            topic,
+            "-l",
+        ])
+        .args(["-q", &qos.to_string()])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    {
+        let mut stdin = child.stdin.take().expect("stdin");
+        for l in lines {
+            writeln!(stdin, "{l}").expect("write");
+        }
+    }
+    assert!(child.wait().expect("mosquitto_pub exits").success());
+}
+
+/// With Redis away and the outbox full, QoS 0 messages are dropped and counted while QoS 1
+/// messages wait in the core; all of them cross once Redis is back.
+#[test]
+fn full_outbox_drops_qos0_counted_and_holds_qos1() {
+    let mut redis = Redis::start();
+    let url = redis.url();
+    let v1 = Vigil::start_with(move |c| {
+        c.replacen("url = \"\"", &format!("url = {url:?}"), 1)
+            .replacen(
+                "outbox_max_messages = 200000",
+                "outbox_max_messages = 100",
+                1,
+            )
+    });
+    let v2 = instance(&redis, "o2");
+    for v in [&v1, &v2] {
+        wait_until("redis connected", || ready_status(v.http) == "ready");
+    }
+    let mut sub = Sub::start(v2.port(), &["-t", "o/#", "-q", "1"]);
+    redis.kill();
+    wait_until("instance 1 sees redis gone", || {
+        ready_status(v1.http) == "degraded"
+    });
+    publish_lines(v1.port(), "o/zero", 0, (0..200).map(|i| format!("z{i}")));
+    publish_lines(v1.port(), "o/one", 1, (0..300).map(|i| format!("q{i}")));
+    wait_until("100 QoS 0 messages dropped", || {
+        metric(
+            v1.http,
+            "vigil_cluster_dropped_total{reason=\"outbox_full_qos0\"}",
+        ) == 100.0
+    });
+    assert_eq!(metric(v1.http, "vigil_cluster_outbox_messages"), 100.0);
+    redis.spawn();
+    let got = sub.expect_messages(400, Duration::from_secs(30));
+    let zero = got.iter().filter(|m| m.starts_with("o/zero|")).count();
+    let one: BTreeMap<&str, usize> = got
+        .iter()
+        .filter_map(|m| m.strip_prefix("o/one|1|0|"))
+        .fold(BTreeMap::new(), |mut t, p| {
+            *t.entry(p).or_insert(0) += 1;
+            t
+        });
+    assert_eq!(zero, 100, "the QoS 0 messages that fitted");
+    assert_eq!(one.len(), 300, "every QoS 1 message crossed");
+    assert!(one.values().all(|&n| n == 1), "once each");
+    assert_eq!(
+        metric(
+            v1.http,
+            "vigil_cluster_dropped_total{reason=\"outbox_full_qos0\"}"
+        ),
+        100.0
+    );
+}

@@ -2,18 +2,26 @@
 //
 // Data flow: bridge messages only update in-memory state and mark what changed; a render loop
 // (a timer, then requestAnimationFrame) redraws at most RENDER_HZ times per second, so a busy
-// fleet (thousands of messages per second, a thousand devices) never floods the DOM.
+// fleet (thousands of messages per second, a thousand devices) never floods the DOM. User
+// actions (typing a filter, sorting, scrolling) render at the next frame instead. The fleet
+// table holds rows only for the devices in view (plus a margin): its cost per frame does not
+// grow with the fleet.
 // Every text from the network goes to the DOM through textContent, never innerHTML.
 
 import { VigilBridge } from "./vigil-bridge.js";
 
 const RENDER_HZ = 4;
 const WINDOW_MS = 5 * 60 * 1000; // chart history per metric
+const FUTURE_MS = 2 * 60 * 1000; // the charts' forecast part, after "now"
 const RING_CAPACITY = 600; // points per metric, at most (2 Hz over 5 minutes)
+const SCORE_CAPACITY = 300; // anomaly scores (one per prediction) per metric
+const FIT_READINGS = 120; // readings a prediction's trend is fitted on (docs/topics.md)
+const MAX_METRICS = 32; // per device, as the detector's cap
 const MAX_ALERTS = 200; // alerts feed
 const MAX_DEVICE_ALERTS = 50; // per device, for chart markers
 const MAX_NOTICES = 50;
 const VALUES_SHOWN = 4; // metrics in the fleet table's "latest values"
+const ROW_OVERSCAN = 10; // fleet rows rendered above and below the visible ones
 
 const SUBSCRIPTIONS = [
   ["device/+/telemetry", 0],
@@ -85,29 +93,36 @@ let user = "";
 let bridge = null;
 
 const dirty = { fleet: true, alerts: true, device: true };
+/** The fleet table's order (filtered and sorted) must be computed again. */
+let orderDirty = true;
 
 function device(id) {
   let d = devices.get(id);
   if (!d) {
     d = {
       id,
+      key: id.toLowerCase(), // what the filter matches
       lastSeen: 0,
       status: "",
       latest: new Map(), // metric -> value
       rings: new Map(), // metric -> Ring
-      predictions: new Map(), // metric -> prediction payload
+      predictions: new Map(), // metric -> latest prediction payload
+      scores: new Map(), // metric -> Ring of (prediction time, anomaly_score)
       alerts: [], // newest first, bounded
       open: 0,
       row: null,
     };
     devices.set(id, d);
+    orderDirty = true;
   }
   return d;
 }
 
+/** Marks `d` changed; its place in the table too when the table is sorted by what changed. */
 function touch(d) {
   d.lastSeen = Date.now();
   dirty.fleet = true;
+  if (sortKey !== "id") orderDirty = true;
   if (selected === d.id) dirty.device = true;
 }
 
@@ -122,8 +137,22 @@ function parseTopic(topic) {
 function readingTime(ts, now) {
   let t = NaN;
   if (typeof ts === "number") t = ts >= 1e11 ? ts : ts * 1000;
-  else if (typeof ts === "string") t = Date.parse(ts);
+  else if (typeof ts === "string") t = parseTime(ts);
   return Number.isFinite(t) && Math.abs(t - now) < 24 * 3600 * 1000 ? t : now;
+}
+
+/**
+ * A timestamp string read as vigil reads it (analytics/src/telemetry.rs): RFC 3339 with `T`,
+ * `t` or a space between date and time, `Z`/`z` or an offset, no offset meaning UTC; or a
+ * numeric string (unix seconds, or milliseconds from 1e11). `Date.parse` alone differs between
+ * browsers (Firefox refuses a lower-case `t`/`z`) and reads offset-less times as local time.
+ */
+function parseTime(s) {
+  const t = s.trim();
+  const m = /^(\d{4}-\d\d-\d\d)[Tt ](\d\d:\d\d(?::\d\d(?:\.\d+)?)?)([Zz]|[+-]\d\d:\d\d)?$/.exec(t);
+  if (m) return Date.parse(`${m[1]}T${m[2]}${m[3] ? m[3].toUpperCase() : "Z"}`);
+  const n = t === "" ? NaN : Number(t);
+  return Number.isFinite(n) ? (n >= 1e11 ? n : n * 1000) : Date.parse(t);
 }
 
 /** The (metric, value) pairs of one flat or tagged reading (docs/topics.md). */
@@ -154,7 +183,7 @@ function onTelemetry(d, p) {
     for (const [metric, value] of pairs) {
       let ring = d.rings.get(metric);
       if (!ring) {
-        if (d.rings.size >= 32) continue; // the detector's per-device cap, too
+        if (d.rings.size >= MAX_METRICS) continue;
         ring = new Ring(RING_CAPACITY);
         d.rings.set(metric, ring);
       }
@@ -217,7 +246,27 @@ function markAcked(d, timestamp, by) {
   if (changed) {
     dirty.alerts = true;
     dirty.fleet = true;
+    if (sortKey === "alerts") orderDirty = true;
   }
+}
+
+/** Keeps the latest prediction of a metric, and its anomaly score for the score strip. */
+function onPrediction(d, p) {
+  if (!p || typeof p !== "object" || typeof p.metric !== "string") return;
+  if (!d.predictions.has(p.metric) && d.predictions.size >= MAX_METRICS) return;
+  d.predictions.set(p.metric, p);
+  const score = p.anomaly_score;
+  if (typeof p.timestamp === "number" && typeof score === "number" && Number.isFinite(score)) {
+    let ring = d.scores.get(p.metric);
+    if (!ring) {
+      ring = new Ring(SCORE_CAPACITY);
+      d.scores.set(p.metric, ring);
+    }
+    // A score covers the readings since the previous prediction: keep them in time order.
+    const last = ring.last();
+    if (!last || p.timestamp > last.t) ring.push(p.timestamp, Math.min(1, Math.max(0, score)));
+  }
+  if (selected === d.id) dirty.device = true;
 }
 
 function onMessage(topic, payload) {
@@ -235,13 +284,8 @@ function onMessage(topic, payload) {
         markAcked(device(t.id), payload.alert_timestamp, String(payload.by ?? ""));
       }
       return;
-    case "predictions": {
-      if (!payload || typeof payload !== "object" || typeof payload.metric !== "string") return;
-      const d = device(t.id);
-      d.predictions.set(payload.metric, payload);
-      if (selected === d.id) dirty.device = true;
-      return;
-    }
+    case "predictions":
+      return onPrediction(device(t.id), payload);
     default:
       return;
   }
@@ -347,11 +391,14 @@ function valuesText(d) {
     }
     parts.push(`${k} ${fmt(v)}`);
   }
-  return parts.join("  ");
+  return parts.join(", ");
 }
 
+/** Sets `el`'s text; true when it changed. */
 function setText(el, text) {
-  if (el.textContent !== text) el.textContent = text;
+  if (el.textContent === text) return false;
+  el.textContent = text;
+  return true;
 }
 
 function makeRow(d) {
@@ -365,6 +412,7 @@ function makeRow(d) {
     cells[k] = td;
   }
   cells.id.textContent = d.id;
+  cells.id.title = d.id;
   const badge = document.createElement("span");
   badge.className = "badge";
   cells.alerts.append(badge);
@@ -383,32 +431,87 @@ function compare(a, b) {
   return sortDesc ? -c : c;
 }
 
-let shownOrder = [];
+/** A table row standing in for the rows above or below the rendered ones. */
+function spacerRow() {
+  const tr = document.createElement("tr");
+  tr.className = "spacer";
+  tr.setAttribute("aria-hidden", "true");
+  const td = document.createElement("td");
+  td.colSpan = 5;
+  tr.append(td);
+  return { tr, td, px: -1 };
+}
+
+const fleet = {
+  order: [], // the devices the table lists, filtered and sorted
+  shown: [], // the tbody's children now
+  rowPx: 0, // a row's height, measured once rows exist
+  above: spacerRow(),
+  below: spacerRow(),
+};
+
+function setSpacer(s, px) {
+  if (s.px !== px) {
+    s.td.style.height = `${px}px`;
+    s.px = px;
+  }
+}
+
+function updateRow(d, now) {
+  const r = d.row ?? makeRow(d);
+  setText(r.cells.status, d.status || "-");
+  const cls = `status ${d.status === "online" || d.status === "offline" ? d.status : ""}`;
+  if (r.cells.status.className !== cls) r.cells.status.className = cls;
+  setText(r.cells.seen, ago(d.lastSeen, now));
+  const values = valuesText(d);
+  if (setText(r.cells.values, values)) r.cells.values.title = values;
+  setText(r.cells.badge, String(d.open));
+  const bcls = d.open > 0 ? "badge some" : "badge";
+  if (r.cells.badge.className !== bcls) r.cells.badge.className = bcls;
+  const sel = selected === d.id;
+  if (r.tr.classList.contains("selected") !== sel) r.tr.classList.toggle("selected", sel);
+  return r.tr;
+}
 
 function renderFleet(now) {
   const f = filterText;
-  const list = [];
-  for (const d of devices.values()) {
-    if (!f || d.id.toLowerCase().includes(f)) list.push(d);
+  if (orderDirty) {
+    orderDirty = false;
+    const list = [];
+    for (const d of devices.values()) {
+      if (!f || d.key.includes(f)) list.push(d);
+    }
+    list.sort(compare);
+    fleet.order = list;
   }
-  list.sort(compare);
-  for (const d of list) {
-    const r = d.row ?? makeRow(d);
-    setText(r.cells.status, d.status || "-");
-    const cls = `status ${d.status === "online" || d.status === "offline" ? d.status : ""}`;
-    if (r.cells.status.className !== cls) r.cells.status.className = cls;
-    setText(r.cells.seen, ago(d.lastSeen, now));
-    setText(r.cells.values, valuesText(d));
-    setText(r.cells.badge, String(d.open));
-    const bcls = d.open > 0 ? "badge some" : "badge";
-    if (r.cells.badge.className !== bcls) r.cells.badge.className = bcls;
-    const sel = selected === d.id;
-    if (r.tr.classList.contains("selected") !== sel) r.tr.classList.toggle("selected", sel);
-  }
-  const same = list.length === shownOrder.length && list.every((d, i) => shownOrder[i] === d);
+  const list = fleet.order;
+  // Rows exist only for the devices in view, plus ROW_OVERSCAN on each side; two spacer rows
+  // give the table the height of all the others, so the scroll bar stays true.
+  const wrap = $("fleet-wrap");
+  const px = fleet.rowPx || 26;
+  const visible = Math.ceil((wrap.clientHeight || 600) / px);
+  // Clamped so that a list that became shorter than the scroll position still shows its end.
+  const first = Math.max(0, Math.min(Math.floor(wrap.scrollTop / px), list.length - visible) - ROW_OVERSCAN);
+  const last = Math.min(list.length, first + visible + 2 * ROW_OVERSCAN);
+  const rows = [];
+  for (let i = first; i < last; i++) rows.push(updateRow(list[i], now));
+  setSpacer(fleet.above, first * px);
+  setSpacer(fleet.below, (list.length - last) * px);
+  const children = [];
+  if (first > 0) children.push(fleet.above.tr);
+  children.push(...rows);
+  if (last < list.length) children.push(fleet.below.tr);
+  const same = children.length === fleet.shown.length && children.every((tr, i) => fleet.shown[i] === tr);
   if (!same) {
-    $("fleet-body").replaceChildren(...list.map((d) => d.row.tr));
-    shownOrder = list;
+    $("fleet-body").replaceChildren(...children);
+    fleet.shown = children;
+  }
+  if (!fleet.rowPx && rows.length > 0) {
+    const h = rows[0].getBoundingClientRect().height;
+    if (h > 0) {
+      fleet.rowPx = h;
+      if (Math.abs(h - px) > 0.5) dirty.fleet = true; // redo the spacers with the real height
+    }
   }
   const n = devices.size;
   setText($("fleet-count"), f ? `${list.length} of ${n} devices` : `${n} device${n === 1 ? "" : "s"}`);
@@ -505,6 +608,7 @@ function select(id) {
   }
   dirty.device = true;
   dirty.fleet = true;
+  schedule();
   if (id !== null) backfill(id);
 }
 
@@ -568,42 +672,100 @@ function renderDevice(now) {
   setText(st, d.status);
   st.className = `status ${d.status}`;
   setText($("device-seen"), `last seen ${ago(d.lastSeen, now)}; ${d.open} open alert${d.open === 1 ? "" : "s"}`);
-  const preds = [];
-  for (const [metric, p] of d.predictions) {
-    let s = `${metric}: ${String(p.trend ?? "?")}`;
-    if (typeof p.slope === "number") s += ` (${fmt(p.slope)}/s`;
-    if (typeof p.confidence === "number") s += `, confidence ${fmt(p.confidence)}`;
-    if (typeof p.slope === "number") s += ")";
-    if (typeof p.seconds_to_limit === "number") s += `, limit in ${fmtDuration(p.seconds_to_limit)}`;
-    else s += ", no limit ahead";
-    preds.push(s);
-  }
-  setText($("device-predictions"), preds.length ? `Predictions: ${preds.join("; ")}` : "No prediction yet.");
   for (const [metric, ring] of d.rings) {
-    let c = charts.get(metric);
-    if (!c) {
-      const box = document.createElement("div");
-      box.className = "chart";
-      const h = document.createElement("h3");
-      h.textContent = metric;
-      const canvas = document.createElement("canvas");
-      box.append(h, canvas);
-      $("charts").append(box);
-      c = { canvas, box };
-      charts.set(metric, c);
-    }
-    drawChart(c.canvas, ring, d.alerts.filter((a) => a.metric === metric), now);
+    const c = charts.get(metric) ?? makeChart(metric);
+    const p = d.predictions.get(metric);
+    setText(c.latest, d.latest.has(metric) ? fmt(d.latest.get(metric)) : "");
+    setText(c.pred, predictionText(p));
+    drawChart(c.canvas, {
+      ring,
+      prediction: p,
+      scores: d.scores.get(metric),
+      marks: d.alerts.filter((a) => a.metric === metric),
+      now,
+    });
   }
 }
 
+function makeChart(metric) {
+  const box = document.createElement("div");
+  box.className = "chart";
+  const head = document.createElement("div");
+  head.className = "chart-head";
+  const h = document.createElement("h3");
+  h.textContent = metric;
+  const latest = document.createElement("span");
+  latest.className = "latest";
+  const pred = document.createElement("span");
+  pred.className = "pred muted";
+  head.append(h, latest, pred);
+  const canvas = document.createElement("canvas");
+  box.append(head, canvas);
+  $("charts").append(box);
+  const c = { canvas, box, latest, pred };
+  charts.set(metric, c);
+  return c;
+}
+
+/** The latest prediction of a metric in words, for the chart's heading. */
+function predictionText(p) {
+  if (!p) return "no prediction yet";
+  let s = String(p.trend ?? "?");
+  if (typeof p.slope === "number") s += ` ${p.slope > 0 ? "+" : ""}${fmt(p.slope)}/s`;
+  if (typeof p.confidence === "number") s += `, R\u00b2 ${p.confidence.toFixed(2)}`;
+  if (typeof p.seconds_to_limit === "number") s += `; limit ${limitIn(p.seconds_to_limit)}`;
+  else s += "; no limit ahead";
+  return s;
+}
+
 function fmtDuration(s) {
-  if (s <= 0) return "now (at the limit)";
   if (s < 90) return `${Math.round(s)} s`;
   if (s < 5400) return `${Math.round(s / 60)} min`;
   return `${(s / 3600).toFixed(1)} h`;
 }
 
-function drawChart(canvas, ring, marks, now) {
+function limitIn(s) {
+  return s <= 0 ? "reached" : `in ${fmtDuration(s)}`;
+}
+
+/** About `count` round values spanning lo..hi. */
+function niceTicks(lo, hi, count) {
+  const raw = (hi - lo) / count;
+  if (!(raw > 0) || !Number.isFinite(raw)) return [];
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const n = raw / mag;
+  const step = (n < 1.5 ? 1 : n < 3 ? 2 : n < 7 ? 5 : 10) * mag;
+  const ticks = [];
+  for (let v = Math.ceil(lo / step) * step; v <= hi && ticks.length < 20; v += step) {
+    ticks.push(Math.round(v / step) * step);
+  }
+  return ticks;
+}
+
+const INK = {
+  series: "#2563eb",
+  trend: "#334155",
+  limit: "#dc2626",
+  score: "234, 88, 12", // rgb of the anomaly score bars, drawn with an alpha
+  axis: "#6b7280",
+  grid: "#eef0f3",
+  frame: "#d9dde3",
+  future: "#f5f6f8",
+  now: "#9ca3af",
+};
+
+/**
+ * Draws one metric's chart: its readings over the last WINDOW_MS, the latest prediction's
+ * trend line (dashed, from the readings it was fitted on into the next FUTURE_MS) with the
+ * predicted limit crossing, the metric's alerts (anomalies as points on the series, threshold
+ * and forecast incidents as vertical lines), and under it the anomaly score strip (0..1, one
+ * bar per prediction, covering the readings since the previous one).
+ *
+ * What was drawn is left in the canvas's data attributes, for tests and for anyone inspecting
+ * the page: `points` (readings in the window), `trend` ("1" or "0"), `limit` ("line",
+ * "beyond", "reached" or ""), `scores` (score bars), `anomalies` and `incidents` (alert marks).
+ */
+function drawChart(canvas, { ring, prediction: p, scores, marks, now }) {
   const dpr = window.devicePixelRatio || 1;
   const w = Math.max(50, Math.round(canvas.clientWidth * dpr));
   const h = Math.max(40, Math.round(canvas.clientHeight * dpr));
@@ -611,80 +773,369 @@ function drawChart(canvas, ring, marks, now) {
   if (canvas.height !== h) canvas.height = h;
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, w, h);
-  const since = now - WINDOW_MS;
+  const u = dpr; // one CSS pixel
+  const t0 = now - WINDOW_MS;
+  const t1 = now + FUTURE_MS;
+  // Layout: value plot, a gap, the score strip, the time axis' labels.
+  const left = 52 * u;
+  const right = w - 10 * u;
+  const top = 8 * u;
+  const axisH = 16 * u;
+  const stripH = Math.min(40 * u, Math.max(16 * u, h * 0.2));
+  const gap = 8 * u;
+  const plotH = Math.max(10 * u, h - top - gap - stripH - axisH);
+  const stripTop = top + plotH + gap;
+  const pw = right - left;
+  const x = (t) => left + ((t - t0) / (t1 - t0)) * pw;
+  const xNow = x(now);
+  const font = (px) => `${px * u}px system-ui, sans-serif`;
+
+  // ---- what is there to draw
   let lo = Infinity;
   let hi = -Infinity;
-  let count = 0;
-  ring.forEach(since, (_, v) => {
+  const include = (v) => {
     if (v < lo) lo = v;
     if (v > hi) hi = v;
+  };
+  let count = 0;
+  ring.forEach(t0, (_, v) => {
+    include(v);
     count++;
   });
-  // What the chart shows, for tests and for anyone inspecting the page.
-  canvas.dataset.points = String(count);
-  const pad = { l: 50 * dpr, r: 8 * dpr, t: 8 * dpr, b: 16 * dpr };
-  const pw = w - pad.l - pad.r;
-  const ph = h - pad.t - pad.b;
-  ctx.font = `${10 * dpr}px system-ui, sans-serif`;
-  ctx.fillStyle = "#6b7280";
-  ctx.strokeStyle = "#e5e7eb";
-  ctx.lineWidth = 1;
-  ctx.strokeRect(pad.l, pad.t, pw, ph);
-  ctx.textBaseline = "top";
-  ctx.fillText("-5 min", pad.l, h - 13 * dpr);
-  ctx.textAlign = "right";
-  ctx.fillText("now", w - pad.r, h - 13 * dpr);
-  if (lo === Infinity) {
-    ctx.textAlign = "left";
-    ctx.fillText("no data in the last 5 minutes", pad.l + 6 * dpr, pad.t + 6 * dpr);
-    return;
+  // The trend line of the latest prediction: y = fitted + slope * (t - timestamp).
+  let trend = null;
+  if (
+    p &&
+    typeof p.fitted === "number" &&
+    typeof p.slope === "number" &&
+    typeof p.timestamp === "number" &&
+    Number.isFinite(p.fitted) &&
+    Number.isFinite(p.slope) &&
+    p.timestamp >= t0 &&
+    p.timestamp <= t1
+  ) {
+    const at = (t) => p.fitted + (p.slope * (t - p.timestamp)) / 1000;
+    const stl = typeof p.seconds_to_limit === "number" && p.seconds_to_limit >= 0 ? p.seconds_to_limit : null;
+    const cross = stl !== null && stl > 0 ? p.timestamp + stl * 1000 : null;
+    const from = Math.max(t0, fitStart(ring, p.timestamp));
+    const to = cross !== null && cross < t1 ? cross : t1;
+    trend = { at, from, to, stl, cross, level: cross !== null ? at(cross) : null };
+    // The value axis covers the fitted part and the limit when the line reaches it in view;
+    // beyond that the forecast may leave the plot (clipped) rather than flatten the readings.
+    include(at(from));
+    include(at(Math.max(from, Math.min(to, now))));
+    if (trend.level !== null && cross < t1) include(trend.level);
   }
-  if (hi - lo < 1e-9) {
-    hi += 1;
-    lo -= 1;
-  } else {
-    const m = (hi - lo) * 0.08;
-    hi += m;
-    lo -= m;
-  }
-  const x = (t) => pad.l + ((t - since) / WINDOW_MS) * pw;
-  const y = (v) => pad.t + (1 - (v - lo) / (hi - lo)) * ph;
-  ctx.fillText(fmt(hi), pad.l - 4 * dpr, pad.t);
-  ctx.textBaseline = "bottom";
-  ctx.fillText(fmt(lo), pad.l - 4 * dpr, pad.t + ph);
-  // alert markers: a vertical line at the reading that raised the alert
+  const anomalies = [];
+  const incidents = [];
   for (const a of marks) {
-    if (a.timestamp < since || a.timestamp > now + 60000) continue;
-    const ax = Math.min(x(a.timestamp), pad.l + pw);
-    ctx.strokeStyle = SEVERITY_COLOUR[a.severity] ?? "#dc2626";
-    ctx.lineWidth = 2 * dpr;
-    ctx.globalAlpha = a.acked ? 0.35 : 0.9;
+    if (a.timestamp < t0 || a.timestamp > t1) continue;
+    if (a.kind === "anomaly") {
+      anomalies.push(a);
+      if (typeof a.value === "number" && Number.isFinite(a.value)) include(a.value);
+    } else incidents.push(a);
+  }
+
+  canvas.dataset.points = String(count);
+  canvas.dataset.trend = trend ? "1" : "0";
+  canvas.dataset.limit = "";
+  canvas.dataset.anomalies = "0";
+  canvas.dataset.incidents = "0";
+
+  // ---- frame: the future part shaded, minute grid, time labels, "now"
+  ctx.fillStyle = INK.future;
+  ctx.fillRect(xNow, top, right - xNow, plotH);
+  ctx.fillRect(xNow, stripTop, right - xNow, stripH);
+  ctx.lineWidth = u;
+  ctx.strokeStyle = INK.grid;
+  ctx.beginPath();
+  for (let k = -WINDOW_MS / 60000 + 1; k < FUTURE_MS / 60000; k++) {
+    if (k === 0) continue;
+    const gx = Math.round(x(now + k * 60000)) + 0.5;
+    ctx.moveTo(gx, top);
+    ctx.lineTo(gx, top + plotH);
+    ctx.moveTo(gx, stripTop);
+    ctx.lineTo(gx, stripTop + stripH);
+  }
+  ctx.stroke();
+  ctx.font = font(10);
+  ctx.fillStyle = INK.axis;
+  ctx.textBaseline = "top";
+  const axisY = stripTop + stripH + 3 * u;
+  for (let k = -WINDOW_MS / 60000; k <= FUTURE_MS / 60000; k++) {
+    const first = k === -WINDOW_MS / 60000;
+    const lastK = k === FUTURE_MS / 60000;
+    ctx.textAlign = first ? "left" : lastK ? "right" : "center";
+    const label = k === 0 ? "now" : `${k > 0 ? "+" : ""}${k}${first || lastK ? " min" : ""}`;
+    ctx.fillText(label, x(now + k * 60000), axisY);
+  }
+
+  // ---- value axis
+  const empty = lo === Infinity;
+  if (!empty) {
+    if (hi - lo < 1e-9) {
+      hi += 1;
+      lo -= 1;
+    } else {
+      const m = (hi - lo) * 0.08;
+      hi += m;
+      lo -= m;
+    }
+  }
+  const y = (v) => top + (1 - (v - lo) / (hi - lo)) * plotH;
+  if (!empty) {
+    ctx.strokeStyle = INK.grid;
     ctx.beginPath();
-    ctx.moveTo(ax, pad.t);
-    ctx.lineTo(ax, pad.t + ph);
+    const ticks = niceTicks(lo, hi, Math.max(2, Math.floor(plotH / (28 * u))));
+    ctx.textAlign = "right";
+    ctx.textBaseline = "middle";
+    // The limit's level gets a label of its own (drawLimit): no tick label under it.
+    const limitY = trend && trend.level !== null && trend.cross < t1 ? y(trend.level) : -Infinity;
+    for (const v of ticks) {
+      const gy = Math.round(y(v)) + 0.5;
+      ctx.moveTo(left, gy);
+      ctx.lineTo(right, gy);
+      if (Math.abs(gy - limitY) > 11 * u) ctx.fillText(fmt(v), left - 5 * u, gy);
+    }
+    ctx.stroke();
+  }
+
+  // ---- alert incidents (threshold: solid line, forecast: dashed), behind the data
+  for (const a of incidents) {
+    const ax = x(a.timestamp);
+    ctx.strokeStyle = SEVERITY_COLOUR[a.severity] ?? "#dc2626";
+    ctx.fillStyle = ctx.strokeStyle;
+    ctx.globalAlpha = a.acked ? 0.35 : 0.9;
+    ctx.lineWidth = 2 * u;
+    ctx.setLineDash(a.kind === "forecast" ? [5 * u, 4 * u] : []);
+    ctx.beginPath();
+    ctx.moveTo(ax, top + 6 * u);
+    ctx.lineTo(ax, top + plotH);
+    ctx.stroke();
+    ctx.setLineDash([]);
+    // a flag at the top: filled for a threshold crossed, hollow for a forecast
+    ctx.beginPath();
+    ctx.moveTo(ax - 4 * u, top);
+    ctx.lineTo(ax + 4 * u, top);
+    ctx.lineTo(ax, top + 6 * u);
+    ctx.closePath();
+    if (a.kind === "forecast") {
+      ctx.lineWidth = 1.5 * u;
+      ctx.stroke();
+    } else ctx.fill();
+    ctx.globalAlpha = 1;
+  }
+  canvas.dataset.incidents = String(incidents.length);
+
+  ctx.save();
+  ctx.beginPath();
+  ctx.rect(left, top, pw, plotH);
+  ctx.clip();
+  if (!empty) {
+    // ---- the trend line, under the readings it was fitted on
+    if (trend) {
+      // A "stable" trend's slope is not significant: its line is drawn faintly.
+      ctx.globalAlpha = p.trend === "stable" ? 0.4 : 0.9;
+      ctx.strokeStyle = INK.trend;
+      ctx.lineWidth = 1.5 * u;
+      ctx.setLineDash([6 * u, 4 * u]);
+      ctx.beginPath();
+      ctx.moveTo(x(trend.from), y(trend.at(trend.from)));
+      ctx.lineTo(x(trend.to), y(trend.at(trend.to)));
+      ctx.stroke();
+      ctx.setLineDash([]);
+      ctx.fillStyle = INK.trend;
+      ctx.beginPath();
+      ctx.arc(x(p.timestamp), y(p.fitted), 2.5 * u, 0, 2 * Math.PI);
+      ctx.fill();
+      ctx.globalAlpha = 1;
+    }
+    // ---- the readings
+    ctx.strokeStyle = INK.series;
+    ctx.lineWidth = 1.5 * u;
+    ctx.lineJoin = "round";
+    ctx.beginPath();
+    let first = true;
+    ring.forEach(t0, (t, v) => {
+      if (first) ctx.moveTo(x(t), y(v));
+      else ctx.lineTo(x(t), y(v));
+      first = false;
+    });
+    ctx.stroke();
+    if (count === 1) {
+      const q = ring.last();
+      ctx.fillStyle = INK.series;
+      ctx.fillRect(x(q.t) - 2 * u, y(q.v) - 2 * u, 4 * u, 4 * u);
+    }
+  }
+  ctx.restore();
+  if (trend && !empty) drawLimit(ctx, canvas, trend, { x, y, left, right, top, plotH, u, t1, font });
+
+  // ---- anomaly alerts: points on the series, drawn last so nothing hides them
+  for (const a of anomalies) {
+    const onSeries = typeof a.value === "number" && Number.isFinite(a.value) && !empty;
+    const ax = x(a.timestamp);
+    const ay = onSeries ? Math.min(top + plotH, Math.max(top, y(a.value))) : top + 6 * u;
+    ctx.globalAlpha = a.acked ? 0.4 : 1;
+    ctx.beginPath();
+    ctx.arc(ax, ay, 5 * u, 0, 2 * Math.PI);
+    ctx.fillStyle = SEVERITY_COLOUR[a.severity] ?? "#dc2626";
+    ctx.fill();
+    ctx.lineWidth = 1.5 * u;
+    ctx.strokeStyle = "#fff";
+    ctx.stroke();
+    ctx.beginPath();
+    ctx.arc(ax, ay, 8 * u, 0, 2 * Math.PI);
+    ctx.strokeStyle = SEVERITY_COLOUR[a.severity] ?? "#dc2626";
+    ctx.lineWidth = u;
     ctx.stroke();
     ctx.globalAlpha = 1;
   }
-  ctx.save();
+  canvas.dataset.anomalies = String(anomalies.length);
+
+  // ---- "now" across both plots, and the frames
+  ctx.strokeStyle = INK.now;
+  ctx.lineWidth = u;
   ctx.beginPath();
-  ctx.rect(pad.l, pad.t, pw, ph);
-  ctx.clip();
-  ctx.strokeStyle = "#2563eb";
-  ctx.lineWidth = 1.5 * dpr;
-  ctx.beginPath();
-  let first = true;
-  ring.forEach(since, (t, v) => {
-    if (first) ctx.moveTo(x(t), y(v));
-    else ctx.lineTo(x(t), y(v));
-    first = false;
-  });
+  ctx.moveTo(Math.round(xNow) + 0.5, top);
+  ctx.lineTo(Math.round(xNow) + 0.5, stripTop + stripH);
   ctx.stroke();
-  if (count === 1) {
-    const p = ring.last();
-    ctx.fillStyle = "#2563eb";
-    ctx.fillRect(x(p.t) - 2 * dpr, y(p.v) - 2 * dpr, 4 * dpr, 4 * dpr);
+  ctx.strokeStyle = INK.frame;
+  ctx.strokeRect(left + 0.5, top + 0.5, pw - 1, plotH - 1);
+  ctx.strokeRect(left + 0.5, stripTop + 0.5, pw - 1, stripH - 1);
+  if (empty) {
+    ctx.fillStyle = INK.axis;
+    ctx.font = font(11);
+    ctx.textAlign = "left";
+    ctx.textBaseline = "top";
+    ctx.fillText("no data in the last 5 minutes", left + 8 * u, top + 8 * u);
   }
-  ctx.restore();
+
+  canvas.dataset.scores = String(drawScores(ctx, scores, { x, t0, now, left, right, stripTop, stripH, u, font }));
+}
+
+/**
+ * The time of the oldest of the FIT_READINGS newest readings up to `until`: where the
+ * prediction's trend was fitted from (as far as this page has the readings).
+ */
+function fitStart(ring, until) {
+  const cap = ring.t.length;
+  let n = 0;
+  let from = until;
+  for (let k = ring.len - 1; k >= 0 && n < FIT_READINGS; k--) {
+    const t = ring.t[(ring.start + k) % cap];
+    if (t > until) continue;
+    from = t;
+    n++;
+  }
+  return from;
+}
+
+/** The predicted limit: its level, and a marker where the trend line reaches it. */
+function drawLimit(ctx, canvas, trend, { x, y, left, right, top, plotH, u, t1, font }) {
+  if (trend.stl === null) return;
+  ctx.font = font(10.5);
+  ctx.fillStyle = INK.limit;
+  if (trend.stl === 0) {
+    canvas.dataset.limit = "reached";
+    ctx.textAlign = "right";
+    ctx.textBaseline = "top";
+    ctx.fillText("limit reached", right - 4 * u, top + 3 * u);
+    return;
+  }
+  const label = `limit in ${fmtDuration(trend.stl)}`;
+  if (trend.cross >= t1) {
+    // Beyond the chart: say when, at the edge the line leaves by.
+    canvas.dataset.limit = "beyond";
+    ctx.textAlign = "right";
+    ctx.textBaseline = "top";
+    ctx.fillText(`${label} \u2192`, right - 4 * u, top + 3 * u);
+    return;
+  }
+  canvas.dataset.limit = "line";
+  const ly = y(trend.level);
+  const cx = x(trend.cross);
+  ctx.strokeStyle = INK.limit;
+  ctx.globalAlpha = 0.75;
+  ctx.lineWidth = u;
+  ctx.beginPath();
+  ctx.moveTo(left, Math.round(ly) + 0.5);
+  ctx.lineTo(right, Math.round(ly) + 0.5);
+  ctx.stroke();
+  ctx.globalAlpha = 1;
+  // the level, in the value axis' column
+  ctx.textAlign = "right";
+  ctx.textBaseline = "middle";
+  ctx.fillText(fmt(trend.level), left - 5 * u, ly);
+  // the crossing: a diamond on the line, labelled
+  const r = 5 * u;
+  ctx.beginPath();
+  ctx.moveTo(cx, ly - r);
+  ctx.lineTo(cx + r, ly);
+  ctx.lineTo(cx, ly + r);
+  ctx.lineTo(cx - r, ly);
+  ctx.closePath();
+  ctx.fill();
+  ctx.strokeStyle = "#fff";
+  ctx.lineWidth = u;
+  ctx.stroke();
+  const width = ctx.measureText(label).width;
+  const above = ly - top > 16 * u;
+  ctx.textBaseline = above ? "bottom" : "top";
+  ctx.textAlign = "left";
+  const lx = Math.min(Math.max(cx - width / 2, left + 2 * u), right - width - 2 * u);
+  const lyText = above ? ly - 7 * u : Math.min(ly + 7 * u, top + plotH - 12 * u);
+  ctx.fillStyle = "rgba(255, 255, 255, 0.85)";
+  ctx.fillRect(lx - 2 * u, above ? lyText - 12 * u : lyText, width + 4 * u, 12 * u);
+  ctx.fillStyle = INK.limit;
+  ctx.fillText(label, lx, lyText);
+}
+
+/** The anomaly score strip: a bar per prediction in the window; returns how many. */
+function drawScores(ctx, scores, { x, t0, now, left, right, stripTop, stripH, u, font }) {
+  ctx.font = font(9.5);
+  ctx.fillStyle = INK.axis;
+  ctx.textAlign = "right";
+  ctx.textBaseline = "top";
+  ctx.fillText("1", left - 5 * u, stripTop);
+  ctx.textBaseline = "bottom";
+  ctx.fillText("0", left - 5 * u, stripTop + stripH);
+  ctx.textBaseline = "middle";
+  ctx.fillText("anomaly", left - 12 * u, stripTop + stripH / 2);
+  // the middle of the scale, dotted
+  ctx.strokeStyle = INK.grid;
+  ctx.lineWidth = u;
+  ctx.setLineDash([2 * u, 3 * u]);
+  ctx.beginPath();
+  ctx.moveTo(left, Math.round(stripTop + stripH / 2) + 0.5);
+  ctx.lineTo(right, Math.round(stripTop + stripH / 2) + 0.5);
+  ctx.stroke();
+  ctx.setLineDash([]);
+  let bars = 0;
+  if (scores) {
+    const inner = stripH - 2 * u;
+    const base = stripTop + stripH - u;
+    let prev = null;
+    scores.forEach(-Infinity, (t, s) => {
+      // A score covers the readings since the previous prediction (at most a minute back).
+      const from = prev === null ? t : Math.max(prev, t - 60000);
+      prev = t;
+      if (t < t0 || t > now + 60000) return;
+      const x0 = Math.max(left, x(Math.max(from, t0)));
+      const x1 = Math.max(x0 + 2 * u, x(t));
+      const bh = Math.max(u, s * inner);
+      ctx.fillStyle = `rgba(${INK.score}, ${0.35 + 0.65 * s})`;
+      ctx.fillRect(x0, base - bh, Math.max(u, x1 - x0 - 0.5 * u), bh);
+      bars++;
+    });
+  }
+  if (bars === 0) {
+    ctx.fillStyle = INK.axis;
+    ctx.textAlign = "left";
+    ctx.textBaseline = "middle";
+    ctx.fillText("no anomaly score yet (one comes with each prediction)", left + 8 * u, stripTop + stripH / 2);
+  }
+  return bars;
 }
 
 // ---- command form ----------------------------------------------------------------------------
@@ -777,9 +1228,16 @@ function schedule() {
 function main() {
   $("noscript").remove();
   $("command-payload").value = defaultCommand();
+  // What the user does shows at the next frame, not at the next tick of the render timer.
+  const renderSoon = () => {
+    dirty.fleet = true;
+    schedule();
+  };
   $("filter").addEventListener("input", (e) => {
     filterText = e.target.value.trim().toLowerCase();
-    dirty.fleet = true;
+    orderDirty = true;
+    $("fleet-wrap").scrollTop = 0; // a new filter's matches, from the first
+    renderSoon();
   });
   for (const th of document.querySelectorAll("#fleet-table th[data-sort]")) {
     th.addEventListener("click", () => {
@@ -788,9 +1246,11 @@ function main() {
         sortKey = th.dataset.sort;
         sortDesc = sortKey === "seen" || sortKey === "alerts";
       }
-      dirty.fleet = true;
+      orderDirty = true;
+      renderSoon();
     });
   }
+  $("fleet-wrap").addEventListener("scroll", renderSoon, { passive: true });
   $("device-close").addEventListener("click", () => select(null));
   $("command-form").addEventListener("submit", sendCommand);
   $("login").addEventListener("submit", (ev) => {
