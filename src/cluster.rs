@@ -42,7 +42,7 @@ use redis::aio::ConnectionManager;
 use redis::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::RedisConfig;
@@ -50,7 +50,7 @@ use crate::core::{self, Core, CoreError};
 use crate::edge::Edge;
 use crate::envelope;
 use crate::metrics::{ClusterMetrics, Metrics};
-use crate::mqtt::{self, Version};
+use crate::mqtt;
 
 /// Core client ids of the two tasks (`i-` ids are reserved for internal components).
 pub const EXPORT_CLIENT_ID: &str = "i-cluster-out";
@@ -77,8 +77,6 @@ pub const REDIS_UP: u64 = 2;
 pub enum ClusterError {
     #[error(transparent)]
     Core(#[from] CoreError),
-    #[error("the core refused the cluster connection (CONNACK code {0})")]
-    Refused(u8),
     #[error("the core refused the cluster subscription")]
     SubscribeRefused,
     #[error("core connection failed: {0}")]
@@ -388,13 +386,9 @@ async fn export_session(
     outbox: &Outbox,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<(), ClusterError> {
-    let link = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        link = core.connect(client_id, false) => link?,
+    let Some(link) = core.connect_internal(client_id, false, shutdown).await? else {
+        return Ok(());
     };
-    if link.code != mqtt::rc::ACCEPTED {
-        return Err(ClusterError::Refused(link.code));
-    }
     let (mut rd, mut wr) = link.stream.into_split();
     let mut read_buf = link.read_buf;
     let mut out = BytesMut::with_capacity(4096);
@@ -405,11 +399,7 @@ async fn export_session(
     // sent them (the core's window of 100 then holds the rest). The core wants acknowledgements
     // in order, so a message not to be exported that arrives behind them waits too (`None`).
     let mut held: VecDeque<(u16, Option<OutMessage>)> = VecDeque::new();
-    let mut ping = tokio::time::interval_at(
-        Instant::now() + core::CORE_PING_INTERVAL,
-        core::CORE_PING_INTERVAL,
-    );
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut ping = core::ping_timer();
     let cm = shared.cm();
     loop {
         if read_buf.capacity() - read_buf.len() < 16 * 1024 {
@@ -417,9 +407,7 @@ async fn export_session(
         }
         tokio::select! {
             _ = shutdown.cancelled() => {
-                out.clear();
-                mqtt::put_disconnect(&mut out, Version::V311, 0);
-                let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
+                core::disconnect(&mut wr).await;
                 return Ok(());
             }
             n = rd.read_buf(&mut read_buf) => {
@@ -824,21 +812,16 @@ async fn import_session(
     state: &mut Importer,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<(), ClusterError> {
-    let link = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        link = core.connect(IMPORT_CLIENT_ID, true) => link?,
+    let Some(link) = core
+        .connect_internal(IMPORT_CLIENT_ID, true, shutdown)
+        .await?
+    else {
+        return Ok(());
     };
-    if link.code != mqtt::rc::ACCEPTED {
-        return Err(ClusterError::Refused(link.code));
-    }
     let (mut rd, mut wr) = link.stream.into_split();
     let mut read_buf = link.read_buf;
     let mut out = BytesMut::with_capacity(64 * 1024);
-    let mut ping = tokio::time::interval_at(
-        Instant::now() + core::CORE_PING_INTERVAL,
-        core::CORE_PING_INTERVAL,
-    );
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut ping = core::ping_timer();
     let cm = shared.cm();
     let mut op: Option<BoxFuture<'static, redis::RedisResult<Fetched>>> = None;
     let mut retry_at: Option<Instant> = None;
@@ -848,9 +831,7 @@ async fn import_session(
         }
         tokio::select! {
             _ = shutdown.cancelled() => {
-                out.clear();
-                mqtt::put_disconnect(&mut out, Version::V311, 0);
-                let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
+                core::disconnect(&mut wr).await;
                 return Ok(());
             }
             result = async {

@@ -13,8 +13,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::time::{timeout, Instant};
+use tokio::time::{timeout, Instant, Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::mqtt::{self, CoreConnect};
@@ -45,6 +47,8 @@ pub enum CoreError {
     Closed,
     #[error("the core sent a malformed packet: {0}")]
     Codec(#[from] mqtt::CodecError),
+    #[error("the core refused an internal connection (CONNACK code {0})")]
+    Refused(u8),
 }
 
 /// A handle to the running core. Cheap to share behind an `Arc`.
@@ -175,11 +179,44 @@ impl Core {
         })
     }
 
+    /// Connects one of vigil's internal clients (analytics, cluster), unless `shutdown` comes
+    /// first (`Ok(None)`). A refused CONNECT is an error.
+    pub async fn connect_internal(
+        &self,
+        client_id: &str,
+        clean_session: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<CoreLink>, CoreError> {
+        let link = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            link = self.connect(client_id, clean_session) => link?,
+        };
+        if link.code != mqtt::rc::ACCEPTED {
+            return Err(CoreError::Refused(link.code));
+        }
+        Ok(Some(link))
+    }
+
     /// A core connection with a wrong password, for tests proving the core refuses strangers.
     #[doc(hidden)]
     pub fn credential_for_tests(&self) -> (&str, &str) {
         (&self.username, &self.password)
     }
+}
+
+/// The timer an internal client pings the core with (first tick one interval from now).
+pub fn ping_timer() -> Interval {
+    let mut ping =
+        tokio::time::interval_at(Instant::now() + CORE_PING_INTERVAL, CORE_PING_INTERVAL);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ping
+}
+
+/// An internal client's goodbye at shutdown: DISCONNECT, best effort within a second.
+pub async fn disconnect(wr: &mut OwnedWriteHalf) {
+    let mut out = BytesMut::with_capacity(2);
+    mqtt::put_disconnect(&mut out, mqtt::Version::V311, 0);
+    let _ = timeout(Duration::from_secs(1), wr.write_all(&out)).await;
 }
 
 fn free_loopback_port() -> std::io::Result<SocketAddr> {

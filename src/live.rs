@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use vigil_analytics::detector::{DetectorError, TrainedModel};
@@ -31,7 +31,7 @@ use crate::edge::Edge;
 use crate::envelope;
 use crate::history::History;
 use crate::metrics::Metrics;
-use crate::mqtt::{self, Version};
+use crate::mqtt;
 
 /// The core client id of the task (`i-` ids are reserved for internal components).
 pub const CLIENT_ID: &str = "i-analytics";
@@ -62,8 +62,6 @@ pub enum LiveError {
     Config(#[from] MonitorError),
     #[error(transparent)]
     Core(#[from] CoreError),
-    #[error("the core refused the analytics connection (CONNACK code {0})")]
-    Refused(u8),
     #[error("the core refused the telemetry subscription")]
     SubscribeRefused,
     #[error("the core did not acknowledge the telemetry subscription in time")]
@@ -613,13 +611,9 @@ async fn session(
     window: &mut AlertWindow,
     shutdown: &CancellationToken,
 ) -> Result<(), LiveError> {
-    let link = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        link = core.connect(CLIENT_ID, true) => link?,
+    let Some(link) = core.connect_internal(CLIENT_ID, true, shutdown).await? else {
+        return Ok(());
     };
-    if link.code != mqtt::rc::ACCEPTED {
-        return Err(LiveError::Refused(link.code));
-    }
     let (mut rd, mut wr) = link.stream.into_split();
     let mut read_buf = link.read_buf;
     let mut out = BytesMut::with_capacity(4096);
@@ -631,11 +625,7 @@ async fn session(
     window.pump(&mut out);
     let mut subscribed = false;
     let suback_deadline = Instant::now() + SUBACK_TIMEOUT;
-    let mut ping = tokio::time::interval_at(
-        Instant::now() + core::CORE_PING_INTERVAL,
-        core::CORE_PING_INTERVAL,
-    );
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut ping = core::ping_timer();
     let mut produced = Vec::new();
 
     loop {
@@ -644,10 +634,7 @@ async fn session(
         }
         tokio::select! {
             _ = shutdown.cancelled() => {
-                out.clear();
-                mqtt::put_disconnect(&mut out, Version::V311, 0);
-                // Best effort: the core forgets a clean session anyway.
-                let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
+                core::disconnect(&mut wr).await;
                 return Ok(());
             }
             n = rd.read_buf(&mut read_buf) => {

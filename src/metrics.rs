@@ -206,11 +206,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(2048);
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP vigil_{name} {help}");
-            let _ = writeln!(out, "# TYPE vigil_{name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "vigil_{name}{labels} {value}");
-            }
+            family(&mut out, name, kind, help, samples)
         };
         let g = |c: &AtomicU64| c.load(Relaxed);
         metric(
@@ -477,11 +473,7 @@ impl Metrics {
             "Time from handing a QoS 1/2 publish to the routing core until it acknowledged it (the broker path, without the client's network).",
         );
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP vigil_{name} {help}");
-            let _ = writeln!(out, "# TYPE vigil_{name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "vigil_{name}{labels} {value}");
-            }
+            family(&mut out, name, kind, help, samples)
         };
         let c = &self.cluster;
         metric(
@@ -533,15 +525,20 @@ impl Metrics {
     }
 }
 
+/// Writes one metric family: HELP, TYPE and a sample per label set.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
+    let _ = writeln!(out, "# HELP vigil_{name} {help}");
+    let _ = writeln!(out, "# TYPE vigil_{name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "vigil_{name}{labels} {value}");
+    }
+}
+
 /// Appends the history store's counters (`crate::history`) to a rendered page.
 pub fn render_history(out: &mut String, h: &crate::history::HistoryMetrics, ready: bool) {
     let g = |c: &AtomicU64| c.load(Relaxed);
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-        let _ = writeln!(out, "# HELP vigil_{name} {help}");
-        let _ = writeln!(out, "# TYPE vigil_{name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "vigil_{name}{labels} {value}");
-        }
+        family(out, name, kind, help, samples)
     };
     metric(
         "history_up",

@@ -5,7 +5,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
@@ -65,23 +64,7 @@ fn telemetry_lines() -> (String, i64) {
 
 /// Publishes every line of `lines` as one message, from one `mosquitto_pub -l` process.
 fn publish_lines(port: u16, topic: &str, lines: &str) {
-    let mut child = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-t", topic, "-q", "1", "-l"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub (apt-get install mosquitto-clients)");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(lines.as_bytes()).expect("write readings");
-    drop(stdin);
-    let out = child.wait_with_output().expect("mosquitto_pub");
-    assert!(
-        out.status.success(),
-        "mosquitto_pub -l failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::publish_lines(port, &["-t", topic, "-q", "1"], lines.lines());
 }
 
 /// The JSON payload of a `MSG|topic|qos|retain|payload` line.

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::browser::Browser;
-use common::{http_get, publish, Sub, TempDir, Vigil};
+use common::{http_get, publish, publish_lines, Sub, TempDir, Vigil};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(15);
@@ -477,33 +477,11 @@ fn device_moving_to_another_instance_keeps_its_model_and_history() {
             1_790_000_000 + i
         )
     };
-    let mut lines = String::new();
-    for i in 0..100 {
-        lines.push_str(&reading(i));
-        lines.push('\n');
-    }
-    let mut child = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &v1.port().to_string(),
-            "-t",
-            "device/m-9/telemetry",
-            "-q",
-            "1",
-            "-l",
-        ])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(lines.as_bytes())
-        .expect("write");
-    assert!(child.wait().expect("mosquitto_pub exits").success());
+    publish_lines(
+        v1.port(),
+        &["-t", "device/m-9/telemetry", "-q", "1"],
+        (0..100).map(reading),
+    );
     wait_until("100 readings stored by instance 1", || {
         metric(v1.http, "vigil_history_points_total{result=\"stored\"}") == 100.0
     });
@@ -570,31 +548,6 @@ fn instance_started_without_redis_serves_locally_then_joins() {
     );
 }
 
-/// Publishes one message per line with a single `mosquitto_pub -l`.
-fn publish_lines(port: u16, topic: &str, qos: u8, lines: impl Iterator<Item = String>) {
-    let mut child = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            topic,
-            "-l",
-        ])
-        .args(["-q", &qos.to_string()])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    {
-        let mut stdin = child.stdin.take().expect("stdin");
-        for l in lines {
-            writeln!(stdin, "{l}").expect("write");
-        }
-    }
-    assert!(child.wait().expect("mosquitto_pub exits").success());
-}
-
 /// With Redis away and the outbox full, QoS 0 messages are dropped and counted while QoS 1
 /// messages wait in the core; all of them cross once Redis is back.
 #[test]
@@ -618,8 +571,16 @@ fn full_outbox_drops_qos0_counted_and_holds_qos1() {
     wait_until("instance 1 sees redis gone", || {
         ready_status(v1.http) == "degraded"
     });
-    publish_lines(v1.port(), "o/zero", 0, (0..200).map(|i| format!("z{i}")));
-    publish_lines(v1.port(), "o/one", 1, (0..300).map(|i| format!("q{i}")));
+    publish_lines(
+        v1.port(),
+        &["-t", "o/zero", "-q", "0"],
+        (0..200).map(|i| format!("z{i}")),
+    );
+    publish_lines(
+        v1.port(),
+        &["-t", "o/one", "-q", "1"],
+        (0..300).map(|i| format!("q{i}")),
+    );
     wait_until("100 QoS 0 messages dropped", || {
         metric(
             v1.http,

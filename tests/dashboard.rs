@@ -563,27 +563,11 @@ fn a_device_chart_is_back_filled_from_history() {
             )
         })
         .collect();
-    let mut child = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &v.port().to_string(),
-            "-t",
-            "device/kiln-1/telemetry",
-        ])
-        .args(["-q", "1", "-l"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().expect("stdin");
-        for l in &lines {
-            writeln!(stdin, "{l}").expect("write");
-        }
-    }
-    assert!(child.wait().expect("mosquitto_pub").success());
+    common::publish_lines(
+        v.port(),
+        &["-t", "device/kiln-1/telemetry", "-q", "1"],
+        &lines,
+    );
     let url = format!("http://{}/", v.http);
     let Some(mut browser) = Browser::open(&url, TEST_WINDOW, "the real-browser back-fill check")
     else {
@@ -670,20 +654,11 @@ fn a_device_chart_draws_trend_limit_alerts_and_anomaly_scores() {
     browser.cdp.poll(row, Duration::from_secs(20), |r| {
         r == &serde_json::json!(true)
     });
-    let mut child = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &v.port().to_string()])
-        .args(["-t", "device/oven-1/telemetry", "-q", "1", "-l"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().expect("stdin");
-        for i in 1..60 {
-            writeln!(stdin, "{}", reading(i)).expect("write");
-        }
-    }
-    assert!(child.wait().expect("mosquitto_pub").success());
+    common::publish_lines(
+        v.port(),
+        &["-t", "device/oven-1/telemetry", "-q", "1"],
+        (1..60).map(reading),
+    );
     // The detector needs minutes of readings before it may alert: publish the anomaly alert it
     // would raise (local-only mode lets any client publish it).
     let anomaly = serde_json::json!({"type": "ALERT", "device_id": "oven-1", "severity": "HIGH",

@@ -5,50 +5,15 @@
 
 mod common;
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::browser::Browser;
-use common::{http_get, vigil_bin, TempDir, Vigil};
+use common::{http_get, publish_lines, vigil_bin, TempDir, Vigil};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(15);
-
-/// Publishes one message per line of `lines` to `topic` with a single `mosquitto_pub -l`.
-fn publish_lines(port: u16, topic: &str, lines: &[String], auth: &[&str]) {
-    let mut child = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            topic,
-            "-q",
-            "1",
-            "-l",
-        ])
-        .args(auth)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    {
-        let mut stdin = child.stdin.take().expect("stdin");
-        for l in lines {
-            writeln!(stdin, "{l}").expect("write line");
-        }
-    }
-    let out = child.wait_with_output().expect("mosquitto_pub exits");
-    assert!(
-        out.status.success(),
-        "mosquitto_pub -l: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// `n` readings of temperature 20.0, 20.1, ... with timestamps one second apart.
 fn readings(n: usize) -> Vec<String> {
@@ -117,7 +82,11 @@ fn temperatures(answer: &Value) -> Vec<f64> {
 fn history_is_answered_kept_across_a_restart_warms_models_and_exports() {
     let data = TempDir::new();
     let mut v1 = Vigil::start_with(with_data_dir(&data));
-    publish_lines(v1.port(), "device/m-1/telemetry", &readings(30), &[]);
+    publish_lines(
+        v1.port(),
+        &["-t", "device/m-1/telemetry", "-q", "1"],
+        readings(30),
+    );
     wait_metric(
         v1.http,
         "vigil_history_points_total{result=\"stored\"}",
@@ -177,7 +146,11 @@ fn history_is_answered_kept_across_a_restart_warms_models_and_exports() {
         30,
         "restored from the snapshot"
     );
-    publish_lines(v2.port(), "device/m-1/telemetry", &readings(31)[30..], &[]);
+    publish_lines(
+        v2.port(),
+        &["-t", "device/m-1/telemetry", "-q", "1"],
+        &readings(31)[30..],
+    );
     wait_metric(v2.http, "vigil_analytics_warm_starts_total", 1.0);
     wait_metric(v2.http, "vigil_analytics_points_total", 2.0);
 }
@@ -191,9 +164,17 @@ fn history_needs_the_right_to_read_the_device() {
     );
     publish_lines(
         v.port(),
-        "device/m-1/telemetry",
-        &readings(5),
-        &["-u", "m-1", "-P", "pw-m1"],
+        &[
+            "-t",
+            "device/m-1/telemetry",
+            "-q",
+            "1",
+            "-u",
+            "m-1",
+            "-P",
+            "pw-m1",
+        ],
+        readings(5),
     );
     wait_metric(v.http, "vigil_history_points_total{result=\"stored\"}", 5.0);
     let rt = rt();

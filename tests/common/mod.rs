@@ -341,6 +341,35 @@ pub fn publish(port: u16, args: &[&str]) -> Output {
     out
 }
 
+/// Publishes each of `lines` as one message with a single `mosquitto_pub -l` (`args` give the
+/// topic, QoS and anything else); panics with its output on failure.
+pub fn publish_lines<L: std::fmt::Display>(
+    port: u16,
+    args: &[&str],
+    lines: impl IntoIterator<Item = L>,
+) {
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-l"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub (apt-get install mosquitto-clients)");
+    {
+        let mut stdin = std::io::BufWriter::new(child.stdin.take().expect("stdin"));
+        for l in lines {
+            writeln!(stdin, "{l}").expect("write a line to mosquitto_pub");
+        }
+    }
+    let out = child.wait_with_output().expect("mosquitto_pub exits");
+    assert!(
+        out.status.success(),
+        "mosquitto_pub -l {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `mosquitto_pub` and returns its output whatever the status.
 pub fn try_publish(port: u16, args: &[&str]) -> Output {
     Command::new("mosquitto_pub")
