@@ -630,7 +630,9 @@ async function backfill(id) {
   }
   if (bridge !== b || !Array.isArray(points) || points.length === 0) return;
   const d = device(id);
+  // Metrics keep the order they are drawn in: those already live first, new ones after.
   const merged = new Map(); // metric -> Ring
+  for (const metric of d.rings.keys()) merged.set(metric, new Ring(RING_CAPACITY));
   const firstLive = new Map();
   for (const [metric, ring] of d.rings) {
     const first = ring.len > 0 ? ring.t[ring.start] : Infinity;
