@@ -3,9 +3,9 @@
 //! With `[redis] url` set, every instance runs two internal core clients:
 //!
 //! - the **exporter** (`i-cluster-out`) subscribes to `#` on its own core at QoS 1 and appends
-//!   every message a local client published to one shared Redis stream (`<prefix>:bus`, `XADD
+//!   every message a local client published to one shared Redis stream (`{<prefix>}:bus`, `XADD
 //!   MAXLEN ~`), and keeps the last retained message per topic in a hash
-//!   (`<prefix>:retained`);
+//!   (`{<prefix>}:retained`);
 //! - the **importer** (`i-cluster-in`) reads that stream through a consumer group of its own
 //!   (`XREADGROUP`), publishes every message another instance exported into its core with the
 //!   envelope's *remote* mark, and acknowledges the entry (`XACK`) once its core has.
@@ -38,7 +38,6 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use rand::RngCore;
-use redis::aio::ConnectionManager;
 use redis::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -51,6 +50,7 @@ use crate::edge::Edge;
 use crate::envelope;
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::mqtt;
+use crate::redis_link::{self, RedisConn};
 
 /// Core client ids of the two tasks (`i-` ids are reserved for internal components).
 pub const EXPORT_CLIENT_ID: &str = "i-cluster-out";
@@ -115,8 +115,8 @@ impl Keys {
         };
         let p = &config.key_prefix;
         Keys {
-            bus: format!("{p}:bus"),
-            retained: format!("{p}:retained"),
+            bus: redis_link::key(p, "bus"),
+            retained: redis_link::key(p, "retained"),
             group: format!("{p}:group:{instance}"),
             origin: format!("{instance}/{}", hex(&nonce)),
             instance,
@@ -218,22 +218,14 @@ pub fn start(edge: &Arc<Edge>, config: &RedisConfig) {
 
 /// Connects to Redis, retrying with backoff until it works or shutdown (`None`).
 async fn connect_redis(
-    url: &str,
+    config: &RedisConfig,
     response_timeout: Duration,
     shutdown: &tokio_util::sync::CancellationToken,
     metrics: &ClusterMetrics,
-) -> Option<ConnectionManager> {
+) -> Option<RedisConn> {
     let mut backoff = BACKOFF_MIN;
     loop {
-        let attempt = async {
-            let client = redis::Client::open(url)?;
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Duration::from_secs(2))
-                .set_response_timeout(response_timeout)
-                .set_number_of_retries(1)
-                .set_max_delay(2000);
-            ConnectionManager::new_with_config(client, config).await
-        };
+        let attempt = redis_link::connect(config, response_timeout);
         let result = tokio::select! {
             _ = shutdown.cancelled() => return None,
             r = attempt => r,
@@ -495,8 +487,7 @@ async fn export_session(
 async fn exporter_redis(edge: Arc<Edge>, shared: Arc<Shared>, outbox: Arc<Outbox>) {
     let shutdown = edge.shutdown.clone();
     let cm = shared.cm();
-    let Some(mut conn) = connect_redis(&shared.config.url, REDIS_TIMEOUT, &shutdown, cm).await
-    else {
+    let Some(mut conn) = connect_redis(&shared.config, REDIS_TIMEOUT, &shutdown, cm).await else {
         return;
     };
     shared.set_up(&shared.exporter_up, true);
@@ -622,7 +613,7 @@ async fn importer(edge: Arc<Edge>, shared: Arc<Shared>) {
     let shutdown = edge.shutdown.clone();
     let cm = shared.cm();
     let Some(conn) = connect_redis(
-        &shared.config.url,
+        &shared.config,
         REDIS_TIMEOUT + Duration::from_millis(READ_BLOCK_MS),
         &shutdown,
         cm,
@@ -671,7 +662,7 @@ async fn importer(edge: Arc<Edge>, shared: Arc<Shared>) {
 
 /// At shutdown of an instance with a random name: its consumer group would never be used
 /// again, so it is removed (best effort) instead of accumulating in Redis.
-async fn forget_group(keys: &Keys, conn: &mut ConnectionManager) {
+async fn forget_group(keys: &Keys, conn: &mut RedisConn) {
     let mut cmd = redis::cmd("XGROUP");
     cmd.arg("DESTROY").arg(&keys.bus).arg(&keys.group);
     let destroy = cmd.query_async::<()>(conn);
@@ -681,7 +672,7 @@ async fn forget_group(keys: &Keys, conn: &mut ConnectionManager) {
 }
 
 struct Importer {
-    conn: ConnectionManager,
+    conn: RedisConn,
     phase: Phase,
     /// Highest sequence number imported per origin (`MAX_ORIGINS` at most).
     last_seq: HashMap<Bytes, u64>,

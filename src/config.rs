@@ -55,8 +55,11 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`; empty = one self-sufficient instance.
+    /// `redis://[user:password@]host:port[/db]`; empty = one self-sufficient instance. With
+    /// `cluster`, a comma-separated list of seed nodes of a Redis Cluster.
     pub url: String,
+    /// `url` names Redis Cluster nodes.
+    pub cluster: bool,
     /// This instance's name in the cluster; empty = a random name per process.
     pub instance_id: String,
     /// Key prefix of everything vigil stores, so several clusters can share one Redis.
@@ -74,6 +77,7 @@ impl Default for RedisConfig {
     fn default() -> RedisConfig {
         RedisConfig {
             url: String::new(),
+            cluster: false,
             instance_id: String::new(),
             key_prefix: "vigil".into(),
             stream_maxlen: 1_000_000,
@@ -340,8 +344,8 @@ impl Config {
         if r.enabled() {
             check(
                 "redis.url",
-                redis::Client::open(r.url.as_str()).is_ok(),
-                "must be a redis:// URL (TLS to Redis, rediss://, is not built in)",
+                crate::redis_link::check_url(&r.url, r.cluster),
+                "must be a redis:// URL, or with `cluster = true` a comma-separated list of them (TLS to Redis, rediss://, is not built in)",
             )?;
         }
         check(

@@ -64,14 +64,15 @@
 //!
 //! # Redis layout
 //!
-//! Key `{key_prefix}:hist:{device}`, a stream whose entries have the fields `t` (the reading's
+//! Key `{<key_prefix>}:hist:{device}` (the hash tag keeps every vigil key in one slot of a Redis
+//! Cluster, see `redis_link`), a stream whose entries have the fields `t` (the reading's
 //! timestamp in ms) and `v` (the values as a compact JSON object, `{"rpm":1480.0}`), written
 //! with `XADD key MAXLEN ~ points_per_device * t .. v ..`; the `~` lets Redis trim whole stream
 //! nodes, so a stream may hold up to about one node (100 entries by default) more. At most
 //! [`MAX_METRICS`] values per point are written.
 //!
-//! One writer task owns the connection (a `ConnectionManager` with 2 s connect and response
-//! timeouts). It sends up to 256 points per pipeline round trip; each `XADD` is answered on its
+//! One writer task owns the connection (a `RedisConn`: a connection manager, or a cluster
+//! connection, with 2 s connect and response timeouts). It sends up to 256 points per pipeline round trip; each `XADD` is answered on its
 //! own, so one refused entry (say, a key of the wrong type) loses only its point. The writer
 //! owns the retry policy: the manager makes no retries of its own; after a failed round trip
 //! the writer drops the manager and connects anew with backoff (100 ms doubling to 10 s) until
@@ -90,7 +91,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamId, StreamRangeReply};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -98,7 +98,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{Config, RedisConfig};
+use crate::redis_link::{self, RedisConn};
+use redis::aio::ConnectionLike;
 
 /// Metric names kept per device in memory (one bit each in a point's mask), and values written
 /// per point to Redis.
@@ -252,11 +254,14 @@ impl History {
         }
         let metrics = Arc::new(HistoryMetrics::default());
         let backend = if config.redis.enabled() {
-            let client = redis::Client::open(config.redis.url.as_str())?;
+            // A URL that cannot work is an error now, not a reason to retry forever.
+            for url in config.redis.url.split(',') {
+                redis::Client::open(url.trim())?;
+            }
             let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
             let link = Arc::new(RedisLink::default());
             let writer = Writer {
-                client,
+                redis: config.redis.clone(),
                 queue: receiver,
                 link: link.clone(),
                 metrics: metrics.clone(),
@@ -929,7 +934,7 @@ struct RedisHandle {
 struct RedisLink {
     ready: AtomicBool,
     /// The writer's connection while it is up, for `recent` to clone.
-    connection: Mutex<Option<ConnectionManager>>,
+    connection: Mutex<Option<RedisConn>>,
 }
 
 /// A point on its way to Redis, already in its stored form.
@@ -941,13 +946,13 @@ struct Queued {
 }
 
 impl RedisLink {
-    fn slot(&self) -> MutexGuard<'_, Option<ConnectionManager>> {
+    fn slot(&self) -> MutexGuard<'_, Option<RedisConn>> {
         self.connection
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn up(&self, connection: ConnectionManager) {
+    fn up(&self, connection: RedisConn) {
         *self.slot() = Some(connection);
         self.ready.store(true, Ordering::Relaxed);
     }
@@ -959,7 +964,7 @@ impl RedisLink {
 }
 
 fn stream_key(prefix: &str, device: &str) -> String {
-    format!("{prefix}:hist:{device}")
+    redis_link::key(prefix, &format!("hist:{device}"))
 }
 
 /// The finite values of a reading, at most [`MAX_METRICS`], as a JSON object.
@@ -1009,23 +1014,14 @@ impl RedisHandle {
     }
 }
 
-/// The manager's settings: `timeout` for connecting and for each answer, and no retries of its
-/// own (the writer owns the retry policy).
-fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_connection_timeout(timeout)
-        .set_response_timeout(timeout)
-        .set_number_of_retries(0)
-}
-
-async fn ping(connection: &mut ConnectionManager) -> redis::RedisResult<()> {
+async fn ping(connection: &mut RedisConn) -> redis::RedisResult<()> {
     redis::cmd("PING").query_async(connection).await
 }
 
 /// The last `limit` entries (all without a limit) of stream `key`, oldest first. Entries
 /// without a valid `t` and `v` (not written by vigil) are skipped and logged.
 async fn fetch(
-    connection: &mut ConnectionManager,
+    connection: &mut RedisConn,
     key: &str,
     limit: Option<usize>,
     timeout: Duration,
@@ -1063,7 +1059,7 @@ fn parse_entry(entry: &StreamId) -> Option<Point> {
 
 /// The one owner of the Redis connection used for writing.
 struct Writer {
-    client: redis::Client,
+    redis: RedisConfig,
     queue: mpsc::Receiver<Queued>,
     link: Arc<RedisLink>,
     metrics: Arc<HistoryMetrics>,
@@ -1110,14 +1106,13 @@ impl Writer {
     }
 
     /// Connects, retrying with backoff; `None` at shutdown.
-    async fn connect(&self) -> Option<ConnectionManager> {
+    async fn connect(&self) -> Option<RedisConn> {
         let mut backoff = BACKOFF_MIN;
         let mut attempts = 0u32;
         loop {
             let attempt = async {
-                let config = manager_config(REDIS_TIMEOUT);
-                let mut connection =
-                    ConnectionManager::new_with_config(self.client.clone(), config).await?;
+                // The writer owns the retry policy: one attempt per call.
+                let mut connection = redis_link::connect(&self.redis, REDIS_TIMEOUT).await?;
                 // Connected means a command came back, not just an open socket.
                 ping(&mut connection).await?;
                 Ok::<_, redis::RedisError>(connection)
@@ -1140,11 +1135,7 @@ impl Writer {
     }
 
     /// Writes queued points in batches until a round trip fails or it is time to stop.
-    async fn serve(
-        &mut self,
-        connection: &mut ConnectionManager,
-        batch: &mut Vec<Queued>,
-    ) -> Outcome {
+    async fn serve(&mut self, connection: &mut RedisConn, batch: &mut Vec<Queued>) -> Outcome {
         loop {
             let received = tokio::select! {
                 biased;
@@ -1169,7 +1160,7 @@ impl Writer {
     }
 
     /// At shutdown: writes what is queued, for at most [`SHUTDOWN_FLUSH`]; the rest is lost.
-    async fn flush(&mut self, connection: &mut ConnectionManager, batch: &mut Vec<Queued>) {
+    async fn flush(&mut self, connection: &mut RedisConn, batch: &mut Vec<Queued>) {
         self.queue.close();
         let deadline = tokio::time::Instant::now() + SHUTDOWN_FLUSH;
         loop {
@@ -1205,7 +1196,7 @@ impl Writer {
     /// here.
     async fn write(
         &mut self,
-        connection: &mut ConnectionManager,
+        connection: &mut RedisConn,
         batch: &[Queued],
     ) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
@@ -1222,7 +1213,7 @@ impl Writer {
                 .arg(&point.values);
         }
         // The raw replies, so that a refused entry costs only its own point.
-        let replies = match connection.send_packed_commands(&pipe, 0, batch.len()).await {
+        let replies = match connection.req_packed_commands(&pipe, 0, batch.len()).await {
             Ok(replies) => replies,
             Err(e) => {
                 add(&self.metrics.points_dropped, batch.len() as u64);
@@ -1274,8 +1265,7 @@ pub async fn export_csv(
     out: &mut dyn Write,
 ) -> Result<usize, HistoryError> {
     let points = if config.redis.enabled() {
-        let client = redis::Client::open(config.redis.url.as_str())?;
-        let connect = ConnectionManager::new_with_config(client, manager_config(EXPORT_TIMEOUT));
+        let connect = redis_link::connect(&config.redis, EXPORT_TIMEOUT);
         let mut connection = tokio::time::timeout(EXPORT_TIMEOUT, connect)
             .await
             .map_err(|_| HistoryError::Timeout(EXPORT_TIMEOUT))??;
@@ -1863,7 +1853,7 @@ mod tests {
             .await
             .expect("probe connection");
         let len: usize = redis::cmd("XLEN")
-            .arg("vt:hist:dev-b")
+            .arg("{vt}:hist:dev-b")
             .query_async(&mut probe)
             .await
             .expect("XLEN");

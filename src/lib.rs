@@ -27,6 +27,7 @@ pub mod history;
 pub mod live;
 pub mod metrics;
 pub mod mqtt;
+pub mod redis_link;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;

@@ -25,6 +25,8 @@ struct Redis {
     child: Option<Child>,
     port: u16,
     dir: TempDir,
+    /// More `redis-server` arguments (cluster mode).
+    extra: Vec<String>,
 }
 
 impl Redis {
@@ -46,6 +48,7 @@ impl Redis {
             child: None,
             port,
             dir: TempDir::new(),
+            extra: Vec::new(),
         }
     }
 
@@ -62,6 +65,7 @@ impl Redis {
             ])
             .arg("--dir")
             .arg(&self.dir.0)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -248,7 +252,7 @@ fn three_instances_share_traffic_once_each_with_retained_and_no_loops() {
         );
     }
     // No loops: the stream holds each message once (5 published + 1 clear).
-    let len = redis.command(&["XLEN", "vigil:bus"]).expect("XLEN");
+    let len = redis.command(&["XLEN", "{vigil}:bus"]).expect("XLEN");
     assert_eq!(len, ":6", "stream length");
     // A fourth instance started later sees nothing retained (cleared) and joins the traffic.
     let v4 = instance(&redis, "n4");
@@ -607,5 +611,144 @@ fn full_outbox_drops_qos0_counted_and_holds_qos1() {
             "vigil_cluster_dropped_total{reason=\"outbox_full_qos0\"}"
         ),
         100.0
+    );
+}
+
+/// Three `redis-server`s in cluster mode (no replicas), made a cluster with `redis-cli`.
+struct RedisCluster {
+    nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    fn start() -> RedisCluster {
+        let mut nodes = Vec::new();
+        while nodes.len() < 3 {
+            let mut node = Redis::not_started();
+            // The cluster bus listens on the port + 10000.
+            if node.port > 55_000 || TcpListener::bind(("127.0.0.1", node.port + 10_000)).is_err() {
+                continue;
+            }
+            let conf = node.dir.0.join("nodes.conf");
+            node.extra = vec![
+                "--cluster-enabled".into(),
+                "yes".into(),
+                "--cluster-config-file".into(),
+                conf.to_string_lossy().into_owned(),
+            ];
+            node.spawn();
+            nodes.push(node);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli (apt-get install redis-tools)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { nodes };
+        wait_until("the cluster is ok", || {
+            cluster.nodes.iter().all(|n| {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "cluster", "info"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                info.contains("cluster_state:ok")
+            })
+        });
+        cluster
+    }
+
+    fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(Redis::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// The same sharing through a Redis Cluster: messages, retained messages and history.
+#[test]
+fn instances_share_traffic_through_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let url = cluster.url();
+    let start = |name: &str| {
+        let (url, name) = (url.clone(), name.to_string());
+        Vigil::start_with(move |c| {
+            c.replacen("url = \"\"", &format!("url = {url:?}"), 1)
+                .replacen("cluster = false", "cluster = true", 1)
+                .replacen("instance_id = \"\"", &format!("instance_id = {name:?}"), 1)
+        })
+    };
+    let v1 = start("c1");
+    let v2 = start("c2");
+    for v in [&v1, &v2] {
+        wait_until("redis cluster connected", || {
+            ready_status(v.http) == "ready"
+        });
+        wait_until("history writer connected", || {
+            metric(v.http, "vigil_history_up") == 1.0
+        });
+    }
+    let mut sub = Sub::start(v2.port(), &["-t", "plant/#", "-q", "2"]);
+    for qos in 0..3 {
+        publish(
+            v1.port(),
+            &[
+                "-t",
+                &format!("plant/{qos}"),
+                "-m",
+                &format!("m{qos}"),
+                "-q",
+                &qos.to_string(),
+            ],
+        );
+    }
+    publish(
+        v1.port(),
+        &["-t", "plant/state", "-m", "on", "-q", "1", "-r"],
+    );
+    let mut got = sub.expect_messages(4, T);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "plant/0|0|0|m0",
+            "plant/1|1|0|m1",
+            "plant/2|2|0|m2",
+            "plant/state|1|0|on"
+        ]
+    );
+    let mut late = Sub::start(v2.port(), &["-t", "plant/state", "-q", "1"]);
+    assert_eq!(late.expect_messages(1, T), vec!["plant/state|1|1|on"]);
+    publish_lines(
+        v1.port(),
+        &["-t", "device/k-1/telemetry", "-q", "1"],
+        (0..20).map(|i| format!("{{\"temperature\": {i}}}")),
+    );
+    wait_until("20 readings stored", || {
+        metric(v1.http, "vigil_history_points_total{result=\"stored\"}") == 20.0
+    });
+    let answer = rt().block_on(async {
+        let mut b = Browser::login(v2.http, json!({"op": "connect"})).await;
+        b.ask(
+            json!({"op": "history", "device": "k-1", "limit": 100}),
+            "history",
+        )
+        .await
+    });
+    assert_eq!(
+        answer["points"].as_array().map(Vec::len),
+        Some(20),
+        "{answer}"
     );
 }
