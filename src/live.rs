@@ -674,15 +674,7 @@ async fn session(
                                 &mut produced,
                             );
                             state.metrics.analytics.processing.observe(started.elapsed());
-                            for m in produced.drain(..) {
-                                if m.qos > 0 {
-                                    window.enqueue(m, &state.metrics);
-                                } else if out.len() > MAX_OUT_BYTES {
-                                    Metrics::inc(&state.metrics.analytics.dropped_qos0);
-                                } else {
-                                    put_message(&mut out, &m, 0);
-                                }
-                            }
+                            emit(&mut produced, window, &mut out, &state.metrics);
                         }
                         mqtt::PUBACK => {
                             let (pkid, _) = mqtt::parse_ack(&frame)?;
@@ -719,21 +711,33 @@ async fn session(
                     Background::Warmed(warmed) => warmed,
                 };
                 state.warm_done(*warmed, &mut produced);
-                for m in produced.drain(..) {
-                    if m.qos > 0 {
-                        window.enqueue(m, &state.metrics);
-                    } else if out.len() <= MAX_OUT_BYTES {
-                        put_message(&mut out, &m, 0);
-                    } else {
-                        Metrics::inc(&state.metrics.analytics.dropped_qos0);
-                    }
-                }
+                emit(&mut produced, window, &mut out, &state.metrics);
                 window.pump(&mut out);
             }
             _ = ping.tick() => mqtt::put_pingreq(&mut out),
             _ = tokio::time::sleep_until(suback_deadline), if !subscribed => {
                 return Err(LiveError::SubackTimeout);
             }
+        }
+    }
+}
+
+/// Hands what the analytics produced to the core: alerts (QoS 1) to the alert window, QoS 0
+/// predictions and error replies to `out` unless the core is not draining it (then dropped,
+/// counted).
+fn emit(
+    produced: &mut Vec<Outgoing>,
+    window: &mut AlertWindow,
+    out: &mut BytesMut,
+    metrics: &Metrics,
+) {
+    for m in produced.drain(..) {
+        if m.qos > 0 {
+            window.enqueue(m, metrics);
+        } else if out.len() <= MAX_OUT_BYTES {
+            put_message(out, &m, 0);
+        } else {
+            Metrics::inc(&metrics.analytics.dropped_qos0);
         }
     }
 }

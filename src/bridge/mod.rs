@@ -63,9 +63,9 @@ const MAX_PUBLISHES_AT_RELAY: usize = 500;
 const MAX_QOS2_OPEN: usize = 1000;
 /// Subscribe/unsubscribe requests awaiting the relay's answer.
 const MAX_PENDING_CONTROL: usize = 256;
-/// How long the relay may take to answer the CONNECT (it may be waiting for a takeover).
 /// `history` requests of one session being answered at once; more get `too_many_requests`.
 const MAX_HISTORY_REQUESTS: usize = 4;
+/// How long the relay may take to answer the CONNECT (it may be waiting for a takeover).
 const CONNACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a closing session may take to flush its last frames and close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
