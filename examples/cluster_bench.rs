@@ -1533,7 +1533,7 @@ fn redis_info(port: u16) -> String {
         }
         Some(text)
     };
-    let xlen = query("XLEN vigil:bus\r\n")
+    let xlen = query("XLEN {vigil}:bus\r\n")
         .and_then(|t| t.trim().strip_prefix(':').map(str::to_string))
         .unwrap_or_else(|| "?".into());
     let mem = query("INFO memory\r\n")
@@ -1542,7 +1542,7 @@ fn redis_info(port: u16) -> String {
                 .find_map(|l| l.strip_prefix("used_memory_human:").map(str::to_string))
         })
         .unwrap_or_else(|| "?".into());
-    format!("stream vigil:bus length {xlen}, used_memory {mem}")
+    format!("stream {{vigil}}:bus length {xlen}, used_memory {mem}")
 }
 
 fn main() {
