@@ -729,6 +729,15 @@ fn a_device_chart_draws_trend_limit_alerts_and_anomaly_scores() {
         "{heading}"
     );
     assert!(heading.contains("limit in "), "{heading}");
+    // The injected fault is in the alerts feed too: the forecast analytics raised for it.
+    let feed = browser.cdp.eval(
+        "[...document.querySelectorAll('#alerts-list li')].map((li) => li.innerText).join('\\n')",
+    );
+    let feed = feed.as_str().unwrap_or_default();
+    assert!(
+        feed.lines().any(|l| l.contains("oven-1")) && feed.contains("forecast"),
+        "alerts feed: {feed}"
+    );
 }
 
 /// Publishes one reading (three metrics) for each of `devices` devices, `fleet-0000` on, every
