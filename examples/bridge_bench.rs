@@ -145,40 +145,9 @@ impl Drop for TempFile {
     }
 }
 
-/// Sets `key = value` in `[section]` of a TOML config text, adding the key or the section.
+/// Sets `key = value` in `[section]` of a broker.toml text (`vigil::config::set_value`).
 fn set(config: &str, section: &str, key: &str, value: &str) -> String {
-    let header = format!("[{section}]");
-    let line = format!("{key} = {value}");
-    let mut out: Vec<String> = Vec::new();
-    let mut in_section = false;
-    let mut done = false;
-    for l in config.lines() {
-        let t = l.trim();
-        if t.starts_with('[') {
-            if in_section && !done {
-                out.push(line.clone());
-                done = true;
-            }
-            in_section = t == header;
-        } else if in_section && !done {
-            if let Some(rest) = t.strip_prefix(key) {
-                if rest.trim_start().starts_with('=') {
-                    out.push(line.clone());
-                    done = true;
-                    continue;
-                }
-            }
-        }
-        out.push(l.to_string());
-    }
-    if !done {
-        if !in_section {
-            out.push(String::new());
-            out.push(header);
-        }
-        out.push(line);
-    }
-    out.join("\n") + "\n"
+    vigil::config::set_value(config, section, key, value)
 }
 
 fn start_vigil(args: &Args) -> Vigil {

@@ -19,6 +19,45 @@ pub const DEFAULT_TOML: &str = include_str!("../broker.toml");
 /// The largest remaining length MQTT can encode (four length bytes).
 pub const MQTT_MAX_REMAINING_LENGTH: usize = 268_435_455;
 
+/// Sets `key = value` in `[section]` of a broker.toml text, replacing the key's line or adding
+/// it (and the section) when missing; comments and everything else stay as they are. For tools
+/// and tests that derive a configuration from the commented default; `value` is TOML.
+pub fn set_value(text: &str, section: &str, key: &str, value: &str) -> String {
+    let header = format!("[{section}]");
+    let line = format!("{key} = {value}");
+    let mut out: Vec<&str> = Vec::new();
+    let mut in_section = false;
+    let mut done = false;
+    for l in text.lines() {
+        let t = l.trim();
+        if t.starts_with('[') {
+            if in_section && !done {
+                out.push(&line);
+                done = true;
+            }
+            in_section = t == header;
+        } else if in_section && !done {
+            let is_key = t
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='));
+            if is_key {
+                out.push(&line);
+                done = true;
+                continue;
+            }
+        }
+        out.push(l);
+    }
+    if !done {
+        if !in_section {
+            out.push("");
+            out.push(&header);
+        }
+        out.push(&line);
+    }
+    out.join("\n") + "\n"
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -580,6 +619,26 @@ impl TlsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_value_replaces_adds_and_keeps_the_rest() {
+        let text = "# top\n[a]\nx = 1\n# note\ny = 2\n[b]\nx = 3\n";
+        assert_eq!(
+            set_value(text, "a", "x", "10"),
+            "# top\n[a]\nx = 10\n# note\ny = 2\n[b]\nx = 3\n"
+        );
+        // A key missing from its section goes at the section's end; `xx` is not `x`.
+        assert_eq!(
+            set_value("[a]\nxx = 1\n[b]\n", "a", "x", "2"),
+            "[a]\nxx = 1\nx = 2\n[b]\n"
+        );
+        assert_eq!(
+            set_value("[a]\n", "c", "k", "\"v\""),
+            "[a]\n\n[c]\nk = \"v\"\n"
+        );
+        let default = set_value(DEFAULT_TOML, "redis", "url", "\"redis://127.0.0.1:1\"");
+        assert!(Config::parse(&default, "test").is_ok());
+    }
 
     #[test]
     fn embedded_default_is_valid() {

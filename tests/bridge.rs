@@ -31,40 +31,9 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Sets `key = value` in `[section]` of a broker.toml text, adding the key or the section.
+/// Sets `key = value` in `[section]` of a broker.toml text (`vigil::config::set_value`).
 fn set(config: &str, section: &str, key: &str, value: &str) -> String {
-    let header = format!("[{section}]");
-    let line = format!("{key} = {value}");
-    let mut out: Vec<String> = Vec::new();
-    let mut in_section = false;
-    let mut done = false;
-    for l in config.lines() {
-        let t = l.trim();
-        if t.starts_with('[') {
-            if in_section && !done {
-                out.push(line.clone());
-                done = true;
-            }
-            in_section = t == header;
-        } else if in_section && !done {
-            if let Some(rest) = t.strip_prefix(key) {
-                if rest.trim_start().starts_with('=') {
-                    out.push(line.clone());
-                    done = true;
-                    continue;
-                }
-            }
-        }
-        out.push(l.to_string());
-    }
-    if !done {
-        if !in_section {
-            out.push(String::new());
-            out.push(header);
-        }
-        out.push(line);
-    }
-    out.join("\n") + "\n"
+    vigil::config::set_value(config, section, key, value)
 }
 
 /// Runs blocking harness code (mosquitto clients, HTTP GETs) from inside the runtime.
