@@ -461,7 +461,11 @@ fn start_vigil(args: &Args, dir: &Path, i: usize, redis: Option<u16>) -> Result<
             "--http-listen",
             "127.0.0.1:0",
         ])
-        .env("RUST_LOG", "info,rumqttd=off")
+        // VIGIL_BENCH_LOG overrides, e.g. "info,rumqttd=warn" to see the core's warnings.
+        .env(
+            "RUST_LOG",
+            std::env::var("VIGIL_BENCH_LOG").unwrap_or_else(|_| "info,rumqttd=off".into()),
+        )
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
