@@ -406,6 +406,7 @@ async fn export_session(
                 if n? == 0 {
                     return Err(ClusterError::Closed);
                 }
+                core::ack_promptly(rd.as_ref());
                 while let Some(frame) = mqtt::read_frame(&mut read_buf, usize::MAX)? {
                     match frame.kind() {
                         mqtt::PUBLISH => {

@@ -204,6 +204,26 @@ impl Core {
     }
 }
 
+/// Acknowledges what was just read from a core connection at once instead of after the
+/// delayed-ACK timer. rumqttd does not set TCP_NODELAY on the sockets it accepts, so Nagle holds
+/// its next small write until our ACK arrives, and with sparse traffic (a message every few tens
+/// of milliseconds per connection) Linux delays that ACK by up to 40 ms: a stall on such
+/// deliveries (BENCHMARKS.md). Linux clears TCP_QUICKACK on its own, hence after every read.
+///
+/// Only for connections that consume (the analytics task, the cluster exporter). On the
+/// relays of publishing clients and the cluster importer it would also speed up the core's
+/// PUBACKs, and measured with a pipelining publisher that lets publishers outrun a slow
+/// subscriber until rumqttd's per-filter log overruns and drops QoS 1 messages (BENCHMARKS.md):
+/// not before the edge holds publishers back itself.
+pub fn ack_promptly(stream: &TcpStream) {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = socket2::SockRef::from(stream).set_tcp_quickack(true);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = stream;
+}
+
 /// The timer an internal client pings the core with (first tick one interval from now).
 pub fn ping_timer() -> Interval {
     let mut ping =

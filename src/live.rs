@@ -641,6 +641,7 @@ async fn session(
                 if n? == 0 {
                     return Err(LiveError::Closed);
                 }
+                core::ack_promptly(rd.as_ref());
                 let mut handled = 0usize;
                 while let Some(frame) = mqtt::read_frame(&mut read_buf, usize::MAX)? {
                     // A large read holds hundreds of readings: send what is ready every few of
