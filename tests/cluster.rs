@@ -513,12 +513,7 @@ fn device_moving_to_another_instance_keeps_its_model_and_history() {
         Some(101),
         "{answer}"
     );
-    let csv = Command::new(common::vigil_bin())
-        .arg("--config")
-        .arg(v2.dir().join("broker.toml"))
-        .args(["export", "--device", "m-9", "--limit", "3"])
-        .output()
-        .expect("vigil export");
+    let csv = v2.command(&["export", "--device", "m-9", "--limit", "3"]);
     assert!(
         csv.status.success(),
         "{}",

@@ -377,14 +377,11 @@ impl Cdp {
         limit: Duration,
         done: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + limit;
-        loop {
-            let last = self.try_eval(expression).unwrap_or_default();
-            if done(&last) || Instant::now() >= deadline {
-                return last;
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        common::poll(
+            limit,
+            || self.try_eval(expression).unwrap_or_default(),
+            done,
+        )
     }
 
     /// Saves a PNG of the page's viewport to `path` (creating its directory); returns its size.

@@ -433,14 +433,11 @@ impl Bidi {
 
     /// Evaluates `expression` every 250 ms until `done(value)` or `limit`; the last value.
     fn poll(&mut self, expression: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + limit;
-        loop {
-            let last = self.try_eval(expression).unwrap_or_default();
-            if done(&last) || Instant::now() >= deadline {
-                return last;
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        common::poll(
+            limit,
+            || self.try_eval(expression).unwrap_or_default(),
+            done,
+        )
     }
 
     /// The BiDi shared id of the element `selector` matches, scrolled into view.

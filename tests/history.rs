@@ -6,11 +6,10 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::browser::Browser;
-use common::{http_get, publish_lines, vigil_bin, TempDir, Vigil};
+use common::{http_get, publish_lines, TempDir, Vigil};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(15);
@@ -114,12 +113,7 @@ fn history_is_answered_kept_across_a_restart_warms_models_and_exports() {
     // SIGTERM writes the snapshot; a new process answers from it and warm-starts the model.
     let (status, _) = v1.terminate();
     assert!(status.success());
-    let csv = Command::new(vigil_bin())
-        .arg("--config")
-        .arg(v1.dir().join("broker.toml"))
-        .args(["export", "--device", "m-1"])
-        .output()
-        .expect("vigil export");
+    let csv = v1.command(&["export", "--device", "m-1"]);
     assert!(
         csv.status.success(),
         "{}",
@@ -130,12 +124,7 @@ fn history_is_answered_kept_across_a_restart_warms_models_and_exports() {
     assert_eq!(lines[0], "timestamp_ms,temperature,vibration");
     assert_eq!(lines.len(), 31, "header and 30 readings:\n{text}");
     assert_eq!(lines[1], "1790000000000,20,0.5");
-    let missing = Command::new(vigil_bin())
-        .arg("--config")
-        .arg(v1.dir().join("broker.toml"))
-        .args(["export", "--device", "nobody"])
-        .output()
-        .expect("vigil export");
+    let missing = v1.command(&["export", "--device", "nobody"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no history for device `nobody`"));
 

@@ -149,6 +149,17 @@ impl Vigil {
         &self._dir.0
     }
 
+    /// Runs a `vigil` subcommand (e.g. `export`) with this instance's configuration, to
+    /// completion.
+    pub fn command(&self, args: &[&str]) -> Output {
+        Command::new(vigil_bin())
+            .arg("--config")
+            .arg(self.dir().join("broker.toml"))
+            .args(args)
+            .output()
+            .expect("run vigil")
+    }
+
     pub fn port(&self) -> u16 {
         self.mqtt.port()
     }
@@ -339,6 +350,18 @@ pub fn publish(port: u16, args: &[&str]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Samples `sample` every 250 ms until `done` holds or `limit` passes; returns the last sample.
+pub fn poll<T>(limit: Duration, mut sample: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        let last = sample();
+        if done(&last) || Instant::now() >= deadline {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// Publishes each of `lines` as one message with a single `mosquitto_pub -l` (`args` give the
