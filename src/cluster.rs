@@ -348,16 +348,8 @@ impl Outbox {
 async fn exporter_core(edge: Arc<Edge>, shared: Arc<Shared>, outbox: Arc<Outbox>) {
     let shutdown = edge.shutdown.clone();
     let mut backoff = BACKOFF_MIN;
-    // The same core session for the life of the process: after a reconnect the core re-sends
-    // what was unacknowledged and keeps the subscription.
-    let mut nonce = [0u8; 4];
-    rand::thread_rng().fill_bytes(&mut nonce);
-    let client_id = format!(
-        "{EXPORT_CLIENT_ID}-{}",
-        nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    );
     loop {
-        match export_session(&edge.core, &client_id, &shared, &outbox, &shutdown).await {
+        match export_session(&edge.core, &shared, &outbox, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cluster exporter lost its core connection")
@@ -373,12 +365,16 @@ async fn exporter_core(edge: Arc<Edge>, shared: Arc<Shared>, outbox: Arc<Outbox>
 
 async fn export_session(
     core: &Core,
-    client_id: &str,
     shared: &Shared,
     outbox: &Outbox,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<(), ClusterError> {
-    let Some(link) = core.connect_internal(client_id, false, shutdown).await? else {
+    // A persistent session, the same for the life of the process (the core is per process):
+    // after a reconnect the core re-sends what was unacknowledged and keeps the subscription.
+    let Some(link) = core
+        .connect_internal(EXPORT_CLIENT_ID, false, shutdown)
+        .await?
+    else {
         return Ok(());
     };
     let (mut rd, mut wr) = link.stream.into_split();
