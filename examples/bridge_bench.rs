@@ -44,6 +44,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 struct Args {
@@ -287,9 +288,17 @@ async fn session(
         .await
         .map_err(|e| format!("tcp: {e}"))?;
     stream.set_nodelay(true).ok();
-    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{http}/ws"), stream)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
+    // tungstenite zero-fills its whole read buffer (128 KiB by default) before every read; with
+    // 1,000 sessions on the benchmark's own 2 cores that memset alone took a third of the
+    // client's CPU and inflated the latency it measures. A browser has no such cost.
+    let config = WebSocketConfig::default().read_buffer_size(4096);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        format!("ws://{http}/ws"),
+        stream,
+        Some(config),
+    )
+    .await
+    .map_err(|e| format!("handshake: {e}"))?;
     let hello = json!({"op": "connect", "client_id": format!("bench-{i}"), "keep_alive": 0});
     ws.send(Message::text(hello.to_string()))
         .await
@@ -333,6 +342,13 @@ async fn session(
         shared.delivered.fetch_add(1, Ordering::Relaxed);
         if sent >= shared.timed_from_us.load(Ordering::Relaxed) {
             samples.push(now.saturating_sub(sent).min(u32::MAX as u64) as u32);
+            if now.saturating_sub(sent) >= 5000 {
+                shared
+                    .slow
+                    .lock()
+                    .unwrap()
+                    .push((sent, now - sent, i as u32));
+            }
         }
     }
     let _ = ws

@@ -863,6 +863,7 @@ async fn import_session(
                 if n? == 0 {
                     return Err(ClusterError::Closed);
                 }
+                core::ack_promptly(rd.as_ref());
                 while let Some(frame) = mqtt::read_frame(&mut read_buf, usize::MAX)? {
                     if frame.kind() == mqtt::PUBACK {
                         let (pkid, _) = mqtt::parse_ack(&frame)?;

@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -209,12 +211,7 @@ impl Core {
 /// its next small write until our ACK arrives, and with sparse traffic (a message every few tens
 /// of milliseconds per connection) Linux delays that ACK by up to 40 ms: a stall on such
 /// deliveries (BENCHMARKS.md). Linux clears TCP_QUICKACK on its own, hence after every read.
-///
-/// Only for connections that consume (the analytics task, the cluster exporter). On the
-/// relays of publishing clients and the cluster importer it would also speed up the core's
-/// PUBACKs, and measured with a pipelining publisher that lets publishers outrun a slow
-/// subscriber until rumqttd's per-filter log overruns and drops QoS 1 messages (BENCHMARKS.md):
-/// not before the edge holds publishers back itself.
+/// Used on every core connection: the edge relays, the analytics task and the cluster links.
 pub fn ack_promptly(stream: &TcpStream) {
     #[cfg(target_os = "linux")]
     {
@@ -284,5 +281,155 @@ pub fn rumqttd_config(
         router,
         v4: Some(HashMap::from([("core".to_string(), server)])),
         ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages the core drops for subscribers that lag.
+//
+// rumqttd keeps one log per topic filter, `[core] max_segment_size × (max_segment_count + 1)`
+// bytes, and acknowledges a publish once it is in the log. A subscriber that falls further
+// behind than the log is moved past the segments dropped under it, whatever the QoS: the same
+// policy as mosquitto's `max_queued_messages` (a bounded queue per slow subscriber, overflow
+// dropped so that producers are never held back), with a byte bound per filter instead of a
+// message bound per client. rumqttd reports such a jump only as a log event with both cursors,
+// so the layer below reads the number of skipped messages from that event, and
+// [`report_lag_drops`] turns the counts into a warning of our own (rumqttd's own log is off).
+
+static LAG_DROPPED: AtomicU64 = AtomicU64::new(0);
+static LAG_JUMPS: AtomicU64 = AtomicU64::new(0);
+static LAG_LAST_FILTER: Mutex<String> = Mutex::new(String::new());
+
+/// (cursor jumps, messages skipped) since the process started. Zero unless the process
+/// installed [`LagDropCounter`] (the `vigil` binary does).
+pub fn lag_drops() -> (u64, u64) {
+    (LAG_JUMPS.load(Relaxed), LAG_DROPPED.load(Relaxed))
+}
+
+/// A `tracing` layer that counts the messages rumqttd's router skips for lagging subscribers.
+/// Install it with a filter that lets `rumqttd::router::routing` WARN events through, whatever
+/// the log filter: [`LagDropCounter::layer`].
+pub struct LagDropCounter;
+
+impl LagDropCounter {
+    pub fn layer<S>() -> impl tracing_subscriber::Layer<S>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        use tracing_subscriber::Layer;
+        let only = tracing_subscriber::filter::Targets::new()
+            .with_target(ROUTING_TARGET, tracing::Level::WARN);
+        LagDropCounter.with_filter(only)
+    }
+}
+
+const ROUTING_TARGET: &str = "rumqttd::router::routing";
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LagDropCounter {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if event.metadata().target() != ROUTING_TARGET {
+            return;
+        }
+        let mut jump = CursorJump::default();
+        event.record(&mut jump);
+        if let Some(skipped) = jump.skipped() {
+            LAG_JUMPS.fetch_add(1, Relaxed);
+            LAG_DROPPED.fetch_add(skipped, Relaxed);
+            if let (Some(filter), Ok(mut last)) = (jump.filter, LAG_LAST_FILTER.lock()) {
+                *last = filter;
+            }
+        }
+    }
+}
+
+/// The fields of rumqttd's "Read cursor start jumped from (segment, offset) to (segment,
+/// offset) on FILTER" event. Offsets count messages from the start of the filter's log.
+#[derive(Default)]
+struct CursorJump {
+    from: Option<u64>,
+    to: Option<u64>,
+    filter: Option<String>,
+}
+
+impl CursorJump {
+    fn skipped(&self) -> Option<u64> {
+        Some(self.to?.saturating_sub(self.from?))
+    }
+}
+
+impl tracing::field::Visit for CursorJump {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        match field.name() {
+            "request_cursor" => self.from = cursor_offset(&format!("{value:?}")),
+            "start_cursor" => self.to = cursor_offset(&format!("{value:?}")),
+            _ => {}
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "error" && value.starts_with("Read cursor start jumped") {
+            self.filter = value.rsplit_once(" on ").map(|(_, f)| f.to_string());
+        }
+    }
+}
+
+/// The offset of a rumqttd cursor printed as `(segment, offset)`.
+fn cursor_offset(printed: &str) -> Option<u64> {
+    let (_, offset) = printed
+        .trim_matches(|c| c == '(' || c == ')')
+        .split_once(',')?;
+    offset.trim().parse().ok()
+}
+
+/// Warns, at most every 10 s, when the core has dropped messages for lagging subscribers
+/// since the last warning. Runs until `shutdown`.
+pub async fn report_lag_drops(log_bytes: usize, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut reported = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (_, dropped) = lag_drops();
+        if dropped > reported {
+            let filter = LAG_LAST_FILTER
+                .lock()
+                .map(|f| f.clone())
+                .unwrap_or_default();
+            tracing::warn!(
+                messages = dropped - reported,
+                last_filter = %filter,
+                log_bytes,
+                "the core dropped messages for subscribers that fell more than a topic filter's \
+                 log behind (QoS 1/2 included; raise [core] max_segment_size/max_segment_count \
+                 for more room)"
+            );
+            reported = dropped;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_rumqttd_cursors() {
+        assert_eq!(cursor_offset("(3, 12345)"), Some(12345));
+        assert_eq!(cursor_offset("(0,0)"), Some(0));
+        assert_eq!(cursor_offset("garbage"), None);
+        let jump = CursorJump {
+            from: Some(100),
+            to: Some(4196),
+            filter: None,
+        };
+        assert_eq!(jump.skipped(), Some(4096));
+        assert_eq!(CursorJump::default().skipped(), None);
     }
 }

@@ -141,6 +141,10 @@ pub async fn run(
         shutdown.clone(),
     )?);
     tokio::spawn(reload_on_hangup(edge.clone()));
+    tokio::spawn(core::report_lag_drops(
+        config.core.max_segment_size * (config.core.max_segment_count + 1),
+        shutdown.clone(),
+    ));
     if config.redis.enabled() {
         cluster::start(&edge, &config.redis);
     }

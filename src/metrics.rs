@@ -247,6 +247,20 @@ impl Metrics {
             "QoS 0 messages dropped because a bridge session's buffer was full.",
             &[("", g(&self.bridge_dropped_qos0))],
         );
+        let (jumps, dropped) = crate::core::lag_drops();
+        metric(
+            "core_lag_dropped_total",
+            "counter",
+            "Messages the core skipped for subscribers more than a topic filter's log behind \
+             ([core] max_segment_size x (max_segment_count + 1)), QoS 1/2 included.",
+            &[("", dropped)],
+        );
+        metric(
+            "core_lag_jumps_total",
+            "counter",
+            "Times the core moved a lagging subscriber past dropped log segments.",
+            &[("", jumps)],
+        );
         metric(
             "bridge_slow_consumers_total",
             "counter",

@@ -781,6 +781,7 @@ where
                         return Poll::Ready(Event::End(End::CoreGone))
                     }
                     Poll::Ready(Ok(n)) => {
+                        crate::core::ack_promptly(&self.core);
                         self.core_step = next_step(self.core_step, n);
                         return Poll::Ready(Event::CoreData);
                     }
