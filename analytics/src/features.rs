@@ -303,28 +303,26 @@ impl ShapeNovelty {
         if n < 2 * m {
             return None;
         }
-        let (a, b) = self.buf.as_slices();
-        let get = |i: usize| if i < a.len() { a[i] } else { b[i - a.len()] };
-        let cur: Vec<f64> = (n - m..n).map(get).collect();
+        // One contiguous slice (a rotation of at most `capacity` values when the ring has
+        // wrapped), so the scan below runs over plain slices.
+        let buf = self.buf.make_contiguous();
+        let cur = &buf[n - m..];
         let mut best = f64::INFINITY;
-        let mut consider = |cand: &mut dyn Iterator<Item = f64>| {
+        // Buffer candidates end at least `m` points before the newest one so they do not
+        // overlap it; the reservoir's come after them, in order.
+        let candidates = buf[..n - m]
+            .windows(m)
+            .chain(self.reservoir.chunks_exact(m));
+        'candidates: for cand in candidates {
             let mut d = 0.0;
             for (c, v) in cur.iter().zip(cand) {
                 let diff = v - c;
                 d += diff * diff;
                 if d >= best {
-                    return;
+                    continue 'candidates;
                 }
             }
             best = d;
-        };
-        // Buffer candidates end at least `m` points before the newest one so they do not
-        // overlap it.
-        for start in 0..=(n - 2 * m) {
-            consider(&mut (start..start + m).map(get));
-        }
-        for chunk in self.reservoir.chunks_exact(m) {
-            consider(&mut chunk.iter().copied());
         }
         let scale = if scale > 0.0 && scale.is_finite() {
             scale
