@@ -307,8 +307,8 @@ pub fn lag_drops() -> (u64, u64) {
 }
 
 /// A `tracing` layer that counts the messages rumqttd's router skips for lagging subscribers.
-/// Install it with a filter that lets `rumqttd::router::routing` WARN events through, whatever
-/// the log filter: [`LagDropCounter::layer`].
+/// [`LagDropCounter::layer`] comes with its own filter, which lets exactly rumqttd's router
+/// warnings through, whatever the log filter.
 pub struct LagDropCounter;
 
 impl LagDropCounter {
@@ -317,8 +317,13 @@ impl LagDropCounter {
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
         use tracing_subscriber::Layer;
-        let only = tracing_subscriber::filter::Targets::new()
-            .with_target(ROUTING_TARGET, tracing::Level::WARN);
+        // Only that one kind of event: enabling the target's spans as well would make the
+        // router build a span for every event it handles.
+        let only = tracing_subscriber::filter::filter_fn(|meta| {
+            meta.is_event()
+                && *meta.level() == tracing::Level::WARN
+                && meta.target() == ROUTING_TARGET
+        });
         LagDropCounter.with_filter(only)
     }
 }
