@@ -37,6 +37,13 @@ use crate::mqtt;
 pub const CLIENT_ID: &str = "i-analytics";
 /// The subscription that feeds the task.
 pub const TELEMETRY_FILTER: &str = "device/+/telemetry";
+/// The task also subscribes to its own output and drops what comes back. rumqttd remembers
+/// which filters a topic matches only for topics that match at least one, and matches every
+/// publish to any other topic against every filter it holds: with a dashboard session per
+/// device that is thousands of string comparisons for each prediction nobody subscribed to
+/// (measured in BENCHMARKS.md, "JSON WebSocket bridge"). Getting a prediction back costs far
+/// less.
+const OUTPUT_FILTERS: [&str; 3] = ["device/+/predictions", "device/+/alerts", "device/+/errors"];
 /// QoS 1 alerts handed to the core and not yet acknowledged; more wait in the alert queue.
 pub const MAX_UNACKED_ALERTS: usize = 100;
 /// Alerts waiting for room in the window; beyond this the oldest is dropped (counted).
@@ -620,7 +627,12 @@ async fn session(
     mqtt::put_core_subscribe(
         &mut out,
         1,
-        &[(Bytes::from_static(TELEMETRY_FILTER.as_bytes()), 0)],
+        &[
+            (Bytes::from_static(TELEMETRY_FILTER.as_bytes()), 0),
+            (Bytes::from_static(OUTPUT_FILTERS[0].as_bytes()), 0),
+            (Bytes::from_static(OUTPUT_FILTERS[1].as_bytes()), 0),
+            (Bytes::from_static(OUTPUT_FILTERS[2].as_bytes()), 0),
+        ],
     );
     window.pump(&mut out);
     let mut subscribed = false;
@@ -658,6 +670,10 @@ async fn session(
                                 // so the core never waits on us.
                                 mqtt::put_ack(&mut out, mqtt::PUBACK, publish.pkid);
                             }
+                            if !publish.topic.ends_with(b"/telemetry") {
+                                // Our own output coming back (see OUTPUT_FILTERS).
+                                continue;
+                            }
                             let opened = envelope::open(publish.payload.clone());
                             if opened.qos.is_none() && opened.payload.is_empty() {
                                 // A retained-message clear, not a reading.
@@ -683,7 +699,7 @@ async fn session(
                         }
                         mqtt::SUBACK => {
                             let (_, codes) = mqtt::parse_core_suback(&frame)?;
-                            if !matches!(codes.first(), Some(0..=2)) {
+                            if codes.is_empty() || codes.iter().any(|c| *c > 2) {
                                 return Err(LiveError::SubscribeRefused);
                             }
                             if !subscribed {
