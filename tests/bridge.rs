@@ -48,12 +48,6 @@ fn mpub(port: u16, args: &[&str]) {
     });
 }
 
-/// One sample of `/metrics`, e.g. `metric(text, "vigil_bridge_sessions")`.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 /// Polls `/metrics` until `pred` holds for the sample `name`; panics with the page otherwise.
 fn wait_metric(http: SocketAddr, name: &str, pred: impl Fn(f64) -> bool) -> f64 {
     let deadline = Instant::now() + T;

@@ -128,10 +128,7 @@ fn instance(redis: &Redis, name: &str) -> Vigil {
 }
 
 fn metric(http: SocketAddr, name: &str) -> f64 {
-    let page = http_get(http, "/metrics");
-    page.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name}"))
+    common::metric(&http_get(http, "/metrics"), name).unwrap_or_else(|| panic!("no metric {name}"))
 }
 
 fn wait_until(what: &str, mut pred: impl FnMut() -> bool) {

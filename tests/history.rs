@@ -28,10 +28,7 @@ fn readings(n: usize) -> Vec<String> {
 }
 
 fn metric(http: SocketAddr, name: &str) -> f64 {
-    http_get(http, "/metrics")
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name}"))
+    common::metric(&http_get(http, "/metrics"), name).unwrap_or_else(|| panic!("no metric {name}"))
 }
 
 fn wait_metric(http: SocketAddr, name: &str, want: f64) {

@@ -330,10 +330,11 @@ fn messages_a_lagging_subscriber_misses_are_all_counted() {
     let counted = poll(
         Duration::from_secs(5),
         || {
-            metric_value(
+            metric(
                 &http_get(v.http, "/metrics"),
                 "vigil_core_lag_dropped_total",
             )
+            .unwrap_or(0.0)
         },
         |&n| n as usize + delivered >= SENT,
     );
@@ -343,10 +344,4 @@ fn messages_a_lagging_subscriber_misses_are_all_counted() {
         "delivered {delivered} + counted as dropped {counted} != published {SENT}"
     );
     assert_broker_serves(v.port(), "after-lag");
-}
-
-fn metric_value(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0)
 }
