@@ -624,16 +624,11 @@ async fn session(
     let (mut rd, mut wr) = link.stream.into_split();
     let mut read_buf = link.read_buf;
     let mut out = BytesMut::with_capacity(4096);
-    mqtt::put_core_subscribe(
-        &mut out,
-        1,
-        &[
-            (Bytes::from_static(TELEMETRY_FILTER.as_bytes()), 0),
-            (Bytes::from_static(OUTPUT_FILTERS[0].as_bytes()), 0),
-            (Bytes::from_static(OUTPUT_FILTERS[1].as_bytes()), 0),
-            (Bytes::from_static(OUTPUT_FILTERS[2].as_bytes()), 0),
-        ],
-    );
+    let filters: Vec<(Bytes, u8)> = std::iter::once(TELEMETRY_FILTER)
+        .chain(OUTPUT_FILTERS)
+        .map(|f| (Bytes::from_static(f.as_bytes()), 0))
+        .collect();
+    mqtt::put_core_subscribe(&mut out, 1, &filters);
     window.pump(&mut out);
     let mut subscribed = false;
     let suback_deadline = Instant::now() + SUBACK_TIMEOUT;
