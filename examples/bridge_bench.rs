@@ -264,6 +264,26 @@ struct Shared {
     slow: std::sync::Mutex<Vec<(u64, u64, u32)>>,
 }
 
+impl Shared {
+    /// Counts one delivery of a message sent at `sent` (micros since `base`) to `session`, and
+    /// times it unless it was sent during the warm-up.
+    fn record(&self, sent: u64, session: usize, samples: &mut Vec<u32>) {
+        let now = self.base.elapsed().as_micros() as u64;
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        if sent < self.timed_from_us.load(Ordering::Relaxed) {
+            return;
+        }
+        let latency = now.saturating_sub(sent);
+        samples.push(latency.min(u32::MAX as u64) as u32);
+        if latency >= 5000 {
+            self.slow
+                .lock()
+                .unwrap()
+                .push((sent, latency, session as u32));
+        }
+    }
+}
+
 /// The send time embedded in a message frame: the number after `"t":` in the payload.
 fn sent_us(text: &str) -> Option<u64> {
     let at = text.find("\"payload\":{\"t\":")? + "\"payload\":{\"t\":".len();
@@ -338,18 +358,7 @@ async fn session(
         let Some(sent) = sent_us(t.as_str()) else {
             continue;
         };
-        let now = shared.base.elapsed().as_micros() as u64;
-        shared.delivered.fetch_add(1, Ordering::Relaxed);
-        if sent >= shared.timed_from_us.load(Ordering::Relaxed) {
-            samples.push(now.saturating_sub(sent).min(u32::MAX as u64) as u32);
-            if now.saturating_sub(sent) >= 5000 {
-                shared
-                    .slow
-                    .lock()
-                    .unwrap()
-                    .push((sent, now - sent, i as u32));
-            }
-        }
+        shared.record(sent, i, &mut samples);
     }
     let _ = ws
         .send(Message::text(json!({"op": "disconnect"}).to_string()))
@@ -423,18 +432,7 @@ async fn mqtt_session(
                     .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
                     .and_then(|d| d.parse::<u64>().ok());
                 if let Some(sent) = sent {
-                    let now = shared.base.elapsed().as_micros() as u64;
-                    shared.delivered.fetch_add(1, Ordering::Relaxed);
-                    if sent >= shared.timed_from_us.load(Ordering::Relaxed) {
-                        samples.push(now.saturating_sub(sent).min(u32::MAX as u64) as u32);
-                        if now.saturating_sub(sent) >= 5000 {
-                            shared
-                                .slow
-                                .lock()
-                                .unwrap()
-                                .push((sent, now - sent, i as u32));
-                        }
-                    }
+                    shared.record(sent, i, &mut samples);
                 }
             }
             buf.drain(..pos + len);
