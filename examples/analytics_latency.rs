@@ -10,6 +10,10 @@
 //! ```text
 //! cargo run --release --example analytics_latency -- --port 1883 --devices 100 --rate 10000 --secs 20
 //! ```
+//!
+//! `--echo` measures the readings themselves instead (subscribing to `device/+/telemetry`), which
+//! works against any broker; `--nodelay` sets TCP_NODELAY on the publisher; `LAT_SLOW=FILE`
+//! writes every message that took 20 ms or more to FILE.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -44,13 +48,25 @@ async fn main() {
     let mut opts = MqttOptions::new(format!("lat-sub-{}", std::process::id()), "127.0.0.1", port);
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (sub, mut sub_el) = AsyncClient::new(opts, 100);
-    sub.subscribe("device/+/predictions", QoS::AtMostOnce)
-        .await
-        .expect("subscribe");
-    sub.subscribe("device/+/alerts", QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
+    if args.iter().any(|a| a == "--echo") {
+        // The readings themselves, to separate the broker's share of the latency from the
+        // analytics task's.
+        sub.subscribe("device/+/telemetry", QoS::AtMostOnce)
+            .await
+            .expect("subscribe");
+    } else {
+        sub.subscribe("device/+/predictions", QoS::AtMostOnce)
+            .await
+            .expect("subscribe");
+        sub.subscribe("device/+/alerts", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+    }
     let measure_from = now_ms() + (warmup * 1000.0) as i64;
+    // `LAT_SLOW=FILE`: one line per message that took 20 ms or more (receive time in Unix ms,
+    // latency, topic), to see whether slow messages come in bursts.
+    let mut slow = std::env::var_os("LAT_SLOW")
+        .map(|path| std::io::BufWriter::new(std::fs::File::create(path).expect("LAT_SLOW")));
     let collector = tokio::spawn(async move {
         let mut latencies = Vec::new();
         let mut alerts = 0u64;
@@ -73,7 +89,14 @@ async fn main() {
             if p.topic.ends_with("/alerts") {
                 alerts += 1;
             }
-            latencies.push((received - ts).max(0) as u64);
+            let latency = (received - ts).max(0) as u64;
+            if let Some(out) = slow.as_mut() {
+                if latency >= 20 {
+                    use std::io::Write;
+                    let _ = writeln!(out, "{received} {latency} {}", p.topic);
+                }
+            }
+            latencies.push(latency);
         }
         (latencies, alerts)
     });
@@ -81,6 +104,12 @@ async fn main() {
     let mut opts = MqttOptions::new(format!("lat-pub-{}", std::process::id()), "127.0.0.1", port);
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (publisher, mut pub_el) = AsyncClient::new(opts, 1000);
+    // rumqttc leaves Nagle on by default, as libmosquitto does; `--nodelay` turns it off.
+    if args.iter().any(|a| a == "--nodelay") {
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        pub_el.set_network_options(net);
+    }
     tokio::spawn(async move { while pub_el.poll().await.is_ok() {} });
     tokio::time::sleep(Duration::from_millis(500)).await;
 

@@ -43,7 +43,7 @@ use tracing::{debug, info, warn};
 use super::limits::RateLimiter;
 use super::policy::{self, Credentials, Identity};
 use super::registry::{Claim, OfflineState, Redelivery, MAX_PENDING_QOS2};
-use super::{Edge, Listener, Origin};
+use super::{ClientStream, Edge, Listener, Origin};
 use crate::core::{CoreError, CORE_PING_INTERVAL};
 use crate::envelope;
 use crate::metrics::Metrics;
@@ -90,7 +90,7 @@ pub async fn serve<S>(
     slot: OwnedSemaphorePermit,
     handshake_deadline: Instant,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: ClientStream,
 {
     let frame = match read_connect(&edge, &mut stream, &mut read_buf, handshake_deadline).await {
         Ok(frame) => frame,
@@ -367,7 +367,7 @@ struct Session<S> {
 
 impl<S> Session<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: ClientStream,
 {
     async fn run(
         edge: &Arc<Edge>,
@@ -794,6 +794,7 @@ where
                         return Poll::Ready(Event::End(End::ClientGone))
                     }
                     Poll::Ready(Ok(n)) => {
+                        self.client.ack_promptly();
                         self.client_step = next_step(self.client_step, n);
                         return Poll::Ready(Event::ClientData);
                     }

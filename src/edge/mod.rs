@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +36,30 @@ use crate::config::Config;
 use crate::core::Core;
 use crate::history::History;
 use crate::metrics::Metrics;
+
+/// A client's byte stream as the relay sees it: TCP, TLS over TCP, MQTT over WebSocket, or the
+/// bridge's in-process pipe.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Acknowledges what was just read at once, not on the delayed-ACK timer. Many MQTT
+    /// clients leave Nagle on (libmosquitto, so `mosquitto_pub`, and rumqttc by default): with
+    /// a packet already in flight they hold the next small one until our ACK arrives, which
+    /// Linux may delay by up to 40 ms. Nothing to do for an in-process pipe.
+    fn ack_promptly(&self) {}
+}
+
+impl ClientStream for TcpStream {
+    fn ack_promptly(&self) {
+        crate::core::ack_promptly(self);
+    }
+}
+
+impl<S: ClientStream> ClientStream for tokio_rustls::server::TlsStream<S> {
+    fn ack_promptly(&self) {
+        self.get_ref().0.ack_promptly();
+    }
+}
+
+impl ClientStream for tokio::io::DuplexStream {}
 
 /// Accepts sockets until shutdown and runs `handle` for each in its own tracked task, inside a
 /// `conn` span. A socket that cannot get a handshake slot is closed at once (counted), so a

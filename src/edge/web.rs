@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -31,7 +31,7 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, warn};
 
 use super::ws_io::WsIo;
-use super::{accept_loop, connection, tls, Edge, Listener, Origin};
+use super::{accept_loop, connection, tls, ClientStream, Edge, Listener, Origin};
 use crate::bridge;
 use crate::dashboard;
 use crate::metrics::Metrics;
@@ -74,8 +74,8 @@ pub async fn serve(edge: Arc<Edge>, listener: TcpListener, tls: Option<TlsAccept
 }
 
 /// What the web port's streams are: plain TCP, or TLS over it.
-trait WebStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WebStream for S {}
+trait WebStream: ClientStream + 'static {}
+impl<S: ClientStream + 'static> WebStream for S {}
 
 /// A parsed request head: what routing needs, owned.
 struct Head {

@@ -29,6 +29,12 @@ impl<S> WsIo<S> {
     }
 }
 
+impl<S: super::ClientStream> super::ClientStream for WsIo<S> {
+    fn ack_promptly(&self) {
+        self.ws.get_ref().ack_promptly();
+    }
+}
+
 fn to_io(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
     io::Error::other(e)
 }
