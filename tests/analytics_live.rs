@@ -31,9 +31,12 @@ fn wait_subscribed(v: &Vigil) {
     }
 }
 
-/// One JSON reading per line: a temperature around 60 with small deterministic noise, one
-/// second apart in the device's clock, ending now.
-fn telemetry_lines() -> (String, i64) {
+/// One JSON reading per line, one second apart in the device's clock and ending now: the
+/// fields `fields(i, noise)` returns for reading `i` (`noise` draws deterministic noise, about
+/// N(0, 0.35)), then the time stamp. Returns the lines and the time stamp of reading `NORMAL`.
+fn telemetry_lines(
+    mut fields: impl FnMut(usize, &mut dyn FnMut() -> f64) -> String,
+) -> (String, i64) {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock")
@@ -46,20 +49,60 @@ fn telemetry_lines() -> (String, i64) {
             .wrapping_add(1_442_695_040_888_963_407);
         (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
     };
+    let mut noise = move || (uniform() + uniform() + uniform()) * 0.4;
     let mut lines = String::new();
     for i in 0..NORMAL + FAULT {
-        let noise = (uniform() + uniform() + uniform()) * 0.4;
-        let value = if i < NORMAL {
-            60.0 + noise
-        } else {
-            66.0 + 0.05 * (i - NORMAL) as f64 + noise
-        };
         let ts = t0 + i as i64 * 1000;
-        lines.push_str(&format!(
-            "{{\"temperature\":{value:.3},\"timestamp\":{ts}}}\n"
-        ));
+        let fields = fields(i, &mut noise);
+        lines.push_str(&format!("{{{fields},\"timestamp\":{ts}}}\n"));
     }
     (lines, t0 + NORMAL as i64 * 1000)
+}
+
+/// Publishes `lines` on `device/sim-1/telemetry` and waits until every reading was scored: the
+/// last reading's prediction has arrived on `predictions`.
+///
+/// Devices report about once a second, so a refit (a few milliseconds) always finishes between
+/// two readings. A test that replays 20 minutes of readings at once must keep that property, or
+/// the debug build's slower refits would leave the detector unscored for hundreds of points: it
+/// publishes in chunks and lets each chunk be scored and its refit installed before the next.
+fn replay(v: &Vigil, lines: &str, fault_start_ms: i64, predictions: &mut Sub) {
+    let lines: Vec<&str> = lines.lines().collect();
+    for (i, chunk) in lines.chunks(CHUNK).enumerate() {
+        let mut text = chunk.join("\n");
+        text.push('\n');
+        publish_lines(v.port(), "device/sim-1/telemetry", &text);
+        let sent = (i * CHUNK + chunk.len()).to_string();
+        wait_metrics(v, |m| {
+            value(m, "vigil_analytics_messages_total") == Some(sent.as_str())
+                && value(m, "vigil_analytics_refits_running") == Some("0")
+        });
+    }
+    let last_ts = fault_start_ms + (FAULT as i64 - 1) * 1000;
+    let done = predictions.wait_for(
+        |l| l.contains(&format!("\"timestamp\":{last_ts}")),
+        Duration::from_secs(40),
+    );
+    assert!(
+        done.is_some(),
+        "the last prediction never arrived ({} predictions); log:\n{}",
+        predictions.messages.len(),
+        v.log()
+    );
+}
+
+/// The anomaly alerts among `got`, each checked for the wire format and QoS 1.
+fn anomaly_alerts(got: &[String]) -> Vec<serde_json::Value> {
+    got.iter()
+        .map(|m| payload(m))
+        .filter(|(_, a)| a["kind"] == "anomaly")
+        .inspect(|(qos, a)| {
+            assert_eq!(*qos, 1, "alerts are published at QoS 1: {a}");
+            assert_eq!(a["type"], "ALERT");
+            assert_eq!(a["device_id"], "sim-1");
+        })
+        .map(|(_, a)| a)
+        .collect()
 }
 
 /// Publishes every line of `lines` as one message, from one `mosquitto_pub -l` process.
@@ -138,55 +181,25 @@ fn one_anomaly_alert_per_incident_and_a_prediction_towards_the_limit() {
     let mut alerts = Sub::start(v.port(), &["-t", "device/sim-1/alerts", "-q", "1"]);
     let mut predictions = Sub::start(v.port(), &["-t", "device/sim-1/predictions", "-q", "1"]);
 
-    // Devices report about once a second, so a refit (a few milliseconds) always finishes
-    // between two readings. A test that replays 20 minutes of readings at once must keep that
-    // property, or the debug build's slower refits would leave the detector unscored for
-    // hundreds of points: it publishes in chunks and lets each chunk be scored and its refit
-    // installed before the next.
-    let (lines, fault_start_ms) = telemetry_lines();
-    let lines: Vec<&str> = lines.lines().collect();
-    for (i, chunk) in lines.chunks(CHUNK).enumerate() {
-        let mut text = chunk.join("\n");
-        text.push('\n');
-        publish_lines(v.port(), "device/sim-1/telemetry", &text);
-        let sent = (i * CHUNK + chunk.len()).to_string();
-        wait_metrics(&v, |m| {
-            value(m, "vigil_analytics_points_total") == Some(sent.as_str())
-                && value(m, "vigil_analytics_refits_running") == Some("0")
-        });
-    }
-
-    // The last prediction covers the last reading: once it is in, every reading was scored.
-    let last_ts = fault_start_ms + (FAULT as i64 - 1) * 1000;
-    let done = predictions.wait_for(
-        |l| l.contains(&format!("\"timestamp\":{last_ts}")),
-        Duration::from_secs(40),
-    );
-    assert!(
-        done.is_some(),
-        "the last prediction never arrived ({} predictions); log:\n{}",
-        predictions.messages.len(),
-        v.log()
-    );
+    // A temperature around 60, then a jump of 6 degrees and a ramp towards the limit.
+    let (lines, fault_start_ms) = telemetry_lines(|i, noise| {
+        let value = if i < NORMAL {
+            60.0 + noise()
+        } else {
+            66.0 + 0.05 * (i - NORMAL) as f64 + noise()
+        };
+        format!("\"temperature\":{value:.3}")
+    });
+    replay(&v, &lines, fault_start_ms, &mut predictions);
     let got = alerts.drain(Duration::from_millis(500));
-
-    let anomalies: Vec<serde_json::Value> = got
-        .iter()
-        .map(|m| payload(m))
-        .filter(|(_, a)| a["kind"] == "anomaly")
-        .inspect(|(qos, a)| {
-            assert_eq!(*qos, 1, "alerts are published at QoS 1: {a}");
-            assert_eq!(a["type"], "ALERT");
-            assert_eq!(a["device_id"], "sim-1");
-            assert_eq!(a["metric"], "temperature");
-        })
-        .map(|(_, a)| a)
-        .collect();
+    let anomalies = anomaly_alerts(&got);
     assert_eq!(
         anomalies.len(),
         1,
         "expected exactly one anomaly alert for the incident: {got:#?}"
     );
+    assert_eq!(anomalies[0]["metric"], "temperature");
+    assert!(anomalies[0].get("expected").is_none(), "{:?}", anomalies[0]);
     let at = anomalies[0]["timestamp"].as_i64().unwrap_or(0);
     assert!(
         at >= fault_start_ms,
@@ -225,4 +238,60 @@ fn one_anomaly_alert_per_incident_and_a_prediction_towards_the_limit() {
     let (status, took) = v.terminate();
     assert!(status.success(), "{status:?}");
     assert!(took < Duration::from_secs(4), "shutdown took {took:?}");
+}
+
+#[test]
+fn a_broken_relationship_between_metrics_gives_one_cross_metric_alert() {
+    let mut v = Vigil::start();
+    wait_subscribed(&v);
+    let mut alerts = Sub::start(v.port(), &["-t", "device/sim-1/alerts", "-q", "1"]);
+    let mut predictions = Sub::start(v.port(), &["-t", "device/sim-1/predictions", "-q", "1"]);
+
+    // A motor's current follows a slow load cycle and its temperature follows the current.
+    // The fault is a cooling loss: the temperature drifts up to 3 degrees above what the
+    // current explains, well inside the range it covers anyway (64-76).
+    let (lines, fault_start_ms) = telemetry_lines(|i, noise| {
+        let current = 15.0 + 3.0 * (i as f64 / 60.0).sin() + 0.3 * noise();
+        let drift = if i < NORMAL {
+            0.0
+        } else {
+            (0.03 * (i - NORMAL) as f64).min(3.0)
+        };
+        let temperature = 40.0 + 2.0 * current + 0.3 * noise() + drift;
+        format!("\"current\":{current:.3},\"temperature\":{temperature:.3}")
+    });
+    replay(&v, &lines, fault_start_ms, &mut predictions);
+    let got = alerts.drain(Duration::from_millis(500));
+    let anomalies = anomaly_alerts(&got);
+    assert_eq!(
+        anomalies.len(),
+        1,
+        "expected exactly one anomaly alert for the incident: {got:#?}"
+    );
+    // With two metrics the relationship is what broke; the alert names one and the message
+    // the other.
+    let alert = &anomalies[0];
+    let (named, other) = match alert["metric"].as_str() {
+        Some("temperature") => ("temperature", "current"),
+        Some("current") => ("current", "temperature"),
+        _ => panic!("unexpected metric: {alert}"),
+    };
+    assert!(
+        alert["timestamp"].as_i64().unwrap_or(0) >= fault_start_ms,
+        "alert before the fault: {alert}"
+    );
+    let value = alert["value"].as_f64().unwrap_or(f64::NAN);
+    let expected = alert["expected"].as_f64().unwrap_or(f64::NAN);
+    assert!(
+        (value - expected).abs() > 0.2,
+        "the alert gives the prediction it broke: {alert}"
+    );
+    assert!(
+        alert["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with(named) && m.contains(&format!("does not fit {other}"))),
+        "{alert}"
+    );
+    let (status, _) = v.terminate();
+    assert!(status.success(), "{status:?}");
 }

@@ -9,6 +9,10 @@ fn main() -> Result<(), vigil_analytics::monitor::MonitorError> {
     let cfg = DetectorConfig::default();
     println!("bytes_per_metric (bound): {}", cfg.bytes_per_metric());
     println!(
+        "bytes_joint (bound, cross-metric channel): {}",
+        cfg.bytes_joint()
+    );
+    println!(
         "bytes_per_device (bound, {} metrics): {}",
         cfg.max_metrics,
         cfg.bytes_per_device()

@@ -75,6 +75,9 @@ pub struct AlertMessage {
     pub action: String,
     /// Unix time in milliseconds of the reading that raised the alert.
     pub timestamp: i64,
+    /// Cross-metric anomalies only: the value the device's other metrics predict for `metric`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<f64>,
 }
 
 impl AlertMessage {
@@ -101,6 +104,7 @@ impl AlertMessage {
             message,
             action: suggested_action(kind, severity).to_string(),
             timestamp,
+            expected: None,
         }
     }
 }

@@ -24,6 +24,14 @@
 //!    dropped below `rearm_likelihood` and `cooldown` points have passed, so one incident gives
 //!    one alert.
 //!
+//! Across metrics, a device whose readings carry several metrics also gets a cross-metric
+//! channel (`joint`): each metric predicted from the others by least squares, the largest
+//! standardised residual smoothed and judged like the channels above. It alerts when a
+//! relationship breaks (temperature rising at constant current) while each value on its own
+//! looks ordinary. It and the per-metric channels share incidents: within `recurrence_window`
+//! readings of a cross-metric alert, neither it nor a per-metric channel of one of the model's
+//! metrics alerts again, and within as many readings of such a per-metric alert it does not.
+//!
 //! Refitting is the only expensive step, so it is handed to the caller: `needs_refit` returns a
 //! `RefitJob` that owns a copy of the training data, `RefitJob::run` is a pure function the
 //! caller may run on any thread, and `install` puts the resulting model in place. Until then the
@@ -48,6 +56,7 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use crate::alert::{AlertKind, AlertMessage, Severity};
 use crate::features::{FeatureState, N_FEATURES};
 use crate::iforest::{IForestError, IsolationForest, IsolationForestParams};
+use crate::joint::{JointError, JointModel, MAX_JOINT};
 use crate::telemetry::Reading;
 
 /// Errors from the detector.
@@ -59,6 +68,9 @@ pub enum DetectorError {
     /// Fitting the isolation forest failed.
     #[error("refit failed: {0}")]
     Fit(#[from] IForestError),
+    /// Fitting the cross-metric model failed.
+    #[error("cross-metric refit failed: {0}")]
+    Joint(#[from] JointError),
 }
 
 /// Tuning of the streaming detector. The defaults are general-purpose settings (isolation
@@ -131,6 +143,16 @@ pub struct DetectorConfig {
     /// Most recent smoothed scores left out of the recurrence check, so an incident's own
     /// rising edge cannot mask it.
     pub recurrence_gap: usize,
+    /// Metrics in the device's cross-metric model (0 disables it, at most 8): the metrics of
+    /// the first reading that carries two or more, in its order. Only readings carrying all of
+    /// them are used.
+    pub joint_metrics: usize,
+    /// A metric is scored by the cross-metric model only if the device's other metrics explain
+    /// at least this share of its variance (R² of its regression on them).
+    pub joint_min_r2: f64,
+    /// The cross-metric channel's smoothed residual must also be at least this many residual
+    /// standard deviations to alert, whatever its standard score.
+    pub joint_min_residual: f64,
 }
 
 impl Default for DetectorConfig {
@@ -159,6 +181,9 @@ impl Default for DetectorConfig {
             young_margin: 3.0,
             recurrence_window: 1000,
             recurrence_gap: 50,
+            joint_metrics: 8,
+            joint_min_r2: 0.5,
+            joint_min_residual: 3.0,
         }
     }
 }
@@ -217,6 +242,18 @@ impl DetectorConfig {
         if self.max_metrics == 0 {
             return Err(DetectorError::InvalidConfig("max_metrics must be positive"));
         }
+        if self.joint_metrics == 1 || self.joint_metrics > MAX_JOINT {
+            return Err(DetectorError::InvalidConfig(
+                "joint_metrics must be 0 (off) or 2 to 8",
+            ));
+        }
+        let r2_ok = self.joint_min_r2 > 0.0 && self.joint_min_r2 < 1.0;
+        let residual_ok = self.joint_min_residual >= 0.0 && self.joint_min_residual.is_finite();
+        if !(r2_ok && residual_ok) {
+            return Err(DetectorError::InvalidConfig(
+                "joint_min_r2 must be in (0, 1) and joint_min_residual finite and not negative",
+            ));
+        }
         self.forest_params().check_ref()?;
         Ok(())
     }
@@ -246,9 +283,31 @@ impl DetectorConfig {
         std::mem::size_of::<MetricDetector>() + training + scores + shape + forest + recurrence
     }
 
-    /// Upper bound of the memory one device takes (`max_metrics` metrics plus names).
+    /// Upper bound of the memory one device takes (`max_metrics` metrics plus names, and the
+    /// cross-metric channel).
     pub fn bytes_per_device(&self) -> usize {
-        self.max_metrics * (self.bytes_per_metric() + 64)
+        self.max_metrics * (self.bytes_per_metric() + 64) + self.bytes_joint()
+    }
+
+    /// Upper bound of the cross-metric channel's memory: its training rows, score history and
+    /// recurrence queue, the model and the metric names.
+    pub fn bytes_joint(&self) -> usize {
+        if self.joint_metrics == 0 {
+            return 0;
+        }
+        let rows = (self.window + self.reservoir) * MAX_JOINT * 8;
+        let scores = (self.history + self.avg_window) * 8;
+        let recurrence = if self.recurrence_window > 0 {
+            self.recurrence_window * 16 + self.recurrence_gap * 8
+        } else {
+            0
+        };
+        std::mem::size_of::<JointChannel>()
+            + std::mem::size_of::<JointModel>()
+            + rows
+            + scores
+            + recurrence
+            + self.joint_metrics * 64
     }
 }
 
@@ -256,31 +315,51 @@ impl DetectorConfig {
 /// worker thread; `run` is pure and deterministic.
 #[derive(Debug, Clone)]
 pub struct RefitJob {
-    /// The metric the model is for.
+    /// The metric the model is for (for the cross-metric model: its metrics joined by `+`).
     pub metric: String,
     /// Generation the resulting model will have; stale models are ignored by `install`.
     pub generation: u64,
-    data: Array2<f64>,
-    params: IsolationForestParams,
+    work: Work,
+}
+
+#[derive(Debug, Clone)]
+enum Work {
+    Forest {
+        data: Array2<f64>,
+        params: IsolationForestParams,
+    },
+    Joint {
+        data: Array2<f64>,
+        min_r2: f64,
+    },
 }
 
 impl RefitJob {
     /// Number of training rows.
     pub fn rows(&self) -> usize {
-        self.data.nrows()
+        match &self.work {
+            Work::Forest { data, .. } | Work::Joint { data, .. } => data.nrows(),
+        }
     }
 
-    /// Fits the forest. This is the expensive step (a few milliseconds with the defaults).
+    /// Fits the model. This is the expensive step (a few milliseconds for a forest with the
+    /// defaults, well under one for the cross-metric model).
     pub fn run(self) -> Result<TrainedModel, DetectorError> {
-        let dataset = DatasetBase::new(self.data, ());
-        let forest = <IsolationForestParams as Fit<Array2<f64>, (), IForestError>>::fit(
-            &self.params,
-            &dataset,
-        )?;
+        let model = match self.work {
+            Work::Forest { data, params } => {
+                let dataset = DatasetBase::new(data, ());
+                Model::Forest(<IsolationForestParams as Fit<
+                    Array2<f64>,
+                    (),
+                    IForestError,
+                >>::fit(&params, &dataset)?)
+            }
+            Work::Joint { data, min_r2 } => Model::Joint(Box::new(JointModel::fit(&data, min_r2)?)),
+        };
         Ok(TrainedModel {
             metric: self.metric,
             generation: self.generation,
-            forest,
+            model,
         })
     }
 }
@@ -288,12 +367,21 @@ impl RefitJob {
 /// A model produced by `RefitJob::run`, ready for `DeviceDetector::install`.
 #[derive(Debug, Clone)]
 pub struct TrainedModel {
-    /// The metric the model is for.
+    /// The metric the model is for (as in the job).
     pub metric: String,
     /// Generation of the job that produced it.
     pub generation: u64,
-    /// The fitted forest.
-    pub forest: IsolationForest,
+    /// The fitted model.
+    pub model: Model,
+}
+
+/// A fitted model of either kind.
+#[derive(Debug, Clone)]
+pub enum Model {
+    /// One metric's isolation forest.
+    Forest(IsolationForest),
+    /// The device's cross-metric model (boxed: about 800 bytes of fixed-size arrays).
+    Joint(Box<JointModel>),
 }
 
 /// The detector's verdict on one point.
@@ -615,19 +703,231 @@ impl MetricDetector {
         Some(RefitJob {
             metric: metric.to_string(),
             generation,
-            data,
-            params: cfg.forest_params().seed(seed),
+            work: Work::Forest {
+                data,
+                params: cfg.forest_params().seed(seed),
+            },
         })
     }
 
-    fn install(&mut self, model: TrainedModel) -> bool {
-        if model.generation <= self.generation {
+    fn install(&mut self, generation: u64, forest: IsolationForest) -> bool {
+        if generation <= self.generation {
             return false;
         }
-        self.generation = model.generation;
-        self.model = Some(model.forest);
+        self.generation = generation;
+        self.model = Some(forest);
         self.since_fit = 0;
-        if self.pending.is_some_and(|(g, _)| g <= model.generation) {
+        if self.pending.is_some_and(|(g, _)| g <= generation) {
+            self.pending = None;
+        }
+        true
+    }
+}
+
+/// The cross-metric channel of one device: training rows, the installed [`JointModel`] and the
+/// same smoothing, likelihood, recurrence and debouncing as a metric's channels.
+#[derive(Debug, Clone)]
+struct JointChannel {
+    /// The model's metrics, in column order.
+    names: Vec<String>,
+    rows: VecDeque<[f64; MAX_JOINT]>,
+    /// A uniform sample of rows older than `rows`, so the model remembers the long-term
+    /// relationship and a slow drift of it stays visible.
+    reservoir: Vec<[f64; MAX_JOINT]>,
+    evicted: u64,
+    rng: Xoshiro256PlusPlus,
+    model: Option<JointModel>,
+    generation: u64,
+    pending: Option<(u64, u64)>,
+    since_fit: usize,
+    points: u64,
+    recent: VecDeque<f64>,
+    hist: RollingStats,
+    peak: LaggedMax,
+    cooldown_left: usize,
+    armed: bool,
+    alert_z: f64,
+}
+
+/// What the cross-metric channel says about one reading.
+#[derive(Debug, Clone, Copy)]
+struct JointVerdict {
+    /// Index into `JointChannel::names` of the metric with the largest residual.
+    metric: usize,
+    expected: f64,
+    score: f64,
+    alert: Option<Severity>,
+}
+
+/// Lower bound on the standard deviation of the smoothed residual history (the smoothed largest
+/// residual of normal readings varies by about 0.2).
+const JOINT_MIN_STD: f64 = 0.1;
+
+impl JointChannel {
+    fn new(cfg: &DetectorConfig, names: Vec<String>) -> Self {
+        Self {
+            names,
+            rows: VecDeque::with_capacity(cfg.window),
+            reservoir: Vec::new(),
+            evicted: 0,
+            rng: Xoshiro256PlusPlus::seed_from_u64(cfg.seed),
+            model: None,
+            generation: 0,
+            pending: None,
+            since_fit: 0,
+            points: 0,
+            recent: VecDeque::with_capacity(cfg.avg_window),
+            hist: RollingStats::default(),
+            peak: LaggedMax::default(),
+            cooldown_left: 0,
+            armed: true,
+            alert_z: z_for_upper_tail(cfg.alert_tail),
+        }
+    }
+
+    /// The reading's values in the model's order, if it carries every one of them.
+    fn values(&self, reading: &Reading) -> Option<[f64; MAX_JOINT]> {
+        let mut v = [0.0; MAX_JOINT];
+        for (slot, name) in v.iter_mut().zip(&self.names) {
+            *slot = reading
+                .metrics
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|&(_, x)| x)
+                .filter(|x| x.is_finite())?;
+        }
+        Some(v)
+    }
+
+    fn feed(&mut self, cfg: &DetectorConfig, values: [f64; MAX_JOINT]) -> Option<JointVerdict> {
+        self.points += 1;
+        self.since_fit += 1;
+        let residual = self.model.as_ref().and_then(|m| m.residual(&values));
+        if self.rows.len() == cfg.window {
+            if let Some(old) = self.rows.pop_front() {
+                self.remember(cfg, old);
+            }
+        }
+        self.rows.push_back(values);
+        let residual = residual?;
+
+        if self.recent.len() == cfg.avg_window {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(residual.size);
+        let avg = self.recent.iter().sum::<f64>() / self.recent.len() as f64;
+        let n = self.hist.len();
+        let mut z = self.hist.z(avg, JOINT_MIN_STD);
+        if avg < cfg.joint_min_residual {
+            z = z.min(0.0);
+        }
+        self.hist.push(avg, cfg.history);
+        if cfg.recurrence_window > 0 && self.peak.max().is_some_and(|m| avg <= m) {
+            z = z.min(0.0);
+        }
+        self.peak
+            .push(avg, cfg.recurrence_window, cfg.recurrence_gap);
+        let score = if n >= 2 { 1.0 - upper_tail(z) } else { 0.0 };
+
+        if self.cooldown_left > 0 {
+            self.cooldown_left -= 1;
+        }
+        if !self.armed && score < cfg.rearm_likelihood {
+            self.armed = true;
+        }
+        let young = 1.0 - (n as f64 / cfg.history as f64).min(1.0);
+        let bar = self.alert_z + cfg.young_margin * young;
+        let mut alert = None;
+        if n >= cfg.min_history && self.armed && self.cooldown_left == 0 && z >= bar {
+            alert = Some(severity_for(z));
+            self.armed = false;
+            self.cooldown_left = cfg.cooldown;
+        }
+        // Which metric broke away is worked out only when it is reported, on the mean of the
+        // readings the smoothed score covers: the model is linear, so that is their mean
+        // residual pattern, with less noise than one reading's.
+        let (metric, expected) = match (alert, self.model.as_ref()) {
+            (Some(_), Some(m)) => {
+                let recent = self.rows.len().min(cfg.avg_window).max(1);
+                let mut mean = [0.0; MAX_JOINT];
+                for row in self.rows.iter().rev().take(recent) {
+                    for (m, v) in mean.iter_mut().zip(row) {
+                        *m += v / recent as f64;
+                    }
+                }
+                match m.culprit(&mean) {
+                    // The value predicted for this reading, not for the mean.
+                    Some((j, _)) => m
+                        .expected(j, &values)
+                        .map_or((residual.metric, residual.expected), |e| (j, e)),
+                    None => (residual.metric, residual.expected),
+                }
+            }
+            _ => (residual.metric, residual.expected),
+        };
+        Some(JointVerdict {
+            metric,
+            expected,
+            score,
+            alert,
+        })
+    }
+
+    /// Reservoir sampling of rows leaving the window, as `MetricDetector::remember` does.
+    fn remember(&mut self, cfg: &DetectorConfig, row: [f64; MAX_JOINT]) {
+        if cfg.reservoir == 0 {
+            return;
+        }
+        self.evicted += 1;
+        if self.reservoir.len() < cfg.reservoir {
+            self.reservoir.push(row);
+        } else {
+            let j = self.rng.gen_range(0..self.evicted);
+            if let Some(slot) = usize::try_from(j)
+                .ok()
+                .and_then(|j| self.reservoir.get_mut(j))
+            {
+                *slot = row;
+            }
+        }
+    }
+
+    fn needs_refit(&mut self, cfg: &DetectorConfig) -> Option<RefitJob> {
+        let due = match self.model {
+            None => self.rows.len() >= cfg.warmup,
+            Some(_) => self.since_fit >= cfg.refit_every,
+        };
+        if !due {
+            return None;
+        }
+        if let Some((_, issued_at)) = self.pending {
+            if self.points.saturating_sub(issued_at) < 4 * cfg.refit_every as u64 {
+                return None;
+            }
+        }
+        let generation = self.generation + 1;
+        self.pending = Some((generation, self.points));
+        let k = self.names.len();
+        let all: Vec<&[f64; MAX_JOINT]> = self.reservoir.iter().chain(self.rows.iter()).collect();
+        let data = Array2::from_shape_fn((all.len(), k), |(i, j)| all[i][j]);
+        Some(RefitJob {
+            metric: self.names.join("+"),
+            generation,
+            work: Work::Joint {
+                data,
+                min_r2: cfg.joint_min_r2,
+            },
+        })
+    }
+
+    fn install(&mut self, generation: u64, model: Box<JointModel>) -> bool {
+        if generation <= self.generation || model.len() != self.names.len() {
+            return false;
+        }
+        self.generation = generation;
+        self.model = Some(*model);
+        self.since_fit = 0;
+        if self.pending.is_some_and(|(g, _)| g <= generation) {
             self.pending = None;
         }
         true
@@ -702,35 +1002,68 @@ pub struct MetricOutcome {
     pub timestamp_ms: i64,
     /// Score and alert.
     pub outcome: PointOutcome,
+    /// Set when the alert comes from the cross-metric channel.
+    pub cross: Option<CrossMetric>,
+}
+
+/// Why the cross-metric channel alerted on a metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrossMetric {
+    /// The value the other metrics predict for it.
+    pub expected: f64,
+    /// The other metrics of the model. With two metrics the relationship itself is what
+    /// broke: either one may be the one named.
+    pub others: Vec<String>,
 }
 
 impl MetricOutcome {
     /// The alert message to publish for this outcome, if it raised one.
     pub fn to_alert(&self, device_id: &str) -> Option<AlertMessage> {
         let severity = self.outcome.alert?;
-        Some(AlertMessage::new(
+        let message = match &self.cross {
+            Some(cross) => format!(
+                "{} = {} does not fit {}, which predict about {:.4} (likelihood {:.6})",
+                self.metric,
+                self.value,
+                cross.others.join(", "),
+                cross.expected,
+                self.outcome.score
+            ),
+            None => format!(
+                "{} = {} is anomalous (likelihood {:.6})",
+                self.metric, self.value, self.outcome.score
+            ),
+        };
+        let mut alert = AlertMessage::new(
             device_id,
             severity,
             AlertKind::Anomaly,
             &self.metric,
             self.value,
             self.outcome.score,
-            format!(
-                "{} = {} is anomalous (likelihood {:.6})",
-                self.metric, self.value, self.outcome.score
-            ),
+            message,
             self.timestamp_ms,
-        ))
+        );
+        alert.expected = self.cross.as_ref().map(|c| c.expected);
+        Some(alert)
     }
 }
 
 /// The streaming detector for one device: one `MetricDetector` per metric, created on first
-/// sight of the metric, up to `max_metrics`.
+/// sight of the metric, up to `max_metrics`, and the device's cross-metric channel.
 #[derive(Debug, Clone)]
 pub struct DeviceDetector {
     config: DetectorConfig,
     metrics: Vec<(String, MetricDetector)>,
     ignored_metrics: u64,
+    joint: Option<JointChannel>,
+    /// Readings fed through `feed`.
+    readings: u64,
+    /// Reading index of the last per-metric alert on one of the cross-metric model's metrics,
+    /// and of the last cross-metric alert: each channel stays quiet while the other's incident
+    /// is recent.
+    last_metric_alert: Option<u64>,
+    last_joint_alert: Option<u64>,
 }
 
 impl DeviceDetector {
@@ -741,6 +1074,10 @@ impl DeviceDetector {
             config,
             metrics: Vec::new(),
             ignored_metrics: 0,
+            joint: None,
+            readings: 0,
+            last_metric_alert: None,
+            last_joint_alert: None,
         })
     }
 
@@ -759,7 +1096,21 @@ impl DeviceDetector {
         self.metrics.iter().map(|(n, _)| n.as_str())
     }
 
-    /// Feeds one value of one metric; `None` if the metric could not be tracked.
+    /// The cross-metric model's metrics and, once fitted, how well the others explain each
+    /// (R², NaN for a constant metric); empty until a reading carried two or more metrics.
+    pub fn joint_fit(&self) -> Vec<(&str, Option<f64>)> {
+        let Some(j) = &self.joint else {
+            return Vec::new();
+        };
+        j.names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), j.model.as_ref().map(|m| m.r2(i))))
+            .collect()
+    }
+
+    /// Feeds one value of one metric; `None` if the metric could not be tracked. This bypasses
+    /// the cross-metric channel, which needs whole readings (`feed`).
     pub fn feed_value(&mut self, metric: &str, value: f64) -> Option<PointOutcome> {
         let idx = match self.metrics.iter().position(|(n, _)| n == metric) {
             Some(i) => i,
@@ -787,10 +1138,75 @@ impl DeviceDetector {
                     value: *value,
                     timestamp_ms: reading.timestamp_ms,
                     outcome,
+                    cross: None,
                 });
             }
         }
+        self.readings += 1;
+        if self.config.joint_metrics >= 2 {
+            self.feed_joint(reading, &mut out);
+        }
         out
+    }
+
+    /// The cross-metric channel's part of `feed`, and the incident rule it shares with the
+    /// per-metric channels.
+    fn feed_joint(&mut self, reading: &Reading, out: &mut [MetricOutcome]) {
+        let cfg = &self.config;
+        if self.joint.is_none() && out.len() >= 2 {
+            let names = out
+                .iter()
+                .filter(|o| o.value.is_finite())
+                .take(cfg.joint_metrics)
+                .map(|o| o.metric.clone())
+                .collect::<Vec<_>>();
+            if names.len() >= 2 {
+                self.joint = Some(JointChannel::new(cfg, names));
+            }
+        }
+        let Some(joint) = self.joint.as_mut() else {
+            return;
+        };
+        let now = self.readings;
+        let incident = cfg.recurrence_window.max(cfg.cooldown) as u64;
+        let recent = |at: Option<u64>| at.is_some_and(|t| now - t < incident);
+        // A per-metric alert on one of the model's metrics while a cross-metric incident is
+        // recent is the same incident seen again.
+        for o in out.iter_mut().filter(|o| o.outcome.alert.is_some()) {
+            if joint.names.contains(&o.metric) {
+                if recent(self.last_joint_alert) {
+                    o.outcome.alert = None;
+                } else {
+                    self.last_metric_alert = Some(now);
+                }
+            }
+        }
+        let Some(values) = joint.values(reading) else {
+            return;
+        };
+        let Some(verdict) = joint.feed(cfg, values) else {
+            return;
+        };
+        let Some(severity) = verdict.alert else {
+            return;
+        };
+        // A broken relationship tends to stay broken, and a growing fault keeps setting new
+        // peaks: one cross-metric alert per incident window, like the rule above.
+        if recent(self.last_metric_alert) || recent(self.last_joint_alert) {
+            return;
+        }
+        let Some(name) = joint.names.get(verdict.metric) else {
+            return;
+        };
+        if let Some(o) = out.iter_mut().find(|o| &o.metric == name) {
+            o.outcome.alert = Some(severity);
+            o.outcome.score = o.outcome.score.max(verdict.score);
+            o.cross = Some(CrossMetric {
+                expected: verdict.expected,
+                others: joint.names.iter().filter(|n| *n != name).cloned().collect(),
+            });
+            self.last_joint_alert = Some(now);
+        }
     }
 
     /// The next refit the detector wants, if any. Call it after feeding; run the job wherever
@@ -800,14 +1216,23 @@ impl DeviceDetector {
         self.metrics
             .iter_mut()
             .find_map(|(name, m)| m.needs_refit(cfg, name))
+            .or_else(|| self.joint.as_mut().and_then(|j| j.needs_refit(cfg)))
     }
 
     /// Installs a model produced by a `RefitJob`. Returns false (and drops the model) if the
     /// metric is unknown or a newer model is already installed.
     pub fn install(&mut self, model: TrainedModel) -> bool {
-        match self.metrics.iter_mut().find(|(n, _)| *n == model.metric) {
-            Some((_, m)) => m.install(model),
-            None => false,
+        match model.model {
+            Model::Forest(forest) => {
+                match self.metrics.iter_mut().find(|(n, _)| *n == model.metric) {
+                    Some((_, m)) => m.install(model.generation, forest),
+                    None => false,
+                }
+            }
+            Model::Joint(joint) => match self.joint.as_mut() {
+                Some(j) if j.names.join("+") == model.metric => j.install(model.generation, joint),
+                _ => false,
+            },
         }
     }
 
@@ -1059,5 +1484,112 @@ mod tests {
         .is_err());
         let bytes = DetectorConfig::default().bytes_per_metric();
         assert!(bytes > 400_000 && bytes < 550_000, "{bytes}");
+    }
+
+    /// A motor: current with a slow cycle, a winding temperature that follows it, an unrelated
+    /// vibration. `hot(i)` is added to the temperature, `shake(i)` to the vibration.
+    fn motor(
+        det: &mut DeviceDetector,
+        range: std::ops::Range<usize>,
+        hot: impl Fn(usize) -> f64,
+        shake: impl Fn(usize) -> f64,
+    ) -> Vec<AlertMessage> {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(range.start as u64);
+        let mut alerts = Vec::new();
+        for i in range {
+            let current = 15.0 + 3.0 * (i as f64 / 60.0).sin() + 0.4 * (rng.gen::<f64>() - 0.5);
+            let temperature = 40.0 + 2.0 * current + 0.5 * (rng.gen::<f64>() - 0.5) + hot(i);
+            let vibration = 0.9 + 0.05 * (rng.gen::<f64>() - 0.5) + shake(i);
+            let reading = Reading {
+                timestamp_ms: i as i64 * 1000,
+                metrics: vec![
+                    ("current".into(), current),
+                    ("temperature".into(), temperature),
+                    ("vibration".into(), vibration),
+                ],
+            };
+            for o in det.feed(&reading) {
+                alerts.extend(o.to_alert("m1"));
+            }
+            det.refit_inline().expect("refit");
+        }
+        alerts
+    }
+
+    #[test]
+    fn a_broken_relationship_between_metrics_gives_one_alert_naming_the_metric() {
+        let mut det = DeviceDetector::new(small_config()).expect("config");
+        let normal = motor(&mut det, 0..3000, |_| 0.0, |_| 0.0);
+        assert!(normal.is_empty(), "normal running: {normal:?}");
+        let fit = det.joint_fit();
+        assert_eq!(fit.len(), 3);
+        assert!(fit[1].1.is_some_and(|r2| r2 > 0.9), "{fit:?}");
+        // Cooling fault: the temperature climbs 3 degrees above what the current explains,
+        // which keeps it inside its normal range (64-76) most of the time.
+        let fault = motor(
+            &mut det,
+            3000..3400,
+            |i| ((i - 3000) as f64 * 0.03).min(3.0),
+            |_| 0.0,
+        );
+        assert_eq!(fault.len(), 1, "{fault:?}");
+        assert_eq!(fault[0].metric, "temperature");
+        let expected = fault[0].expected.expect("cross-metric alert");
+        assert!(fault[0].value - expected > 0.5, "{:?}", fault[0]);
+        assert!(
+            fault[0].message.contains("does not fit current, vibration"),
+            "{}",
+            fault[0].message
+        );
+
+        // The per-metric channels alone do not see it.
+        let mut alone = DeviceDetector::new(DetectorConfig {
+            joint_metrics: 0,
+            ..small_config()
+        })
+        .expect("config");
+        assert!(motor(&mut alone, 0..3000, |_| 0.0, |_| 0.0).is_empty());
+        let missed = motor(
+            &mut alone,
+            3000..3400,
+            |i| ((i - 3000) as f64 * 0.03).min(3.0),
+            |_| 0.0,
+        );
+        assert!(missed.is_empty(), "{missed:?}");
+    }
+
+    #[test]
+    fn a_fault_both_channels_see_is_still_one_incident() {
+        let mut det = DeviceDetector::new(small_config()).expect("config");
+        assert!(motor(&mut det, 0..3000, |_| 0.0, |_| 0.0).is_empty());
+        // The temperature jumps far out of range: per-metric and cross-metric channels both
+        // see it.
+        let fault = motor(
+            &mut det,
+            3000..3300,
+            |i| if i >= 3000 { 15.0 } else { 0.0 },
+            |_| 0.0,
+        );
+        assert_eq!(fault.len(), 1, "{fault:?}");
+        assert_eq!(fault[0].metric, "temperature");
+    }
+
+    #[test]
+    fn single_metric_streams_and_disabled_config_have_no_cross_metric_channel() {
+        let mut det = DeviceDetector::new(small_config()).expect("config");
+        run(&mut det, &noise(600, 9));
+        assert!(det.joint_fit().is_empty());
+        let mut off = DeviceDetector::new(DetectorConfig {
+            joint_metrics: 0,
+            ..small_config()
+        })
+        .expect("config");
+        motor(&mut off, 0..300, |_| 0.0, |_| 0.0);
+        assert!(off.joint_fit().is_empty());
+        assert!(DeviceDetector::new(DetectorConfig {
+            joint_metrics: 9,
+            ..small_config()
+        })
+        .is_err());
     }
 }

@@ -10,6 +10,7 @@ pub mod detector;
 pub mod features;
 pub mod forecast;
 pub mod iforest;
+pub mod joint;
 pub mod monitor;
 pub mod nab;
 pub mod rul;
