@@ -4,9 +4,11 @@
 //! The broker keeps one `DeviceMonitor` per device, feeds it every parsed `Reading`, publishes
 //! the returned messages, and runs the refit jobs it hands out on a worker of its choice. Each
 //! source of alerts is debounced on its own: an anomaly alert opens an incident (see
-//! `detector`), a threshold alert fires when a metric enters the unsafe side of its limit and
-//! re-arms when it leaves it, and a forecast alert fires when the trend predicts a crossing
-//! within `forecast_alert_horizon_s` and re-arms when it no longer does.
+//! `detector`), a threshold alert fires when a metric enters the unsafe side of its limit, and a
+//! forecast alert when the trend predicts a crossing within `forecast_alert_horizon_s`. Both
+//! re-arm only after their condition has been clear for `rearm_after` readings of the metric,
+//! so a value hovering at its limit, or spikes crossing it, give one alert, not one per
+//! crossing.
 
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +72,9 @@ pub struct MonitorConfig {
     pub forecast_alert_horizon_s: f64,
     /// Forecast alerts need at least this confidence (R² of the trend).
     pub forecast_min_confidence: f64,
+    /// Threshold and forecast alerts re-arm after their condition has been clear for this many
+    /// consecutive readings of the metric.
+    pub rearm_after: u64,
 }
 
 impl Default for MonitorConfig {
@@ -81,6 +86,7 @@ impl Default for MonitorConfig {
             prediction_every: 10,
             forecast_alert_horizon_s: 3600.0,
             forecast_min_confidence: 0.5,
+            rearm_after: 30,
         }
     }
 }
@@ -91,10 +97,41 @@ struct MetricState {
     name: String,
     trend: TrendTracker,
     seen: u64,
-    over_limit: bool,
-    forecast_active: bool,
+    over_limit: Latch,
+    forecast: Latch,
     /// Highest anomaly score since the last prediction.
     score_max: f64,
+}
+
+/// Debounce of an alert raised by a condition (a limit crossed, a crossing forecast): it fires
+/// when the condition starts and re-arms once the condition has been clear for `rearm_after`
+/// readings in a row.
+#[derive(Debug, Clone, Default)]
+struct Latch {
+    fired: bool,
+    /// Reading count at which the condition was last seen clear after firing.
+    clear_since: Option<u64>,
+}
+
+impl Latch {
+    /// Updates the latch with the condition at reading `seen`; true if an alert fires now.
+    fn fires(&mut self, condition: bool, seen: u64, rearm_after: u64) -> bool {
+        if condition {
+            self.clear_since = None;
+            let fire = !self.fired;
+            self.fired = true;
+            return fire;
+        }
+        if self.fired {
+            let since = *self.clear_since.get_or_insert(seen);
+            // The reading at `since` is the first clear one.
+            if seen.saturating_sub(since) + 1 >= rearm_after {
+                self.fired = false;
+                self.clear_since = None;
+            }
+        }
+        false
+    }
 }
 
 /// Everything one reading produced.
@@ -169,8 +206,8 @@ impl DeviceMonitor {
                         name: name.clone(),
                         trend: TrendTracker::new(self.config.trend_capacity),
                         seen: 0,
-                        over_limit: false,
-                        forecast_active: false,
+                        over_limit: Latch::default(),
+                        forecast: Latch::default(),
                         score_max: 0.0,
                     });
                     self.metrics.len() - 1
@@ -189,8 +226,10 @@ impl DeviceMonitor {
             }
 
             if let Some(l) = limit {
-                let violated = l.violated(*value);
-                if violated && !state.over_limit {
+                if state
+                    .over_limit
+                    .fires(l.violated(*value), state.seen, cfg.rearm_after)
+                {
                     out.alerts.push(AlertMessage::new(
                         device_id,
                         Severity::High,
@@ -202,7 +241,6 @@ impl DeviceMonitor {
                         ts,
                     ));
                 }
-                state.over_limit = violated;
             }
 
             if state.seen % cfg.prediction_every as u64 != 0 {
@@ -218,7 +256,10 @@ impl DeviceMonitor {
                 .seconds_to_limit
                 .is_some_and(|s| s > 0.0 && s <= cfg.forecast_alert_horizon_s)
                 && f.confidence >= cfg.forecast_min_confidence;
-            if approaching && !state.forecast_active {
+            if state
+                .forecast
+                .fires(approaching, state.seen, cfg.rearm_after)
+            {
                 let secs = f.seconds_to_limit.unwrap_or(0.0);
                 out.alerts.push(AlertMessage::new(
                     device_id,
@@ -231,7 +272,6 @@ impl DeviceMonitor {
                     ts,
                 ));
             }
-            state.forecast_active = approaching;
             out.predictions.push(PredictionMessage {
                 kind_tag: "PREDICTION".into(),
                 device_id: device_id.clone(),
@@ -289,21 +329,45 @@ mod tests {
     }
 
     #[test]
-    fn threshold_alert_fires_once_per_crossing() {
+    fn threshold_alert_fires_once_per_incident_and_rearms_after_a_clear_spell() {
         let mut m = monitor();
-        let values = [80.0, 86.0, 87.0, 84.0, 86.0];
-        let kinds: Vec<usize> = values
+        // Hovering at the limit, then clear for 29 readings: still the same incident.
+        let mut values = vec![80.0, 86.0, 87.0, 84.0, 86.0, 84.5, 85.5];
+        values.extend(std::iter::repeat(80.0).take(29));
+        values.push(86.0);
+        // Clear for 30 readings: a new incident.
+        values.extend(std::iter::repeat(80.0).take(30));
+        values.push(86.0);
+        let fired: Vec<usize> = values
             .iter()
             .enumerate()
-            .map(|(i, v)| {
-                m.ingest(&reading(i as i64, *v))
+            .filter(|(i, v)| {
+                m.ingest(&reading(*i as i64, **v))
                     .alerts
                     .iter()
-                    .filter(|a| a.kind == AlertKind::Threshold)
-                    .count()
+                    .any(|a| a.kind == AlertKind::Threshold)
             })
+            .map(|(i, _)| i)
             .collect();
-        assert_eq!(kinds, vec![0, 1, 0, 0, 1]);
+        assert_eq!(fired, vec![1, values.len() - 1]);
+    }
+
+    #[test]
+    fn latch_rearms_only_after_rearm_after_clear_readings() {
+        let mut l = Latch::default();
+        assert!(l.fires(true, 1, 3));
+        assert!(!l.fires(true, 2, 3));
+        assert!(!l.fires(false, 3, 3));
+        assert!(!l.fires(false, 4, 3));
+        assert!(!l.fires(true, 5, 3), "clear for 2 readings only");
+        assert!(!l.fires(false, 6, 3));
+        assert!(!l.fires(false, 7, 3));
+        assert!(!l.fires(false, 8, 3), "third clear reading: re-armed now");
+        assert!(l.fires(true, 9, 3));
+        // A condition checked every 10th reading (forecasts) counts the readings in between.
+        assert!(!l.fires(false, 20, 3));
+        assert!(!l.fires(false, 30, 3));
+        assert!(l.fires(true, 40, 3));
     }
 
     #[test]
