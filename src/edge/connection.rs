@@ -794,7 +794,6 @@ where
                         return Poll::Ready(Event::End(End::ClientGone))
                     }
                     Poll::Ready(Ok(n)) => {
-                        self.client.ack_promptly();
                         self.client_step = next_step(self.client_step, n);
                         return Poll::Ready(Event::ClientData);
                     }
@@ -830,6 +829,7 @@ where
 
     fn on_client_data(&mut self, edge: &Edge, max_packet: usize) -> Result<(), End> {
         self.last_client_read = Instant::now();
+        let (mut unanswered, mut answered) = (false, false);
         loop {
             let frame = match mqtt::read_frame(&mut self.client_in, max_packet) {
                 Ok(Some(f)) => f,
@@ -839,7 +839,19 @@ where
             edge.metrics
                 .bytes_in
                 .fetch_add(frame.wire_len() as u64, Relaxed);
+            if frame.kind() == mqtt::PUBLISH && frame.flags() & 0b0110 == 0 {
+                unanswered = true;
+            } else {
+                answered |= gets_an_answer(&frame);
+            }
             self.on_client_packet(edge, frame)?;
+        }
+        // A QoS 0 publish is acknowledged by TCP alone, and a client with Nagle on (libmosquitto,
+        // rumqttc) holds its next small packet until that ACK arrives: send it now, unless an
+        // answer or data for the client is about to carry it. Quick ACKs on every read cost
+        // about 10% of QoS 1 throughput when measured, so only this case gets them.
+        if unanswered && !answered && self.client_out.is_empty() {
+            self.client.ack_promptly();
         }
         release_if_idle(&mut self.client_in);
         Ok(())
@@ -1596,6 +1608,16 @@ fn next_step(step: usize, read: usize) -> usize {
         (step * 2).min(READ_STEP_MAX)
     } else {
         (step / 2).max(READ_STEP_MIN)
+    }
+}
+
+/// Whether the client gets a packet back for `frame` (an acknowledgement, SUBACK, UNSUBACK,
+/// PINGRESP or PUBCOMP), which carries the TCP acknowledgement with it.
+fn gets_an_answer(frame: &Frame) -> bool {
+    match frame.kind() {
+        mqtt::PUBLISH => frame.flags() & 0b0110 != 0,
+        mqtt::SUBSCRIBE | mqtt::UNSUBSCRIBE | mqtt::PINGREQ | mqtt::PUBREL | mqtt::PUBREC => true,
+        _ => false,
     }
 }
 
