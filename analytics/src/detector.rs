@@ -493,48 +493,222 @@ impl LaggedMax {
     }
 }
 
-/// Streaming state of one metric.
+/// The training rows of one model: the most recent `window` rows, plus a uniform sample of
+/// everything older (`reservoir` rows, Algorithm R), so a model keeps knowing regimes older
+/// than the recent window at a fixed memory cost.
 #[derive(Debug, Clone)]
-pub struct MetricDetector {
-    features: FeatureState,
-    window: VecDeque<[f64; N_FEATURES]>,
-    reservoir: Vec<[f64; N_FEATURES]>,
+struct TrainingSet<T> {
+    recent: VecDeque<T>,
+    reservoir: Vec<T>,
     evicted: u64,
     rng: Xoshiro256PlusPlus,
-    model: Option<IsolationForest>,
+}
+
+impl<T: Copy> TrainingSet<T> {
+    fn new(cfg: &DetectorConfig) -> Self {
+        Self {
+            recent: VecDeque::with_capacity(cfg.window),
+            reservoir: Vec::new(),
+            evicted: 0,
+            rng: Xoshiro256PlusPlus::seed_from_u64(cfg.seed),
+        }
+    }
+
+    /// Adds a row; the oldest recent row is offered to the reservoir when the window is full.
+    fn push(&mut self, cfg: &DetectorConfig, row: T) {
+        if self.recent.len() == cfg.window {
+            if let Some(old) = self.recent.pop_front() {
+                self.remember(cfg, old);
+            }
+        }
+        self.recent.push_back(row);
+    }
+
+    fn remember(&mut self, cfg: &DetectorConfig, row: T) {
+        if cfg.reservoir == 0 {
+            return;
+        }
+        self.evicted += 1;
+        if self.reservoir.len() < cfg.reservoir {
+            self.reservoir.push(row);
+        } else {
+            let j = self.rng.gen_range(0..self.evicted);
+            if let Some(slot) = usize::try_from(j)
+                .ok()
+                .and_then(|j| self.reservoir.get_mut(j))
+            {
+                *slot = row;
+            }
+        }
+    }
+
+    /// Every training row: the reservoir, then the recent ones, oldest first.
+    fn rows(&self) -> impl Iterator<Item = &T> {
+        self.reservoir.iter().chain(self.recent.iter())
+    }
+
+    fn len(&self) -> usize {
+        self.reservoir.len() + self.recent.len()
+    }
+}
+
+/// When a model is due for a refit, and which generation the next one gets.
+#[derive(Debug, Clone, Default)]
+struct RefitClock {
     generation: u64,
     /// Generation and point count of a job handed out but not installed yet.
     pending: Option<(u64, u64)>,
     since_fit: usize,
     points: u64,
-    recent_raw: VecDeque<f64>,
-    smooth_hist: RollingStats,
-    shape: crate::features::ShapeNovelty,
-    shape_avg: f64,
-    shape_hist: RollingStats,
+}
+
+impl RefitClock {
+    fn tick(&mut self) {
+        self.points += 1;
+        self.since_fit += 1;
+    }
+
+    /// The generation of a job to hand out now, if one is due: the first once `recent` rows
+    /// reach the warm-up, then one every `refit_every` points.
+    fn due(&mut self, cfg: &DetectorConfig, has_model: bool, recent: usize) -> Option<u64> {
+        let due = if has_model {
+            self.since_fit >= cfg.refit_every
+        } else {
+            recent >= cfg.warmup
+        };
+        if !due {
+            return None;
+        }
+        // A job handed out and never installed (the worker died, the caller dropped it) is
+        // re-issued after a few refit periods instead of blocking refits for ever.
+        if let Some((_, issued_at)) = self.pending {
+            if self.points.saturating_sub(issued_at) < 4 * cfg.refit_every as u64 {
+                return None;
+            }
+        }
+        let generation = self.generation + 1;
+        self.pending = Some((generation, self.points));
+        Some(generation)
+    }
+
+    /// Records that the model of `generation` is installed; false if it is stale.
+    fn install(&mut self, generation: u64) -> bool {
+        if generation <= self.generation {
+            return false;
+        }
+        self.generation = generation;
+        self.since_fit = 0;
+        if self.pending.is_some_and(|(g, _)| g <= generation) {
+            self.pending = None;
+        }
+        true
+    }
+}
+
+/// A channel's smoothed scores judged against their own recent history: the standard score and
+/// the recurrence check.
+#[derive(Debug, Clone, Default)]
+struct ScoreHistory {
+    hist: RollingStats,
+    peak: LaggedMax,
+}
+
+impl ScoreHistory {
+    /// Smoothed scores held.
+    fn len(&self) -> usize {
+        self.hist.len()
+    }
+
+    /// The standard score of `avg` against the history (spread at least `min_std`), capped at
+    /// 0 when `avg` is below `floor` or no higher than the channel's recent peak (the
+    /// recurrence check); then records `avg`.
+    fn judge(&mut self, cfg: &DetectorConfig, avg: f64, min_std: f64, floor: f64) -> f64 {
+        let mut z = self.hist.z(avg, min_std);
+        if avg < floor {
+            z = z.min(0.0);
+        }
+        self.hist.push(avg, cfg.history);
+        if cfg.recurrence_window > 0 && self.peak.max().is_some_and(|m| avg <= m) {
+            z = z.min(0.0);
+        }
+        self.peak
+            .push(avg, cfg.recurrence_window, cfg.recurrence_gap);
+        z
+    }
+}
+
+/// The mean of the last `cap` values pushed into `buf`, after pushing `x`.
+fn moving_mean(buf: &mut VecDeque<f64>, cap: usize, x: f64) -> f64 {
+    if buf.len() == cap {
+        buf.pop_front();
+    }
+    buf.push_back(x);
+    buf.iter().sum::<f64>() / buf.len() as f64
+}
+
+/// One alert per incident: after an alert a channel stays silent until its likelihood has
+/// dropped below `rearm_likelihood` and `cooldown` points have passed.
+#[derive(Debug, Clone)]
+struct Debounce {
     cooldown_left: usize,
     armed: bool,
     /// Standard score whose upper tail is `alert_tail`.
     alert_z: f64,
-    forest_peak: LaggedMax,
-    shape_peak: LaggedMax,
+}
+
+impl Debounce {
+    fn new(cfg: &DetectorConfig) -> Self {
+        Self {
+            cooldown_left: 0,
+            armed: true,
+            alert_z: z_for_upper_tail(cfg.alert_tail),
+        }
+    }
+
+    /// The alert this point raises, if any, given its standard score `z`, its likelihood
+    /// `score` and the `n` smoothed scores it was judged against.
+    fn judge(&mut self, cfg: &DetectorConfig, z: f64, score: f64, n: usize) -> Option<Severity> {
+        if self.cooldown_left > 0 {
+            self.cooldown_left -= 1;
+        }
+        if !self.armed && score < cfg.rearm_likelihood {
+            self.armed = true;
+        }
+        let young = 1.0 - (n as f64 / cfg.history as f64).min(1.0);
+        let bar = self.alert_z + cfg.young_margin * young;
+        if n >= cfg.min_history && self.armed && self.cooldown_left == 0 && z >= bar {
+            self.armed = false;
+            self.cooldown_left = cfg.cooldown;
+            return Some(severity_for(z));
+        }
+        None
+    }
+}
+
+/// Streaming state of one metric.
+#[derive(Debug, Clone)]
+pub struct MetricDetector {
+    features: FeatureState,
+    training: TrainingSet<[f64; N_FEATURES]>,
+    model: Option<IsolationForest>,
+    clock: RefitClock,
+    recent_raw: VecDeque<f64>,
+    forest_scores: ScoreHistory,
+    shape: crate::features::ShapeNovelty,
+    shape_avg: f64,
+    shape_scores: ScoreHistory,
+    debounce: Debounce,
 }
 
 impl MetricDetector {
     fn new(cfg: &DetectorConfig) -> Self {
         Self {
             features: FeatureState::new(),
-            window: VecDeque::with_capacity(cfg.window),
-            reservoir: Vec::new(),
-            evicted: 0,
-            rng: Xoshiro256PlusPlus::seed_from_u64(cfg.seed),
+            training: TrainingSet::new(cfg),
             model: None,
-            generation: 0,
-            pending: None,
-            since_fit: 0,
-            points: 0,
+            clock: RefitClock::default(),
             recent_raw: VecDeque::with_capacity(cfg.avg_window),
-            smooth_hist: RollingStats::default(),
+            forest_scores: ScoreHistory::default(),
             shape: crate::features::ShapeNovelty::new(
                 cfg.shape_capacity,
                 cfg.shape_len,
@@ -542,12 +716,8 @@ impl MetricDetector {
                 cfg.seed,
             ),
             shape_avg: f64::NAN,
-            shape_hist: RollingStats::default(),
-            cooldown_left: 0,
-            armed: true,
-            alert_z: z_for_upper_tail(cfg.alert_tail),
-            forest_peak: LaggedMax::default(),
-            shape_peak: LaggedMax::default(),
+            shape_scores: ScoreHistory::default(),
+            debounce: Debounce::new(cfg),
         }
     }
 
@@ -574,38 +744,20 @@ impl MetricDetector {
         } else {
             None
         };
-        self.points += 1;
-        self.since_fit += 1;
+        self.clock.tick();
         let raw = self.model.as_ref().map(|m| m.score_one(&feats));
-        if self.window.len() == cfg.window {
-            if let Some(old) = self.window.pop_front() {
-                self.remember(cfg, old);
-            }
-        }
-        self.window.push_back(feats);
+        self.training.push(cfg, feats);
         let Some(raw) = raw else {
             return quiet;
         };
 
-        if self.recent_raw.len() == cfg.avg_window {
-            self.recent_raw.pop_front();
-        }
-        self.recent_raw.push_back(raw);
-        let avg = self.recent_raw.iter().sum::<f64>() / self.recent_raw.len() as f64;
-
+        let avg = moving_mean(&mut self.recent_raw, cfg.avg_window, raw);
         // Judge each smoothed score against its history *before* adding it, so an anomaly does
         // not lower its own surprise.
-        let n = self.smooth_hist.len();
-        let mut z_forest = self.smooth_hist.z(avg, cfg.min_std);
-        if avg < cfg.min_smoothed_score {
-            z_forest = z_forest.min(0.0);
-        }
-        self.smooth_hist.push(avg, cfg.history);
-        if cfg.recurrence_window > 0 && self.forest_peak.max().is_some_and(|m| avg <= m) {
-            z_forest = z_forest.min(0.0);
-        }
-        self.forest_peak
-            .push(avg, cfg.recurrence_window, cfg.recurrence_gap);
+        let n = self.forest_scores.len();
+        let z_forest = self
+            .forest_scores
+            .judge(cfg, avg, cfg.min_std, cfg.min_smoothed_score);
         let z_shape = match novelty {
             Some(d) => {
                 if self.shape_avg.is_nan() {
@@ -614,85 +766,26 @@ impl MetricDetector {
                 // An exponential average with the same centre of mass as the forest channel's
                 // moving average, so both channels react on the same time scale.
                 self.shape_avg += (d - self.shape_avg) * 2.0 / (cfg.avg_window as f64 + 1.0);
-                let mut z = self.shape_hist.z(self.shape_avg, cfg.shape_min_std);
-                self.shape_hist.push(self.shape_avg, cfg.history);
-                if cfg.recurrence_window > 0
-                    && self.shape_peak.max().is_some_and(|m| self.shape_avg <= m)
-                {
-                    z = z.min(0.0);
-                }
-                self.shape_peak
-                    .push(self.shape_avg, cfg.recurrence_window, cfg.recurrence_gap);
-                z
+                self.shape_scores
+                    .judge(cfg, self.shape_avg, cfg.shape_min_std, f64::NEG_INFINITY)
             }
             None => f64::NEG_INFINITY,
         };
         let z = z_forest.max(z_shape);
         let score = if n >= 2 { 1.0 - upper_tail(z) } else { 0.0 };
-
-        if self.cooldown_left > 0 {
-            self.cooldown_left -= 1;
-        }
-        if !self.armed && score < cfg.rearm_likelihood {
-            self.armed = true;
-        }
-        let mut alert = None;
-        let young = 1.0 - (n as f64 / cfg.history as f64).min(1.0);
-        let bar = self.alert_z + cfg.young_margin * young;
-        if n >= cfg.min_history && self.armed && self.cooldown_left == 0 && z >= bar {
-            alert = Some(severity_for(z));
-            self.armed = false;
-            self.cooldown_left = cfg.cooldown;
-        }
         PointOutcome {
             score,
             raw_score: Some(raw),
-            alert,
-        }
-    }
-
-    /// Offers a feature vector leaving the recent window to the long-term reservoir. Reservoir
-    /// sampling (Algorithm R) keeps a uniform sample of everything evicted so far, so the forest
-    /// keeps knowing regimes older than the recent window at a fixed memory cost.
-    fn remember(&mut self, cfg: &DetectorConfig, feats: [f64; N_FEATURES]) {
-        if cfg.reservoir == 0 {
-            return;
-        }
-        self.evicted += 1;
-        if self.reservoir.len() < cfg.reservoir {
-            self.reservoir.push(feats);
-        } else {
-            let j = self.rng.gen_range(0..self.evicted);
-            if let Some(slot) = usize::try_from(j)
-                .ok()
-                .and_then(|j| self.reservoir.get_mut(j))
-            {
-                *slot = feats;
-            }
+            alert: self.debounce.judge(cfg, z, score, n),
         }
     }
 
     fn needs_refit(&mut self, cfg: &DetectorConfig, metric: &str) -> Option<RefitJob> {
-        let due = match self.model {
-            None => self.window.len() >= cfg.warmup,
-            Some(_) => self.since_fit >= cfg.refit_every,
-        };
-        if !due {
-            return None;
-        }
-        // A job handed out and never installed (the worker died, the caller dropped it) is
-        // re-issued after a few refit periods instead of blocking refits for ever.
-        if let Some((_, issued_at)) = self.pending {
-            if self.points.saturating_sub(issued_at) < 4 * cfg.refit_every as u64 {
-                return None;
-            }
-        }
-        let generation = self.generation + 1;
-        self.pending = Some((generation, self.points));
-        let rows = self.window.len() + self.reservoir.len();
-        let mut data = Array2::zeros((rows, N_FEATURES));
-        let all = self.reservoir.iter().chain(self.window.iter());
-        for (mut row, feats) in data.rows_mut().into_iter().zip(all) {
+        let generation = self
+            .clock
+            .due(cfg, self.model.is_some(), self.training.recent.len())?;
+        let mut data = Array2::zeros((self.training.len(), N_FEATURES));
+        for (mut row, feats) in data.rows_mut().into_iter().zip(self.training.rows()) {
             for (d, s) in row.iter_mut().zip(feats.iter()) {
                 *d = *s;
             }
@@ -711,15 +804,10 @@ impl MetricDetector {
     }
 
     fn install(&mut self, generation: u64, forest: IsolationForest) -> bool {
-        if generation <= self.generation {
+        if !self.clock.install(generation) {
             return false;
         }
-        self.generation = generation;
         self.model = Some(forest);
-        self.since_fit = 0;
-        if self.pending.is_some_and(|(g, _)| g <= generation) {
-            self.pending = None;
-        }
         true
     }
 }
@@ -730,23 +818,14 @@ impl MetricDetector {
 struct JointChannel {
     /// The model's metrics, in column order.
     names: Vec<String>,
-    rows: VecDeque<[f64; MAX_JOINT]>,
-    /// A uniform sample of rows older than `rows`, so the model remembers the long-term
-    /// relationship and a slow drift of it stays visible.
-    reservoir: Vec<[f64; MAX_JOINT]>,
-    evicted: u64,
-    rng: Xoshiro256PlusPlus,
+    /// The reservoir lets the model remember the long-term relationship, so a slow drift of
+    /// it stays visible.
+    training: TrainingSet<[f64; MAX_JOINT]>,
     model: Option<JointModel>,
-    generation: u64,
-    pending: Option<(u64, u64)>,
-    since_fit: usize,
-    points: u64,
+    clock: RefitClock,
     recent: VecDeque<f64>,
-    hist: RollingStats,
-    peak: LaggedMax,
-    cooldown_left: usize,
-    armed: bool,
-    alert_z: f64,
+    scores: ScoreHistory,
+    debounce: Debounce,
 }
 
 /// What the cross-metric channel says about one reading.
@@ -767,21 +846,12 @@ impl JointChannel {
     fn new(cfg: &DetectorConfig, names: Vec<String>) -> Self {
         Self {
             names,
-            rows: VecDeque::with_capacity(cfg.window),
-            reservoir: Vec::new(),
-            evicted: 0,
-            rng: Xoshiro256PlusPlus::seed_from_u64(cfg.seed),
+            training: TrainingSet::new(cfg),
             model: None,
-            generation: 0,
-            pending: None,
-            since_fit: 0,
-            points: 0,
+            clock: RefitClock::default(),
             recent: VecDeque::with_capacity(cfg.avg_window),
-            hist: RollingStats::default(),
-            peak: LaggedMax::default(),
-            cooldown_left: 0,
-            armed: true,
-            alert_z: z_for_upper_tail(cfg.alert_tail),
+            scores: ScoreHistory::default(),
+            debounce: Debounce::new(cfg),
         }
     }
 
@@ -800,57 +870,27 @@ impl JointChannel {
     }
 
     fn feed(&mut self, cfg: &DetectorConfig, values: [f64; MAX_JOINT]) -> Option<JointVerdict> {
-        self.points += 1;
-        self.since_fit += 1;
+        self.clock.tick();
         let residual = self.model.as_ref().and_then(|m| m.residual(&values));
-        if self.rows.len() == cfg.window {
-            if let Some(old) = self.rows.pop_front() {
-                self.remember(cfg, old);
-            }
-        }
-        self.rows.push_back(values);
+        self.training.push(cfg, values);
         let residual = residual?;
 
-        if self.recent.len() == cfg.avg_window {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(residual.size);
-        let avg = self.recent.iter().sum::<f64>() / self.recent.len() as f64;
-        let n = self.hist.len();
-        let mut z = self.hist.z(avg, JOINT_MIN_STD);
-        if avg < cfg.joint_min_residual {
-            z = z.min(0.0);
-        }
-        self.hist.push(avg, cfg.history);
-        if cfg.recurrence_window > 0 && self.peak.max().is_some_and(|m| avg <= m) {
-            z = z.min(0.0);
-        }
-        self.peak
-            .push(avg, cfg.recurrence_window, cfg.recurrence_gap);
+        let avg = moving_mean(&mut self.recent, cfg.avg_window, residual.size);
+        let n = self.scores.len();
+        let z = self
+            .scores
+            .judge(cfg, avg, JOINT_MIN_STD, cfg.joint_min_residual);
         let score = if n >= 2 { 1.0 - upper_tail(z) } else { 0.0 };
-
-        if self.cooldown_left > 0 {
-            self.cooldown_left -= 1;
-        }
-        if !self.armed && score < cfg.rearm_likelihood {
-            self.armed = true;
-        }
-        let young = 1.0 - (n as f64 / cfg.history as f64).min(1.0);
-        let bar = self.alert_z + cfg.young_margin * young;
-        let mut alert = None;
-        if n >= cfg.min_history && self.armed && self.cooldown_left == 0 && z >= bar {
-            alert = Some(severity_for(z));
-            self.armed = false;
-            self.cooldown_left = cfg.cooldown;
-        }
+        let alert = self.debounce.judge(cfg, z, score, n);
         // Which metric broke away is worked out only when it is reported, on the mean of the
         // readings the smoothed score covers: the model is linear, so that is their mean
         // residual pattern, with less noise than one reading's.
         let (metric, expected) = match (alert, self.model.as_ref()) {
             (Some(_), Some(m)) => {
-                let recent = self.rows.len().min(cfg.avg_window).max(1);
+                let rows = &self.training.recent;
+                let recent = rows.len().min(cfg.avg_window).max(1);
                 let mut mean = [0.0; MAX_JOINT];
-                for row in self.rows.iter().rev().take(recent) {
+                for row in rows.iter().rev().take(recent) {
                     for (m, v) in mean.iter_mut().zip(row) {
                         *m += v / recent as f64;
                     }
@@ -873,43 +913,17 @@ impl JointChannel {
         })
     }
 
-    /// Reservoir sampling of rows leaving the window, as `MetricDetector::remember` does.
-    fn remember(&mut self, cfg: &DetectorConfig, row: [f64; MAX_JOINT]) {
-        if cfg.reservoir == 0 {
-            return;
-        }
-        self.evicted += 1;
-        if self.reservoir.len() < cfg.reservoir {
-            self.reservoir.push(row);
-        } else {
-            let j = self.rng.gen_range(0..self.evicted);
-            if let Some(slot) = usize::try_from(j)
-                .ok()
-                .and_then(|j| self.reservoir.get_mut(j))
-            {
-                *slot = row;
-            }
-        }
-    }
-
     fn needs_refit(&mut self, cfg: &DetectorConfig) -> Option<RefitJob> {
-        let due = match self.model {
-            None => self.rows.len() >= cfg.warmup,
-            Some(_) => self.since_fit >= cfg.refit_every,
-        };
-        if !due {
-            return None;
-        }
-        if let Some((_, issued_at)) = self.pending {
-            if self.points.saturating_sub(issued_at) < 4 * cfg.refit_every as u64 {
-                return None;
+        let generation = self
+            .clock
+            .due(cfg, self.model.is_some(), self.training.recent.len())?;
+        let k = self.names.len();
+        let mut data = Array2::zeros((self.training.len(), k));
+        for (mut row, values) in data.rows_mut().into_iter().zip(self.training.rows()) {
+            for (d, s) in row.iter_mut().zip(values.iter()) {
+                *d = *s;
             }
         }
-        let generation = self.generation + 1;
-        self.pending = Some((generation, self.points));
-        let k = self.names.len();
-        let all: Vec<&[f64; MAX_JOINT]> = self.reservoir.iter().chain(self.rows.iter()).collect();
-        let data = Array2::from_shape_fn((all.len(), k), |(i, j)| all[i][j]);
         Some(RefitJob {
             metric: self.names.join("+"),
             generation,
@@ -921,15 +935,10 @@ impl JointChannel {
     }
 
     fn install(&mut self, generation: u64, model: Box<JointModel>) -> bool {
-        if generation <= self.generation || model.len() != self.names.len() {
+        if model.len() != self.names.len() || !self.clock.install(generation) {
             return false;
         }
-        self.generation = generation;
         self.model = Some(*model);
-        self.since_fit = 0;
-        if self.pending.is_some_and(|(g, _)| g <= generation) {
-            self.pending = None;
-        }
         true
     }
 }
