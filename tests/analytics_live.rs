@@ -105,6 +105,44 @@ fn anomaly_alerts(got: &[String]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A device's run through a fresh vigil, and the one anomaly alert it raised.
+struct Incident {
+    vigil: Vigil,
+    predictions: Sub,
+    alert: serde_json::Value,
+    fault_start_ms: i64,
+}
+
+/// Replays `NORMAL + FAULT` readings of `device/sim-1` (fields from `fields`, as in
+/// `telemetry_lines`) through a fresh vigil and checks that they raised exactly one anomaly
+/// alert, after the fault started.
+fn one_incident(fields: impl FnMut(usize, &mut dyn FnMut() -> f64) -> String) -> Incident {
+    let vigil = Vigil::start();
+    wait_subscribed(&vigil);
+    let mut alerts = Sub::start(vigil.port(), &["-t", "device/sim-1/alerts", "-q", "1"]);
+    let mut predictions = Sub::start(vigil.port(), &["-t", "device/sim-1/predictions", "-q", "1"]);
+    let (lines, fault_start_ms) = telemetry_lines(fields);
+    replay(&vigil, &lines, fault_start_ms, &mut predictions);
+    let got = alerts.drain(Duration::from_millis(500));
+    let mut anomalies = anomaly_alerts(&got);
+    assert_eq!(
+        anomalies.len(),
+        1,
+        "expected exactly one anomaly alert for the incident: {got:#?}"
+    );
+    let alert = anomalies.remove(0);
+    assert!(
+        alert["timestamp"].as_i64().unwrap_or(0) >= fault_start_ms,
+        "anomaly alert before the fault: {alert}"
+    );
+    Incident {
+        vigil,
+        predictions,
+        alert,
+        fault_start_ms,
+    }
+}
+
 /// Publishes every line of `lines` as one message, from one `mosquitto_pub -l` process.
 fn publish_lines(port: u16, topic: &str, lines: &str) {
     common::publish_lines(port, &["-t", topic, "-q", "1"], lines.lines());
@@ -176,13 +214,13 @@ fn bad_payload_is_answered_on_the_errors_topic() {
 
 #[test]
 fn one_anomaly_alert_per_incident_and_a_prediction_towards_the_limit() {
-    let mut v = Vigil::start();
-    wait_subscribed(&v);
-    let mut alerts = Sub::start(v.port(), &["-t", "device/sim-1/alerts", "-q", "1"]);
-    let mut predictions = Sub::start(v.port(), &["-t", "device/sim-1/predictions", "-q", "1"]);
-
     // A temperature around 60, then a jump of 6 degrees and a ramp towards the limit.
-    let (lines, fault_start_ms) = telemetry_lines(|i, noise| {
+    let Incident {
+        vigil: mut v,
+        predictions,
+        alert,
+        fault_start_ms,
+    } = one_incident(|i, noise| {
         let value = if i < NORMAL {
             60.0 + noise()
         } else {
@@ -190,22 +228,8 @@ fn one_anomaly_alert_per_incident_and_a_prediction_towards_the_limit() {
         };
         format!("\"temperature\":{value:.3}")
     });
-    replay(&v, &lines, fault_start_ms, &mut predictions);
-    let got = alerts.drain(Duration::from_millis(500));
-    let anomalies = anomaly_alerts(&got);
-    assert_eq!(
-        anomalies.len(),
-        1,
-        "expected exactly one anomaly alert for the incident: {got:#?}"
-    );
-    assert_eq!(anomalies[0]["metric"], "temperature");
-    assert!(anomalies[0].get("expected").is_none(), "{:?}", anomalies[0]);
-    let at = anomalies[0]["timestamp"].as_i64().unwrap_or(0);
-    assert!(
-        at >= fault_start_ms,
-        "anomaly alert before the fault: {:?}",
-        anomalies[0]
-    );
+    assert_eq!(alert["metric"], "temperature");
+    assert!(alert.get("expected").is_none(), "{alert}");
 
     let towards_limit = predictions
         .messages
@@ -242,15 +266,14 @@ fn one_anomaly_alert_per_incident_and_a_prediction_towards_the_limit() {
 
 #[test]
 fn a_broken_relationship_between_metrics_gives_one_cross_metric_alert() {
-    let mut v = Vigil::start();
-    wait_subscribed(&v);
-    let mut alerts = Sub::start(v.port(), &["-t", "device/sim-1/alerts", "-q", "1"]);
-    let mut predictions = Sub::start(v.port(), &["-t", "device/sim-1/predictions", "-q", "1"]);
-
     // A motor's current follows a slow load cycle and its temperature follows the current.
     // The fault is a cooling loss: the temperature drifts up to 3 degrees above what the
     // current explains, well inside the range it covers anyway (64-76).
-    let (lines, fault_start_ms) = telemetry_lines(|i, noise| {
+    let Incident {
+        vigil: mut v,
+        alert,
+        ..
+    } = one_incident(|i, noise| {
         let current = 15.0 + 3.0 * (i as f64 / 60.0).sin() + 0.3 * noise();
         let drift = if i < NORMAL {
             0.0
@@ -260,26 +283,13 @@ fn a_broken_relationship_between_metrics_gives_one_cross_metric_alert() {
         let temperature = 40.0 + 2.0 * current + 0.3 * noise() + drift;
         format!("\"current\":{current:.3},\"temperature\":{temperature:.3}")
     });
-    replay(&v, &lines, fault_start_ms, &mut predictions);
-    let got = alerts.drain(Duration::from_millis(500));
-    let anomalies = anomaly_alerts(&got);
-    assert_eq!(
-        anomalies.len(),
-        1,
-        "expected exactly one anomaly alert for the incident: {got:#?}"
-    );
     // With two metrics the relationship is what broke; the alert names one and the message
     // the other.
-    let alert = &anomalies[0];
     let (named, other) = match alert["metric"].as_str() {
         Some("temperature") => ("temperature", "current"),
         Some("current") => ("current", "temperature"),
         _ => panic!("unexpected metric: {alert}"),
     };
-    assert!(
-        alert["timestamp"].as_i64().unwrap_or(0) >= fault_start_ms,
-        "alert before the fault: {alert}"
-    );
     let value = alert["value"].as_f64().unwrap_or(f64::NAN);
     let expected = alert["expected"].as_f64().unwrap_or(f64::NAN);
     assert!(
