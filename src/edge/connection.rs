@@ -839,11 +839,8 @@ where
             edge.metrics
                 .bytes_in
                 .fetch_add(frame.wire_len() as u64, Relaxed);
-            if frame.kind() == mqtt::PUBLISH && frame.flags() & 0b0110 == 0 {
-                unanswered = true;
-            } else {
-                answered |= gets_an_answer(&frame);
-            }
+            unanswered |= frame.kind() == mqtt::PUBLISH && frame.flags() & 0b0110 == 0;
+            answered |= gets_an_answer(&frame);
             self.on_client_packet(edge, frame)?;
         }
         // A QoS 0 publish is acknowledged by TCP alone, and a client with Nagle on (libmosquitto,
