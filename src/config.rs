@@ -88,6 +88,27 @@ pub struct Config {
     pub redis: RedisConfig,
     #[serde(default)]
     pub history: HistoryConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// Threads (`[runtime]`). Optional: absent in configs written before it existed.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Threads serving client connections, each connection on one of them for its whole
+    /// life; 0 = one per core.
+    pub connection_threads: usize,
+}
+
+impl RuntimeConfig {
+    /// The number of connection threads to start.
+    pub fn connection_threads(&self) -> usize {
+        match self.connection_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 /// Scale-out over Redis (`cluster`). Off when `url` is empty.
@@ -536,6 +557,11 @@ impl Config {
             "core.max_outgoing_packet_count",
             (1..=100_000).contains(&c.max_outgoing_packet_count),
             "must be between 1 and 100000",
+        )?;
+        check(
+            "runtime.connection_threads",
+            self.runtime.connection_threads <= 256,
+            "must be between 0 (one per core) and 256",
         )?;
         self.analytics.validate()?;
         self.tls.validate_tls()?;

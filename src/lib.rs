@@ -57,6 +57,8 @@ pub enum RunError {
     Tls(#[from] edge::tls::TlsError),
     #[error(transparent)]
     History(#[from] history::HistoryError),
+    #[error(transparent)]
+    Threads(#[from] edge::threads::ThreadsError),
 }
 
 /// The public listeners, bound.
@@ -139,6 +141,7 @@ pub async fn run(
         history,
         tracker,
         shutdown.clone(),
+        edge::threads::ConnectionThreads::start(config.runtime.connection_threads())?,
     )?);
     tokio::spawn(reload_on_hangup(edge.clone()));
     tokio::spawn(core::report_lag_drops(
@@ -198,6 +201,7 @@ pub async fn run(
             "connections still open at the shutdown deadline"
         );
     }
+    edge.threads.stop();
     Ok(())
 }
 

@@ -16,6 +16,7 @@ pub mod passwd;
 pub mod policy;
 pub mod registry;
 pub mod tcp;
+pub mod threads;
 pub mod tls;
 pub mod web;
 pub mod ws_io;
@@ -62,11 +63,11 @@ impl<S: ClientStream> ClientStream for tokio_rustls::server::TlsStream<S> {
 impl ClientStream for tokio::io::DuplexStream {}
 
 /// Accepts sockets until shutdown and runs `handle` for each in its own tracked task, inside a
-/// `conn` span. A socket that cannot get a handshake slot is closed at once (counted), so a
+/// `conn` span, on the next connection thread ([`threads`]). A socket that cannot get a handshake slot is closed at once (counted), so a
 /// flood never blocks the accept loop; accept errors (usually EMFILE) back off briefly.
 pub async fn accept_loop<F, Fut>(edge: Arc<Edge>, listener: TcpListener, kind: Listener, handle: F)
 where
-    F: Fn(Arc<Edge>, TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    F: Fn(Arc<Edge>, TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -88,8 +89,30 @@ where
         };
         let _ = stream.set_nodelay(true);
         let span = tracing::info_span!("conn", %peer, listener = kind.as_str(), client_id = tracing::field::Empty);
-        edge.tracker
-            .spawn(handle(edge.clone(), stream, peer, slot).instrument(span));
+        let Some(runtime) = edge.threads.pick() else {
+            edge.tracker
+                .spawn(handle(edge.clone(), stream, peer, slot).instrument(span));
+            continue;
+        };
+        // The socket moves to the chosen thread's reactor: out of this one here, into that one
+        // on the thread itself.
+        let socket = match stream.into_std() {
+            Ok(socket) => socket,
+            Err(e) => {
+                tracing::warn!(error = %e, %peer, "cannot hand the socket to a connection thread");
+                continue;
+            }
+        };
+        let task = {
+            let (edge, handle) = (edge.clone(), handle.clone());
+            async move {
+                match TcpStream::from_std(socket) {
+                    Ok(stream) => handle(edge, stream, peer, slot).await,
+                    Err(e) => tracing::warn!(error = %e, "cannot register the socket"),
+                }
+            }
+        };
+        edge.tracker.spawn_on(task.instrument(span), runtime);
     }
 }
 
@@ -160,6 +183,8 @@ pub struct Edge {
     pub bridge: BridgeLimits,
     /// Telemetry history per device (analytics warm starts, the bridge's `history` request).
     pub history: History,
+    /// The threads that serve accepted sockets (`[runtime] connection_threads`).
+    pub threads: threads::ConnectionThreads,
 }
 
 /// Bounds of the JSON bridge (`[bridge]`).
@@ -177,6 +202,7 @@ impl Edge {
         history: History,
         tracker: TaskTracker,
         shutdown: CancellationToken,
+        threads: threads::ConnectionThreads,
     ) -> Result<Edge, policy::PolicyError> {
         let cap = config.limits.max_connections;
         Ok(Edge {
@@ -198,6 +224,7 @@ impl Edge {
                 max_queued_bytes: config.bridge.max_queued_bytes,
             },
             history,
+            threads,
         })
     }
 
