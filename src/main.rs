@@ -404,9 +404,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    // rumqttd runs its router and listener on threads of its own: leave them a core. Measured on
-    // 2 cores (BENCHMARKS.md): one worker instead of two gave about +10% for a publisher waiting
-    // for each ack and for fan-out, and the same for pipelined QoS 1.
+    // Client connections run on the edge's connection threads ([runtime] connection_threads);
+    // this runtime has the accept loops, the analytics task, the cluster links and history.
+    // rumqttd runs its router and listener on threads of its own: leave them a core.
     let workers = std::thread::available_parallelism()
         .map(|n| n.get().saturating_sub(1).max(1))
         .unwrap_or(1);
