@@ -700,6 +700,29 @@ mod tests {
     }
 
     #[test]
+    fn runtime_section_is_optional_and_bounded() {
+        let c = Config::default_config().expect("default config parses");
+        assert_eq!(c.runtime.connection_threads, 0);
+        assert!(c.runtime.connection_threads() >= 1);
+
+        let (head, tail) = DEFAULT_TOML
+            .split_once("[runtime]")
+            .expect("the default has a [runtime] section");
+        let rest = tail.split_once("\n[").map_or("", |(_, r)| r);
+        let without = format!("{head}[{rest}");
+        let c = Config::parse(&without, "test").expect("a config without [runtime] parses");
+        assert_eq!(c.runtime.connection_threads, 0);
+
+        let three = DEFAULT_TOML.replace("connection_threads = 0", "connection_threads = 3");
+        let c = Config::parse(&three, "test").expect("3 threads parse");
+        assert_eq!(c.runtime.connection_threads(), 3);
+
+        let many = DEFAULT_TOML.replace("connection_threads = 0", "connection_threads = 1000");
+        let err = Config::parse(&many, "test").unwrap_err().to_string();
+        assert!(err.contains("runtime.connection_threads"), "{err}");
+    }
+
+    #[test]
     fn missing_key_is_an_error() {
         let text = DEFAULT_TOML.replace("max_client_id_len = 256", "");
         let err = Config::parse(&text, "test").unwrap_err().to_string();
