@@ -842,6 +842,10 @@ struct JointVerdict {
 /// residual of normal readings varies by about 0.2).
 const JOINT_MIN_STD: f64 = 0.1;
 
+/// A metric is explained by the others while the mean of its recent residuals stays under this
+/// many residual standard deviations (a mean of 10 healthy readings rarely exceeds 1).
+const EXPLAINED_RESIDUAL: f64 = 2.0;
+
 impl JointChannel {
     fn new(cfg: &DetectorConfig, names: Vec<String>) -> Self {
         Self {
@@ -911,6 +915,29 @@ impl JointChannel {
             score,
             alert,
         })
+    }
+
+    /// Whether metric `j` is explained by the others and the recent readings fit that: the
+    /// mean of the last `avg_window` rows (the span a smoothed score covers) leaves a residual
+    /// under [`EXPLAINED_RESIDUAL`] for it.
+    fn explains(&self, cfg: &DetectorConfig, j: usize) -> bool {
+        let Some(model) = self.model.as_ref() else {
+            return false;
+        };
+        let rows = &self.training.recent;
+        let recent = rows.len().min(cfg.avg_window);
+        if recent == 0 {
+            return false;
+        }
+        let mut mean = [0.0; MAX_JOINT];
+        for row in rows.iter().rev().take(recent) {
+            for (m, v) in mean.iter_mut().zip(row) {
+                *m += v / recent as f64;
+            }
+        }
+        model
+            .residual_of(j, &mean)
+            .is_some_and(|r| r.abs() < EXPLAINED_RESIDUAL)
     }
 
     fn needs_refit(&mut self, cfg: &DetectorConfig) -> Option<RefitJob> {
@@ -1179,21 +1206,25 @@ impl DeviceDetector {
         let now = self.readings;
         let incident = cfg.recurrence_window.max(cfg.cooldown) as u64;
         let recent = |at: Option<u64>| at.is_some_and(|t| now - t < incident);
-        // A per-metric alert on one of the model's metrics while a cross-metric incident is
-        // recent is the same incident seen again.
+        let verdict = joint.values(reading).and_then(|v| joint.feed(cfg, v));
         for o in out.iter_mut().filter(|o| o.outcome.alert.is_some()) {
-            if joint.names.contains(&o.metric) {
-                if recent(self.last_joint_alert) {
-                    o.outcome.alert = None;
-                } else {
-                    self.last_metric_alert = Some(now);
-                }
+            let Some(j) = joint.names.iter().position(|n| *n == o.metric) else {
+                continue;
+            };
+            // A per-metric alert on one of the model's metrics while a cross-metric incident
+            // is recent is the same incident seen again.
+            if recent(self.last_joint_alert) {
+                o.outcome.alert = None;
+            // A LOW one on a metric the others explain, while they still explain it, is the
+            // machine moving along its normal relationship (a load excursion all its sensors
+            // follow), not a fault of that metric: dropped, see `JointChannel::explains`.
+            } else if o.outcome.alert == Some(Severity::Low) && joint.explains(cfg, j) {
+                o.outcome.alert = None;
+            } else {
+                self.last_metric_alert = Some(now);
             }
         }
-        let Some(values) = joint.values(reading) else {
-            return;
-        };
-        let Some(verdict) = joint.feed(cfg, values) else {
+        let Some(verdict) = verdict else {
             return;
         };
         let Some(severity) = verdict.alert else {
@@ -1565,6 +1596,39 @@ mod tests {
             |_| 0.0,
         );
         assert!(missed.is_empty(), "{missed:?}");
+    }
+
+    #[test]
+    fn low_per_metric_alerts_the_other_metrics_explain_are_dropped() {
+        // A bar low enough that healthy noise raises LOW per-metric alerts.
+        let loose = DetectorConfig {
+            alert_tail: 1e-2,
+            young_margin: 0.0,
+            ..small_config()
+        };
+        let explained = |alerts: &[AlertMessage]| {
+            alerts
+                .iter()
+                .filter(|a| a.expected.is_none() && a.metric != "vibration")
+                .count()
+        };
+        let mut alone = DeviceDetector::new(DetectorConfig {
+            joint_metrics: 0,
+            ..loose.clone()
+        })
+        .expect("config");
+        let without = motor(&mut alone, 0..4000, |_| 0.0, |_| 0.0);
+        assert!(explained(&without) > 0, "{without:?}");
+        assert!(without.iter().all(|a| a.severity == Severity::Low));
+
+        // Current and temperature follow each other; the vibration is unrelated to both, so
+        // the cross-metric model does not explain it and its alerts stay.
+        let mut det = DeviceDetector::new(loose).expect("config");
+        let with = motor(&mut det, 0..4000, |_| 0.0, |_| 0.0);
+        assert_eq!(explained(&with), 0, "{with:?}");
+        // Not hidden by a cross-metric incident either: there is none.
+        assert!(with.iter().all(|a| a.expected.is_none()), "{with:?}");
+        assert!(with.iter().any(|a| a.metric == "vibration"), "{with:?}");
     }
 
     #[test]

@@ -199,6 +199,18 @@ impl JointModel {
 }
 
 impl JointModel {
+    /// Metric `j`'s standardised residual in a reading (in its residual standard deviations,
+    /// signed), or `None` if the model does not score it.
+    pub fn residual_of(&self, j: usize, values: &[f64; MAX_JOINT]) -> Option<f64> {
+        if j >= self.k || !self.explained[j] {
+            return None;
+        }
+        let pred: f64 = (0..self.k)
+            .map(|i| self.coef[j][i] * self.standardise(i, values[i]))
+            .sum();
+        Some((self.standardise(j, values[j]) - pred) / self.resid_std[j])
+    }
+
     /// The value the other metrics predict for metric `j` in a reading.
     pub fn expected(&self, j: usize, values: &[f64; MAX_JOINT]) -> Option<f64> {
         if j >= self.k || self.std[j] == 0.0 {
