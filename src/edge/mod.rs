@@ -63,8 +63,9 @@ impl<S: ClientStream> ClientStream for tokio_rustls::server::TlsStream<S> {
 impl ClientStream for tokio::io::DuplexStream {}
 
 /// Accepts sockets until shutdown and runs `handle` for each in its own tracked task, inside a
-/// `conn` span, on the next connection thread ([`threads`]). A socket that cannot get a handshake slot is closed at once (counted), so a
-/// flood never blocks the accept loop; accept errors (usually EMFILE) back off briefly.
+/// `conn` span, on the next connection thread ([`threads`]). A socket that cannot get a
+/// handshake slot is closed at once (counted), so a flood never blocks the accept loop; accept
+/// errors (usually EMFILE) back off briefly.
 pub async fn accept_loop<F, Fut>(edge: Arc<Edge>, listener: TcpListener, kind: Listener, handle: F)
 where
     F: Fn(Arc<Edge>, TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut + Clone + Send + 'static,

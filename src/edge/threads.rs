@@ -38,16 +38,7 @@ pub struct ConnectionThreads {
 }
 
 impl ConnectionThreads {
-    /// No threads of its own: [`pick`](Self::pick) always says `None`.
-    pub fn none() -> ConnectionThreads {
-        ConnectionThreads {
-            handles: Vec::new(),
-            next: AtomicUsize::new(0),
-            threads: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Starts `count` threads, each driving a current-thread runtime until [`stop`](Self::stop).
+    /// Starts `count` threads (0: none, and connections run on the caller's runtime), each driving a current-thread runtime until [`stop`](Self::stop).
     pub fn start(count: usize) -> Result<ConnectionThreads, ThreadsError> {
         let mut handles = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
