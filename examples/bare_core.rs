@@ -13,7 +13,7 @@ fn main() {
         .unwrap_or_else(|| "127.0.0.1:18840".into());
     let listen = listen.parse().expect("listen address");
     let config = vigil::config::Config::default_config().expect("built-in config");
-    let mut broker = rumqttd::Broker::new(vigil::core::rumqttd_config(&config, listen, None));
+    let mut broker = rumqttd::Broker::new(vigil::core::rumqttd_config(&config, &[listen], None));
     eprintln!("bare rumqttd core listening on {listen}");
     if let Err(e) = broker.start() {
         eprintln!("error: {e}");

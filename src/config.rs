@@ -266,6 +266,14 @@ pub struct CoreConfig {
     pub max_segment_size: usize,
     pub max_segment_count: usize,
     pub max_outgoing_packet_count: u64,
+    /// Loopback listeners of the core, each with its own accept loop and network thread; core
+    /// connections take them in turn. Optional (1): absent in older configs.
+    #[serde(default = "one")]
+    pub listeners: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The live analytics task (`live`): which devices it tracks and how hard it may work.
@@ -559,6 +567,11 @@ impl Config {
             "must be between 1 and 100000",
         )?;
         check(
+            "core.listeners",
+            (1..=64).contains(&c.listeners),
+            "must be between 1 and 64",
+        )?;
+        check(
             "runtime.connection_threads",
             self.runtime.connection_threads <= 256,
             "must be between 0 (one per core) and 256",
@@ -720,6 +733,19 @@ mod tests {
         let many = DEFAULT_TOML.replace("connection_threads = 0", "connection_threads = 1000");
         let err = Config::parse(&many, "test").unwrap_err().to_string();
         assert!(err.contains("runtime.connection_threads"), "{err}");
+    }
+
+    #[test]
+    fn core_listeners_default_to_one_and_are_bounded() {
+        assert_eq!(Config::default_config().expect("default").core.listeners, 1);
+        let absent = DEFAULT_TOML.replace("\nlisteners = 1\n", "\n");
+        let c = Config::parse(&absent, "test").expect("a config without it parses");
+        assert_eq!(c.core.listeners, 1);
+        for bad in ["0", "65"] {
+            let text = DEFAULT_TOML.replace("listeners = 1", &format!("listeners = {bad}"));
+            let err = Config::parse(&text, "test").unwrap_err().to_string();
+            assert!(err.contains("core.listeners"), "{err}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -56,7 +56,9 @@ pub enum CoreError {
 /// A handle to the running core. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Core {
-    addr: SocketAddr,
+    /// The core's listeners; connections take them in turn (`next`).
+    addrs: Vec<SocketAddr>,
+    next: AtomicUsize,
     username: String,
     password: String,
 }
@@ -73,13 +75,13 @@ pub struct CoreLink {
 impl Core {
     /// Starts rumqttd on its own threads and waits until it accepts our credential.
     pub async fn start(config: &Config) -> Result<Core, CoreError> {
-        let addr = free_loopback_port().map_err(CoreError::NoPort)?;
+        let addrs = free_loopback_ports(config.core.listeners.max(1)).map_err(CoreError::NoPort)?;
         let mut secret = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut secret);
         let password: String = secret.iter().map(|b| format!("{b:02x}")).collect();
         let username = "vigil-internal".to_string();
 
-        let rumqttd_config = rumqttd_config(config, addr, Some((&username, &password)));
+        let rumqttd_config = rumqttd_config(config, &addrs, Some((&username, &password)));
         let mut broker = rumqttd::Broker::new(rumqttd_config);
         std::thread::Builder::new()
             .name("vigil-core".into())
@@ -94,24 +96,32 @@ impl Core {
             .map_err(CoreError::Thread)?;
 
         let core = Core {
-            addr,
+            addrs,
+            next: AtomicUsize::new(0),
             username,
             password,
         };
-        core.wait_ready(Duration::from_secs(10)).await?;
-        tracing::info!(core = %addr, "core ready (loopback only, per-process credential)");
+        for &addr in &core.addrs {
+            core.wait_ready(addr, Duration::from_secs(10)).await?;
+        }
+        tracing::info!(
+            core = %core.addrs[0],
+            listeners = core.addrs.len(),
+            "core ready (loopback only, per-process credential)"
+        );
         Ok(core)
     }
 
+    /// The first listener's address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.addrs[0]
     }
 
-    async fn wait_ready(&self, limit: Duration) -> Result<(), CoreError> {
+    async fn wait_ready(&self, addr: SocketAddr, limit: Duration) -> Result<(), CoreError> {
         let deadline = Instant::now() + limit;
-        let mut id = String::from("vigil-probe");
+        let mut id = format!("vigil-probe-{}", addr.port());
         loop {
-            match self.connect(&id, true).await {
+            match self.connect_to(addr, &id, true).await {
                 Ok(link) if link.code == 0 => {
                     // An orderly close, not DISCONNECT (see `Edge::wipe_core_session`).
                     let mut stream = link.stream;
@@ -120,7 +130,7 @@ impl Core {
                 }
                 _ if Instant::now() >= deadline => {
                     return Err(CoreError::NotReady {
-                        addr: self.addr,
+                        addr,
                         secs: limit.as_secs(),
                     })
                 }
@@ -141,7 +151,18 @@ impl Core {
         client_id: &str,
         clean_session: bool,
     ) -> Result<CoreLink, CoreError> {
-        let mut stream = TcpStream::connect(self.addr).await?;
+        let i = self.next.fetch_add(1, Relaxed) % self.addrs.len();
+        self.connect_to(self.addrs[i], client_id, clean_session)
+            .await
+    }
+
+    async fn connect_to(
+        &self,
+        addr: SocketAddr,
+        client_id: &str,
+        clean_session: bool,
+    ) -> Result<CoreLink, CoreError> {
+        let mut stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let mut out = BytesMut::with_capacity(128);
         mqtt::put_core_connect(
@@ -236,19 +257,22 @@ pub async fn disconnect(wr: &mut OwnedWriteHalf) {
     let _ = timeout(Duration::from_secs(1), wr.write_all(&out)).await;
 }
 
-fn free_loopback_port() -> std::io::Result<SocketAddr> {
-    // rumqttd binds by itself and cannot report a port chosen by the OS, so take one now and
-    // hand it over; the readiness probe catches the rare case of losing it in between.
-    let listener = StdListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    listener.local_addr()
+fn free_loopback_ports(count: usize) -> std::io::Result<Vec<SocketAddr>> {
+    // rumqttd binds by itself and cannot report a port chosen by the OS, so take them now (all
+    // held at once, so they differ) and hand them over; the readiness probe catches the rare
+    // case of losing one in between.
+    let listeners = (0..count)
+        .map(|_| StdListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners.iter().map(|l| l.local_addr()).collect()
 }
 
-/// The rumqttd configuration of the core, listening on `addr` and accepting only `credential`
+/// The rumqttd configuration of the core, listening on `addrs` and accepting only `credential`
 /// (user, password). `None` accepts anyone: only the benchmark baseline `examples/bare_core.rs`
 /// does that, so that it measures exactly the core vigil runs.
 pub fn rumqttd_config(
     config: &Config,
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     credential: Option<(&str, &str)>,
 ) -> rumqttd::Config {
     let router = rumqttd::RouterConfig {
@@ -269,17 +293,25 @@ pub fn rumqttd_config(
         external_auth: None,
         dynamic_filters: true,
     };
-    let server = rumqttd::ServerSettings {
-        name: "vigil-core".into(),
-        listen: addr,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections,
-    };
+    // One server per address: rumqttd gives each its own thread, accept loop and connections.
+    let servers = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, &listen)| {
+            let server = rumqttd::ServerSettings {
+                name: format!("vigil-core-{i}"),
+                listen,
+                tls: None,
+                next_connection_delay_ms: 0,
+                connections: connections.clone(),
+            };
+            (format!("core-{i}"), server)
+        })
+        .collect();
     rumqttd::Config {
         id: 0,
         router,
-        v4: Some(HashMap::from([("core".to_string(), server)])),
+        v4: Some(servers),
         ..Default::default()
     }
 }

@@ -47,6 +47,41 @@ fn qos_0_1_2_both_directions_in_both_versions() {
 }
 
 #[test]
+fn several_core_listeners_route_between_each_other() {
+    // `[core] listeners = 3`: consecutive clients land on different core listeners, and
+    // messages, QoS 2 included, and retained messages still reach every subscriber.
+    let v = Vigil::start_with(|c| c.replace("listeners = 1", "listeners = 3"));
+    assert!(v.log().contains("listeners=3"), "{}", v.log());
+    publish(
+        v.port(),
+        &["-t", "listeners/retained", "-m", "kept", "-q", "1", "-r"],
+    );
+    let mut subs: Vec<Sub> = (0..3)
+        .map(|_| Sub::start(v.port(), &["-t", "listeners/#", "-q", "2"]))
+        .collect();
+    for sub in &mut subs {
+        assert_eq!(sub.expect_messages(1, T), ["listeners/retained|1|1|kept"]);
+    }
+    for q in ["0", "1", "2"] {
+        let topic = format!("listeners/q{q}");
+        publish(v.port(), &["-t", topic.as_str(), "-m", q, "-q", q]);
+    }
+    for sub in &mut subs {
+        let mut got = sub.expect_messages(4, T);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "listeners/q0|0|0|0",
+                "listeners/q1|1|0|1",
+                "listeners/q2|2|0|2",
+                "listeners/retained|1|1|kept"
+            ]
+        );
+    }
+}
+
+#[test]
 fn wildcard_device_telemetry() {
     let v = Vigil::start();
     let mut sub = Sub::start(v.port(), &["-t", "device/+/telemetry", "-q", "1"]);
