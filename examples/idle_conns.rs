@@ -2,8 +2,9 @@
 //! so a script can read the broker's memory per connection.
 //!
 //! ```text
-//! cargo run --release --example idle_conns -- --port 1883 --count 2000 --hold-secs 10 [--subscribe]
+//! cargo run --release --example idle_conns -- --port 1883 --count 2000 --hold-secs 10 [--subscribe] [--parallel N]
 //! ```
+//! `--parallel N` connects N clients at once (default 1: one after another).
 //! Prints `connected N in S s` once every CONNACK (and SUBACK) has arrived, then holds.
 
 use std::time::{Duration, Instant};
@@ -24,6 +25,35 @@ fn packet(header: u8, body: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Connects client `i` (CONNECT, and SUBSCRIBE when asked) and returns its open socket.
+async fn connect(port: u16, i: usize, subscribe: bool) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let mut body = string(b"MQTT");
+    body.extend_from_slice(&[4, 0x02, 0, 60]);
+    body.extend(string(
+        format!("idle-{}-{i}", std::process::id()).as_bytes(),
+    ));
+    s.write_all(&packet(0x10, &body))
+        .await
+        .expect("write CONNECT");
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).await.expect("CONNACK");
+    assert_eq!(ack[3], 0, "refused");
+    if subscribe {
+        let mut body = 1u16.to_be_bytes().to_vec();
+        body.extend(string(format!("idle/{i}").as_bytes()));
+        body.push(1);
+        s.write_all(&packet(0x82, &body))
+            .await
+            .expect("write SUBSCRIBE");
+        let mut suback = [0u8; 5];
+        s.read_exact(&mut suback).await.expect("SUBACK");
+    }
+    s
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -36,39 +66,35 @@ async fn main() {
     let port: u16 = get("--port", "1883").parse().expect("--port");
     let count: usize = get("--count", "2000").parse().expect("--count");
     let hold: u64 = get("--hold-secs", "10").parse().expect("--hold-secs");
+    let parallel: usize = get("--parallel", "1").parse().expect("--parallel");
     let subscribe = args.iter().any(|a| a == "--subscribe");
     let start = Instant::now();
+    // `parallel` clients connect at once, each taking the next index when done (a fleet
+    // reconnecting together); 1 connects them one after another.
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let workers: Vec<_> = (0..parallel.max(1))
+        .map(|_| {
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut conns = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= count {
+                        return conns;
+                    }
+                    conns.push(connect(port, i, subscribe).await);
+                }
+            })
+        })
+        .collect();
     let mut conns = Vec::with_capacity(count);
-    for i in 0..count {
-        let mut s = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        let mut body = string(b"MQTT");
-        body.extend_from_slice(&[4, 0x02, 0, 60]);
-        body.extend(string(
-            format!("idle-{}-{i}", std::process::id()).as_bytes(),
-        ));
-        s.write_all(&packet(0x10, &body))
-            .await
-            .expect("write CONNECT");
-        let mut ack = [0u8; 4];
-        s.read_exact(&mut ack).await.expect("CONNACK");
-        assert_eq!(ack[3], 0, "refused");
-        if subscribe {
-            let mut body = 1u16.to_be_bytes().to_vec();
-            body.extend(string(format!("idle/{i}").as_bytes()));
-            body.push(1);
-            s.write_all(&packet(0x82, &body))
-                .await
-                .expect("write SUBSCRIBE");
-            let mut suback = [0u8; 5];
-            s.read_exact(&mut suback).await.expect("SUBACK");
-        }
-        conns.push(s);
+    for w in workers {
+        conns.extend(w.await.expect("connecting task"));
     }
     println!(
         "connected {count} in {:.2} s",
         start.elapsed().as_secs_f64()
     );
     tokio::time::sleep(Duration::from_secs(hold)).await;
+    drop(conns);
 }
