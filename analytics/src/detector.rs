@@ -550,6 +550,20 @@ impl<T: Copy> TrainingSet<T> {
     fn len(&self) -> usize {
         self.reservoir.len() + self.recent.len()
     }
+
+    /// Every training row as a matrix of its first `cols` values, oldest first.
+    fn matrix(&self, cols: usize) -> Array2<f64>
+    where
+        T: AsRef<[f64]>,
+    {
+        let mut data = Array2::zeros((self.len(), cols));
+        for (mut row, values) in data.rows_mut().into_iter().zip(self.rows()) {
+            for (d, s) in row.iter_mut().zip(values.as_ref()) {
+                *d = *s;
+            }
+        }
+        data
+    }
 }
 
 /// When a model is due for a refit, and which generation the next one gets.
@@ -784,12 +798,7 @@ impl MetricDetector {
         let generation = self
             .clock
             .due(cfg, self.model.is_some(), self.training.recent.len())?;
-        let mut data = Array2::zeros((self.training.len(), N_FEATURES));
-        for (mut row, feats) in data.rows_mut().into_iter().zip(self.training.rows()) {
-            for (d, s) in row.iter_mut().zip(feats.iter()) {
-                *d = *s;
-            }
-        }
+        let data = self.training.matrix(N_FEATURES);
         // Mix the generation into the seed so successive forests differ but every run of the
         // same stream produces the same models.
         let seed = cfg.seed ^ generation.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -891,15 +900,7 @@ impl JointChannel {
         // residual pattern, with less noise than one reading's.
         let (metric, expected) = match (alert, self.model.as_ref()) {
             (Some(_), Some(m)) => {
-                let rows = &self.training.recent;
-                let recent = rows.len().min(cfg.avg_window).max(1);
-                let mut mean = [0.0; MAX_JOINT];
-                for row in rows.iter().rev().take(recent) {
-                    for (m, v) in mean.iter_mut().zip(row) {
-                        *m += v / recent as f64;
-                    }
-                }
-                match m.culprit(&mean) {
+                match self.recent_mean(cfg).and_then(|mean| m.culprit(&mean)) {
                     // The value predicted for this reading, not for the mean.
                     Some((j, _)) => m
                         .expected(j, &values)
@@ -917,17 +918,13 @@ impl JointChannel {
         })
     }
 
-    /// Whether metric `j` is explained by the others and the recent readings fit that: the
-    /// mean of the last `avg_window` rows (the span a smoothed score covers) leaves a residual
-    /// under [`EXPLAINED_RESIDUAL`] for it.
-    fn explains(&self, cfg: &DetectorConfig, j: usize) -> bool {
-        let Some(model) = self.model.as_ref() else {
-            return false;
-        };
+    /// The mean of the last `avg_window` rows, the readings a smoothed score covers; `None`
+    /// before the first row.
+    fn recent_mean(&self, cfg: &DetectorConfig) -> Option<[f64; MAX_JOINT]> {
         let rows = &self.training.recent;
         let recent = rows.len().min(cfg.avg_window);
         if recent == 0 {
-            return false;
+            return None;
         }
         let mut mean = [0.0; MAX_JOINT];
         for row in rows.iter().rev().take(recent) {
@@ -935,6 +932,15 @@ impl JointChannel {
                 *m += v / recent as f64;
             }
         }
+        Some(mean)
+    }
+
+    /// Whether metric `j` is explained by the others and the recent readings fit that: their
+    /// mean ([`Self::recent_mean`]) leaves a residual under [`EXPLAINED_RESIDUAL`] for it.
+    fn explains(&self, cfg: &DetectorConfig, j: usize) -> bool {
+        let (Some(model), Some(mean)) = (self.model.as_ref(), self.recent_mean(cfg)) else {
+            return false;
+        };
         model
             .residual_of(j, &mean)
             .is_some_and(|r| r.abs() < EXPLAINED_RESIDUAL)
@@ -944,13 +950,7 @@ impl JointChannel {
         let generation = self
             .clock
             .due(cfg, self.model.is_some(), self.training.recent.len())?;
-        let k = self.names.len();
-        let mut data = Array2::zeros((self.training.len(), k));
-        for (mut row, values) in data.rows_mut().into_iter().zip(self.training.rows()) {
-            for (d, s) in row.iter_mut().zip(values.iter()) {
-                *d = *s;
-            }
-        }
+        let data = self.training.matrix(self.names.len());
         Some(RefitJob {
             metric: self.names.join("+"),
             generation,

@@ -76,14 +76,6 @@ impl ConnectionThreads {
         self.handles.get(i)
     }
 
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
     /// Stops every thread and waits for it (except the calling thread, should it be one of
     /// them): call after the connections have ended.
     pub fn stop(&self) {
@@ -144,6 +136,5 @@ mod tests {
     fn without_threads_nothing_is_picked() {
         let threads = ConnectionThreads::start(0).expect("no threads");
         assert!(threads.pick().is_none());
-        assert!(threads.is_empty());
     }
 }
