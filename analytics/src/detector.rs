@@ -20,7 +20,9 @@
 //!    already reported do not open a new incident, only a bigger excursion does;
 //! 6. raises an alert when `z` reaches the standard score of `alert_tail` (plus `young_margin`
 //!    scaled by how empty the score history still is, so the first alerts after the warm-up,
-//!    judged against few points, must be clearer), then stays silent until the likelihood has
+//!    judged against few points, must be clearer), or when `z` has stayed at the looser bar of
+//!    `sustain_tail` (same margin) for `sustain_points` points in a row (an incident that holds
+//!    the score just under the bar); then it stays silent until the likelihood has
 //!    dropped below `rearm_likelihood` and `cooldown` points have passed, so one incident gives
 //!    one alert.
 //!
@@ -153,6 +155,14 @@ pub struct DetectorConfig {
     /// The cross-metric channel's smoothed residual must also be at least this many residual
     /// standard deviations to alert, whatever its standard score.
     pub joint_min_residual: f64,
+    /// Sustained evidence: a channel also alerts when its standard score has stayed at or above
+    /// the standard score of `sustain_tail` (plus the young margin) for `sustain_points` points
+    /// in a row, so an incident that holds the score just under the `alert_tail` bar is still
+    /// reported (0 disables).
+    pub sustain_points: usize,
+    /// Upper-tail probability of the sustained-evidence bar; it only adds alerts when it is
+    /// looser (larger) than `alert_tail`.
+    pub sustain_tail: f64,
 }
 
 impl Default for DetectorConfig {
@@ -184,6 +194,8 @@ impl Default for DetectorConfig {
             joint_metrics: 8,
             joint_min_r2: 0.5,
             joint_min_residual: 3.0,
+            sustain_points: 3,
+            sustain_tail: 3e-5,
         }
     }
 }
@@ -207,6 +219,11 @@ impl DetectorConfig {
         if !(self.alert_tail > 0.0 && self.alert_tail < 0.5) {
             return Err(DetectorError::InvalidConfig(
                 "alert_tail must be in (0, 0.5)",
+            ));
+        }
+        if !(self.sustain_tail > 0.0 && self.sustain_tail < 0.5) {
+            return Err(DetectorError::InvalidConfig(
+                "sustain_tail must be in (0, 0.5)",
             ));
         }
         if !(self.rearm_likelihood > 0.0 && self.rearm_likelihood < 1.0) {
@@ -668,6 +685,10 @@ struct Debounce {
     armed: bool,
     /// Standard score whose upper tail is `alert_tail`.
     alert_z: f64,
+    /// Standard score whose upper tail is `sustain_tail`.
+    sustain_z: f64,
+    /// Consecutive points at or above the sustained-evidence bar.
+    run: usize,
 }
 
 impl Debounce {
@@ -676,6 +697,8 @@ impl Debounce {
             cooldown_left: 0,
             armed: true,
             alert_z: z_for_upper_tail(cfg.alert_tail),
+            sustain_z: z_for_upper_tail(cfg.sustain_tail),
+            run: 0,
         }
     }
 
@@ -689,8 +712,18 @@ impl Debounce {
             self.armed = true;
         }
         let young = 1.0 - (n as f64 / cfg.history as f64).min(1.0);
-        let bar = self.alert_z + cfg.young_margin * young;
-        if n >= cfg.min_history && self.armed && self.cooldown_left == 0 && z >= bar {
+        let margin = cfg.young_margin * young;
+        if z >= self.sustain_z + margin {
+            self.run += 1;
+        } else {
+            self.run = 0;
+        }
+        let sustained = cfg.sustain_points > 0 && self.run >= cfg.sustain_points;
+        if n >= cfg.min_history
+            && self.armed
+            && self.cooldown_left == 0
+            && (z >= self.alert_z + margin || sustained)
+        {
             self.armed = false;
             self.cooldown_left = cfg.cooldown;
             return Some(severity_for(z));
@@ -1297,6 +1330,41 @@ mod tests {
         DetectorConfig {
             n_trees: 25,
             ..DetectorConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_score_held_just_under_the_bar_alerts_once_it_is_sustained() {
+        let cfg = DetectorConfig {
+            young_margin: 0.0,
+            ..DetectorConfig::default()
+        };
+        let full = cfg.history;
+        let between = (z_for_upper_tail(cfg.sustain_tail) + z_for_upper_tail(cfg.alert_tail)) / 2.0;
+        let mut debounce = Debounce::new(&cfg);
+        let alerts: Vec<bool> = (0..cfg.sustain_points)
+            .map(|_| debounce.judge(&cfg, between, 0.9999, full).is_some())
+            .collect();
+        let mut expected = vec![false; cfg.sustain_points];
+        expected[cfg.sustain_points - 1] = true;
+        assert_eq!(alerts, expected);
+        // One incident, one alert: the run continues but the channel is disarmed.
+        assert!(debounce.judge(&cfg, between, 0.9999, full).is_none());
+
+        // A run broken by one ordinary point starts again.
+        let mut debounce = Debounce::new(&cfg);
+        for z in [between, between, 0.0, between, between] {
+            assert!(debounce.judge(&cfg, z, 0.5, full).is_none());
+        }
+
+        // Switched off, the same run never alerts.
+        let off = DetectorConfig {
+            sustain_points: 0,
+            ..cfg.clone()
+        };
+        let mut debounce = Debounce::new(&off);
+        for _ in 0..10 {
+            assert!(debounce.judge(&off, between, 0.9999, full).is_none());
         }
     }
 
