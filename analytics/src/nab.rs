@@ -36,7 +36,7 @@ pub fn probation_rows(n_rows: usize) -> usize {
 }
 
 /// Score of one file.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct FileScore {
     /// Raw weighted score.
     pub raw: f64,

@@ -4,7 +4,9 @@
 //! [--jobs N]` replays every NAB series, one `Reading` (time stamp and value) per row, through
 //! the same streaming detector the broker uses and prints the NAB standard-profile score per file
 //! (`category/name.csv SCORE`) and the mean of the files (`mean SCORE`, last) on standard output;
-//! per-file diagnostics and per-category means go to standard error. `--seed` overrides the
+//! per-file diagnostics, per-category means and the pooled scores NAB's own scorer reports (the
+//! summed raw scores of a category or of all files, normalised once) go to standard error.
+//! `--seed` overrides the
 //! forest seed (after `--config`); `--jobs` replays files on that many threads without changing
 //! any result. `vigil-eval cmapss DIR [--config JSON]` trains the remaining-useful-life model on
 //! `train_FD001.txt` and prints the RMSE on the test engines (`rmse X`, last).
@@ -154,6 +156,8 @@ fn run_nab(args: &[String]) -> Result<(), BoxError> {
 
     let results = evaluate_files(&files, &config, &windows_json, &out_dir, jobs)?;
     let mut per_category: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    // NAB's own scorer normalises a category's summed raw scores, not the files' mean.
+    let mut pooled: BTreeMap<String, FileScore> = BTreeMap::new();
     let mut all = Vec::new();
     for (key, r) in files.iter().map(|(k, _)| k).zip(&results) {
         let s = r.score.normalized();
@@ -165,16 +169,31 @@ fn run_nab(args: &[String]) -> Result<(), BoxError> {
             r.windows, r.score.tp, r.score.fp, r.alerts, r.score.raw
         );
         let category = key.split('/').next().unwrap_or("?").to_string();
+        let sum = pooled.entry(category.clone()).or_default();
+        sum.raw += r.score.raw;
+        sum.null += r.score.null;
+        sum.perfect += r.score.perfect;
         per_category.entry(category).or_default().push(s);
         all.push(s);
     }
     for (cat, scores) in &per_category {
+        let summed = pooled.get(cat).map_or(0.0, FileScore::normalized);
         eprintln!(
-            "category {cat} {:.2} ({} files)",
+            "category {cat} {:.2} ({} files; pooled as NAB's scorer does: {summed:.2})",
             mean(scores),
             scores.len()
         );
     }
+    let corpus = pooled.values().fold(FileScore::default(), |mut acc, c| {
+        acc.raw += c.raw;
+        acc.null += c.null;
+        acc.perfect += c.perfect;
+        acc
+    });
+    eprintln!(
+        "all files pooled as NAB's scorer does: {:.2}",
+        corpus.normalized()
+    );
     println!("mean {:.2}", mean(&all));
     Ok(())
 }
