@@ -147,7 +147,8 @@ pub struct DetectorConfig {
     pub recurrence_gap: usize,
     /// Metrics in the device's cross-metric model (0 disables it, at most 8): the metrics of
     /// the first reading that carries two or more, in its order. Only readings carrying all of
-    /// them are used.
+    /// them are used; after `warmup` multi-metric readings in a row with another set, the model
+    /// is rebuilt for that set.
     pub joint_metrics: usize,
     /// A metric is scored by the cross-metric model only if the device's other metrics explain
     /// at least this share of its variance (R² of its regression on them).
@@ -868,6 +869,9 @@ struct JointChannel {
     recent: VecDeque<f64>,
     scores: ScoreHistory,
     debounce: Debounce,
+    /// Multi-metric readings in a row whose metrics differ from `names` (a sensor removed,
+    /// added or renamed); at `warmup` the channel is rebuilt for the new set.
+    changed: usize,
 }
 
 /// What the cross-metric channel says about one reading.
@@ -898,6 +902,7 @@ impl JointChannel {
             recent: VecDeque::with_capacity(cfg.avg_window),
             scores: ScoreHistory::default(),
             debounce: Debounce::new(cfg),
+            changed: 0,
         }
     }
 
@@ -1222,13 +1227,30 @@ impl DeviceDetector {
     /// per-metric channels.
     fn feed_joint(&mut self, reading: &Reading, out: &mut [MetricOutcome]) {
         let cfg = &self.config;
-        if self.joint.is_none() && out.len() >= 2 {
-            let names = out
-                .iter()
+        // The model's metrics are the first `joint_metrics` finite ones of a reading.
+        let wanted = || {
+            out.iter()
                 .filter(|o| o.value.is_finite())
                 .take(cfg.joint_metrics)
-                .map(|o| o.metric.clone())
-                .collect::<Vec<_>>();
+        };
+        if let Some(joint) = self.joint.as_mut() {
+            // A device whose multi-metric readings keep carrying another set of metrics than
+            // the model's (a sensor removed, added or renamed) gets a new model for the new
+            // set once that has lasted a warm-up's worth of readings; a reading with one
+            // metric says nothing about the set.
+            let n = wanted().count();
+            let same = n == joint.names.len() && wanted().all(|o| joint.names.contains(&o.metric));
+            if same {
+                joint.changed = 0;
+            } else if n >= 2 {
+                joint.changed += 1;
+            }
+            if joint.changed >= cfg.warmup {
+                self.joint = None;
+            }
+        }
+        if self.joint.is_none() && out.len() >= 2 {
+            let names = wanted().map(|o| o.metric.clone()).collect::<Vec<_>>();
             if names.len() >= 2 {
                 self.joint = Some(JointChannel::new(cfg, names));
             }
@@ -1622,6 +1644,53 @@ mod tests {
             det.refit_inline().expect("refit");
         }
         alerts
+    }
+
+    #[test]
+    fn the_cross_metric_model_follows_a_lasting_change_of_the_metric_set() {
+        let cfg = small_config();
+        let mut det = DeviceDetector::new(cfg.clone()).expect("config");
+        motor(&mut det, 0..600, |_| 0.0, |_| 0.0);
+        let names = |det: &DeviceDetector| {
+            det.joint_fit()
+                .iter()
+                .map(|(n, _)| n.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&det), ["current", "temperature", "vibration"]);
+        // The vibration sensor is removed: readings carry two of the model's three metrics.
+        let feed = |det: &mut DeviceDetector, range: std::ops::Range<usize>, single: bool| {
+            for i in range {
+                let current = 15.0 + 3.0 * (i as f64 / 60.0).sin();
+                let mut metrics = vec![("current".to_string(), current)];
+                if !single {
+                    metrics.push(("temperature".to_string(), 40.0 + 2.0 * current));
+                }
+                det.feed(&Reading {
+                    timestamp_ms: i as i64 * 1000,
+                    metrics,
+                });
+                det.refit_inline().expect("refit");
+            }
+        };
+        feed(&mut det, 600..600 + cfg.warmup - 1, false);
+        // Single-metric readings in between say nothing about the set.
+        feed(&mut det, 2000..2100, true);
+        assert_eq!(names(&det), ["current", "temperature", "vibration"]);
+        feed(&mut det, 3000..3001, false);
+        assert_eq!(names(&det), ["current", "temperature"]);
+        assert!(det.joint_fit().iter().all(|(_, r2)| r2.is_none()));
+        // It trains again like a new model.
+        feed(&mut det, 3001..3001 + cfg.warmup, false);
+        assert!(det.joint_fit().iter().all(|(_, r2)| r2.is_some()));
+
+        // A model whose metrics keep coming, now and then with another set, is kept.
+        let mut det = DeviceDetector::new(cfg.clone()).expect("config");
+        for i in 0..2 * cfg.warmup {
+            motor(&mut det, 2 * i..2 * i + 1, |_| 0.0, |_| 0.0);
+            feed(&mut det, 2 * i + 1..2 * i + 2, false);
+        }
+        assert_eq!(names(&det), ["current", "temperature", "vibration"]);
     }
 
     #[test]
