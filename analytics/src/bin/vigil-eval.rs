@@ -6,9 +6,8 @@
 //! (`category/name.csv SCORE`) and the mean of the files (`mean SCORE`, last) on standard output;
 //! per-file diagnostics, per-category means and the pooled scores NAB's own scorer reports (the
 //! summed raw scores of a category or of all files, normalised once) go to standard error.
-//! `--seed` overrides the
-//! forest seed (after `--config`); `--jobs` replays files on that many threads without changing
-//! any result. `vigil-eval cmapss DIR [--config JSON]` trains the remaining-useful-life model on
+//! `--seed` overrides the forest seed (after `--config`); `--jobs` replays files on that many
+//! threads without changing any result. `vigil-eval cmapss DIR [--config JSON]` trains the remaining-useful-life model on
 //! `train_FD001.txt` and prints the RMSE on the test engines (`rmse X`, last).
 
 use std::collections::BTreeMap;
