@@ -38,7 +38,8 @@ pub struct ConnectionThreads {
 }
 
 impl ConnectionThreads {
-    /// Starts `count` threads (0: none, and connections run on the caller's runtime), each driving a current-thread runtime until [`stop`](Self::stop).
+    /// Starts `count` threads (0: none, and connections run on the caller's runtime), each
+    /// driving a current-thread runtime until [`stop`](Self::stop).
     pub fn start(count: usize) -> Result<ConnectionThreads, ThreadsError> {
         let mut handles = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);

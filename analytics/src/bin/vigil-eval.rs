@@ -157,6 +157,7 @@ fn run_nab(args: &[String]) -> Result<(), BoxError> {
     let mut per_category: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     // NAB's own scorer normalises a category's summed raw scores, not the files' mean.
     let mut pooled: BTreeMap<String, FileScore> = BTreeMap::new();
+    let mut corpus = FileScore::default();
     let mut all = Vec::new();
     for (key, r) in files.iter().map(|(k, _)| k).zip(&results) {
         let s = r.score.normalized();
@@ -168,10 +169,8 @@ fn run_nab(args: &[String]) -> Result<(), BoxError> {
             r.windows, r.score.tp, r.score.fp, r.alerts, r.score.raw
         );
         let category = key.split('/').next().unwrap_or("?").to_string();
-        let sum = pooled.entry(category.clone()).or_default();
-        sum.raw += r.score.raw;
-        sum.null += r.score.null;
-        sum.perfect += r.score.perfect;
+        add_totals(pooled.entry(category.clone()).or_default(), &r.score);
+        add_totals(&mut corpus, &r.score);
         per_category.entry(category).or_default().push(s);
         all.push(s);
     }
@@ -183,18 +182,19 @@ fn run_nab(args: &[String]) -> Result<(), BoxError> {
             scores.len()
         );
     }
-    let corpus = pooled.values().fold(FileScore::default(), |mut acc, c| {
-        acc.raw += c.raw;
-        acc.null += c.null;
-        acc.perfect += c.perfect;
-        acc
-    });
     eprintln!(
         "all files pooled as NAB's scorer does: {:.2}",
         corpus.normalized()
     );
     println!("mean {:.2}", mean(&all));
     Ok(())
+}
+
+/// Adds `s`'s raw, null and perfect scores to `into` (NAB's pooled normalisation).
+fn add_totals(into: &mut FileScore, s: &FileScore) {
+    into.raw += s.raw;
+    into.null += s.null;
+    into.perfect += s.perfect;
 }
 
 /// Outcome of replaying one NAB file.
