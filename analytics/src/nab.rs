@@ -140,9 +140,44 @@ pub fn windows_to_rows(timestamps: &[i64], windows: &[(i64, i64)]) -> Vec<(usize
         .collect()
 }
 
+/// Highest `anomaly_score` of a row that does not open an incident (see [`anomaly_score`]).
+pub const QUIET_SCORE_MAX: f64 = 0.499_999;
+
+/// The `anomaly_score` NAB's own tools should see for a row: 1 on a row that opens an incident
+/// (an alert), and half the detector's likelihood, at most [`QUIET_SCORE_MAX`], on every other
+/// row.
+///
+/// NAB's scorer counts every row whose score reaches its threshold as a detection, and its
+/// optimiser picks the threshold. The raw likelihood stays near 1 for the whole of an incident
+/// and on points the debouncing deliberately holds back, so thresholding it would report each
+/// incident dozens of times (each one outside a window a false positive). With this mapping any
+/// threshold above one half, NAB's usual 0.5 among them, reproduces exactly the alerts the
+/// detector raised, while lower thresholds still order the quiet rows by surprise.
+pub fn anomaly_score(likelihood: f64, alert: bool) -> f64 {
+    if alert {
+        1.0
+    } else if likelihood.is_nan() {
+        0.0
+    } else {
+        (0.5 * likelihood).clamp(0.0, QUIET_SCORE_MAX)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anomaly_scores_reach_one_half_only_on_alerts() {
+        assert_eq!(anomaly_score(0.3, true), 1.0);
+        assert_eq!(anomaly_score(1.0, false), QUIET_SCORE_MAX);
+        assert_eq!(anomaly_score(0.999_999, false), QUIET_SCORE_MAX);
+        assert_eq!(anomaly_score(0.5, false), 0.25);
+        assert_eq!(anomaly_score(f64::NAN, false), 0.0);
+        assert_eq!(anomaly_score(-1.0, false), 0.0);
+        // Quiet rows keep their order below the cap.
+        assert!(anomaly_score(0.9, false) > anomaly_score(0.8, false));
+    }
 
     #[test]
     fn sigmoid_shape() {

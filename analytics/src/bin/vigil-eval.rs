@@ -7,7 +7,10 @@
 //! per-file diagnostics, per-category means and the pooled scores NAB's own scorer reports (the
 //! summed raw scores of a category or of all files, normalised once) go to standard error.
 //! `--seed` overrides the forest seed (after `--config`); `--jobs` replays files on that many
-//! threads without changing any result. `vigil-eval cmapss DIR [--config JSON]` trains the remaining-useful-life model on
+//! threads without changing any result. `--detections OUT_DIR` writes one
+//! `timestamp,value,score,alert` file per series for NAB's own tools: `alert` is 1 on the rows
+//! that open an incident and `score` is [`anomaly_score`], 1 on those rows and below one half on
+//! all others, so thresholding either column at 0.5 gives the same detections. `vigil-eval cmapss DIR [--config JSON]` trains the remaining-useful-life model on
 //! `train_FD001.txt` and prints the RMSE on the test engines (`rmse X`, last).
 
 use std::collections::BTreeMap;
@@ -18,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use vigil_analytics::detector::{DetectorConfig, DeviceDetector};
-use vigil_analytics::nab::{score_file, windows_to_rows, FileScore};
+use vigil_analytics::nab::{anomaly_score, score_file, windows_to_rows, FileScore};
 use vigil_analytics::rul::{self, RulConfig};
 use vigil_analytics::telemetry::{parse_datetime_ms, Reading};
 
@@ -291,6 +294,7 @@ fn evaluate_file(
         let raw_ts = text.lines().skip(1).filter(|l| !l.trim().is_empty());
         for (((ts_line, v), sc), al) in raw_ts.zip(&series.values).zip(&scores).zip(&alerts) {
             let ts = ts_line.split(',').next().unwrap_or("");
+            let sc = anomaly_score(*sc, *al);
             csv.push_str(&format!("{ts},{v},{sc:.6},{}\n", u8::from(*al)));
         }
         fs::write(&target, csv)?;
