@@ -10,7 +10,9 @@
 //! threads without changing any result. `--detections OUT_DIR` writes one
 //! `timestamp,value,score,alert` file per series for NAB's own tools: `alert` is 1 on the rows
 //! that open an incident and `score` is [`anomaly_score`], 1 on those rows and below one half on
-//! all others, so thresholding either column at 0.5 gives the same detections. `vigil-eval cmapss DIR [--config JSON]` trains the remaining-useful-life model on
+//! all others, so thresholding either column at 0.5 gives the same detections.
+//!
+//! `vigil-eval cmapss DIR [--config JSON]` trains the remaining-useful-life model on
 //! `train_FD001.txt` and prints the RMSE on the test engines (`rmse X`, last).
 
 use std::collections::BTreeMap;
