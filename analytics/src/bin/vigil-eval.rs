@@ -16,6 +16,7 @@
 //! `train_FD001.txt` and prints the RMSE on the test engines (`rmse X`, last).
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -50,9 +51,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// One NAB series: timestamps in unix milliseconds and values.
+/// One NAB series: timestamps in unix milliseconds, the same timestamps as written in the file
+/// (echoed in the detection files) and values.
 struct Series {
     timestamps: Vec<i64>,
+    stamps: Vec<String>,
     values: Vec<f64>,
 }
 
@@ -64,6 +67,7 @@ fn read(path: &Path) -> Result<String, BoxError> {
 fn read_series(path: &Path) -> Result<Series, BoxError> {
     let text = read(path)?;
     let mut timestamps = Vec::new();
+    let mut stamps = Vec::new();
     let mut values = Vec::new();
     for (lineno, line) in text.lines().enumerate().skip(1) {
         let line = line.trim();
@@ -84,9 +88,14 @@ fn read_series(path: &Path) -> Result<Series, BoxError> {
             .parse()
             .map_err(|e| format!("{}:{}: bad value {v:?}: {e}", path.display(), lineno + 1))?;
         timestamps.push(t);
+        stamps.push(ts.trim().to_string());
         values.push(x);
     }
-    Ok(Series { timestamps, values })
+    Ok(Series {
+        timestamps,
+        stamps,
+        values,
+    })
 }
 
 fn run_nab(args: &[String]) -> Result<(), BoxError> {
@@ -292,12 +301,16 @@ fn evaluate_file(
             fs::create_dir_all(parent)?;
         }
         let mut csv = String::from("timestamp,value,score,alert\n");
-        let text = read(path)?;
-        let raw_ts = text.lines().skip(1).filter(|l| !l.trim().is_empty());
-        for (((ts_line, v), sc), al) in raw_ts.zip(&series.values).zip(&scores).zip(&alerts) {
-            let ts = ts_line.split(',').next().unwrap_or("");
+        for (((ts, v), sc), al) in series
+            .stamps
+            .iter()
+            .zip(&series.values)
+            .zip(&scores)
+            .zip(&alerts)
+        {
             let sc = anomaly_score(*sc, *al);
-            csv.push_str(&format!("{ts},{v},{sc:.6},{}\n", u8::from(*al)));
+            // Writing into a String cannot fail.
+            let _ = writeln!(csv, "{ts},{v},{sc:.6},{}", u8::from(*al));
         }
         fs::write(&target, csv)?;
     }
