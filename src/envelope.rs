@@ -15,6 +15,12 @@
 //! instance the device is connected to does that). T records that the publisher set RETAIN:
 //! rumqttd clears the flag when it forwards a message to existing subscriptions (as MQTT says),
 //! and the exporter needs it to replicate retained messages.
+//!
+//! The property block may begin with vigil's own fields, which are never sent to a client:
+//! each is `0x00` (no MQTT property has that identifier), a tag and an 8-byte big-endian value.
+//! Tag 1 is the publisher's *origin* (a digest of its client id, for subscriptions with No
+//! Local), written only once some client has subscribed with No Local; tag 2 is when the
+//! message *expires* (Unix milliseconds), from the publisher's Message Expiry Interval.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -25,6 +31,45 @@ const MAGIC: u8 = 0xE0;
 const RETAINED: u8 = 0x10;
 const REMOTE: u8 = 0x08;
 const HAS_PROPERTIES: u8 = 0x04;
+/// The first byte of one of vigil's own fields in the property block.
+const PRIVATE: u8 = 0x00;
+const TAG_ORIGIN: u8 = 1;
+const TAG_EXPIRES: u8 = 2;
+const PRIVATE_LEN: usize = 10;
+
+/// vigil's own per-message fields (see the module documentation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Private {
+    /// Digest of the publisher's client id ([`origin_of`]).
+    pub origin: Option<u64>,
+    /// When the message expires, in Unix milliseconds.
+    pub expires_at: Option<u64>,
+}
+
+impl Private {
+    fn len(&self) -> usize {
+        PRIVATE_LEN * (self.origin.is_some() as usize + self.expires_at.is_some() as usize)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.origin.is_none() && self.expires_at.is_none()
+    }
+}
+
+/// The origin digest of a client id (FNV-1a, 64 bits): equal ids give equal digests on every
+/// instance, and a collision between two different ids is as good as impossible.
+pub fn origin_of(client_id: &str) -> u64 {
+    client_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Now, in Unix milliseconds (the clock message expiry is measured on, shared by instances).
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// A decoded core payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +78,11 @@ pub struct Opened {
     pub qos: Option<u8>,
     /// Brought in from another instance by the cluster importer.
     pub remote: bool,
+    /// The publisher set RETAIN.
+    pub retained: bool,
+    /// vigil's own fields.
+    pub private: Private,
+    /// The v5 properties a subscriber gets (vigil's own fields removed).
     pub properties: Bytes,
     pub payload: Bytes,
 }
@@ -40,18 +90,28 @@ pub struct Opened {
 /// Writes the envelope header for a message published at `qos` with `properties`.
 /// Returns the header as a small buffer to be written before the payload.
 pub fn header(qos: u8, properties: &[u8]) -> BytesMut {
-    let mut out = BytesMut::with_capacity(
-        1 + if properties.is_empty() {
-            0
-        } else {
-            4 + properties.len()
-        },
-    );
-    if properties.is_empty() {
+    header_with(qos, Private::default(), properties)
+}
+
+/// [`header`] with vigil's own fields.
+pub fn header_with(qos: u8, private: Private, properties: &[u8]) -> BytesMut {
+    let block = private.len() + properties.len();
+    let mut out = BytesMut::with_capacity(1 + if block == 0 { 0 } else { 4 + block });
+    if block == 0 {
         out.put_u8(MAGIC | (qos & 0x03));
     } else {
         out.put_u8(MAGIC | HAS_PROPERTIES | (qos & 0x03));
-        mqtt::put_varint(&mut out, properties.len());
+        mqtt::put_varint(&mut out, block);
+        for (tag, value) in [
+            (TAG_ORIGIN, private.origin),
+            (TAG_EXPIRES, private.expires_at),
+        ] {
+            if let Some(value) = value {
+                out.put_u8(PRIVATE);
+                out.put_u8(tag);
+                out.put_u64(value);
+            }
+        }
         out.extend_from_slice(properties);
     }
     out
@@ -132,6 +192,8 @@ pub fn open(raw: Bytes) -> Opened {
     let bare = |raw: Bytes| Opened {
         qos: None,
         remote: false,
+        retained: false,
+        private: Private::default(),
         properties: Bytes::new(),
         payload: raw,
     };
@@ -143,10 +205,13 @@ pub fn open(raw: Bytes) -> Opened {
     }
     let qos = first & 0x03;
     let remote = first & REMOTE != 0;
+    let retained = first & RETAINED != 0;
     if first & HAS_PROPERTIES == 0 {
         return Opened {
             qos: Some(qos),
             remote,
+            retained,
+            private: Private::default(),
             properties: Bytes::new(),
             payload: raw.slice(1..),
         };
@@ -167,11 +232,26 @@ pub fn open(raw: Bytes) -> Opened {
     if raw.len() < pos + len {
         return bare(raw);
     }
+    let (mut start, end) = (pos, pos + len);
+    let mut private = Private::default();
+    while end - start >= PRIVATE_LEN && raw[start] == PRIVATE {
+        let mut value = [0u8; 8];
+        value.copy_from_slice(&raw[start + 2..start + PRIVATE_LEN]);
+        let value = u64::from_be_bytes(value);
+        match raw[start + 1] {
+            TAG_ORIGIN => private.origin = Some(value),
+            TAG_EXPIRES => private.expires_at = Some(value),
+            _ => {}
+        }
+        start += PRIVATE_LEN;
+    }
     Opened {
         qos: Some(qos),
         remote,
-        properties: raw.slice(pos..pos + len),
-        payload: raw.slice(pos + len..),
+        retained,
+        private,
+        properties: raw.slice(start..end),
+        payload: raw.slice(end..),
     }
 }
 
@@ -229,6 +309,31 @@ mod tests {
         assert!(!published_retained(&out[7..]));
         assert_eq!(remote_first_byte(b"{}"), None);
         assert!(!is_remote(b"\xEB"));
+    }
+
+    #[test]
+    fn private_fields_are_read_and_kept_from_subscribers() {
+        let props = [0x26u8, 0, 1, b'k', 0, 1, b'v'];
+        for public in [&props[..], &[]] {
+            let private = Private {
+                origin: Some(origin_of("dev-1")),
+                expires_at: Some(1_800_000_000_000),
+            };
+            let mut raw = header_with(1, private, public);
+            raw.extend_from_slice(b"data");
+            let o = open(raw.freeze());
+            assert_eq!(o.private, private);
+            assert_eq!(&o.properties[..], public);
+            assert_eq!(&o.payload[..], b"data");
+            let only_expiry = Private {
+                origin: None,
+                ..private
+            };
+            let mut raw = header_with(0, only_expiry, public);
+            raw.extend_from_slice(b"x");
+            assert_eq!(open(raw.freeze()).private, only_expiry);
+        }
+        assert_ne!(origin_of("a"), origin_of("b"));
     }
 
     #[test]

@@ -144,6 +144,7 @@ pub async fn run(
         edge::threads::ConnectionThreads::start(config.runtime.connection_threads())?,
     )?);
     tokio::spawn(reload_on_hangup(edge.clone()));
+    edge.tracker.spawn(edge.clone().reap());
     tokio::spawn(core::report_lag_drops(
         config.core.max_segment_size * (config.core.max_segment_count + 1),
         shutdown.clone(),

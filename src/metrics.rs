@@ -40,6 +40,13 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     pub dropped_too_large_for_client: AtomicU64,
     pub dropped_qos2_state: AtomicU64,
+    /// Deliveries not made because the message expired (v5 Message Expiry Interval).
+    pub dropped_expired: AtomicU64,
+    /// Offline session timers not kept because the store was full (the will went at once,
+    /// the session does not expire).
+    pub dropped_session_timers: AtomicU64,
+    /// Sessions removed when their Session Expiry Interval ran out.
+    pub sessions_expired: AtomicU64,
     /// JSON bridge frames received and sent, error frames sent, QoS 0 messages dropped for a
     /// full session buffer, and sessions closed as slow consumers.
     pub bridge_frames_in: AtomicU64,
@@ -382,7 +389,18 @@ impl Metrics {
                     "{reason=\"qos2_state_store_full\"}",
                     g(&self.dropped_qos2_state),
                 ),
+                ("{reason=\"expired\"}", g(&self.dropped_expired)),
+                (
+                    "{reason=\"session_timer_store_full\"}",
+                    g(&self.dropped_session_timers),
+                ),
             ],
+        );
+        metric(
+            "sessions_expired_total",
+            "counter",
+            "Offline sessions removed when their Session Expiry Interval ran out.",
+            &[("", g(&self.sessions_expired))],
         );
         let a = &self.analytics;
         metric(

@@ -40,6 +40,7 @@ pub mod prop {
     pub const REQUEST_PROBLEM_INFO: u8 = 0x17;
     pub const WILL_DELAY: u8 = 0x18;
     pub const REQUEST_RESPONSE_INFO: u8 = 0x19;
+    pub const SERVER_REFERENCE: u8 = 0x1C;
     pub const REASON_STRING: u8 = 0x1F;
     pub const RECEIVE_MAXIMUM: u8 = 0x21;
     pub const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
@@ -325,12 +326,25 @@ fn be_u32(b: &Bytes) -> u32 {
     b.iter().fold(0u32, |acc, &x| (acc << 8) | x as u32)
 }
 
+/// A PUBLISH's (or will's) v5 properties as the edge keeps them.
+#[derive(Debug, Default)]
+struct EndToEnd {
+    /// The properties that travel unchanged from publisher to subscriber, wire encoded.
+    properties: Bytes,
+    /// Message Expiry Interval in seconds: kept apart, because a subscriber gets what is
+    /// left of it when the message is delivered (MQTT-3.3.2-6).
+    message_expiry: Option<u32>,
+    /// Will Delay Interval in seconds (wills only).
+    will_delay: u32,
+}
+
 /// Properties of a PUBLISH (or will) that travel with the message from publisher to
-/// subscriber, in wire encoding. Per-hop properties (topic alias, subscription identifier,
-/// will delay) are not kept.
-fn end_to_end_properties(props: &Bytes, allow_will_delay: bool) -> Result<Bytes, CodecError> {
+/// subscriber. Per-hop properties (topic alias, subscription identifier) are not kept; the
+/// message and will delay intervals are returned apart.
+fn end_to_end_properties(props: &Bytes, will: bool) -> Result<EndToEnd, CodecError> {
+    let mut out = EndToEnd::default();
     if props.is_empty() {
-        return Ok(Bytes::new());
+        return Ok(out);
     }
     let mut kept = BytesMut::new();
     let mut seen_single = 0u32;
@@ -340,7 +354,8 @@ fn end_to_end_properties(props: &Bytes, allow_will_delay: bool) -> Result<Bytes,
             | prop::MESSAGE_EXPIRY
             | prop::CONTENT_TYPE
             | prop::RESPONSE_TOPIC
-            | prop::CORRELATION_DATA => {
+            | prop::CORRELATION_DATA
+            | prop::WILL_DELAY => {
                 let bit = 1u32 << id;
                 if seen_single & bit != 0 {
                     return Err(CodecError::Protocol("property repeated"));
@@ -355,22 +370,31 @@ fn end_to_end_properties(props: &Bytes, allow_will_delay: bool) -> Result<Bytes,
                         return Err(CodecError::Protocol("bad response topic"));
                     }
                 }
-                kept.put_u8(id);
-                kept.extend_from_slice(value);
+                match id {
+                    prop::MESSAGE_EXPIRY => out.message_expiry = Some(be_u32(value)),
+                    prop::WILL_DELAY if will => out.will_delay = be_u32(value),
+                    prop::WILL_DELAY => {
+                        return Err(CodecError::Protocol("property not allowed here"))
+                    }
+                    _ => {
+                        kept.put_u8(id);
+                        kept.extend_from_slice(value);
+                    }
+                }
             }
             prop::USER_PROPERTY => {
                 kept.put_u8(id);
                 kept.extend_from_slice(value);
             }
-            prop::WILL_DELAY if allow_will_delay => {}
-            prop::TOPIC_ALIAS if !allow_will_delay => {
+            prop::TOPIC_ALIAS if !will => {
                 return Err(CodecError::Protocol("topic alias not allowed"));
             }
             _ => return Err(CodecError::Protocol("property not allowed here")),
         }
         Ok(())
     })?;
-    Ok(kept.freeze())
+    out.properties = kept.freeze();
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -382,8 +406,12 @@ pub struct Will {
     pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,
-    /// End-to-end v5 properties, wire encoded.
+    /// End-to-end v5 properties, wire encoded, without the message expiry.
     pub properties: Bytes,
+    /// Message Expiry Interval (seconds), counted from the will's publication.
+    pub message_expiry: Option<u32>,
+    /// Will Delay Interval (seconds).
+    pub delay: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -492,11 +520,11 @@ pub fn parse_connect(frame: &Frame) -> Result<Connect, CodecError> {
     let client_id = validate_utf8(&client_id_bytes)?.to_owned();
 
     let will = if will_flag {
-        let properties = if version == Version::V5 {
+        let props = if version == Version::V5 {
             let props = r.properties()?;
             end_to_end_properties(&props, true)?
         } else {
-            Bytes::new()
+            EndToEnd::default()
         };
         let topic = r.string()?;
         validate_topic_name(&topic)?;
@@ -506,7 +534,9 @@ pub fn parse_connect(frame: &Frame) -> Result<Connect, CodecError> {
             payload,
             qos: will_qos,
             retain: will_retain,
-            properties,
+            properties: props.properties,
+            message_expiry: props.message_expiry,
+            delay: props.will_delay,
         })
     } else {
         None
@@ -550,8 +580,10 @@ pub struct Publish {
     pub retain: bool,
     pub topic: Bytes,
     pub pkid: u16,
-    /// End-to-end v5 properties, wire encoded (empty for 3.1.1).
+    /// End-to-end v5 properties, wire encoded (empty for 3.1.1), without the message expiry.
     pub properties: Bytes,
+    /// Message Expiry Interval (seconds), v5 only.
+    pub message_expiry: Option<u32>,
     pub payload: Bytes,
 }
 
@@ -584,11 +616,11 @@ pub fn parse_publish(frame: &Frame, version: Version) -> Result<Publish, CodecEr
     } else {
         0
     };
-    let properties = if version == Version::V5 {
+    let props = if version == Version::V5 {
         let props = r.properties()?;
         end_to_end_properties(&props, false)?
     } else {
-        Bytes::new()
+        EndToEnd::default()
     };
     if topic.is_empty() {
         return Err(CodecError::Protocol("empty topic name"));
@@ -600,7 +632,8 @@ pub fn parse_publish(frame: &Frame, version: Version) -> Result<Publish, CodecEr
         retain: flags & 0x01 != 0,
         topic,
         pkid,
-        properties,
+        properties: props.properties,
+        message_expiry: props.message_expiry,
         payload: r.rest(),
     })
 }
@@ -619,6 +652,7 @@ pub fn parse_core_publish(frame: &Frame) -> Result<Publish, CodecError> {
         topic,
         pkid,
         properties: Bytes::new(),
+        message_expiry: None,
         payload: r.rest(),
     })
 }
@@ -760,8 +794,16 @@ pub fn parse_ack(frame: &Frame) -> Result<(u16, u8), CodecError> {
     Ok((pkid, reason))
 }
 
-/// A v5 DISCONNECT's reason code (0 when absent).
-pub fn parse_disconnect(frame: &Frame, version: Version) -> Result<u8, CodecError> {
+/// What a client's DISCONNECT says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Disconnect {
+    /// The v5 reason code (0 when absent, and for 3.1.1).
+    pub code: u8,
+    /// A new Session Expiry Interval (v5).
+    pub session_expiry: Option<u32>,
+}
+
+pub fn parse_disconnect(frame: &Frame, version: Version) -> Result<Disconnect, CodecError> {
     if frame.flags() != 0 {
         return Err(CodecError::Malformed("DISCONNECT flags must be 0"));
     }
@@ -769,8 +811,57 @@ pub fn parse_disconnect(frame: &Frame, version: Version) -> Result<u8, CodecErro
         Version::V311 if !frame.body.is_empty() => {
             Err(CodecError::Malformed("DISCONNECT with a body"))
         }
-        Version::V311 => Ok(0),
-        Version::V5 => Ok(frame.body.first().copied().unwrap_or(0)),
+        Version::V311 => Ok(Disconnect::default()),
+        Version::V5 => {
+            let mut r = Reader::new(frame.body.clone());
+            let mut out = Disconnect::default();
+            if r.remaining() > 0 {
+                out.code = r.u8()?;
+            }
+            if r.remaining() > 0 {
+                let props = r.properties()?;
+                for_each_property(&props, |id, value| {
+                    match id {
+                        prop::SESSION_EXPIRY if out.session_expiry.is_none() => {
+                            out.session_expiry = Some(be_u32(value))
+                        }
+                        prop::REASON_STRING | prop::USER_PROPERTY | prop::SERVER_REFERENCE => {}
+                        _ => {
+                            return Err(CodecError::Protocol("property not allowed in DISCONNECT"))
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Whether topic `topic` matches subscription filter `filter` (`$share/<group>/` removed
+/// first). Topics starting with `$` are not matched by a filter starting with a wildcard
+/// (MQTT-4.7.2-1). Both are assumed valid.
+pub fn filter_matches(filter: &[u8], topic: &[u8]) -> bool {
+    let filter = match filter.strip_prefix(b"$share/") {
+        Some(rest) => match rest.iter().position(|&b| b == b'/') {
+            Some(i) => &rest[i + 1..],
+            None => return false,
+        },
+        None => filter,
+    };
+    if topic.first() == Some(&b'$') && matches!(filter.first(), Some(b'+' | b'#')) {
+        return false;
+    }
+    let mut f = filter.split(|&b| b == b'/');
+    let mut t = topic.split(|&b| b == b'/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some(b"#"), _) => return true,
+            (Some(b"+"), Some(_)) => {}
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
     }
 }
 
@@ -1162,6 +1253,92 @@ mod tests {
             out.len(),
             publish_wire_len(Version::V5, 1, 3, props.len(), 5)
         );
+    }
+
+    #[test]
+    fn message_expiry_is_kept_apart_from_the_forwarded_properties() {
+        let mut props = BytesMut::new();
+        props.put_u8(prop::MESSAGE_EXPIRY);
+        props.put_u32(30);
+        props.put_u8(prop::CONTENT_TYPE);
+        put_binary(&mut props, b"text/plain");
+        let mut out = BytesMut::new();
+        put_publish(
+            &mut out,
+            Version::V5,
+            false,
+            0,
+            false,
+            b"t",
+            0,
+            &props,
+            &[b"x"],
+        );
+        let p = parse_publish(&frame_of(&out), Version::V5).unwrap();
+        assert_eq!(p.message_expiry, Some(30));
+        assert_eq!(&p.properties[..], &props[5..]);
+        // A will delay belongs in a will, not in a PUBLISH.
+        let mut props = BytesMut::new();
+        props.put_u8(prop::WILL_DELAY);
+        props.put_u32(3);
+        out.clear();
+        put_publish(
+            &mut out,
+            Version::V5,
+            false,
+            0,
+            false,
+            b"t",
+            0,
+            &props,
+            &[b"x"],
+        );
+        assert!(parse_publish(&frame_of(&out), Version::V5).is_err());
+    }
+
+    #[test]
+    fn disconnect_may_change_the_session_expiry() {
+        let f = frame_of(&[0xE0, 7, 0x00, 5, prop::SESSION_EXPIRY, 0, 0, 0, 9]);
+        let d = parse_disconnect(&f, Version::V5).unwrap();
+        assert_eq!((d.code, d.session_expiry), (0, Some(9)));
+        let f = frame_of(&[0xE0, 1, 0x04]);
+        let d = parse_disconnect(&f, Version::V5).unwrap();
+        assert_eq!((d.code, d.session_expiry), (0x04, None));
+        let f = frame_of(&[0xE0, 0]);
+        assert_eq!(
+            parse_disconnect(&f, Version::V5).unwrap(),
+            Disconnect::default()
+        );
+        let f = frame_of(&[0xE0, 4, 0x00, 2, prop::TOPIC_ALIAS, 0]);
+        assert!(parse_disconnect(&f, Version::V5).is_err());
+    }
+
+    #[test]
+    fn filters_match_topics_as_mqtt_says() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("a/b", "a/b", true),
+            ("a/b", "a/c", false),
+            ("a/+", "a/b", true),
+            ("a/+", "a/b/c", false),
+            ("a/+", "a/", true),
+            ("a/#", "a", true),
+            ("a/#", "a/b/c", true),
+            ("#", "a/b", true),
+            ("+/+", "/a", true),
+            ("+", "/a", false),
+            ("#", "$SYS/x", false),
+            ("+/x", "$SYS/x", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("$share/g/a/+", "a/b", true),
+            ("$share/g/a/+", "b/b", false),
+        ];
+        for &(filter, topic, expected) in cases {
+            assert_eq!(
+                filter_matches(filter.as_bytes(), topic.as_bytes()),
+                expected,
+                "{filter} vs {topic}"
+            );
+        }
     }
 
     #[test]

@@ -22,6 +22,10 @@
 //!   its PUBACK becomes the client's PUBREC, the edge answers PUBREL, and the packet ids
 //!   survive reconnects (see `registry`), because rumqttd routes only at PUBREL and forgets that
 //!   state when a client reconnects.
+//! - MQTT 5 features the core cannot hold: the client's Receive Maximum (without holding back
+//!   acknowledgements, see `held`), the subscription options No Local, Retain As Published and
+//!   Retain Handling (`apply_options`), Message Expiry (an instant in the envelope), and the
+//!   timers of Session Expiry and Will Delay that the registry keeps once the connection ends.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -42,7 +46,7 @@ use tracing::{debug, info, warn};
 
 use super::limits::RateLimiter;
 use super::policy::{self, Credentials, Identity};
-use super::registry::{Claim, OfflineState, Redelivery, MAX_PENDING_QOS2};
+use super::registry::{Claim, OfflineState, Redelivery, Timers, Will, MAX_PENDING_QOS2};
 use super::{ClientStream, Edge, Listener, Origin};
 use crate::core::{CoreError, CORE_PING_INTERVAL};
 use crate::envelope;
@@ -259,13 +263,19 @@ fn is_dollar_filter(filter: &[u8]) -> bool {
     filter.first() == Some(&b'$') && !filter.starts_with(b"$share/")
 }
 
-/// A will as the edge publishes it: topic, retain, the envelope header (which records its
-/// QoS) and the payload.
-struct PendingWill {
-    topic: Bytes,
-    retain: bool,
-    header: BytesMut,
-    payload: Bytes,
+/// Subscription option bits the core cannot hold: No Local, Retain As Published.
+const NO_LOCAL: u8 = 0x04;
+const RETAIN_AS_PUBLISHED: u8 = 0x08;
+/// Retain Handling 2: no retained messages when subscribing.
+fn no_retained_on_subscribe(options: u8) -> bool {
+    (options >> 4) & 0x03 == 2
+}
+
+/// Whether the edge must look at a subscription's options when delivering (see
+/// `Session::apply_options`). Retain Handling 1 needs nothing: rumqttd sends retained
+/// messages only for a subscription that did not exist.
+fn options_need_edge(options: u8) -> bool {
+    options & (NO_LOCAL | RETAIN_AS_PUBLISHED) != 0 || no_retained_on_subscribe(options)
 }
 
 /// A delivery from the core awaiting acknowledgement (to the core, in order).
@@ -350,16 +360,32 @@ struct Session<S> {
     /// Messages dropped for the rate limit since the last log line about it.
     rate_dropped: u64,
     rate_logged: Option<Instant>,
-    /// Filters subscribed on this connection (the `max_subscriptions` count).
-    subscriptions: std::collections::HashSet<Bytes>,
+    /// Filters subscribed on this connection (the `max_subscriptions` count), with their
+    /// options byte; a resumed session starts with those whose options the edge applies.
+    subscriptions: std::collections::HashMap<Bytes, u8>,
+    /// Some subscription has options the edge applies at delivery (`options_need_edge`).
+    options_in_use: bool,
+    /// Digest of the client id, the origin this client's publishes carry for No Local.
+    origin: u64,
+    /// Session Expiry Interval (seconds; `u32::MAX` never): v5 CONNECT's, changed by a
+    /// DISCONNECT; for 3.1.1, never for a persistent session and 0 otherwise.
+    session_expiry: u32,
     /// Why each PINGREQ the edge sent the core is outstanding, in order (see `PingFor`).
     core_pings: std::collections::VecDeque<PingFor>,
     /// SUBSCRIBEs whose `$` filters the edge answered itself: packet id and, per filter, the
     /// edge's code or `None` for a code the core's SUBACK supplies.
     pending_subacks: Vec<(u16, Vec<Option<u8>>)>,
     prefer_core: bool,
-    /// The client's will, published by the edge when the connection ends without DISCONNECT.
-    will: Option<PendingWill>,
+    /// The client's will, published by the edge when the connection ends without DISCONNECT,
+    /// at once or after its Will Delay Interval (see `run_claimed`).
+    will: Option<Will>,
+    will_delay: u32,
+    /// QoS 1/2 deliveries read from the core while the client's Receive Maximum was full, in
+    /// the order the core sent them. Holding them here rather than pausing core reads lets
+    /// the acknowledgements of the client's own publishes (queued behind them on the core
+    /// connection) through. Bounded by the core's inflight window ([`CORE_INFLIGHT`]), and
+    /// checked against [`MAX_CORE_INFLIGHT`].
+    held: std::collections::VecDeque<Frame>,
     /// Read sizes for the next reads from each side (see `next_step`).
     client_step: usize,
     core_step: usize,
@@ -498,11 +524,22 @@ where
         if !resume {
             edge.registry.forget_session(client_id);
         }
+        // A session that had gone offline: reconnecting stops its timers. Its delayed will is
+        // published now if this connection ends the session (clean start), and never otherwise
+        // (MQTT-3.1.3-9).
+        if let Some(timers) = edge.registry.take_timers(client_id) {
+            if let (false, Some((_, will))) = (resume, timers.will) {
+                edge.publish_will(&will).await;
+            }
+        }
         // The edge publishes the will itself (see `close`): the core never holds one.
-        let will = connect.will.as_ref().map(|w| PendingWill {
+        let will_delay = connect.will.as_ref().map_or(0, |w| w.delay);
+        let will = connect.will.as_ref().map(|w| Will {
             topic: w.topic.clone(),
             retain: w.retain,
-            header: envelope::header(w.qos, &w.properties),
+            qos: w.qos,
+            properties: w.properties.clone(),
+            message_expiry: w.message_expiry,
             payload: w.payload.clone(),
         });
         let core_clean = !(persistent || resume);
@@ -545,6 +582,15 @@ where
             OfflineState::default()
         };
         let ids_in_flight = !offline.unacked_out.is_empty() || !offline.pubrel_out.is_empty();
+        let session_expiry = match version {
+            Version::V5 => connect.session_expiry,
+            Version::V311 if persistent => u32::MAX,
+            Version::V311 => 0,
+        };
+        let options_in_use = offline
+            .sub_options
+            .iter()
+            .any(|&(_, options)| options_need_edge(options));
         let now = Instant::now();
         let mut session = Session {
             version,
@@ -581,7 +627,10 @@ where
             rate: RateLimiter::new(edge.policy.rates(&identity)),
             rate_dropped: 0,
             rate_logged: None,
-            subscriptions: Default::default(),
+            subscriptions: offline.sub_options.into_iter().collect(),
+            options_in_use,
+            origin: envelope::origin_of(client_id),
+            session_expiry,
             identity,
             client_id: client_id.to_string(),
             last_allowed_topic: None,
@@ -589,6 +638,8 @@ where
             pending_subacks: Vec::new(),
             prefer_core: false,
             will,
+            will_delay,
+            held: Default::default(),
             client_step: READ_STEP_MIN,
             core_step: READ_STEP_MIN,
         };
@@ -616,6 +667,15 @@ where
             inbound_qos2: std::mem::take(&mut session.inbound_qos2),
             unacked_out: session.offline_redeliveries(),
             pubrel_out: std::mem::take(&mut session.pubrel_to_client),
+            // All of them when some need the edge: which filters a topic matches decides.
+            sub_options: match session.options_in_use {
+                true => session
+                    .subscriptions
+                    .iter()
+                    .map(|(filter, &options)| (filter.clone(), options))
+                    .collect(),
+                false => Vec::new(),
+            },
         };
         offline
             .pubrel_out
@@ -631,13 +691,38 @@ where
                 .filter(|&&(core, _, ready)| core != 0 && !ready)
                 .map(|&(core, client, _)| (core, client)),
         );
-        session.close(end).await;
+        let (session_expiry, will_delay) = (session.session_expiry, session.will_delay);
+        let delayed_will = session.close(end).await;
+        if delayed_will.is_none() && (session_expiry == 0 || session_expiry == u32::MAX) {
+            // No timers for this session: none left by a connection this one took over after
+            // the takeover wait ran out may act on it later.
+            edge.registry.take_timers(client_id);
+        }
+        if session_expiry == 0 {
+            // The session ends with this connection (v5 expiry 0, perhaps set by DISCONNECT).
+            if persistent || resume {
+                edge.wipe_core_session(&core_id).await;
+                edge.registry.forget_session(client_id);
+            }
+            return Ok(());
+        }
         if persistent && !edge.registry.store_offline(client_id, offline) {
             Metrics::inc(&edge.metrics.dropped_qos2_state);
         }
-        if resume && !persistent {
-            // v5 resumed a session with expiry 0: it ends with this connection.
-            edge.wipe_core_session(&core_id).await;
+        if delayed_will.is_some() || session_expiry != u32::MAX {
+            let now = Instant::now();
+            let after = |secs: u32| now + Duration::from_secs(secs as u64);
+            let timers = Timers {
+                will: delayed_will.map(|w| (after(will_delay.min(session_expiry)), w)),
+                session_expires: (session_expiry != u32::MAX).then(|| after(session_expiry)),
+            };
+            if let Err(timers) = edge.registry.set_timers(client_id, timers) {
+                Metrics::inc(&edge.metrics.dropped_session_timers);
+                warn!("session timer store full: the will goes now and the session stays");
+                if let Some((_, will)) = timers.will {
+                    edge.publish_will(&will).await;
+                }
+            }
         }
         Ok(())
     }
@@ -664,11 +749,11 @@ where
             let event = poll_fn(|cx| self.poll_io(cx, timer.as_mut(), kicked.as_mut())).await;
             let step = match event {
                 Event::ClientData => self.on_client_data(edge, max_packet).and_then(|()| {
-                    // Acknowledgements may have made room for core data held back.
-                    if self.core_in.is_empty() {
+                    // Acknowledgements may have made room for deliveries held back.
+                    if self.held.is_empty() {
                         Ok(())
                     } else {
-                        self.on_core_data(edge)
+                        self.release_held(edge)
                     }
                 }),
                 Event::CoreData => self.on_core_data(edge),
@@ -770,7 +855,7 @@ where
         release_if_idle(&mut self.core_out);
 
         let read_client = self.core_out.len() < HIGH_WATERMARK && self.core_fwd.len() < CORE_WINDOW;
-        let read_core = self.client_out.len() < HIGH_WATERMARK && self.client_has_room();
+        let read_core = self.client_out.len() < HIGH_WATERMARK;
         // Alternate which side is read first so neither can starve the other.
         self.prefer_core = !self.prefer_core;
         for side in [self.prefer_core, !self.prefer_core] {
@@ -899,13 +984,17 @@ where
                 if core_qos == 1 {
                     self.core_fwd.push_back((p.pkid, p.qos, Instant::now()));
                 }
+                let private = envelope::Private {
+                    origin: edge.no_local_in_use.load(Relaxed).then_some(self.origin),
+                    expires_at: message_expires_at(p.message_expiry),
+                };
                 let plain;
                 let with_properties;
-                let header: &[u8] = if p.properties.is_empty() {
+                let header: &[u8] = if p.properties.is_empty() && private.is_empty() {
                     plain = envelope::plain_header(p.qos);
                     &plain
                 } else {
-                    with_properties = envelope::header(p.qos, &p.properties);
+                    with_properties = envelope::header_with(p.qos, private, &p.properties);
                     &with_properties
                 };
                 envelope::put_core_publish(
@@ -976,6 +1065,15 @@ where
                 if s.has_subscription_id {
                     return Err(End::ProtocolError(reason::SUB_IDS_NOT_SUPPORTED));
                 }
+                if s.filters
+                    .iter()
+                    .any(|(f, options)| options & NO_LOCAL != 0 && f.starts_with(b"$share/"))
+                {
+                    // MQTT-3.8.3-4.
+                    return Err(
+                        self.violation(&CodecError::Protocol("No Local on a shared subscription"))
+                    );
+                }
                 // Filters the edge answers itself, merging its codes with the core's SUBACK:
                 // those the ACL refuses, and `$` filters (other than `$share/`), which rumqttd
                 // answers by dropping the connection. No `$` topic is ever routed, so the edge
@@ -1021,6 +1119,10 @@ where
                 for f in &u.filters {
                     self.subscriptions.remove(f);
                 }
+                if self.options_in_use {
+                    self.options_in_use =
+                        self.subscriptions.values().any(|&o| options_need_edge(o));
+                }
                 let to_core: Vec<Bytes> = u
                     .filters
                     .into_iter()
@@ -1053,9 +1155,18 @@ where
                 mqtt::put_pingresp(&mut self.client_out);
             }
             mqtt::DISCONNECT => {
-                let code =
+                let d =
                     mqtt::parse_disconnect(&frame, self.version).map_err(|e| self.violation(&e))?;
-                return Err(if code == reason::DISCONNECT_WITH_WILL {
+                if let Some(expiry) = d.session_expiry {
+                    if self.session_expiry == 0 && expiry > 0 {
+                        // MQTT-3.14.2-2: a session that was to end cannot be extended here.
+                        return Err(self.violation(&CodecError::Protocol(
+                            "DISCONNECT sets a session expiry after CONNECT set none",
+                        )));
+                    }
+                    self.session_expiry = expiry;
+                }
+                return Err(if d.code == reason::DISCONNECT_WITH_WILL {
                     End::ClientDisconnectWithWill
                 } else {
                     End::ClientDisconnect
@@ -1159,7 +1270,7 @@ where
             Metrics::inc(&edge.metrics.topic_limit_refusals);
             return Some(v5_or(reason::TOPIC_FILTER_INVALID));
         }
-        if !self.subscriptions.contains(filter)
+        if !self.subscriptions.contains_key(filter)
             && self.subscriptions.len() >= edge.policy.max_subscriptions
         {
             Metrics::inc(&edge.metrics.subscription_limit_refusals);
@@ -1177,7 +1288,13 @@ where
                 Version::V5 => reason::NOT_AUTHORIZED,
             });
         }
-        self.subscriptions.insert(filter.clone());
+        self.subscriptions.insert(filter.clone(), options);
+        if options_need_edge(options) {
+            self.options_in_use = true;
+            if options & NO_LOCAL != 0 {
+                edge.no_local_in_use.store(true, Relaxed);
+            }
+        }
         is_dollar_filter(filter).then_some(options & 0x03)
     }
 
@@ -1259,14 +1376,6 @@ where
 
     fn on_core_data(&mut self, edge: &Edge) -> Result<(), End> {
         loop {
-            // A QoS 1/2 delivery the client has no room for stays buffered until its
-            // acknowledgements make room (see `client_has_room`).
-            if let Some(&first) = self.core_in.first() {
-                let qos_delivery = first >> 4 == mqtt::PUBLISH && (first >> 1) & 0x03 > 0;
-                if qos_delivery && !self.client_has_room() {
-                    break;
-                }
-            }
             let frame = match mqtt::read_frame(&mut self.core_in, usize::MAX) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -1275,9 +1384,65 @@ where
                     return Err(End::CoreGone);
                 }
             };
+            // A QoS 1/2 delivery the client has no room for (see `client_has_room`) waits, with
+            // every QoS 1/2 delivery after it, until its acknowledgements make room; the
+            // packets behind it (acknowledgements of the client's own publishes, SUBACKs, QoS 0
+            // deliveries, which MQTT orders only among themselves) go on.
+            let qos_delivery = frame.kind() == mqtt::PUBLISH && frame.flags() & 0b0110 != 0;
+            if qos_delivery && (!self.held.is_empty() || !self.client_has_room()) {
+                if self.held.len() + self.core_acks.len() >= MAX_CORE_INFLIGHT {
+                    warn!("core exceeded the inflight window");
+                    return Err(End::CoreGone);
+                }
+                self.held.push_back(frame);
+                continue;
+            }
             self.on_core_packet(edge, frame)?;
         }
         release_if_idle(&mut self.core_in);
+        Ok(())
+    }
+
+    /// Applies the options of the subscriptions matching `topic` that the core cannot hold
+    /// (see `options_need_edge`). `from_subscribe`: the core sent the message with RETAIN, as
+    /// it does only for retained messages sent because of a new subscription. Returns whether
+    /// to deliver, and the RETAIN flag to deliver with.
+    fn apply_options(
+        &self,
+        topic: &[u8],
+        opened: &envelope::Opened,
+        from_subscribe: bool,
+    ) -> (bool, bool) {
+        let (mut matched, mut all_no_local, mut all_no_retained, mut as_published) =
+            (false, true, true, false);
+        for (filter, &options) in &self.subscriptions {
+            if mqtt::filter_matches(filter, topic) {
+                matched = true;
+                all_no_local &= options & NO_LOCAL != 0;
+                all_no_retained &= no_retained_on_subscribe(options);
+                as_published |= options & RETAIN_AS_PUBLISHED != 0;
+            }
+        }
+        if !matched {
+            return (true, from_subscribe);
+        }
+        if all_no_local && opened.private.origin == Some(self.origin) {
+            // MQTT-3.8.3-3: never back to the client that published it.
+            return (false, false);
+        }
+        if from_subscribe {
+            return (!all_no_retained, true);
+        }
+        (true, as_published && opened.retained)
+    }
+
+    /// Delivers held deliveries (see `held`) while the client has room for them.
+    fn release_held(&mut self, edge: &Edge) -> Result<(), End> {
+        while !self.held.is_empty() && self.client_has_room() {
+            if let Some(frame) = self.held.pop_front() {
+                self.on_core_packet(edge, frame)?;
+            }
+        }
         Ok(())
     }
 
@@ -1286,7 +1451,29 @@ where
             mqtt::PUBLISH => {
                 let p = mqtt::parse_core_publish(&frame).map_err(|_| End::CoreGone)?;
                 let opened = envelope::open(p.payload);
-                let qos = opened.qos.map_or(p.qos, |q| q.min(p.qos));
+                // What the core cannot decide: expiry, and subscription options beyond QoS.
+                let mut deliver = true;
+                let mut retain = p.retain;
+                let mut expiry_left = None;
+                if let Some(at) = opened.private.expires_at {
+                    let now = envelope::unix_millis();
+                    if at <= now {
+                        deliver = false;
+                        Metrics::inc(&edge.metrics.dropped_expired);
+                    } else {
+                        expiry_left = Some((at - now).div_ceil(1000).min(u32::MAX as u64) as u32);
+                    }
+                }
+                if deliver && self.options_in_use {
+                    (deliver, retain) = self.apply_options(&p.topic, &opened, p.retain);
+                }
+                // A message not delivered is taken as delivered at QoS 0: the edge
+                // acknowledges it to the core itself.
+                let qos = match opened.qos {
+                    _ if !deliver => 0,
+                    Some(q) => q.min(p.qos),
+                    None => p.qos,
+                };
                 let mut dup = p.dup;
                 let mut client_id = 0;
                 if p.qos > 0 {
@@ -1340,9 +1527,19 @@ where
                     client_id = entry.client_id;
                     self.core_acks.push_back(entry);
                 }
-                let props: &[u8] = match self.version {
-                    Version::V5 => &opened.properties,
-                    Version::V311 => &[],
+                let with_expiry;
+                let props: &[u8] = match (self.version, expiry_left) {
+                    (Version::V5, None) => &opened.properties,
+                    (Version::V5, Some(left)) => {
+                        // MQTT-3.3.2-6: what is left of the interval.
+                        let mut p = Vec::with_capacity(5 + opened.properties.len());
+                        p.push(mqtt::prop::MESSAGE_EXPIRY);
+                        p.extend_from_slice(&left.to_be_bytes());
+                        p.extend_from_slice(&opened.properties);
+                        with_expiry = p;
+                        &with_expiry
+                    }
+                    (Version::V311, _) => &[],
                 };
                 let size = mqtt::publish_wire_len(
                     self.version,
@@ -1351,7 +1548,8 @@ where
                     props.len(),
                     opened.payload.len(),
                 );
-                if size > self.client_max_packet {
+                if !deliver {
+                } else if size > self.client_max_packet {
                     // MQTT-3.1.2-25: never send a packet larger than the client accepts.
                     Metrics::inc(&edge.metrics.dropped_too_large_for_client);
                     if let Some(entry) = self.core_acks.back_mut() {
@@ -1365,7 +1563,7 @@ where
                         self.version,
                         dup && qos > 0,
                         qos,
-                        p.retain,
+                        retain,
                         &p.topic,
                         client_id,
                         props,
@@ -1491,8 +1689,9 @@ where
     }
 
     /// Ends the connection: tells the client why (v5), publishes the will when MQTT says it
-    /// fires, and closes the core connection.
-    async fn close(mut self, end: End) {
+    /// fires, and closes the core connection. Returns the will when it fires but must wait
+    /// for its Will Delay Interval (the caller sets the timer).
+    async fn close(mut self, end: End) -> Option<Will> {
         let client_reason = match end {
             End::KeepAliveTimeout => Some(reason::KEEP_ALIVE_TIMEOUT),
             End::SlowConsumer => Some(reason::IMPLEMENTATION_SPECIFIC),
@@ -1533,17 +1732,29 @@ where
         // the edge, and every close is an orderly socket shutdown.
         let mut out = std::mem::take(&mut self.core_out);
         let fire_will = !matches!(end, End::ClientDisconnect | End::Shutdown);
-        if let (true, Some(w)) = (fire_will, self.will.take()) {
-            // QoS 0 into the core is enough: it routes on receipt and delivers at each
-            // subscription's QoS; the envelope carries the will's QoS for the min() rule.
-            envelope::put_core_publish(
-                &mut out, false, 0, w.retain, &w.topic, 0, &w.header, &w.payload,
-            );
-            debug!("will published");
+        let mut delayed = None;
+        match self.will.take() {
+            Some(w) if fire_will && self.will_delay > 0 && self.session_expiry > 0 => {
+                delayed = Some(w);
+            }
+            Some(w) if fire_will => {
+                // QoS 0 into the core is enough: it routes on receipt and delivers at each
+                // subscription's QoS; the envelope carries the will's QoS for the min() rule.
+                let private = envelope::Private {
+                    origin: None,
+                    expires_at: message_expires_at(w.message_expiry),
+                };
+                let header = envelope::header_with(w.qos, private, &w.properties);
+                envelope::put_core_publish(
+                    &mut out, false, 0, w.retain, &w.topic, 0, &header, &w.payload,
+                );
+                debug!("will published");
+            }
+            _ => {}
         }
         if end == End::CoreGone {
             // Nothing can be delivered over a connection the core closed.
-            return;
+            return delayed;
         }
         let mut core = self.core;
         let _ = tokio::time::timeout(CORE_CLOSE_WAIT, async {
@@ -1554,7 +1765,15 @@ where
             Ok::<_, io::Error>(())
         })
         .await;
+        delayed
     }
+}
+
+/// When a message with a Message Expiry Interval of `secs` published now expires (Unix ms);
+/// an interval of 0 is taken as none, as mosquitto does.
+fn message_expires_at(secs: Option<u32>) -> Option<u64> {
+    secs.filter(|&s| s > 0)
+        .map(|s| envelope::unix_millis() + s as u64 * 1000)
 }
 
 enum Event {

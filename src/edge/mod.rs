@@ -23,6 +23,7 @@ pub mod ws_io;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::core::Core;
+use crate::envelope;
 use crate::history::History;
 use crate::metrics::Metrics;
 
@@ -186,6 +188,11 @@ pub struct Edge {
     pub history: History,
     /// The threads that serve accepted sockets (`[runtime] connection_threads`).
     pub threads: threads::ConnectionThreads,
+    /// Some client has subscribed with No Local since start: from then on, publishes carry
+    /// their origin in the envelope (see `envelope`), which costs 10 bytes per message.
+    pub no_local_in_use: AtomicBool,
+    /// Numbers the reaper's short-lived core connections.
+    next_internal: AtomicU64,
 }
 
 /// Bounds of the JSON bridge (`[bridge]`).
@@ -226,7 +233,78 @@ impl Edge {
             },
             history,
             threads,
+            no_local_in_use: AtomicBool::new(false),
+            next_internal: AtomicU64::new(0),
         })
+    }
+
+    /// Publishes a will into the core on a short-lived connection of its own (a delayed will,
+    /// whose client's connection is gone). QoS 0 into the core: it routes on receipt, and the
+    /// envelope carries the will's QoS for delivery.
+    pub async fn publish_will(&self, will: &registry::Will) {
+        let n = self
+            .next_internal
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Ok(link) = self.core.connect(&format!("i-will-{n}"), true).await else {
+            tracing::warn!("cannot reach the core to publish a delayed will");
+            return;
+        };
+        let mut out = bytes::BytesMut::new();
+        let private = envelope::Private {
+            origin: None,
+            expires_at: will
+                .message_expiry
+                .filter(|&s| s > 0)
+                .map(|s| envelope::unix_millis() + s as u64 * 1000),
+        };
+        let header = envelope::header_with(will.qos, private, &will.properties);
+        envelope::put_core_publish(
+            &mut out,
+            false,
+            0,
+            will.retain,
+            &will.topic,
+            0,
+            &header,
+            &will.payload,
+        );
+        close_core_link(link.stream, &out).await;
+    }
+
+    /// Acts on the timers of offline sessions (`registry::Timers`) until shutdown: publishes
+    /// wills whose delay has passed and removes expired sessions from the core and the
+    /// registry. One task; it sleeps until the earliest timer or until a new one is set.
+    pub async fn reap(self: Arc<Self>) {
+        loop {
+            let next = self.registry.next_timer();
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = self.registry.timer_set() => continue,
+                _ = sleep => {}
+            }
+            for due in self
+                .registry
+                .take_due(tokio::time::Instant::now(), &self.shutdown)
+            {
+                if let Some(will) = &due.will {
+                    self.publish_will(will).await;
+                    tracing::debug!(client_id = %due.client_id, "delayed will published");
+                }
+                if due.expired {
+                    self.wipe_core_session(&policy::core_client_id(&due.client_id))
+                        .await;
+                    Metrics::inc(&self.metrics.sessions_expired);
+                    tracing::debug!(client_id = %due.client_id, "session expired");
+                }
+                self.registry.release(&due.client_id, &due.claim);
+            }
+        }
     }
 
     /// Removes a session from the core: a clean-session connection replaces it and, closing,
@@ -235,14 +313,20 @@ impl Edge {
     /// follows, which here is the client's own).
     pub async fn wipe_core_session(&self, core_id: &str) {
         if let Ok(link) = self.core.connect(core_id, true).await {
-            let mut stream = link.stream;
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                stream.shutdown().await?;
-                let mut sink = [0u8; 256];
-                while stream.read(&mut sink).await? > 0 {}
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
+            close_core_link(link.stream, &[]).await;
         }
     }
+}
+
+/// Writes `last` to a core connection, then closes it with an orderly shutdown and waits
+/// (at most a second) until the core has read everything.
+async fn close_core_link(mut stream: TcpStream, last: &[u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(last).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 256];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }

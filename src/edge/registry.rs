@@ -5,18 +5,25 @@
 //! messages a client published but has not yet released (PUBREL) survive a reconnect, because
 //! rumqttd forgets them and would otherwise leave a re-sent PUBREL unanswered or deliver a
 //! re-sent PUBLISH twice; and the ids of deliveries the client had not acknowledged, so their
-//! re-sending carries DUP as MQTT-3.3.1-1 requires. Both maps are bounded: live ids by the connection cap, stored
-//! offline state by `max_stored` sessions.
+//! re-sending carries DUP as MQTT-3.3.1-1 requires; (3) the v5 timers of sessions that have
+//! gone offline: a will waiting out its Will Delay Interval and a session waiting out its
+//! Session Expiry Interval, which the edge's reaper (`Edge::reap`) acts on. The maps are
+//! bounded: live ids by the connection cap, stored offline state and timers by `max_stored`
+//! sessions each.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use bytes::Bytes;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Longest a new connection waits for the one it takes over to finish.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+/// Sessions the reaper takes on at once.
+const REAP_BATCH: usize = 32;
 /// Packet ids kept per offline session.
 pub const MAX_PENDING_QOS2: usize = 1024;
 
@@ -32,11 +39,57 @@ struct Inner {
     live: HashMap<String, Live>,
     /// Packet-id state of offline persistent sessions that rumqttd does not keep.
     offline: HashMap<String, OfflineState>,
+    /// Timers of offline sessions (delayed wills, session expiry).
+    timers: HashMap<String, Timers>,
 }
 
 pub struct Registry {
     inner: Mutex<Inner>,
     max_stored: usize,
+    /// Wakes the reaper when a timer is set.
+    timer_set: Notify,
+}
+
+/// A will as the edge publishes it.
+#[derive(Debug, Clone)]
+pub struct Will {
+    pub topic: Bytes,
+    pub retain: bool,
+    pub qos: u8,
+    /// End-to-end v5 properties, wire encoded, without the message expiry.
+    pub properties: Bytes,
+    /// Message Expiry Interval (seconds), counted from publication.
+    pub message_expiry: Option<u32>,
+    pub payload: Bytes,
+}
+
+/// What an offline session is waiting for.
+#[derive(Debug, Default)]
+pub struct Timers {
+    /// A will to publish at this instant, unless the session reconnects first.
+    pub will: Option<(Instant, Will)>,
+    /// When the session expires (`None`: never).
+    pub session_expires: Option<Instant>,
+}
+
+impl Timers {
+    fn next(&self) -> Option<Instant> {
+        let will = self.will.as_ref().map(|(at, _)| *at);
+        match (will, self.session_expires) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// Work the reaper found due for one client id, with a claim on the id so that no connection
+/// can resume the session meanwhile.
+pub struct Due {
+    pub client_id: String,
+    pub will: Option<Will>,
+    /// The session has expired: remove it from the core.
+    pub expired: bool,
+    pub claim: Claim,
 }
 
 /// What the edge remembers of a persistent session between its connections.
@@ -50,6 +103,9 @@ pub struct OfflineState {
     /// QoS 2 deliveries whose PUBREL the client still needs: (core id, client id). The core
     /// re-sends these PUBRELs under the ids of the connection that ended.
     pub pubrel_out: Vec<(u16, u16)>,
+    /// The session's subscriptions (filter, options byte) when some have options the core
+    /// cannot hold (No Local, Retain As Published, Retain Handling 2); empty otherwise.
+    pub sub_options: Vec<(Bytes, u8)>,
 }
 
 /// A delivery awaiting re-sending when a persistent session resumes.
@@ -67,7 +123,10 @@ pub struct Redelivery {
 
 impl OfflineState {
     fn is_empty(&self) -> bool {
-        self.inbound_qos2.is_empty() && self.unacked_out.is_empty() && self.pubrel_out.is_empty()
+        self.inbound_qos2.is_empty()
+            && self.unacked_out.is_empty()
+            && self.pubrel_out.is_empty()
+            && self.sub_options.is_empty()
     }
 }
 
@@ -83,6 +142,7 @@ impl Registry {
         Registry {
             inner: Mutex::new(Inner::default()),
             max_stored,
+            timer_set: Notify::new(),
         }
     }
 
@@ -91,26 +151,30 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn new_claim(inner: &mut Inner, id: &str, kick: CancellationToken) -> (Claim, Option<Live>) {
+        let (tx, rx) = watch::channel(());
+        inner.next_generation += 1;
+        let generation = inner.next_generation;
+        let previous = inner.live.insert(
+            id.to_string(),
+            Live {
+                generation,
+                kick: kick.clone(),
+                done: rx,
+            },
+        );
+        let claim = Claim {
+            generation,
+            kick,
+            _done: tx,
+        };
+        (claim, previous)
+    }
+
     /// Claims `id` for a new connection, kicking out and waiting for any connection holding it.
     /// `parent` is the shutdown token, so a kick also fires on shutdown.
     pub async fn claim(&self, id: &str, parent: &CancellationToken) -> Claim {
-        let (tx, rx) = watch::channel(());
-        let kick = parent.child_token();
-        let previous = {
-            let mut inner = self.lock();
-            inner.next_generation += 1;
-            let generation = inner.next_generation;
-            let previous = inner.live.insert(
-                id.to_string(),
-                Live {
-                    generation,
-                    kick: kick.clone(),
-                    done: rx,
-                },
-            );
-            (generation, previous)
-        };
-        let (generation, previous) = previous;
+        let (claim, previous) = Self::new_claim(&mut self.lock(), id, parent.child_token());
         if let Some(old) = previous {
             old.kick.cancel();
             let mut done = old.done;
@@ -120,18 +184,19 @@ impl Registry {
             })
             .await;
         }
-        Claim {
-            generation,
-            kick,
-            _done: tx,
-        }
+        claim
     }
 
-    /// Releases `id` if `claim` still owns it.
+    /// Releases `id` if `claim` still owns it. Timers the connection set as it ended start to
+    /// count for the reaper now.
     pub fn release(&self, id: &str, claim: &Claim) {
         let mut inner = self.lock();
         if inner.live.get(id).map(|l| l.generation) == Some(claim.generation) {
             inner.live.remove(id);
+            if inner.timers.contains_key(id) {
+                drop(inner);
+                self.timer_set.notify_one();
+            }
         }
     }
 
@@ -160,6 +225,87 @@ impl Registry {
     pub fn forget_session(&self, id: &str) {
         self.lock().offline.remove(id);
     }
+
+    /// Sets the timers of a session going offline; the reaper sees them once the connection
+    /// releases its claim. Returns them back when the store is full (the caller publishes the
+    /// will at once and counts it).
+    pub fn set_timers(&self, id: &str, timers: Timers) -> Result<(), Box<Timers>> {
+        let mut inner = self.lock();
+        if inner.timers.len() >= self.max_stored && !inner.timers.contains_key(id) {
+            return Err(Box::new(timers));
+        }
+        inner.timers.insert(id.to_string(), timers);
+        let live = inner.live.contains_key(id);
+        drop(inner);
+        if !live {
+            self.timer_set.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Takes the timers of a session a new connection has claimed: reconnecting cancels them.
+    pub fn take_timers(&self, id: &str) -> Option<Timers> {
+        self.lock().timers.remove(id)
+    }
+
+    /// The earliest timer of a session that is not connected.
+    pub fn next_timer(&self) -> Option<Instant> {
+        let inner = self.lock();
+        inner
+            .timers
+            .iter()
+            .filter(|(id, _)| !inner.live.contains_key(*id))
+            .filter_map(|(_, t)| t.next())
+            .min()
+    }
+
+    /// Takes what is due at `now` for sessions that are not connected, claiming each id; at
+    /// most [`REAP_BATCH`] sessions, so that a client reconnecting meanwhile waits for little
+    /// work (its claim waits for the reaper's).
+    pub fn take_due(&self, now: Instant, parent: &CancellationToken) -> Vec<Due> {
+        let mut inner = self.lock();
+        let due_ids: Vec<String> = inner
+            .timers
+            .iter()
+            .filter(|(id, t)| !inner.live.contains_key(*id) && t.next().is_some_and(|at| at <= now))
+            .map(|(id, _)| id.clone())
+            .take(REAP_BATCH)
+            .collect();
+        let mut out = Vec::with_capacity(due_ids.len());
+        for id in due_ids {
+            let Some(timers) = inner.timers.get_mut(&id) else {
+                continue;
+            };
+            let expired = timers.session_expires.is_some_and(|at| at <= now);
+            // A session that ends publishes its will, whatever its delay (MQTT-3.1.3-9).
+            let will = match timers.will.take() {
+                Some((at, will)) if at <= now || expired => Some(will),
+                other => {
+                    timers.will = other;
+                    None
+                }
+            };
+            if expired || timers.next().is_none() {
+                inner.timers.remove(&id);
+            }
+            if expired {
+                inner.offline.remove(&id);
+            }
+            let (claim, _) = Self::new_claim(&mut inner, &id, parent.child_token());
+            out.push(Due {
+                client_id: id,
+                will,
+                expired,
+                claim,
+            });
+        }
+        out
+    }
+
+    /// Waits until a timer is set.
+    pub async fn timer_set(&self) {
+        self.timer_set.notified().await
+    }
 }
 
 #[cfg(test)]
@@ -184,6 +330,71 @@ mod tests {
         assert_eq!(reg.lock().live.len(), 1);
     }
 
+    fn will(topic: &'static str) -> Will {
+        Will {
+            topic: Bytes::from_static(topic.as_bytes()),
+            retain: false,
+            qos: 0,
+            properties: Bytes::new(),
+            message_expiry: None,
+            payload: Bytes::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timers_fire_in_order_and_not_for_connected_sessions() {
+        let reg = Registry::new(2);
+        let root = CancellationToken::new();
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        reg.set_timers(
+            "a",
+            Timers {
+                will: Some((t0 + 3 * s, will("w/a"))),
+                session_expires: Some(t0 + 5 * s),
+            },
+        )
+        .unwrap();
+        reg.set_timers(
+            "b",
+            Timers {
+                will: Some((t0 + 9 * s, will("w/b"))),
+                session_expires: Some(t0 + 2 * s),
+            },
+        )
+        .unwrap();
+        // The store is bounded.
+        assert!(reg.set_timers("c", Timers::default()).is_err());
+        assert_eq!(reg.next_timer(), Some(t0 + 2 * s));
+        assert!(reg.take_due(t0 + s, &root).is_empty());
+        // b's session ends first, and takes its will along although its delay is longer.
+        let due = reg.take_due(t0 + 2 * s, &root);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].client_id, "b");
+        assert!(due[0].expired);
+        assert_eq!(
+            due[0].will.as_ref().map(|w| &w.topic[..]),
+            Some(&b"w/b"[..])
+        );
+        // The reaper holds the id while it works: a connected session's timers wait.
+        assert_eq!(reg.next_timer(), Some(t0 + 3 * s));
+        let claim = reg.claim("a", &root).await;
+        assert_eq!(reg.next_timer(), None);
+        assert!(reg.take_due(t0 + 4 * s, &root).is_empty());
+        reg.release("a", &claim);
+        let due = reg.take_due(t0 + 4 * s, &root);
+        assert_eq!((due.len(), due[0].expired), (1, false));
+        assert!(due[0].will.is_some());
+        reg.release("a", &due[0].claim);
+        let due = reg.take_due(t0 + 5 * s, &root);
+        assert_eq!((due.len(), due[0].expired), (1, true));
+        assert!(due[0].will.is_none());
+        // Reconnecting takes (cancels) the timers.
+        reg.set_timers("d", Timers::default()).unwrap();
+        assert!(reg.take_timers("d").is_some());
+        assert!(reg.take_timers("d").is_none());
+    }
+
     #[test]
     fn offline_store_is_bounded() {
         let reg = Registry::new(1);
@@ -194,6 +405,7 @@ mod tests {
                 ..Redelivery::default()
             }],
             pubrel_out: vec![(3, 4)],
+            sub_options: vec![(Bytes::from_static(b"a/#"), 0x05)],
         };
         assert!(reg.store_offline("a", a.clone()));
         assert!(!reg.store_offline(

@@ -1,0 +1,421 @@
+//! MQTT 5 behaviour the core (rumqttd, spoken to in 3.1.1) cannot provide and the edge does:
+//! flow control that never holds back acknowledgements, subscription options (No Local, Retain
+//! As Published, Retain Handling), Message Expiry, Session Expiry and Will Delay. Checked
+//! against the real binary with a raw v5 client and with mosquitto_sub/mosquitto_pub in v5
+//! mode, as the paho interoperability suite checks mosquitto.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(5);
+
+const PUBLISH: u8 = 3;
+const PUBACK: u8 = 4;
+const SUBACK: u8 = 9;
+const DISCONNECT: u8 = 14;
+
+/// A v5 property block: its length, then the properties.
+fn props(bytes: &[u8]) -> Vec<u8> {
+    let mut out = remaining_length(bytes.len());
+    out.extend_from_slice(bytes);
+    out
+}
+
+fn u32_prop(id: u8, value: u32) -> Vec<u8> {
+    let mut out = vec![id];
+    out.extend(value.to_be_bytes());
+    out
+}
+
+/// A v5 CONNECT with `properties` (unencoded property bytes) and no will.
+fn connect5(client_id: &str, clean: bool, properties: &[u8]) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.push(5);
+    body.push(if clean { 0x02 } else { 0 });
+    body.extend(30u16.to_be_bytes());
+    body.extend(props(properties));
+    body.extend(string(client_id.as_bytes()));
+    packet(0x10, &body)
+}
+
+fn subscribe5(pkid: u16, filter: &str, options: u8) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    body.push(0);
+    body.extend(string(filter.as_bytes()));
+    body.push(options);
+    packet(0x82, &body)
+}
+
+fn publish5(topic: &str, payload: &[u8], qos: u8, retain: bool, pkid: u16) -> Vec<u8> {
+    let mut body = string(topic.as_bytes());
+    if qos > 0 {
+        body.extend(pkid.to_be_bytes());
+    }
+    body.push(0);
+    body.extend_from_slice(payload);
+    packet(0x30 | (qos << 1) | retain as u8, &body)
+}
+
+/// A v5 DISCONNECT with `properties`.
+fn disconnect5(properties: &[u8]) -> Vec<u8> {
+    let mut body = vec![0];
+    body.extend(props(properties));
+    packet(0xE0, &body)
+}
+
+/// A received v5 PUBLISH.
+#[derive(Debug)]
+struct Publish5 {
+    topic: String,
+    qos: u8,
+    retain: bool,
+    pkid: u16,
+    /// Message Expiry Interval, when present.
+    expiry: Option<u32>,
+    payload: Vec<u8>,
+}
+
+fn parse5(p: &Packet) -> Publish5 {
+    assert_eq!(p.kind(), PUBLISH, "not a PUBLISH: {p:?}");
+    let qos = (p.header >> 1) & 3;
+    let b = &p.body;
+    let tl = u16::from_be_bytes([b[0], b[1]]) as usize;
+    let topic = String::from_utf8(b[2..2 + tl].to_vec()).unwrap();
+    let mut pos = 2 + tl;
+    let mut pkid = 0;
+    if qos > 0 {
+        pkid = u16::from_be_bytes([b[pos], b[pos + 1]]);
+        pos += 2;
+    }
+    // Property lengths here stay under 128 bytes.
+    let plen = b[pos] as usize;
+    pos += 1;
+    let block = &b[pos..pos + plen];
+    let expiry = block
+        .windows(5)
+        .find(|w| w[0] == 0x02)
+        .map(|w| u32::from_be_bytes([w[1], w[2], w[3], w[4]]));
+    Publish5 {
+        topic,
+        qos,
+        retain: p.header & 1 == 1,
+        pkid,
+        expiry,
+        payload: b[pos + plen..].to_vec(),
+    }
+}
+
+/// Connects a raw v5 client and returns it with its CONNACK's session-present flag.
+fn connect(v: &Vigil, client_id: &str, clean: bool, properties: &[u8]) -> (Raw, bool) {
+    let mut c = Raw::open(v.mqtt);
+    c.send(&connect5(client_id, clean, properties));
+    let ack = c.recv().expect("CONNACK");
+    assert_eq!(ack.kind(), 2, "expected CONNACK, got {ack:?}");
+    assert_eq!(ack.body[1], 0, "refused: {ack:?}");
+    (c, ack.body[0] & 1 == 1)
+}
+
+fn subscribe(c: &mut Raw, filter: &str, options: u8) {
+    c.send(&subscribe5(1, filter, options));
+    let ack = c.recv().expect("SUBACK");
+    assert_eq!(ack.kind(), SUBACK, "{ack:?}");
+    assert!(ack.body[3] < 0x80, "subscription refused: {ack:?}");
+}
+
+/// Everything that arrives within `window`.
+fn drain(c: &mut Raw, window: Duration) -> Vec<Packet> {
+    let deadline = Instant::now() + window;
+    let mut out = Vec::new();
+    while let Some(p) = c.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        out.push(p);
+        if Instant::now() >= deadline {
+            break;
+        }
+    }
+    out
+}
+
+#[test]
+fn receive_maximum_never_holds_back_the_clients_own_acknowledgements() {
+    // paho's test_flow_control1: a client with Receive Maximum 2, subscribed to its own topic,
+    // publishes three QoS 1 messages. It must get all three PUBACKs while it has not
+    // acknowledged the two deliveries it may have in flight, and the third delivery only
+    // after it acknowledges one.
+    let v = Vigil::start();
+    let (mut c, _) = connect(&v, "fc1", true, &[0x21, 0, 2]);
+    subscribe(&mut c, "fc/t", 1);
+    for id in 1..=3u16 {
+        c.send(&publish5("fc/t", format!("m{id}").as_bytes(), 1, false, id));
+    }
+    let mut acks = Vec::new();
+    let mut deliveries = Vec::new();
+    while acks.len() < 3 || deliveries.len() < 2 {
+        let p = c.recv().unwrap_or_else(|| {
+            panic!("stalled with PUBACKs {acks:?} and deliveries {deliveries:?}")
+        });
+        match p.kind() {
+            PUBACK => acks.push(u16::from_be_bytes([p.body[0], p.body[1]])),
+            PUBLISH => deliveries.push(parse5(&p)),
+            other => panic!("unexpected packet {other}: {p:?}"),
+        }
+    }
+    acks.sort();
+    assert_eq!(acks, vec![1, 2, 3]);
+    assert!(deliveries.iter().all(|d| d.qos == 1), "{deliveries:?}");
+    assert!(
+        drain(&mut c, Duration::from_millis(700)).is_empty(),
+        "a third delivery went past the client's Receive Maximum"
+    );
+    c.send(&ack_packet(PUBACK, deliveries[0].pkid));
+    let third = parse5(
+        &c.recv()
+            .expect("the third delivery once one is acknowledged"),
+    );
+    let mut payloads: Vec<Vec<u8>> = deliveries.iter().map(|d| d.payload.clone()).collect();
+    payloads.push(third.payload);
+    assert_eq!(
+        payloads,
+        vec![b"m1".to_vec(), b"m2".to_vec(), b"m3".to_vec()]
+    );
+}
+
+#[test]
+fn no_local_retain_as_published_and_retain_handling() {
+    let v = Vigil::start();
+
+    // No Local: the publisher does not get its own message; another No Local subscriber does.
+    let (mut a, _) = connect(&v, "nl-a", true, &[]);
+    let (mut b, _) = connect(&v, "nl-b", true, &[]);
+    subscribe(&mut a, "nl/t", 0x04 | 1);
+    subscribe(&mut b, "nl/t", 0x04 | 1);
+    a.send(&publish5("nl/t", b"mine", 1, false, 7));
+    let got = parse5(&b.recv().expect("the other No Local subscriber gets it"));
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        ("nl/t", &b"mine"[..])
+    );
+    let to_a: Vec<u8> = drain(&mut a, Duration::from_millis(700))
+        .iter()
+        .map(|p| p.kind())
+        .collect();
+    assert_eq!(to_a, vec![PUBACK], "the publisher got its own message back");
+    // Another client's message does reach a No Local subscriber.
+    publish(v.port(), &["-t", "nl/t", "-m", "theirs", "-q", "1"]);
+    assert_eq!(
+        parse5(&a.recv().expect("others' messages")).payload,
+        b"theirs"
+    );
+
+    // Retain As Published: the RETAIN flag as the publisher set it, only for that subscriber.
+    let (mut rap, _) = connect(&v, "rap", true, &[]);
+    let (mut plain, _) = connect(&v, "plain", true, &[]);
+    subscribe(&mut rap, "rap/t", 0x08 | 1);
+    subscribe(&mut plain, "rap/t", 1);
+    publish(v.port(), &["-t", "rap/t", "-m", "r", "-q", "1", "-r"]);
+    let (r, p) = (
+        parse5(&rap.recv().expect("rap")),
+        parse5(&plain.recv().expect("plain")),
+    );
+    assert!(r.retain, "Retain As Published lost the flag");
+    assert!(
+        !p.retain,
+        "a live delivery must have RETAIN 0 without Retain As Published"
+    );
+
+    // Retain Handling 2: no retained messages when subscribing; 0: the retained message.
+    let (mut rh2, _) = connect(&v, "rh2", true, &[]);
+    subscribe(&mut rh2, "rap/#", 0x20 | 1);
+    assert!(
+        drain(&mut rh2, Duration::from_millis(700)).is_empty(),
+        "Retain Handling 2 got the retained message"
+    );
+    let (mut rh0, _) = connect(&v, "rh0", true, &[]);
+    subscribe(&mut rh0, "rap/#", 1);
+    let got = parse5(&rh0.recv().expect("the retained message"));
+    assert!(got.retain && got.payload == b"r");
+    // A live message still reaches the Retain Handling 2 subscriber.
+    publish(v.port(), &["-t", "rap/t", "-m", "live", "-q", "1"]);
+    assert_eq!(parse5(&rh2.recv().expect("live message")).payload, b"live");
+    publish(v.port(), &["-t", "rap/t", "-r", "-n"]);
+
+    // No Local on a shared subscription is a protocol error (MQTT-3.8.3-4).
+    let (mut shared, _) = connect(&v, "nl-shared", true, &[]);
+    shared.send(&subscribe5(1, "$share/g/nl/t", 0x04 | 1));
+    let d = shared.recv().expect("DISCONNECT");
+    assert_eq!((d.kind(), d.body[0]), (DISCONNECT, 0x82), "{d:?}");
+}
+
+#[test]
+fn expired_messages_are_not_delivered_and_the_rest_carry_what_is_left() {
+    let v = Vigil::start();
+    // An offline persistent session with a QoS 1 subscription.
+    let (mut b, _) = connect(&v, "me-b", true, &u32_prop(0x11, 300));
+    subscribe(&mut b, "me/t", 1);
+    b.send(&disconnect5(&[]));
+    drop(b);
+    std::thread::sleep(Duration::from_millis(300));
+    for (expiry, text) in [("1", "short"), ("60", "long")] {
+        publish(
+            v.port(),
+            &[
+                "-V",
+                "mqttv5",
+                "-t",
+                "me/t",
+                "-q",
+                "1",
+                "-m",
+                text,
+                "-D",
+                "publish",
+                "message-expiry-interval",
+                expiry,
+            ],
+        );
+    }
+    std::thread::sleep(Duration::from_millis(2200));
+    let (mut b, present) = connect(&v, "me-b", false, &u32_prop(0x11, 300));
+    assert!(present);
+    let got: Vec<Publish5> = drain(&mut b, Duration::from_millis(1500))
+        .iter()
+        .map(parse5)
+        .collect();
+    assert_eq!(got.len(), 1, "expected only the unexpired message: {got:?}");
+    assert_eq!(got[0].payload, b"long");
+    let left = got[0].expiry.expect("Message Expiry Interval forwarded");
+    assert!(
+        (55..60).contains(&left),
+        "expiry left should be 60 minus the wait: {left}"
+    );
+    let page = http_get(v.http, "/metrics");
+    assert_eq!(
+        metric(&page, "vigil_dropped_total{reason=\"expired\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn session_expiry_is_enforced_and_can_be_changed_on_disconnect() {
+    let v = Vigil::start();
+    let expiry_2s = u32_prop(0x11, 2);
+    let (mut c, present) = connect(&v, "se", true, &expiry_2s);
+    assert!(!present);
+    subscribe(&mut c, "se/t", 1);
+    c.send(&disconnect5(&[]));
+    drop(c);
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut c, present) = connect(&v, "se", false, &expiry_2s);
+    assert!(present, "the session should outlive the connection");
+    c.send(&disconnect5(&[]));
+    drop(c);
+    // A message published while the session is offline is queued for it...
+    publish(v.port(), &["-t", "se/t", "-m", "queued", "-q", "1"]);
+    std::thread::sleep(Duration::from_millis(3000));
+    // ...until the session expires, with its subscription.
+    let (mut c, present) = connect(&v, "se", false, &expiry_2s);
+    assert!(!present, "the session should have expired");
+    assert!(drain(&mut c, Duration::from_millis(700)).is_empty());
+    publish(v.port(), &["-t", "se/t", "-m", "after", "-q", "1"]);
+    assert!(
+        drain(&mut c, Duration::from_millis(700)).is_empty(),
+        "the expired session's subscription is still routed"
+    );
+    c.send(&disconnect5(&u32_prop(0x11, 0)));
+    drop(c);
+
+    // DISCONNECT can shorten the expiry to 0: the session ends with the connection.
+    let (mut c, _) = connect(&v, "se0", true, &u32_prop(0x11, 60));
+    subscribe(&mut c, "se/t", 1);
+    c.send(&disconnect5(&u32_prop(0x11, 0)));
+    drop(c);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_c, present) = connect(&v, "se0", false, &[]);
+    assert!(!present, "DISCONNECT with expiry 0 must end the session");
+
+    // ...and lengthen it, unless CONNECT set none (a protocol error).
+    let (mut c, _) = connect(&v, "se1", true, &u32_prop(0x11, 1));
+    c.send(&disconnect5(&u32_prop(0x11, 60)));
+    drop(c);
+    std::thread::sleep(Duration::from_millis(2000));
+    let (_c, present) = connect(&v, "se1", false, &[]);
+    assert!(present, "DISCONNECT lengthened the expiry to 60 s");
+    let (mut c, _) = connect(&v, "se2", true, &[]);
+    c.send(&disconnect5(&u32_prop(0x11, 60)));
+    let d = c.recv().expect("DISCONNECT");
+    assert_eq!((d.kind(), d.body[0]), (DISCONNECT, 0x82), "{d:?}");
+    assert_eq!(
+        metric(
+            &http_get(v.http, "/metrics"),
+            "vigil_sessions_expired_total"
+        ),
+        Some(1.0)
+    );
+}
+
+/// `mosquitto_sub` with a will delayed by `delay` seconds and Session Expiry `expiry` (when
+/// given), subscribed to something else.
+fn will_client(v: &Vigil, id: &str, delay: &str, expiry: Option<&str>, clean: bool) -> Sub {
+    let mut args = vec![
+        "-V",
+        "mqttv5",
+        "-i",
+        id,
+        "-t",
+        "wd/other",
+        "--will-topic",
+        "wd/will",
+        "--will-payload",
+        id,
+        "-D",
+        "will",
+        "will-delay-interval",
+        delay,
+    ];
+    if let Some(e) = expiry {
+        args.extend(["-x", e]);
+    }
+    if !clean {
+        args.push("-c");
+    }
+    Sub::start(v.port(), &args)
+}
+
+#[test]
+fn a_will_waits_for_its_delay_and_a_reconnection_cancels_it() {
+    let v = Vigil::start();
+    let mut watcher = Sub::start(v.port(), &["-t", "wd/will", "-q", "1"]);
+
+    // Delay 2 s, session expiry 10 s: the will goes 2 s after the connection breaks.
+    let mut a = will_client(&v, "wd-a", "2", Some("10"), true);
+    a.kill();
+    let start = Instant::now();
+    assert_eq!(watcher.expect_messages(1, T), vec!["wd/will|0|0|wd-a"]);
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1700) && took < Duration::from_millis(3500),
+        "will after {took:?}, expected about 2 s"
+    );
+
+    // A reconnection of the session within the delay: no will.
+    let mut b = will_client(&v, "wd-b", "2", Some("10"), true);
+    b.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    let _b = will_client(&v, "wd-b", "30", Some("10"), false);
+    assert_eq!(
+        watcher.drain(Duration::from_millis(3000)).len(),
+        1,
+        "the will of a session that reconnected in time was published"
+    );
+
+    // Session expiry shorter than the delay: the will goes when the session ends, here at
+    // once (no expiry given means 0).
+    let mut c = will_client(&v, "wd-c", "30", None, true);
+    c.kill();
+    let start = Instant::now();
+    let got = watcher.expect_messages(2, T);
+    assert_eq!(got.last().map(String::as_str), Some("wd/will|0|0|wd-c"));
+    assert!(start.elapsed() < Duration::from_millis(1500));
+}
