@@ -419,3 +419,84 @@ fn a_will_waits_for_its_delay_and_a_reconnection_cancels_it() {
     assert_eq!(got.last().map(String::as_str), Some("wd/will|0|0|wd-c"));
     assert!(start.elapsed() < Duration::from_millis(1500));
 }
+
+/// Receives `n` PUBLISHes, acknowledging each as its QoS asks (QoS 2: PUBREC, and PUBCOMP for
+/// the PUBREL that must follow), until no PUBREL is owed; returns them sorted.
+fn take_and_ack(c: &mut Raw, n: usize, v5: bool) -> Vec<(String, u8, bool, Vec<u8>)> {
+    let mut got = Vec::new();
+    let mut owed = Vec::new();
+    while got.len() < n || !owed.is_empty() {
+        let p = c
+            .recv()
+            .unwrap_or_else(|| panic!("stalled with {got:?}, PUBRELs owed {owed:?}"));
+        if p.kind() == 6 {
+            let pkid = u16::from_be_bytes([p.body[0], p.body[1]]);
+            assert!(owed.contains(&pkid), "PUBREL for {pkid}, owed {owed:?}");
+            owed.retain(|&id| id != pkid);
+            c.send(&ack_packet(7, pkid));
+            continue;
+        }
+        let (topic, qos, retain, pkid, payload) = if v5 {
+            let d = parse5(&p);
+            (d.topic, d.qos, d.retain, d.pkid, d.payload)
+        } else {
+            let (topic, qos, retain, _, pkid, payload) = parse_publish(&p);
+            (topic, qos, retain, pkid, payload)
+        };
+        match qos {
+            1 => c.send(&ack_packet(PUBACK, pkid)),
+            2 => {
+                c.send(&ack_packet(5, pkid));
+                owed.push(pkid);
+            }
+            _ => {}
+        }
+        got.push((topic, qos, retain, payload));
+    }
+    got.sort();
+    got
+}
+
+#[test]
+fn a_replaced_subscription_gets_its_retained_messages_again() {
+    // MQTT-3.8.4-3 (3.1.1 and v5 with Retain Handling 0); rumqttd sends retained messages
+    // only for a new subscription, so the edge fetches them.
+    let v = Vigil::start();
+    publish(v.port(), &["-t", "rs/a", "-m", "A", "-q", "1", "-r"]);
+    publish(v.port(), &["-t", "rs/b", "-m", "B", "-q", "2", "-r"]);
+    let expected = vec![
+        ("rs/a".to_string(), 1, true, b"A".to_vec()),
+        ("rs/b".to_string(), 2, true, b"B".to_vec()),
+    ];
+
+    let mut c = Raw::connected(v.mqtt, &ConnectOpts::v311("rs-311"));
+    for round in 0..2 {
+        c.send(&subscribe_packet(1, &[("rs/#", 2)]));
+        assert_eq!(c.recv().map(|p| p.kind()), Some(SUBACK));
+        assert_eq!(take_and_ack(&mut c, 2, false), expected, "round {round}");
+    }
+    // The edge's own deliveries leave the session's flow intact.
+    publish(v.port(), &["-t", "rs/a", "-m", "live", "-q", "2"]);
+    assert_eq!(
+        take_and_ack(&mut c, 1, false),
+        vec![("rs/a".to_string(), 2, false, b"live".to_vec())]
+    );
+    assert!(drain(&mut c, Duration::from_millis(500)).is_empty());
+
+    // v5: Retain Handling 1 (only for a new subscription) gets nothing, 0 gets them again.
+    let (mut c, _) = connect(&v, "rs-5", true, &[]);
+    subscribe(&mut c, "rs/#", 2);
+    assert_eq!(take_and_ack(&mut c, 2, true), expected);
+    subscribe(&mut c, "rs/#", 0x10 | 2);
+    assert!(drain(&mut c, Duration::from_millis(700)).is_empty());
+    subscribe(&mut c, "rs/#", 1);
+    assert_eq!(
+        take_and_ack(&mut c, 2, true),
+        vec![
+            ("rs/a".to_string(), 1, true, b"A".to_vec()),
+            ("rs/b".to_string(), 1, true, b"B".to_vec()),
+        ]
+    );
+    publish(v.port(), &["-t", "rs/a", "-r", "-n"]);
+    publish(v.port(), &["-t", "rs/b", "-r", "-n"]);
+}

@@ -39,7 +39,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 use tracing::{debug, info, warn};
@@ -266,6 +266,11 @@ fn is_dollar_filter(filter: &[u8]) -> bool {
 /// Subscription option bits the core cannot hold: No Local, Retain As Published.
 const NO_LOCAL: u8 = 0x04;
 const RETAIN_AS_PUBLISHED: u8 = 0x08;
+/// The edge's mark (a bit reserved in MQTT) on a subscription restored from the registry with
+/// a resumed session, not yet subscribed on this connection.
+const RESTORED: u8 = 0x80;
+/// Retained-message fetches (see `Edge::fetch_retained`) a connection may have running.
+const MAX_RETAINED_FETCHES: usize = 4;
 /// Retain Handling 2: no retained messages when subscribing.
 fn no_retained_on_subscribe(options: u8) -> bool {
     (options >> 4) & 0x03 == 2
@@ -386,6 +391,11 @@ struct Session<S> {
     /// connection) through. Bounded by the core's inflight window ([`CORE_INFLIGHT`]), and
     /// checked against [`MAX_CORE_INFLIGHT`].
     held: std::collections::VecDeque<Frame>,
+    /// Retained messages being fetched for replaced subscriptions, with the subscription's
+    /// QoS, in the order of the SUBSCRIBEs.
+    retained_fetches: std::collections::VecDeque<(oneshot::Receiver<Vec<Frame>>, u8)>,
+    /// The edge, for tasks the relay starts.
+    shared: Arc<Edge>,
     /// Read sizes for the next reads from each side (see `next_step`).
     client_step: usize,
     core_step: usize,
@@ -627,7 +637,11 @@ where
             rate: RateLimiter::new(edge.policy.rates(&identity)),
             rate_dropped: 0,
             rate_logged: None,
-            subscriptions: offline.sub_options.into_iter().collect(),
+            subscriptions: offline
+                .sub_options
+                .into_iter()
+                .map(|(filter, options)| (filter, options | RESTORED))
+                .collect(),
             options_in_use,
             origin: envelope::origin_of(client_id),
             session_expiry,
@@ -640,6 +654,8 @@ where
             will,
             will_delay,
             held: Default::default(),
+            retained_fetches: Default::default(),
+            shared: edge.clone(),
             client_step: READ_STEP_MIN,
             core_step: READ_STEP_MIN,
         };
@@ -672,7 +688,7 @@ where
                 true => session
                     .subscriptions
                     .iter()
-                    .map(|(filter, &options)| (filter.clone(), options))
+                    .map(|(filter, &options)| (filter.clone(), options & !RESTORED))
                     .collect(),
                 false => Vec::new(),
             },
@@ -757,6 +773,7 @@ where
                     }
                 }),
                 Event::CoreData => self.on_core_data(edge),
+                Event::Retained(frames, qos) => self.on_retained(edge, frames, qos),
                 Event::Timer => {
                     let now = Instant::now();
                     if let Some(ka) = self.keep_alive {
@@ -884,6 +901,12 @@ where
                     }
                     Poll::Pending => {}
                 }
+            }
+        }
+        if let Some((fetch, _)) = self.retained_fetches.front_mut() {
+            if let Poll::Ready(frames) = Pin::new(fetch).poll(cx) {
+                let qos = self.retained_fetches.pop_front().map_or(0, |(_, qos)| qos);
+                return Poll::Ready(Event::Retained(frames.unwrap_or_default(), qos));
             }
         }
         if timer.poll(cx).is_ready() {
@@ -1078,11 +1101,33 @@ where
                 // those the ACL refuses, and `$` filters (other than `$share/`), which rumqttd
                 // answers by dropping the connection. No `$` topic is ever routed, so the edge
                 // grants those, as a broker without `$SYS` topics does.
+                // A subscription replaced on this connection gets its retained messages again
+                // (MQTT-3.8.4-3), unless v5 Retain Handling says otherwise; rumqttd sends them
+                // only for a new subscription, so the edge fetches them.
+                let replaced: Vec<bool> = s
+                    .filters
+                    .iter()
+                    .map(|(f, options)| {
+                        (options >> 4) & 0x03 == 0
+                            && !f.starts_with(b"$")
+                            && self
+                                .subscriptions
+                                .get(f)
+                                .is_some_and(|&o| o & RESTORED == 0)
+                    })
+                    .collect();
                 let codes: Vec<Option<u8>> = s
                     .filters
                     .iter()
                     .map(|(f, options)| self.edge_suback_code(edge, f, *options))
                     .collect();
+                for (((filter, options), code), replaced) in
+                    s.filters.iter().zip(&codes).zip(replaced)
+                {
+                    if replaced && code.is_none() {
+                        self.start_retained_fetch(filter.clone(), options & 0x03);
+                    }
+                }
                 if codes.iter().all(Option::is_none) {
                     mqtt::put_core_subscribe(&mut self.core_out, s.pkid, &s.filters);
                     return Ok(());
@@ -1330,6 +1375,8 @@ where
         let mut out: Vec<Redelivery> = self
             .core_acks
             .iter()
+            // The edge's own deliveries are not re-sent by the core.
+            .filter(|a| a.pkid != 0)
             .map(|a| Redelivery {
                 client_id: a.client_id,
                 fingerprint: a.fingerprint,
@@ -1346,6 +1393,16 @@ where
         while let Some(front) = self.core_acks.front() {
             if !front.ready {
                 break;
+            }
+            if front.pkid == 0 {
+                // The edge's own delivery (a re-sent retained message): the core knows nothing
+                // of it, and the edge releases a QoS 2 one itself.
+                if front.kind == mqtt::PUBREC && front.client_qos2 {
+                    mqtt::put_ack(&mut self.client_out, mqtt::PUBREL, front.client_id);
+                    self.core_pubrels.push_back((0, front.client_id, false));
+                }
+                self.core_acks.pop_front();
+                continue;
             }
             mqtt::put_ack(&mut self.core_out, front.kind, front.pkid);
             if front.kind == mqtt::PUBREC {
@@ -1436,6 +1493,52 @@ where
         (true, as_published && opened.retained)
     }
 
+    /// Starts fetching the retained messages of a replaced subscription (`Edge::fetch_retained`);
+    /// they are delivered, as the core would, when the fetch finishes (`on_retained`).
+    fn start_retained_fetch(&mut self, filter: Bytes, qos: u8) {
+        if self.retained_fetches.len() >= MAX_RETAINED_FETCHES {
+            debug!("retained messages not re-sent: too many fetches running");
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        let edge = self.shared.clone();
+        self.shared.tracker.spawn(async move {
+            let _ = tx.send(edge.fetch_retained(filter).await);
+        });
+        self.retained_fetches.push_back((rx, qos));
+    }
+
+    /// Delivers fetched retained messages at the subscription's `qos`, as core deliveries with
+    /// packet id 0: the edge's own, never acknowledged to the core (see `flush_core_acks`).
+    fn on_retained(&mut self, edge: &Edge, frames: Vec<Frame>, qos: u8) -> Result<(), End> {
+        for raw in frames {
+            let Ok(p) = mqtt::parse_core_publish(&raw) else {
+                continue;
+            };
+            let mut body = BytesMut::with_capacity(raw.body.len() + 2);
+            body.extend_from_slice(&(p.topic.len() as u16).to_be_bytes());
+            body.extend_from_slice(&p.topic);
+            if qos > 0 {
+                body.extend_from_slice(&[0, 0]);
+            }
+            body.extend_from_slice(&p.payload);
+            let frame = Frame {
+                header: (mqtt::PUBLISH << 4) | (qos << 1) | 0x01,
+                body: body.freeze(),
+            };
+            if qos > 0 && (!self.held.is_empty() || !self.client_has_room()) {
+                if self.held.len() + self.core_acks.len() >= MAX_CORE_INFLIGHT {
+                    debug!("retained messages not re-sent: too many deliveries waiting");
+                    break;
+                }
+                self.held.push_back(frame);
+                continue;
+            }
+            self.on_core_packet(edge, frame)?;
+        }
+        Ok(())
+    }
+
     /// Delivers held deliveries (see `held`) while the client has room for them.
     fn release_held(&mut self, edge: &Edge) -> Result<(), End> {
         while !self.held.is_empty() && self.client_has_room() {
@@ -1486,7 +1589,8 @@ where
                     } else {
                         0
                     };
-                    let earlier = match self.redeliveries.is_empty() {
+                    // The edge's own deliveries (packet id 0) are never the core's re-sends.
+                    let earlier = match self.redeliveries.is_empty() || p.pkid == 0 {
                         true => None,
                         false => self
                             .redeliveries
@@ -1778,6 +1882,8 @@ fn message_expires_at(secs: Option<u32>) -> Option<u64> {
 
 enum Event {
     ClientData,
+    /// A retained-message fetch finished: the messages and the subscription's QoS.
+    Retained(Vec<Frame>, u8),
     CoreData,
     Timer,
     Kicked,

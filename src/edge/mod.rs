@@ -39,6 +39,8 @@ use crate::core::Core;
 use crate::envelope;
 use crate::history::History;
 use crate::metrics::Metrics;
+use crate::mqtt;
+use bytes::Bytes;
 
 /// A client's byte stream as the relay sees it: TCP, TLS over TCP, MQTT over WebSocket, or the
 /// bridge's in-process pipe.
@@ -271,6 +273,66 @@ impl Edge {
         close_core_link(link.stream, &out).await;
     }
 
+    /// The retained messages matching `filter`, read from the core on a short-lived connection
+    /// of their own, as raw core PUBLISH frames (QoS 0, RETAIN set). For a subscription a client
+    /// replaces on the same connection: MQTT-3.8.4-3 wants its retained messages sent again,
+    /// and rumqttd sends them only for a new subscription. rumqttd sends them in the router
+    /// pass after the SUBSCRIBE; a PINGREQ written once the SUBACK is in is answered after
+    /// that pass, and a short quiet period covers a busy router. At most
+    /// [`RETAINED_FETCH_BYTES`] (and whatever rumqttd sends per pass,
+    /// `core.max_outgoing_packet_count`); a best effort, empty if the core cannot be reached.
+    pub async fn fetch_retained(&self, filter: Bytes) -> Vec<mqtt::Frame> {
+        let n = self
+            .next_internal
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Ok(link) = self.core.connect(&format!("i-retained-{n}"), true).await else {
+            return Vec::new();
+        };
+        let (mut stream, mut buf) = (link.stream, link.read_buf);
+        let mut out = bytes::BytesMut::new();
+        mqtt::put_core_subscribe(&mut out, 1, &[(filter, 0)]);
+        let mut frames = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            stream.write_all(&out).await?;
+            let (mut subacked, mut ping_sent, mut pinged) = (false, false, false);
+            let mut bytes = 0usize;
+            loop {
+                while let Ok(Some(frame)) = mqtt::read_frame(&mut buf, usize::MAX) {
+                    match frame.kind() {
+                        mqtt::SUBACK => subacked = true,
+                        mqtt::PINGRESP => pinged = true,
+                        mqtt::PUBLISH
+                            if frame.flags() & 0x01 != 0 && bytes < RETAINED_FETCH_BYTES =>
+                        {
+                            bytes += frame.body.len();
+                            frames.push(frame);
+                        }
+                        _ => {}
+                    }
+                }
+                if subacked && !ping_sent {
+                    out.clear();
+                    mqtt::put_pingreq(&mut out);
+                    stream.write_all(&out).await?;
+                    ping_sent = true;
+                }
+                let read = stream.read_buf(&mut buf);
+                if pinged {
+                    match tokio::time::timeout(Duration::from_millis(20), read).await {
+                        Ok(Ok(n)) if n > 0 => continue,
+                        _ => return Ok::<_, std::io::Error>(()),
+                    }
+                }
+                if read.await? == 0 {
+                    return Ok(());
+                }
+            }
+        })
+        .await;
+        close_core_link(stream, &[]).await;
+        frames
+    }
+
     /// Acts on the timers of offline sessions (`registry::Timers`) until shutdown: publishes
     /// wills whose delay has passed and removes expired sessions from the core and the
     /// registry. One task; it sleeps until the earliest timer or until a new one is set.
@@ -317,6 +379,9 @@ impl Edge {
         }
     }
 }
+
+/// Retained messages one re-subscription may bring back (see `Edge::fetch_retained`).
+pub const RETAINED_FETCH_BYTES: usize = 1024 * 1024;
 
 /// Writes `last` to a core connection, then closes it with an orderly shutdown and waits
 /// (at most a second) until the core has read everything.
