@@ -71,6 +71,13 @@ pub fn unix_millis() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// When a message with a Message Expiry Interval of `secs`, published now, expires (Unix ms);
+/// an interval of 0 is taken as none, as mosquitto does.
+pub fn expires_at(secs: Option<u32>) -> Option<u64> {
+    secs.filter(|&s| s > 0)
+        .map(|s| unix_millis() + s as u64 * 1000)
+}
+
 /// A decoded core payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opened {

@@ -1009,7 +1009,7 @@ where
                 }
                 let private = envelope::Private {
                     origin: edge.no_local_in_use.load(Relaxed).then_some(self.origin),
-                    expires_at: message_expires_at(p.message_expiry),
+                    expires_at: envelope::expires_at(p.message_expiry),
                 };
                 let plain;
                 let with_properties;
@@ -1842,16 +1842,7 @@ where
                 delayed = Some(w);
             }
             Some(w) if fire_will => {
-                // QoS 0 into the core is enough: it routes on receipt and delivers at each
-                // subscription's QoS; the envelope carries the will's QoS for the min() rule.
-                let private = envelope::Private {
-                    origin: None,
-                    expires_at: message_expires_at(w.message_expiry),
-                };
-                let header = envelope::header_with(w.qos, private, &w.properties);
-                envelope::put_core_publish(
-                    &mut out, false, 0, w.retain, &w.topic, 0, &header, &w.payload,
-                );
+                w.put_core_publish(&mut out);
                 debug!("will published");
             }
             _ => {}
@@ -1871,13 +1862,6 @@ where
         .await;
         delayed
     }
-}
-
-/// When a message with a Message Expiry Interval of `secs` published now expires (Unix ms);
-/// an interval of 0 is taken as none, as mosquitto does.
-fn message_expires_at(secs: Option<u32>) -> Option<u64> {
-    secs.filter(|&s| s > 0)
-        .map(|s| envelope::unix_millis() + s as u64 * 1000)
 }
 
 enum Event {

@@ -36,7 +36,6 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::core::Core;
-use crate::envelope;
 use crate::history::History;
 use crate::metrics::Metrics;
 use crate::mqtt;
@@ -193,7 +192,7 @@ pub struct Edge {
     /// Some client has subscribed with No Local since start: from then on, publishes carry
     /// their origin in the envelope (see `envelope`), which costs 10 bytes per message.
     pub no_local_in_use: AtomicBool,
-    /// Numbers the reaper's short-lived core connections.
+    /// Numbers the short-lived core connections of delayed wills and retained fetches.
     next_internal: AtomicU64,
 }
 
@@ -241,8 +240,7 @@ impl Edge {
     }
 
     /// Publishes a will into the core on a short-lived connection of its own (a delayed will,
-    /// whose client's connection is gone). QoS 0 into the core: it routes on receipt, and the
-    /// envelope carries the will's QoS for delivery.
+    /// whose client's connection is gone).
     pub async fn publish_will(&self, will: &registry::Will) {
         let n = self
             .next_internal
@@ -252,24 +250,7 @@ impl Edge {
             return;
         };
         let mut out = bytes::BytesMut::new();
-        let private = envelope::Private {
-            origin: None,
-            expires_at: will
-                .message_expiry
-                .filter(|&s| s > 0)
-                .map(|s| envelope::unix_millis() + s as u64 * 1000),
-        };
-        let header = envelope::header_with(will.qos, private, &will.properties);
-        envelope::put_core_publish(
-            &mut out,
-            false,
-            0,
-            will.retain,
-            &will.topic,
-            0,
-            &header,
-            &will.payload,
-        );
+        will.put_core_publish(&mut out);
         close_core_link(link.stream, &out).await;
     }
 

@@ -15,10 +15,12 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::envelope;
 
 /// Longest a new connection waits for the one it takes over to finish.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
@@ -61,6 +63,29 @@ pub struct Will {
     /// Message Expiry Interval (seconds), counted from publication.
     pub message_expiry: Option<u32>,
     pub payload: Bytes,
+}
+
+impl Will {
+    /// Writes the will, published now, as a core PUBLISH. QoS 0 into the core is enough: it
+    /// routes on receipt and delivers at each subscription's QoS, and the envelope carries the
+    /// will's QoS for the min() rule and its expiry.
+    pub fn put_core_publish(&self, out: &mut BytesMut) {
+        let private = envelope::Private {
+            origin: None,
+            expires_at: envelope::expires_at(self.message_expiry),
+        };
+        let header = envelope::header_with(self.qos, private, &self.properties);
+        envelope::put_core_publish(
+            out,
+            false,
+            0,
+            self.retain,
+            &self.topic,
+            0,
+            &header,
+            &self.payload,
+        );
+    }
 }
 
 /// What an offline session is waiting for.
