@@ -202,7 +202,8 @@ impl Core {
         })
     }
 
-    /// Connects one of vigil's internal clients (analytics, cluster), unless `shutdown` comes
+    /// Connects one of vigil's internal clients (analytics, cluster, the edge's short-lived
+    /// links for delayed wills and retained fetches), unless `shutdown` comes
     /// first (`Ok(None)`). A refused CONNECT is an error.
     pub async fn connect_internal(
         &self,

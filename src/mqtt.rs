@@ -1157,6 +1157,23 @@ pub fn put_core_unsubscribe(out: &mut BytesMut, pkid: u16, filters: &[Bytes]) {
 mod tests {
     use super::*;
 
+    /// A v5 QoS 0 PUBLISH of `x` to `topic` with `props`, encoded and parsed back.
+    fn v5_qos0_publish(topic: &[u8], props: &[u8]) -> Result<Publish, CodecError> {
+        let mut out = BytesMut::new();
+        put_publish(
+            &mut out,
+            Version::V5,
+            false,
+            0,
+            false,
+            topic,
+            0,
+            props,
+            &[b"x"],
+        );
+        parse_publish(&frame_of(&out), Version::V5)
+    }
+
     fn frame_of(bytes: &[u8]) -> Frame {
         let mut buf = BytesMut::from(bytes);
         read_frame(&mut buf, 1 << 20).unwrap().unwrap()
@@ -1262,38 +1279,14 @@ mod tests {
         props.put_u32(30);
         props.put_u8(prop::CONTENT_TYPE);
         put_binary(&mut props, b"text/plain");
-        let mut out = BytesMut::new();
-        put_publish(
-            &mut out,
-            Version::V5,
-            false,
-            0,
-            false,
-            b"t",
-            0,
-            &props,
-            &[b"x"],
-        );
-        let p = parse_publish(&frame_of(&out), Version::V5).unwrap();
+        let p = v5_qos0_publish(b"t", &props).unwrap();
         assert_eq!(p.message_expiry, Some(30));
         assert_eq!(&p.properties[..], &props[5..]);
         // A will delay belongs in a will, not in a PUBLISH.
         let mut props = BytesMut::new();
         props.put_u8(prop::WILL_DELAY);
         props.put_u32(3);
-        out.clear();
-        put_publish(
-            &mut out,
-            Version::V5,
-            false,
-            0,
-            false,
-            b"t",
-            0,
-            &props,
-            &[b"x"],
-        );
-        assert!(parse_publish(&frame_of(&out), Version::V5).is_err());
+        assert!(v5_qos0_publish(b"t", &props).is_err());
     }
 
     #[test]
@@ -1356,19 +1349,7 @@ mod tests {
             &[b"x"],
         );
         assert!(parse_publish(&frame_of(&out), Version::V311).is_err());
-        let mut out = BytesMut::new();
-        put_publish(
-            &mut out,
-            Version::V5,
-            false,
-            0,
-            false,
-            b"a",
-            0,
-            &[prop::TOPIC_ALIAS, 0, 1],
-            &[b"x"],
-        );
-        assert!(parse_publish(&frame_of(&out), Version::V5).is_err());
+        assert!(v5_qos0_publish(b"a", &[prop::TOPIC_ALIAS, 0, 1]).is_err());
         let bytes = [0x36, 5, 0, 1, b'a', 0, 1];
         assert!(parse_publish(&frame_of(&bytes), Version::V311).is_err());
     }

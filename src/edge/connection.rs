@@ -1446,7 +1446,7 @@ where
             // packets behind it (acknowledgements of the client's own publishes, SUBACKs, QoS 0
             // deliveries, which MQTT orders only among themselves) go on.
             let qos_delivery = frame.kind() == mqtt::PUBLISH && frame.flags() & 0b0110 != 0;
-            if qos_delivery && (!self.held.is_empty() || !self.client_has_room()) {
+            if qos_delivery && self.must_hold() {
                 if self.held.len() + self.core_acks.len() >= MAX_CORE_INFLIGHT {
                     warn!("core exceeded the inflight window");
                     return Err(End::CoreGone);
@@ -1526,7 +1526,7 @@ where
                 header: (mqtt::PUBLISH << 4) | (qos << 1) | 0x01,
                 body: body.freeze(),
             };
-            if qos > 0 && (!self.held.is_empty() || !self.client_has_room()) {
+            if qos > 0 && self.must_hold() {
                 if self.held.len() + self.core_acks.len() >= MAX_CORE_INFLIGHT {
                     debug!("retained messages not re-sent: too many deliveries waiting");
                     break;
@@ -1537,6 +1537,12 @@ where
             self.on_core_packet(edge, frame)?;
         }
         Ok(())
+    }
+
+    /// Whether a QoS 1/2 delivery must wait in `held`: the client has no room for it, or
+    /// deliveries before it are waiting (they keep their order).
+    fn must_hold(&self) -> bool {
+        !self.held.is_empty() || !self.client_has_room()
     }
 
     /// Delivers held deliveries (see `held`) while the client has room for them.

@@ -239,13 +239,24 @@ impl Edge {
         })
     }
 
-    /// Publishes a will into the core on a short-lived connection of its own (a delayed will,
-    /// whose client's connection is gone).
-    pub async fn publish_will(&self, will: &registry::Will) {
+    /// A clean core connection `i-<what>-<n>` for one short job, or `None` when the core cannot
+    /// be reached, refuses, or shutdown has begun.
+    async fn short_lived_link(&self, what: &str) -> Option<crate::core::CoreLink> {
         let n = self
             .next_internal
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let Ok(link) = self.core.connect(&format!("i-will-{n}"), true).await else {
+        let id = format!("i-{what}-{n}");
+        self.core
+            .connect_internal(&id, true, &self.shutdown)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Publishes a will into the core on a short-lived connection of its own (a delayed will,
+    /// whose client's connection is gone).
+    pub async fn publish_will(&self, will: &registry::Will) {
+        let Some(link) = self.short_lived_link("will").await else {
             tracing::warn!("cannot reach the core to publish a delayed will");
             return;
         };
@@ -263,10 +274,7 @@ impl Edge {
     /// [`RETAINED_FETCH_BYTES`] (and whatever rumqttd sends per pass,
     /// `core.max_outgoing_packet_count`); a best effort, empty if the core cannot be reached.
     pub async fn fetch_retained(&self, filter: Bytes) -> Vec<mqtt::Frame> {
-        let n = self
-            .next_internal
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let Ok(link) = self.core.connect(&format!("i-retained-{n}"), true).await else {
+        let Some(link) = self.short_lived_link("retained").await else {
             return Vec::new();
         };
         let (mut stream, mut buf) = (link.stream, link.read_buf);
