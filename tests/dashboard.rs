@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -426,18 +426,54 @@ fn save_screenshot(cdp: &mut Cdp, test: &str) {
 /// A headless chromium showing `url`, with a DevTools client of that page.
 struct Browser {
     cdp: Cdp,
-    // Dropped in this order: the client, the browser (killed), then its profile directory.
+    // Dropped in this order: the client, the browser (killed), its profile directory, then
+    // the turn on the machine.
     _chromium: Chromium,
     _profile: TempDir,
+    _turn: Turn,
+}
+
+/// The tests of this file run in parallel, each with its own chromium; the one that measures
+/// the page's responsiveness waits for the others' browsers to close and keeps theirs from
+/// starting until it is done (on a two-core CI machine, a second browser drawing beside it was
+/// enough to fail its budgets).
+static MACHINE: RwLock<()> = RwLock::new(());
+
+/// Held, never read: the turn ends when it is dropped.
+#[allow(dead_code)]
+enum Turn {
+    Shared(RwLockReadGuard<'static, ()>),
+    Alone(RwLockWriteGuard<'static, ()>),
+}
+
+impl Turn {
+    fn shared() -> Turn {
+        // A test that panicked while holding its turn still gave it back.
+        Turn::Shared(MACHINE.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn alone() -> Turn {
+        Turn::Alone(MACHINE.write().unwrap_or_else(PoisonError::into_inner))
+    }
 }
 
 impl Browser {
     /// Opens `url`; `None` (after saying so) when chromium is not installed.
     fn open(url: &str, size: (u32, u32), what: &str) -> Option<Browser> {
+        Browser::open_taking(url, size, what, Turn::shared)
+    }
+
+    /// As `open`, with no other test's browser running while this one is open.
+    fn open_alone(url: &str, size: (u32, u32), what: &str) -> Option<Browser> {
+        Browser::open_taking(url, size, what, Turn::alone)
+    }
+
+    fn open_taking(url: &str, size: (u32, u32), what: &str, take: fn() -> Turn) -> Option<Browser> {
         if !Path::new(CHROMIUM).exists() {
             eprintln!("SKIPPED {what}: {CHROMIUM} is not installed (apt-get install chromium)");
             return None;
         }
+        let turn = take();
         let profile = TempDir::new();
         let chromium = Chromium::start(url, &profile.0, size);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -464,6 +500,7 @@ impl Browser {
             cdp,
             _chromium: chromium,
             _profile: profile,
+            _turn: turn,
         })
     }
 
@@ -999,7 +1036,8 @@ fn the_fleet_view_keeps_up_with_1000_devices() {
     const CONNECTIONS: usize = 4;
     let v = Vigil::start();
     let url = format!("http://{}/", v.http);
-    let Some(mut browser) = Browser::open(&url, TEST_WINDOW, "the 1,000-device fleet check") else {
+    let Some(mut browser) = Browser::open_alone(&url, TEST_WINDOW, "the 1,000-device fleet check")
+    else {
         return;
     };
     browser.wait_connected(&v);
