@@ -49,7 +49,6 @@ pub mod prop {
     pub const USER_PROPERTY: u8 = 0x26;
     pub const MAXIMUM_PACKET_SIZE: u8 = 0x27;
     pub const WILDCARD_SUB_AVAILABLE: u8 = 0x28;
-    pub const SUB_ID_AVAILABLE: u8 = 0x29;
     pub const SHARED_SUB_AVAILABLE: u8 = 0x2A;
 }
 
@@ -81,7 +80,6 @@ pub mod reason {
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
     pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
-    pub const SUB_IDS_NOT_SUPPORTED: u8 = 0xA1;
 }
 
 /// MQTT 3.1.1 CONNACK return codes.
@@ -320,6 +318,15 @@ pub fn for_each_property(
         f(id, &value)?;
     }
     Ok(())
+}
+
+/// The value of a variable byte integer property as `for_each_property` hands it (its
+/// encoding, at most 4 bytes, already checked).
+fn varint_value(b: &[u8]) -> u32 {
+    b.iter()
+        .take(4)
+        .enumerate()
+        .fold(0u32, |acc, (i, &x)| acc | (((x & 0x7F) as u32) << (7 * i)))
 }
 
 fn be_u32(b: &Bytes) -> u32 {
@@ -700,7 +707,8 @@ pub struct Subscribe {
     pub pkid: u16,
     /// Filter and the options byte as sent (QoS in the low two bits).
     pub filters: Vec<(Bytes, u8)>,
-    pub has_subscription_id: bool,
+    /// v5 Subscription Identifier (1..=268,435,455), stored with every filter of the packet.
+    pub subscription_id: Option<u32>,
 }
 
 pub fn parse_subscribe(frame: &Frame, version: Version) -> Result<Subscribe, CodecError> {
@@ -712,12 +720,15 @@ pub fn parse_subscribe(frame: &Frame, version: Version) -> Result<Subscribe, Cod
     if pkid == 0 {
         return Err(CodecError::Malformed("packet identifier 0"));
     }
-    let mut has_subscription_id = false;
+    let mut subscription_id = None;
     if version == Version::V5 {
         let props = r.properties()?;
-        for_each_property(&props, |id, _| match id {
+        for_each_property(&props, |id, value| match id {
+            prop::SUBSCRIPTION_ID if subscription_id.is_some() => {
+                Err(CodecError::Protocol("subscription identifier repeated"))
+            }
             prop::SUBSCRIPTION_ID => {
-                has_subscription_id = true;
+                subscription_id = Some(varint_value(value));
                 Ok(())
             }
             prop::USER_PROPERTY => Ok(()),
@@ -744,7 +755,7 @@ pub fn parse_subscribe(frame: &Frame, version: Version) -> Result<Subscribe, Cod
     Ok(Subscribe {
         pkid,
         filters,
-        has_subscription_id,
+        subscription_id,
     })
 }
 
@@ -1037,8 +1048,6 @@ pub fn put_connack(
                 p.put_u8(1);
                 p.put_u8(prop::WILDCARD_SUB_AVAILABLE);
                 p.put_u8(1);
-                p.put_u8(prop::SUB_ID_AVAILABLE);
-                p.put_u8(0);
                 p.put_u8(prop::SHARED_SUB_AVAILABLE);
                 p.put_u8(1);
             }

@@ -1,6 +1,7 @@
 //! MQTT 5 behaviour the core (rumqttd, spoken to in 3.1.1) cannot provide and the edge does:
 //! flow control that never holds back acknowledgements, subscription options (No Local, Retain
-//! As Published, Retain Handling), Message Expiry, Session Expiry and Will Delay. Checked
+//! As Published, Retain Handling), Subscription Identifiers, Message Expiry, Session Expiry and
+//! Will Delay. Checked
 //! against the real binary with a raw v5 client and with mosquitto_sub/mosquitto_pub in v5
 //! mode, as the paho interoperability suite checks mosquitto.
 
@@ -42,11 +43,23 @@ fn connect5(client_id: &str, clean: bool, properties: &[u8]) -> Vec<u8> {
 }
 
 fn subscribe5(pkid: u16, filter: &str, options: u8) -> Vec<u8> {
+    subscribe5_with(pkid, filter, options, &[])
+}
+
+/// A v5 SUBSCRIBE with `properties` (unencoded property bytes).
+fn subscribe5_with(pkid: u16, filter: &str, options: u8, properties: &[u8]) -> Vec<u8> {
     let mut body = pkid.to_be_bytes().to_vec();
-    body.push(0);
+    body.extend(props(properties));
     body.extend(string(filter.as_bytes()));
     body.push(options);
     packet(0x82, &body)
+}
+
+/// A Subscription Identifier property.
+fn sub_id(id: u32) -> Vec<u8> {
+    let mut out = vec![0x0B];
+    out.extend(remaining_length(id as usize));
+    out
 }
 
 fn publish5(topic: &str, payload: &[u8], qos: u8, retain: bool, pkid: u16) -> Vec<u8> {
@@ -75,6 +88,8 @@ struct Publish5 {
     pkid: u16,
     /// Message Expiry Interval, when present.
     expiry: Option<u32>,
+    /// Subscription Identifiers, in the order sent.
+    sub_ids: Vec<u32>,
     payload: Vec<u8>,
 }
 
@@ -93,17 +108,45 @@ fn parse5(p: &Packet) -> Publish5 {
     // Property lengths here stay under 128 bytes.
     let plen = b[pos] as usize;
     pos += 1;
-    let block = &b[pos..pos + plen];
-    let expiry = block
-        .windows(5)
-        .find(|w| w[0] == 0x02)
-        .map(|w| u32::from_be_bytes([w[1], w[2], w[3], w[4]]));
+    let (mut expiry, mut sub_ids) = (None, Vec::new());
+    let mut at = pos;
+    while at < pos + plen {
+        let id = b[at];
+        at += 1;
+        let len2 = |at: usize| u16::from_be_bytes([b[at], b[at + 1]]) as usize;
+        match id {
+            0x01 => at += 1,
+            0x02 => {
+                expiry = Some(u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]));
+                at += 4;
+            }
+            0x0B => {
+                let (mut value, mut shift) = (0u32, 0);
+                loop {
+                    value |= ((b[at] & 0x7F) as u32) << shift;
+                    shift += 7;
+                    at += 1;
+                    if b[at - 1] & 0x80 == 0 {
+                        break;
+                    }
+                }
+                sub_ids.push(value);
+            }
+            0x03 | 0x08 | 0x09 => at += 2 + len2(at),
+            0x26 => {
+                at += 2 + len2(at);
+                at += 2 + len2(at);
+            }
+            _ => panic!("unexpected property {id:#x} in {p:?}"),
+        }
+    }
     Publish5 {
         topic,
         qos,
         retain: p.header & 1 == 1,
         pkid,
         expiry,
+        sub_ids,
         payload: b[pos + plen..].to_vec(),
     }
 }
@@ -499,4 +542,98 @@ fn a_replaced_subscription_gets_its_retained_messages_again() {
     );
     publish(v.port(), &["-t", "rs/a", "-r", "-n"]);
     publish(v.port(), &["-t", "rs/b", "-r", "-n"]);
+}
+
+/// Subscribes `filter` at QoS 1 with Subscription Identifier `id` (none when 0).
+fn subscribe_with_id(c: &mut Raw, filter: &str, id: u32) {
+    let properties = if id == 0 { Vec::new() } else { sub_id(id) };
+    c.send(&subscribe5_with(1, filter, 1, &properties));
+    let ack = c.recv().expect("SUBACK");
+    assert_eq!(ack.kind(), SUBACK, "{ack:?}");
+    assert!(ack.body[3] < 0x80, "subscription refused: {ack:?}");
+}
+
+/// The PUBLISHes that arrive within `window`.
+fn publishes(c: &mut Raw, window: Duration) -> Vec<Publish5> {
+    drain(c, window)
+        .iter()
+        .filter(|p| p.kind() == PUBLISH)
+        .map(parse5)
+        .collect()
+}
+
+#[test]
+fn subscription_identifiers_come_back_with_the_messages_they_matched() {
+    let v = Vigil::start();
+    // CONNACK does not announce them unavailable (absent Subscription Identifier Available
+    // means available).
+    let mut a = Raw::open(v.mqtt);
+    a.send(&connect5("sid-a", true, &[]));
+    let ack = a.recv().expect("CONNACK");
+    assert!(!ack.body.windows(2).any(|w| w == [0x29, 0]), "{ack:?}");
+
+    // One subscription, one identifier (a multi-byte variable byte integer).
+    subscribe_with_id(&mut a, "sid1/t", 456_789);
+    publish(v.port(), &["-t", "sid1/t", "-m", "one", "-q", "1"]);
+    let got = parse5(&a.recv().expect("the message"));
+    assert_eq!(
+        (&got.payload[..], got.sub_ids),
+        (&b"one"[..], vec![456_789])
+    );
+
+    // Overlapping subscriptions: the core sends a copy per filter, each copy carries the
+    // identifiers of both.
+    let (mut b, _) = connect(&v, "sid-b", true, &[]);
+    subscribe_with_id(&mut b, "sid2/t", 2);
+    subscribe_with_id(&mut b, "sid2/#", 3);
+    publish(v.port(), &["-t", "sid2/t", "-m", "two", "-q", "1"]);
+    let copies = publishes(&mut b, Duration::from_millis(800));
+    assert!(!copies.is_empty(), "nothing delivered");
+    for c in &copies {
+        let mut ids = c.sub_ids.clone();
+        ids.sort();
+        assert_eq!(ids, vec![2, 3], "{copies:?}");
+    }
+    // Subscribing again without an identifier removes it (MQTT-3.8.2.1.2); only `sid2/#`
+    // matches `sid2/other`.
+    subscribe_with_id(&mut b, "sid2/#", 0);
+    publish(v.port(), &["-t", "sid2/other", "-m", "three", "-q", "1"]);
+    let got = parse5(&b.recv().expect("the message"));
+    assert!(got.sub_ids.is_empty(), "{got:?}");
+
+    // A retained message sent because of the subscription carries its identifier.
+    publish(v.port(), &["-t", "sid3/r", "-m", "kept", "-q", "1", "-r"]);
+    let (mut c, _) = connect(&v, "sid-c", true, &[]);
+    subscribe_with_id(&mut c, "sid3/+", 9);
+    let got = parse5(&c.recv().expect("the retained message"));
+    assert!(got.retain, "{got:?}");
+    assert_eq!(got.sub_ids, vec![9]);
+    publish(v.port(), &["-t", "sid3/r", "-r", "-n"]);
+
+    // A resumed session keeps its subscriptions' identifiers.
+    let expiry = u32_prop(0x11, 60);
+    let (mut p, _) = connect(&v, "sid-p", true, &expiry);
+    subscribe_with_id(&mut p, "sid4/t", 77);
+    p.send(&disconnect5(&[]));
+    drop(p);
+    let (mut p, present) = connect(&v, "sid-p", false, &expiry);
+    assert!(present);
+    publish(v.port(), &["-t", "sid4/t", "-m", "later", "-q", "1"]);
+    assert_eq!(parse5(&p.recv().expect("the message")).sub_ids, vec![77]);
+
+    // 3.1.1 subscribers get the messages without properties, as before.
+    let mut sub = Sub::start(v.port(), &["-t", "sid1/t", "-q", "1"]);
+    publish(v.port(), &["-t", "sid1/t", "-m", "plain", "-q", "1"]);
+    assert_eq!(
+        sub.expect_messages(1, T),
+        vec!["sid1/t|1|0|plain".to_string()]
+    );
+
+    // Identifier 0, or two of them in one SUBSCRIBE, is a protocol error.
+    for properties in [sub_id(0), [sub_id(1), sub_id(2)].concat()] {
+        let (mut bad, _) = connect(&v, "sid-bad", true, &[]);
+        bad.send(&subscribe5_with(1, "sid5/t", 1, &properties));
+        let d = bad.recv().expect("DISCONNECT");
+        assert_eq!((d.kind(), d.body[0]), (DISCONNECT, 0x82), "{d:?}");
+    }
 }

@@ -46,7 +46,9 @@ use tracing::{debug, info, warn};
 
 use super::limits::RateLimiter;
 use super::policy::{self, Credentials, Identity};
-use super::registry::{Claim, OfflineState, Redelivery, Timers, Will, MAX_PENDING_QOS2};
+use super::registry::{
+    Claim, OfflineState, Redelivery, SubOptions, Timers, Will, MAX_PENDING_QOS2,
+};
 use super::{ClientStream, Edge, Listener, Origin};
 use crate::core::{CoreError, CORE_PING_INTERVAL};
 use crate::envelope;
@@ -276,11 +278,14 @@ fn no_retained_on_subscribe(options: u8) -> bool {
     (options >> 4) & 0x03 == 2
 }
 
-/// Whether the edge must look at a subscription's options when delivering (see
-/// `Session::apply_options`). Retain Handling 1 needs nothing: rumqttd sends retained
-/// messages only for a subscription that did not exist.
-fn options_need_edge(options: u8) -> bool {
-    options & (NO_LOCAL | RETAIN_AS_PUBLISHED) != 0 || no_retained_on_subscribe(options)
+/// Whether the edge must look at a subscription when delivering (see
+/// `Session::apply_options`): it has options beyond QoS or a Subscription Identifier.
+/// Retain Handling 1 needs nothing: rumqttd sends retained messages only for a subscription
+/// that did not exist.
+fn needs_edge(sub: SubOptions) -> bool {
+    sub.options & (NO_LOCAL | RETAIN_AS_PUBLISHED) != 0
+        || no_retained_on_subscribe(sub.options)
+        || sub.id != 0
 }
 
 /// A delivery from the core awaiting acknowledgement (to the core, in order).
@@ -366,10 +371,13 @@ struct Session<S> {
     rate_dropped: u64,
     rate_logged: Option<Instant>,
     /// Filters subscribed on this connection (the `max_subscriptions` count), with their
-    /// options byte; a resumed session starts with those whose options the edge applies.
-    subscriptions: std::collections::HashMap<Bytes, u8>,
-    /// Some subscription has options the edge applies at delivery (`options_need_edge`).
+    /// options byte and Subscription Identifier; a resumed session starts with those the
+    /// edge must look at (`needs_edge`).
+    subscriptions: std::collections::HashMap<Bytes, SubOptions>,
+    /// Some subscription needs the edge at delivery (`needs_edge`).
     options_in_use: bool,
+    /// The Subscription Identifier properties of the delivery being written (reused).
+    sub_id_props: BytesMut,
     /// Digest of the client id, the origin this client's publishes carry for No Local.
     origin: u64,
     /// Session Expiry Interval (seconds; `u32::MAX` never): v5 CONNECT's, changed by a
@@ -597,10 +605,7 @@ where
             Version::V311 if persistent => u32::MAX,
             Version::V311 => 0,
         };
-        let options_in_use = offline
-            .sub_options
-            .iter()
-            .any(|&(_, options)| options_need_edge(options));
+        let options_in_use = offline.sub_options.iter().any(|&(_, sub)| needs_edge(sub));
         let now = Instant::now();
         let mut session = Session {
             version,
@@ -640,9 +645,13 @@ where
             subscriptions: offline
                 .sub_options
                 .into_iter()
-                .map(|(filter, options)| (filter, options | RESTORED))
+                .map(|(filter, sub)| {
+                    let options = sub.options | RESTORED;
+                    (filter, SubOptions { options, ..sub })
+                })
                 .collect(),
             options_in_use,
+            sub_id_props: BytesMut::new(),
             origin: envelope::origin_of(client_id),
             session_expiry,
             identity,
@@ -688,7 +697,10 @@ where
                 true => session
                     .subscriptions
                     .iter()
-                    .map(|(filter, &options)| (filter.clone(), options & !RESTORED))
+                    .map(|(filter, &sub)| {
+                        let options = sub.options & !RESTORED;
+                        (filter.clone(), SubOptions { options, ..sub })
+                    })
                     .collect(),
                 false => Vec::new(),
             },
@@ -1085,9 +1097,6 @@ where
             mqtt::SUBSCRIBE => {
                 let s =
                     mqtt::parse_subscribe(&frame, self.version).map_err(|e| self.violation(&e))?;
-                if s.has_subscription_id {
-                    return Err(End::ProtocolError(reason::SUB_IDS_NOT_SUPPORTED));
-                }
                 if s.filters
                     .iter()
                     .any(|(f, options)| options & NO_LOCAL != 0 && f.starts_with(b"$share/"))
@@ -1113,13 +1122,19 @@ where
                             && self
                                 .subscriptions
                                 .get(f)
-                                .is_some_and(|&o| o & RESTORED == 0)
+                                .is_some_and(|sub| sub.options & RESTORED == 0)
                     })
                     .collect();
                 let codes: Vec<Option<u8>> = s
                     .filters
                     .iter()
-                    .map(|(f, options)| self.edge_suback_code(edge, f, *options))
+                    .map(|(f, options)| {
+                        let sub = SubOptions {
+                            options: *options,
+                            id: s.subscription_id.unwrap_or(0),
+                        };
+                        self.edge_suback_code(edge, f, sub)
+                    })
                     .collect();
                 for (((filter, options), code), replaced) in
                     s.filters.iter().zip(&codes).zip(replaced)
@@ -1165,8 +1180,7 @@ where
                     self.subscriptions.remove(f);
                 }
                 if self.options_in_use {
-                    self.options_in_use =
-                        self.subscriptions.values().any(|&o| options_need_edge(o));
+                    self.options_in_use = self.subscriptions.values().any(|&sub| needs_edge(sub));
                 }
                 let to_core: Vec<Bytes> = u
                     .filters
@@ -1306,7 +1320,7 @@ where
     }
 
     /// The SUBACK code the edge gives a filter itself, or `None` when the core decides.
-    fn edge_suback_code(&mut self, edge: &Edge, filter: &Bytes, options: u8) -> Option<u8> {
+    fn edge_suback_code(&mut self, edge: &Edge, filter: &Bytes, sub: SubOptions) -> Option<u8> {
         let v5_or = |code: u8| match self.version {
             Version::V311 => 0x80,
             Version::V5 => code,
@@ -1333,14 +1347,14 @@ where
                 Version::V5 => reason::NOT_AUTHORIZED,
             });
         }
-        self.subscriptions.insert(filter.clone(), options);
-        if options_need_edge(options) {
+        self.subscriptions.insert(filter.clone(), sub);
+        if needs_edge(sub) {
             self.options_in_use = true;
-            if options & NO_LOCAL != 0 {
+            if sub.options & NO_LOCAL != 0 {
                 edge.no_local_in_use.store(true, Relaxed);
             }
         }
-        is_dollar_filter(filter).then_some(options & 0x03)
+        is_dollar_filter(filter).then_some(sub.options & 0x03)
     }
 
     /// A packet id for a new QoS 1/2 delivery: not used by a delivery or PUBREL in flight on
@@ -1460,24 +1474,33 @@ where
         Ok(())
     }
 
-    /// Applies the options of the subscriptions matching `topic` that the core cannot hold
-    /// (see `options_need_edge`). `from_subscribe`: the core sent the message with RETAIN, as
-    /// it does only for retained messages sent because of a new subscription. Returns whether
-    /// to deliver, and the RETAIN flag to deliver with.
+    /// Applies what the core cannot hold of the subscriptions matching `topic` (see
+    /// `needs_edge`). `from_subscribe`: the core sent the message with RETAIN, as it does
+    /// only for retained messages sent because of a new subscription. Returns whether to
+    /// deliver, and the RETAIN flag to deliver with; appends the Subscription Identifier
+    /// properties of the matching subscriptions to `ids`.
+    ///
+    /// The core sends one copy per matching filter and does not say which: with overlapping
+    /// subscriptions, every copy carries the identifiers of all of them.
     fn apply_options(
         &self,
         topic: &[u8],
         opened: &envelope::Opened,
         from_subscribe: bool,
+        ids: &mut BytesMut,
     ) -> (bool, bool) {
         let (mut matched, mut all_no_local, mut all_no_retained, mut as_published) =
             (false, true, true, false);
-        for (filter, &options) in &self.subscriptions {
+        for (filter, sub) in &self.subscriptions {
             if mqtt::filter_matches(filter, topic) {
                 matched = true;
-                all_no_local &= options & NO_LOCAL != 0;
-                all_no_retained &= no_retained_on_subscribe(options);
-                as_published |= options & RETAIN_AS_PUBLISHED != 0;
+                all_no_local &= sub.options & NO_LOCAL != 0;
+                all_no_retained &= no_retained_on_subscribe(sub.options);
+                as_published |= sub.options & RETAIN_AS_PUBLISHED != 0;
+                if sub.id != 0 {
+                    ids.extend_from_slice(&[mqtt::prop::SUBSCRIPTION_ID]);
+                    mqtt::put_varint(ids, sub.id as usize);
+                }
             }
         }
         if !matched {
@@ -1573,8 +1596,10 @@ where
                         expiry_left = Some((at - now).div_ceil(1000).min(u32::MAX as u64) as u32);
                     }
                 }
+                let mut ids = std::mem::take(&mut self.sub_id_props);
+                ids.clear();
                 if deliver && self.options_in_use {
-                    (deliver, retain) = self.apply_options(&p.topic, &opened, p.retain);
+                    (deliver, retain) = self.apply_options(&p.topic, &opened, p.retain, &mut ids);
                 }
                 // A message not delivered is taken as delivered at QoS 0: the edge
                 // acknowledges it to the core itself.
@@ -1637,20 +1662,25 @@ where
                     client_id = entry.client_id;
                     self.core_acks.push_back(entry);
                 }
-                let with_expiry;
+                let with_more;
                 let props: &[u8] = match (self.version, expiry_left) {
-                    (Version::V5, None) => &opened.properties,
-                    (Version::V5, Some(left)) => {
-                        // MQTT-3.3.2-6: what is left of the interval.
-                        let mut p = Vec::with_capacity(5 + opened.properties.len());
-                        p.push(mqtt::prop::MESSAGE_EXPIRY);
-                        p.extend_from_slice(&left.to_be_bytes());
+                    (Version::V5, None) if ids.is_empty() => &opened.properties,
+                    (Version::V5, left) => {
+                        // MQTT-3.3.2-6: what is left of the interval; MQTT-3.3.4-3: the
+                        // identifiers of the matching subscriptions.
+                        let mut p = Vec::with_capacity(5 + ids.len() + opened.properties.len());
+                        if let Some(left) = left {
+                            p.push(mqtt::prop::MESSAGE_EXPIRY);
+                            p.extend_from_slice(&left.to_be_bytes());
+                        }
+                        p.extend_from_slice(&ids);
                         p.extend_from_slice(&opened.properties);
-                        with_expiry = p;
-                        &with_expiry
+                        with_more = p;
+                        &with_more
                     }
                     (Version::V311, _) => &[],
                 };
+                self.sub_id_props = ids;
                 let size = mqtt::publish_wire_len(
                     self.version,
                     qos,

@@ -128,9 +128,17 @@ pub struct OfflineState {
     /// QoS 2 deliveries whose PUBREL the client still needs: (core id, client id). The core
     /// re-sends these PUBRELs under the ids of the connection that ended.
     pub pubrel_out: Vec<(u16, u16)>,
-    /// The session's subscriptions (filter, options byte) when some have options the core
-    /// cannot hold (No Local, Retain As Published, Retain Handling 2); empty otherwise.
-    pub sub_options: Vec<(Bytes, u8)>,
+    /// The session's subscriptions when some have what the core cannot hold (No Local,
+    /// Retain As Published, Retain Handling 2, a Subscription Identifier); empty otherwise.
+    pub sub_options: Vec<(Bytes, SubOptions)>,
+}
+
+/// What the edge keeps of a subscription beside the core: its v5 options byte (QoS in the
+/// low two bits) and its Subscription Identifier (0: none).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SubOptions {
+    pub options: u8,
+    pub id: u32,
 }
 
 /// A delivery awaiting re-sending when a persistent session resumes.
@@ -430,7 +438,13 @@ mod tests {
                 ..Redelivery::default()
             }],
             pubrel_out: vec![(3, 4)],
-            sub_options: vec![(Bytes::from_static(b"a/#"), 0x05)],
+            sub_options: vec![(
+                Bytes::from_static(b"a/#"),
+                SubOptions {
+                    options: 0x05,
+                    id: 7,
+                },
+            )],
         };
         assert!(reg.store_offline("a", a.clone()));
         assert!(!reg.store_offline(
