@@ -1,6 +1,6 @@
 //! MQTT.js (the npm `mqtt` package browsers use) against vigil, over MQTT-over-WebSocket on
 //! `/mqtt` and on `/` (MQTT.js's default path, with its default `mqtt` subprotocol), and over
-//! TCP. Interop with mosquitto_pub both ways, at every QoS.
+//! TCP, in MQTT 3.1.1 and 5. Interop with mosquitto_pub both ways, at every QoS.
 //!
 //! Needs Node.js and `npm ci --prefix tests/mqttjs` (done by `./scripts/setup`).
 
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 
-fn mqttjs(url: &str, prefix: &str, tcp_port: u16) -> Vec<String> {
+fn mqttjs(url: &str, prefix: &str, version: u8, tcp_port: u16) -> Vec<String> {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mqttjs");
     assert!(
         std::path::Path::new(dir).join("node_modules/mqtt").exists(),
@@ -21,7 +21,7 @@ fn mqttjs(url: &str, prefix: &str, tcp_port: u16) -> Vec<String> {
     );
     let mut child = Command::new("node")
         .arg("interop.mjs")
-        .args([url, prefix])
+        .args([url, prefix, &version.to_string()])
         .current_dir(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -68,12 +68,14 @@ fn mqttjs(url: &str, prefix: &str, tcp_port: u16) -> Vec<String> {
     lines
 }
 
-fn expected(prefix: &str) -> Vec<String> {
+/// The lines MQTT.js prints; in v5 each message carries the subscription's identifier, 42.
+fn expected(prefix: &str, version: u8) -> Vec<String> {
+    let sid = if version == 5 { r#","sid":[42]"# } else { "" };
     let mut v: Vec<String> = ["js", "tcp"]
         .iter()
         .flat_map(|src| {
             (0..=2).map(move |q| {
-                format!(r#"{{"topic":"{prefix}/{src}/{q}","payload":"{src}{q}","qos":{q},"retain":false}}"#)
+                format!(r#"{{"topic":"{prefix}/{src}/{q}","payload":"{src}{q}","qos":{q},"retain":false{sid}}}"#)
             })
         })
         .collect();
@@ -94,6 +96,29 @@ fn mqttjs_over_websocket_paths_and_tcp() {
     .enumerate()
     {
         let prefix = format!("js{i}");
-        assert_eq!(mqttjs(url, &prefix, v.port()), expected(&prefix), "{url}");
+        assert_eq!(
+            mqttjs(url, &prefix, 4, v.port()),
+            expected(&prefix, 4),
+            "{url}"
+        );
+    }
+}
+
+#[test]
+fn mqttjs_v5_over_websocket_and_tcp() {
+    let v = Vigil::start();
+    for (i, url) in [
+        format!("ws://{}/mqtt", v.http),
+        format!("mqtt://{}", v.mqtt),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let prefix = format!("js5-{i}");
+        assert_eq!(
+            mqttjs(url, &prefix, 5, v.port()),
+            expected(&prefix, 5),
+            "{url}"
+        );
     }
 }
