@@ -47,6 +47,9 @@ pub struct Metrics {
     pub dropped_session_timers: AtomicU64,
     /// Sessions removed when their Session Expiry Interval ran out.
     pub sessions_expired: AtomicU64,
+    /// Client publishes that waited for other connections' SUBSCRIBEs to reach the core
+    /// (the subscribe fence, see `edge::connection`).
+    pub fence_waits: AtomicU64,
     /// JSON bridge frames received and sent, error frames sent, QoS 0 messages dropped for a
     /// full session buffer, and sessions closed as slow consumers.
     pub bridge_frames_in: AtomicU64,
@@ -401,6 +404,13 @@ impl Metrics {
             "counter",
             "Offline sessions removed when their Session Expiry Interval ran out.",
             &[("", g(&self.sessions_expired))],
+        );
+        metric(
+            "publish_fence_waits_total",
+            "counter",
+            "Client publishes that waited (at most 5 ms) for other clients' SUBSCRIBEs in flight \
+             to the core, so a subscription sent first is in place first.",
+            &[("", g(&self.fence_waits))],
         );
         let a = &self.analytics;
         metric(

@@ -24,8 +24,14 @@
 //!   state when a client reconnects.
 //! - MQTT 5 features the core cannot hold: the client's Receive Maximum (without holding back
 //!   acknowledgements, see `held`), the subscription options No Local, Retain As Published and
-//!   Retain Handling (`apply_options`), Message Expiry (an instant in the envelope), and the
-//!   timers of Session Expiry and Will Delay that the registry keeps once the connection ends.
+//!   Retain Handling (`apply_options`), Subscription Identifiers, Message Expiry (an instant
+//!   in the envelope), and the timers of Session Expiry and Will Delay that the registry keeps
+//!   once the connection ends.
+//! - The subscribe fence: every connection has its own core connection, so a PUBLISH could
+//!   overtake another client's SUBSCRIBE sent just before it and miss the new subscriber,
+//!   where a single-threaded broker (mosquitto) would deliver it. While other connections'
+//!   SUBSCRIBEs are in flight to the core, a client's PUBLISH waits for their SUBACKs, at most
+//!   [`FENCE_MAX_WAIT`] and once per read (`deferred`).
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -54,6 +60,11 @@ use crate::core::{CoreError, CORE_PING_INTERVAL};
 use crate::envelope;
 use crate::metrics::Metrics;
 use crate::mqtt::{self, rc, reason, CodecError, Frame, Version};
+
+/// How long a client's PUBLISH waits at most for other connections' SUBSCRIBEs in flight to
+/// the core (the subscribe fence), and how often it looks whether they have been answered.
+const FENCE_MAX_WAIT: Duration = Duration::from_millis(5);
+const FENCE_TICK: Duration = Duration::from_millis(1);
 
 /// Output buffered for one side before the relay stops reading from the other side.
 const HIGH_WATERMARK: usize = 256 * 1024;
@@ -378,6 +389,11 @@ struct Session<S> {
     options_in_use: bool,
     /// The Subscription Identifier properties of the delivery being written (reused).
     sub_id_props: BytesMut,
+    /// This connection's SUBSCRIBEs handed to the core and not yet answered.
+    own_subscribes: SubscribesInFlight,
+    /// A client PUBLISH held at the subscribe fence, and until when at most; reading from the
+    /// client stops meanwhile, so the client's packets keep their order.
+    deferred: Option<(Frame, Instant)>,
     /// Digest of the client id, the origin this client's publishes carry for No Local.
     origin: u64,
     /// Session Expiry Interval (seconds; `u32::MAX` never): v5 CONNECT's, changed by a
@@ -652,6 +668,11 @@ where
                 .collect(),
             options_in_use,
             sub_id_props: BytesMut::new(),
+            own_subscribes: SubscribesInFlight {
+                edge: edge.clone(),
+                mine: 0,
+            },
+            deferred: None,
             origin: envelope::origin_of(client_id),
             session_expiry,
             identity,
@@ -802,8 +823,9 @@ where
                         self.ping_core(PingFor::Nothing);
                         self.last_core_write = now;
                     }
+                    let lifted = self.lift_fence(edge, max_packet);
                     timer.as_mut().reset(self.next_deadline());
-                    Ok(())
+                    lifted
                 }
                 Event::Kicked => {
                     return if edge.shutdown.is_cancelled() {
@@ -818,12 +840,15 @@ where
                 return end;
             }
             // Output waiting for the client arms the slow-consumer deadline at once, instead of
-            // at the next timer event (up to the core ping interval later).
-            if !self.client_out.is_empty() {
-                let stall = self.last_client_drain + self.stall_timeout;
-                if stall < timer.deadline() {
-                    timer.as_mut().reset(stall);
-                }
+            // at the next timer event (up to the core ping interval later); a PUBLISH held at
+            // the subscribe fence, the fence's next look.
+            let soon = match (&self.deferred, self.client_out.is_empty()) {
+                (Some(_), _) => Some(Instant::now() + FENCE_TICK),
+                (None, false) => Some(self.last_client_drain + self.stall_timeout),
+                (None, true) => None,
+            };
+            if let Some(soon) = soon.filter(|&t| t < timer.deadline()) {
+                timer.as_mut().reset(soon);
             }
         }
     }
@@ -835,6 +860,9 @@ where
         }
         if !self.client_out.is_empty() {
             deadline = deadline.min(self.last_client_drain + self.stall_timeout);
+        }
+        if self.deferred.is_some() {
+            deadline = deadline.min(Instant::now() + FENCE_TICK);
         }
         deadline
     }
@@ -883,7 +911,9 @@ where
         }
         release_if_idle(&mut self.core_out);
 
-        let read_client = self.core_out.len() < HIGH_WATERMARK && self.core_fwd.len() < CORE_WINDOW;
+        let read_client = self.core_out.len() < HIGH_WATERMARK
+            && self.core_fwd.len() < CORE_WINDOW
+            && self.deferred.is_none();
         let read_core = self.client_out.len() < HIGH_WATERMARK;
         // Alternate which side is read first so neither can starve the other.
         self.prefer_core = !self.prefer_core;
@@ -949,6 +979,12 @@ where
 
     fn on_client_data(&mut self, edge: &Edge, max_packet: usize) -> Result<(), End> {
         self.last_client_read = Instant::now();
+        self.client_frames(edge, max_packet, true)
+    }
+
+    /// Handles the whole packets in `client_in`. `may_wait`: a PUBLISH may stop at the
+    /// subscribe fence (see the module documentation).
+    fn client_frames(&mut self, edge: &Edge, max_packet: usize, may_wait: bool) -> Result<(), End> {
         let (mut unanswered, mut answered) = (false, false);
         loop {
             let frame = match mqtt::read_frame(&mut self.client_in, max_packet) {
@@ -959,6 +995,11 @@ where
             edge.metrics
                 .bytes_in
                 .fetch_add(frame.wire_len() as u64, Relaxed);
+            if may_wait && frame.kind() == mqtt::PUBLISH && self.fenced(edge) {
+                Metrics::inc(&edge.metrics.fence_waits);
+                self.deferred = Some((frame, Instant::now() + FENCE_MAX_WAIT));
+                break;
+            }
             unanswered |= frame.kind() == mqtt::PUBLISH && frame.flags() & 0b0110 == 0;
             answered |= gets_an_answer(&frame);
             self.on_client_packet(edge, frame)?;
@@ -972,6 +1013,32 @@ where
         }
         release_if_idle(&mut self.client_in);
         Ok(())
+    }
+
+    /// Whether other connections' SUBSCRIBEs are in flight to the core.
+    fn fenced(&self, edge: &Edge) -> bool {
+        edge.subscribes_in_flight.load(Relaxed) > self.own_subscribes.mine
+    }
+
+    /// Handles the PUBLISH held at the subscribe fence, and the packets read behind it, once
+    /// the SUBSCRIBEs it waited for are answered or it has waited long enough. The packets
+    /// behind it arrived with it: they do not wait again.
+    fn lift_fence(&mut self, edge: &Edge, max_packet: usize) -> Result<(), End> {
+        match &self.deferred {
+            Some((_, until)) if self.fenced(edge) && Instant::now() < *until => return Ok(()),
+            None => return Ok(()),
+            Some(_) => {}
+        }
+        if let Some((frame, _)) = self.deferred.take() {
+            self.on_client_packet(edge, frame)?;
+        }
+        self.client_frames(edge, max_packet, false)?;
+        // Acknowledgements among those packets may have made room for deliveries held back.
+        if self.held.is_empty() {
+            Ok(())
+        } else {
+            self.release_held(edge)
+        }
     }
 
     fn violation(&self, e: &CodecError) -> End {
@@ -1145,6 +1212,7 @@ where
                 }
                 if codes.iter().all(Option::is_none) {
                     mqtt::put_core_subscribe(&mut self.core_out, s.pkid, &s.filters);
+                    self.own_subscribes.sent();
                     return Ok(());
                 }
                 let to_core: Vec<(Bytes, u8)> = s
@@ -1162,6 +1230,7 @@ where
                         return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
                     }
                     mqtt::put_core_subscribe(&mut self.core_out, s.pkid, &to_core);
+                    self.own_subscribes.sent();
                     self.pending_subacks.push((s.pkid, codes));
                 }
             }
@@ -1788,6 +1857,7 @@ where
                     self.internal_subacks.swap_remove(i);
                     return Ok(());
                 }
+                self.own_subscribes.answered();
                 match self.pending_subacks.iter().position(|(id, _)| *id == pkid) {
                     Some(i) => {
                         let (_, mine) = self.pending_subacks.swap_remove(i);
@@ -1897,6 +1967,33 @@ where
         })
         .await;
         delayed
+    }
+}
+
+/// A connection's share of `Edge::subscribes_in_flight`, given back when it is dropped: the
+/// SUBSCRIBEs the core never answered then no longer hold other clients' publishes back.
+struct SubscribesInFlight {
+    edge: Arc<Edge>,
+    mine: usize,
+}
+
+impl SubscribesInFlight {
+    fn sent(&mut self) {
+        self.mine += 1;
+        self.edge.subscribes_in_flight.fetch_add(1, Relaxed);
+    }
+
+    fn answered(&mut self) {
+        if self.mine > 0 {
+            self.mine -= 1;
+            self.edge.subscribes_in_flight.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+impl Drop for SubscribesInFlight {
+    fn drop(&mut self) {
+        self.edge.subscribes_in_flight.fetch_sub(self.mine, Relaxed);
     }
 }
 

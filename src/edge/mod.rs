@@ -23,7 +23,7 @@ pub mod ws_io;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -192,6 +192,9 @@ pub struct Edge {
     /// Some client has subscribed with No Local since start: from then on, publishes carry
     /// their origin in the envelope (see `envelope`), which costs 10 bytes per message.
     pub no_local_in_use: AtomicBool,
+    /// Clients' SUBSCRIBEs handed to the core and not yet answered, on all connections (the
+    /// subscribe fence, see `connection`).
+    pub subscribes_in_flight: AtomicUsize,
     /// Numbers the short-lived core connections of delayed wills and retained fetches.
     next_internal: AtomicU64,
 }
@@ -235,6 +238,7 @@ impl Edge {
             history,
             threads,
             no_local_in_use: AtomicBool::new(false),
+            subscribes_in_flight: AtomicUsize::new(0),
             next_internal: AtomicU64::new(0),
         })
     }
