@@ -1394,6 +1394,31 @@ mod tests {
     }
 
     #[test]
+    fn subscription_identifier_is_read_once_and_never_zero() {
+        // v5 SUBSCRIBE, id 1, properties [0x0B varint], filter "a", options QoS 1.
+        let with = |props: &[u8]| {
+            let mut body = vec![0, 1, props.len() as u8];
+            body.extend_from_slice(props);
+            body.extend_from_slice(&[0, 1, b'a', 1]);
+            let mut bytes = vec![0x82, body.len() as u8];
+            bytes.extend(body);
+            parse_subscribe(&frame_of(&bytes), Version::V5)
+        };
+        // 456,789 takes three bytes: 0xD5 0xF0 0x1B.
+        let s = with(&[0x0B, 0xD5, 0xF0, 0x1B]).unwrap();
+        assert_eq!(s.subscription_id, Some(456_789));
+        assert_eq!(with(&[]).unwrap().subscription_id, None);
+        assert_eq!(
+            with(&[0x0B, 0xFF, 0xFF, 0xFF, 0x7F])
+                .unwrap()
+                .subscription_id,
+            Some(268_435_455)
+        );
+        assert!(with(&[0x0B, 0x00]).is_err(), "identifier 0");
+        assert!(with(&[0x0B, 0x01, 0x0B, 0x02]).is_err(), "two identifiers");
+    }
+
+    #[test]
     fn strings_with_nul_or_bad_utf8_are_malformed() {
         assert!(validate_utf8(b"a\0b").is_err());
         assert!(validate_utf8(&[0xC3, 0x28]).is_err());
