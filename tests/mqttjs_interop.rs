@@ -83,42 +83,37 @@ fn expected(prefix: &str, version: u8) -> Vec<String> {
     v
 }
 
-#[test]
-fn mqttjs_over_websocket_paths_and_tcp() {
-    let v = Vigil::start();
-    for (i, url) in [
-        format!("ws://{}/mqtt", v.http),
-        format!("ws://{}/", v.http),
-        format!("ws://{}", v.http),
-        format!("mqtt://{}", v.mqtt),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let prefix = format!("js{i}");
+/// Runs MQTT.js in protocol `version` against each of `urls` (topic prefix `<tag><index>`) and
+/// checks what it received.
+fn check_each(v: &Vigil, urls: &[String], version: u8, tag: &str) {
+    for (i, url) in urls.iter().enumerate() {
+        let prefix = format!("{tag}{i}");
         assert_eq!(
-            mqttjs(url, &prefix, 4, v.port()),
-            expected(&prefix, 4),
+            mqttjs(url, &prefix, version, v.port()),
+            expected(&prefix, version),
             "{url}"
         );
     }
 }
 
 #[test]
+fn mqttjs_over_websocket_paths_and_tcp() {
+    let v = Vigil::start();
+    let urls = [
+        format!("ws://{}/mqtt", v.http),
+        format!("ws://{}/", v.http),
+        format!("ws://{}", v.http),
+        format!("mqtt://{}", v.mqtt),
+    ];
+    check_each(&v, &urls, 4, "js");
+}
+
+#[test]
 fn mqttjs_v5_over_websocket_and_tcp() {
     let v = Vigil::start();
-    for (i, url) in [
+    let urls = [
         format!("ws://{}/mqtt", v.http),
         format!("mqtt://{}", v.mqtt),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let prefix = format!("js5-{i}");
-        assert_eq!(
-            mqttjs(url, &prefix, 5, v.port()),
-            expected(&prefix, 5),
-            "{url}"
-        );
-    }
+    ];
+    check_each(&v, &urls, 5, "js5-");
 }
