@@ -50,6 +50,11 @@ pub struct Metrics {
     /// Client publishes that waited for other connections' SUBSCRIBEs to reach the core
     /// (the subscribe fence, see `edge::connection`).
     pub fence_waits: AtomicU64,
+    /// Client SUBSCRIBEs that waited for publishes other connections had been acknowledged
+    /// for to reach the core (the publish fence).
+    pub subscribe_fence_waits: AtomicU64,
+    /// Client QoS 1 publishes acknowledged by the edge on handing them to the core.
+    pub edge_acks: AtomicU64,
     /// JSON bridge frames received and sent, error frames sent, QoS 0 messages dropped for a
     /// full session buffer, and sessions closed as slow consumers.
     pub bridge_frames_in: AtomicU64,
@@ -411,6 +416,20 @@ impl Metrics {
             "Client publishes that waited (at most 5 ms) for other clients' SUBSCRIBEs in flight \
              to the core, so a subscription sent first is in place first.",
             &[("", g(&self.fence_waits))],
+        );
+        metric(
+            "subscribe_fence_waits_total",
+            "counter",
+            "Client SUBSCRIBEs that waited (at most 5 ms) for publishes other clients were \
+             already acknowledged for to reach the core, so a retained message acknowledged \
+             first is in place first.",
+            &[("", g(&self.subscribe_fence_waits))],
+        );
+        metric(
+            "publish_edge_acks_total",
+            "counter",
+            "Client QoS 1 publishes the edge acknowledged when handing them to the core.",
+            &[("", g(&self.edge_acks))],
         );
         let a = &self.analytics;
         metric(

@@ -32,11 +32,25 @@
 //!   where a single-threaded broker (mosquitto) would deliver it. While other connections'
 //!   SUBSCRIBEs are in flight to the core, a client's PUBLISH waits for their SUBACKs, at most
 //!   [`FENCE_MAX_WAIT`] and once per read (`deferred`).
+//! - Early acknowledgements: a client's QoS 1 PUBLISH is acknowledged as soon as the edge has
+//!   handed it to the core (queued on the core connection, which is written before the
+//!   connection closes), not after the core's PUBACK, so a client that waits for each
+//!   acknowledgement pays one hop instead of three. Only while few of its publishes are on
+//!   their way ([`EARLY_ACK_WINDOW`]): a client that pipelines is acknowledged by the core, as
+//!   before, because those acknowledgements pace it to what the core's router keeps up with;
+//!   acknowledging all of them early let such a publisher outrun its subscribers until the
+//!   core's log overran and dropped QoS 1 messages (ARCHITECTURE.md). Toward the core the edge numbers
+//!   publishes itself (`next_core_id`), because a client may reuse an acknowledged packet id
+//!   before the core has acknowledged it. The reverse fence keeps what early acknowledgements
+//!   could otherwise show: a SUBSCRIBE waits, like a PUBLISH at the subscribe fence, while
+//!   publishes other connections were acknowledged for have not reached the core, so a
+//!   retained message acknowledged before a SUBSCRIBE is sent is delivered on it.
 
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -62,7 +76,8 @@ use crate::metrics::Metrics;
 use crate::mqtt::{self, rc, reason, CodecError, Frame, Version};
 
 /// How long a client's PUBLISH waits at most for other connections' SUBSCRIBEs in flight to
-/// the core (the subscribe fence), and how often it looks whether they have been answered.
+/// the core (the subscribe fence), or a SUBSCRIBE for early-acknowledged publishes (the publish
+/// fence), and how often it looks whether they have been answered.
 const FENCE_MAX_WAIT: Duration = Duration::from_millis(5);
 const FENCE_TICK: Duration = Duration::from_millis(1);
 
@@ -73,6 +88,9 @@ const RECEIVE_MAXIMUM: u16 = 100;
 /// Client publishes the edge hands to the core before the core has acknowledged them; past it
 /// the edge stops reading from the client (a 3.1.1 client has no receive maximum to obey).
 const CORE_WINDOW: usize = 1000;
+/// A client QoS 1 publish is acknowledged on its way to the core while fewer than this many of
+/// the client's publishes await the core's acknowledgement, none of them acknowledged late.
+const EARLY_ACK_WINDOW: usize = 4;
 /// rumqttd's fixed window of unacknowledged deliveries per connection.
 const CORE_INFLIGHT: usize = 100;
 /// Unacknowledged core deliveries tolerated before the core is considered broken.
@@ -299,6 +317,20 @@ fn needs_edge(sub: SubOptions) -> bool {
         || sub.id != 0
 }
 
+/// A client publish handed to the core and not yet acknowledged by it.
+#[derive(Debug, Clone, Copy)]
+struct Forwarded {
+    /// The edge's packet id toward the core.
+    core_id: u16,
+    /// The client's packet id and QoS (2: the core's PUBACK becomes the client's PUBREC).
+    client_id: u16,
+    qos: u8,
+    /// QoS 1 acknowledged to the client already (otherwise the core's PUBACK becomes the
+    /// client's).
+    early: bool,
+    sent: Instant,
+}
+
 /// A delivery from the core awaiting acknowledgement (to the core, in order).
 #[derive(Debug, Clone, Copy)]
 struct CoreAck {
@@ -348,9 +380,10 @@ struct Session<S> {
     pubrel_to_client_earlier: Vec<(u16, u16)>,
     /// QoS 2 deliveries the client got at QoS 0 or 1, whose PUBREL the edge answers itself.
     local_pubrel: Vec<u16>,
-    /// Client publishes (packet id, client QoS, when handed over) handed to the core and not
-    /// yet acknowledged.
-    core_fwd: std::collections::VecDeque<(u16, u8, Instant)>,
+    /// Client publishes handed to the core and not yet acknowledged by it, in the order sent.
+    core_fwd: std::collections::VecDeque<Forwarded>,
+    /// The edge's next packet id for a publish to the core (see `alloc_core_id`).
+    next_core_id: u16,
     /// Inbound QoS 2 ids handed to the core on this connection, awaiting the client's PUBREL.
     inbound_qos2: Vec<u16>,
     /// Inbound QoS 2 ids forwarded on an earlier connection of this session.
@@ -390,8 +423,10 @@ struct Session<S> {
     /// The Subscription Identifier properties of the delivery being written (reused).
     sub_id_props: BytesMut,
     /// This connection's SUBSCRIBEs handed to the core and not yet answered.
-    own_subscribes: SubscribesInFlight,
-    /// A client PUBLISH held at the subscribe fence, and until when at most; reading from the
+    own_subscribes: InFlight,
+    /// This connection's publishes acknowledged to the client and not yet by the core.
+    own_early_acks: InFlight,
+    /// A client PUBLISH or SUBSCRIBE held at a fence, and until when at most; reading from the
     /// client stops meanwhile, so the client's packets keep their order.
     deferred: Option<(Frame, Instant)>,
     /// Digest of the client id, the origin this client's publishes carry for No Local.
@@ -647,6 +682,7 @@ where
             pubrel_to_client_earlier: offline.pubrel_out,
             local_pubrel: Vec::new(),
             core_fwd: Default::default(),
+            next_core_id: 1,
             inbound_qos2: Vec::new(),
             inbound_qos2_earlier: offline.inbound_qos2,
             check_client_ids: ids_in_flight,
@@ -668,10 +704,8 @@ where
                 .collect(),
             options_in_use,
             sub_id_props: BytesMut::new(),
-            own_subscribes: SubscribesInFlight {
-                edge: edge.clone(),
-                mine: 0,
-            },
+            own_subscribes: InFlight::new(edge, |e| &e.subscribes_in_flight),
+            own_early_acks: InFlight::new(edge, |e| &e.early_acks_in_flight),
             deferred: None,
             origin: envelope::origin_of(client_id),
             session_expiry,
@@ -982,8 +1016,8 @@ where
         self.client_frames(edge, max_packet, true)
     }
 
-    /// Handles the whole packets in `client_in`. `may_wait`: a PUBLISH may stop at the
-    /// subscribe fence (see the module documentation).
+    /// Handles the whole packets in `client_in`. `may_wait`: a PUBLISH or SUBSCRIBE may stop
+    /// at a fence (see the module documentation).
     fn client_frames(&mut self, edge: &Edge, max_packet: usize, may_wait: bool) -> Result<(), End> {
         let (mut unanswered, mut answered) = (false, false);
         loop {
@@ -995,8 +1029,12 @@ where
             edge.metrics
                 .bytes_in
                 .fetch_add(frame.wire_len() as u64, Relaxed);
-            if may_wait && frame.kind() == mqtt::PUBLISH && self.fenced(edge) {
-                Metrics::inc(&edge.metrics.fence_waits);
+            if may_wait && self.must_wait(frame.kind()) {
+                Metrics::inc(if frame.kind() == mqtt::PUBLISH {
+                    &edge.metrics.fence_waits
+                } else {
+                    &edge.metrics.subscribe_fence_waits
+                });
                 self.deferred = Some((frame, Instant::now() + FENCE_MAX_WAIT));
                 break;
             }
@@ -1015,17 +1053,25 @@ where
         Ok(())
     }
 
-    /// Whether other connections' SUBSCRIBEs are in flight to the core.
-    fn fenced(&self, edge: &Edge) -> bool {
-        edge.subscribes_in_flight.load(Relaxed) > self.own_subscribes.mine
+    /// Whether a packet of this kind must wait at a fence: a PUBLISH while other connections'
+    /// SUBSCRIBEs are in flight to the core, a SUBSCRIBE while publishes other connections
+    /// were acknowledged for are.
+    fn must_wait(&self, kind: u8) -> bool {
+        match kind {
+            mqtt::PUBLISH => self.own_subscribes.others_in_flight(),
+            mqtt::SUBSCRIBE => self.own_early_acks.others_in_flight(),
+            _ => false,
+        }
     }
 
-    /// Handles the PUBLISH held at the subscribe fence, and the packets read behind it, once
-    /// the SUBSCRIBEs it waited for are answered or it has waited long enough. The packets
+    /// Handles the packet held at a fence, and the packets read behind it, once what it waited
+    /// for has reached the core or it has waited long enough. The packets
     /// behind it arrived with it: they do not wait again.
     fn lift_fence(&mut self, edge: &Edge, max_packet: usize) -> Result<(), End> {
         match &self.deferred {
-            Some((_, until)) if self.fenced(edge) && Instant::now() < *until => return Ok(()),
+            Some((frame, until)) if self.must_wait(frame.kind()) && Instant::now() < *until => {
+                return Ok(())
+            }
             None => return Ok(()),
             Some(_) => {}
         }
@@ -1080,11 +1126,29 @@ where
                 // subscribers). rumqttd routes QoS 1 on receipt but QoS 2 only at PUBREL, and
                 // forgets QoS 2 state across reconnects, so the edge owns QoS 2: the core's
                 // PUBACK becomes the client's PUBREC, and the client's PUBREL is answered here.
-                // The client is acknowledged when the core acknowledges (see BENCHMARKS.md for
-                // why the edge does not acknowledge earlier).
+                // A QoS 1 publish is acknowledged now, on its way to the core, unless the client
+                // is pipelining (see the module documentation).
                 let core_qos = p.qos.min(1);
+                let mut core_id = 0;
                 if core_qos == 1 {
-                    self.core_fwd.push_back((p.pkid, p.qos, Instant::now()));
+                    core_id = self.alloc_core_id()?;
+                    // PUBACKs go out in the order of the PUBLISHes (MQTT-4.6.0-2): not early
+                    // while a late one is owed.
+                    let early = p.qos == 1
+                        && self.core_fwd.len() < EARLY_ACK_WINDOW
+                        && self.core_fwd.iter().all(|f| f.early || f.qos == 2);
+                    if early {
+                        mqtt::put_ack(&mut self.client_out, mqtt::PUBACK, p.pkid);
+                        self.own_early_acks.sent();
+                        Metrics::inc(&edge.metrics.edge_acks);
+                    }
+                    self.core_fwd.push_back(Forwarded {
+                        core_id,
+                        client_id: p.pkid,
+                        qos: p.qos,
+                        early,
+                        sent: Instant::now(),
+                    });
                 }
                 let private = envelope::Private {
                     origin: edge.no_local_in_use.load(Relaxed).then_some(self.origin),
@@ -1105,7 +1169,7 @@ where
                     core_qos,
                     p.retain,
                     &p.topic,
-                    p.pkid,
+                    core_id,
                     header,
                     &p.payload,
                 );
@@ -1428,6 +1492,20 @@ where
 
     /// A packet id for a new QoS 1/2 delivery: not used by a delivery or PUBREL in flight on
     /// this connection, nor kept for one of an earlier connection of the session.
+    /// The packet id for the next publish to the core. Ids are handed out in order and the
+    /// core acknowledges in order, so the ids in flight run from the oldest one's up to this
+    /// one and the first the counter could meet again is the oldest's. Meeting it means the
+    /// core left one publish unacknowledged while acknowledging 65,534 later ones: broken.
+    fn alloc_core_id(&mut self) -> Result<u16, End> {
+        let id = self.next_core_id;
+        if self.core_fwd.front().is_some_and(|f| f.core_id == id) {
+            warn!(id, "the core left a publish unacknowledged");
+            return Err(End::CoreGone);
+        }
+        self.next_core_id = id.checked_add(1).unwrap_or(1);
+        Ok(id)
+    }
+
     fn alloc_client_id(&mut self) -> u16 {
         loop {
             let id = self.next_client_id;
@@ -1786,16 +1864,25 @@ where
                 }
             }
             mqtt::PUBACK => {
-                // The core acknowledging one of the client's publishes (in the order received).
+                // The core acknowledging one of the client's publishes (in the order received,
+                // so the first is almost always the one).
                 let (pkid, _) = mqtt::parse_ack(&frame).map_err(|_| End::CoreGone)?;
-                match self.core_fwd.iter().position(|&(id, _, _)| id == pkid) {
+                match self.core_fwd.iter().position(|f| f.core_id == pkid) {
                     Some(i) => {
-                        let Some((pkid, qos, sent)) = self.core_fwd.remove(i) else {
+                        let Some(f) = self.core_fwd.remove(i) else {
                             return Ok(());
                         };
-                        edge.metrics.core_ack.observe(sent.elapsed());
-                        let kind = if qos == 2 { mqtt::PUBREC } else { mqtt::PUBACK };
-                        mqtt::put_ack(&mut self.client_out, kind, pkid);
+                        edge.metrics.core_ack.observe(f.sent.elapsed());
+                        if f.early {
+                            self.own_early_acks.answered();
+                        } else {
+                            let kind = if f.qos == 2 {
+                                mqtt::PUBREC
+                            } else {
+                                mqtt::PUBACK
+                            };
+                            mqtt::put_ack(&mut self.client_out, kind, f.client_id);
+                        }
                     }
                     None => warn!(pkid, "core acknowledged an unknown publish"),
                 }
@@ -1970,30 +2057,45 @@ where
     }
 }
 
-/// A connection's share of `Edge::subscribes_in_flight`, given back when it is dropped: the
-/// SUBSCRIBEs the core never answered then no longer hold other clients' publishes back.
-struct SubscribesInFlight {
+/// A connection's share of one of the edge's fence counters (`Edge::subscribes_in_flight`,
+/// `Edge::early_acks_in_flight`), given back when it is dropped: what the core never answered
+/// then no longer holds other clients back.
+struct InFlight {
     edge: Arc<Edge>,
+    counter: fn(&Edge) -> &AtomicUsize,
     mine: usize,
 }
 
-impl SubscribesInFlight {
+impl InFlight {
+    fn new(edge: &Arc<Edge>, counter: fn(&Edge) -> &AtomicUsize) -> InFlight {
+        InFlight {
+            edge: edge.clone(),
+            counter,
+            mine: 0,
+        }
+    }
+
     fn sent(&mut self) {
         self.mine += 1;
-        self.edge.subscribes_in_flight.fetch_add(1, Relaxed);
+        (self.counter)(&self.edge).fetch_add(1, Relaxed);
     }
 
     fn answered(&mut self) {
         if self.mine > 0 {
             self.mine -= 1;
-            self.edge.subscribes_in_flight.fetch_sub(1, Relaxed);
+            (self.counter)(&self.edge).fetch_sub(1, Relaxed);
         }
+    }
+
+    /// Whether other connections have some in flight.
+    fn others_in_flight(&self) -> bool {
+        (self.counter)(&self.edge).load(Relaxed) > self.mine
     }
 }
 
-impl Drop for SubscribesInFlight {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.edge.subscribes_in_flight.fetch_sub(self.mine, Relaxed);
+        (self.counter)(&self.edge).fetch_sub(self.mine, Relaxed);
     }
 }
 

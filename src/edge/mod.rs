@@ -195,6 +195,9 @@ pub struct Edge {
     /// Clients' SUBSCRIBEs handed to the core and not yet answered, on all connections (the
     /// subscribe fence, see `connection`).
     pub subscribes_in_flight: AtomicUsize,
+    /// Client publishes the edge has acknowledged and the core has not yet (the publish
+    /// fence, see `connection`).
+    pub early_acks_in_flight: AtomicUsize,
     /// Numbers the short-lived core connections of delayed wills and retained fetches.
     next_internal: AtomicU64,
 }
@@ -239,6 +242,7 @@ impl Edge {
             threads,
             no_local_in_use: AtomicBool::new(false),
             subscribes_in_flight: AtomicUsize::new(0),
+            early_acks_in_flight: AtomicUsize::new(0),
             next_internal: AtomicU64::new(0),
         })
     }
