@@ -250,6 +250,20 @@ fn protocol_violations_close_only_the_offender() {
     c.send(&packet(0x30, &body));
     let d = c.recv().expect("DISCONNECT");
     assert_eq!((d.kind(), d.body[0]), (14, 0x82));
+    // v5, a second CONNECT: closed without a DISCONNECT, as mosquitto does (see
+    // `End::SecondConnect` for the client this keeps from hanging).
+    let o = ConnectOpts {
+        v5: true,
+        ..ConnectOpts::v311("v5-twice")
+    };
+    let mut c = Raw::connected(v.mqtt, &o);
+    c.send(&connect_packet(&o));
+    assert!(c.closed_within(T), "second CONNECT: not closed");
+    assert!(
+        c.unparsed().is_empty(),
+        "second CONNECT: answered with {:?}",
+        c.unparsed()
+    );
     // First packet not CONNECT: closed.
     let mut c = Raw::open(v.mqtt);
     c.send(&[0xC0, 0]);

@@ -649,6 +649,11 @@ impl Raw {
     }
 
     /// True when the server closed the connection (EOF) within `timeout`.
+    /// Bytes received and not yet parsed into a packet (what `closed_within` read).
+    pub fn unparsed(&self) -> &[u8] {
+        &self.buf
+    }
+
     pub fn closed_within(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         self.stream
