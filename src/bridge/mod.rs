@@ -57,8 +57,9 @@ const PIPE_CAPACITY: usize = 64 * 1024;
 /// MQTT bytes buffered for the relay before the translator stops reading the browser.
 const PIPE_HIGH_WATERMARK: usize = 256 * 1024;
 /// Browser publishes handed to the relay and not yet acknowledged by it; past this the
-/// translator stops reading the browser (the relay acknowledges QoS 1 as it hands it to the
-/// core, QoS 2 when the core has it, and stops reading past 100 the core has not acknowledged).
+/// translator stops reading the browser (the relay acknowledges a QoS 1 publish as it hands it
+/// to the core while few are in flight, otherwise when the core has it; its own window is
+/// 1000).
 const MAX_PUBLISHES_AT_RELAY: usize = 500;
 /// QoS 2 publishes of the browser whose exchange is not complete (the relay allows 1024).
 const MAX_QOS2_OPEN: usize = 1000;

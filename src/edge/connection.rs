@@ -39,12 +39,13 @@
 //!   their way ([`EARLY_ACK_WINDOW`]): a client that pipelines is acknowledged by the core, as
 //!   before, because those acknowledgements pace it to what the core's router keeps up with;
 //!   acknowledging all of them early let such a publisher outrun its subscribers until the
-//!   core's log overran and dropped QoS 1 messages (ARCHITECTURE.md). Toward the core the edge numbers
-//!   publishes itself (`next_core_id`), because a client may reuse an acknowledged packet id
-//!   before the core has acknowledged it. The reverse fence keeps what early acknowledgements
-//!   could otherwise show: a SUBSCRIBE waits, like a PUBLISH at the subscribe fence, while
-//!   publishes other connections were acknowledged for have not reached the core, so a
-//!   retained message acknowledged before a SUBSCRIBE is sent is delivered on it.
+//!   core's log overran and dropped QoS 1 messages (ARCHITECTURE.md). Toward the core the
+//!   edge numbers publishes itself (`next_core_id`), because a client may reuse an
+//!   acknowledged packet id before the core has acknowledged it. The reverse fence keeps
+//!   what early acknowledgements could otherwise show: a SUBSCRIBE waits, like a PUBLISH at
+//!   the subscribe fence, while publishes other connections were acknowledged for have not
+//!   reached the core, so a retained message acknowledged before a SUBSCRIBE is sent is
+//!   delivered on it.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -270,8 +271,8 @@ enum End {
     /// A second CONNECT (MQTT-3.1.0-2): a protocol error, closed without a DISCONNECT, as
     /// mosquitto does. Only test tools send one, and paho's interoperability client reads the
     /// socket from two threads then: one takes the DISCONNECT's first byte, the other the
-    /// rest, and the first waits forever for the rest (its `test_basic` hung in about 1 run
-    /// of 3). The close itself tells the client; the count is `protocol_errors`.
+    /// rest, and the first waits forever for the rest (its `test_basic` hung in 5 of 12
+    /// runs). The close itself tells the client; the count is `protocol_errors`.
     SecondConnect,
     /// A v5 client over its role's publish rate: DISCONNECT 0x96.
     RateLimited,
@@ -1073,8 +1074,8 @@ where
     }
 
     /// Handles the packet held at a fence, and the packets read behind it, once what it waited
-    /// for has reached the core or it has waited long enough. The packets
-    /// behind it arrived with it: they do not wait again.
+    /// for has reached the core or it has waited long enough. The packets behind it arrived
+    /// with it: they do not wait again.
     fn lift_fence(&mut self, edge: &Edge, max_packet: usize) -> Result<(), End> {
         match &self.deferred {
             Some((frame, until)) if self.must_wait(frame.kind()) && Instant::now() < *until => {
@@ -1499,8 +1500,6 @@ where
         is_dollar_filter(filter).then_some(sub.options & 0x03)
     }
 
-    /// A packet id for a new QoS 1/2 delivery: not used by a delivery or PUBREL in flight on
-    /// this connection, nor kept for one of an earlier connection of the session.
     /// The packet id for the next publish to the core. Ids are handed out in order and the
     /// core acknowledges in order, so the ids in flight run from the oldest one's up to this
     /// one and the first the counter could meet again is the oldest's. Meeting it means the
@@ -1515,6 +1514,8 @@ where
         Ok(id)
     }
 
+    /// A packet id for a new QoS 1/2 delivery: not used by a delivery or PUBREL in flight on
+    /// this connection, nor kept for one of an earlier connection of the session.
     fn alloc_client_id(&mut self) -> u16 {
         loop {
             let id = self.next_client_id;
