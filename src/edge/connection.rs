@@ -29,9 +29,10 @@
 //!   once the connection ends.
 //! - The subscribe fence: every connection has its own core connection, so a PUBLISH could
 //!   overtake another client's SUBSCRIBE sent just before it and miss the new subscriber,
-//!   where a single-threaded broker (mosquitto) would deliver it. While other connections'
-//!   SUBSCRIBEs are in flight to the core, a client's PUBLISH waits for their SUBACKs, at most
-//!   [`FENCE_MAX_WAIT`] and once per read (`deferred`).
+//!   where a single-threaded broker (mosquitto) would deliver it; or overtake an UNSUBSCRIBE
+//!   and reach a client that has just left the topic. While other connections' SUBSCRIBEs or
+//!   UNSUBSCRIBEs are in flight to the core, a client's PUBLISH waits for their answers, at
+//!   most [`FENCE_MAX_WAIT`] and once per read (`deferred`).
 //! - Early acknowledgements: a client's QoS 1 PUBLISH is acknowledged as soon as the edge has
 //!   handed it to the core (queued on the core connection, which is written before the
 //!   connection closes), not after the core's PUBACK, so a client that waits for each
@@ -76,8 +77,8 @@ use crate::envelope;
 use crate::metrics::Metrics;
 use crate::mqtt::{self, rc, reason, CodecError, Frame, Version};
 
-/// How long a client's PUBLISH waits at most for other connections' SUBSCRIBEs in flight to
-/// the core (the subscribe fence), or a SUBSCRIBE for early-acknowledged publishes (the publish
+/// How long a client's PUBLISH waits at most for other connections' SUBSCRIBEs and
+/// UNSUBSCRIBEs in flight to the core (the subscribe fence), or a SUBSCRIBE for early-acknowledged publishes (the publish
 /// fence), and how often it looks whether they have been answered.
 const FENCE_MAX_WAIT: Duration = Duration::from_millis(5);
 const FENCE_TICK: Duration = Duration::from_millis(1);
@@ -291,8 +292,13 @@ enum PingFor {
     /// A resumed session: the core has re-sent every PUBREL of the earlier connection by the
     /// time it answers.
     Resume,
-    /// The client's UNSUBSCRIBE: answer it with one UNSUBACK.
-    Unsubscribe { pkid: u16, filters: usize },
+    /// The client's UNSUBSCRIBE: answer it with one UNSUBACK. `fenced`: it went to the core
+    /// and holds other connections' publishes at the subscribe fence until this answer.
+    Unsubscribe {
+        pkid: u16,
+        filters: usize,
+        fenced: bool,
+    },
 }
 
 /// `$` filters other than shared subscriptions: rumqttd refuses them (by dropping the
@@ -429,7 +435,7 @@ struct Session<S> {
     options_in_use: bool,
     /// The Subscription Identifier properties of the delivery being written (reused).
     sub_id_props: BytesMut,
-    /// This connection's SUBSCRIBEs handed to the core and not yet answered.
+    /// This connection's SUBSCRIBEs and UNSUBSCRIBEs handed to the core and not yet answered.
     own_subscribes: InFlight,
     /// This connection's publishes acknowledged to the client and not yet by the core.
     own_early_acks: InFlight,
@@ -1063,7 +1069,7 @@ where
     }
 
     /// Whether a packet of this kind must wait at a fence: a PUBLISH while other connections'
-    /// SUBSCRIBEs are in flight to the core, a SUBSCRIBE while publishes other connections
+    /// SUBSCRIBEs or UNSUBSCRIBEs are in flight to the core, a SUBSCRIBE while publishes other connections
     /// were acknowledged for are.
     fn must_wait(&self, kind: u8) -> bool {
         match kind {
@@ -1329,7 +1335,8 @@ where
                     .into_iter()
                     .filter(|f| !is_dollar_filter(f))
                     .collect();
-                if !to_core.is_empty() {
+                let fenced = !to_core.is_empty();
+                if fenced {
                     if self.resumed {
                         // rumqttd restores a resumed session's subscriptions without indexing
                         // them under the new connection, so an UNSUBSCRIBE alone leaves them in
@@ -1343,10 +1350,12 @@ where
                         self.internal_subacks.push(u.pkid);
                     }
                     mqtt::put_core_unsubscribe(&mut self.core_out, u.pkid, &to_core);
+                    self.own_subscribes.sent();
                 }
                 self.ping_core(PingFor::Unsubscribe {
                     pkid: u.pkid,
                     filters,
+                    fenced,
                 });
             }
             mqtt::PINGREQ => {
@@ -1975,7 +1984,14 @@ where
             mqtt::UNSUBACK => {}
             mqtt::PINGRESP => {
                 match self.core_pings.pop_front() {
-                    Some(PingFor::Unsubscribe { pkid, filters }) => {
+                    Some(PingFor::Unsubscribe {
+                        pkid,
+                        filters,
+                        fenced,
+                    }) => {
+                        if fenced {
+                            self.own_subscribes.answered();
+                        }
                         mqtt::put_unsuback(&mut self.client_out, self.version, pkid, filters);
                     }
                     Some(PingFor::Resume) => {

@@ -192,8 +192,8 @@ pub struct Edge {
     /// Some client has subscribed with No Local since start: from then on, publishes carry
     /// their origin in the envelope (see `envelope`), which costs 10 bytes per message.
     pub no_local_in_use: AtomicBool,
-    /// Clients' SUBSCRIBEs handed to the core and not yet answered, on all connections (the
-    /// subscribe fence, see `connection`).
+    /// Clients' SUBSCRIBEs and UNSUBSCRIBEs handed to the core and not yet answered, on all
+    /// connections (the subscribe fence, see `connection`).
     pub subscribes_in_flight: AtomicUsize,
     /// Client publishes the edge has acknowledged and the core has not yet (the publish
     /// fence, see `connection`).
