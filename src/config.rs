@@ -206,6 +206,14 @@ pub struct Limits {
     pub max_topic_length: usize,
     pub max_topic_levels: usize,
     pub max_subscriptions: usize,
+    /// Distinct topic filters clients may have subscribed to since start, over all
+    /// connections (`edge::CoreFilters`). Optional: absent in older configs.
+    #[serde(default = "default_max_distinct_filters")]
+    pub max_distinct_filters: usize,
+}
+
+fn default_max_distinct_filters() -> usize {
+    20_000
 }
 
 impl Limits {
@@ -510,6 +518,11 @@ impl Config {
             "limits.max_subscriptions",
             l.max_subscriptions >= 1,
             "must be at least 1",
+        )?;
+        check(
+            "limits.max_distinct_filters",
+            (1..=10_000_000).contains(&l.max_distinct_filters),
+            "must be between 1 and 10000000",
         )?;
         crate::edge::acl::Acl::new(&self.acl.roles).map_err(|e| ConfigError::Invalid {
             key: "acl.roles",

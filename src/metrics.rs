@@ -29,6 +29,10 @@ pub struct Metrics {
     pub rate_limited_disconnects: AtomicU64,
     pub topic_limit_refusals: AtomicU64,
     pub subscription_limit_refusals: AtomicU64,
+    /// SUBSCRIBE filters refused because `limits.max_distinct_filters` filters are in the
+    /// core, and how many are (`edge::limits::CoreFilters`).
+    pub filter_limit_refusals: AtomicU64,
+    pub core_filters: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
     pub slow_consumers: AtomicU64,
@@ -47,8 +51,8 @@ pub struct Metrics {
     pub dropped_session_timers: AtomicU64,
     /// Sessions removed when their Session Expiry Interval ran out.
     pub sessions_expired: AtomicU64,
-    /// Client publishes that waited for other connections' SUBSCRIBEs to reach the core
-    /// (the subscribe fence, see `edge::connection`).
+    /// Client publishes that waited for other connections' SUBSCRIBEs and UNSUBSCRIBEs to
+    /// reach the core (the subscribe fence, see `edge::connection`).
     pub fence_waits: AtomicU64,
     /// Client SUBSCRIBEs that waited for publishes other connections had been acknowledged
     /// for to reach the core (the publish fence).
@@ -322,7 +326,15 @@ impl Metrics {
                     "{limit=\"subscriptions\"}",
                     g(&self.subscription_limit_refusals),
                 ),
+                ("{limit=\"filters\"}", g(&self.filter_limit_refusals)),
             ],
+        );
+        metric(
+            "core_filters",
+            "gauge",
+            "Distinct topic filters clients have subscribed to since start; the core keeps a \
+             log for each (limits.max_distinct_filters).",
+            &[("", g(&self.core_filters))],
         );
         metric(
             "acl_denied_total",
@@ -413,8 +425,9 @@ impl Metrics {
         metric(
             "publish_fence_waits_total",
             "counter",
-            "Client publishes that waited (at most 5 ms) for other clients' SUBSCRIBEs in flight \
-             to the core, so a subscription sent first is in place first.",
+            "Client publishes that waited (at most 5 ms) for other clients' SUBSCRIBEs and \
+             UNSUBSCRIBEs in flight to the core, so a subscription sent first is in place (or \
+             gone) first.",
             &[("", g(&self.fence_waits))],
         );
         metric(

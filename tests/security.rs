@@ -500,6 +500,75 @@ fn connection_topic_and_subscription_limits() {
     assert_eq!(*c.recv_timeout(T).unwrap().body.last().unwrap(), 0);
 }
 
+/// Distinct filters over all clients since start (the core never frees a filter's log): new
+/// ones beyond the cap are refused, also after their subscribers left; filters the core has
+/// already seen stay allowed, for every client.
+#[test]
+fn distinct_filters_over_all_clients_are_capped() {
+    let v = Vigil::start_with(|c| {
+        c.replacen(
+            "max_distinct_filters = 20000",
+            "max_distinct_filters = 3",
+            1,
+        )
+        .replacen("enabled = true", "enabled = false", 1)
+    });
+    let suback = |c: &mut Raw, pkid: u16, filter: &str| {
+        c.send(&subscribe_packet(pkid, &[(filter, 1)]));
+        let ack = c.recv_timeout(T).expect("SUBACK");
+        assert_eq!(ack.kind(), 9);
+        *ack.body.last().unwrap()
+    };
+    let mut a = Raw::connected(v.mqtt, &ConnectOpts::v311("filters-a"));
+    assert_eq!(suback(&mut a, 1, "f/1"), 1);
+    assert_eq!(suback(&mut a, 2, "f/2"), 1);
+    drop(a);
+    let mut b = Raw::connected(v.mqtt, &ConnectOpts::v311("filters-b"));
+    assert_eq!(suback(&mut b, 1, "f/+"), 1);
+    assert_eq!(suback(&mut b, 2, "f/3"), 0x80, "3.1.1: failure");
+    assert_eq!(
+        suback(&mut b, 3, "f/1"),
+        1,
+        "seen before, by another client"
+    );
+    assert_eq!(
+        suback(&mut b, 4, "$SYS/x"),
+        1,
+        "$ filters never reach the core"
+    );
+    let mut c = Raw::connected(
+        v.mqtt,
+        &ConnectOpts {
+            v5: true,
+            ..ConnectOpts::v311("filters-c")
+        },
+    );
+    let mut body = vec![0, 1, 0];
+    body.extend(string(b"f/4"));
+    body.push(1);
+    c.send(&packet(0x82, &body));
+    let ack = c.recv_timeout(T).expect("SUBACK");
+    assert_eq!(ack.body.last(), Some(&0x97), "v5: quota exceeded");
+    // The filters admitted still work.
+    publish(v.port(), &["-t", "f/1", "-m", "m", "-q", "1"]);
+    let got = b
+        .recv_timeout(T)
+        .expect("a message on f/1 (matching f/+ and f/1)");
+    assert_eq!(got.kind(), 3);
+    let metrics = http_get(v.http, "/metrics");
+    assert_eq!(
+        metric(&metrics, "vigil_core_filters"),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "vigil_limit_refusals_total{limit=\"filters\"}"),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert!(v.log().contains("limits.max_distinct_filters reached"));
+}
+
 /// JWT bearer tokens (HS256 here) as the MQTT password and as the bridge's token, in the
 /// query string or the Authorization header; `sub` is the identity, `role` the ACL role,
 /// `exp` honoured.

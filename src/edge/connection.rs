@@ -1343,11 +1343,18 @@ where
                         // place. Subscribing again first indexes them (an existing
                         // subscription keeps its QoS and sends no retained messages); the
                         // core handles both packets in one pass, so a filter that was not
-                        // subscribed is gone again before anything is routed to it.
-                        let again: Vec<(Bytes, u8)> =
-                            to_core.iter().map(|f| (f.clone(), 0)).collect();
-                        mqtt::put_core_subscribe(&mut self.core_out, u.pkid, &again);
-                        self.internal_subacks.push(u.pkid);
+                        // subscribed is gone again before anything is routed to it. Only
+                        // filters some client has subscribed to can be in the session, and
+                        // only those are sent: the core would keep a log for any other.
+                        let again: Vec<(Bytes, u8)> = to_core
+                            .iter()
+                            .filter(|f| edge.core_filters.contains(f))
+                            .map(|f| (f.clone(), 0))
+                            .collect();
+                        if !again.is_empty() {
+                            mqtt::put_core_subscribe(&mut self.core_out, u.pkid, &again);
+                            self.internal_subacks.push(u.pkid);
+                        }
                     }
                     mqtt::put_core_unsubscribe(&mut self.core_out, u.pkid, &to_core);
                     self.own_subscribes.sent();
@@ -1498,6 +1505,22 @@ where
                 Version::V311 => 0x80,
                 Version::V5 => reason::NOT_AUTHORIZED,
             });
+        }
+        if !is_dollar_filter(filter) {
+            let (admitted, count) = edge.core_filters.admit(filter);
+            edge.metrics.core_filters.store(count as u64, Relaxed);
+            if !admitted {
+                // Warned once; the counter tells how often since.
+                if edge.metrics.filter_limit_refusals.fetch_add(1, Relaxed) == 0 {
+                    warn!(
+                        filter = %String::from_utf8_lossy(filter),
+                        "subscription refused: limits.max_distinct_filters reached"
+                    );
+                } else {
+                    debug!(filter = %String::from_utf8_lossy(filter), "subscription refused: limits.max_distinct_filters reached");
+                }
+                return Some(v5_or(reason::QUOTA_EXCEEDED));
+            }
         }
         self.subscriptions.insert(filter.clone(), sub);
         if needs_edge(sub) {
@@ -1816,6 +1839,7 @@ where
                             entry.client_qos2 = r.client_qos2;
                             self.core_acks.push_back(entry);
                             self.flush_core_acks();
+                            self.sub_id_props = ids;
                             return Ok(());
                         }
                         Some(r) => {

@@ -1,10 +1,11 @@
 //! Limits the edge enforces per client: publish rates (token buckets) and connections per
-//! address.
+//! address; and one over all clients, the distinct topic filters given to the core.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::acl::Rates;
@@ -128,9 +129,71 @@ impl Drop for IpSlot {
     }
 }
 
+/// The topic filters clients have subscribed to since start. rumqttd keeps a log for every
+/// filter it is ever given and never frees one: each goes on collecting the messages of its
+/// topics, up to the core's segment bound, whether anyone is still subscribed or not. So the
+/// number of distinct filters is what bounds that memory (`limits.max_distinct_filters`);
+/// this set, at most that many filters of at most `limits.max_topic_length` bytes, is the
+/// price of knowing it.
+#[derive(Debug)]
+pub struct CoreFilters {
+    max: usize,
+    seen: Mutex<HashSet<Bytes>>,
+}
+
+impl CoreFilters {
+    pub fn new(max: usize) -> CoreFilters {
+        CoreFilters {
+            max,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Whether `filter` may go to the core: it has been there before, or there is room for one
+    /// more (then it is counted from now on). The second value is the count after the call.
+    pub fn admit(&self, filter: &Bytes) -> (bool, usize) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(filter) {
+            return (true, seen.len());
+        }
+        if seen.len() >= self.max {
+            return (false, seen.len());
+        }
+        seen.insert(filter.clone());
+        (true, seen.len())
+    }
+
+    /// Whether a client has given the core `filter` since start.
+    pub fn contains(&self, filter: &[u8]) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.contains(filter)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn core_filters_admit_known_filters_and_new_ones_up_to_the_cap() {
+        let filters = CoreFilters::new(2);
+        let a = Bytes::from_static(b"a/#");
+        let b = Bytes::from_static(b"b/+");
+        assert_eq!(filters.admit(&a), (true, 1));
+        assert_eq!(
+            filters.admit(&a),
+            (true, 1),
+            "seen before: not counted again"
+        );
+        assert_eq!(filters.admit(&b), (true, 2));
+        assert_eq!(filters.admit(&Bytes::from_static(b"c")), (false, 2));
+        assert_eq!(
+            filters.admit(&b),
+            (true, 2),
+            "known filters stay allowed at the cap"
+        );
+        assert!(filters.contains(b"a/#") && !filters.contains(b"c"));
+    }
     use std::time::Duration;
 
     #[test]

@@ -198,6 +198,8 @@ pub struct Edge {
     /// Client publishes the edge has acknowledged and the core has not yet (the publish
     /// fence, see `connection`).
     pub early_acks_in_flight: AtomicUsize,
+    /// Distinct filters clients have given the core (`limits.max_distinct_filters`).
+    pub core_filters: limits::CoreFilters,
     /// Numbers the short-lived core connections of delayed wills and retained fetches.
     next_internal: AtomicU64,
 }
@@ -243,6 +245,7 @@ impl Edge {
             no_local_in_use: AtomicBool::new(false),
             subscribes_in_flight: AtomicUsize::new(0),
             early_acks_in_flight: AtomicUsize::new(0),
+            core_filters: limits::CoreFilters::new(config.limits.max_distinct_filters),
             next_internal: AtomicU64::new(0),
         })
     }

@@ -687,7 +687,6 @@ pub fn assert_broker_serves(port: u16, tag: &str) {
     );
 }
 
-/// A plain HTTP GET on the web port; returns the whole response.
 /// One sample of a `/metrics` page, e.g. `metric(&page, "vigil_bridge_sessions")`: the line
 /// that is exactly `name value` (labelled samples include their labels in `name`).
 pub fn metric(text: &str, name: &str) -> Option<f64> {
@@ -695,6 +694,7 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// A plain HTTP GET on the web port; returns the whole response.
 pub fn http_get(http: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(http).expect("connect to the web port");
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
