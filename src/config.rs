@@ -210,10 +210,18 @@ pub struct Limits {
     /// connections (`edge::CoreFilters`). Optional: absent in older configs.
     #[serde(default = "default_max_distinct_filters")]
     pub max_distinct_filters: usize,
+    /// Distinct topic names clients may have published to since start (including will
+    /// topics). Optional: absent in older configs.
+    #[serde(default = "default_max_distinct_topics")]
+    pub max_distinct_topics: usize,
 }
 
 fn default_max_distinct_filters() -> usize {
     20_000
+}
+
+fn default_max_distinct_topics() -> usize {
+    1_000_000
 }
 
 impl Limits {
@@ -523,6 +531,11 @@ impl Config {
             "limits.max_distinct_filters",
             (1..=10_000_000).contains(&l.max_distinct_filters),
             "must be between 1 and 10000000",
+        )?;
+        check(
+            "limits.max_distinct_topics",
+            (1..=100_000_000).contains(&l.max_distinct_topics),
+            "must be between 1 and 100000000",
         )?;
         crate::edge::acl::Acl::new(&self.acl.roles).map_err(|e| ConfigError::Invalid {
             key: "acl.roles",

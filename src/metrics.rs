@@ -33,6 +33,10 @@ pub struct Metrics {
     /// core, and how many are (`edge::limits::CoreFilters`).
     pub filter_limit_refusals: AtomicU64,
     pub core_filters: AtomicU64,
+    /// The same for topic names published (`limits.max_distinct_topics`): publishes and
+    /// CONNECTs with a will refused, and names in the core.
+    pub topic_name_limit_refusals: AtomicU64,
+    pub core_topics: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
     pub slow_consumers: AtomicU64,
@@ -327,6 +331,7 @@ impl Metrics {
                     g(&self.subscription_limit_refusals),
                 ),
                 ("{limit=\"filters\"}", g(&self.filter_limit_refusals)),
+                ("{limit=\"topics\"}", g(&self.topic_name_limit_refusals)),
             ],
         );
         metric(
@@ -335,6 +340,13 @@ impl Metrics {
             "Distinct topic filters clients have subscribed to since start; the core keeps a \
              log for each (limits.max_distinct_filters).",
             &[("", g(&self.core_filters))],
+        );
+        metric(
+            "core_topics",
+            "gauge",
+            "Distinct topic names clients have published to since start; the core keeps the \
+             filters each matches (limits.max_distinct_topics).",
+            &[("", g(&self.core_topics))],
         );
         metric(
             "acl_denied_total",

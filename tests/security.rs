@@ -569,6 +569,88 @@ fn distinct_filters_over_all_clients_are_capped() {
     assert!(v.log().contains("limits.max_distinct_filters reached"));
 }
 
+/// Distinct topic names published over all clients since start (the core never forgets
+/// which filters a name matched): a publish to a new name beyond the cap is refused like an
+/// ACL refusal, a new will topic refuses the CONNECT; names already seen stay allowed.
+#[test]
+fn distinct_topic_names_over_all_clients_are_capped() {
+    let v = Vigil::start_with(|c| {
+        c.replacen(
+            "max_distinct_topics = 1000000",
+            "max_distinct_topics = 2",
+            1,
+        )
+        .replacen("enabled = true", "enabled = false", 1)
+    });
+    let mut sub = Raw::connected(v.mqtt, &ConnectOpts::v311("names-sub"));
+    sub.send(&subscribe_packet(1, &[("n/+", 1)]));
+    assert_eq!(sub.recv_timeout(T).map(|p| p.kind()), Some(9));
+    let v5 = ConnectOpts {
+        v5: true,
+        ..ConnectOpts::v311("names-v5")
+    };
+    let mut a = Raw::connected(v.mqtt, &v5);
+    // A QoS 1 PUBLISH, v5 (property length 0) or 3.1.1, and its PUBACK.
+    let puback = |c: &mut Raw, v5: bool, topic: &str, pkid: u16| {
+        let mut body = string(topic.as_bytes());
+        body.extend(pkid.to_be_bytes());
+        if v5 {
+            body.push(0);
+        }
+        body.push(b'm');
+        c.send(&packet(0x32, &body));
+        c.recv_timeout(T).expect("PUBACK")
+    };
+    let ack = puback(&mut a, true, "n/1", 1);
+    assert_eq!(
+        (ack.kind(), ack.body.len()),
+        (4, 2),
+        "v5: success, no reason code"
+    );
+    let ack = puback(&mut a, true, "n/2", 2);
+    assert_eq!(ack.kind(), 4);
+    let ack = puback(&mut a, true, "n/3", 3);
+    assert_eq!((ack.kind(), ack.body[2]), (4, 0x97), "v5: quota exceeded");
+    let mut b = Raw::connected(v.mqtt, &ConnectOpts::v311("names-311"));
+    let ack = puback(&mut b, false, "n/4", 1);
+    assert_eq!(ack.body, vec![0, 1], "3.1.1: acknowledged");
+    let ack = puback(&mut b, false, "n/1", 2);
+    assert_eq!(ack.body, vec![0, 2], "seen before");
+    let mut got = Vec::new();
+    while let Some(p) = sub.recv_timeout(Duration::from_millis(500)) {
+        if p.kind() == 3 {
+            let (topic, _, _, _, pkid, _) = parse_publish(&p);
+            sub.send(&packet(0x40, &pkid.to_be_bytes()));
+            got.push(topic);
+        }
+    }
+    assert_eq!(
+        got,
+        vec!["n/1", "n/2", "n/1"],
+        "refused publishes are dropped"
+    );
+    let (_, ack) = Raw::connect(
+        v.mqtt,
+        &ConnectOpts {
+            will: Some(("n/5", b"gone", 0, false)),
+            ..ConnectOpts::v311("names-will")
+        },
+    );
+    assert_eq!(ack.body, vec![0, 3], "3.1.1: server unavailable");
+    let metrics = http_get(v.http, "/metrics");
+    assert_eq!(
+        metric(&metrics, "vigil_core_topics"),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "vigil_limit_refusals_total{limit=\"topics\"}"),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert!(v.log().contains("limits.max_distinct_topics reached"));
+}
+
 /// JWT bearer tokens (HS256 here) as the MQTT password and as the bridge's token, in the
 /// query string or the Authorization header; `sub` is the identity, `role` the ACL role,
 /// `exp` honoured.

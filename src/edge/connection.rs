@@ -548,6 +548,14 @@ where
                 refuse(&mut client, version, not_authorized).await;
                 return Ok(());
             }
+            if !edge.admit_topic(&w.topic) {
+                let code = match version {
+                    Version::V311 => rc::SERVER_UNAVAILABLE,
+                    Version::V5 => reason::QUOTA_EXCEEDED,
+                };
+                refuse(&mut client, version, code).await;
+                return Ok(());
+            }
         }
         if let Some(out) = identity_out {
             let _ = out.set(identity.clone());
@@ -1424,6 +1432,9 @@ where
             debug!(topic = %String::from_utf8_lossy(topic), "publish refused by the ACL");
             return Err(reason::NOT_AUTHORIZED);
         }
+        if !edge.admit_topic(topic) {
+            return Err(reason::QUOTA_EXCEEDED);
+        }
         self.last_allowed_topic = Some(topic.clone());
         Ok(())
     }
@@ -1506,21 +1517,8 @@ where
                 Version::V5 => reason::NOT_AUTHORIZED,
             });
         }
-        if !is_dollar_filter(filter) {
-            let (admitted, count) = edge.core_filters.admit(filter);
-            edge.metrics.core_filters.store(count as u64, Relaxed);
-            if !admitted {
-                // Warned once; the counter tells how often since.
-                if edge.metrics.filter_limit_refusals.fetch_add(1, Relaxed) == 0 {
-                    warn!(
-                        filter = %String::from_utf8_lossy(filter),
-                        "subscription refused: limits.max_distinct_filters reached"
-                    );
-                } else {
-                    debug!(filter = %String::from_utf8_lossy(filter), "subscription refused: limits.max_distinct_filters reached");
-                }
-                return Some(v5_or(reason::QUOTA_EXCEEDED));
-            }
+        if !is_dollar_filter(filter) && !edge.admit_filter(filter) {
+            return Some(v5_or(reason::QUOTA_EXCEEDED));
         }
         self.subscriptions.insert(filter.clone(), sub);
         if needs_edge(sub) {

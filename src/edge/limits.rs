@@ -1,5 +1,6 @@
 //! Limits the edge enforces per client: publish rates (token buckets) and connections per
-//! address; and one over all clients, the distinct topic filters given to the core.
+//! address; and two over all clients, the distinct topic filters and topic names given to
+//! the core.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -129,44 +130,48 @@ impl Drop for IpSlot {
     }
 }
 
-/// The topic filters clients have subscribed to since start. rumqttd keeps a log for every
-/// filter it is ever given and never frees one: each goes on collecting the messages of its
-/// topics, up to the core's segment bound, whether anyone is still subscribed or not. So the
-/// number of distinct filters is what bounds that memory (`limits.max_distinct_filters`);
-/// this set, at most that many filters of at most `limits.max_topic_length` bytes, is the
-/// price of knowing it.
+/// The distinct topic filters, or topic names, clients have given the core since start,
+/// up to a cap. rumqttd never frees what it keeps per name:
+/// - per filter, a log that goes on collecting the messages of the filter's topics, up to the
+///   core's segment bound, whether anyone is still subscribed or not
+///   (`limits.max_distinct_filters`);
+/// - per topic name published that matches some filter ever subscribed, the list of those
+///   filters (`limits.max_distinct_topics`).
+///
+/// So the number of distinct names is what bounds that memory; this set, at most that many
+/// names of at most `limits.max_topic_length` bytes, is the price of knowing it.
 #[derive(Debug)]
-pub struct CoreFilters {
+pub struct CoreNames {
     max: usize,
     seen: Mutex<HashSet<Bytes>>,
 }
 
-impl CoreFilters {
-    pub fn new(max: usize) -> CoreFilters {
-        CoreFilters {
+impl CoreNames {
+    pub fn new(max: usize) -> CoreNames {
+        CoreNames {
             max,
             seen: Mutex::new(HashSet::new()),
         }
     }
 
-    /// Whether `filter` may go to the core: it has been there before, or there is room for one
+    /// Whether `name` may go to the core: it has been there before, or there is room for one
     /// more (then it is counted from now on). The second value is the count after the call.
-    pub fn admit(&self, filter: &Bytes) -> (bool, usize) {
+    pub fn admit(&self, name: &Bytes) -> (bool, usize) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.contains(filter) {
+        if seen.contains(name) {
             return (true, seen.len());
         }
         if seen.len() >= self.max {
             return (false, seen.len());
         }
-        seen.insert(filter.clone());
+        seen.insert(name.clone());
         (true, seen.len())
     }
 
-    /// Whether a client has given the core `filter` since start.
-    pub fn contains(&self, filter: &[u8]) -> bool {
+    /// Whether a client has given the core `name` since start.
+    pub fn contains(&self, name: &[u8]) -> bool {
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.contains(filter)
+        seen.contains(name)
     }
 }
 
@@ -175,8 +180,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn core_filters_admit_known_filters_and_new_ones_up_to_the_cap() {
-        let filters = CoreFilters::new(2);
+    fn core_names_admit_known_names_and_new_ones_up_to_the_cap() {
+        let filters = CoreNames::new(2);
         let a = Bytes::from_static(b"a/#");
         let b = Bytes::from_static(b"b/+");
         assert_eq!(filters.admit(&a), (true, 1));

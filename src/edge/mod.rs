@@ -23,6 +23,7 @@ pub mod ws_io;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -198,10 +199,34 @@ pub struct Edge {
     /// Client publishes the edge has acknowledged and the core has not yet (the publish
     /// fence, see `connection`).
     pub early_acks_in_flight: AtomicUsize,
-    /// Distinct filters clients have given the core (`limits.max_distinct_filters`).
-    pub core_filters: limits::CoreFilters,
+    /// Distinct filters and topic names clients have given the core
+    /// (`limits.max_distinct_filters`, `limits.max_distinct_topics`).
+    pub core_filters: limits::CoreNames,
+    pub core_topics: limits::CoreNames,
     /// Numbers the short-lived core connections of delayed wills and retained fetches.
     next_internal: AtomicU64,
+}
+
+/// `CoreNames::admit` with its gauge, its refusal counter and a warning on the first refusal
+/// (the counter tells how often since).
+fn admit(
+    names: &limits::CoreNames,
+    name: &Bytes,
+    count: &AtomicU64,
+    refusals: &AtomicU64,
+    why: &'static str,
+) -> bool {
+    let (admitted, n) = names.admit(name);
+    count.store(n as u64, Relaxed);
+    if !admitted {
+        let name = String::from_utf8_lossy(name);
+        if refusals.fetch_add(1, Relaxed) == 0 {
+            tracing::warn!(%name, "{why}");
+        } else {
+            tracing::debug!(%name, "{why}");
+        }
+    }
+    admitted
 }
 
 /// Bounds of the JSON bridge (`[bridge]`).
@@ -245,9 +270,34 @@ impl Edge {
             no_local_in_use: AtomicBool::new(false),
             subscribes_in_flight: AtomicUsize::new(0),
             early_acks_in_flight: AtomicUsize::new(0),
-            core_filters: limits::CoreFilters::new(config.limits.max_distinct_filters),
+            core_filters: limits::CoreNames::new(config.limits.max_distinct_filters),
+            core_topics: limits::CoreNames::new(config.limits.max_distinct_topics),
             next_internal: AtomicU64::new(0),
         })
+    }
+
+    /// Whether a client may give the core this topic filter (`limits.max_distinct_filters`);
+    /// a refusal is counted, and warned about the first time.
+    pub fn admit_filter(&self, filter: &Bytes) -> bool {
+        admit(
+            &self.core_filters,
+            filter,
+            &self.metrics.core_filters,
+            &self.metrics.filter_limit_refusals,
+            "subscription refused: limits.max_distinct_filters reached",
+        )
+    }
+
+    /// Whether a client may publish to this topic name, or name it as its will topic
+    /// (`limits.max_distinct_topics`); a refusal is counted, and warned about the first time.
+    pub fn admit_topic(&self, topic: &Bytes) -> bool {
+        admit(
+            &self.core_topics,
+            topic,
+            &self.metrics.core_topics,
+            &self.metrics.topic_name_limit_refusals,
+            "refused: limits.max_distinct_topics reached",
+        )
     }
 
     /// A clean core connection `i-<what>-<n>` for one short job, or `None` when the core cannot
