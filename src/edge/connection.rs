@@ -605,15 +605,25 @@ where
         claim: &Claim,
     ) -> Result<(), ConnError> {
         let version = connect.version;
-        let core_id = policy::core_client_id(client_id);
+        let own_core_id = policy::core_client_id(client_id);
         // v5 semantics rumqttd's 3.1.1 session flag cannot express directly: a fresh start of
         // a session that must outlive this connection wipes the old one first.
         if !resume && persistent {
-            edge.wipe_core_session(&core_id).await;
+            edge.wipe_core_session(&own_core_id).await;
         }
         if !resume {
             edge.registry.forget_session(client_id);
         }
+        // A session that ends with this connection runs under a pooled core id (see
+        // `registry::CoreIds`), unless the core may still hold an earlier session under the
+        // client's own id: connecting clean under that id makes the core discard it.
+        let core_clean = !(persistent || resume);
+        let earlier_in_core = edge.registry.core_session(client_id, !core_clean);
+        let lease = match core_clean && !earlier_in_core {
+            true => edge.core_ids.lease(),
+            false => None,
+        };
+        let core_id = lease.as_ref().map_or(own_core_id, |l| l.core_id());
         // A session that had gone offline: reconnecting stops its timers. Its delayed will is
         // published now if this connection ends the session (clean start), and never otherwise
         // (MQTT-3.1.3-9).
@@ -632,7 +642,6 @@ where
             message_expiry: w.message_expiry,
             payload: w.payload.clone(),
         });
-        let core_clean = !(persistent || resume);
         let link = match edge.core.connect(&core_id, core_clean).await {
             Ok(link) if link.code == 0 => link,
             Ok(link) => {
@@ -809,6 +818,7 @@ where
             if persistent || resume {
                 edge.wipe_core_session(&core_id).await;
                 edge.registry.forget_session(client_id);
+                edge.registry.core_session(client_id, false);
             }
             return Ok(());
         }

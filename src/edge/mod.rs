@@ -203,6 +203,8 @@ pub struct Edge {
     /// (`limits.max_distinct_filters`, `limits.max_distinct_topics`).
     pub core_filters: limits::CoreNames,
     pub core_topics: limits::CoreNames,
+    /// Core client ids for sessions that end with their connection (`registry::CoreIds`).
+    pub core_ids: registry::CoreIds,
     /// Numbers the short-lived core connections of delayed wills and retained fetches.
     next_internal: AtomicU64,
 }
@@ -272,6 +274,11 @@ impl Edge {
             early_acks_in_flight: AtomicUsize::new(0),
             core_filters: limits::CoreNames::new(config.limits.max_distinct_filters),
             core_topics: limits::CoreNames::new(config.limits.max_distinct_topics),
+            // Twice the connection cap, so that a returned id waits behind at least as many
+            // free ones as there can be connections, plus room for the edge's short jobs.
+            core_ids: registry::CoreIds::new(
+                u32::try_from(cap.saturating_mul(2).saturating_add(1024)).unwrap_or(u32::MAX),
+            ),
             next_internal: AtomicU64::new(0),
         })
     }
@@ -300,24 +307,31 @@ impl Edge {
         )
     }
 
-    /// A clean core connection `i-<what>-<n>` for one short job, or `None` when the core cannot
-    /// be reached, refuses, or shutdown has begun.
-    async fn short_lived_link(&self, what: &str) -> Option<crate::core::CoreLink> {
-        let n = self
-            .next_internal
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = format!("i-{what}-{n}");
-        self.core
+    /// A clean core connection for one short job, under a pooled id (or `i-<what>-<n>` when
+    /// the pool is empty), with the lease to hold until the connection is closed; `None` when
+    /// the core cannot be reached, refuses, or shutdown has begun.
+    async fn short_lived_link(
+        &self,
+        what: &str,
+    ) -> Option<(crate::core::CoreLink, Option<registry::CoreIdLease<'_>>)> {
+        let lease = self.core_ids.lease();
+        let id = match &lease {
+            Some(lease) => lease.core_id(),
+            None => format!("i-{what}-{}", self.next_internal.fetch_add(1, Relaxed)),
+        };
+        let link = self
+            .core
             .connect_internal(&id, true, &self.shutdown)
             .await
             .ok()
-            .flatten()
+            .flatten()?;
+        Some((link, lease))
     }
 
     /// Publishes a will into the core on a short-lived connection of its own (a delayed will,
     /// whose client's connection is gone).
     pub async fn publish_will(&self, will: &registry::Will) {
-        let Some(link) = self.short_lived_link("will").await else {
+        let Some((link, _lease)) = self.short_lived_link("will").await else {
             tracing::warn!("cannot reach the core to publish a delayed will");
             return;
         };
@@ -335,7 +349,7 @@ impl Edge {
     /// [`RETAINED_FETCH_BYTES`] (and whatever rumqttd sends per pass,
     /// `core.max_outgoing_packet_count`); a best effort, empty if the core cannot be reached.
     pub async fn fetch_retained(&self, filter: Bytes) -> Vec<mqtt::Frame> {
-        let Some(link) = self.short_lived_link("retained").await else {
+        let Some((link, _lease)) = self.short_lived_link("retained").await else {
             return Vec::new();
         };
         let (mut stream, mut buf) = (link.stream, link.read_buf);
@@ -411,6 +425,7 @@ impl Edge {
                 if due.expired {
                     self.wipe_core_session(&policy::core_client_id(&due.client_id))
                         .await;
+                    self.registry.core_session(&due.client_id, false);
                     Metrics::inc(&self.metrics.sessions_expired);
                     tracing::debug!(client_id = %due.client_id, "session expired");
                 }

@@ -11,7 +11,7 @@
 //! bounded: live ids by the connection cap, stored offline state and timers by `max_stored`
 //! sessions each.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -43,6 +43,8 @@ struct Inner {
     offline: HashMap<String, OfflineState>,
     /// Timers of offline sessions (delayed wills, session expiry).
     timers: HashMap<String, Timers>,
+    /// Client ids whose session the core may hold under their own core id (`core_session`).
+    core_sessions: HashSet<String>,
 }
 
 pub struct Registry {
@@ -163,6 +165,55 @@ impl OfflineState {
     }
 }
 
+/// Client ids for core connections whose session ends with them: clean-session clients and
+/// the edge's own short jobs. rumqttd keeps a record of every client id it has ever seen
+/// (about 490 bytes each, measured) and never forgets one; clients that pick a new random id
+/// per connection (MQTT.js and mosquitto_pub by default) would grow it without bound. With
+/// ids from this pool it holds at most as many records as the pool has ids. Ids are handed
+/// out first-in first-out, so a returned id is reused only after every other free one, long
+/// after the core has let go of it.
+pub struct CoreIds {
+    free: Mutex<VecDeque<u32>>,
+}
+
+/// A pooled core client id, given back when dropped (after its core connection is closed).
+pub struct CoreIdLease<'a> {
+    ids: &'a CoreIds,
+    n: u32,
+}
+
+impl CoreIds {
+    pub fn new(size: u32) -> CoreIds {
+        CoreIds {
+            free: Mutex::new((0..size).collect()),
+        }
+    }
+
+    /// An id, or `None` when all are in use (the caller falls back to an id of its own).
+    pub fn lease(&self) -> Option<CoreIdLease<'_>> {
+        let n = self
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()?;
+        Some(CoreIdLease { ids: self, n })
+    }
+}
+
+impl CoreIdLease<'_> {
+    /// The core client id: `k-<n>`, apart from client-derived (`c-`) and internal (`i-`) ids.
+    pub fn core_id(&self) -> String {
+        format!("k-{}", self.n)
+    }
+}
+
+impl Drop for CoreIdLease<'_> {
+    fn drop(&mut self) {
+        let mut free = self.ids.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.push_back(self.n);
+    }
+}
+
 /// Held by a connection for its whole life; dropping it marks the id free.
 pub struct Claim {
     pub generation: u64,
@@ -259,6 +310,21 @@ impl Registry {
         self.lock().offline.remove(id);
     }
 
+    /// Whether the core may hold a session under `id`'s own core id, which a connection with
+    /// a persistent or resumed session uses (`policy::core_client_id`); `kept` records what
+    /// is true from now on. A clean session that finds one connects under that id, so the
+    /// core discards it; any other clean session takes a pooled id (`CoreIds`). Grows, like
+    /// the core's own store of persistent sessions, with the client ids that ever had one,
+    /// and shrinks as they end or expire.
+    pub fn core_session(&self, id: &str, kept: bool) -> bool {
+        let mut inner = self.lock();
+        if kept {
+            !inner.core_sessions.insert(id.to_string())
+        } else {
+            inner.core_sessions.remove(id)
+        }
+    }
+
     /// Sets the timers of a session going offline; the reaper sees them once the connection
     /// releases its claim. Returns them back when the store is full (the caller publishes the
     /// will at once and counts it).
@@ -344,6 +410,42 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn core_ids_are_reused_first_in_first_out_and_run_out() {
+        let ids = CoreIds::new(3);
+        let a = ids.lease().unwrap();
+        let b = ids.lease().unwrap();
+        assert_eq!(
+            (a.core_id(), b.core_id()),
+            ("k-0".to_string(), "k-1".to_string())
+        );
+        drop(a);
+        let c = ids.lease().unwrap();
+        assert_eq!(
+            c.core_id(),
+            "k-2",
+            "a returned id waits behind the other free ones"
+        );
+        let d = ids.lease().unwrap();
+        assert_eq!(d.core_id(), "k-0");
+        assert!(ids.lease().is_none(), "all in use");
+        drop((b, c, d));
+        assert!(ids.lease().is_some());
+    }
+
+    #[test]
+    fn core_sessions_are_remembered_until_a_clean_session_takes_them() {
+        let reg = Registry::new(10);
+        assert!(!reg.core_session("a", false), "unknown id");
+        assert!(!reg.core_session("a", true), "first persistent connection");
+        assert!(reg.core_session("a", true), "resumed");
+        assert!(
+            reg.core_session("a", false),
+            "a clean session finds it and ends it"
+        );
+        assert!(!reg.core_session("a", false));
+    }
 
     #[tokio::test]
     async fn takeover_kicks_and_waits_for_the_old_connection() {
