@@ -207,7 +207,7 @@ pub struct Limits {
     pub max_topic_levels: usize,
     pub max_subscriptions: usize,
     /// Distinct topic filters clients may have subscribed to since start, over all
-    /// connections (`edge::CoreFilters`). Optional: absent in older configs.
+    /// connections (`edge::limits::CoreNames`). Optional: absent in older configs.
     #[serde(default = "default_max_distinct_filters")]
     pub max_distinct_filters: usize,
     /// Distinct topic names clients may have published to since start (including will

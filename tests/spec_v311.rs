@@ -789,6 +789,46 @@ fn a_retained_message_acknowledged_before_a_subscribe_is_delivered_on_it() {
     );
 }
 
+/// A clean session ends whatever session its client id had (MQTT-3.1.2-6), also now that
+/// clean sessions run under pooled core ids: the persistent session's subscription is gone,
+/// and a later persistent connection starts afresh (session present 0, no old messages).
+#[test]
+fn a_clean_session_discards_the_persistent_one_before_it() {
+    let v = Vigil::start();
+    let persistent = ConnectOpts {
+        clean: false,
+        ..ConnectOpts::v311("flip")
+    };
+    let (mut c, ack) = Raw::connect(v.mqtt, &persistent);
+    assert_eq!(ack.body, vec![0, 0]);
+    c.send(&subscribe_packet(1, &[("flip/t", 1)]));
+    assert_eq!(c.recv().map(|p| p.kind()), Some(9));
+    drop(c);
+    std::thread::sleep(Duration::from_millis(200));
+    for round in 0..2 {
+        let (mut c, ack) = Raw::connect(v.mqtt, &ConnectOpts::v311("flip"));
+        assert_eq!(
+            ack.body,
+            vec![0, 0],
+            "round {round}: clean session, none present"
+        );
+        publish(v.port(), &["-t", "flip/t", "-m", "lost", "-q", "1"]);
+        assert!(
+            c.recv_timeout(Duration::from_millis(300)).is_none(),
+            "round {round}: the old subscription is gone"
+        );
+        c.send(&packet(0xE0, &[]));
+        drop(c);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (mut c, ack) = Raw::connect(v.mqtt, &persistent);
+    assert_eq!(ack.body, vec![0, 0], "the persistent session was discarded");
+    assert!(
+        c.recv_timeout(Duration::from_millis(300)).is_none(),
+        "nothing queued for the discarded session"
+    );
+}
+
 /// A message published after another client's UNSUBSCRIBE reached the broker is not delivered
 /// to that client, as on a single-threaded broker, even when it has not waited for its
 /// UNSUBACK (paho's `test_unsubscribe` publishes this way): the subscribe fence holds the

@@ -78,8 +78,9 @@ use crate::metrics::Metrics;
 use crate::mqtt::{self, rc, reason, CodecError, Frame, Version};
 
 /// How long a client's PUBLISH waits at most for other connections' SUBSCRIBEs and
-/// UNSUBSCRIBEs in flight to the core (the subscribe fence), or a SUBSCRIBE for early-acknowledged publishes (the publish
-/// fence), and how often it looks whether they have been answered.
+/// UNSUBSCRIBEs in flight to the core (the subscribe fence), or a SUBSCRIBE for
+/// early-acknowledged publishes (the publish fence), and how often it looks whether they have
+/// been answered.
 const FENCE_MAX_WAIT: Duration = Duration::from_millis(5);
 const FENCE_TICK: Duration = Duration::from_millis(1);
 
@@ -1087,8 +1088,8 @@ where
     }
 
     /// Whether a packet of this kind must wait at a fence: a PUBLISH while other connections'
-    /// SUBSCRIBEs or UNSUBSCRIBEs are in flight to the core, a SUBSCRIBE while publishes other connections
-    /// were acknowledged for are.
+    /// SUBSCRIBEs or UNSUBSCRIBEs are in flight to the core, a SUBSCRIBE while publishes other
+    /// connections were acknowledged for are.
     fn must_wait(&self, kind: u8) -> bool {
         match kind {
             mqtt::PUBLISH => self.own_subscribes.others_in_flight(),

@@ -178,6 +178,7 @@ impl CoreNames {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn core_names_admit_known_names_and_new_ones_up_to_the_cap() {
@@ -199,7 +200,6 @@ mod tests {
         );
         assert!(filters.contains(b"a/#") && !filters.contains(b"c"));
     }
-    use std::time::Duration;
 
     #[test]
     fn messages_per_second_with_one_second_of_burst() {

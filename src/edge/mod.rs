@@ -205,7 +205,8 @@ pub struct Edge {
     pub core_topics: limits::CoreNames,
     /// Core client ids for sessions that end with their connection (`registry::CoreIds`).
     pub core_ids: registry::CoreIds,
-    /// Numbers the short-lived core connections of delayed wills and retained fetches.
+    /// Numbers the short-lived core connections of delayed wills and retained fetches when
+    /// `core_ids` has none free.
     next_internal: AtomicU64,
 }
 

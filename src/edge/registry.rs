@@ -1,15 +1,17 @@
 //! Live client ids and the little session state the core does not keep.
 //!
-//! Two jobs: (1) session takeover is done here, before the core sees the new CONNECT, so an
+//! Its jobs: (1) session takeover is done here, before the core sees the new CONNECT, so an
 //! old connection is closed cleanly and a v5 client is told why; (2) the packet ids of QoS 2
 //! messages a client published but has not yet released (PUBREL) survive a reconnect, because
 //! rumqttd forgets them and would otherwise leave a re-sent PUBREL unanswered or deliver a
 //! re-sent PUBLISH twice; and the ids of deliveries the client had not acknowledged, so their
 //! re-sending carries DUP as MQTT-3.3.1-1 requires; (3) the v5 timers of sessions that have
 //! gone offline: a will waiting out its Will Delay Interval and a session waiting out its
-//! Session Expiry Interval, which the edge's reaper (`Edge::reap`) acts on. The maps are
-//! bounded: live ids by the connection cap, stored offline state and timers by `max_stored`
-//! sessions each.
+//! Session Expiry Interval, which the edge's reaper (`Edge::reap`) acts on; (4) which core
+//! client id a connection uses: its own for a session the core keeps, a pooled one
+//! (`CoreIds`) otherwise. The maps are bounded: live ids by the connection cap, stored offline
+//! state and timers by `max_stored` sessions each; the ids whose session the core may hold
+//! (`core_session`) number as many as the core's own persistent sessions.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -167,7 +169,7 @@ impl OfflineState {
 
 /// Client ids for core connections whose session ends with them: clean-session clients and
 /// the edge's own short jobs. rumqttd keeps a record of every client id it has ever seen
-/// (about 490 bytes each, measured) and never forgets one; clients that pick a new random id
+/// (about 500-570 bytes each, measured) and never forgets one; clients that pick a new random id
 /// per connection (MQTT.js and mosquitto_pub by default) would grow it without bound. With
 /// ids from this pool it holds at most as many records as the pool has ids. Ids are handed
 /// out first-in first-out, so a returned id is reused only after every other free one, long
