@@ -620,7 +620,7 @@ fn distinct_topic_names_over_all_clients_are_capped() {
     while let Some(p) = sub.recv_timeout(Duration::from_millis(500)) {
         if p.kind() == 3 {
             let (topic, _, _, _, pkid, _) = parse_publish(&p);
-            sub.send(&packet(0x40, &pkid.to_be_bytes()));
+            sub.send(&ack_packet(4, pkid));
             got.push(topic);
         }
     }

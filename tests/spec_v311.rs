@@ -774,7 +774,7 @@ fn a_retained_message_acknowledged_before_a_subscribe_is_delivered_on_it() {
                     (t.as_str(), retain, &payload[..]),
                     (&*topic, true, &b"kept"[..])
                 );
-                b.send(&packet(0x40, &pkid.to_be_bytes()));
+                b.send(&ack_packet(4, pkid));
                 got = true;
                 break;
             }
@@ -918,7 +918,7 @@ fn qos1_packet_ids_are_reusable_as_soon_as_acknowledged() {
             (1, &i.to_be_bytes()[..]),
             "message {i}"
         );
-        sub.send(&packet(0x40, &pkid.to_be_bytes()));
+        sub.send(&ack_packet(4, pkid));
     }
     assert!(
         sub.recv_timeout(Duration::from_millis(300)).is_none(),

@@ -620,9 +620,10 @@ where
         // client's own id: connecting clean under that id makes the core discard it.
         let core_clean = !(persistent || resume);
         let earlier_in_core = edge.registry.core_session(client_id, !core_clean);
-        let lease = match core_clean && !earlier_in_core {
-            true => edge.core_ids.lease(),
-            false => None,
+        let lease = if core_clean && !earlier_in_core {
+            edge.core_ids.lease()
+        } else {
+            None
         };
         let core_id = lease.as_ref().map_or(own_core_id, |l| l.core_id());
         // A session that had gone offline: reconnecting stops its timers. Its delayed will is
