@@ -6,7 +6,13 @@
 //! - `topics`: QoS 0 publishes, each to a topic name never used before, that all match a
 //!   filter subscribed once and left (`growth/+`);
 //! - `filters`: subscriptions to a filter never used before, each left at once, then 64 KiB
-//!   published to each filter's topic.
+//!   published to each filter's topic;
+//! - `names`: QoS 1 publishes of 10 KiB, one at a time (each PUBACK awaited, so each arrives
+//!   in a read of its own), each to a topic name never used before that no filter matches.
+//!   The core keeps nothing for these; what grows is what the broker keeps per name it
+//!   counts (vigil's `limits.max_distinct_topics` set);
+//! - `retained`: the same with 100 KiB retained payloads: what the broker keeps of retained
+//!   messages (vigil caps it at `limits.max_retained_bytes`).
 //!
 //! ```sh
 //! cargo run --release --example core_growth -- --port 1883 --pid $(pgrep -x vigil) \
@@ -91,6 +97,20 @@ fn main() {
                     p.write_all(&out).expect("publish");
                 }
             }
+            "names" | "retained" => {
+                let retain = what == "retained";
+                let payload = vec![b'x'; if retain { 100 * 1024 } else { 10 * 1024 }];
+                let mut s = connect(port, &format!("growth-n-{tag}"));
+                for i in 0..per_round {
+                    let pkid = (i % 65_535 + 1) as u16;
+                    let topic = format!("growth/n-{tag}-{}", base + i);
+                    s.write_all(&publish_qos1(&topic, pkid, retain, &payload))
+                        .expect("publish");
+                    let mut ack = [0u8; 4];
+                    s.read_exact(&mut ack).expect("PUBACK");
+                }
+                let _ = s.write_all(&[0xE0, 0]);
+            }
             other => usage(&format!("unknown --what {other}")),
         }
         std::thread::sleep(Duration::from_secs(1));
@@ -103,7 +123,7 @@ fn main() {
 }
 
 fn usage(why: &str) -> ! {
-    eprintln!("{why}\nusage: core_growth --port P --pid PID [--what ids|topics|filters] [--rounds N] [--per-round N]");
+    eprintln!("{why}\nusage: core_growth --port P --pid PID [--what ids|topics|filters|names|retained] [--rounds N] [--per-round N]");
     std::process::exit(2)
 }
 
@@ -158,6 +178,13 @@ fn publish(topic: &str, payload: &[u8]) -> Vec<u8> {
     let mut body = string(topic);
     body.extend_from_slice(payload);
     packet(0x30, &body)
+}
+
+fn publish_qos1(topic: &str, pkid: u16, retain: bool, payload: &[u8]) -> Vec<u8> {
+    let mut body = string(topic);
+    body.extend(pkid.to_be_bytes());
+    body.extend_from_slice(payload);
+    packet(0x32 | u8::from(retain), &body)
 }
 
 fn subscribe(pkid: u16, filter: &str) -> Vec<u8> {

@@ -631,7 +631,7 @@ async fn importer(edge: Arc<Edge>, shared: Arc<Shared>) {
     };
     let mut backoff = BACKOFF_MIN;
     loop {
-        match import_session(&edge.core, &shared, &mut state, &shutdown).await {
+        match import_session(&edge, &shared, &mut state, &shutdown).await {
             Ok(()) => {
                 if shared.config.instance_id.is_empty() {
                     forget_group(&shared.keys, &mut state.conn).await;
@@ -795,12 +795,13 @@ impl Importer {
 }
 
 async fn import_session(
-    core: &Core,
+    edge: &Edge,
     shared: &Shared,
     state: &mut Importer,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<(), ClusterError> {
-    let Some(link) = core
+    let Some(link) = edge
+        .core
         .connect_internal(IMPORT_CLIENT_ID, true, shutdown)
         .await?
     else {
@@ -836,7 +837,7 @@ async fn import_session(
                             shared.set_up(&shared.importer_up, true);
                         }
                         state.backoff = BACKOFF_MIN;
-                        handle_fetched(fetched, shared, state, &mut out);
+                        handle_fetched(fetched, edge, shared, state, &mut out);
                     }
                     Err(e) => {
                         Metrics::inc(&cm.redis_errors);
@@ -885,7 +886,16 @@ async fn import_session(
     }
 }
 
-fn handle_fetched(fetched: Fetched, shared: &Shared, state: &mut Importer, out: &mut BytesMut) {
+/// Applies what Redis returned. Retained messages are stored in this instance's core only as
+/// far as its `limits.max_retained_bytes` allows (`Edge::retain`); the others are delivered
+/// without RETAIN.
+fn handle_fetched(
+    fetched: Fetched,
+    edge: &Edge,
+    shared: &Shared,
+    state: &mut Importer,
+    out: &mut BytesMut,
+) {
     let cm = shared.cm();
     match fetched {
         Fetched::GroupReady => {
@@ -901,6 +911,11 @@ fn handle_fetched(fetched: Fetched, shared: &Shared, state: &mut Importer, out: 
         }
         Fetched::Retained(items, next) => {
             for (topic, raw) in items {
+                // A stored message that does not fit is not worth delivering now: nobody is
+                // subscribed yet at the first start.
+                if !importable(&topic, &raw) || !edge.retain(&topic, raw.len()) {
+                    continue;
+                }
                 if publish_imported(out, state, &topic, true, &raw, None).is_some() {
                     Metrics::inc(&cm.retained_loaded);
                 }
@@ -932,6 +947,7 @@ fn handle_fetched(fetched: Fetched, shared: &Shared, state: &mut Importer, out: 
                     // A retained clear: applied bare (the one payload without an envelope),
                     // and remembered so the exporter does not send it back.
                     if e.retain && !e.topic.is_empty() && shared.note_imported_clear(&e.topic) {
+                        edge.retain(&e.topic, 0);
                         envelope::put_core_publish(out, false, 0, true, &e.topic, 0, &[], &[]);
                         Metrics::inc(&cm.imported);
                     }
@@ -939,7 +955,9 @@ fn handle_fetched(fetched: Fetched, shared: &Shared, state: &mut Importer, out: 
                     continue;
                 }
                 let id = e.id;
-                match publish_imported(out, state, &e.topic, e.retain, &e.raw, Some(id.clone())) {
+                let retain =
+                    e.retain && importable(&e.topic, &e.raw) && edge.retain(&e.topic, e.raw.len());
+                match publish_imported(out, state, &e.topic, retain, &e.raw, Some(id.clone())) {
                     Some(1) => {}
                     Some(_) => state.to_ack.push(id),
                     // Not written by a vigil exporter (no envelope): never delivered, since
@@ -977,6 +995,12 @@ fn fresh(last_seq: &mut HashMap<Bytes, u64>, origin: &Bytes, seq: u64) -> bool {
     }
 }
 
+/// Whether a stream entry is a message a vigil exporter wrote (an enveloped payload on a
+/// topic), which `publish_imported` writes to the core.
+fn importable(topic: &[u8], raw: &[u8]) -> bool {
+    !topic.is_empty() && envelope::remote_first_byte(raw).is_some()
+}
+
 /// Writes an imported message to the core with the remote mark: at QoS 1 when the publisher
 /// used QoS 1 or 2 (the envelope keeps the original), else QoS 0. Returns the QoS used, or
 /// `None` (nothing written) when `raw` is not an enveloped payload or `topic` is empty.
@@ -989,7 +1013,7 @@ fn publish_imported(
     id: Option<Bytes>,
 ) -> Option<u8> {
     let first = envelope::remote_first_byte(raw)?;
-    if topic.is_empty() {
+    if !importable(topic, raw) {
         return None;
     }
     let qos = u8::from(first & 0x03 > 0);

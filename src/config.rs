@@ -214,6 +214,10 @@ pub struct Limits {
     /// topics). Optional: absent in older configs.
     #[serde(default = "default_max_distinct_topics")]
     pub max_distinct_topics: usize,
+    /// Bytes of retained messages the core may hold (`edge::limits::RetainedBytes`).
+    /// Optional: absent in older configs.
+    #[serde(default = "default_max_retained_bytes")]
+    pub max_retained_bytes: usize,
 }
 
 fn default_max_distinct_filters() -> usize {
@@ -222,6 +226,10 @@ fn default_max_distinct_filters() -> usize {
 
 fn default_max_distinct_topics() -> usize {
     1_000_000
+}
+
+fn default_max_retained_bytes() -> usize {
+    256 * 1024 * 1024
 }
 
 impl Limits {
@@ -536,6 +544,11 @@ impl Config {
             "limits.max_distinct_topics",
             (1..=100_000_000).contains(&l.max_distinct_topics),
             "must be between 1 and 100000000",
+        )?;
+        check(
+            "limits.max_retained_bytes",
+            (1024..=1 << 40).contains(&l.max_retained_bytes),
+            "must be between 1024 and 1099511627776",
         )?;
         crate::edge::acl::Acl::new(&self.acl.roles).map_err(|e| ConfigError::Invalid {
             key: "acl.roles",

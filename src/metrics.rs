@@ -37,6 +37,11 @@ pub struct Metrics {
     /// CONNECTs with a will refused, and names in the core.
     pub topic_name_limit_refusals: AtomicU64,
     pub core_topics: AtomicU64,
+    /// Retained messages not stored because of `limits.max_retained_bytes` (delivered
+    /// without RETAIN), and the bytes the core's retained messages count
+    /// (`edge::limits::RetainedBytes`).
+    pub retained_limit_refusals: AtomicU64,
+    pub retained_bytes: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
     pub slow_consumers: AtomicU64,
@@ -332,6 +337,10 @@ impl Metrics {
                 ),
                 ("{limit=\"filters\"}", g(&self.filter_limit_refusals)),
                 ("{limit=\"topics\"}", g(&self.topic_name_limit_refusals)),
+                (
+                    "{limit=\"retained_bytes\"}",
+                    g(&self.retained_limit_refusals),
+                ),
             ],
         );
         metric(
@@ -347,6 +356,13 @@ impl Metrics {
             "Distinct topic names clients have published to since start; the core keeps the \
              filters each matches (limits.max_distinct_topics).",
             &[("", g(&self.core_topics))],
+        );
+        metric(
+            "retained_bytes",
+            "gauge",
+            "Bytes of the retained messages the core holds: topic, stored payload and 64 per \
+             message (limits.max_retained_bytes).",
+            &[("", g(&self.retained_bytes))],
         );
         metric(
             "acl_denied_total",

@@ -651,6 +651,102 @@ fn distinct_topic_names_over_all_clients_are_capped() {
     assert!(v.log().contains("limits.max_distinct_topics reached"));
 }
 
+/// `limits.max_retained_bytes`: a retained message that does not fit is delivered to the
+/// current subscribers but not stored, whether a client published it or it is a will; a clear
+/// makes room.
+#[test]
+fn retained_messages_over_the_byte_cap_are_delivered_but_not_stored() {
+    let v = Vigil::start_with(|c| {
+        c.replacen(
+            "max_retained_bytes = 268435456",
+            "max_retained_bytes = 1024",
+            1,
+        )
+        .replacen("enabled = true", "enabled = false", 1)
+    });
+    // Each message counts 3 (topic) + 401 (envelope byte and payload) + 64: two fit in 1024.
+    let payload = vec![b'p'; 400];
+    let retained_qos1 = |pkid: u16, topic: &str, payload: &[u8]| {
+        let mut body = string(topic.as_bytes());
+        body.extend(pkid.to_be_bytes());
+        body.extend_from_slice(payload);
+        packet(0x33, &body)
+    };
+    // The PUBLISHes arriving within half a second, acknowledged: (topic, retain flag).
+    let drain = |c: &mut Raw| {
+        let mut got = Vec::new();
+        while let Some(p) = c.recv_timeout(Duration::from_millis(500)) {
+            if p.kind() == 3 {
+                let (topic, qos, retain, _, pkid, _) = parse_publish(&p);
+                if qos > 0 {
+                    c.send(&ack_packet(4, pkid));
+                }
+                got.push((topic, retain));
+            }
+        }
+        got
+    };
+    let subscribed = |id: &str| {
+        let mut c = Raw::connected(v.mqtt, &ConnectOpts::v311(id));
+        c.send(&subscribe_packet(1, &[("r/+", 1)]));
+        assert_eq!(c.recv_timeout(T).map(|p| p.kind()), Some(9));
+        c
+    };
+    let mut live = subscribed("ret-live");
+    let mut publisher = Raw::connected(v.mqtt, &ConnectOpts::v311("ret-pub"));
+    for (pkid, topic) in [(1, "r/1"), (2, "r/2"), (3, "r/3")] {
+        publisher.send(&retained_qos1(pkid, topic, &payload));
+        let ack = publisher.recv_timeout(T).expect("PUBACK");
+        assert_eq!((ack.kind(), ack.body.clone()), (4, vec![0, pkid as u8]));
+    }
+    // A will that does not fit either.
+    let mut doomed = Raw::connected(
+        v.mqtt,
+        &ConnectOpts {
+            will: Some(("r/4", &payload, 0, true)),
+            ..ConnectOpts::v311("ret-will")
+        },
+    );
+    doomed.send(&[0xC0, 0]);
+    assert!(doomed.recv_timeout(T).is_some(), "PINGRESP");
+    drop(doomed);
+    let live_got = drain(&mut live);
+    let topics: Vec<&str> = live_got.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(topics, ["r/1", "r/2", "r/3", "r/4"], "all delivered live");
+    let late: Vec<(String, bool)> = drain(&mut subscribed("ret-late"));
+    assert_eq!(
+        late,
+        [("r/1".into(), true), ("r/2".into(), true)],
+        "only the two that fit are stored"
+    );
+    // A clear makes room for the next one.
+    publisher.send(&retained_qos1(4, "r/1", b""));
+    assert!(publisher.recv_timeout(T).is_some(), "PUBACK");
+    publisher.send(&retained_qos1(5, "r/3", &payload));
+    assert!(publisher.recv_timeout(T).is_some(), "PUBACK");
+    let mut later: Vec<String> = drain(&mut subscribed("ret-later"))
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    later.sort();
+    assert_eq!(later, ["r/2", "r/3"]);
+    let metrics = http_get(v.http, "/metrics");
+    assert_eq!(
+        metric(&metrics, "vigil_retained_bytes"),
+        Some(2.0 * 468.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "vigil_limit_refusals_total{limit=\"retained_bytes\"}"
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert!(v.log().contains("limits.max_retained_bytes reached"));
+}
+
 /// JWT bearer tokens (HS256 here) as the MQTT password and as the bridge's token, in the
 /// query string or the Authorization header; `sub` is the identity, `role` the ACL role,
 /// `exp` honoured.

@@ -637,12 +637,12 @@ where
         // The edge publishes the will itself (see `close`): the core never holds one.
         let will_delay = connect.will.as_ref().map_or(0, |w| w.delay);
         let will = connect.will.as_ref().map(|w| Will {
-            topic: w.topic.clone(),
+            topic: owned(&w.topic),
             retain: w.retain,
             qos: w.qos,
-            properties: w.properties.clone(),
+            properties: owned(&w.properties),
             message_expiry: w.message_expiry,
-            payload: w.payload.clone(),
+            payload: owned(&w.payload),
         });
         let link = match edge.core.connect(&core_id, core_clean).await {
             Ok(link) if link.code == 0 => link,
@@ -809,7 +809,7 @@ where
                 .map(|&(core, client, _)| (core, client)),
         );
         let (session_expiry, will_delay) = (session.session_expiry, session.will_delay);
-        let delayed_will = session.close(end).await;
+        let delayed_will = session.close(edge, end).await;
         if delayed_will.is_none() && (session_expiry == 0 || session_expiry == u32::MAX) {
             // No timers for this session: none left by a connection this one took over after
             // the takeover wait ran out may act on it later.
@@ -1198,11 +1198,20 @@ where
                     with_properties = envelope::header_with(p.qos, private, &p.properties);
                     &with_properties
                 };
+                // Stored as a clear (bare) when the payload is empty, else envelope and payload.
+                let retain = p.retain
+                    && edge.retain(
+                        &p.topic,
+                        match p.payload.len() {
+                            0 => 0,
+                            n => header.len() + n,
+                        },
+                    );
                 envelope::put_core_publish(
                     &mut self.core_out,
                     p.dup,
                     core_qos,
-                    p.retain,
+                    retain,
                     &p.topic,
                     core_id,
                     header,
@@ -1447,7 +1456,7 @@ where
         if !edge.admit_topic(topic) {
             return Err(reason::QUOTA_EXCEEDED);
         }
-        self.last_allowed_topic = Some(topic.clone());
+        self.last_allowed_topic = Some(owned(topic));
         Ok(())
     }
 
@@ -1532,7 +1541,9 @@ where
         if !is_dollar_filter(filter) && !edge.admit_filter(filter) {
             return Some(v5_or(reason::QUOTA_EXCEEDED));
         }
-        self.subscriptions.insert(filter.clone(), sub);
+        // Copies of a client's names, here and in everything kept past the packet: a slice
+        // would keep the whole read buffer it came in (see `owned`).
+        self.subscriptions.insert(owned(filter), sub);
         if needs_edge(sub) {
             self.options_in_use = true;
             if sub.options & NO_LOCAL != 0 {
@@ -2048,7 +2059,7 @@ where
     /// Ends the connection: tells the client why (v5), publishes the will when MQTT says it
     /// fires, and closes the core connection. Returns the will when it fires but must wait
     /// for its Will Delay Interval (the caller sets the timer).
-    async fn close(mut self, end: End) -> Option<Will> {
+    async fn close(mut self, edge: &Edge, end: End) -> Option<Will> {
         let client_reason = match end {
             End::KeepAliveTimeout => Some(reason::KEEP_ALIVE_TIMEOUT),
             End::SlowConsumer => Some(reason::IMPLEMENTATION_SPECIFIC),
@@ -2098,7 +2109,7 @@ where
                 delayed = Some(w);
             }
             Some(w) if fire_will => {
-                w.put_core_publish(&mut out);
+                edge.put_will(&w, &mut out);
                 debug!("will published");
             }
             _ => {}
@@ -2223,6 +2234,14 @@ fn gets_an_answer(frame: &Frame) -> bool {
         mqtt::SUBSCRIBE | mqtt::UNSUBSCRIBE | mqtt::PINGREQ | mqtt::PUBREL | mqtt::PUBREC => true,
         _ => false,
     }
+}
+
+/// A copy of `part` of a packet, for what is kept after the packet has been handled (a
+/// subscription, a will, the last topic allowed). A slice would share the read buffer's
+/// allocation and keep all of it, every packet read with it included, for as long as the
+/// slice lives: 10 KB per topic name in a measured case, where the name was 12 bytes.
+fn owned(part: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(part)
 }
 
 /// Frees a large buffer once it is empty, so an idle connection holds little memory.

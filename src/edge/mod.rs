@@ -203,6 +203,8 @@ pub struct Edge {
     /// (`limits.max_distinct_filters`, `limits.max_distinct_topics`).
     pub core_filters: limits::CoreNames,
     pub core_topics: limits::CoreNames,
+    /// Retained messages in the core, by topic (`limits.max_retained_bytes`).
+    pub retained: limits::RetainedBytes,
     /// Core client ids for sessions that end with their connection (`registry::CoreIds`).
     pub core_ids: registry::CoreIds,
     /// Numbers the short-lived core connections of delayed wills and retained fetches when
@@ -210,8 +212,7 @@ pub struct Edge {
     next_internal: AtomicU64,
 }
 
-/// `CoreNames::admit` with its gauge, its refusal counter and a warning on the first refusal
-/// (the counter tells how often since).
+/// `CoreNames::admit` with its gauge and its refusal counter.
 fn admit(
     names: &limits::CoreNames,
     name: &Bytes,
@@ -222,14 +223,20 @@ fn admit(
     let (admitted, n) = names.admit(name);
     count.store(n as u64, Relaxed);
     if !admitted {
-        let name = String::from_utf8_lossy(name);
-        if refusals.fetch_add(1, Relaxed) == 0 {
-            tracing::warn!(%name, "{why}");
-        } else {
-            tracing::debug!(%name, "{why}");
-        }
+        refused(refusals, name, why);
     }
     admitted
+}
+
+/// Counts a refusal by an all-clients limit: a warning the first time, then debug lines (the
+/// counter tells how often).
+fn refused(refusals: &AtomicU64, name: &[u8], why: &'static str) {
+    let name = String::from_utf8_lossy(name);
+    if refusals.fetch_add(1, Relaxed) == 0 {
+        tracing::warn!(%name, "{why}");
+    } else {
+        tracing::debug!(%name, "{why}");
+    }
 }
 
 /// Bounds of the JSON bridge (`[bridge]`).
@@ -275,6 +282,7 @@ impl Edge {
             early_acks_in_flight: AtomicUsize::new(0),
             core_filters: limits::CoreNames::new(config.limits.max_distinct_filters),
             core_topics: limits::CoreNames::new(config.limits.max_distinct_topics),
+            retained: limits::RetainedBytes::new(config.limits.max_retained_bytes),
             // Twice the connection cap, so that a returned id waits behind at least as many
             // free ones as there can be connections, plus room for the edge's short jobs.
             core_ids: registry::CoreIds::new(
@@ -308,6 +316,25 @@ impl Edge {
         )
     }
 
+    /// Whether the core may store a retained message on `topic` whose payload, as the core
+    /// stores it, is `stored` bytes (0: a clear, always allowed); `limits.max_retained_bytes`.
+    /// When it may not, the message goes to the core without RETAIN: delivered to the
+    /// current subscribers, not stored, the one stored before kept. MQTT has no way to tell
+    /// the publisher (EMQX's retainer behaves the same when full); it is counted, and warned
+    /// about the first time.
+    pub fn retain(&self, topic: &[u8], stored: usize) -> bool {
+        let (stored, total) = self.retained.admit(topic, stored);
+        self.metrics.retained_bytes.store(total as u64, Relaxed);
+        if !stored {
+            refused(
+                &self.metrics.retained_limit_refusals,
+                topic,
+                "retained message not stored: limits.max_retained_bytes reached",
+            );
+        }
+        stored
+    }
+
     /// A clean core connection for one short job, under a pooled id (or `i-<what>-<n>` when
     /// the pool is empty), with the lease to hold until the connection is closed; `None` when
     /// the core cannot be reached, refuses, or shutdown has begun.
@@ -337,8 +364,20 @@ impl Edge {
             return;
         };
         let mut out = bytes::BytesMut::new();
-        will.put_core_publish(&mut out);
+        self.put_will(will, &mut out);
         close_core_link(link.stream, &out).await;
+    }
+
+    /// Writes a will for the core, retained if it asks to be and the core has room
+    /// (`Edge::retain`).
+    pub fn put_will(&self, will: &registry::Will, out: &mut bytes::BytesMut) {
+        // The envelope holds the properties, the expiry and a few bytes more.
+        let stored = match will.payload.len() {
+            0 => 0,
+            n => n + will.properties.len() + 16,
+        };
+        let retain = will.retain && self.retain(&will.topic, stored);
+        will.put_core_publish(out, retain);
     }
 
     /// The retained messages matching `filter`, read from the core on a short-lived connection

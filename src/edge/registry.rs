@@ -70,10 +70,11 @@ pub struct Will {
 }
 
 impl Will {
-    /// Writes the will, published now, as a core PUBLISH. QoS 0 into the core is enough: it
-    /// routes on receipt and delivers at each subscription's QoS, and the envelope carries the
-    /// will's QoS for the min() rule and its expiry.
-    pub fn put_core_publish(&self, out: &mut BytesMut) {
+    /// Writes the will, published now, as a core PUBLISH, retained if `retain` (the will's
+    /// RETAIN when the core has room for it, see `Edge::put_will`). QoS 0 into the core is
+    /// enough: it routes on receipt and delivers at each subscription's QoS, and the envelope
+    /// carries the will's QoS for the min() rule and its expiry.
+    pub fn put_core_publish(&self, out: &mut BytesMut, retain: bool) {
         let private = envelope::Private {
             origin: None,
             expires_at: envelope::expires_at(self.message_expiry),
@@ -83,7 +84,7 @@ impl Will {
             out,
             false,
             0,
-            self.retain,
+            retain,
             &self.topic,
             0,
             &header,
