@@ -226,6 +226,53 @@ fn receive_maximum_never_holds_back_the_clients_own_acknowledgements() {
 }
 
 #[test]
+fn qos2_publishes_past_the_receive_maximum_end_the_connection() {
+    // paho's test_flow_control2: a client that never releases its QoS 2 publishes may keep as
+    // many open as the CONNACK's Receive Maximum; the next one gets DISCONNECT 0x93. Like
+    // paho's client, it goes on writing (PUBRELs for the PUBRECs it reads) after the broker
+    // has decided to close: those writes must not meet a reset, which fails the client's
+    // next write and can destroy the DISCONNECT unread. A client that releases each one
+    // publishes as many as it likes.
+    let v = Vigil::start();
+    let mut c = Raw::open(v.mqtt);
+    c.send(&connect5("fc2", true, &[]));
+    let connack = c.recv().expect("CONNACK");
+    let props = &connack.body[3..];
+    let at = props
+        .iter()
+        .position(|&b| b == 0x21)
+        .expect("Receive Maximum in CONNACK");
+    let receive_max = u16::from_be_bytes([props[at + 1], props[at + 2]]);
+    let burst: Vec<u8> = (1..=receive_max + 1)
+        .flat_map(|id| publish5("fc2/t", b"m", 2, false, id))
+        .collect();
+    c.send(&burst);
+    let end = loop {
+        let p = c.recv().expect("PUBREC or DISCONNECT");
+        match p.kind() {
+            5 => c.send(&ack_packet(6, u16::from_be_bytes([p.body[0], p.body[1]]))),
+            _ => break p,
+        }
+    };
+    assert_eq!((end.kind(), end.body[0]), (DISCONNECT, 0x93), "{end:?}");
+    for _ in 0..3 {
+        c.send(&[0xC0, 0]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(c.closed_within(T));
+
+    let mut ok = Raw::open(v.mqtt);
+    ok.send(&connect5("fc2-ok", true, &[]));
+    assert_eq!(ok.recv().map(|p| p.kind()), Some(2));
+    for id in 1..=receive_max + 5 {
+        ok.send(&publish5("fc2/t", b"m", 2, false, id));
+        assert_eq!(ok.recv().map(|p| p.kind()), Some(5), "PUBREC {id}");
+        ok.send(&ack_packet(6, id));
+        assert_eq!(ok.recv().map(|p| p.kind()), Some(7), "PUBCOMP {id}");
+    }
+}
+
+#[test]
 fn no_local_retain_as_published_and_retain_handling() {
     let v = Vigil::start();
 

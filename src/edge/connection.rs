@@ -84,10 +84,19 @@ use crate::mqtt::{self, rc, reason, CodecError, Frame, Version};
 const FENCE_MAX_WAIT: Duration = Duration::from_millis(5);
 const FENCE_TICK: Duration = Duration::from_millis(1);
 
+/// Longest a connection ended for a protocol error or its rate waits for the client to close
+/// after the DISCONNECT (see `close`).
+const LINGER: Duration = Duration::from_secs(1);
 /// Output buffered for one side before the relay stops reading from the other side.
 const HIGH_WATERMARK: usize = 256 * 1024;
-/// Receive Maximum announced to v5 clients, matching the core's fixed inflight window.
-const RECEIVE_MAXIMUM: u16 = 100;
+/// Receive Maximum announced to v5 clients: the QoS 2 publishes a connection may have open
+/// (PUBCOMP not yet sent), the bound of the state the edge keeps for them. The next one ends
+/// the connection with 0x93, as MQTT 5 section 4.9 describes and mosquitto does at its own
+/// inflight maximum; a 3.1.1 client, told nothing, is closed at the same count. QoS 1
+/// publishes are not counted: the edge may acknowledge a pipelined burst late, and clients
+/// that ignore the Receive Maximum (MQTT.js 5 keeps no send quota) work on mosquitto, which
+/// acknowledges them on receipt.
+const RECEIVE_MAXIMUM: u16 = MAX_PENDING_QOS2 as u16;
 /// Client publishes the edge hands to the core before the core has acknowledged them; past it
 /// the edge stops reading from the client (a 3.1.1 client has no receive maximum to obey).
 const CORE_WINDOW: usize = 1000;
@@ -1153,6 +1162,10 @@ where
                         return Ok(());
                     }
                     if self.inbound_qos2.len() >= MAX_PENDING_QOS2 {
+                        debug!(
+                            open = self.inbound_qos2.len(),
+                            "QoS 2 publish over the Receive Maximum"
+                        );
                         return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
                     }
                     self.inbound_qos2.push(p.pkid);
@@ -2092,6 +2105,18 @@ where
             .await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.shutdown()).await;
+        if matches!(end, End::ProtocolError(_) | End::RateLimited) {
+            // A client ended for what it sent is likely still sending (paho's flow control
+            // test answers every PUBREC before it reads the DISCONNECT). Closing with its data
+            // unread would reset the connection, and a reset can destroy the DISCONNECT in the
+            // client's receive buffer before it is read, or fail the client's next write. So
+            // read and discard until the client closes too, for a moment at most.
+            let _ = tokio::time::timeout(LINGER, async {
+                let mut sink = [0u8; 4096];
+                while matches!(self.client.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        }
 
         // The will: discarded by a clean DISCONNECT (and by a broker shutdown), published in
         // every other case (MQTT-3.1.2-8, MQTT-3.14.4-3), including a v5 DISCONNECT 0x04 and a
