@@ -42,6 +42,9 @@ pub struct Metrics {
     /// (`edge::limits::RetainedBytes`).
     pub retained_limit_refusals: AtomicU64,
     pub retained_bytes: AtomicU64,
+    /// Core connections that found the pool of core client ids empty (`registry::CoreIds`)
+    /// and used an id of their own.
+    pub core_id_pool_empty: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
     pub slow_consumers: AtomicU64,
@@ -356,6 +359,13 @@ impl Metrics {
             "Distinct topic names clients have published to since start; the core keeps the \
              filters each matches (limits.max_distinct_topics).",
             &[("", g(&self.core_topics))],
+        );
+        metric(
+            "core_id_pool_empty_total",
+            "counter",
+            "Core connections that found every pooled core client id in use and took one of \
+             their own, which the core remembers for good (about 570 bytes each).",
+            &[("", g(&self.core_id_pool_empty))],
         );
         metric(
             "retained_bytes",

@@ -745,6 +745,11 @@ fn retained_messages_over_the_byte_cap_are_delivered_but_not_stored() {
         "{metrics}"
     );
     assert!(v.log().contains("limits.max_retained_bytes reached"));
+    assert_eq!(
+        metric(&metrics, "vigil_core_id_pool_empty_total"),
+        Some(0.0),
+        "{metrics}"
+    );
 }
 
 /// JWT bearer tokens (HS256 here) as the MQTT password and as the bridge's token, in the

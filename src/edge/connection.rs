@@ -630,7 +630,7 @@ where
         let core_clean = !(persistent || resume);
         let earlier_in_core = edge.registry.core_session(client_id, !core_clean);
         let lease = if core_clean && !earlier_in_core {
-            edge.core_ids.lease()
+            edge.lease_core_id()
         } else {
             None
         };

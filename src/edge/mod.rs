@@ -335,6 +335,16 @@ impl Edge {
         stored
     }
 
+    /// A pooled core client id (`registry::CoreIds`); `None`, counted, when all are in use
+    /// (the caller then uses an id of its own, which the core remembers for good).
+    pub fn lease_core_id(&self) -> Option<registry::CoreIdLease<'_>> {
+        let lease = self.core_ids.lease();
+        if lease.is_none() {
+            Metrics::inc(&self.metrics.core_id_pool_empty);
+        }
+        lease
+    }
+
     /// A clean core connection for one short job, under a pooled id (or `i-<what>-<n>` when
     /// the pool is empty), with the lease to hold until the connection is closed; `None` when
     /// the core cannot be reached, refuses, or shutdown has begun.
@@ -342,7 +352,7 @@ impl Edge {
         &self,
         what: &str,
     ) -> Option<(crate::core::CoreLink, Option<registry::CoreIdLease<'_>>)> {
-        let lease = self.core_ids.lease();
+        let lease = self.lease_core_id();
         let id = match &lease {
             Some(lease) => lease.core_id(),
             None => format!("i-{what}-{}", self.next_internal.fetch_add(1, Relaxed)),
