@@ -435,6 +435,8 @@ pub struct Connect {
     pub session_expiry: u32,
     pub receive_maximum: u16,
     pub max_packet_size: Option<u32>,
+    /// Topic aliases the client accepts on the PUBLISHes it receives (0: none).
+    pub topic_alias_max: u16,
     pub auth_method: bool,
 }
 
@@ -492,6 +494,7 @@ pub fn parse_connect(frame: &Frame) -> Result<Connect, CodecError> {
     let mut session_expiry = 0;
     let mut receive_maximum = u16::MAX;
     let mut max_packet_size = None;
+    let mut topic_alias_max = 0;
     let mut auth_method = false;
     if version == Version::V5 {
         let props = r.properties()?;
@@ -512,8 +515,8 @@ pub fn parse_connect(frame: &Frame) -> Result<Connect, CodecError> {
                     max_packet_size = Some(v);
                 }
                 prop::AUTH_METHOD => auth_method = true,
+                prop::TOPIC_ALIAS_MAXIMUM => topic_alias_max = be_u32(value) as u16,
                 prop::AUTH_DATA
-                | prop::TOPIC_ALIAS_MAXIMUM
                 | prop::REQUEST_PROBLEM_INFO
                 | prop::REQUEST_RESPONSE_INFO
                 | prop::USER_PROPERTY => {}
@@ -576,6 +579,7 @@ pub fn parse_connect(frame: &Frame) -> Result<Connect, CodecError> {
         session_expiry,
         receive_maximum,
         max_packet_size,
+        topic_alias_max,
         auth_method,
     })
 }

@@ -90,6 +90,8 @@ struct Publish5 {
     expiry: Option<u32>,
     /// Subscription Identifiers, in the order sent.
     sub_ids: Vec<u32>,
+    /// Topic Alias, when present.
+    alias: Option<u16>,
     payload: Vec<u8>,
 }
 
@@ -108,7 +110,7 @@ fn parse5(p: &Packet) -> Publish5 {
     // Property lengths here stay under 128 bytes.
     let plen = b[pos] as usize;
     pos += 1;
-    let (mut expiry, mut sub_ids) = (None, Vec::new());
+    let (mut expiry, mut sub_ids, mut alias) = (None, Vec::new(), None);
     let mut at = pos;
     while at < pos + plen {
         let id = b[at];
@@ -132,6 +134,10 @@ fn parse5(p: &Packet) -> Publish5 {
                 }
                 sub_ids.push(value);
             }
+            0x23 => {
+                alias = Some(len2(at) as u16);
+                at += 2;
+            }
             0x03 | 0x08 | 0x09 => at += 2 + len2(at),
             0x26 => {
                 at += 2 + len2(at);
@@ -147,6 +153,7 @@ fn parse5(p: &Packet) -> Publish5 {
         pkid,
         expiry,
         sub_ids,
+        alias,
         payload: b[pos + plen..].to_vec(),
     }
 }
@@ -270,6 +277,65 @@ fn qos2_publishes_past_the_receive_maximum_end_the_connection() {
         ok.send(&ack_packet(6, id));
         assert_eq!(ok.recv().map(|p| p.kind()), Some(7), "PUBCOMP {id}");
     }
+}
+
+#[test]
+fn deliveries_use_topic_aliases_when_the_client_accepts_them() {
+    // paho's test_server_topic_alias: a client accepting one alias gets its first topic with
+    // the alias, then the alias and an empty topic, at every QoS; a second topic goes in
+    // full. A client that accepts none gets no alias.
+    let v = Vigil::start();
+    let (mut c, _) = connect(&v, "ta", true, &[0x22, 0, 1]);
+    subscribe(&mut c, "ta/+", 2);
+    for (qos, topic) in [
+        (0, "ta/a"),
+        (1, "ta/a"),
+        (2, "ta/a"),
+        (1, "ta/b"),
+        (1, "ta/a"),
+    ] {
+        c.send(&publish5(
+            topic,
+            topic.as_bytes(),
+            qos,
+            false,
+            10 + qos as u16,
+        ));
+    }
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let p = c.recv().expect("a delivery");
+        match p.kind() {
+            PUBLISH => {
+                let d = parse5(&p);
+                match d.qos {
+                    1 => c.send(&ack_packet(PUBACK, d.pkid)),
+                    2 => c.send(&ack_packet(5, d.pkid)),
+                    _ => {}
+                }
+                got.push((d.topic, d.alias, d.payload));
+            }
+            7 | PUBACK => {}
+            5 => c.send(&ack_packet(6, u16::from_be_bytes([p.body[0], p.body[1]]))),
+            other => panic!("unexpected packet {other}: {p:?}"),
+        }
+    }
+    let a = (b"ta/a".to_vec(), b"ta/b".to_vec());
+    assert_eq!(
+        got,
+        vec![
+            ("ta/a".to_string(), Some(1), a.0.clone()),
+            (String::new(), Some(1), a.0.clone()),
+            (String::new(), Some(1), a.0.clone()),
+            ("ta/b".to_string(), None, a.1.clone()),
+            (String::new(), Some(1), a.0.clone()),
+        ]
+    );
+    let (mut plain, _) = connect(&v, "ta-none", true, &[]);
+    subscribe(&mut plain, "ta/+", 0);
+    plain.send(&publish5("ta/a", b"x", 0, false, 0));
+    let d = parse5(&plain.recv().expect("a delivery"));
+    assert_eq!((d.topic.as_str(), d.alias), ("ta/a", None));
 }
 
 #[test]

@@ -445,6 +445,8 @@ struct Session<S> {
     options_in_use: bool,
     /// The Subscription Identifier properties of the delivery being written (reused).
     sub_id_props: BytesMut,
+    /// Topic aliases for the deliveries to a v5 client that accepts them.
+    aliases: TopicAliases,
     /// This connection's SUBSCRIBEs and UNSUBSCRIBEs handed to the core and not yet answered.
     own_subscribes: InFlight,
     /// This connection's publishes acknowledged to the client and not yet by the core.
@@ -745,6 +747,10 @@ where
                 .collect(),
             options_in_use,
             sub_id_props: BytesMut::new(),
+            aliases: TopicAliases::new(match version {
+                Version::V5 => connect.topic_alias_max,
+                Version::V311 => 0,
+            }),
             own_subscribes: InFlight::new(edge, |e| &e.subscribes_in_flight),
             own_early_acks: InFlight::new(edge, |e| &e.early_acks_in_flight),
             deferred: None,
@@ -1886,29 +1892,42 @@ where
                     client_id = entry.client_id;
                     self.core_acks.push_back(entry);
                 }
+                let alias = match deliver {
+                    true => self.aliases.lookup(&p.topic),
+                    false => Alias::None,
+                };
                 let with_more;
-                let props: &[u8] = match (self.version, expiry_left) {
-                    (Version::V5, None) if ids.is_empty() => &opened.properties,
-                    (Version::V5, left) => {
+                let props: &[u8] = match (self.version, expiry_left, alias) {
+                    (Version::V5, None, Alias::None) if ids.is_empty() => &opened.properties,
+                    (Version::V5, left, alias) => {
                         // MQTT-3.3.2-6: what is left of the interval; MQTT-3.3.4-3: the
                         // identifiers of the matching subscriptions.
-                        let mut p = Vec::with_capacity(5 + ids.len() + opened.properties.len());
+                        let mut p = Vec::with_capacity(8 + ids.len() + opened.properties.len());
                         if let Some(left) = left {
                             p.push(mqtt::prop::MESSAGE_EXPIRY);
                             p.extend_from_slice(&left.to_be_bytes());
+                        }
+                        if let Alias::Known(a) | Alias::New(a) = alias {
+                            p.push(mqtt::prop::TOPIC_ALIAS);
+                            p.extend_from_slice(&a.to_be_bytes());
                         }
                         p.extend_from_slice(&ids);
                         p.extend_from_slice(&opened.properties);
                         with_more = p;
                         &with_more
                     }
-                    (Version::V311, _) => &[],
+                    (Version::V311, _, _) => &[],
                 };
                 self.sub_id_props = ids;
+                // MQTT-3.3.2-12: a known alias stands for the topic, which is left empty.
+                let topic: &[u8] = match alias {
+                    Alias::Known(_) => &[],
+                    _ => &p.topic,
+                };
                 let size = mqtt::publish_wire_len(
                     self.version,
                     qos,
-                    p.topic.len(),
+                    topic.len(),
                     props.len(),
                     opened.payload.len(),
                 );
@@ -1922,13 +1941,18 @@ where
                         }
                     }
                 } else {
+                    // Assigned only now that the client is sure to get the packet that tells
+                    // it the alias (deliveries reach the client in the order written here).
+                    if let Alias::New(a) = alias {
+                        self.aliases.assign(&p.topic, a);
+                    }
                     mqtt::put_publish(
                         &mut self.client_out,
                         self.version,
                         dup && qos > 0,
                         qos,
                         retain,
-                        &p.topic,
+                        topic,
                         client_id,
                         props,
                         &[&opened.payload],
@@ -2156,6 +2180,59 @@ where
     }
 }
 
+/// Topic aliases a connection has given its client: at most this many, however many the
+/// client accepts. Each holds a copy of its topic (up to `limits.max_topic_length` bytes).
+const MAX_TOPIC_ALIASES: u16 = 32;
+
+/// Topic aliases for the deliveries to one v5 client that accepts them (its CONNECT's Topic
+/// Alias Maximum). The first distinct topics delivered, up to the client's maximum and
+/// `MAX_TOPIC_ALIASES`, each get an alias, sent with the full topic the first time and with
+/// an empty topic after; later topics go without one. An alias is never given to another
+/// topic, so nothing the client has learnt ever becomes wrong, and there is no eviction to
+/// get out of order.
+#[derive(Debug, Default)]
+struct TopicAliases {
+    max: u16,
+    assigned: std::collections::HashMap<Bytes, u16>,
+}
+
+/// What a delivery's topic gets from `TopicAliases`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Alias {
+    None,
+    /// The topic's alias, already known to the client: the topic is left out.
+    Known(u16),
+    /// The alias the topic would get, sent with the full topic (`TopicAliases::assign` once
+    /// the packet is certain to go out).
+    New(u16),
+}
+
+impl TopicAliases {
+    fn new(client_max: u16) -> TopicAliases {
+        TopicAliases {
+            max: client_max.min(MAX_TOPIC_ALIASES),
+            assigned: Default::default(),
+        }
+    }
+
+    fn lookup(&self, topic: &[u8]) -> Alias {
+        if self.max == 0 {
+            return Alias::None;
+        }
+        match self.assigned.get(topic) {
+            Some(&a) => Alias::Known(a),
+            None if self.assigned.len() < usize::from(self.max) => {
+                Alias::New(self.assigned.len() as u16 + 1)
+            }
+            None => Alias::None,
+        }
+    }
+
+    fn assign(&mut self, topic: &[u8], alias: u16) {
+        self.assigned.insert(Bytes::copy_from_slice(topic), alias);
+    }
+}
+
 /// A connection's share of one of the edge's fence counters (`Edge::subscribes_in_flight`,
 /// `Edge::early_acks_in_flight`), given back when it is dropped: what the core never answered
 /// then no longer holds other clients back.
@@ -2273,5 +2350,28 @@ fn owned(part: &Bytes) -> Bytes {
 fn release_if_idle(buf: &mut BytesMut) {
     if buf.is_empty() && buf.capacity() > RETAIN_CAPACITY {
         *buf = BytesMut::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_aliases_are_given_once_and_never_reassigned() {
+        let mut a = TopicAliases::new(2);
+        assert_eq!(a.lookup(b"x"), Alias::New(1));
+        assert_eq!(a.lookup(b"x"), Alias::New(1), "not assigned until sent");
+        a.assign(b"x", 1);
+        assert_eq!(a.lookup(b"x"), Alias::Known(1));
+        a.assign(b"y", 2);
+        assert_eq!(
+            a.lookup(b"z"),
+            Alias::None,
+            "the client's maximum is reached"
+        );
+        assert_eq!(a.lookup(b"y"), Alias::Known(2));
+        assert_eq!(TopicAliases::new(0).lookup(b"x"), Alias::None);
+        assert_eq!(TopicAliases::new(u16::MAX).max, MAX_TOPIC_ALIASES);
     }
 }
