@@ -117,3 +117,36 @@ fn mqttjs_v5_over_websocket_and_tcp() {
     ];
     check_each(&v, &urls, 5, "js5-");
 }
+
+/// MQTT.js 5 accepting topic aliases reads the deliveries vigil sends with them: the first
+/// message on a topic names it and sets the alias, later ones at QoS 0 and 1 carry only the
+/// alias (QoS 2 ones the topic too: MQTT.js loses the resolved topic of an alias-only QoS 2
+/// message), and the client resolves every one to its topic.
+#[test]
+fn mqttjs_v5_resolves_the_topic_aliases_of_deliveries() {
+    let v = Vigil::start();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mqttjs");
+    let out = Command::new("node")
+        .args(["aliases.mjs", &format!("mqtt://{}", v.mqtt), "ta"])
+        .current_dir(dir)
+        .output()
+        .expect("node (Node.js) must be installed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "MQTT.js failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            r#"{"topic":"ta/a","payload":"m0","alias":1}"#,
+            r#"{"topic":"ta/a","payload":"m1","alias":1}"#,
+            r#"{"topic":"ta/a","payload":"m2","alias":1}"#,
+            r#"{"topic":"ta/b","payload":"m3","alias":2}"#,
+            r#"{"topic":"ta/a","payload":"m4","alias":1}"#,
+            "DONE",
+        ]
+    );
+}

@@ -1919,9 +1919,12 @@ where
                     (Version::V311, _, _) => &[],
                 };
                 self.sub_id_props = ids;
-                // MQTT-3.3.2-12: a known alias stands for the topic, which is left empty.
+                // MQTT-3.3.2-12: a known alias stands for the topic, which is left empty. Not at
+                // QoS 2: MQTT.js (5.16) stores a QoS 2 message with the topic as received and
+                // hands it over at PUBREL with an empty topic; the full topic with the alias
+                // (which sets the same mapping again) works everywhere.
                 let topic: &[u8] = match alias {
-                    Alias::Known(_) => &[],
+                    Alias::Known(_) if qos < 2 => &[],
                     _ => &p.topic,
                 };
                 let size = mqtt::publish_wire_len(
