@@ -218,6 +218,10 @@ pub struct Limits {
     /// Optional: absent in older configs.
     #[serde(default = "default_max_retained_bytes")]
     pub max_retained_bytes: usize,
+    /// Topic aliases given to the deliveries of an MQTT 5 client that accepts them, per
+    /// connection; 0 = none (mosquitto's behaviour). Optional: absent in older configs.
+    #[serde(default)]
+    pub topic_aliases: u16,
 }
 
 fn default_max_distinct_filters() -> usize {
@@ -544,6 +548,11 @@ impl Config {
             "limits.max_distinct_topics",
             (1..=100_000_000).contains(&l.max_distinct_topics),
             "must be between 1 and 100000000",
+        )?;
+        check(
+            "limits.topic_aliases",
+            l.topic_aliases <= 1024,
+            "must be between 0 and 1024",
         )?;
         check(
             "limits.max_retained_bytes",

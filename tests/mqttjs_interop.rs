@@ -124,7 +124,7 @@ fn mqttjs_v5_over_websocket_and_tcp() {
 /// message), and the client resolves every one to its topic.
 #[test]
 fn mqttjs_v5_resolves_the_topic_aliases_of_deliveries() {
-    let v = Vigil::start();
+    let v = Vigil::start_with(|c| c.replacen("topic_aliases = 0", "topic_aliases = 32", 1));
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mqttjs");
     let out = Command::new("node")
         .args(["aliases.mjs", &format!("mqtt://{}", v.mqtt), "ta"])

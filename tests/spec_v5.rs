@@ -283,8 +283,9 @@ fn qos2_publishes_past_the_receive_maximum_end_the_connection() {
 fn deliveries_use_topic_aliases_when_the_client_accepts_them() {
     // paho's test_server_topic_alias: a client accepting one alias gets its first topic with
     // the alias, then the alias and an empty topic (at QoS 2 the full topic too, for
-    // MQTT.js); a second topic goes in full. A client that accepts none gets no alias.
-    let v = Vigil::start();
+    // MQTT.js); a second topic goes in full. A client that accepts none gets no alias, and
+    // with `limits.topic_aliases` at its default of 0 nobody does.
+    let v = Vigil::start_with(|c| c.replacen("topic_aliases = 0", "topic_aliases = 32", 1));
     let (mut c, _) = connect(&v, "ta", true, &[0x22, 0, 1]);
     subscribe(&mut c, "ta/+", 2);
     for (qos, topic) in [
@@ -336,6 +337,15 @@ fn deliveries_use_topic_aliases_when_the_client_accepts_them() {
     plain.send(&publish5("ta/a", b"x", 0, false, 0));
     let d = parse5(&plain.recv().expect("a delivery"));
     assert_eq!((d.topic.as_str(), d.alias), ("ta/a", None));
+
+    let v = Vigil::start();
+    let (mut c, _) = connect(&v, "ta-off", true, &[0x22, 0, 8]);
+    subscribe(&mut c, "ta/+", 0);
+    for _ in 0..2 {
+        c.send(&publish5("ta/a", b"x", 0, false, 0));
+        let d = parse5(&c.recv().expect("a delivery"));
+        assert_eq!((d.topic.as_str(), d.alias), ("ta/a", None));
+    }
 }
 
 #[test]

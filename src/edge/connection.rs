@@ -748,7 +748,7 @@ where
             options_in_use,
             sub_id_props: BytesMut::new(),
             aliases: TopicAliases::new(match version {
-                Version::V5 => connect.topic_alias_max,
+                Version::V5 => connect.topic_alias_max.min(edge.topic_aliases),
                 Version::V311 => 0,
             }),
             own_subscribes: InFlight::new(edge, |e| &e.subscribes_in_flight),
@@ -2183,13 +2183,9 @@ where
     }
 }
 
-/// Topic aliases a connection has given its client: at most this many, however many the
-/// client accepts. Each holds a copy of its topic (up to `limits.max_topic_length` bytes).
-const MAX_TOPIC_ALIASES: u16 = 32;
-
 /// Topic aliases for the deliveries to one v5 client that accepts them (its CONNECT's Topic
-/// Alias Maximum). The first distinct topics delivered, up to the client's maximum and
-/// `MAX_TOPIC_ALIASES`, each get an alias, sent with the full topic the first time and with
+/// Alias Maximum), when `limits.topic_aliases` allows any. The first distinct topics
+/// delivered, up to the smaller of the two, each get an alias (and a copy of the topic kept), sent with the full topic the first time and with
 /// an empty topic after; later topics go without one. An alias is never given to another
 /// topic, so nothing the client has learnt ever becomes wrong, and there is no eviction to
 /// get out of order.
@@ -2211,9 +2207,9 @@ enum Alias {
 }
 
 impl TopicAliases {
-    fn new(client_max: u16) -> TopicAliases {
+    fn new(max: u16) -> TopicAliases {
         TopicAliases {
-            max: client_max.min(MAX_TOPIC_ALIASES),
+            max,
             assigned: Default::default(),
         }
     }
@@ -2375,6 +2371,5 @@ mod tests {
         );
         assert_eq!(a.lookup(b"y"), Alias::Known(2));
         assert_eq!(TopicAliases::new(0).lookup(b"x"), Alias::None);
-        assert_eq!(TopicAliases::new(u16::MAX).max, MAX_TOPIC_ALIASES);
     }
 }

@@ -185,6 +185,8 @@ pub struct Edge {
     pub write_stall_timeout: Duration,
     pub allowed_origins: Vec<String>,
     pub max_packet_size: usize,
+    /// Topic aliases per connection for v5 deliveries (`limits.topic_aliases`).
+    pub topic_aliases: u16,
     pub bridge: BridgeLimits,
     /// Telemetry history per device (analytics warm starts, the bridge's `history` request).
     pub history: History,
@@ -270,6 +272,7 @@ impl Edge {
             write_stall_timeout: config.limits.write_stall_timeout(),
             allowed_origins: config.http.allowed_origins.clone(),
             max_packet_size: config.limits.max_packet_size,
+            topic_aliases: config.limits.topic_aliases,
             bridge: BridgeLimits {
                 sessions: Arc::new(Semaphore::new(config.bridge.max_sessions)),
                 max_subscriptions: config.bridge.max_subscriptions,
