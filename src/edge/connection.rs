@@ -1219,7 +1219,7 @@ where
                 };
                 // Stored as a clear (bare) when the payload is empty, else envelope and payload.
                 let retain = p.retain
-                    && edge.retain(
+                    && edge.may_retain(
                         &p.topic,
                         match p.payload.len() {
                             0 => 0,
@@ -2132,18 +2132,6 @@ where
             .await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.shutdown()).await;
-        if matches!(end, End::ProtocolError(_) | End::RateLimited) {
-            // A client ended for what it sent is likely still sending (paho's flow control
-            // test answers every PUBREC before it reads the DISCONNECT). Closing with its data
-            // unread would reset the connection, and a reset can destroy the DISCONNECT in the
-            // client's receive buffer before it is read, or fail the client's next write. So
-            // read and discard until the client closes too, for a moment at most.
-            let _ = tokio::time::timeout(LINGER, async {
-                let mut sink = [0u8; 4096];
-                while matches!(self.client.read(&mut sink).await, Ok(n) if n > 0) {}
-            })
-            .await;
-        }
 
         // The will: discarded by a clean DISCONNECT (and by a broker shutdown), published in
         // every other case (MQTT-3.1.2-8, MQTT-3.14.4-3), including a v5 DISCONNECT 0x04 and a
@@ -2179,6 +2167,19 @@ where
             Ok::<_, io::Error>(())
         })
         .await;
+        if matches!(end, End::ProtocolError(_) | End::RateLimited) {
+            // Last, with the will out and the core connection closed: a client ended for what
+            // it sent is likely still sending (paho's flow control test answers every PUBREC
+            // before it reads the DISCONNECT). Closing with its data unread would reset the
+            // connection, and a reset can destroy the DISCONNECT in the client's receive
+            // buffer before it is read, or fail the client's next write. So read and discard
+            // until the client closes too, for a moment at most.
+            let _ = tokio::time::timeout(LINGER, async {
+                let mut sink = [0u8; 4096];
+                while matches!(self.client.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        }
         delayed
     }
 }

@@ -325,17 +325,17 @@ impl Edge {
     /// current subscribers, not stored, the one stored before kept. MQTT has no way to tell
     /// the publisher (EMQX's retainer behaves the same when full); it is counted, and warned
     /// about the first time.
-    pub fn retain(&self, topic: &[u8], stored: usize) -> bool {
-        let (stored, total) = self.retained.admit(topic, stored);
+    pub fn may_retain(&self, topic: &[u8], stored: usize) -> bool {
+        let (kept, total) = self.retained.admit(topic, stored);
         self.metrics.retained_bytes.store(total as u64, Relaxed);
-        if !stored {
+        if !kept {
             refused(
                 &self.metrics.retained_limit_refusals,
                 topic,
                 "retained message not stored: limits.max_retained_bytes reached",
             );
         }
-        stored
+        kept
     }
 
     /// A pooled core client id (`registry::CoreIds`); `None`, counted, when all are in use
@@ -382,14 +382,14 @@ impl Edge {
     }
 
     /// Writes a will for the core, retained if it asks to be and the core has room
-    /// (`Edge::retain`).
+    /// (`Edge::may_retain`).
     pub fn put_will(&self, will: &registry::Will, out: &mut bytes::BytesMut) {
         // The envelope holds the properties, the expiry and a few bytes more.
         let stored = match will.payload.len() {
             0 => 0,
             n => n + will.properties.len() + 16,
         };
-        let retain = will.retain && self.retain(&will.topic, stored);
+        let retain = will.retain && self.may_retain(&will.topic, stored);
         will.put_core_publish(out, retain);
     }
 
