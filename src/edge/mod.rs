@@ -384,13 +384,7 @@ impl Edge {
     /// Writes a will for the core, retained if it asks to be and the core has room
     /// (`Edge::may_retain`).
     pub fn put_will(&self, will: &registry::Will, out: &mut bytes::BytesMut) {
-        // The envelope holds the properties, the expiry and a few bytes more.
-        let stored = match will.payload.len() {
-            0 => 0,
-            n => n + will.properties.len() + 16,
-        };
-        let retain = will.retain && self.may_retain(&will.topic, stored);
-        will.put_core_publish(out, retain);
+        will.put_core_publish(out, |stored| self.may_retain(&will.topic, stored));
     }
 
     /// The retained messages matching `filter`, read from the core on a short-lived connection
