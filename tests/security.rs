@@ -555,18 +555,25 @@ fn distinct_filters_over_all_clients_are_capped() {
         .recv_timeout(T)
         .expect("a message on f/1 (matching f/+ and f/1)");
     assert_eq!(got.kind(), 3);
+    assert_all_clients_limit(
+        &v,
+        "limits.max_distinct_filters",
+        ("vigil_core_filters", 3.0),
+        ("filters", 2.0),
+    );
+}
+
+/// What an all-clients limit reports: its gauge's value, its refusals in
+/// `vigil_limit_refusals_total{limit="<limit>"}`, and the warning naming its `key`.
+fn assert_all_clients_limit(v: &Vigil, key: &str, gauge: (&str, f64), refused: (&str, f64)) {
     let metrics = http_get(v.http, "/metrics");
-    assert_eq!(
-        metric(&metrics, "vigil_core_filters"),
-        Some(3.0),
-        "{metrics}"
+    assert_eq!(metric(&metrics, gauge.0), Some(gauge.1), "{metrics}");
+    let counter = format!("vigil_limit_refusals_total{{limit=\"{}\"}}", refused.0);
+    assert_eq!(metric(&metrics, &counter), Some(refused.1), "{metrics}");
+    assert!(
+        v.log().contains(&format!("{key} reached")),
+        "no warning naming {key}"
     );
-    assert_eq!(
-        metric(&metrics, "vigil_limit_refusals_total{limit=\"filters\"}"),
-        Some(2.0),
-        "{metrics}"
-    );
-    assert!(v.log().contains("limits.max_distinct_filters reached"));
 }
 
 /// Distinct topic names published over all clients since start (the core never forgets
@@ -637,18 +644,12 @@ fn distinct_topic_names_over_all_clients_are_capped() {
         },
     );
     assert_eq!(ack.body, vec![0, 3], "3.1.1: server unavailable");
-    let metrics = http_get(v.http, "/metrics");
-    assert_eq!(
-        metric(&metrics, "vigil_core_topics"),
-        Some(2.0),
-        "{metrics}"
+    assert_all_clients_limit(
+        &v,
+        "limits.max_distinct_topics",
+        ("vigil_core_topics", 2.0),
+        ("topics", 3.0),
     );
-    assert_eq!(
-        metric(&metrics, "vigil_limit_refusals_total{limit=\"topics\"}"),
-        Some(3.0),
-        "{metrics}"
-    );
-    assert!(v.log().contains("limits.max_distinct_topics reached"));
 }
 
 /// `limits.max_retained_bytes`: a retained message that does not fit is delivered to the
@@ -732,21 +733,13 @@ fn retained_messages_over_the_byte_cap_are_delivered_but_not_stored() {
         .collect();
     later.sort();
     assert_eq!(later, ["r/2", "r/3"]);
+    assert_all_clients_limit(
+        &v,
+        "limits.max_retained_bytes",
+        ("vigil_retained_bytes", 2.0 * 468.0),
+        ("retained_bytes", 2.0),
+    );
     let metrics = http_get(v.http, "/metrics");
-    assert_eq!(
-        metric(&metrics, "vigil_retained_bytes"),
-        Some(2.0 * 468.0),
-        "{metrics}"
-    );
-    assert_eq!(
-        metric(
-            &metrics,
-            "vigil_limit_refusals_total{limit=\"retained_bytes\"}"
-        ),
-        Some(2.0),
-        "{metrics}"
-    );
-    assert!(v.log().contains("limits.max_retained_bytes reached"));
     assert_eq!(
         metric(&metrics, "vigil_core_id_pool_empty_total"),
         Some(0.0),
