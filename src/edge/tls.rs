@@ -188,7 +188,11 @@ pub async fn accept(
     stream: TcpStream,
     deadline: Instant,
 ) -> Result<(TlsStream<TcpStream>, Option<String>), TlsError> {
-    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+    // Pinned here, so that on a timeout the socket it owns is closed only after the timeout is
+    // counted: a client that sees the close may read the metrics at once.
+    let accept = acceptor.accept(stream);
+    tokio::pin!(accept);
+    let stream = match tokio::time::timeout_at(deadline, &mut accept).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             debug!(error = %e, "closed: TLS handshake failed");
