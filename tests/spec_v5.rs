@@ -407,6 +407,37 @@ fn no_local_retain_as_published_and_retain_handling() {
     assert_eq!(parse5(&rh2.recv().expect("live message")).payload, b"live");
     publish(v.port(), &["-t", "rap/t", "-r", "-n"]);
 
+    // Overlapping subscriptions, one with No Local and one without: the publisher gets the
+    // other's copy only, as from mosquitto; Retain As Published also holds per copy.
+    let (mut o, _) = connect(&v, "nl-overlap", true, &[]);
+    subscribe(&mut o, "nlo/t", 0x04 | 0x08 | 1);
+    o.send(&subscribe5_with(2, "nlo/+", 1, &sub_id(5)));
+    assert_eq!(o.recv().expect("SUBACK").kind(), SUBACK);
+    o.send(&publish5("nlo/t", b"own", 1, true, 9));
+    let got: Vec<(u8, Vec<u32>, bool)> = drain(&mut o, Duration::from_millis(800))
+        .iter()
+        .map(|p| match p.kind() {
+            PUBLISH => {
+                let d = parse5(p);
+                (PUBLISH, d.sub_ids, d.retain)
+            }
+            kind => (kind, Vec::new(), false),
+        })
+        .collect();
+    assert!(
+        got.contains(&(PUBACK, Vec::new(), false)) && got.contains(&(PUBLISH, vec![5], false)),
+        "{got:?}"
+    );
+    assert_eq!(got.len(), 2, "the No Local copy came back: {got:?}");
+    publish(v.port(), &["-t", "nlo/t", "-m", "theirs", "-q", "1", "-r"]);
+    let mut got: Vec<(Vec<u32>, bool)> = publishes(&mut o, Duration::from_millis(800))
+        .into_iter()
+        .map(|d| (d.sub_ids, d.retain))
+        .collect();
+    got.sort();
+    assert_eq!(got, vec![(vec![], true), (vec![5], false)]);
+    publish(v.port(), &["-t", "nlo/t", "-r", "-n"]);
+
     // No Local on a shared subscription is a protocol error (MQTT-3.8.3-4).
     let (mut shared, _) = connect(&v, "nl-shared", true, &[]);
     shared.send(&subscribe5(1, "$share/g/nl/t", 0x04 | 1));
@@ -704,23 +735,35 @@ fn subscription_identifiers_come_back_with_the_messages_they_matched() {
         (&b"one"[..], vec![456_789])
     );
 
-    // Overlapping subscriptions: the core sends a copy per filter, each copy carries the
-    // identifiers of both.
+    // Overlapping subscriptions: a copy per subscription, as mosquitto sends, each with the
+    // identifier of its own subscription (MQTT-3.3.4-5), at its own QoS.
     let (mut b, _) = connect(&v, "sid-b", true, &[]);
     subscribe_with_id(&mut b, "sid2/t", 2);
     subscribe_with_id(&mut b, "sid2/#", 3);
-    publish(v.port(), &["-t", "sid2/t", "-m", "two", "-q", "1"]);
-    let copies = publishes(&mut b, Duration::from_millis(800));
-    assert!(!copies.is_empty(), "nothing delivered");
-    for c in &copies {
-        let mut ids = c.sub_ids.clone();
-        ids.sort();
-        assert_eq!(ids, vec![2, 3], "{copies:?}");
+    b.send(&subscribe5_with(1, "sid2/+", 0, &sub_id(4)));
+    assert_eq!(b.recv().expect("SUBACK").kind(), SUBACK);
+    for round in 0..3 {
+        publish(v.port(), &["-t", "sid2/t", "-m", "two", "-q", "1"]);
+        let mut copies: Vec<(Vec<u32>, u8)> = publishes(&mut b, Duration::from_millis(800))
+            .into_iter()
+            .map(|c| {
+                if c.qos > 0 {
+                    b.send(&ack_packet(PUBACK, c.pkid));
+                }
+                (c.sub_ids, c.qos)
+            })
+            .collect();
+        copies.sort();
+        assert_eq!(
+            copies,
+            vec![(vec![2], 1), (vec![3], 1), (vec![4], 0)],
+            "round {round}"
+        );
     }
     // Subscribing again without an identifier removes it (MQTT-3.8.2.1.2); only `sid2/#`
-    // matches `sid2/other`.
+    // matches `sid2/x/y`.
     subscribe_with_id(&mut b, "sid2/#", 0);
-    publish(v.port(), &["-t", "sid2/other", "-m", "three", "-q", "1"]);
+    publish(v.port(), &["-t", "sid2/x/y", "-m", "three", "-q", "1"]);
     let got = parse5(&b.recv().expect("the message"));
     assert!(got.sub_ids.is_empty(), "{got:?}");
 

@@ -66,6 +66,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 use tracing::{debug, info, warn};
 
+use super::copies::Copies;
 use super::limits::RateLimiter;
 use super::policy::{self, Credentials, Identity};
 use super::registry::{
@@ -445,6 +446,13 @@ struct Session<S> {
     options_in_use: bool,
     /// The Subscription Identifier properties of the delivery being written (reused).
     sub_id_props: BytesMut,
+    /// The subscriptions matching the delivery being written, when the edge looks (reused).
+    matching: Vec<SubOptions>,
+    /// Which subscription each of the core's copies of a message is for (see `copies`).
+    copies: Copies,
+    /// The filters of the latest SUBSCRIBE that reached the core: retained messages the core
+    /// sends come from these.
+    last_subscribed: Vec<Bytes>,
     /// Topic aliases for the deliveries to a v5 client that accepts them.
     aliases: TopicAliases,
     /// This connection's SUBSCRIBEs and UNSUBSCRIBEs handed to the core and not yet answered.
@@ -747,6 +755,9 @@ where
                 .collect(),
             options_in_use,
             sub_id_props: BytesMut::new(),
+            matching: Vec::new(),
+            copies: Copies::default(),
+            last_subscribed: Vec::new(),
             aliases: TopicAliases::new(match version {
                 Version::V5 => connect.topic_alias_max.min(edge.topic_aliases),
                 Version::V311 => 0,
@@ -1337,6 +1348,12 @@ where
                         self.start_retained_fetch(filter.clone(), options & 0x03);
                     }
                 }
+                self.last_subscribed.clear();
+                if self.options_in_use {
+                    let granted = s.filters.iter().zip(&codes).filter(|(_, c)| c.is_none());
+                    self.last_subscribed
+                        .extend(granted.map(|((filter, _), _)| owned(filter)));
+                }
                 if codes.iter().all(Option::is_none) {
                     mqtt::put_core_subscribe(&mut self.core_out, s.pkid, &s.filters);
                     self.own_subscribes.sent();
@@ -1703,46 +1720,65 @@ where
         Ok(())
     }
 
-    /// Applies what the core cannot hold of the subscriptions matching `topic` (see
-    /// `needs_edge`). `from_subscribe`: the core sent the message with RETAIN, as it does
-    /// only for retained messages sent because of a new subscription. Returns whether to
-    /// deliver, and the RETAIN flag to deliver with; appends the Subscription Identifier
-    /// properties of the matching subscriptions to `ids`.
+    /// Applies what the core cannot hold of the subscription this copy of a message is for
+    /// (see `needs_edge`). `from_subscribe`: the core sent the message with RETAIN, as it does
+    /// only for retained messages sent because of a new subscription. `qos`: the copy's QoS
+    /// from the core. Returns whether to deliver, and the RETAIN flag to deliver with; appends
+    /// the subscription's Subscription Identifier property to `ids`.
     ///
-    /// The core sends one copy per matching filter and does not say which: with overlapping
-    /// subscriptions, every copy carries the identifiers of all of them.
+    /// With overlapping subscriptions the core sends one copy per matching filter without
+    /// saying which: [`Copies`] hands the subscriptions out one per copy (MQTT-3.3.4-5). A
+    /// retained message sent because of a subscription is for a filter of the latest
+    /// SUBSCRIBE, when one matches.
     fn apply_options(
-        &self,
+        &mut self,
         topic: &[u8],
         opened: &envelope::Opened,
         from_subscribe: bool,
+        qos: u8,
         ids: &mut BytesMut,
     ) -> (bool, bool) {
-        let (mut matched, mut all_no_local, mut all_no_retained, mut as_published) =
-            (false, true, true, false);
+        let only_latest = from_subscribe
+            && self
+                .last_subscribed
+                .iter()
+                .any(|f| mqtt::filter_matches(f, topic) && self.subscriptions.contains_key(f));
+        let mut matching = std::mem::take(&mut self.matching);
+        matching.clear();
         for (filter, sub) in &self.subscriptions {
-            if mqtt::filter_matches(filter, topic) {
-                matched = true;
-                all_no_local &= sub.options & NO_LOCAL != 0;
-                all_no_retained &= no_retained_on_subscribe(sub.options);
-                as_published |= sub.options & RETAIN_AS_PUBLISHED != 0;
-                if sub.id != 0 {
-                    ids.extend_from_slice(&[mqtt::prop::SUBSCRIPTION_ID]);
-                    mqtt::put_varint(ids, sub.id as usize);
-                }
+            if mqtt::filter_matches(filter, topic)
+                && (!only_latest || self.last_subscribed.contains(filter))
+            {
+                matching.push(*sub);
             }
         }
-        if !matched {
+        let sub = match matching.len() {
+            0 => None,
+            1 => Some(matching[0]),
+            _ => {
+                let key = fingerprint(topic, &opened.payload) ^ u64::from(from_subscribe);
+                Some(self.copies.assign(key, qos, &matching))
+            }
+        };
+        self.matching = matching;
+        let Some(sub) = sub else {
             return (true, from_subscribe);
+        };
+        if sub.id != 0 {
+            ids.extend_from_slice(&[mqtt::prop::SUBSCRIPTION_ID]);
+            mqtt::put_varint(ids, sub.id as usize);
         }
-        if all_no_local && opened.private.origin == Some(self.origin) {
+        if sub.options & NO_LOCAL != 0 && opened.private.origin == Some(self.origin) {
             // MQTT-3.8.3-3: never back to the client that published it.
             return (false, false);
         }
         if from_subscribe {
-            return (!all_no_retained, true);
+            return (!no_retained_on_subscribe(sub.options), true);
         }
-        (true, as_published && opened.retained)
+        (
+            true,
+            sub.options & RETAIN_AS_PUBLISHED != 0 && opened.retained,
+        )
     }
 
     /// Starts fetching the retained messages of a replaced subscription (`Edge::fetch_retained`);
@@ -1828,7 +1864,8 @@ where
                 let mut ids = std::mem::take(&mut self.sub_id_props);
                 ids.clear();
                 if deliver && self.options_in_use {
-                    (deliver, retain) = self.apply_options(&p.topic, &opened, p.retain, &mut ids);
+                    (deliver, retain) =
+                        self.apply_options(&p.topic, &opened, p.retain, p.qos, &mut ids);
                 }
                 // A message not delivered is taken as delivered at QoS 0: the edge
                 // acknowledges it to the core itself.

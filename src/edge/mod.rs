@@ -10,6 +10,7 @@
 
 pub mod acl;
 pub mod connection;
+mod copies;
 pub mod jwt;
 pub mod limits;
 pub mod passwd;
