@@ -526,8 +526,9 @@ impl Config {
         )?;
         check(
             "limits.max_topic_length",
-            (1..=65_535).contains(&l.max_topic_length),
-            "must be between 1 and 65535",
+            // One byte below MQTT's limit: the core may need one more (`mqtt::CORE_ESCAPE`).
+            (1..=65_534).contains(&l.max_topic_length),
+            "must be between 1 and 65534",
         )?;
         check(
             "limits.max_topic_levels",

@@ -159,7 +159,7 @@ pub fn put_core_publish(
         dup,
         qos,
         retain,
-        topic,
+        &mqtt::core_topic(topic),
         pkid,
         &[],
         parts,

@@ -649,12 +649,16 @@ pub fn parse_publish(frame: &Frame, version: Version) -> Result<Publish, CodecEr
     })
 }
 
-/// Parses a PUBLISH written by the core (always 3.1.1): no validation beyond framing.
+/// Parses a PUBLISH written by the core (always 3.1.1): no validation beyond framing. The
+/// topic comes back as the client sent it (without the core's escape, see [`CORE_ESCAPE`]).
 pub fn parse_core_publish(frame: &Frame) -> Result<Publish, CodecError> {
     let flags = frame.flags();
     let qos = (flags >> 1) & 0x03;
     let mut r = Reader::new(frame.body.clone());
-    let topic = r.binary()?;
+    let mut topic = r.binary()?;
+    if topic.first() == Some(&CORE_ESCAPE) {
+        topic = topic.slice(1..);
+    }
     let pkid = if qos > 0 { r.u16()? } else { 0 };
     Ok(Publish {
         dup: flags & 0x08 != 0,
@@ -1144,31 +1148,126 @@ pub fn put_core_connect(out: &mut BytesMut, c: &CoreConnect<'_>) {
     put_binary(out, c.password.as_bytes());
 }
 
+/// The core's escape for names that start with a character beyond ASCII.
+///
+/// rumqttd's router takes `&topic[..1]` of a `str` when it matches a topic (or a filter it
+/// compares as one) and panics when the first character is not ASCII: its router thread dies,
+/// and with it every connection. In the core, such a name therefore starts with U+0001 (after
+/// `$share/<group>/` for a shared filter). The escape becomes part of the first level, so every
+/// match stays as it was: `+` and `#` still cover that level, and an exact first level is
+/// escaped on both sides. A name that already starts with U+0001 gets one more, so two names
+/// never meet. The codec adds it when writing to the core and removes it from the core's
+/// PUBLISHes (`parse_core_publish`); nothing else sees it.
+pub const CORE_ESCAPE: u8 = 0x01;
+
+/// Where the core escape goes in `name` (a topic name, or a filter when `filter`), if anywhere.
+fn core_escape_at(name: &[u8], filter: bool) -> Option<usize> {
+    let start = match name.strip_prefix(b"$share/") {
+        Some(rest) if filter => 8 + rest.iter().position(|&b| b == b'/')?,
+        _ => 0,
+    };
+    match name.get(start) {
+        Some(&b) if b >= 0x80 || b == CORE_ESCAPE => Some(start),
+        _ => None,
+    }
+}
+
+/// `topic` as the core must see it (see [`CORE_ESCAPE`]); a copy only when escaped.
+pub fn core_topic(topic: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    match core_escape_at(topic, false) {
+        Some(_) => [&[CORE_ESCAPE][..], topic].concat().into(),
+        None => topic.into(),
+    }
+}
+
+/// A filter for the core, escaped as needed (see [`CORE_ESCAPE`]).
+fn put_core_filter(out: &mut BytesMut, filter: &[u8]) {
+    match core_escape_at(filter, true) {
+        None => put_binary(out, filter),
+        Some(at) => {
+            out.put_u16(filter.len() as u16 + 1);
+            out.extend_from_slice(&filter[..at]);
+            out.put_u8(CORE_ESCAPE);
+            out.extend_from_slice(&filter[at..]);
+        }
+    }
+}
+
+fn core_filter_len(filter: &[u8]) -> usize {
+    2 + filter.len() + usize::from(core_escape_at(filter, true).is_some())
+}
+
 /// SUBSCRIBE to the core (3.1.1): options reduced to the QoS bits.
 pub fn put_core_subscribe(out: &mut BytesMut, pkid: u16, filters: &[(Bytes, u8)]) {
-    let remaining = 2 + filters.iter().map(|(f, _)| 2 + f.len() + 1).sum::<usize>();
+    let remaining = 2 + filters
+        .iter()
+        .map(|(f, _)| core_filter_len(f) + 1)
+        .sum::<usize>();
     out.put_u8((SUBSCRIBE << 4) | 0x02);
     put_varint(out, remaining);
     out.put_u16(pkid);
     for (filter, qos) in filters {
-        put_binary(out, filter);
+        put_core_filter(out, filter);
         out.put_u8(qos & 0x03);
     }
 }
 
 pub fn put_core_unsubscribe(out: &mut BytesMut, pkid: u16, filters: &[Bytes]) {
-    let remaining = 2 + filters.iter().map(|f| 2 + f.len()).sum::<usize>();
+    let remaining = 2 + filters.iter().map(|f| core_filter_len(f)).sum::<usize>();
     out.put_u8((UNSUBSCRIBE << 4) | 0x02);
     put_varint(out, remaining);
     out.put_u16(pkid);
     for filter in filters {
-        put_binary(out, filter);
+        put_core_filter(out, filter);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_the_core_cannot_route_are_escaped_and_come_back_unchanged() {
+        let bom = "\u{feff}t/x".as_bytes();
+        assert_eq!(&core_topic(bom)[..], [&[CORE_ESCAPE][..], bom].concat());
+        assert_eq!(&core_topic(b"\x01t")[..], b"\x01\x01t");
+        assert!(matches!(
+            core_topic(b"plain/t"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        // Filters: the first level of the filter proper.
+        for (filter, core) in [
+            ("\u{e9}/#", "\u{1}\u{e9}/#"),
+            ("$share/g/\u{e9}/+", "$share/g/\u{1}\u{e9}/+"),
+            ("$share/\u{e9}/t", "$share/\u{e9}/t"),
+            ("+/\u{e9}", "+/\u{e9}"),
+            ("$share/g", "$share/g"),
+        ] {
+            let mut out = BytesMut::new();
+            put_core_unsubscribe(&mut out, 1, &[Bytes::from(filter)]);
+            let mut expected = BytesMut::new();
+            expected.put_u8((UNSUBSCRIBE << 4) | 0x02);
+            put_varint(&mut expected, 4 + core.len());
+            expected.put_u16(1);
+            put_binary(&mut expected, core.as_bytes());
+            assert_eq!(out, expected, "{filter}");
+        }
+        // The core's PUBLISH of an escaped topic parses to the client's topic.
+        let mut out = BytesMut::new();
+        put_publish(
+            &mut out,
+            Version::V311,
+            false,
+            0,
+            false,
+            &core_topic(bom),
+            0,
+            &[],
+            &[b"p"],
+        );
+        let frame = read_frame(&mut out, 1 << 20).unwrap().unwrap();
+        assert_eq!(&parse_core_publish(&frame).unwrap().topic[..], bom);
+    }
 
     /// A v5 QoS 0 PUBLISH of `x` to `topic` with `props`, encoded and parsed back.
     fn v5_qos0_publish(topic: &[u8], props: &[u8]) -> Result<Publish, CodecError> {

@@ -76,6 +76,82 @@ fn issue2_b_client_ids_with_topic_characters_connect_twice() {
     assert_broker_serves(v.port(), "b");
 }
 
+/// rumqttd's router panicked, and the whole broker with it, on a topic whose first character
+/// is not ASCII (it slices `&topic[..1]`): one QoS 0 PUBLISH to `\u{feff}x` from any client was
+/// enough. Such names now reach every kind of subscription unchanged, retained ones included.
+#[test]
+fn topics_starting_beyond_ascii_are_routed_and_never_crash_the_core() {
+    let v = Vigil::start();
+    let mut sub = Raw::connected(v.mqtt, &ConnectOpts::v311("beyond-ascii"));
+    let filters = [
+        ("\u{feff}bom/t", 1),
+        ("\u{6e29}\u{5ea6}/#", 1),
+        ("+/x", 1),
+        ("\u{1}ctl/t", 1),
+        ("$share/g/\u{e9}/+", 1),
+    ];
+    sub.send(&subscribe_packet(1, &filters));
+    assert_eq!(sub.recv().expect("SUBACK").body, [0, 1, 1, 1, 1, 1, 1]);
+    let mut publisher = Raw::connected(v.mqtt, &ConnectOpts::v311("beyond-ascii-pub"));
+    let topics = [
+        "\u{feff}bom/t",
+        "\u{6e29}\u{5ea6}/a/b",
+        "\u{e9}/x",
+        "\u{1}ctl/t",
+        "ctl/t",
+    ];
+    for (i, topic) in topics.iter().enumerate() {
+        publisher.send(&publish_packet(topic, b"p", 1, i == 0, i as u16 + 1, false));
+        assert_eq!(publisher.recv().expect("PUBACK").kind(), 4);
+    }
+    let mut got = Vec::new();
+    while let Some(p) = sub.recv_timeout(Duration::from_millis(700)) {
+        let (topic, ..) = parse_publish(&p);
+        got.push(topic);
+    }
+    got.sort();
+    // `é/x` matches `+/x` and the shared `é/+`: two copies; `ctl/t` matches nothing.
+    let mut expected = vec![
+        "\u{1}ctl/t",
+        "\u{e9}/x",
+        "\u{e9}/x",
+        "\u{6e29}\u{5ea6}/a/b",
+        "\u{feff}bom/t",
+    ];
+    expected.sort();
+    assert_eq!(got, expected);
+    // The retained one, to a new subscription.
+    let mut late = Raw::connected(v.mqtt, &ConnectOpts::v311("beyond-ascii-late"));
+    late.send(&subscribe_packet(1, &[("#", 0)]));
+    assert_eq!(late.recv().expect("SUBACK").kind(), 9);
+    let (topic, _, retain, ..) = parse_publish(&late.recv().expect("the retained message"));
+    assert_eq!((topic.as_str(), retain), ("\u{feff}bom/t", true));
+    assert_broker_serves(v.port(), "beyond-ascii");
+}
+
+/// DUP is set per hop (MQTT-3.3.1-3): a publisher's re-send is a first delivery to subscribers.
+#[test]
+fn a_publishers_dup_flag_is_not_passed_on() {
+    let v = Vigil::start();
+    let mut sub = Raw::connected(v.mqtt, &ConnectOpts::v311("dup-sub"));
+    sub.send(&subscribe_packet(1, &[("dup/t", 2)]));
+    assert_eq!(sub.recv().expect("SUBACK").kind(), 9);
+    let mut publisher = Raw::connected(v.mqtt, &ConnectOpts::v311("dup-pub"));
+    for qos in [1, 2] {
+        publisher.send(&publish_packet("dup/t", b"again", qos, false, 7, true));
+        publisher.recv().expect("PUBACK / PUBREC");
+        let p = sub.recv().expect("the message");
+        let (_, got_qos, _, dup, pkid, _) = parse_publish(&p);
+        assert_eq!((got_qos, dup), (qos, false), "{p:?}");
+        if qos == 2 {
+            publisher.send(&ack_packet(6, 7));
+            sub.send(&ack_packet(5, pkid));
+        } else {
+            sub.send(&ack_packet(4, pkid));
+        }
+    }
+}
+
 /// (c) rumqttd defect 3: one idle TCP socket on the WebSocket port blocked every new
 /// WebSocket client.
 #[test]

@@ -1237,9 +1237,10 @@ where
                             n => header.len() + n,
                         },
                     );
+                // DUP is per hop (MQTT-3.3.1-3): the client's re-send is a first send here.
                 envelope::put_core_publish(
                     &mut self.core_out,
-                    p.dup,
+                    false,
                     core_qos,
                     retain,
                     &p.topic,
