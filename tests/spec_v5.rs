@@ -233,6 +233,30 @@ fn receive_maximum_never_holds_back_the_clients_own_acknowledgements() {
 }
 
 #[test]
+fn a_qos2_delivery_keeps_its_place_in_the_receive_maximum_until_pubcomp() {
+    // MQTT-4.9.0-2: the send quota comes back at PUBCOMP, not at PUBREC.
+    let v = Vigil::start();
+    let (mut c, _) = connect(&v, "fc-q2", true, &[0x21, 0, 1]);
+    subscribe(&mut c, "fcq2/t", 2);
+    for m in ["first", "second"] {
+        publish(v.port(), &["-t", "fcq2/t", "-m", m, "-q", "2"]);
+    }
+    let first = parse5(&c.recv().expect("the first delivery"));
+    assert_eq!((first.qos, &first.payload[..]), (2, &b"first"[..]));
+    assert!(drain(&mut c, Duration::from_millis(500)).is_empty());
+    c.send(&ack_packet(5, first.pkid));
+    let rel = c.recv().expect("PUBREL");
+    assert_eq!((rel.kind(), &rel.body[..2]), (6, &first.pkid.to_be_bytes()[..]));
+    assert!(
+        drain(&mut c, Duration::from_millis(500)).is_empty(),
+        "a delivery went out before the PUBCOMP"
+    );
+    c.send(&ack_packet(7, first.pkid));
+    let second = parse5(&c.recv().expect("the second delivery after PUBCOMP"));
+    assert_eq!(second.payload, b"second");
+}
+
+#[test]
 fn qos2_publishes_past_the_receive_maximum_end_the_connection() {
     // paho's test_flow_control2: a client that never releases its QoS 2 publishes may keep as
     // many open as the CONNACK's Receive Maximum; the next one gets DISCONNECT 0x93. Like

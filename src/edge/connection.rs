@@ -1066,7 +1066,20 @@ where
     /// waits on the core, and pausing core reads then would deadlock.
     fn client_has_room(&self) -> bool {
         let max = self.client_receive_max as usize;
-        max >= CORE_INFLIGHT || self.core_acks.iter().filter(|a| !a.ready).count() < max
+        // A QoS 2 delivery keeps its place until the client's PUBCOMP (MQTT-4.9.0-2): after
+        // its PUBREC it waits for the core's PUBREL (`pubrel_to_client`), then for the
+        // client's PUBCOMP (`core_pubrels`, those with a client id and not yet ready).
+        let releasing = self.pubrel_to_client.len() + self.core_pubrels.len();
+        if max >= CORE_INFLIGHT + releasing {
+            return true;
+        }
+        let releasing = self.pubrel_to_client.len()
+            + self
+                .core_pubrels
+                .iter()
+                .filter(|&&(_, client, ready)| client != 0 && !ready)
+                .count();
+        self.core_acks.iter().filter(|a| !a.ready).count() + releasing < max
     }
 
     // -----------------------------------------------------------------------------------------
