@@ -271,11 +271,14 @@ pub fn validate_utf8(bytes: &[u8]) -> Result<&str, CodecError> {
 
 /// Walks a v5 property block, calling `f(id, value)` for each property; `value` is the
 /// property's encoded value (integers big-endian, strings and binary with their length prefix).
+/// A property other than User Property and Subscription Identifier (whose repeats the packets
+/// that allow them check) may appear once (MQTT 5 section 2.2.2.2): twice is a protocol error.
 pub fn for_each_property(
     props: &Bytes,
     mut f: impl FnMut(u8, &Bytes) -> Result<(), CodecError>,
 ) -> Result<(), CodecError> {
     let mut r = Reader::new(props.clone());
+    let mut seen = 0u64;
     while r.remaining() > 0 {
         let id = r.u8()?;
         let value = match id {
@@ -315,6 +318,13 @@ pub fn for_each_property(
             }
             _ => return Err(CodecError::Malformed("unknown property")),
         };
+        // Every id above is below 64.
+        if id != prop::USER_PROPERTY && id != prop::SUBSCRIPTION_ID {
+            if seen & (1 << id) != 0 {
+                return Err(CodecError::Protocol("property included twice"));
+            }
+            seen |= 1 << id;
+        }
         f(id, &value)?;
     }
     Ok(())
@@ -354,7 +364,6 @@ fn end_to_end_properties(props: &Bytes, will: bool) -> Result<EndToEnd, CodecErr
         return Ok(out);
     }
     let mut kept = BytesMut::new();
-    let mut seen_single = 0u32;
     for_each_property(props, |id, value| {
         match id {
             prop::PAYLOAD_FORMAT
@@ -363,11 +372,6 @@ fn end_to_end_properties(props: &Bytes, will: bool) -> Result<EndToEnd, CodecErr
             | prop::RESPONSE_TOPIC
             | prop::CORRELATION_DATA
             | prop::WILL_DELAY => {
-                let bit = 1u32 << id;
-                if seen_single & bit != 0 {
-                    return Err(CodecError::Protocol("property repeated"));
-                }
-                seen_single |= bit;
                 if id == prop::PAYLOAD_FORMAT && value[0] > 1 {
                     return Err(CodecError::Protocol("bad payload format indicator"));
                 }
@@ -1353,6 +1357,35 @@ mod tests {
             parse_connect(&frame_of(&bytes)),
             Err(CodecError::UnsupportedProtocol { .. })
         ));
+    }
+
+    #[test]
+    fn a_property_included_twice_is_a_protocol_error() {
+        let twice = |id: u8, value: &[u8]| {
+            let one = [&[id][..], value].concat();
+            Bytes::from([&one[..], &one[..]].concat())
+        };
+        for (id, value) in [(0x11, &[0, 0, 1, 44][..]), (0x21, &[0, 5]), (0x01, &[1])] {
+            assert!(
+                matches!(
+                    for_each_property(&twice(id, value), |_, _| Ok(())),
+                    Err(CodecError::Protocol(_))
+                ),
+                "{id:#x}"
+            );
+        }
+        // User properties may repeat, and so may Subscription Identifiers (a server's
+        // PUBLISH carries one per matching subscription).
+        let pair = [0x26, 0, 1, b'k', 0, 1, b'v'];
+        assert!(for_each_property(&twice(0x26, &pair[1..]), |_, _| Ok(())).is_ok());
+        assert!(for_each_property(&twice(0x0B, &[5]), |_, _| Ok(())).is_ok());
+        let mut n = 0;
+        for_each_property(&Bytes::from_static(&[0x11, 0, 0, 0, 1]), |_, _| {
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, 1);
     }
 
     #[test]

@@ -246,7 +246,10 @@ fn a_qos2_delivery_keeps_its_place_in_the_receive_maximum_until_pubcomp() {
     assert!(drain(&mut c, Duration::from_millis(500)).is_empty());
     c.send(&ack_packet(5, first.pkid));
     let rel = c.recv().expect("PUBREL");
-    assert_eq!((rel.kind(), &rel.body[..2]), (6, &first.pkid.to_be_bytes()[..]));
+    assert_eq!(
+        (rel.kind(), &rel.body[..2]),
+        (6, &first.pkid.to_be_bytes()[..])
+    );
     assert!(
         drain(&mut c, Duration::from_millis(500)).is_empty(),
         "a delivery went out before the PUBCOMP"
