@@ -56,6 +56,7 @@ pub mod prop {
 pub mod reason {
     pub const SUCCESS: u8 = 0x00;
     pub const DISCONNECT_WITH_WILL: u8 = 0x04;
+    pub const NO_SUBSCRIPTION_EXISTED: u8 = 0x11;
     pub const UNSPECIFIED: u8 = 0x80;
     pub const MALFORMED: u8 = 0x81;
     pub const PROTOCOL_ERROR: u8 = 0x82;
@@ -1085,7 +1086,8 @@ pub fn put_suback(out: &mut BytesMut, version: Version, pkid: u16, codes: &[u8])
 }
 
 /// UNSUBACK; v5 carries one success reason per filter.
-pub fn put_unsuback(out: &mut BytesMut, version: Version, pkid: u16, filters: usize) {
+/// UNSUBACK with one reason code per filter (v5; 3.1.1 has none).
+pub fn put_unsuback(out: &mut BytesMut, version: Version, pkid: u16, codes: &[u8]) {
     out.put_u8(UNSUBACK << 4);
     match version {
         Version::V311 => {
@@ -1093,10 +1095,10 @@ pub fn put_unsuback(out: &mut BytesMut, version: Version, pkid: u16, filters: us
             out.put_u16(pkid);
         }
         Version::V5 => {
-            put_varint(out, 3 + filters);
+            put_varint(out, 3 + codes.len());
             out.put_u16(pkid);
             out.put_u8(0);
-            out.put_bytes(0, filters);
+            out.extend_from_slice(codes);
         }
     }
 }

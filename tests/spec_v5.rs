@@ -232,6 +232,48 @@ fn receive_maximum_never_holds_back_the_clients_own_acknowledgements() {
     );
 }
 
+/// UNSUBSCRIBE of `filters` (v5, no properties); returns the UNSUBACK's reason codes.
+fn unsubscribe5(c: &mut Raw, pkid: u16, filters: &[&str]) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    body.push(0);
+    for f in filters {
+        body.extend(string(f.as_bytes()));
+    }
+    c.send(&packet(0xA2, &body));
+    let ack = c.recv().expect("UNSUBACK");
+    let [hi, lo] = pkid.to_be_bytes();
+    assert_eq!((ack.kind(), &ack.body[..3]), (11, &[hi, lo, 0][..]));
+    ack.body[3..].to_vec()
+}
+
+#[test]
+fn unsuback_says_which_filters_had_no_subscription() {
+    let v = Vigil::start();
+    let (mut c, _) = connect(&v, "unsub-codes", true, &[]);
+    subscribe(&mut c, "us/keep", 0);
+    subscribe(&mut c, "us/remove", 0);
+    assert_eq!(
+        unsubscribe5(&mut c, 2, &["us/remove", "us/never"]),
+        [0x00, 0x11]
+    );
+    assert_eq!(unsubscribe5(&mut c, 3, &["us/remove"]), [0x11]);
+    // A resumed session knows the subscriptions of its earlier connection.
+    let expiry = u32_prop(0x11, 60);
+    let (mut p, _) = connect(&v, "unsub-resumed", true, &expiry);
+    subscribe(&mut p, "us/a", 1);
+    subscribe(&mut p, "us/b", 1);
+    p.send(&disconnect5(&[]));
+    drop(p);
+    let (mut p, present) = connect(&v, "unsub-resumed", false, &expiry);
+    assert!(present);
+    assert_eq!(unsubscribe5(&mut p, 4, &["us/a", "us/c"]), [0x00, 0x11]);
+    publish(v.port(), &["-t", "us/a", "-m", "gone", "-q", "1"]);
+    publish(v.port(), &["-t", "us/b", "-m", "kept", "-q", "1"]);
+    let got = publishes(&mut p, Duration::from_millis(700));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].payload, b"kept");
+}
+
 #[test]
 fn a_qos2_delivery_keeps_its_place_in_the_receive_maximum_until_pubcomp() {
     // MQTT-4.9.0-2: the send quota comes back at PUBCOMP, not at PUBREC.

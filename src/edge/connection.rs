@@ -296,7 +296,7 @@ enum End {
 /// What a PINGREQ the edge sent the core is for. rumqttd answers pings in order with its other
 /// acknowledgements, so a PINGRESP proves that everything sent before the PINGREQ has been
 /// processed.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum PingFor {
     /// Keep-alive, or making the core flush pending acknowledgements.
     Nothing,
@@ -307,7 +307,7 @@ enum PingFor {
     /// and holds other connections' publishes at the subscribe fence until this answer.
     Unsubscribe {
         pkid: u16,
-        filters: usize,
+        codes: Vec<u8>,
         fenced: bool,
     },
 }
@@ -438,12 +438,15 @@ struct Session<S> {
     /// Messages dropped for the rate limit since the last log line about it.
     rate_dropped: u64,
     rate_logged: Option<Instant>,
-    /// Filters subscribed on this connection (the `max_subscriptions` count), with their
-    /// options byte and Subscription Identifier; a resumed session starts with those the
-    /// edge must look at (`needs_edge`).
+    /// The session's subscriptions (the `max_subscriptions` count), with their options byte
+    /// and Subscription Identifier; a resumed session starts with those of its earlier
+    /// connection (marked `RESTORED`).
     subscriptions: std::collections::HashMap<Bytes, SubOptions>,
     /// Some subscription needs the edge at delivery (`needs_edge`).
     options_in_use: bool,
+    /// `subscriptions` holds every subscription of the session: false when a resumed
+    /// session's earlier state was dropped (`Registry::store_offline`).
+    subscriptions_known: bool,
     /// The Subscription Identifier properties of the delivery being written (reused).
     sub_id_props: BytesMut,
     /// The subscriptions matching the delivery being written, when the edge looks (reused).
@@ -708,6 +711,7 @@ where
             Version::V311 => 0,
         };
         let options_in_use = offline.sub_options.iter().any(|&(_, sub)| needs_edge(sub));
+        let subscriptions_known = !resume || offline.subscriptions_known;
         let now = Instant::now();
         let mut session = Session {
             version,
@@ -754,6 +758,7 @@ where
                 })
                 .collect(),
             options_in_use,
+            subscriptions_known,
             sub_id_props: BytesMut::new(),
             matching: Vec::new(),
             copies: Copies::default(),
@@ -807,8 +812,9 @@ where
             inbound_qos2: std::mem::take(&mut session.inbound_qos2),
             unacked_out: session.offline_redeliveries(),
             pubrel_out: std::mem::take(&mut session.pubrel_to_client),
-            // All of them when some need the edge: which filters a topic matches decides.
-            sub_options: match session.options_in_use {
+            // All of them: which filters a topic matches decides what the edge applies, and
+            // which existed decides the UNSUBACK codes.
+            sub_options: match session.persistent {
                 true => session
                     .subscriptions
                     .iter()
@@ -819,6 +825,7 @@ where
                     .collect(),
                 false => Vec::new(),
             },
+            subscriptions_known: session.persistent && session.subscriptions_known,
         };
         offline
             .pubrel_out
@@ -1402,10 +1409,15 @@ where
                 if self.core_pings.len() >= MAX_PENDING_CONTROL {
                     return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
                 }
-                let filters = u.filters.len();
-                for f in &u.filters {
-                    self.subscriptions.remove(f);
-                }
+                // v5: "no subscription existed" (0x11) for a filter the session did not have.
+                let codes: Vec<u8> = u
+                    .filters
+                    .iter()
+                    .map(|f| match self.subscriptions.remove(f) {
+                        None if self.subscriptions_known => reason::NO_SUBSCRIPTION_EXISTED,
+                        _ => reason::SUCCESS,
+                    })
+                    .collect();
                 if self.options_in_use {
                     self.options_in_use = self.subscriptions.values().any(|&sub| needs_edge(sub));
                 }
@@ -1440,7 +1452,7 @@ where
                 }
                 self.ping_core(PingFor::Unsubscribe {
                     pkid: u.pkid,
-                    filters,
+                    codes,
                     fenced,
                 });
             }
@@ -2122,13 +2134,13 @@ where
                 match self.core_pings.pop_front() {
                     Some(PingFor::Unsubscribe {
                         pkid,
-                        filters,
+                        codes,
                         fenced,
                     }) => {
                         if fenced {
                             self.own_subscribes.answered();
                         }
-                        mqtt::put_unsuback(&mut self.client_out, self.version, pkid, filters);
+                        mqtt::put_unsuback(&mut self.client_out, self.version, pkid, &codes);
                     }
                     Some(PingFor::Resume) => {
                         // PUBRELs the core did not re-send: it had completed them. Their ids
