@@ -692,16 +692,15 @@ pub fn validate_topic_filter(filter: &[u8]) -> Result<(), CodecError> {
     if s.is_empty() {
         return Err(CodecError::Protocol("empty topic filter"));
     }
-    let path = if let Some(rest) = s.strip_prefix("$share/") {
-        let Some((group, path)) = rest.split_once('/') else {
-            return Err(CodecError::Protocol("shared subscription without a filter"));
-        };
-        if group.is_empty() || group.contains(['+', '#']) || path.is_empty() {
-            return Err(CodecError::Protocol("bad shared subscription"));
-        }
-        path
-    } else {
-        s
+    if is_malformed_shared(filter) {
+        return Err(CodecError::Protocol("bad shared subscription"));
+    }
+    let path = match s
+        .strip_prefix("$share/")
+        .and_then(|rest| rest.split_once('/'))
+    {
+        Some((_, path)) => path,
+        None => s,
     };
     let mut levels = path.split('/').peekable();
     while let Some(level) = levels.next() {
@@ -713,6 +712,22 @@ pub fn validate_topic_filter(filter: &[u8]) -> Result<(), CodecError> {
         }
     }
     Ok(())
+}
+
+/// A `$share/` filter without a group (non-empty, no wildcards) and a filter after it
+/// (MQTT-4.8.2-1, MQTT-4.8.2-2). SUBSCRIBE lets it through so that the edge refuses it in the
+/// SUBACK (0x8F), as EMQX and HiveMQ do, rather than ending the connection.
+pub fn is_malformed_shared(filter: &[u8]) -> bool {
+    let Some(rest) = filter.strip_prefix(b"$share/") else {
+        return false;
+    };
+    match rest.iter().position(|&b| b == b'/') {
+        Some(i) => {
+            let (group, path) = (&rest[..i], &rest[i + 1..]);
+            group.is_empty() || group.iter().any(|&b| b == b'+' || b == b'#') || path.is_empty()
+        }
+        None => true,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -759,7 +774,10 @@ pub fn parse_subscribe(frame: &Frame, version: Version) -> Result<Subscribe, Cod
         if options & reserved != 0 || options & 0x03 == 3 || (options >> 4) & 0x03 == 3 {
             return Err(CodecError::Malformed("bad subscription options"));
         }
-        validate_topic_filter(&filter)?;
+        // `r.string()` checked the UTF-8; a malformed shared filter is refused in the SUBACK.
+        if !is_malformed_shared(&filter) {
+            validate_topic_filter(&filter)?;
+        }
         filters.push((filter, options));
     }
     if filters.is_empty() {
@@ -1514,8 +1532,21 @@ mod tests {
             "$share/g",
             "$share//a",
             "$share/+/a",
+            "$share/g/",
         ] {
             assert!(validate_topic_filter(bad.as_bytes()).is_err(), "{bad}");
+        }
+        for shared in [
+            "$share/g",
+            "$share//a",
+            "$share/+/a",
+            "$share/g#/a",
+            "$share/g/",
+        ] {
+            assert!(is_malformed_shared(shared.as_bytes()), "{shared}");
+        }
+        for fine in ["$share/g/a", "$share/g/#", "$sharex/a", "a/$share/g"] {
+            assert!(!is_malformed_shared(fine.as_bytes()), "{fine}");
         }
     }
 

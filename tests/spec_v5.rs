@@ -275,6 +275,50 @@ fn unsuback_says_which_filters_had_no_subscription() {
 }
 
 #[test]
+fn shared_subscriptions_end_with_their_unsubscribe_and_malformed_ones_are_refused() {
+    let v = Vigil::start();
+    let (mut c, _) = connect(&v, "shared-unsub", true, &[]);
+    subscribe(&mut c, "$share/workers/sh/tasks", 1);
+    publish(v.port(), &["-t", "sh/tasks", "-m", "before", "-q", "1"]);
+    let got = parse5(&c.recv().expect("a delivery while subscribed"));
+    c.send(&ack_packet(PUBACK, got.pkid));
+    assert_eq!(unsubscribe5(&mut c, 2, &["$share/workers/sh/tasks"]), [0]);
+    publish(v.port(), &["-t", "sh/tasks", "-m", "after", "-q", "1"]);
+    assert!(
+        publishes(&mut c, Duration::from_millis(700)).is_empty(),
+        "delivered after the UNSUBSCRIBE"
+    );
+    // Subscribed again, it works again.
+    subscribe(&mut c, "$share/workers/sh/tasks", 1);
+    publish(v.port(), &["-t", "sh/tasks", "-m", "again", "-q", "1"]);
+    let got = publishes(&mut c, Duration::from_millis(700));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].payload, b"again");
+
+    // A malformed shared filter gets 0x8F in its SUBACK (MQTT-4.8.2-1, -2); the others of the
+    // packet are granted and the connection goes on.
+    let filters = [
+        "$share/gr+oup/t",
+        "$share/grouponly",
+        "$share//t",
+        "$share/g/",
+        "sh/ok",
+    ];
+    let mut body = 9u16.to_be_bytes().to_vec();
+    body.push(0);
+    for f in filters {
+        body.extend(string(f.as_bytes()));
+        body.push(1);
+    }
+    c.send(&packet(0x82, &body));
+    let ack = c.recv().expect("SUBACK");
+    assert_eq!(ack.kind(), SUBACK);
+    assert_eq!(ack.body[3..], [0x8F, 0x8F, 0x8F, 0x8F, 1]);
+    c.send(&[0xC0, 0]);
+    assert_eq!(c.recv().expect("PINGRESP").kind(), 13);
+}
+
+#[test]
 fn a_qos2_delivery_keeps_its_place_in_the_receive_maximum_until_pubcomp() {
     // MQTT-4.9.0-2: the send quota comes back at PUBCOMP, not at PUBREC.
     let v = Vigil::start();

@@ -447,6 +447,11 @@ struct Session<S> {
     /// `subscriptions` holds every subscription of the session: false when a resumed
     /// session's earlier state was dropped (`Registry::store_offline`).
     subscriptions_known: bool,
+    /// The client has unsubscribed a shared subscription. rumqttd goes on delivering one
+    /// that was waiting for data (it looks the waiter up under the whole `$share/...`
+    /// filter, which it filed under the filter proper), so from then on the edge drops
+    /// deliveries that no subscription of the session matches.
+    shared_unsubscribed: bool,
     /// The Subscription Identifier properties of the delivery being written (reused).
     sub_id_props: BytesMut,
     /// The subscriptions matching the delivery being written, when the edge looks (reused).
@@ -759,6 +764,7 @@ where
                 .collect(),
             options_in_use,
             subscriptions_known,
+            shared_unsubscribed: false,
             sub_id_props: BytesMut::new(),
             matching: Vec::new(),
             copies: Copies::default(),
@@ -1418,6 +1424,7 @@ where
                         _ => reason::SUCCESS,
                     })
                     .collect();
+                self.shared_unsubscribed |= u.filters.iter().any(|f| f.starts_with(b"$share/"));
                 if self.options_in_use {
                     self.options_in_use = self.subscriptions.values().any(|&sub| needs_edge(sub));
                 }
@@ -1578,6 +1585,10 @@ where
             Version::V311 => 0x80,
             Version::V5 => code,
         };
+        if mqtt::is_malformed_shared(filter) {
+            debug!(filter = %String::from_utf8_lossy(filter), "malformed shared subscription");
+            return Some(v5_or(reason::TOPIC_FILTER_INVALID));
+        }
         if !edge.policy.topic_within_limits(filter) {
             Metrics::inc(&edge.metrics.topic_limit_refusals);
             return Some(v5_or(reason::TOPIC_FILTER_INVALID));
@@ -1892,6 +1903,12 @@ where
                 if deliver && self.options_in_use {
                     (deliver, retain) =
                         self.apply_options(&p.topic, &opened, p.retain, p.qos, &mut ids);
+                }
+                if deliver && self.shared_unsubscribed && self.subscriptions_known {
+                    deliver = self
+                        .subscriptions
+                        .keys()
+                        .any(|f| mqtt::filter_matches(f, &p.topic));
                 }
                 // A message not delivered is taken as delivered at QoS 0: the edge
                 // acknowledges it to the core itself.
