@@ -354,6 +354,8 @@ struct EndToEnd {
     message_expiry: Option<u32>,
     /// Will Delay Interval in seconds (wills only).
     will_delay: u32,
+    /// Topic Alias (PUBLISH only): the receiver checks it against its maximum.
+    topic_alias: Option<u16>,
 }
 
 /// Properties of a PUBLISH (or will) that travel with the message from publisher to
@@ -398,9 +400,7 @@ fn end_to_end_properties(props: &Bytes, will: bool) -> Result<EndToEnd, CodecErr
                 kept.put_u8(id);
                 kept.extend_from_slice(value);
             }
-            prop::TOPIC_ALIAS if !will => {
-                return Err(CodecError::Protocol("topic alias not allowed"));
-            }
+            prop::TOPIC_ALIAS if !will => out.topic_alias = Some(be_u32(value) as u16),
             _ => return Err(CodecError::Protocol("property not allowed here")),
         }
         Ok(())
@@ -600,6 +600,9 @@ pub struct Publish {
     pub properties: Bytes,
     /// Message Expiry Interval (seconds), v5 only.
     pub message_expiry: Option<u32>,
+    /// v5 Topic Alias: with an empty `topic`, the topic it was set to earlier on the
+    /// connection; with a topic, set to that one (the receiver resolves it).
+    pub topic_alias: Option<u16>,
     pub payload: Bytes,
 }
 
@@ -638,7 +641,7 @@ pub fn parse_publish(frame: &Frame, version: Version) -> Result<Publish, CodecEr
     } else {
         EndToEnd::default()
     };
-    if topic.is_empty() {
+    if topic.is_empty() && props.topic_alias.is_none() {
         return Err(CodecError::Protocol("empty topic name"));
     }
     validate_topic_name(&topic)?;
@@ -650,6 +653,7 @@ pub fn parse_publish(frame: &Frame, version: Version) -> Result<Publish, CodecEr
         pkid,
         properties: props.properties,
         message_expiry: props.message_expiry,
+        topic_alias: props.topic_alias,
         payload: r.rest(),
     })
 }
@@ -673,6 +677,7 @@ pub fn parse_core_publish(frame: &Frame) -> Result<Publish, CodecError> {
         pkid,
         properties: Bytes::new(),
         message_expiry: None,
+        topic_alias: None,
         payload: r.rest(),
     })
 }
@@ -1044,6 +1049,8 @@ pub struct ConnackProperties {
     pub server_keep_alive: Option<u16>,
     pub receive_maximum: u16,
     pub maximum_packet_size: u32,
+    /// Topic aliases the client may use (0: none, and the property is left out).
+    pub topic_alias_maximum: u16,
 }
 
 pub fn put_connack(
@@ -1075,6 +1082,10 @@ pub fn put_connack(
                 p.put_u16(props.receive_maximum);
                 p.put_u8(prop::MAXIMUM_PACKET_SIZE);
                 p.put_u32(props.maximum_packet_size);
+                if props.topic_alias_maximum > 0 {
+                    p.put_u8(prop::TOPIC_ALIAS_MAXIMUM);
+                    p.put_u16(props.topic_alias_maximum);
+                }
                 p.put_u8(prop::RETAIN_AVAILABLE);
                 p.put_u8(1);
                 p.put_u8(prop::WILDCARD_SUB_AVAILABLE);
@@ -1103,7 +1114,6 @@ pub fn put_suback(out: &mut BytesMut, version: Version, pkid: u16, codes: &[u8])
     out.extend_from_slice(codes);
 }
 
-/// UNSUBACK; v5 carries one success reason per filter.
 /// UNSUBACK with one reason code per filter (v5; 3.1.1 has none).
 pub fn put_unsuback(out: &mut BytesMut, version: Version, pkid: u16, codes: &[u8]) {
     out.put_u8(UNSUBACK << 4);
@@ -1500,7 +1510,7 @@ mod tests {
     }
 
     #[test]
-    fn publish_rejects_wildcards_topic_alias_and_qos3() {
+    fn publish_rejects_wildcards_and_qos3() {
         let mut out = BytesMut::new();
         put_publish(
             &mut out,
@@ -1514,9 +1524,21 @@ mod tests {
             &[b"x"],
         );
         assert!(parse_publish(&frame_of(&out), Version::V311).is_err());
-        assert!(v5_qos0_publish(b"a", &[prop::TOPIC_ALIAS, 0, 1]).is_err());
         let bytes = [0x36, 5, 0, 1, b'a', 0, 1];
         assert!(parse_publish(&frame_of(&bytes), Version::V311).is_err());
+    }
+
+    #[test]
+    fn a_topic_alias_is_read_and_stands_in_for_an_empty_topic() {
+        let p = v5_qos0_publish(b"a", &[prop::TOPIC_ALIAS, 0, 3]).unwrap();
+        assert_eq!((&p.topic[..], p.topic_alias), (&b"a"[..], Some(3)));
+        assert!(
+            p.properties.is_empty(),
+            "the alias is per hop: not forwarded"
+        );
+        let p = v5_qos0_publish(b"", &[prop::TOPIC_ALIAS, 0, 3]).unwrap();
+        assert_eq!((&p.topic[..], p.topic_alias), (&b""[..], Some(3)));
+        assert!(v5_qos0_publish(b"", &[]).is_err(), "no topic and no alias");
     }
 
     #[test]
@@ -1694,6 +1716,7 @@ mod tests {
             server_keep_alive: None,
             receive_maximum: 100,
             maximum_packet_size: 1024,
+            topic_alias_maximum: 0,
         };
         put_connack(&mut out, Version::V5, false, 0, Some(&props));
         let f = frame_of(&out);

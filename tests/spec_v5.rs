@@ -318,6 +318,62 @@ fn shared_subscriptions_end_with_their_unsubscribe_and_malformed_ones_are_refuse
     assert_eq!(c.recv().expect("PINGRESP").kind(), 13);
 }
 
+/// A v5 PUBLISH with Topic Alias `alias` (and `topic`, possibly empty).
+fn publish5_aliased(topic: &str, alias: u16, payload: &[u8], qos: u8, pkid: u16) -> Vec<u8> {
+    let mut body = string(topic.as_bytes());
+    if qos > 0 {
+        body.extend(pkid.to_be_bytes());
+    }
+    body.extend(props(&[&[0x23][..], &alias.to_be_bytes()].concat()));
+    body.extend_from_slice(payload);
+    packet(0x30 | (qos << 1), &body)
+}
+
+#[test]
+fn clients_may_publish_with_topic_aliases() {
+    let v = Vigil::start();
+    let mut p = Raw::open(v.mqtt);
+    p.send(&connect5("alias-pub", true, &[]));
+    let ack = p.recv().expect("CONNACK");
+    assert!(
+        ack.body.windows(3).any(|w| w == [0x22, 0, 10]),
+        "Topic Alias Maximum 10 in {ack:?}"
+    );
+    let (mut sub, _) = connect(&v, "alias-sub", true, &[]);
+    subscribe(&mut sub, "al/#", 1);
+    p.send(&publish5_aliased("al/one", 1, b"a", 1, 1));
+    p.send(&publish5_aliased("", 1, b"b", 1, 2));
+    p.send(&publish5_aliased("al/two", 1, b"c", 0, 0));
+    p.send(&publish5_aliased("", 1, b"d", 1, 3));
+    p.send(&publish5_aliased("al/ten", 10, b"e", 1, 4));
+    p.send(&publish5_aliased("", 10, b"f", 1, 5));
+    // Sorted: MQTT orders messages per QoS level, and one of them is QoS 0.
+    let mut got: Vec<(String, Vec<u8>)> = take_and_ack(&mut sub, 6, true)
+        .into_iter()
+        .map(|(topic, _, _, payload)| (topic, payload))
+        .collect();
+    got.sort();
+    let expected: Vec<(String, Vec<u8>)> = [
+        ("al/one", "a"),
+        ("al/one", "b"),
+        ("al/ten", "e"),
+        ("al/ten", "f"),
+        ("al/two", "c"),
+        ("al/two", "d"),
+    ]
+    .iter()
+    .map(|(t, m)| (t.to_string(), m.as_bytes().to_vec()))
+    .collect();
+    assert_eq!(got, expected);
+    // An alias beyond the maximum, or 0: 0x94; one never set: a protocol error.
+    for (alias, topic, code) in [(11, "al/x", 0x94), (0, "al/x", 0x94), (2, "", 0x82)] {
+        let (mut c, _) = connect(&v, "alias-bad", true, &[]);
+        c.send(&publish5_aliased(topic, alias, b"x", 0, 0));
+        let d = c.recv().expect("DISCONNECT");
+        assert_eq!((d.kind(), d.body[0]), (DISCONNECT, code), "alias {alias}");
+    }
+}
+
 #[test]
 fn a_qos2_delivery_keeps_its_place_in_the_receive_maximum_until_pubcomp() {
     // MQTT-4.9.0-2: the send quota comes back at PUBCOMP, not at PUBREC.

@@ -104,6 +104,9 @@ const CORE_WINDOW: usize = 1000;
 /// A client QoS 1 publish is acknowledged on its way to the core while fewer than this many of
 /// the client's publishes await the core's acknowledgement, none of them acknowledged late.
 const EARLY_ACK_WINDOW: usize = 4;
+/// Topic aliases a v5 client may use in its PUBLISHes (announced in CONNACK; mosquitto's
+/// default too). Each keeps a copy of its topic, so at most this many topics per connection.
+const CLIENT_TOPIC_ALIASES: u16 = 10;
 /// rumqttd's fixed window of unacknowledged deliveries per connection.
 const CORE_INFLIGHT: usize = 100;
 /// Unacknowledged core deliveries tolerated before the core is considered broken.
@@ -463,6 +466,8 @@ struct Session<S> {
     last_subscribed: Vec<Bytes>,
     /// Topic aliases for the deliveries to a v5 client that accepts them.
     aliases: TopicAliases,
+    /// The topics the client's own Topic Aliases stand for (alias 1 first; empty: not set).
+    client_aliases: Vec<Bytes>,
     /// This connection's SUBSCRIBEs and UNSUBSCRIBEs handed to the core and not yet answered.
     own_subscribes: InFlight,
     /// This connection's publishes acknowledged to the client and not yet by the core.
@@ -700,6 +705,7 @@ where
             server_keep_alive: keep_alive_changed.then_some(keep_alive),
             receive_maximum: RECEIVE_MAXIMUM,
             maximum_packet_size: edge.policy.max_packet_size as u32,
+            topic_alias_maximum: CLIENT_TOPIC_ALIASES,
         };
         mqtt::put_connack(&mut client_out, version, session_present, 0, Some(&props));
         debug!(persistent, session_present, keep_alive, "connected");
@@ -769,6 +775,7 @@ where
             matching: Vec::new(),
             copies: Copies::default(),
             last_subscribed: Vec::new(),
+            client_aliases: Vec::new(),
             aliases: TopicAliases::new(match version {
                 Version::V5 => connect.topic_alias_max.min(edge.topic_aliases),
                 Version::V311 => 0,
@@ -1174,6 +1181,31 @@ where
         }
     }
 
+    /// The topic a client PUBLISH with Topic Alias `alias` is for: `topic` when it has one,
+    /// which the alias then stands for on this connection, else the one the alias stands for.
+    fn resolve_alias(&mut self, alias: u16, topic: Bytes) -> Result<Bytes, End> {
+        if alias == 0 || alias > CLIENT_TOPIC_ALIASES {
+            // MQTT-3.3.2-8, MQTT-3.3.2-9.
+            debug!(alias, "topic alias out of range");
+            return Err(End::ProtocolError(reason::TOPIC_ALIAS_INVALID));
+        }
+        let slot = alias as usize - 1;
+        if self.client_aliases.len() <= slot {
+            self.client_aliases.resize(slot + 1, Bytes::new());
+        }
+        if topic.is_empty() {
+            return match &self.client_aliases[slot] {
+                known if known.is_empty() => {
+                    debug!(alias, "topic alias used before it was set");
+                    Err(End::ProtocolError(reason::PROTOCOL_ERROR))
+                }
+                known => Ok(known.clone()),
+            };
+        }
+        self.client_aliases[slot] = owned(&topic);
+        Ok(topic)
+    }
+
     fn violation(&self, e: &CodecError) -> End {
         debug!(error = %e, "protocol violation");
         End::ProtocolError(e.reason_code())
@@ -1182,8 +1214,11 @@ where
     fn on_client_packet(&mut self, edge: &Edge, frame: Frame) -> Result<(), End> {
         match frame.kind() {
             mqtt::PUBLISH => {
-                let p =
+                let mut p =
                     mqtt::parse_publish(&frame, self.version).map_err(|e| self.violation(&e))?;
+                if let Some(alias) = p.topic_alias {
+                    p.topic = self.resolve_alias(alias, p.topic)?;
+                }
                 Metrics::inc(&edge.metrics.publish_in[p.qos as usize]);
                 if let Err(code) = self.check_publish(edge, &p.topic) {
                     return self.refuse_publish(p.qos, p.pkid, code);
