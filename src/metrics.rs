@@ -28,6 +28,8 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     pub rate_limited_disconnects: AtomicU64,
     pub topic_limit_refusals: AtomicU64,
+    /// Client publishes to `$` topics, which the core routes to no one.
+    pub dollar_topic_refusals: AtomicU64,
     pub subscription_limit_refusals: AtomicU64,
     /// SUBSCRIBE filters refused because `limits.max_distinct_filters` filters are in the
     /// core, and how many are (`edge::limits::CoreFilters`).
@@ -334,6 +336,7 @@ impl Metrics {
             "Requests refused by a limit, by limit.",
             &[
                 ("{limit=\"topic\"}", g(&self.topic_limit_refusals)),
+                ("{limit=\"dollar_topic\"}", g(&self.dollar_topic_refusals)),
                 (
                     "{limit=\"subscriptions\"}",
                     g(&self.subscription_limit_refusals),

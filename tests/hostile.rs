@@ -259,7 +259,8 @@ fn mqtt5_property_abuse() {
         ..ConnectOpts::v311("props")
     };
     // PUBLISH properties: length past the packet, an unknown id, a duplicate single-valued
-    // property, a topic alias (announced maximum 0), a subscription identifier from a client.
+    // property, a topic alias past the announced maximum (10), a subscription identifier from
+    // a client.
     let topic = string(b"p/x");
     let with_props = |props: &[u8]| {
         let mut body = topic.clone();
@@ -274,7 +275,7 @@ fn mqtt5_property_abuse() {
             "duplicate payload format",
             with_props(&[4, 0x01, 1, 0x01, 1]),
         ),
-        ("topic alias", with_props(&[3, 0x23, 0, 1])),
+        ("topic alias", with_props(&[3, 0x23, 0, 11])),
         ("subscription identifier", with_props(&[2, 0x0B, 1])),
     ];
     for (name, bytes) in &cases {

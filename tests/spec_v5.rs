@@ -375,6 +375,23 @@ fn clients_may_publish_with_topic_aliases() {
 }
 
 #[test]
+fn publishes_to_dollar_topics_are_refused_not_lost_unseen() {
+    // The core routes no `$` topic, not even to a filter that names it.
+    let v = Vigil::start();
+    let (mut c, _) = connect(&v, "dollar-pub", true, &[]);
+    c.send(&publish5("$foo/t", b"x", 1, false, 3));
+    let ack = c.recv().expect("PUBACK");
+    assert_eq!((ack.kind(), &ack.body[..]), (PUBACK, &[0, 3, 0x90][..]));
+    c.send(&publish5("plain/t", b"x", 1, false, 4));
+    assert_eq!(c.recv().expect("PUBACK").body, [0, 4]);
+    let page = http_get(v.http, "/metrics");
+    assert_eq!(
+        metric(&page, "vigil_limit_refusals_total{limit=\"dollar_topic\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
 fn a_qos2_delivery_keeps_its_place_in_the_receive_maximum_until_pubcomp() {
     // MQTT-4.9.0-2: the send quota comes back at PUBCOMP, not at PUBREC.
     let v = Vigil::start();

@@ -1541,6 +1541,13 @@ where
         if self.last_allowed_topic.as_ref() == Some(topic) {
             return Ok(());
         }
+        if topic.first() == Some(&b'$') {
+            // rumqttd routes no `$` topic, not even to a filter that names it: refused rather
+            // than acknowledged and lost (v5 0x90; 3.1.1 acknowledged and dropped, counted).
+            Metrics::inc(&edge.metrics.dollar_topic_refusals);
+            debug!(topic = %String::from_utf8_lossy(topic), "publish to a $ topic refused");
+            return Err(reason::TOPIC_NAME_INVALID);
+        }
         if !edge.policy.topic_within_limits(topic) {
             Metrics::inc(&edge.metrics.topic_limit_refusals);
             debug!(

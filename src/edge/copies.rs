@@ -8,9 +8,10 @@
 //! per copy: the first copy of a message takes one and leaves the others in [`Copies`], keyed by
 //! a digest of the message; the later copies take the rest.
 //!
-//! A copy's QoS picks among them: a subscription granted exactly that QoS first, then one granted
-//! more (the publish's QoS capped the copy). Copies at the same QoS are identical but for what
-//! is decided here, so which one takes which subscription cannot be told apart from outside.
+//! rumqttd sends each copy at its filter's QoS (the edge then caps it at the publish's), so a
+//! copy's QoS picks among them: a subscription granted exactly that QoS first, else one granted
+//! more. Copies at the same QoS are identical but for what is decided here, so which one takes
+//! which subscription cannot be told apart from outside.
 //! Two identical messages in a row share a key; each copy still takes one subscription, so the
 //! client gets the same packets as if the keys differed.
 //!
@@ -106,7 +107,7 @@ mod tests {
                 assert_eq!(c.assign(3, qos, &subs).id, expected, "{order:?}");
             }
         }
-        // A QoS 1 publish: the QoS 2 subscription's copy comes at QoS 1.
+        // Should a copy come capped below its subscription's QoS, it takes one granted more.
         let mut c = Copies::default();
         assert_eq!(c.assign(4, 1, &subs).id, 2);
         assert_eq!(c.assign(4, 0, &subs).id, 1);
