@@ -1541,13 +1541,6 @@ where
         if self.last_allowed_topic.as_ref() == Some(topic) {
             return Ok(());
         }
-        if topic.first() == Some(&b'$') {
-            // rumqttd routes no `$` topic, not even to a filter that names it: refused rather
-            // than acknowledged and lost (v5 0x90; 3.1.1 acknowledged and dropped, counted).
-            Metrics::inc(&edge.metrics.dollar_topic_refusals);
-            debug!(topic = %String::from_utf8_lossy(topic), "publish to a $ topic refused");
-            return Err(reason::TOPIC_NAME_INVALID);
-        }
         if !edge.policy.topic_within_limits(topic) {
             Metrics::inc(&edge.metrics.topic_limit_refusals);
             debug!(
@@ -1563,6 +1556,13 @@ where
             Metrics::inc(&edge.metrics.acl_denied_publish);
             debug!(topic = %String::from_utf8_lossy(topic), "publish refused by the ACL");
             return Err(reason::NOT_AUTHORIZED);
+        }
+        if topic.first() == Some(&b'$') {
+            // rumqttd routes no `$` topic, not even to a filter that names it: refused rather
+            // than acknowledged and lost (v5 0x90; 3.1.1 acknowledged and dropped, counted).
+            Metrics::inc(&edge.metrics.dollar_topic_refusals);
+            debug!(topic = %String::from_utf8_lossy(topic), "publish to a $ topic refused");
+            return Err(reason::TOPIC_NAME_INVALID);
         }
         if !edge.admit_topic(topic) {
             return Err(reason::QUOTA_EXCEEDED);
