@@ -49,6 +49,7 @@ pub mod prop {
     pub const USER_PROPERTY: u8 = 0x26;
     pub const MAXIMUM_PACKET_SIZE: u8 = 0x27;
     pub const WILDCARD_SUB_AVAILABLE: u8 = 0x28;
+    pub const SUBSCRIPTION_ID_AVAILABLE: u8 = 0x29;
     pub const SHARED_SUB_AVAILABLE: u8 = 0x2A;
 }
 
@@ -1089,6 +1090,9 @@ pub fn put_connack(
                 p.put_u8(prop::RETAIN_AVAILABLE);
                 p.put_u8(1);
                 p.put_u8(prop::WILDCARD_SUB_AVAILABLE);
+                p.put_u8(1);
+                // Absent means available too; said outright for clients that look for it.
+                p.put_u8(prop::SUBSCRIPTION_ID_AVAILABLE);
                 p.put_u8(1);
                 p.put_u8(prop::SHARED_SUB_AVAILABLE);
                 p.put_u8(1);

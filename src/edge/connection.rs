@@ -443,12 +443,13 @@ struct Session<S> {
     rate_logged: Option<Instant>,
     /// The session's subscriptions (the `max_subscriptions` count), with their options byte
     /// and Subscription Identifier; a resumed session starts with those of its earlier
-    /// connection (marked `RESTORED`).
+    /// connection (marked `RESTORED`) when some of them needed the edge (`needs_edge`).
     subscriptions: std::collections::HashMap<Bytes, SubOptions>,
     /// Some subscription needs the edge at delivery (`needs_edge`).
     options_in_use: bool,
     /// `subscriptions` holds every subscription of the session: false when a resumed
-    /// session's earlier state was dropped (`Registry::store_offline`).
+    /// session's earlier subscriptions were not kept (none needed the edge, or the offline
+    /// store was full).
     subscriptions_known: bool,
     /// The client has unsubscribed a shared subscription. rumqttd goes on delivering one
     /// that was waiting for data (it looks the waiter up under the whole `$share/...`
@@ -825,9 +826,10 @@ where
             inbound_qos2: std::mem::take(&mut session.inbound_qos2),
             unacked_out: session.offline_redeliveries(),
             pubrel_out: std::mem::take(&mut session.pubrel_to_client),
-            // All of them: which filters a topic matches decides what the edge applies, and
-            // which existed decides the UNSUBACK codes.
-            sub_options: match session.persistent {
+            // All of them when some need the edge: which filters a topic matches decides.
+            // Only then: the offline store is bounded, and a session's QoS 2 and redelivery
+            // state matters more than exact UNSUBACK codes after a resume.
+            sub_options: match session.persistent && session.options_in_use {
                 true => session
                     .subscriptions
                     .iter()
@@ -838,7 +840,9 @@ where
                     .collect(),
                 false => Vec::new(),
             },
-            subscriptions_known: session.persistent && session.subscriptions_known,
+            subscriptions_known: session.persistent
+                && session.options_in_use
+                && session.subscriptions_known,
         };
         offline
             .pubrel_out

@@ -139,11 +139,11 @@ pub struct OfflineState {
     /// QoS 2 deliveries whose PUBREL the client still needs: (core id, client id). The core
     /// re-sends these PUBRELs under the ids of the connection that ended.
     pub pubrel_out: Vec<(u16, u16)>,
-    /// The session's subscriptions, with what the core cannot hold of them (No Local, Retain
-    /// As Published, Retain Handling 2, a Subscription Identifier).
+    /// The session's subscriptions when some have what the core cannot hold (No Local,
+    /// Retain As Published, Retain Handling 2, a Subscription Identifier); empty otherwise.
     pub sub_options: Vec<(Bytes, SubOptions)>,
-    /// `sub_options` is every subscription of the session (not so when an earlier connection's
-    /// state was dropped): an UNSUBSCRIBE of another filter gets "no subscription existed".
+    /// `sub_options` is every subscription of the session: an UNSUBSCRIBE of another filter
+    /// gets "no subscription existed".
     pub subscriptions_known: bool,
 }
 
@@ -174,7 +174,6 @@ impl OfflineState {
             && self.unacked_out.is_empty()
             && self.pubrel_out.is_empty()
             && self.sub_options.is_empty()
-            && !self.subscriptions_known
     }
 }
 
