@@ -163,12 +163,15 @@ fn acks_in_any_order_are_accepted() {
 #[test]
 fn connect_validation_and_client_ids() {
     let v = Vigil::start();
-    // Unsupported protocol level: CONNACK 1.
-    let mut raw = Raw::open(v.mqtt);
-    let mut pkt = connect_packet(&ConnectOpts::v311("lvl"));
-    pkt[8] = 9;
-    raw.send(&pkt);
-    assert_eq!(raw.recv().map(|p| p.body), Some(vec![0, 1]));
+    // Unsupported protocol level: CONNACK 1; past MQTT 5, the v5 form with 0x84.
+    for (level, body) in [(2, vec![0, 1]), (9, vec![0, 0x84, 0])] {
+        let mut raw = Raw::open(v.mqtt);
+        let mut pkt = connect_packet(&ConnectOpts::v311("lvl"));
+        pkt[8] = level;
+        raw.send(&pkt);
+        assert_eq!(raw.recv().map(|p| p.body), Some(body), "level {level}");
+        assert!(raw.closed_within(Duration::from_secs(2)), "level {level}");
+    }
     // Empty client id with a persistent session: identifier rejected (2).
     let (_r, ack) = Raw::connect(
         v.mqtt,

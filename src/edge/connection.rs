@@ -179,6 +179,12 @@ pub async fn serve<S>(
             Metrics::inc(&edge.metrics.protocol_errors);
             info!(error = %e, "refused: bad CONNECT");
             match (&e, version) {
+                // A level past 5 is a client newer than MQTT 5: the v5 form and 0x84, which
+                // MQTT 5 (3.1.2.2) suggests. Below, 3.1.1's answer (MQTT-3.1.2-2), as mosquitto
+                // gives every unknown level.
+                (CodecError::UnsupportedProtocol { level, .. }, _) if *level > 5 => {
+                    refuse(&mut stream, Version::V5, e.reason_code()).await
+                }
                 (CodecError::UnsupportedProtocol { .. }, _) => {
                     refuse(&mut stream, Version::V311, rc::UNACCEPTABLE_PROTOCOL).await
                 }
