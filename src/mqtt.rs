@@ -1200,9 +1200,15 @@ pub const CORE_ESCAPE: u8 = 0x01;
 
 /// Where the core escape goes in `name` (a topic name, or a filter when `filter`), if anywhere.
 fn core_escape_at(name: &[u8], filter: bool) -> Option<usize> {
-    let start = match name.strip_prefix(b"$share/") {
-        Some(rest) if filter => 8 + rest.iter().position(|&b| b == b'/')?,
-        _ => 0,
+    // A topic name is written on every publish: only a filter can be shared.
+    let shared = if filter {
+        name.strip_prefix(b"$share/")
+    } else {
+        None
+    };
+    let start = match shared {
+        Some(rest) => 8 + rest.iter().position(|&b| b == b'/')?,
+        None => 0,
     };
     match name.get(start) {
         Some(&b) if b >= 0x80 || b == CORE_ESCAPE => Some(start),

@@ -63,11 +63,23 @@ fn sub_id(id: u32) -> Vec<u8> {
 }
 
 fn publish5(topic: &str, payload: &[u8], qos: u8, retain: bool, pkid: u16) -> Vec<u8> {
+    publish5_with(topic, payload, qos, retain, pkid, &[])
+}
+
+/// A v5 PUBLISH with `properties` (unencoded property bytes).
+fn publish5_with(
+    topic: &str,
+    payload: &[u8],
+    qos: u8,
+    retain: bool,
+    pkid: u16,
+    properties: &[u8],
+) -> Vec<u8> {
     let mut body = string(topic.as_bytes());
     if qos > 0 {
         body.extend(pkid.to_be_bytes());
     }
-    body.push(0);
+    body.extend(props(properties));
     body.extend_from_slice(payload);
     packet(0x30 | (qos << 1) | retain as u8, &body)
 }
@@ -160,12 +172,18 @@ fn parse5(p: &Packet) -> Publish5 {
 
 /// Connects a raw v5 client and returns it with its CONNACK's session-present flag.
 fn connect(v: &Vigil, client_id: &str, clean: bool, properties: &[u8]) -> (Raw, bool) {
+    let (c, ack) = connect_acked(v, client_id, clean, properties);
+    (c, ack.body[0] & 1 == 1)
+}
+
+/// Connects (v5) and returns the successful CONNACK, for its properties.
+fn connect_acked(v: &Vigil, client_id: &str, clean: bool, properties: &[u8]) -> (Raw, Packet) {
     let mut c = Raw::open(v.mqtt);
     c.send(&connect5(client_id, clean, properties));
     let ack = c.recv().expect("CONNACK");
     assert_eq!(ack.kind(), 2, "expected CONNACK, got {ack:?}");
     assert_eq!(ack.body[1], 0, "refused: {ack:?}");
-    (c, ack.body[0] & 1 == 1)
+    (c, ack)
 }
 
 fn subscribe(c: &mut Raw, filter: &str, options: u8) {
@@ -328,21 +346,14 @@ fn shared_subscriptions_end_with_their_unsubscribe_and_malformed_ones_are_refuse
 
 /// A v5 PUBLISH with Topic Alias `alias` (and `topic`, possibly empty).
 fn publish5_aliased(topic: &str, alias: u16, payload: &[u8], qos: u8, pkid: u16) -> Vec<u8> {
-    let mut body = string(topic.as_bytes());
-    if qos > 0 {
-        body.extend(pkid.to_be_bytes());
-    }
-    body.extend(props(&[&[0x23][..], &alias.to_be_bytes()].concat()));
-    body.extend_from_slice(payload);
-    packet(0x30 | (qos << 1), &body)
+    let alias = [&[0x23][..], &alias.to_be_bytes()].concat();
+    publish5_with(topic, payload, qos, false, pkid, &alias)
 }
 
 #[test]
 fn clients_may_publish_with_topic_aliases() {
     let v = Vigil::start();
-    let mut p = Raw::open(v.mqtt);
-    p.send(&connect5("alias-pub", true, &[]));
-    let ack = p.recv().expect("CONNACK");
+    let (mut p, ack) = connect_acked(&v, "alias-pub", true, &[]);
     assert!(
         ack.body.windows(3).any(|w| w == [0x22, 0, 10]),
         "Topic Alias Maximum 10 in {ack:?}"
@@ -435,9 +446,7 @@ fn qos2_publishes_past_the_receive_maximum_end_the_connection() {
     // next write and can destroy the DISCONNECT unread. A client that releases each one
     // publishes as many as it likes.
     let v = Vigil::start();
-    let mut c = Raw::open(v.mqtt);
-    c.send(&connect5("fc2", true, &[]));
-    let connack = c.recv().expect("CONNACK");
+    let (mut c, connack) = connect_acked(&v, "fc2", true, &[]);
     let props = &connack.body[3..];
     let at = props
         .iter()
@@ -914,9 +923,7 @@ fn publishes(c: &mut Raw, window: Duration) -> Vec<Publish5> {
 fn subscription_identifiers_come_back_with_the_messages_they_matched() {
     let v = Vigil::start();
     // CONNACK announces them available (absence would mean the same; some clients look).
-    let mut a = Raw::open(v.mqtt);
-    a.send(&connect5("sid-a", true, &[]));
-    let ack = a.recv().expect("CONNACK");
+    let (mut a, ack) = connect_acked(&v, "sid-a", true, &[]);
     assert!(ack.body.windows(2).any(|w| w == [0x29, 1]), "{ack:?}");
 
     // One subscription, one identifier (a multi-byte variable byte integer).
