@@ -73,6 +73,9 @@ pub struct Metrics {
     pub subscribe_fence_waits: AtomicU64,
     /// Client QoS 1 publishes acknowledged by the edge on handing them to the core.
     pub edge_acks: AtomicU64,
+    /// Client QoS 2 publishes handed to the core before their PUBREL, because the connection
+    /// already held `HELD_QOS2_MAX_BYTES` of unreleased ones.
+    pub qos2_routed_unreleased: AtomicU64,
     /// JSON bridge frames received and sent, error frames sent, QoS 0 messages dropped for a
     /// full session buffer, and sessions closed as slow consumers.
     pub bridge_frames_in: AtomicU64,
@@ -484,6 +487,12 @@ impl Metrics {
             "counter",
             "Client QoS 1 publishes the edge acknowledged when handing them to the core.",
             &[("", g(&self.edge_acks))],
+        );
+        metric(
+            "publish_qos2_routed_unreleased_total",
+            "counter",
+            "Client QoS 2 publishes routed before their PUBREL: the connection held its limit of unreleased ones.",
+            &[("", g(&self.qos2_routed_unreleased))],
         );
         let a = &self.analytics;
         metric(

@@ -92,6 +92,102 @@ fn pubrel_resent_after_reconnect_completes_exactly_once() {
     );
 }
 
+/// MQTT-4.3.3 method A, as mosquitto behaves: a QoS 2 message reaches subscribers when the
+/// publisher releases it, not when it arrives; PUBREC comes at once, PUBCOMP after routing.
+#[test]
+fn qos2_message_is_delivered_at_pubrel_not_before() {
+    let v = Vigil::start();
+    let mut sub = Sub::start(v.port(), &["-t", "q2/held", "-q", "2"]);
+    let mut c = Raw::connected(v.mqtt, &ConnectOpts::v311("q2-holder"));
+    c.send(&publish_packet("q2/held", b"later", 2, false, 3, false));
+    let rec = c.recv().unwrap();
+    assert_eq!((rec.kind(), rec.body.clone()), (5, vec![0, 3]), "PUBREC");
+    assert_eq!(
+        sub.drain(Duration::from_millis(600)),
+        Vec::<String>::new(),
+        "delivered before PUBREL"
+    );
+    c.send(&ack_packet(6, 3));
+    let comp = c.recv().unwrap();
+    assert_eq!((comp.kind(), comp.body.clone()), (7, vec![0, 3]), "PUBCOMP");
+    assert_eq!(sub.expect_messages(1, T), vec!["q2/held|2|0|later"]);
+
+    // A message the client never releases is the edge's once it has its PUBREC: it is
+    // delivered, once, when the connection ends.
+    c.send(&publish_packet(
+        "q2/held",
+        b"unreleased",
+        2,
+        false,
+        4,
+        false,
+    ));
+    assert_eq!(c.recv().map(|p| p.kind()), Some(5), "PUBREC");
+    drop(c);
+    assert_eq!(
+        sub.expect_messages(2, T),
+        vec!["q2/held|2|0|later", "q2/held|2|0|unreleased"]
+    );
+    assert_eq!(
+        sub.drain(Duration::from_millis(500)).len(),
+        2,
+        "exactly once"
+    );
+}
+
+/// Unreleased QoS 2 messages are held up to a byte bound per connection; past it a message is
+/// routed on arrival (counted), and every flow still completes with its PUBCOMP.
+#[test]
+fn qos2_messages_past_the_held_bound_are_routed_on_arrival() {
+    let v = Vigil::start();
+    let mut s = Raw::connected(v.mqtt, &ConnectOpts::v311("q2-big-sub"));
+    s.send(&subscribe_packet(1, &[("q2/big", 0)]));
+    assert_eq!(s.recv().map(|p| p.kind()), Some(9));
+    let mut c = Raw::connected(v.mqtt, &ConnectOpts::v311("q2-big-pub"));
+    let body = vec![b'x'; 120 * 1024];
+    for (pkid, fill) in [(1u16, b'a'), (2, b'b'), (3, b'c')] {
+        let mut payload = body.clone();
+        payload[0] = fill;
+        c.send(&publish_packet("q2/big", &payload, 2, false, pkid, false));
+        let rec = c.recv().unwrap();
+        assert_eq!(
+            (rec.kind(), rec.body.clone()),
+            (5, pkid.to_be_bytes().to_vec())
+        );
+    }
+    // Two fit under the bound (256 KiB) and wait for their PUBREL; the third does not.
+    let first = s
+        .recv_timeout(T)
+        .expect("the third message, routed on arrival");
+    assert_eq!(parse_publish(&first).5[0], b'c');
+    assert!(s.recv_timeout(Duration::from_millis(500)).is_none());
+    for pkid in 1..=3u16 {
+        c.send(&ack_packet(6, pkid));
+    }
+    let mut comps: Vec<u16> = (0..3)
+        .map(|_| {
+            let p = c.recv_timeout(T).expect("PUBCOMP");
+            assert_eq!(p.kind(), 7);
+            u16::from_be_bytes([p.body[0], p.body[1]])
+        })
+        .collect();
+    comps.sort();
+    assert_eq!(comps, vec![1, 2, 3]);
+    let rest: Vec<u8> = (0..2)
+        .map(|_| parse_publish(&s.recv_timeout(T).expect("released message")).5[0])
+        .collect();
+    assert_eq!(rest, vec![b'a', b'b']);
+    assert!(
+        s.recv_timeout(Duration::from_millis(500)).is_none(),
+        "exactly once"
+    );
+    let page = http_get(v.http, "/metrics");
+    assert_eq!(
+        metric(&page, "vigil_publish_qos2_routed_unreleased_total"),
+        Some(1.0)
+    );
+}
+
 #[test]
 fn dollar_topics_are_not_matched_by_wildcards() {
     let v = Vigil::start();

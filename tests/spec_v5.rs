@@ -491,37 +491,35 @@ fn deliveries_use_topic_aliases_when_the_client_accepts_them() {
     let v = Vigil::start_with(|c| c.replacen("topic_aliases = 0", "topic_aliases = 32", 1));
     let (mut c, _) = connect(&v, "ta", true, &[0x22, 0, 1]);
     subscribe(&mut c, "ta/+", 2);
-    for (qos, topic) in [
-        (0, "ta/a"),
-        (1, "ta/a"),
-        (2, "ta/a"),
-        (1, "ta/b"),
-        (1, "ta/a"),
-    ] {
-        c.send(&publish5(
-            topic,
-            topic.as_bytes(),
-            qos,
-            false,
-            10 + qos as u16,
-        ));
-    }
+    // The QoS 2 message is routed at its PUBREL: the last two are published once the first
+    // three have arrived, so the deliveries come in publishing order.
     let mut got = Vec::new();
-    while got.len() < 5 {
-        let p = c.recv().expect("a delivery");
-        match p.kind() {
-            PUBLISH => {
-                let d = parse5(&p);
-                match d.qos {
-                    1 => c.send(&ack_packet(PUBACK, d.pkid)),
-                    2 => c.send(&ack_packet(5, d.pkid)),
-                    _ => {}
+    let mut pkid = 10;
+    for (batch, want) in [
+        (&[(0, "ta/a"), (1, "ta/a"), (2, "ta/a")][..], 3),
+        (&[(1, "ta/b"), (1, "ta/a")][..], 5),
+    ] {
+        for &(qos, topic) in batch {
+            pkid += 1;
+            c.send(&publish5(topic, topic.as_bytes(), qos, false, pkid));
+        }
+        while got.len() < want {
+            let p = c.recv().expect("a delivery");
+            match p.kind() {
+                PUBLISH => {
+                    let d = parse5(&p);
+                    match d.qos {
+                        1 => c.send(&ack_packet(PUBACK, d.pkid)),
+                        2 => c.send(&ack_packet(5, d.pkid)),
+                        _ => {}
+                    }
+                    got.push((d.topic, d.alias, d.payload));
                 }
-                got.push((d.topic, d.alias, d.payload));
+                7 | PUBACK => {}
+                5 => c.send(&ack_packet(6, u16::from_be_bytes([p.body[0], p.body[1]]))),
+                6 => c.send(&ack_packet(7, u16::from_be_bytes([p.body[0], p.body[1]]))),
+                other => panic!("unexpected packet {other}: {p:?}"),
             }
-            7 | PUBACK => {}
-            5 => c.send(&ack_packet(6, u16::from_be_bytes([p.body[0], p.body[1]]))),
-            other => panic!("unexpected packet {other}: {p:?}"),
         }
     }
     let a = (b"ta/a".to_vec(), b"ta/b".to_vec());

@@ -18,10 +18,11 @@
 //!   client acknowledges in, because rumqttd disconnects on an out-of-order ack.
 //! - PINGREQ is answered here and the core is pinged on the edge's own schedule, so
 //!   keep-alive 0 works and a client's keep-alive is enforced here.
-//! - Inbound QoS 2 is the edge's: the core gets the message at QoS 1 and routes it on receipt,
-//!   its PUBACK becomes the client's PUBREC, the edge answers PUBREL, and the packet ids
-//!   survive reconnects (see `registry`), because rumqttd routes only at PUBREL and forgets that
-//!   state when a client reconnects.
+//! - Inbound QoS 2 is the edge's, because rumqttd routes QoS 2 only at PUBREL and forgets that
+//!   state when a client reconnects: the edge answers PUBREC at once, holds the message until
+//!   the client's PUBREL (as mosquitto does), then gives it to the core at QoS 1, which routes
+//!   it on receipt; its PUBACK lets the edge send PUBCOMP. The packet ids survive reconnects
+//!   (see `registry`), and a message never released is routed when the connection ends.
 //! - MQTT 5 features the core cannot hold: the client's Receive Maximum (without holding back
 //!   acknowledgements, see `held`), the subscription options No Local, Retain As Published and
 //!   Retain Handling (`apply_options`), Subscription Identifiers, Message Expiry (an instant
@@ -98,6 +99,10 @@ const HIGH_WATERMARK: usize = 256 * 1024;
 /// that ignore the Receive Maximum (MQTT.js 5 keeps no send quota) work on mosquitto, which
 /// acknowledges them on receipt.
 const RECEIVE_MAXIMUM: u16 = MAX_PENDING_QOS2 as u16;
+/// Bytes of inbound QoS 2 messages a connection holds between PUBLISH and PUBREL (one message
+/// is always held, whatever its size). Past it a QoS 2 message goes to the core on arrival,
+/// and the client's PUBREL only ends its flow: bounded memory, nothing refused.
+const HELD_QOS2_MAX_BYTES: usize = 256 * 1024;
 /// Client publishes the edge hands to the core before the core has acknowledged them; past it
 /// the edge stops reading from the client (a 3.1.1 client has no receive maximum to obey).
 const CORE_WINDOW: usize = 1000;
@@ -355,13 +360,48 @@ fn needs_edge(sub: SubOptions) -> bool {
 struct Forwarded {
     /// The edge's packet id toward the core.
     core_id: u16,
-    /// The client's packet id and QoS (2: the core's PUBACK becomes the client's PUBREC).
+    /// The client's packet id and QoS (2: the core's PUBACK lets the edge send PUBCOMP, see
+    /// `InboundQos2`).
     client_id: u16,
     qos: u8,
     /// QoS 1 acknowledged to the client already (otherwise the core's PUBACK becomes the
     /// client's).
     early: bool,
     sent: Instant,
+}
+
+/// An inbound QoS 2 message between the client's PUBLISH and the edge's PUBCOMP. The edge
+/// answers the PUBLISH with PUBREC at once and holds the message until the client's PUBREL,
+/// then hands it to the core (MQTT 5 section 4.3.3, method A, as mosquitto does), so nothing
+/// reaches a subscriber before the publisher has released it. PUBCOMP follows once the core
+/// has acknowledged the message and the client has released it.
+#[derive(Debug)]
+struct InboundQos2 {
+    pkid: u16,
+    /// The message until the client's PUBREL; `None` once handed to the core (or, when more
+    /// than [`HELD_QOS2_MAX_BYTES`] are held, handed to it at once, or refused).
+    held: Option<HeldPublish>,
+    /// The core acknowledged it (or never will see it: refused).
+    routed: bool,
+    /// The client's PUBREL arrived.
+    released: bool,
+}
+
+/// A client's QoS 2 PUBLISH as it will go to the core, with copies of its parts (a slice
+/// would keep the whole read buffer, see `owned`).
+#[derive(Debug)]
+struct HeldPublish {
+    topic: Bytes,
+    /// The envelope header (`envelope::header_with`), made when the PUBLISH arrived.
+    header: Bytes,
+    payload: Bytes,
+    retain: bool,
+}
+
+impl HeldPublish {
+    fn size(&self) -> usize {
+        self.topic.len() + self.header.len() + self.payload.len()
+    }
 }
 
 /// A delivery from the core awaiting acknowledgement (to the core, in order).
@@ -417,8 +457,10 @@ struct Session<S> {
     core_fwd: std::collections::VecDeque<Forwarded>,
     /// The edge's next packet id for a publish to the core (see `alloc_core_id`).
     next_core_id: u16,
-    /// Inbound QoS 2 ids handed to the core on this connection, awaiting the client's PUBREL.
-    inbound_qos2: Vec<u16>,
+    /// Inbound QoS 2 flows of this connection, from the PUBLISH to the edge's PUBCOMP.
+    inbound_qos2: Vec<InboundQos2>,
+    /// Bytes of the messages held in `inbound_qos2` (at most [`HELD_QOS2_MAX_BYTES`] beyond one).
+    held_qos2_bytes: usize,
     /// Inbound QoS 2 ids forwarded on an earlier connection of this session.
     inbound_qos2_earlier: Vec<u16>,
     /// Deliveries the core had not seen acknowledged when the previous connection ended: the
@@ -757,6 +799,7 @@ where
             core_fwd: Default::default(),
             next_core_id: 1,
             inbound_qos2: Vec::new(),
+            held_qos2_bytes: 0,
             inbound_qos2_earlier: offline.inbound_qos2,
             check_client_ids: ids_in_flight,
             redeliveries: offline.unacked_out,
@@ -825,11 +868,12 @@ where
             End::CoreGone => Metrics::inc(&edge.metrics.core_closed),
             _ => {}
         }
-        // QoS 2 messages handed to the core count as routed (`close` flushes what is still
-        // buffered, and the core routes a QoS 1 publish on receipt): a re-send after a
-        // reconnect is acknowledged, not delivered again.
+        // QoS 2 messages still held go to the core now, and with those handed to it already
+        // count as routed (`close` flushes what is still buffered, and the core routes a QoS 1
+        // publish on receipt): a re-send after a reconnect is acknowledged, not delivered again.
+        session.route_held_qos2(edge);
         let mut offline = OfflineState {
-            inbound_qos2: std::mem::take(&mut session.inbound_qos2),
+            inbound_qos2: session.inbound_qos2.iter().map(|f| f.pkid).collect(),
             unacked_out: session.offline_redeliveries(),
             pubrel_out: std::mem::take(&mut session.pubrel_to_client),
             // All of them when some need the edge: which filters a topic matches decides.
@@ -1134,7 +1178,7 @@ where
                 .bytes_in
                 .fetch_add(frame.wire_len() as u64, Relaxed);
             if may_wait && self.must_wait(frame.kind()) {
-                Metrics::inc(if frame.kind() == mqtt::PUBLISH {
+                Metrics::inc(if frame.kind() != mqtt::SUBSCRIBE {
                     &edge.metrics.fence_waits
                 } else {
                     &edge.metrics.subscribe_fence_waits
@@ -1163,6 +1207,8 @@ where
     fn must_wait(&self, kind: u8) -> bool {
         match kind {
             mqtt::PUBLISH => self.own_subscribes.others_in_flight(),
+            // A PUBREL may send a held QoS 2 message to the core.
+            mqtt::PUBREL => self.held_qos2_bytes > 0 && self.own_subscribes.others_in_flight(),
             mqtt::SUBSCRIBE => self.own_early_acks.others_in_flight(),
             _ => false,
         }
@@ -1240,52 +1286,6 @@ where
                 {
                     return self.over_rate(edge, p.qos, p.pkid);
                 }
-                if p.qos == 2 {
-                    if self.inbound_qos2.contains(&p.pkid)
-                        || self.inbound_qos2_earlier.contains(&p.pkid)
-                    {
-                        // A re-sent QoS 2 PUBLISH the core already routed: acknowledge it,
-                        // never deliver it twice.
-                        mqtt::put_ack(&mut self.client_out, mqtt::PUBREC, p.pkid);
-                        return Ok(());
-                    }
-                    if self.inbound_qos2.len() >= MAX_PENDING_QOS2 {
-                        debug!(
-                            open = self.inbound_qos2.len(),
-                            "QoS 2 publish over the Receive Maximum"
-                        );
-                        return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
-                    }
-                    self.inbound_qos2.push(p.pkid);
-                }
-                // QoS 1 and 2 reach the core as QoS 1 (the envelope keeps the real QoS for
-                // subscribers). rumqttd routes QoS 1 on receipt but QoS 2 only at PUBREL, and
-                // forgets QoS 2 state across reconnects, so the edge owns QoS 2: the core's
-                // PUBACK becomes the client's PUBREC, and the client's PUBREL is answered here.
-                // A QoS 1 publish is acknowledged now, on its way to the core, unless the client
-                // is pipelining (see the module documentation).
-                let core_qos = p.qos.min(1);
-                let mut core_id = 0;
-                if core_qos == 1 {
-                    core_id = self.alloc_core_id()?;
-                    // PUBACKs go out in the order of the PUBLISHes (MQTT-4.6.0-2): not early
-                    // while a late one is owed.
-                    let early = p.qos == 1
-                        && self.core_fwd.len() < EARLY_ACK_WINDOW
-                        && self.core_fwd.iter().all(|f| f.early || f.qos == 2);
-                    if early {
-                        mqtt::put_ack(&mut self.client_out, mqtt::PUBACK, p.pkid);
-                        self.own_early_acks.sent();
-                        Metrics::inc(&edge.metrics.edge_acks);
-                    }
-                    self.core_fwd.push_back(Forwarded {
-                        core_id,
-                        client_id: p.pkid,
-                        qos: p.qos,
-                        early,
-                        sent: Instant::now(),
-                    });
-                }
                 let private = envelope::Private {
                     origin: edge.no_local_in_use.load(Relaxed).then_some(self.origin),
                     expires_at: envelope::expires_at(p.message_expiry),
@@ -1299,26 +1299,48 @@ where
                     with_properties = envelope::header_with(p.qos, private, &p.properties);
                     &with_properties
                 };
-                // Stored as a clear (bare) when the payload is empty, else envelope and payload.
-                let retain = p.retain
-                    && edge.may_retain(
-                        &p.topic,
-                        match p.payload.len() {
-                            0 => 0,
-                            n => header.len() + n,
-                        },
-                    );
-                // DUP is per hop (MQTT-3.3.1-3): the client's re-send is a first send here.
-                envelope::put_core_publish(
-                    &mut self.core_out,
-                    false,
-                    core_qos,
-                    retain,
-                    &p.topic,
-                    core_id,
-                    header,
-                    &p.payload,
-                );
+                if p.qos == 2 {
+                    if self.inbound_qos2.iter().any(|f| f.pkid == p.pkid)
+                        || self.inbound_qos2_earlier.contains(&p.pkid)
+                    {
+                        // A re-sent QoS 2 PUBLISH the edge already has: acknowledge it, never
+                        // deliver it twice.
+                        mqtt::put_ack(&mut self.client_out, mqtt::PUBREC, p.pkid);
+                        return Ok(());
+                    }
+                    if self.inbound_qos2.len() >= MAX_PENDING_QOS2 {
+                        debug!(
+                            open = self.inbound_qos2.len(),
+                            "QoS 2 publish over the Receive Maximum"
+                        );
+                        return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
+                    }
+                    mqtt::put_ack(&mut self.client_out, mqtt::PUBREC, p.pkid);
+                    let size = p.topic.len() + header.len() + p.payload.len();
+                    let hold = self.held_qos2_bytes == 0
+                        || self.held_qos2_bytes + size <= HELD_QOS2_MAX_BYTES;
+                    let held = hold.then(|| HeldPublish {
+                        topic: owned(&p.topic),
+                        header: Bytes::copy_from_slice(header),
+                        payload: owned(&p.payload),
+                        retain: p.retain,
+                    });
+                    if hold {
+                        self.held_qos2_bytes += size;
+                    } else {
+                        Metrics::inc(&edge.metrics.qos2_routed_unreleased);
+                    }
+                    self.inbound_qos2.push(InboundQos2 {
+                        pkid: p.pkid,
+                        routed: false,
+                        released: false,
+                        held,
+                    });
+                    if hold {
+                        return Ok(());
+                    }
+                }
+                self.forward_publish(edge, p.qos, p.pkid, p.retain, &p.topic, header, &p.payload)?;
             }
             mqtt::PUBACK | mqtt::PUBREC => {
                 let (pkid, code) = mqtt::parse_ack(&frame).map_err(|e| self.violation(&e))?;
@@ -1335,20 +1357,23 @@ where
                 self.flush_core_acks();
             }
             mqtt::PUBREL => {
-                // The message was routed when the core acknowledged the PUBLISH; releasing it
-                // only ends the flow, here, whether it began on this connection or an earlier
-                // one of the same session.
                 let (pkid, _) = mqtt::parse_ack(&frame).map_err(|e| self.violation(&e))?;
-                let known = if let Some(i) = self.inbound_qos2.iter().position(|&id| id == pkid) {
-                    self.inbound_qos2.swap_remove(i);
-                    true
-                } else if let Some(i) = self.inbound_qos2_earlier.iter().position(|&id| id == pkid)
-                {
-                    self.inbound_qos2_earlier.swap_remove(i);
-                    true
-                } else {
-                    false
-                };
+                if let Some(i) = self.inbound_qos2.iter().position(|f| f.pkid == pkid) {
+                    // A PUBREL sent again before the PUBCOMP changes nothing.
+                    if !self.inbound_qos2[i].released {
+                        self.release_qos2(edge, i)?;
+                    }
+                    return Ok(());
+                }
+                // An earlier connection of the session handed the message to the core when it
+                // ended; releasing it only ends the flow.
+                let known =
+                    if let Some(i) = self.inbound_qos2_earlier.iter().position(|&id| id == pkid) {
+                        self.inbound_qos2_earlier.swap_remove(i);
+                        true
+                    } else {
+                        false
+                    };
                 if known || self.version == Version::V311 {
                     mqtt::put_ack(&mut self.client_out, mqtt::PUBCOMP, pkid);
                 } else {
@@ -1619,11 +1644,17 @@ where
         match self.version {
             Version::V5 => mqtt::put_ack_reason(&mut self.client_out, kind, pkid, code),
             Version::V311 => {
-                if qos == 2 && !self.inbound_qos2.contains(&pkid) {
+                if qos == 2 && !self.inbound_qos2.iter().any(|f| f.pkid == pkid) {
                     if self.inbound_qos2.len() >= MAX_PENDING_QOS2 {
                         return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
                     }
-                    self.inbound_qos2.push(pkid);
+                    // Nothing for the core: the PUBREL ends the flow.
+                    self.inbound_qos2.push(InboundQos2 {
+                        pkid,
+                        held: None,
+                        routed: true,
+                        released: false,
+                    });
                 }
                 mqtt::put_ack(&mut self.client_out, kind, pkid);
             }
@@ -1676,6 +1707,123 @@ where
             }
         }
         is_dollar_filter(filter).then_some(sub.options & 0x03)
+    }
+
+    /// Hands a client's QoS `qos` publish to the core. QoS 1 and 2 reach the core as QoS 1
+    /// (the envelope `header` keeps the real QoS for subscribers): rumqttd routes QoS 1 on
+    /// receipt but QoS 2 only at PUBREL, and forgets QoS 2 state across reconnects, so the
+    /// edge owns QoS 2 (`InboundQos2`). A QoS 1 publish is acknowledged now, on its way to the
+    /// core, unless the client is pipelining (see the module documentation); otherwise the
+    /// core's PUBACK becomes the client's.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_publish(
+        &mut self,
+        edge: &Edge,
+        qos: u8,
+        pkid: u16,
+        retain: bool,
+        topic: &[u8],
+        header: &[u8],
+        payload: &[u8],
+    ) -> Result<(), End> {
+        let core_qos = qos.min(1);
+        let mut core_id = 0;
+        if core_qos == 1 {
+            core_id = self.alloc_core_id()?;
+            // PUBACKs go out in the order of the PUBLISHes (MQTT-4.6.0-2): not early while a
+            // late one is owed.
+            let early = qos == 1
+                && self.core_fwd.len() < EARLY_ACK_WINDOW
+                && self.core_fwd.iter().all(|f| f.early || f.qos == 2);
+            if early {
+                mqtt::put_ack(&mut self.client_out, mqtt::PUBACK, pkid);
+                self.own_early_acks.sent();
+                Metrics::inc(&edge.metrics.edge_acks);
+            }
+            self.core_fwd.push_back(Forwarded {
+                core_id,
+                client_id: pkid,
+                qos,
+                early,
+                sent: Instant::now(),
+            });
+        }
+        // Stored as a clear (bare) when the payload is empty, else envelope and payload.
+        let retain = retain
+            && edge.may_retain(
+                topic,
+                match payload.len() {
+                    0 => 0,
+                    n => header.len() + n,
+                },
+            );
+        // DUP is per hop (MQTT-3.3.1-3): the client's re-send is a first send here.
+        envelope::put_core_publish(
+            &mut self.core_out,
+            false,
+            core_qos,
+            retain,
+            topic,
+            core_id,
+            header,
+            payload,
+        );
+        Ok(())
+    }
+
+    /// The client released inbound QoS 2 message `i`: the held message goes to the core
+    /// (PUBCOMP once the core acknowledges it), or, when the core has it already, the flow
+    /// ends here.
+    fn release_qos2(&mut self, edge: &Edge, i: usize) -> Result<(), End> {
+        let flow = &mut self.inbound_qos2[i];
+        flow.released = true;
+        let pkid = flow.pkid;
+        if let Some(m) = flow.held.take() {
+            self.held_qos2_bytes -= m.size();
+            return self.forward_publish(edge, 2, pkid, m.retain, &m.topic, &m.header, &m.payload);
+        }
+        if flow.routed {
+            self.inbound_qos2.swap_remove(i);
+            mqtt::put_ack(&mut self.client_out, mqtt::PUBCOMP, pkid);
+        }
+        Ok(())
+    }
+
+    /// The core acknowledged inbound QoS 2 message `pkid`: PUBCOMP if the client has released
+    /// it.
+    fn qos2_routed(&mut self, pkid: u16) {
+        let Some(i) = self
+            .inbound_qos2
+            .iter()
+            .position(|f| f.pkid == pkid && f.held.is_none() && !f.routed)
+        else {
+            return;
+        };
+        if self.inbound_qos2[i].released {
+            self.inbound_qos2.swap_remove(i);
+            mqtt::put_ack(&mut self.client_out, mqtt::PUBCOMP, pkid);
+        } else {
+            self.inbound_qos2[i].routed = true;
+        }
+    }
+
+    /// Hands every held QoS 2 message to the core, at the end of the connection: the client
+    /// has its PUBREC, so the message is the edge's to deliver, and its PUBREL, re-sent on a
+    /// new connection of the session, is answered from the packet id kept offline.
+    fn route_held_qos2(&mut self, edge: &Edge) {
+        for i in 0..self.inbound_qos2.len() {
+            let flow = &mut self.inbound_qos2[i];
+            let pkid = flow.pkid;
+            if let Some(m) = flow.held.take() {
+                self.held_qos2_bytes -= m.size();
+                if self
+                    .forward_publish(edge, 2, pkid, m.retain, &m.topic, &m.header, &m.payload)
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
     }
 
     /// The packet id for the next publish to the core. Ids are handed out in order and the
@@ -2111,13 +2259,10 @@ where
                         edge.metrics.core_ack.observe(f.sent.elapsed());
                         if f.early {
                             self.own_early_acks.answered();
+                        } else if f.qos == 2 {
+                            self.qos2_routed(f.client_id);
                         } else {
-                            let kind = if f.qos == 2 {
-                                mqtt::PUBREC
-                            } else {
-                                mqtt::PUBACK
-                            };
-                            mqtt::put_ack(&mut self.client_out, kind, f.client_id);
+                            mqtt::put_ack(&mut self.client_out, mqtt::PUBACK, f.client_id);
                         }
                     }
                     None => warn!(pkid, "core acknowledged an unknown publish"),

@@ -74,9 +74,10 @@ impl Browser {
         }
     }
 
-    /// Receives messages until `quiet` passes without one, acknowledging each; returns
-    /// `(topic, qos, payload text)` in arrival order, QoS 2 de-duplicated by id as the protocol
-    /// says (ids between `message` and `pubcomp`).
+    /// Receives messages until `quiet` passes without one, acknowledging each (and releasing
+    /// the browser's own QoS 2 publishes on `pubrec`); returns `(topic, qos, payload text)` in
+    /// arrival order, QoS 2 de-duplicated by id as the protocol says (ids between `message`
+    /// and `pubcomp`).
     pub async fn collect(
         &mut self,
         quiet: Duration,
@@ -110,6 +111,11 @@ impl Browser {
                         }
                         _ => got.push((topic, qos, text)),
                     }
+                }
+                // The browser's own QoS 2 publishes are delivered once it releases them.
+                Some("pubrec") => {
+                    let id = f["id"].as_u64().unwrap_or(0);
+                    self.send(json!({"op": "pubrel", "id": id})).await;
                 }
                 Some("pubrel") => {
                     let id = f["id"].as_u64().unwrap_or(0);
