@@ -5,8 +5,11 @@
 //! ```text
 //! cargo run --release --example loadgen -- --port 1883 --publishers 1 --subscribers 1 \
 //!     --qos 1 --size 100 --count 200000 [--rate 10000] [--inflight 100] \
-//!     [--user U --password P]
+//!     [--user U --password P] [--tcp-nodelay on]
 //! ```
+//!
+//! Clients keep rumqttc's default of Nagle on (as libmosquitto does); `--tcp-nodelay on` turns it
+//! off for every client.
 //!
 //! Every publisher sends `count` messages to `<prefix>/<publisher>`; every subscriber
 //! subscribes to `<prefix>/#`, so each message is delivered `subscribers` times. Payloads carry
@@ -35,6 +38,7 @@ struct Args {
     /// Credentials for brokers that require them (`--user`, `--password`).
     user: Option<String>,
     password: Option<String>,
+    tcp_nodelay: bool,
 }
 
 fn parse_args() -> Args {
@@ -52,6 +56,7 @@ fn parse_args() -> Args {
         label: String::new(),
         user: None,
         password: None,
+        tcp_nodelay: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -71,6 +76,7 @@ fn parse_args() -> Args {
             "--label" => a.label = v,
             "--user" => a.user = Some(v),
             "--password" => a.password = Some(v),
+            "--tcp-nodelay" => a.tcp_nodelay = v == "on",
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -127,6 +133,7 @@ async fn run(args: Args) {
         sub_tasks.push(tokio::spawn(async move {
             let per_sub = args.count * args.publishers as u64;
             let (client, mut el) = AsyncClient::new(options(&args, format!("lg-sub-{s}-{}", std::process::id())), 1000);
+            el.network_options.set_tcp_nodelay(args.tcp_nodelay);
             client.subscribe(format!("{}/#", args.prefix), qos(args.qos)).await.expect("subscribe");
             let mut latencies: Vec<u32> = Vec::with_capacity(per_sub as usize);
             let mut got = 0u64;
@@ -178,6 +185,7 @@ async fn run(args: Args) {
                 options(&args, format!("lg-pub-{p}-{}", std::process::id())),
                 1000,
             );
+            el.network_options.set_tcp_nodelay(args.tcp_nodelay);
             let acked = Arc::new(AtomicU64::new(0));
             let acked_in_driver = acked.clone();
             let driver = tokio::spawn(async move {
