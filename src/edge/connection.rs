@@ -1779,18 +1779,27 @@ where
     /// (PUBCOMP once the core acknowledges it), or, when the core has it already, the flow
     /// ends here.
     fn release_qos2(&mut self, edge: &Edge, i: usize) -> Result<(), End> {
-        let flow = &mut self.inbound_qos2[i];
-        flow.released = true;
-        let pkid = flow.pkid;
-        if let Some(m) = flow.held.take() {
-            self.held_qos2_bytes -= m.size();
-            return self.forward_publish(edge, 2, pkid, m.retain, &m.topic, &m.header, &m.payload);
+        self.inbound_qos2[i].released = true;
+        if self.send_held_qos2(edge, i)? {
+            return Ok(());
         }
-        if flow.routed {
-            self.inbound_qos2.swap_remove(i);
+        if self.inbound_qos2[i].routed {
+            let pkid = self.inbound_qos2.swap_remove(i).pkid;
             mqtt::put_ack(&mut self.client_out, mqtt::PUBCOMP, pkid);
         }
         Ok(())
+    }
+
+    /// Hands inbound QoS 2 message `i` to the core if the edge still holds it; whether it did.
+    fn send_held_qos2(&mut self, edge: &Edge, i: usize) -> Result<bool, End> {
+        let flow = &mut self.inbound_qos2[i];
+        let pkid = flow.pkid;
+        let Some(m) = flow.held.take() else {
+            return Ok(false);
+        };
+        self.held_qos2_bytes -= m.size();
+        self.forward_publish(edge, 2, pkid, m.retain, &m.topic, &m.header, &m.payload)?;
+        Ok(true)
     }
 
     /// The core acknowledged inbound QoS 2 message `pkid`: PUBCOMP if the client has released
@@ -1816,16 +1825,8 @@ where
     /// new connection of the session, is answered from the packet id kept offline.
     fn route_held_qos2(&mut self, edge: &Edge) {
         for i in 0..self.inbound_qos2.len() {
-            let flow = &mut self.inbound_qos2[i];
-            let pkid = flow.pkid;
-            if let Some(m) = flow.held.take() {
-                self.held_qos2_bytes -= m.size();
-                if self
-                    .forward_publish(edge, 2, pkid, m.retain, &m.topic, &m.header, &m.payload)
-                    .is_err()
-                {
-                    return;
-                }
+            if self.send_held_qos2(edge, i).is_err() {
+                return;
             }
         }
     }
