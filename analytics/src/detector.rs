@@ -56,6 +56,7 @@ use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
 use crate::alert::{AlertKind, AlertMessage, Severity};
+use crate::early::{EarlyOutliers, EarlyRule};
 use crate::features::{FeatureState, N_FEATURES};
 use crate::iforest::{IForestError, IsolationForest, IsolationForestParams};
 use crate::joint::{JointError, JointModel, MAX_JOINT};
@@ -164,6 +165,18 @@ pub struct DetectorConfig {
     /// Upper-tail probability of the sustained-evidence bar; it only adds alerts when it is
     /// looser (larger) than `alert_tail`.
     pub sustain_tail: f64,
+    /// Early channel: until the learned channels may alert, a value also alerts when it lies
+    /// outside the range of every earlier value of the metric and at least this many robust
+    /// standard deviations from their median (0 disables; see [`crate::early`]).
+    pub early_bar: f64,
+    /// Values the early channel needs before it judges any.
+    pub early_min_points: usize,
+    /// How far outside the earlier values' range a value must lie for the early channel, as a
+    /// share of that range.
+    pub early_beyond: f64,
+    /// Time the early channel's values must span before it judges any, when readings carry
+    /// time stamps (0: no such condition).
+    pub early_min_span_s: u64,
 }
 
 impl Default for DetectorConfig {
@@ -197,6 +210,10 @@ impl Default for DetectorConfig {
             joint_min_residual: 3.0,
             sustain_points: 3,
             sustain_tail: 3e-5,
+            early_bar: 10.0,
+            early_min_points: 64,
+            early_beyond: 0.5,
+            early_min_span_s: 86_400,
         }
     }
 }
@@ -272,6 +289,15 @@ impl DetectorConfig {
                 "joint_min_r2 must be in (0, 1) and joint_min_residual finite and not negative",
             ));
         }
+        let early_ok = self.early_bar >= 0.0
+            && self.early_bar.is_finite()
+            && self.early_beyond >= 0.0
+            && self.early_beyond.is_finite();
+        if !early_ok {
+            return Err(DetectorError::InvalidConfig(
+                "early_bar and early_beyond must be finite and not negative",
+            ));
+        }
         self.forest_params().check_ref()?;
         Ok(())
     }
@@ -298,7 +324,19 @@ impl DetectorConfig {
         } else {
             0
         };
-        std::mem::size_of::<MetricDetector>() + training + scores + shape + forest + recurrence
+        // The early channel's values and scratch copy, held only while the channels are young.
+        let early = if self.early_bar > 0.0 {
+            2 * (self.warmup + self.history) * 8
+        } else {
+            0
+        };
+        std::mem::size_of::<MetricDetector>()
+            + training
+            + scores
+            + shape
+            + forest
+            + recurrence
+            + early
     }
 
     /// Upper bound of the memory one device takes (`max_metrics` metrics plus names, and the
@@ -731,6 +769,25 @@ impl Debounce {
         }
         None
     }
+
+    /// Before the first model: counts the point down the cooldown and re-arms (there is no
+    /// likelihood yet).
+    fn tick_unscored(&mut self) {
+        self.cooldown_left = self.cooldown_left.saturating_sub(1);
+        self.armed = true;
+        self.run = 0;
+    }
+
+    /// An early-channel alert of standard score `z`, if the debouncing allows one now; it
+    /// then debounces like any other alert.
+    fn early(&mut self, cfg: &DetectorConfig, z: f64) -> Option<Severity> {
+        if !self.armed || self.cooldown_left > 0 {
+            return None;
+        }
+        self.armed = false;
+        self.cooldown_left = cfg.cooldown;
+        Some(severity_for(z))
+    }
 }
 
 /// Streaming state of one metric.
@@ -746,6 +803,7 @@ pub struct MetricDetector {
     shape_avg: f64,
     shape_scores: ScoreHistory,
     debounce: Debounce,
+    early: EarlyOutliers,
 }
 
 impl MetricDetector {
@@ -766,6 +824,7 @@ impl MetricDetector {
             shape_avg: f64::NAN,
             shape_scores: ScoreHistory::default(),
             debounce: Debounce::new(cfg),
+            early: Default::default(),
         }
     }
 
@@ -774,7 +833,7 @@ impl MetricDetector {
         self.model.is_some()
     }
 
-    fn feed(&mut self, cfg: &DetectorConfig, value: f64) -> PointOutcome {
+    fn feed(&mut self, cfg: &DetectorConfig, value: f64, at_ms: Option<i64>) -> PointOutcome {
         let quiet = PointOutcome {
             score: 0.0,
             raw_score: None,
@@ -793,10 +852,12 @@ impl MetricDetector {
             None
         };
         self.clock.tick();
+        let early = self.early_surprise(cfg, value, at_ms);
         let raw = self.model.as_ref().map(|m| m.score_one(&feats));
         self.training.push(cfg, feats);
         let Some(raw) = raw else {
-            return quiet;
+            self.debounce.tick_unscored();
+            return self.early_outcome(cfg, quiet, early);
         };
 
         let avg = moving_mean(&mut self.recent_raw, cfg.avg_window, raw);
@@ -821,11 +882,65 @@ impl MetricDetector {
         };
         let z = z_forest.max(z_shape);
         let score = if n >= 2 { 1.0 - upper_tail(z) } else { 0.0 };
-        PointOutcome {
+        let outcome = PointOutcome {
             score,
             raw_score: Some(raw),
             alert: self.debounce.judge(cfg, z, score, n),
+        };
+        if outcome.alert.is_some() {
+            return outcome;
         }
+        self.early_outcome(cfg, outcome, early)
+    }
+
+    /// `outcome`, or an early-channel alert if `early` holds the robust standard score of a
+    /// surprising value and the debouncing allows it. Its score and severity are those of a
+    /// standard score scaled so that `early_bar` is the learned channels' alert bar.
+    fn early_outcome(
+        &mut self,
+        cfg: &DetectorConfig,
+        outcome: PointOutcome,
+        early: Option<f64>,
+    ) -> PointOutcome {
+        let Some(robust_z) = early else {
+            return outcome;
+        };
+        let z = self.debounce.alert_z * robust_z / cfg.early_bar;
+        match self.debounce.early(cfg, z) {
+            Some(severity) => PointOutcome {
+                score: outcome.score.max(1.0 - upper_tail(z)),
+                alert: Some(severity),
+                ..outcome
+            },
+            None => outcome,
+        }
+    }
+
+    /// The early channel's verdict on `value` (its robust standard score if surprising) while
+    /// the learned channels are young; releases its memory once their score history is full.
+    fn early_surprise(
+        &mut self,
+        cfg: &DetectorConfig,
+        value: f64,
+        at_ms: Option<i64>,
+    ) -> Option<f64> {
+        if cfg.early_bar <= 0.0 || self.early.is_finished() {
+            return None;
+        }
+        if self.forest_scores.len() >= cfg.history {
+            self.early.finish();
+            return None;
+        }
+        let rule = EarlyRule {
+            bar: cfg.early_bar,
+            beyond: cfg.early_beyond,
+            min_points: cfg.early_min_points,
+            min_span_ms: i64::try_from(cfg.early_min_span_s)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1000),
+            limit: cfg.warmup + cfg.history,
+        };
+        self.early.judge(&rule, value, at_ms)
     }
 
     fn needs_refit(&mut self, cfg: &DetectorConfig, metric: &str) -> Option<RefitJob> {
@@ -1186,6 +1301,10 @@ impl DeviceDetector {
     /// Feeds one value of one metric; `None` if the metric could not be tracked. This bypasses
     /// the cross-metric channel, which needs whole readings (`feed`).
     pub fn feed_value(&mut self, metric: &str, value: f64) -> Option<PointOutcome> {
+        self.feed_at(metric, value, None)
+    }
+
+    fn feed_at(&mut self, metric: &str, value: f64, at_ms: Option<i64>) -> Option<PointOutcome> {
         let idx = match self.metrics.iter().position(|(n, _)| n == metric) {
             Some(i) => i,
             None if self.metrics.len() < self.config.max_metrics => {
@@ -1199,14 +1318,16 @@ impl DeviceDetector {
             }
         };
         let cfg = &self.config;
-        self.metrics.get_mut(idx).map(|(_, m)| m.feed(cfg, value))
+        self.metrics
+            .get_mut(idx)
+            .map(|(_, m)| m.feed(cfg, value, at_ms))
     }
 
     /// Feeds every metric of a reading and returns one outcome per tracked metric.
     pub fn feed(&mut self, reading: &Reading) -> Vec<MetricOutcome> {
         let mut out = Vec::with_capacity(reading.metrics.len());
         for (name, value) in &reading.metrics {
-            if let Some(outcome) = self.feed_value(name, *value) {
+            if let Some(outcome) = self.feed_at(name, *value, Some(reading.timestamp_ms)) {
                 out.push(MetricOutcome {
                     metric: name.clone(),
                     value: *value,
@@ -1406,6 +1527,46 @@ mod tests {
                 o
             })
             .collect()
+    }
+
+    /// Hourly readings of `values` as `DeviceDetector::feed` sees them from a live device.
+    fn feed_timed(det: &mut DeviceDetector, values: &[f64], step_ms: i64) -> Vec<usize> {
+        let mut alerts = Vec::new();
+        for (i, &v) in values.iter().enumerate() {
+            let reading = Reading {
+                timestamp_ms: 1_700_000_000_000 + i as i64 * step_ms,
+                metrics: vec![("m".to_string(), v)],
+            };
+            if det.feed(&reading).iter().any(|o| o.outcome.alert.is_some()) {
+                alerts.push(i);
+            }
+            det.refit_inline().expect("refit");
+        }
+        alerts
+    }
+
+    #[test]
+    fn a_slow_stream_reports_a_gross_outlier_before_the_learned_channels_may() {
+        let mut values = noise(600, 5);
+        values[300] = 40.0;
+        // Hourly readings: the first day is past by reading 24, but the learned channels
+        // cannot alert before warmup + min_history = 406 readings.
+        let mut det = DeviceDetector::new(DetectorConfig::default()).expect("config");
+        assert_eq!(feed_timed(&mut det, &values, 3_600_000), vec![300]);
+        // Readings a second apart span less than a day: the early channel holds back, and the
+        // spike is no longer news once the learned channels may alert.
+        let mut det = DeviceDetector::new(DetectorConfig::default()).expect("config");
+        assert_eq!(feed_timed(&mut det, &values, 1_000), Vec::<usize>::new());
+        // Switched off.
+        let cfg = DetectorConfig {
+            early_bar: 0.0,
+            ..DetectorConfig::default()
+        };
+        let mut det = DeviceDetector::new(cfg).expect("config");
+        assert_eq!(
+            feed_timed(&mut det, &values, 3_600_000),
+            Vec::<usize>::new()
+        );
     }
 
     #[test]

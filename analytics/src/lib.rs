@@ -7,6 +7,7 @@
 //! `detector::RefitJob`s that `DeviceMonitor::needs_refit` hands out on a worker.
 pub mod alert;
 pub mod detector;
+pub mod early;
 pub mod features;
 pub mod forecast;
 pub mod iforest;
