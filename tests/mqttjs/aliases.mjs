@@ -1,10 +1,11 @@
 // MQTT.js 5 reading the topic aliases vigil puts on deliveries.
 // Usage: node aliases.mjs URL TOPIC_PREFIX
 // Connects accepting 4 topic aliases, subscribes to PREFIX/#, publishes to PREFIX/a at QoS
-// 0, 1 and 2, then to PREFIX/b and PREFIX/a at QoS 1, each once the one before has come back
-// (MQTT orders deliveries only per topic and QoS, so a QoS 1 message published right after a
-// QoS 2 one's PUBCOMP may arrive first). Prints one JSON line per message received (the topic
-// MQTT.js resolved and the alias the packet carried) and DONE, or exits 1 with the reason.
+// 0, 1 and 2, then to PREFIX/b and PREFIX/a at QoS 1, each once the one before has come back.
+// MQTT.js emits an incoming QoS 2 message only when the broker's PUBREL arrives
+// (lib/handlers/pubrel.js), so a QoS 1 message delivered right behind it is emitted first, with
+// any broker. Prints one JSON line per message received (the topic MQTT.js resolved and the
+// alias the packet carried) and DONE, or exits 1 with the reason.
 import mqtt from "mqtt";
 
 const [url, prefix] = process.argv.slice(2);
