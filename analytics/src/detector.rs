@@ -165,9 +165,10 @@ pub struct DetectorConfig {
     /// Upper-tail probability of the sustained-evidence bar; it only adds alerts when it is
     /// looser (larger) than `alert_tail`.
     pub sustain_tail: f64,
-    /// Early channel: until the learned channels may alert, a value also alerts when it lies
-    /// outside the range of every earlier value of the metric and at least this many robust
-    /// standard deviations from their median (0 disables; see [`crate::early`]).
+    /// Early channel: until the learned channels' score history is full (`warmup + history`
+    /// readings), a value also alerts when it lies `early_beyond` of the range outside every
+    /// earlier value of the metric and at least this many robust standard deviations from
+    /// their median (0 disables; see [`crate::early`]).
     pub early_bar: f64,
     /// Values the early channel needs before it judges any.
     pub early_min_points: usize,
@@ -1529,7 +1530,8 @@ mod tests {
             .collect()
     }
 
-    /// Hourly readings of `values` as `DeviceDetector::feed` sees them from a live device.
+    /// Feeds `values` as readings `step_ms` apart, as `DeviceDetector::feed` gets them from a
+    /// live device; returns the indices that raised an alert.
     fn feed_timed(det: &mut DeviceDetector, values: &[f64], step_ms: i64) -> Vec<usize> {
         let mut alerts = Vec::new();
         for (i, &v) in values.iter().enumerate() {
