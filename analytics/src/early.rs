@@ -1,15 +1,17 @@
-//! The early channel: gross outliers while a metric's learned channels are still too young to
-//! alert.
+//! The early channel: gross outliers while a metric's learned channels are young.
 //!
 //! The forest and shape channels need a warm-up and then a history of their own scores before
-//! they may alert (`warmup + min_history` points, 406 with the defaults). A short or newly
-//! started stream can show its first fault inside that stretch. This channel judges each value
-//! against every value the metric has sent so far: it is surprising when it lies outside the
-//! range of all of them *and* at least `bar` robust standard deviations (1.4826 × the median
-//! absolute deviation) from their median. The range condition is the recurrence check of this
-//! channel: a spike no higher than one already seen is not news. A metric whose earlier values
-//! have no spread at all (a flat line, or a mostly-zero counter) is never judged, so a step out
-//! of a constant signal does not alert here; the learned channels see it later.
+//! they may alert (`warmup + min_history` readings, 406 with the defaults), and demand a raised
+//! bar until that history is full (`warmup + history`, 1,256). A short or slow stream can show
+//! its first fault inside that stretch. Until then, this channel judges each value against the
+//! values the metric has sent so far: it is surprising when it lies outside their range by at
+//! least `beyond` of the range *and* at least `bar` robust standard deviations (1.4826 × the
+//! median absolute deviation) from their median. The range condition is the recurrence check
+//! of this channel: a spike no higher than one already seen is not news, and a slow drift or
+//! the gradual rise of a cycle never gets far enough beyond the range. A metric whose values
+//! have no spread (more than half of them equal: a flat line, a mostly-zero counter) is not
+//! judged, and nothing is judged before the values span `min_span_ms`, because the first high
+//! phase of a daily pattern looks exactly like a gross outlier.
 
 /// When a value is surprising to the early channel; see the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq)]
