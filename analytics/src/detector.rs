@@ -759,16 +759,22 @@ impl Debounce {
             self.run = 0;
         }
         let sustained = cfg.sustain_points > 0 && self.run >= cfg.sustain_points;
-        if n >= cfg.min_history
-            && self.armed
-            && self.cooldown_left == 0
-            && (z >= self.alert_z + margin || sustained)
-        {
-            self.armed = false;
-            self.cooldown_left = cfg.cooldown;
-            return Some(severity_for(z));
+        if n >= cfg.min_history && self.may_open() && (z >= self.alert_z + margin || sustained) {
+            return Some(self.open(cfg, z));
         }
         None
+    }
+
+    /// Whether an alert may open an incident now: armed and out of the cooldown.
+    fn may_open(&self) -> bool {
+        self.armed && self.cooldown_left == 0
+    }
+
+    /// Opens an incident of standard score `z`: disarms and starts the cooldown.
+    fn open(&mut self, cfg: &DetectorConfig, z: f64) -> Severity {
+        self.armed = false;
+        self.cooldown_left = cfg.cooldown;
+        severity_for(z)
     }
 
     /// Before the first model: counts the point down the cooldown and re-arms (there is no
@@ -782,12 +788,10 @@ impl Debounce {
     /// An early-channel alert of standard score `z`, if the debouncing allows one now; it
     /// then debounces like any other alert.
     fn early(&mut self, cfg: &DetectorConfig, z: f64) -> Option<Severity> {
-        if !self.armed || self.cooldown_left > 0 {
+        if !self.may_open() {
             return None;
         }
-        self.armed = false;
-        self.cooldown_left = cfg.cooldown;
-        Some(severity_for(z))
+        Some(self.open(cfg, z))
     }
 }
 
