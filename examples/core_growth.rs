@@ -12,7 +12,11 @@
 //!   The core keeps nothing for these; what grows is what the broker keeps per name it
 //!   counts (vigil's `limits.max_distinct_topics` set);
 //! - `retained`: the same with 100 KiB retained payloads: what the broker keeps of retained
-//!   messages (vigil caps it at `limits.max_retained_bytes`).
+//!   messages (vigil caps it at `limits.max_retained_bytes`);
+//! - `sessions`: persistent sessions (clean session false), each with a client id never used
+//!   before, subscribed at QoS 1 to one filter shared by all (`growth/sessions`), left
+//!   offline: what the broker keeps per offline session (vigil caps their number at
+//!   `limits.max_persistent_sessions`).
 //!
 //! ```sh
 //! cargo run --release --example core_growth -- --port 1883 --pid $(pgrep -x vigil) \
@@ -111,6 +115,17 @@ fn main() {
                 }
                 let _ = s.write_all(&[0xE0, 0]);
             }
+            "sessions" => {
+                for i in 0..per_round {
+                    let id = format!("growth-s-{tag}-{}", base + i);
+                    let mut s = connect_with(port, &id, false);
+                    s.write_all(&subscribe_qos(1, "growth/sessions", 1))
+                        .expect("subscribe");
+                    let mut ack = [0u8; 5];
+                    let _ = s.read_exact(&mut ack);
+                    let _ = s.write_all(&[0xE0, 0]);
+                }
+            }
             other => usage(&format!("unknown --what {other}")),
         }
         std::thread::sleep(Duration::from_secs(1));
@@ -123,7 +138,7 @@ fn main() {
 }
 
 fn usage(why: &str) -> ! {
-    eprintln!("{why}\nusage: core_growth --port P --pid PID [--what ids|topics|filters|names|retained] [--rounds N] [--per-round N]");
+    eprintln!("{why}\nusage: core_growth --port P --pid PID [--what ids|topics|filters|names|retained|sessions] [--rounds N] [--per-round N]");
     std::process::exit(2)
 }
 
@@ -162,10 +177,14 @@ fn string(s: &str) -> Vec<u8> {
 
 /// A 3.1.1 clean-session connection, CONNACK read.
 fn connect(port: u16, client_id: &str) -> TcpStream {
+    connect_with(port, client_id, true)
+}
+
+fn connect_with(port: u16, client_id: &str, clean: bool) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the broker");
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
     let mut body = string("MQTT");
-    body.extend([4, 2, 0, 60]);
+    body.extend([4, if clean { 2 } else { 0 }, 0, 60]);
     body.extend(string(client_id));
     s.write_all(&packet(0x10, &body)).expect("CONNECT");
     let mut connack = [0u8; 4];
@@ -188,8 +207,12 @@ fn publish_qos1(topic: &str, pkid: u16, retain: bool, payload: &[u8]) -> Vec<u8>
 }
 
 fn subscribe(pkid: u16, filter: &str) -> Vec<u8> {
+    subscribe_qos(pkid, filter, 0)
+}
+
+fn subscribe_qos(pkid: u16, filter: &str, qos: u8) -> Vec<u8> {
     let mut body = pkid.to_be_bytes().to_vec();
     body.extend(string(filter));
-    body.push(0);
+    body.push(qos);
     packet(0x82, &body)
 }

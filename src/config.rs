@@ -222,6 +222,18 @@ pub struct Limits {
     /// connection; 0 = none (mosquitto's behaviour). Optional: absent in older configs.
     #[serde(default)]
     pub topic_aliases: u16,
+    /// Sessions kept beyond their connection, connected or not (`edge::registry`).
+    /// Optional: absent in older configs.
+    #[serde(default = "default_max_persistent_sessions")]
+    pub max_persistent_sessions: usize,
+    /// Longest an offline session is kept, whatever it asked for; 0 = as long as it asked.
+    /// Optional: absent in older configs.
+    #[serde(default)]
+    pub persistent_session_expiry_secs: u64,
+}
+
+fn default_max_persistent_sessions() -> usize {
+    100_000
 }
 
 fn default_max_distinct_filters() -> usize {
@@ -239,6 +251,12 @@ fn default_max_retained_bytes() -> usize {
 impl Limits {
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// `persistent_session_expiry_secs`, `None` when 0 (no limit).
+    pub fn persistent_session_expiry(&self) -> Option<Duration> {
+        (self.persistent_session_expiry_secs > 0)
+            .then(|| Duration::from_secs(self.persistent_session_expiry_secs))
     }
 
     pub fn write_stall_timeout(&self) -> Duration {
@@ -549,6 +567,16 @@ impl Config {
             "limits.max_distinct_topics",
             (1..=100_000_000).contains(&l.max_distinct_topics),
             "must be between 1 and 100000000",
+        )?;
+        check(
+            "limits.max_persistent_sessions",
+            (1..=10_000_000).contains(&l.max_persistent_sessions),
+            "must be between 1 and 10000000",
+        )?;
+        check(
+            "limits.persistent_session_expiry_secs",
+            l.persistent_session_expiry_secs <= u32::MAX as u64,
+            "must be between 0 and 4294967295",
         )?;
         check(
             "limits.topic_aliases",

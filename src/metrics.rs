@@ -63,8 +63,14 @@ pub struct Metrics {
     /// Offline session timers not kept because the store was full (the will went at once,
     /// the session does not expire).
     pub dropped_session_timers: AtomicU64,
-    /// Sessions removed when their Session Expiry Interval ran out.
+    /// Sessions removed when their Session Expiry Interval (or
+    /// `limits.persistent_session_expiry_secs`) ran out.
     pub sessions_expired: AtomicU64,
+    /// Offline sessions removed to make room for a new one (`limits.max_persistent_sessions`),
+    /// CONNECTs refused because every kept session was connected, and the sessions kept.
+    pub sessions_evicted: AtomicU64,
+    pub persistent_session_refusals: AtomicU64,
+    pub kept_sessions: AtomicU64,
     /// Client publishes that waited for other connections' SUBSCRIBEs and UNSUBSCRIBEs to
     /// reach the core (the subscribe fence, see `edge::connection`).
     pub fence_waits: AtomicU64,
@@ -347,6 +353,10 @@ impl Metrics {
                 ("{limit=\"filters\"}", g(&self.filter_limit_refusals)),
                 ("{limit=\"topics\"}", g(&self.topic_name_limit_refusals)),
                 (
+                    "{limit=\"persistent_sessions\"}",
+                    g(&self.persistent_session_refusals),
+                ),
+                (
                     "{limit=\"retained_bytes\"}",
                     g(&self.retained_limit_refusals),
                 ),
@@ -463,8 +473,23 @@ impl Metrics {
         metric(
             "sessions_expired_total",
             "counter",
-            "Offline sessions removed when their Session Expiry Interval ran out.",
+            "Offline sessions removed when their Session Expiry Interval (or \
+             limits.persistent_session_expiry_secs) ran out.",
             &[("", g(&self.sessions_expired))],
+        );
+        metric(
+            "sessions_evicted_total",
+            "counter",
+            "Offline sessions removed, the one offline longest first, to make room for a new \
+             one (limits.max_persistent_sessions).",
+            &[("", g(&self.sessions_evicted))],
+        );
+        metric(
+            "persistent_sessions",
+            "gauge",
+            "Sessions the broker keeps beyond their connection (3.1.1 clean session false, v5 \
+             Session Expiry above 0), connected or not.",
+            &[("", g(&self.kept_sessions))],
         );
         metric(
             "publish_fence_waits_total",

@@ -1024,3 +1024,88 @@ fn qos1_packet_ids_are_reusable_as_soon_as_acknowledged() {
         "a message arrived twice"
     );
 }
+
+/// Persistent sessions are bounded (`limits.max_persistent_sessions`): a new one beyond the
+/// cap ends the session offline longest, and when every kept session is connected the CONNECT
+/// is refused (3.1.1 code 3, v5 0x97); `limits.persistent_session_expiry_secs` ends sessions
+/// that stay offline too long, as mosquitto's `persistent_client_expiration` does.
+#[test]
+fn persistent_sessions_are_bounded_and_can_expire() {
+    let v = Vigil::start_with(|c| {
+        let c = vigil::config::set_value(&c, "limits", "max_persistent_sessions", "2");
+        vigil::config::set_value(&c, "limits", "persistent_session_expiry_secs", "3")
+    });
+    let persistent = |id| ConnectOpts {
+        clean: false,
+        ..ConnectOpts::v311(id)
+    };
+    let session_present = |id| {
+        let (c, ack) = Raw::connect(v.mqtt, &persistent(id));
+        assert_eq!(ack.body[1], 0, "{id}: refused: {ack:?}");
+        (c, ack.body[0] & 1 == 1)
+    };
+    // p1 and p2 subscribe and go offline, p1 first.
+    for id in ["p1", "p2"] {
+        let (mut c, present) = session_present(id);
+        assert!(!present);
+        c.send(&subscribe_packet(1, &[(&format!("cap/{id}"), 1)]));
+        assert_eq!(c.recv().map(|p| p.kind()), Some(9));
+        c.send(&packet(0xE0, &[]));
+        drop(c);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    publish(v.port(), &["-t", "cap/p2", "-m", "kept", "-q", "1"]);
+    // p3 is new: p1, offline longest, makes room; p2 keeps its session and its message.
+    let (p3, present) = session_present("p3");
+    assert!(!present);
+    let (mut p2, present) = session_present("p2");
+    assert!(present, "p2's session must survive p1's eviction");
+    let (_, _, _, _, pkid, payload) = parse_publish(&p2.recv().expect("queued message"));
+    assert_eq!(payload, b"kept");
+    p2.send(&ack_packet(4, pkid));
+    // p2 and p3 are connected: a new session has no place, a clean one does.
+    let (_, ack) = Raw::connect(v.mqtt, &persistent("p4"));
+    assert_eq!(ack.body, vec![0, 3], "server unavailable");
+    let mut v5 = Raw::open(v.mqtt);
+    v5.send(&connect_packet(&ConnectOpts {
+        v5: true,
+        ..persistent("p4")
+    }));
+    let ack = v5.recv().expect("CONNACK");
+    assert_eq!(
+        (ack.kind(), ack.body[1]),
+        (2, 0x97),
+        "quota exceeded: {ack:?}"
+    );
+    let _clean = Raw::connected(v.mqtt, &ConnectOpts::v311("p5"));
+    // p1's session is gone: it comes back to a new one (which evicts nothing: p2 and p3 are
+    // connected, so it needs p2 to leave first).
+    p2.send(&packet(0xE0, &[]));
+    drop(p2);
+    std::thread::sleep(Duration::from_millis(200));
+    let (p1, present) = session_present("p1");
+    assert!(!present, "p1's session was evicted");
+    let metrics = http_get(v.http, "/metrics");
+    assert_eq!(metric(&metrics, "vigil_sessions_evicted_total"), Some(2.0));
+    assert_eq!(metric(&metrics, "vigil_persistent_sessions"), Some(2.0));
+    assert_eq!(
+        metric(
+            &metrics,
+            "vigil_limit_refusals_total{limit=\"persistent_sessions\"}"
+        ),
+        Some(2.0)
+    );
+    // Offline for longer than the configured expiry, a session ends.
+    drop((p1, p3));
+    std::thread::sleep(Duration::from_millis(4000));
+    let (_p1, present) = session_present("p1");
+    assert!(!present, "p1's session expired after 3 s offline");
+    assert_eq!(
+        metric(
+            &http_get(v.http, "/metrics"),
+            "vigil_sessions_expired_total"
+        ),
+        Some(2.0),
+        "p1 and p3 expired"
+    );
+}

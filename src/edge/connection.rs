@@ -71,7 +71,7 @@ use super::copies::Copies;
 use super::limits::RateLimiter;
 use super::policy::{self, Credentials, Identity};
 use super::registry::{
-    Claim, OfflineState, Redelivery, SubOptions, Timers, Will, MAX_PENDING_QOS2,
+    Claim, Keep, OfflineState, Redelivery, SubOptions, Timers, Will, MAX_PENDING_QOS2,
 };
 use super::{ClientStream, Edge, Listener, Origin};
 use crate::core::{CoreError, CORE_PING_INTERVAL};
@@ -688,6 +688,35 @@ where
     ) -> Result<(), ConnError> {
         let version = connect.version;
         let own_core_id = policy::core_client_id(client_id);
+        // A session that ends with this connection runs under a pooled core id (see
+        // `registry::CoreIds`), unless the core may still hold an earlier session under the
+        // client's own id: connecting clean under that id makes the core discard it. A kept
+        // session counts against `limits.max_persistent_sessions`.
+        let core_clean = !(persistent || resume);
+        let earlier_in_core = if core_clean {
+            edge.registry.end_session(client_id)
+        } else {
+            match edge.registry.keep_session(client_id, &edge.shutdown) {
+                Keep::Earlier => true,
+                Keep::New => false,
+                Keep::Evicting(due) => {
+                    info!(evicted = %due.client_id, "persistent session cap reached: the session offline longest makes room");
+                    edge.settle(*due).await;
+                    false
+                }
+                Keep::Full => {
+                    Metrics::inc(&edge.metrics.persistent_session_refusals);
+                    warn!("refused: persistent session cap reached, all of them connected");
+                    let code = match version {
+                        Version::V311 => rc::SERVER_UNAVAILABLE,
+                        Version::V5 => reason::QUOTA_EXCEEDED,
+                    };
+                    refuse(&mut client, version, code).await;
+                    return Ok(());
+                }
+            }
+        };
+        edge.note_kept_sessions();
         // v5 semantics rumqttd's 3.1.1 session flag cannot express directly: a fresh start of
         // a session that must outlive this connection wipes the old one first.
         if !resume && persistent {
@@ -696,11 +725,6 @@ where
         if !resume {
             edge.registry.forget_session(client_id);
         }
-        // A session that ends with this connection runs under a pooled core id (see
-        // `registry::CoreIds`), unless the core may still hold an earlier session under the
-        // client's own id: connecting clean under that id makes the core discard it.
-        let core_clean = !(persistent || resume);
-        let earlier_in_core = edge.registry.core_session(client_id, !core_clean);
         let lease = if core_clean && !earlier_in_core {
             edge.lease_core_id()
         } else {
@@ -920,10 +944,13 @@ where
             if persistent || resume {
                 edge.wipe_core_session(&core_id).await;
                 edge.registry.forget_session(client_id);
-                edge.registry.core_session(client_id, false);
+                edge.registry.end_session(client_id);
+                edge.note_kept_sessions();
             }
             return Ok(());
         }
+        // Eviction and `limits.persistent_session_expiry_secs` count from now.
+        edge.registry.session_offline(client_id);
         if persistent && !edge.registry.store_offline(client_id, offline) {
             Metrics::inc(&edge.metrics.dropped_qos2_state);
         }

@@ -263,7 +263,13 @@ impl Edge {
         Ok(Edge {
             policy: policy::Policy::new(config)?,
             core,
-            registry: registry::Registry::new(cap),
+            registry: registry::Registry::new(
+                cap,
+                registry::SessionLimits {
+                    max: config.limits.max_persistent_sessions,
+                    expiry: config.limits.persistent_session_expiry(),
+                },
+            ),
             metrics,
             shutdown,
             tracker,
@@ -466,20 +472,37 @@ impl Edge {
                 .registry
                 .take_due(tokio::time::Instant::now(), &self.shutdown)
             {
-                if let Some(will) = &due.will {
-                    self.publish_will(will).await;
-                    tracing::debug!(client_id = %due.client_id, "delayed will published");
-                }
-                if due.expired {
-                    self.wipe_core_session(&policy::core_client_id(&due.client_id))
-                        .await;
-                    self.registry.core_session(&due.client_id, false);
-                    Metrics::inc(&self.metrics.sessions_expired);
-                    tracing::debug!(client_id = %due.client_id, "session expired");
-                }
-                self.registry.release(&due.client_id, &due.claim);
+                self.settle(due).await;
             }
         }
+    }
+
+    /// Does what `due` asks for an offline session: publishes its will and, if the session
+    /// ended (expired, or evicted to make room for a new one), removes it from the core.
+    /// Then lets the id go.
+    pub async fn settle(&self, due: registry::Due) {
+        if let Some(will) = &due.will {
+            self.publish_will(will).await;
+            tracing::debug!(client_id = %due.client_id, "delayed will published");
+        }
+        if let Some(ended) = due.ended {
+            self.wipe_core_session(&policy::core_client_id(&due.client_id))
+                .await;
+            let counter = match ended {
+                registry::Ended::Expired => &self.metrics.sessions_expired,
+                registry::Ended::Evicted => &self.metrics.sessions_evicted,
+            };
+            Metrics::inc(counter);
+            self.note_kept_sessions();
+            tracing::debug!(client_id = %due.client_id, ?ended, "offline session ended");
+        }
+        self.registry.release(&due.client_id, &due.claim);
+    }
+
+    /// Updates the gauge of sessions the core keeps under their clients' own ids.
+    pub fn note_kept_sessions(&self) {
+        let n = self.registry.kept_sessions() as u64;
+        self.metrics.kept_sessions.store(n, Relaxed);
     }
 
     /// Removes a session from the core: a clean-session connection replaces it and, closing,

@@ -9,11 +9,13 @@
 //! gone offline: a will waiting out its Will Delay Interval and a session waiting out its
 //! Session Expiry Interval, which the edge's reaper (`Edge::reap`) acts on; (4) which core
 //! client id a connection uses: its own for a session the core keeps, a pooled one
-//! (`CoreIds`) otherwise. The maps are bounded: live ids by the connection cap, stored offline
-//! state and timers by `max_stored` sessions each; the ids whose session the core may hold
-//! (`core_session`) number as many as the core's own persistent sessions.
+//! (`CoreIds`) otherwise; (5) how many sessions the core keeps under their own client id, at
+//! most `limits.max_persistent_sessions`: a new one beyond that evicts the one offline longest,
+//! and with `limits.persistent_session_expiry_secs` one offline that long expires. The maps
+//! are bounded: live ids by the connection cap, stored offline state and timers by
+//! `max_stored` sessions each, the kept sessions by `SessionLimits::max`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -45,13 +47,53 @@ struct Inner {
     offline: HashMap<String, OfflineState>,
     /// Timers of offline sessions (delayed wills, session expiry).
     timers: HashMap<String, Timers>,
-    /// Client ids whose session the core may hold under their own core id (`core_session`).
-    core_sessions: HashSet<String>,
+    /// Client ids whose session the core may hold under their own core id (`keep_session`),
+    /// each with the key of its place in `kept_order`.
+    core_sessions: HashMap<String, Touched>,
+    /// The same ids, least recently touched (connected, or gone offline) first.
+    kept_order: BTreeMap<Touched, String>,
+    next_touch: u64,
+}
+
+/// When a kept session was last connected to or left offline; the counter breaks ties.
+type Touched = (Instant, u64);
+
+/// Bounds on the sessions the core keeps under their clients' own ids.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Most sessions kept; a new one beyond this evicts the one offline longest.
+    pub max: usize,
+    /// How long a session may stay offline before it expires, whatever its own expiry
+    /// (`None`: as long as the session asks, for ever for a 3.1.1 persistent session).
+    pub expiry: Option<Duration>,
+}
+
+/// Why the edge ends an offline session (`Due::ended`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Its Session Expiry Interval, or `persistent_session_expiry_secs`, ran out.
+    Expired,
+    /// A new session needed its place (`SessionLimits::max`).
+    Evicted,
+}
+
+/// What `keep_session` did.
+pub enum Keep {
+    /// The core may hold an earlier session under this id (it is resumed or replaced).
+    Earlier,
+    /// A new session is kept.
+    New,
+    /// A new session is kept in the place of the one offline longest, which the caller
+    /// removes from the core (`Edge::settle`).
+    Evicting(Box<Due>),
+    /// All kept sessions are connected: no new one fits.
+    Full,
 }
 
 pub struct Registry {
     inner: Mutex<Inner>,
     max_stored: usize,
+    sessions: SessionLimits,
     /// Wakes the reaper when a timer is set.
     timer_set: Notify,
 }
@@ -123,8 +165,8 @@ impl Timers {
 pub struct Due {
     pub client_id: String,
     pub will: Option<Will>,
-    /// The session has expired: remove it from the core.
-    pub expired: bool,
+    /// The session has ended: remove it from the core. The registry has forgotten it already.
+    pub ended: Option<Ended>,
     pub claim: Claim,
 }
 
@@ -234,10 +276,11 @@ pub struct Claim {
 }
 
 impl Registry {
-    pub fn new(max_stored: usize) -> Registry {
+    pub fn new(max_stored: usize, sessions: SessionLimits) -> Registry {
         Registry {
             inner: Mutex::new(Inner::default()),
             max_stored,
+            sessions,
             timer_set: Notify::new(),
         }
     }
@@ -289,7 +332,8 @@ impl Registry {
         let mut inner = self.lock();
         if inner.live.get(id).map(|l| l.generation) == Some(claim.generation) {
             inner.live.remove(id);
-            if inner.timers.contains_key(id) {
+            let expires = self.sessions.expiry.is_some() && inner.core_sessions.contains_key(id);
+            if expires || inner.timers.contains_key(id) {
                 drop(inner);
                 self.timer_set.notify_one();
             }
@@ -322,19 +366,110 @@ impl Registry {
         self.lock().offline.remove(id);
     }
 
-    /// Whether the core may hold a session under `id`'s own core id, which a connection with
-    /// a persistent or resumed session uses (`policy::core_client_id`); `kept` records what
-    /// is true from now on. A clean session that finds one connects under that id, so the
-    /// core discards it; any other clean session takes a pooled id (`CoreIds`). Grows, like
-    /// the core's own store of persistent sessions, with the client ids that ever had one,
-    /// and shrinks as they end or expire.
-    pub fn core_session(&self, id: &str, kept: bool) -> bool {
+    /// Records that the core holds (or is about to hold) a session under `id`'s own core id,
+    /// which a connection with a persistent or resumed session uses
+    /// (`policy::core_client_id`). When `SessionLimits::max` sessions are kept already, the
+    /// one offline longest makes room: it is forgotten here and claimed, and the caller
+    /// removes it from the core. `parent` is the shutdown token, for that claim.
+    pub fn keep_session(&self, id: &str, parent: &CancellationToken) -> Keep {
         let mut inner = self.lock();
-        if kept {
-            !inner.core_sessions.insert(id.to_string())
-        } else {
-            inner.core_sessions.remove(id)
+        let now = Instant::now();
+        if inner.core_sessions.contains_key(id) {
+            Self::touch(&mut inner, id, now);
+            return Keep::Earlier;
         }
+        let mut keep = Keep::New;
+        if inner.core_sessions.len() >= self.sessions.max {
+            let inner = &mut *inner;
+            let oldest = inner
+                .kept_order
+                .values()
+                .find(|kept| !inner.live.contains_key(*kept))
+                .cloned();
+            let Some(oldest) = oldest else {
+                return Keep::Full;
+            };
+            keep = Keep::Evicting(Box::new(Self::end_offline(
+                inner,
+                oldest,
+                Ended::Evicted,
+                parent,
+            )));
+        }
+        Self::touch(&mut inner, id, now);
+        keep
+    }
+
+    /// Forgets the session the core may hold under `id`'s own core id: it ended, or a clean
+    /// session connects under that id so the core discards it. Returns whether there was one.
+    pub fn end_session(&self, id: &str) -> bool {
+        let mut inner = self.lock();
+        match inner.core_sessions.remove(id) {
+            Some(touched) => {
+                inner.kept_order.remove(&touched);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A kept session goes offline now: it is evicted or expires counting from now.
+    pub fn session_offline(&self, id: &str) {
+        let mut inner = self.lock();
+        if inner.core_sessions.contains_key(id) {
+            Self::touch(&mut inner, id, Instant::now());
+        }
+    }
+
+    /// Sessions the core keeps under their own client ids.
+    pub fn kept_sessions(&self) -> usize {
+        self.lock().core_sessions.len()
+    }
+
+    fn touch(inner: &mut Inner, id: &str, now: Instant) {
+        inner.next_touch += 1;
+        let key = (now, inner.next_touch);
+        match inner.core_sessions.get_mut(id) {
+            Some(touched) => {
+                inner.kept_order.remove(touched);
+                *touched = key;
+            }
+            None => {
+                inner.core_sessions.insert(id.to_string(), key);
+            }
+        }
+        inner.kept_order.insert(key, id.to_string());
+    }
+
+    /// Forgets everything about the offline session `id` and claims it for the one ending it;
+    /// its delayed will, if any, goes now (a session that ends publishes it, MQTT-3.1.3-9).
+    fn end_offline(inner: &mut Inner, id: String, ended: Ended, parent: &CancellationToken) -> Due {
+        if let Some(touched) = inner.core_sessions.remove(&id) {
+            inner.kept_order.remove(&touched);
+        }
+        inner.offline.remove(&id);
+        let will = inner
+            .timers
+            .remove(&id)
+            .and_then(|t| t.will)
+            .map(|(_, will)| will);
+        let (claim, _) = Self::new_claim(inner, &id, parent.child_token());
+        Due {
+            client_id: id,
+            will,
+            ended: Some(ended),
+            claim,
+        }
+    }
+
+    /// When the offline session touched longest ago expires under `SessionLimits::expiry`.
+    fn next_kept_expiry(&self, inner: &Inner) -> Option<Instant> {
+        let expiry = self.sessions.expiry?;
+        inner
+            .kept_order
+            .iter()
+            .find(|(_, id)| !inner.live.contains_key(*id))
+            .map(|((at, _), _)| *at + expiry)
     }
 
     /// Sets the timers of a session going offline; the reaper sees them once the connection
@@ -362,12 +497,16 @@ impl Registry {
     /// The earliest timer of a session that is not connected.
     pub fn next_timer(&self) -> Option<Instant> {
         let inner = self.lock();
-        inner
+        let timers = inner
             .timers
             .iter()
             .filter(|(id, _)| !inner.live.contains_key(*id))
             .filter_map(|(_, t)| t.next())
-            .min()
+            .min();
+        match (timers, self.next_kept_expiry(&inner)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Takes what is due at `now` for sessions that are not connected, claiming each id; at
@@ -387,28 +526,42 @@ impl Registry {
             let Some(timers) = inner.timers.get_mut(&id) else {
                 continue;
             };
-            let expired = timers.session_expires.is_some_and(|at| at <= now);
-            // A session that ends publishes its will, whatever its delay (MQTT-3.1.3-9).
+            if timers.session_expires.is_some_and(|at| at <= now) {
+                out.push(Self::end_offline(&mut inner, id, Ended::Expired, parent));
+                continue;
+            }
             let will = match timers.will.take() {
-                Some((at, will)) if at <= now || expired => Some(will),
+                Some((at, will)) if at <= now => Some(will),
                 other => {
                     timers.will = other;
                     None
                 }
             };
-            if expired || timers.next().is_none() {
+            if timers.next().is_none() {
                 inner.timers.remove(&id);
-            }
-            if expired {
-                inner.offline.remove(&id);
             }
             let (claim, _) = Self::new_claim(&mut inner, &id, parent.child_token());
             out.push(Due {
                 client_id: id,
                 will,
-                expired,
+                ended: None,
                 claim,
             });
+        }
+        // Sessions offline for longer than `SessionLimits::expiry`, oldest first.
+        if let Some(expiry) = self.sessions.expiry {
+            let inner = &mut *inner;
+            let expired: Vec<String> = inner
+                .kept_order
+                .iter()
+                .take_while(|((at, _), _)| *at + expiry <= now)
+                .filter(|(_, id)| !inner.live.contains_key(*id))
+                .map(|(_, id)| id.clone())
+                .take(REAP_BATCH.saturating_sub(out.len()))
+                .collect();
+            for id in expired {
+                out.push(Self::end_offline(inner, id, Ended::Expired, parent));
+            }
         }
         out
     }
@@ -446,22 +599,142 @@ mod tests {
         assert!(ids.lease().is_some());
     }
 
+    const UNLIMITED: SessionLimits = SessionLimits {
+        max: 1000,
+        expiry: None,
+    };
+
+    fn is_new(keep: Keep) -> bool {
+        matches!(keep, Keep::New)
+    }
+
     #[test]
     fn core_sessions_are_remembered_until_a_clean_session_takes_them() {
-        let reg = Registry::new(10);
-        assert!(!reg.core_session("a", false), "unknown id");
-        assert!(!reg.core_session("a", true), "first persistent connection");
-        assert!(reg.core_session("a", true), "resumed");
+        let reg = Registry::new(10, UNLIMITED);
+        let root = CancellationToken::new();
+        assert!(!reg.end_session("a"), "unknown id");
         assert!(
-            reg.core_session("a", false),
-            "a clean session finds it and ends it"
+            is_new(reg.keep_session("a", &root)),
+            "first persistent connection"
         );
-        assert!(!reg.core_session("a", false));
+        assert!(
+            matches!(reg.keep_session("a", &root), Keep::Earlier),
+            "resumed"
+        );
+        assert_eq!(reg.kept_sessions(), 1);
+        assert!(reg.end_session("a"), "a clean session finds it and ends it");
+        assert!(!reg.end_session("a"));
+        assert_eq!(reg.kept_sessions(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_session_over_the_cap_evicts_the_one_offline_longest() {
+        let limits = SessionLimits {
+            max: 3,
+            expiry: None,
+        };
+        let reg = Registry::new(10, limits);
+        let root = CancellationToken::new();
+        let s = Duration::from_secs(1);
+        // a and c go offline; b stays connected although it was kept first.
+        let b = reg.claim("b", &root).await;
+        assert!(is_new(reg.keep_session("b", &root)));
+        tokio::time::advance(s).await;
+        for id in ["a", "c"] {
+            let claim = reg.claim(id, &root).await;
+            assert!(is_new(reg.keep_session(id, &root)));
+            reg.store_offline(id, offline_with_qos2());
+            reg.set_timers(
+                id,
+                Timers {
+                    will: Some((Instant::now() + 60 * s, will("w"))),
+                    session_expires: None,
+                },
+            )
+            .unwrap();
+            reg.session_offline(id);
+            reg.release(id, &claim);
+            tokio::time::advance(s).await;
+        }
+        // A resumed session is not new: no eviction, and it is touched.
+        let claim = reg.claim("a", &root).await;
+        assert!(matches!(reg.keep_session("a", &root), Keep::Earlier));
+        reg.session_offline("a");
+        reg.release("a", &claim);
+        // d needs a place: c has been offline longest (b is connected, a came back since).
+        let Keep::Evicting(due) = reg.keep_session("d", &root) else {
+            panic!("expected an eviction");
+        };
+        assert_eq!(due.client_id, "c");
+        assert_eq!(due.ended, Some(Ended::Evicted));
+        assert!(due.will.is_some(), "an ending session's will goes now");
+        assert!(reg.take_offline("c").is_empty());
+        assert!(reg.take_timers("c").is_none());
+        assert_eq!(reg.kept_sessions(), 3);
+        // While the eviction holds c's id, it is not evicted again; a is next.
+        let Keep::Evicting(due_a) = reg.keep_session("e", &root) else {
+            panic!("expected an eviction");
+        };
+        assert_eq!(due_a.client_id, "a");
+        // d and e are not connected in this test, but b is: with d and e claimed, nothing
+        // offline is left to make room.
+        let _d = reg.claim("d", &root).await;
+        let _e = reg.claim("e", &root).await;
+        assert!(matches!(reg.keep_session("f", &root), Keep::Full));
+        assert_eq!(reg.kept_sessions(), 3);
+        drop(b);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_offline_longer_than_the_configured_expiry_expire() {
+        let limits = SessionLimits {
+            max: 10,
+            expiry: Some(Duration::from_secs(10)),
+        };
+        let reg = Registry::new(10, limits);
+        let root = CancellationToken::new();
+        let s = Duration::from_secs(1);
+        let t0 = Instant::now();
+        for id in ["a", "b"] {
+            let claim = reg.claim(id, &root).await;
+            assert!(is_new(reg.keep_session(id, &root)));
+            if id == "a" {
+                assert_eq!(reg.next_timer(), None, "connected sessions do not expire");
+            }
+            reg.session_offline(id);
+            reg.release(id, &claim);
+            tokio::time::advance(3 * s).await;
+        }
+        assert_eq!(reg.next_timer(), Some(t0 + 10 * s));
+        assert!(reg.take_due(t0 + 9 * s, &root).is_empty());
+        let due = reg.take_due(t0 + 10 * s, &root);
+        assert_eq!(due.len(), 1);
+        assert_eq!(
+            (due[0].client_id.as_str(), due[0].ended),
+            ("a", Some(Ended::Expired))
+        );
+        assert_eq!(reg.kept_sessions(), 1);
+        // b reconnects before its time: its clock starts again when it leaves.
+        let claim = reg.claim("b", &root).await;
+        assert!(matches!(reg.keep_session("b", &root), Keep::Earlier));
+        tokio::time::advance(20 * s).await;
+        assert_eq!(reg.next_timer(), None);
+        assert!(reg.take_due(Instant::now(), &root).is_empty());
+        reg.session_offline("b");
+        reg.release("b", &claim);
+        assert_eq!(reg.next_timer(), Some(Instant::now() + 10 * s));
+    }
+
+    fn offline_with_qos2() -> OfflineState {
+        OfflineState {
+            inbound_qos2: vec![1],
+            ..OfflineState::default()
+        }
     }
 
     #[tokio::test]
     async fn takeover_kicks_and_waits_for_the_old_connection() {
-        let reg = std::sync::Arc::new(Registry::new(10));
+        let reg = std::sync::Arc::new(Registry::new(10, UNLIMITED));
         let root = CancellationToken::new();
         let first = reg.claim("a", &root).await;
         let kick = first.kick.clone();
@@ -490,7 +763,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn timers_fire_in_order_and_not_for_connected_sessions() {
-        let reg = Registry::new(2);
+        let reg = Registry::new(2, UNLIMITED);
         let root = CancellationToken::new();
         let t0 = Instant::now();
         let s = Duration::from_secs(1);
@@ -518,7 +791,7 @@ mod tests {
         let due = reg.take_due(t0 + 2 * s, &root);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].client_id, "b");
-        assert!(due[0].expired);
+        assert_eq!(due[0].ended, Some(Ended::Expired));
         assert_eq!(
             due[0].will.as_ref().map(|w| &w.topic[..]),
             Some(&b"w/b"[..])
@@ -530,11 +803,11 @@ mod tests {
         assert!(reg.take_due(t0 + 4 * s, &root).is_empty());
         reg.release("a", &claim);
         let due = reg.take_due(t0 + 4 * s, &root);
-        assert_eq!((due.len(), due[0].expired), (1, false));
+        assert_eq!((due.len(), due[0].ended), (1, None));
         assert!(due[0].will.is_some());
         reg.release("a", &due[0].claim);
         let due = reg.take_due(t0 + 5 * s, &root);
-        assert_eq!((due.len(), due[0].expired), (1, true));
+        assert_eq!((due.len(), due[0].ended), (1, Some(Ended::Expired)));
         assert!(due[0].will.is_none());
         // Reconnecting takes (cancels) the timers.
         reg.set_timers("d", Timers::default()).unwrap();
@@ -544,7 +817,7 @@ mod tests {
 
     #[test]
     fn offline_store_is_bounded() {
-        let reg = Registry::new(1);
+        let reg = Registry::new(1, UNLIMITED);
         let a = OfflineState {
             inbound_qos2: vec![1, 2],
             unacked_out: vec![Redelivery {
