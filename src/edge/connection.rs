@@ -71,7 +71,7 @@ use super::copies::Copies;
 use super::limits::RateLimiter;
 use super::policy::{self, Credentials, Identity};
 use super::registry::{
-    Claim, Keep, OfflineState, Redelivery, SubOptions, Timers, Will, MAX_PENDING_QOS2,
+    slot_core_id, Claim, Keep, OfflineState, Redelivery, SubOptions, Timers, Will, MAX_PENDING_QOS2,
 };
 use super::{ClientStream, Edge, Listener, Origin};
 use crate::core::{CoreError, CORE_PING_INTERVAL};
@@ -687,22 +687,25 @@ where
         claim: &Claim,
     ) -> Result<(), ConnError> {
         let version = connect.version;
-        let own_core_id = policy::core_client_id(client_id);
-        // A session that ends with this connection runs under a pooled core id (see
-        // `registry::CoreIds`), unless the core may still hold an earlier session under the
-        // client's own id: connecting clean under that id makes the core discard it. A kept
-        // session counts against `limits.max_persistent_sessions`.
+        // A session kept past this connection runs in the core under its slot's id
+        // (`registry::slot_core_id`) and counts against `limits.max_persistent_sessions`; one
+        // that ends with it runs under a pooled id (`registry::CoreIds`). A clean session that
+        // finds an earlier kept one removes it from the core first, as MQTT requires.
         let core_clean = !(persistent || resume);
-        let earlier_in_core = if core_clean {
-            edge.registry.end_session(client_id)
+        let slot = if core_clean {
+            if let Some(slot) = edge.registry.end_session(client_id) {
+                edge.wipe_core_session(&slot_core_id(slot)).await;
+                edge.registry.free_slot(slot);
+            }
+            None
         } else {
-            match edge.registry.keep_session(client_id, &edge.shutdown) {
-                Keep::Earlier => true,
-                Keep::New => false,
-                Keep::Evicting(due) => {
+            let (slot, earlier) = match edge.registry.keep_session(client_id, &edge.shutdown) {
+                Keep::Earlier(slot) => (slot, true),
+                Keep::New(slot) => (slot, false),
+                Keep::Evicting(slot, due) => {
                     info!(evicted = %due.client_id, "persistent session cap reached: the session offline longest makes room");
                     edge.settle(*due).await;
-                    false
+                    (slot, false)
                 }
                 Keep::Full => {
                     Metrics::inc(&edge.metrics.persistent_session_refusals);
@@ -714,23 +717,27 @@ where
                     refuse(&mut client, version, code).await;
                     return Ok(());
                 }
+            };
+            // v5 semantics rumqttd's 3.1.1 session flag cannot express directly: a fresh start
+            // of a session that must outlive this connection wipes the old one first.
+            if earlier && !resume {
+                edge.wipe_core_session(&slot_core_id(slot)).await;
             }
+            Some(slot)
         };
         edge.note_kept_sessions();
-        // v5 semantics rumqttd's 3.1.1 session flag cannot express directly: a fresh start of
-        // a session that must outlive this connection wipes the old one first.
-        if !resume && persistent {
-            edge.wipe_core_session(&own_core_id).await;
-        }
         if !resume {
             edge.registry.forget_session(client_id);
         }
-        let lease = if core_clean && !earlier_in_core {
-            edge.lease_core_id()
-        } else {
-            None
+        let lease = match slot {
+            Some(_) => None,
+            None => edge.lease_core_id(),
         };
-        let core_id = lease.as_ref().map_or(own_core_id, |l| l.core_id());
+        let core_id = match (slot, &lease) {
+            (Some(slot), _) => slot_core_id(slot),
+            (None, Some(lease)) => lease.core_id(),
+            (None, None) => policy::core_client_id(client_id),
+        };
         // A session that had gone offline: reconnecting stops its timers. Its delayed will is
         // published now if this connection ends the session (clean start), and never otherwise
         // (MQTT-3.1.3-9).
@@ -944,7 +951,9 @@ where
             if persistent || resume {
                 edge.wipe_core_session(&core_id).await;
                 edge.registry.forget_session(client_id);
-                edge.registry.end_session(client_id);
+                if let Some(slot) = edge.registry.end_session(client_id) {
+                    edge.registry.free_slot(slot);
+                }
                 edge.note_kept_sessions();
             }
             return Ok(());

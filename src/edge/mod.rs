@@ -485,11 +485,13 @@ impl Edge {
             self.publish_will(will).await;
             tracing::debug!(client_id = %due.client_id, "delayed will published");
         }
-        if let Some(ended) = due.ended {
-            self.wipe_core_session(&policy::core_client_id(&due.client_id))
-                .await;
+        if let Some((ended, slot)) = due.ended {
+            self.wipe_core_session(&registry::slot_core_id(slot)).await;
             let counter = match ended {
-                registry::Ended::Expired => &self.metrics.sessions_expired,
+                registry::Ended::Expired => {
+                    self.registry.free_slot(slot);
+                    &self.metrics.sessions_expired
+                }
                 registry::Ended::Evicted => &self.metrics.sessions_evicted,
             };
             Metrics::inc(counter);

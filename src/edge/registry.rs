@@ -47,16 +47,32 @@ struct Inner {
     offline: HashMap<String, OfflineState>,
     /// Timers of offline sessions (delayed wills, session expiry).
     timers: HashMap<String, Timers>,
-    /// Client ids whose session the core may hold under their own core id (`keep_session`),
-    /// each with the key of its place in `kept_order`.
-    core_sessions: HashMap<String, Touched>,
+    /// Client ids whose session the core holds past their connections (`keep_session`).
+    core_sessions: HashMap<String, Kept>,
     /// The same ids, least recently touched (connected, or gone offline) first.
     kept_order: BTreeMap<Touched, String>,
     next_touch: u64,
+    /// Session slots given back (`free_slot`), and the next never used.
+    free_slots: Vec<u32>,
+    next_slot: u32,
 }
 
 /// When a kept session was last connected to or left offline; the counter breaks ties.
 type Touched = (Instant, u64);
+
+/// A session the core keeps: its place in `kept_order` and its slot.
+struct Kept {
+    touched: Touched,
+    slot: u32,
+}
+
+/// The core client id of session slot `slot`. A kept session runs in the core under a slot's
+/// id, not under an id derived from its client id: rumqttd keeps a record of every client id
+/// it has seen and never forgets one (`CoreIds`), so with slots it holds at most as many
+/// records for kept sessions as `SessionLimits::max` (plus the slots being wiped).
+pub fn slot_core_id(slot: u32) -> String {
+    format!("s-{slot}")
+}
 
 /// Bounds on the sessions the core keeps under their clients' own ids.
 #[derive(Debug, Clone, Copy)]
@@ -68,7 +84,7 @@ pub struct SessionLimits {
     pub expiry: Option<Duration>,
 }
 
-/// Why the edge ends an offline session (`Due::ended`).
+/// Why the edge ends an offline session (`Due::ended`, with the session's slot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
     /// Its Session Expiry Interval, or `persistent_session_expiry_secs`, ran out.
@@ -77,15 +93,15 @@ pub enum Ended {
     Evicted,
 }
 
-/// What `keep_session` did.
+/// What `keep_session` did. The numbers are the session's slot (`slot_core_id`).
 pub enum Keep {
-    /// The core may hold an earlier session under this id (it is resumed or replaced).
-    Earlier,
-    /// A new session is kept.
-    New,
-    /// A new session is kept in the place of the one offline longest, which the caller
-    /// removes from the core (`Edge::settle`).
-    Evicting(Box<Due>),
+    /// The core may hold an earlier session in this slot (it is resumed or replaced).
+    Earlier(u32),
+    /// A new session is kept in a slot the core holds nothing for.
+    New(u32),
+    /// A new session is kept in the slot of the one offline longest, which the caller
+    /// removes from the core first (`Edge::settle`).
+    Evicting(u32, Box<Due>),
     /// All kept sessions are connected: no new one fits.
     Full,
 }
@@ -165,8 +181,10 @@ impl Timers {
 pub struct Due {
     pub client_id: String,
     pub will: Option<Will>,
-    /// The session has ended: remove it from the core. The registry has forgotten it already.
-    pub ended: Option<Ended>,
+    /// The session has ended: remove it from the core (its slot); the registry has forgotten
+    /// it already. An expired session's slot is given back (`free_slot`) once that is done;
+    /// an evicted one's goes on to the new session.
+    pub ended: Option<(Ended, u32)>,
     pub claim: Claim,
 }
 
@@ -366,87 +384,90 @@ impl Registry {
         self.lock().offline.remove(id);
     }
 
-    /// Records that the core holds (or is about to hold) a session under `id`'s own core id,
-    /// which a connection with a persistent or resumed session uses
-    /// (`policy::core_client_id`). When `SessionLimits::max` sessions are kept already, the
-    /// one offline longest makes room: it is forgotten here and claimed, and the caller
-    /// removes it from the core. `parent` is the shutdown token, for that claim.
+    /// Records that the core holds (or is about to hold) a session for `id` past its
+    /// connection, and in which slot. When `SessionLimits::max` sessions are kept already, the
+    /// one offline longest makes room: it is forgotten here and claimed, its slot is the new
+    /// session's, and the caller removes it from the core before using the slot. `parent` is
+    /// the shutdown token, for that claim.
     pub fn keep_session(&self, id: &str, parent: &CancellationToken) -> Keep {
         let mut inner = self.lock();
+        let inner = &mut *inner;
         let now = Instant::now();
-        if inner.core_sessions.contains_key(id) {
-            Self::touch(&mut inner, id, now);
-            return Keep::Earlier;
+        if let Some(slot) = Self::touch(inner, id, now) {
+            return Keep::Earlier(slot);
         }
-        let mut keep = Keep::New;
-        if inner.core_sessions.len() >= self.sessions.max {
-            let inner = &mut *inner;
+        let (keep, slot) = if inner.core_sessions.len() < self.sessions.max {
+            let slot = inner.free_slots.pop().unwrap_or_else(|| {
+                inner.next_slot += 1;
+                inner.next_slot - 1
+            });
+            (Keep::New(slot), slot)
+        } else {
             let oldest = inner
                 .kept_order
                 .values()
                 .find(|kept| !inner.live.contains_key(*kept))
-                .cloned();
-            let Some(oldest) = oldest else {
+                .and_then(|id| Some((id.clone(), inner.core_sessions.get(id)?.slot)));
+            let Some((oldest, slot)) = oldest else {
                 return Keep::Full;
             };
-            keep = Keep::Evicting(Box::new(Self::end_offline(
-                inner,
-                oldest,
-                Ended::Evicted,
-                parent,
-            )));
-        }
-        Self::touch(&mut inner, id, now);
+            let due = Self::end_offline(inner, oldest, Ended::Evicted, parent);
+            (Keep::Evicting(slot, Box::new(due)), slot)
+        };
+        let touched = Self::next_touch(inner, now);
+        inner
+            .core_sessions
+            .insert(id.to_string(), Kept { touched, slot });
+        inner.kept_order.insert(touched, id.to_string());
         keep
     }
 
-    /// Forgets the session the core may hold under `id`'s own core id: it ended, or a clean
-    /// session connects under that id so the core discards it. Returns whether there was one.
-    pub fn end_session(&self, id: &str) -> bool {
+    /// Forgets the session the core keeps for `id` (it ended, or a clean session replaces
+    /// it) and returns its slot, which the caller wipes in the core and then gives back.
+    pub fn end_session(&self, id: &str) -> Option<u32> {
         let mut inner = self.lock();
-        match inner.core_sessions.remove(id) {
-            Some(touched) => {
-                inner.kept_order.remove(&touched);
-                true
-            }
-            None => false,
-        }
+        let kept = inner.core_sessions.remove(id)?;
+        inner.kept_order.remove(&kept.touched);
+        Some(kept.slot)
+    }
+
+    /// Gives back a slot whose session the core no longer holds.
+    pub fn free_slot(&self, slot: u32) {
+        self.lock().free_slots.push(slot);
     }
 
     /// A kept session goes offline now: it is evicted or expires counting from now.
     pub fn session_offline(&self, id: &str) {
-        let mut inner = self.lock();
-        if inner.core_sessions.contains_key(id) {
-            Self::touch(&mut inner, id, Instant::now());
-        }
+        Self::touch(&mut self.lock(), id, Instant::now());
     }
 
-    /// Sessions the core keeps under their own client ids.
+    /// Sessions the core keeps past their connections.
     pub fn kept_sessions(&self) -> usize {
         self.lock().core_sessions.len()
     }
 
-    fn touch(inner: &mut Inner, id: &str, now: Instant) {
+    fn next_touch(inner: &mut Inner, now: Instant) -> Touched {
         inner.next_touch += 1;
-        let key = (now, inner.next_touch);
-        match inner.core_sessions.get_mut(id) {
-            Some(touched) => {
-                inner.kept_order.remove(touched);
-                *touched = key;
-            }
-            None => {
-                inner.core_sessions.insert(id.to_string(), key);
-            }
-        }
-        inner.kept_order.insert(key, id.to_string());
+        (now, inner.next_touch)
+    }
+
+    /// Moves a kept session to the end of `kept_order`; returns its slot (`None`: not kept).
+    fn touch(inner: &mut Inner, id: &str, now: Instant) -> Option<u32> {
+        let touched = Self::next_touch(inner, now);
+        let kept = inner.core_sessions.get_mut(id)?;
+        inner.kept_order.remove(&kept.touched);
+        kept.touched = touched;
+        inner.kept_order.insert(touched, id.to_string());
+        Some(kept.slot)
     }
 
     /// Forgets everything about the offline session `id` and claims it for the one ending it;
     /// its delayed will, if any, goes now (a session that ends publishes it, MQTT-3.1.3-9).
     fn end_offline(inner: &mut Inner, id: String, ended: Ended, parent: &CancellationToken) -> Due {
-        if let Some(touched) = inner.core_sessions.remove(&id) {
-            inner.kept_order.remove(&touched);
-        }
+        let slot = inner.core_sessions.remove(&id).map(|kept| {
+            inner.kept_order.remove(&kept.touched);
+            kept.slot
+        });
         inner.offline.remove(&id);
         let will = inner
             .timers
@@ -457,7 +478,7 @@ impl Registry {
         Due {
             client_id: id,
             will,
-            ended: Some(ended),
+            ended: slot.map(|slot| (ended, slot)),
             claim,
         }
     }
@@ -604,27 +625,39 @@ mod tests {
         expiry: None,
     };
 
-    fn is_new(keep: Keep) -> bool {
-        matches!(keep, Keep::New)
+    /// The slot of a session `keep_session` found new.
+    fn new_slot(keep: Keep) -> u32 {
+        match keep {
+            Keep::New(slot) => slot,
+            _ => panic!("expected a new session"),
+        }
+    }
+
+    fn earlier(keep: Keep) -> Option<u32> {
+        match keep {
+            Keep::Earlier(slot) => Some(slot),
+            _ => None,
+        }
     }
 
     #[test]
     fn core_sessions_are_remembered_until_a_clean_session_takes_them() {
         let reg = Registry::new(10, UNLIMITED);
         let root = CancellationToken::new();
-        assert!(!reg.end_session("a"), "unknown id");
-        assert!(
-            is_new(reg.keep_session("a", &root)),
-            "first persistent connection"
-        );
-        assert!(
-            matches!(reg.keep_session("a", &root), Keep::Earlier),
-            "resumed"
-        );
+        assert_eq!(reg.end_session("a"), None, "unknown id");
+        let a = new_slot(reg.keep_session("a", &root));
+        assert_eq!(earlier(reg.keep_session("a", &root)), Some(a), "resumed");
+        let b = new_slot(reg.keep_session("b", &root));
+        assert_ne!(a, b);
+        assert_eq!(reg.kept_sessions(), 2);
+        assert_eq!(reg.end_session("a"), Some(a), "a clean session ends it");
+        assert_eq!(reg.end_session("a"), None);
         assert_eq!(reg.kept_sessions(), 1);
-        assert!(reg.end_session("a"), "a clean session finds it and ends it");
-        assert!(!reg.end_session("a"));
-        assert_eq!(reg.kept_sessions(), 0);
+        // A slot is used again only once given back (after the core let go of it).
+        let c = new_slot(reg.keep_session("c", &root));
+        assert!(c != a && c != b);
+        reg.free_slot(a);
+        assert_eq!(new_slot(reg.keep_session("d", &root)), a);
     }
 
     #[tokio::test(start_paused = true)]
@@ -638,11 +671,12 @@ mod tests {
         let s = Duration::from_secs(1);
         // a and c go offline; b stays connected although it was kept first.
         let b = reg.claim("b", &root).await;
-        assert!(is_new(reg.keep_session("b", &root)));
+        new_slot(reg.keep_session("b", &root));
         tokio::time::advance(s).await;
+        let mut c_slot = None;
         for id in ["a", "c"] {
             let claim = reg.claim(id, &root).await;
-            assert!(is_new(reg.keep_session(id, &root)));
+            c_slot = Some(new_slot(reg.keep_session(id, &root)));
             reg.store_offline(id, offline_with_qos2());
             reg.set_timers(
                 id,
@@ -658,21 +692,23 @@ mod tests {
         }
         // A resumed session is not new: no eviction, and it is touched.
         let claim = reg.claim("a", &root).await;
-        assert!(matches!(reg.keep_session("a", &root), Keep::Earlier));
+        assert!(earlier(reg.keep_session("a", &root)).is_some());
         reg.session_offline("a");
         reg.release("a", &claim);
         // d needs a place: c has been offline longest (b is connected, a came back since).
-        let Keep::Evicting(due) = reg.keep_session("d", &root) else {
+        // It takes c's slot, which the caller wipes first.
+        let Keep::Evicting(slot, due) = reg.keep_session("d", &root) else {
             panic!("expected an eviction");
         };
         assert_eq!(due.client_id, "c");
-        assert_eq!(due.ended, Some(Ended::Evicted));
+        assert_eq!(due.ended, Some((Ended::Evicted, slot)));
+        assert_eq!(c_slot, Some(slot));
         assert!(due.will.is_some(), "an ending session's will goes now");
         assert!(reg.take_offline("c").is_empty());
         assert!(reg.take_timers("c").is_none());
         assert_eq!(reg.kept_sessions(), 3);
         // While the eviction holds c's id, it is not evicted again; a is next.
-        let Keep::Evicting(due_a) = reg.keep_session("e", &root) else {
+        let Keep::Evicting(_, due_a) = reg.keep_session("e", &root) else {
             panic!("expected an eviction");
         };
         assert_eq!(due_a.client_id, "a");
@@ -697,7 +733,7 @@ mod tests {
         let t0 = Instant::now();
         for id in ["a", "b"] {
             let claim = reg.claim(id, &root).await;
-            assert!(is_new(reg.keep_session(id, &root)));
+            new_slot(reg.keep_session(id, &root));
             if id == "a" {
                 assert_eq!(reg.next_timer(), None, "connected sessions do not expire");
             }
@@ -709,14 +745,12 @@ mod tests {
         assert!(reg.take_due(t0 + 9 * s, &root).is_empty());
         let due = reg.take_due(t0 + 10 * s, &root);
         assert_eq!(due.len(), 1);
-        assert_eq!(
-            (due[0].client_id.as_str(), due[0].ended),
-            ("a", Some(Ended::Expired))
-        );
+        assert_eq!(due[0].client_id, "a");
+        assert!(matches!(due[0].ended, Some((Ended::Expired, _))));
         assert_eq!(reg.kept_sessions(), 1);
         // b reconnects before its time: its clock starts again when it leaves.
         let claim = reg.claim("b", &root).await;
-        assert!(matches!(reg.keep_session("b", &root), Keep::Earlier));
+        assert!(earlier(reg.keep_session("b", &root)).is_some());
         tokio::time::advance(20 * s).await;
         assert_eq!(reg.next_timer(), None);
         assert!(reg.take_due(Instant::now(), &root).is_empty());
@@ -767,6 +801,8 @@ mod tests {
         let root = CancellationToken::new();
         let t0 = Instant::now();
         let s = Duration::from_secs(1);
+        let a = new_slot(reg.keep_session("a", &root));
+        let b = new_slot(reg.keep_session("b", &root));
         reg.set_timers(
             "a",
             Timers {
@@ -791,7 +827,7 @@ mod tests {
         let due = reg.take_due(t0 + 2 * s, &root);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].client_id, "b");
-        assert_eq!(due[0].ended, Some(Ended::Expired));
+        assert_eq!(due[0].ended, Some((Ended::Expired, b)));
         assert_eq!(
             due[0].will.as_ref().map(|w| &w.topic[..]),
             Some(&b"w/b"[..])
@@ -807,7 +843,7 @@ mod tests {
         assert!(due[0].will.is_some());
         reg.release("a", &due[0].claim);
         let due = reg.take_due(t0 + 5 * s, &root);
-        assert_eq!((due.len(), due[0].ended), (1, Some(Ended::Expired)));
+        assert_eq!((due.len(), due[0].ended), (1, Some((Ended::Expired, a))));
         assert!(due[0].will.is_none());
         // Reconnecting takes (cancels) the timers.
         reg.set_timers("d", Timers::default()).unwrap();
