@@ -501,7 +501,7 @@ impl Edge {
         self.registry.release(&due.client_id, &due.claim);
     }
 
-    /// Updates the gauge of sessions the core keeps under their clients' own ids.
+    /// Updates the gauge of sessions the core keeps past their connections.
     pub fn note_kept_sessions(&self) {
         let n = self.registry.kept_sessions() as u64;
         self.metrics.kept_sessions.store(n, Relaxed);

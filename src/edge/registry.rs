@@ -8,12 +8,13 @@
 //! re-sending carries DUP as MQTT-3.3.1-1 requires; (3) the v5 timers of sessions that have
 //! gone offline: a will waiting out its Will Delay Interval and a session waiting out its
 //! Session Expiry Interval, which the edge's reaper (`Edge::reap`) acts on; (4) which core
-//! client id a connection uses: its own for a session the core keeps, a pooled one
-//! (`CoreIds`) otherwise; (5) how many sessions the core keeps under their own client id, at
-//! most `limits.max_persistent_sessions`: a new one beyond that evicts the one offline longest,
-//! and with `limits.persistent_session_expiry_secs` one offline that long expires. The maps
-//! are bounded: live ids by the connection cap, stored offline state and timers by
-//! `max_stored` sessions each, the kept sessions by `SessionLimits::max`.
+//! client id a connection uses: a session slot's (`slot_core_id`) for a session the core keeps
+//! past the connection, a pooled one (`CoreIds`) otherwise; (5) how many sessions the core
+//! keeps, at most `limits.max_persistent_sessions`: a new one beyond that evicts the one
+//! offline longest, and with `limits.persistent_session_expiry_secs` one offline that long
+//! expires. The maps are bounded: live ids by the connection cap, stored offline state and
+//! timers by `max_stored` sessions each, the kept sessions and their slots by
+//! `SessionLimits::max` (plus the slots of sessions being removed from the core).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -74,7 +75,7 @@ pub fn slot_core_id(slot: u32) -> String {
     format!("s-{slot}")
 }
 
-/// Bounds on the sessions the core keeps under their clients' own ids.
+/// Bounds on the sessions the core keeps past their connections.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionLimits {
     /// Most sessions kept; a new one beyond this evicts the one offline longest.
