@@ -150,9 +150,12 @@ pub async fn run(
         shutdown.clone(),
     ));
     if config.redis.enabled() {
+        // The exporter takes every message to the other instances and their subscribers.
+        edge.subscribed.insert(b"#");
         cluster::start(&edge, &config.redis);
     }
     if config.analytics.enabled {
+        edge.subscribed.insert(live::TELEMETRY_FILTER.as_bytes());
         // Tracked with the connections, so shutdown waits for it too.
         edge.tracker.spawn(live::run(
             edge.clone(),

@@ -57,6 +57,7 @@ pub mod prop {
 pub mod reason {
     pub const SUCCESS: u8 = 0x00;
     pub const DISCONNECT_WITH_WILL: u8 = 0x04;
+    pub const NO_MATCHING_SUBSCRIBERS: u8 = 0x10;
     pub const NO_SUBSCRIPTION_EXISTED: u8 = 0x11;
     pub const UNSPECIFIED: u8 = 0x80;
     pub const MALFORMED: u8 = 0x81;

@@ -402,7 +402,8 @@ fn publishes_to_dollar_topics_are_refused_not_lost_unseen() {
     let ack = c.recv().expect("PUBACK");
     assert_eq!((ack.kind(), &ack.body[..]), (PUBACK, &[0, 3, 0x90][..]));
     c.send(&publish5("plain/t", b"x", 1, false, 4));
-    assert_eq!(c.recv().expect("PUBACK").body, [0, 4]);
+    // Accepted; nobody subscribed, which the PUBACK says (0x10) as mosquitto's does.
+    assert_eq!(c.recv().expect("PUBACK").body, [0, 4, 0x10]);
     let page = http_get(v.http, "/metrics");
     assert_eq!(
         metric(&page, "vigil_limit_refusals_total{limit=\"dollar_topic\"}"),
@@ -1000,4 +1001,43 @@ fn subscription_identifiers_come_back_with_the_messages_they_matched() {
         let d = bad.recv().expect("DISCONNECT");
         assert_eq!((d.kind(), d.body[0]), (DISCONNECT, 0x82), "{d:?}");
     }
+}
+
+/// As mosquitto: a v5 QoS 1 publish that no subscription matches is acknowledged with 0x10
+/// (no matching subscribers), retained or not; one that some filter matches (a client's
+/// wildcard, the analytics task's `device/+/telemetry`) with success; 3.1.1 PUBACKs carry no
+/// code. QoS 2 PUBRECs are sent before routing and stay 0x00.
+#[test]
+fn puback_says_when_no_subscription_matches() {
+    let v = Vigil::start();
+    let (mut p, _) = connect(&v, "nosubs-pub", true, &[]);
+    let puback = |p: &mut Raw, topic: &str, retain: bool, pkid: u16| {
+        p.send(&publish5(topic, b"m", 1, retain, pkid));
+        let ack = p.recv().expect("PUBACK");
+        assert_eq!(ack.kind(), PUBACK, "{ack:?}");
+        assert_eq!(ack.body[..2], pkid.to_be_bytes(), "{ack:?}");
+        ack.body.get(2).copied().unwrap_or(0)
+    };
+    assert_eq!(puback(&mut p, "nosubs/a", false, 1), 0x10);
+    assert_eq!(puback(&mut p, "nosubs/a/b", false, 2), 0x10);
+    assert_eq!(puback(&mut p, "nosubs/a/b", true, 3), 0x10, "retained");
+    assert_eq!(
+        puback(&mut p, "device/d1/telemetry", false, 4),
+        0,
+        "analytics"
+    );
+    // Another client subscribes to a wildcard that matches: the publisher learns it at once.
+    let (mut s, _) = connect(&v, "nosubs-sub", true, &[]);
+    subscribe(&mut s, "nosubs/+/b", 1);
+    assert_eq!(puback(&mut p, "nosubs/a/b", false, 5), 0);
+    assert_eq!(puback(&mut p, "nosubs/a", false, 6), 0x10);
+    // QoS 2: PUBREC before routing, always success.
+    p.send(&publish5("nosubs/q2", b"m", 2, false, 7));
+    let rec = p.recv().expect("PUBREC");
+    assert_eq!((rec.kind(), rec.body.get(2).copied().unwrap_or(0)), (5, 0));
+    // 3.1.1 has no reason codes.
+    let mut old = Raw::connected(v.mqtt, &ConnectOpts::v311("nosubs-311"));
+    old.send(&publish_packet("nosubs/c", b"m", 1, false, 1, false));
+    let ack = old.recv().expect("PUBACK");
+    assert_eq!((ack.kind(), ack.body.clone()), (PUBACK, vec![0, 1]));
 }

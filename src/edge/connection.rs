@@ -328,6 +328,14 @@ enum PingFor {
 
 /// `$` filters other than shared subscriptions: rumqttd refuses them (by dropping the
 /// connection), and nothing routes a `$` topic anyway.
+/// A PUBACK, with its reason code when that is not success (v5 only sets one).
+fn put_puback(out: &mut BytesMut, pkid: u16, reason: u8) {
+    match reason {
+        reason::SUCCESS => mqtt::put_ack(out, mqtt::PUBACK, pkid),
+        code => mqtt::put_ack_reason(out, mqtt::PUBACK, pkid, code),
+    }
+}
+
 fn is_dollar_filter(filter: &[u8]) -> bool {
     filter.first() == Some(&b'$') && !filter.starts_with(b"$share/")
 }
@@ -367,6 +375,9 @@ struct Forwarded {
     /// QoS 1 acknowledged to the client already (otherwise the core's PUBACK becomes the
     /// client's).
     early: bool,
+    /// The v5 reason code of the client's PUBACK: 0, or 0x10 when nothing subscribed to a
+    /// matching filter (`filters`).
+    reason: u8,
     sent: Instant,
 }
 
@@ -484,6 +495,9 @@ struct Session<S> {
     /// The last topic the ACL allowed this client to publish to: devices publish to the same
     /// few topics, so most checks are one comparison.
     last_allowed_topic: Option<Bytes>,
+    /// Whether some filter may match `last_allowed_topic`, as of a `FilterIndex`
+    /// generation (v5 QoS 1 publishes only, for PUBACK 0x10).
+    last_topic_subscribed: Option<(u64, bool)>,
     /// The role's publish rate limit.
     rate: RateLimiter,
     /// Messages dropped for the rate limit since the last log line about it.
@@ -869,6 +883,7 @@ where
             identity,
             client_id: client_id.to_string(),
             last_allowed_topic: None,
+            last_topic_subscribed: None,
             core_pings: Default::default(),
             pending_subacks: Vec::new(),
             prefer_core: false,
@@ -1643,6 +1658,7 @@ where
             return Err(reason::QUOTA_EXCEEDED);
         }
         self.last_allowed_topic = Some(owned(topic));
+        self.last_topic_subscribed = None;
         Ok(())
     }
 
@@ -1734,8 +1750,11 @@ where
                 Version::V5 => reason::NOT_AUTHORIZED,
             });
         }
-        if !is_dollar_filter(filter) && !edge.admit_filter(filter) {
-            return Some(v5_or(reason::QUOTA_EXCEEDED));
+        if !is_dollar_filter(filter) {
+            if !edge.admit_filter(filter) {
+                return Some(v5_or(reason::QUOTA_EXCEEDED));
+            }
+            edge.subscribed.insert(filter);
         }
         // Copies of a client's names, here and in everything kept past the packet: a slice
         // would keep the whole read buffer it came in (see `owned`).
@@ -1747,6 +1766,23 @@ where
             }
         }
         is_dollar_filter(filter).then_some(sub.options & 0x03)
+    }
+
+    /// Whether a subscription may match `topic`, the topic `check_publish` allowed last; the
+    /// answer is kept until another topic comes or (if it was no) a filter is added.
+    fn topic_may_have_subscribers(&mut self, edge: &Edge, topic: &[u8]) -> bool {
+        let generation = edge.subscribed.generation();
+        let same_topic = self.last_allowed_topic.as_deref() == Some(topic);
+        match self.last_topic_subscribed {
+            Some((g, known)) if same_topic && (known || g == generation) => known,
+            _ => {
+                let known = edge.subscribed.matches(topic);
+                if same_topic {
+                    self.last_topic_subscribed = Some((generation, known));
+                }
+                known
+            }
+        }
     }
 
     /// Hands a client's QoS `qos` publish to the core. QoS 1 and 2 reach the core as QoS 1
@@ -1775,8 +1811,16 @@ where
             let early = qos == 1
                 && self.core_fwd.len() < EARLY_ACK_WINDOW
                 && self.core_fwd.iter().all(|f| f.early || f.qos == 2);
+            // As mosquitto: a v5 QoS 1 PUBACK says when no subscription matches (a QoS 2
+            // PUBREC is sent before the message is routed, so it cannot).
+            let reason = match qos == 1 && self.version == Version::V5 {
+                true if !self.topic_may_have_subscribers(edge, topic) => {
+                    reason::NO_MATCHING_SUBSCRIBERS
+                }
+                _ => reason::SUCCESS,
+            };
             if early {
-                mqtt::put_ack(&mut self.client_out, mqtt::PUBACK, pkid);
+                put_puback(&mut self.client_out, pkid, reason);
                 self.own_early_acks.sent();
                 Metrics::inc(&edge.metrics.edge_acks);
             }
@@ -1785,6 +1829,7 @@ where
                 client_id: pkid,
                 qos,
                 early,
+                reason,
                 sent: Instant::now(),
             });
         }
@@ -2303,7 +2348,7 @@ where
                         } else if f.qos == 2 {
                             self.qos2_routed(f.client_id);
                         } else {
-                            mqtt::put_ack(&mut self.client_out, mqtt::PUBACK, f.client_id);
+                            put_puback(&mut self.client_out, f.client_id, f.reason);
                         }
                     }
                     None => warn!(pkid, "core acknowledged an unknown publish"),

@@ -11,6 +11,7 @@
 pub mod acl;
 pub mod connection;
 mod copies;
+pub mod filters;
 pub mod jwt;
 pub mod limits;
 pub mod passwd;
@@ -206,6 +207,8 @@ pub struct Edge {
     /// (`limits.max_distinct_filters`, `limits.max_distinct_topics`).
     pub core_filters: limits::CoreNames,
     pub core_topics: limits::CoreNames,
+    /// The filters that may have subscribers, for PUBACK 0x10 (`filters`).
+    pub subscribed: filters::FilterIndex,
     /// Retained messages in the core, by topic (`limits.max_retained_bytes`).
     pub retained: limits::RetainedBytes,
     /// Core client ids for sessions that end with their connection (`registry::CoreIds`).
@@ -292,6 +295,7 @@ impl Edge {
             early_acks_in_flight: AtomicUsize::new(0),
             core_filters: limits::CoreNames::new(config.limits.max_distinct_filters),
             core_topics: limits::CoreNames::new(config.limits.max_distinct_topics),
+            subscribed: filters::FilterIndex::new(),
             retained: limits::RetainedBytes::new(config.limits.max_retained_bytes),
             // Twice the connection cap, so that a returned id waits behind at least as many
             // free ones as there can be connections, plus room for the edge's short jobs.
