@@ -77,7 +77,8 @@ pub struct Metrics {
     /// Client SUBSCRIBEs that waited for publishes other connections had been acknowledged
     /// for to reach the core (the publish fence).
     pub subscribe_fence_waits: AtomicU64,
-    /// Client QoS 1 publishes acknowledged by the edge on handing them to the core.
+    /// Client QoS 1 publishes acknowledged (and released QoS 2 ones completed) by the edge on
+    /// handing them to the core.
     pub edge_acks: AtomicU64,
     /// Client QoS 2 publishes handed to the core before their PUBREL, because the connection
     /// already held `HELD_QOS2_MAX_BYTES` of unreleased ones.
@@ -510,7 +511,8 @@ impl Metrics {
         metric(
             "publish_edge_acks_total",
             "counter",
-            "Client QoS 1 publishes the edge acknowledged when handing them to the core.",
+            "Client QoS 1 publishes the edge acknowledged, and released QoS 2 publishes it completed \
+             (PUBCOMP), when handing them to the core.",
             &[("", g(&self.edge_acks))],
         );
         metric(

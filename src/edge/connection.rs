@@ -21,7 +21,8 @@
 //! - Inbound QoS 2 is the edge's, because rumqttd routes QoS 2 only at PUBREL and forgets that
 //!   state when a client reconnects: the edge answers PUBREC at once, holds the message until
 //!   the client's PUBREL (as mosquitto does), then gives it to the core at QoS 1, which routes
-//!   it on receipt; its PUBACK lets the edge send PUBCOMP. The packet ids survive reconnects
+//!   it on receipt; PUBCOMP goes out then (early, as below) or at the core's PUBACK. The
+//!   packet ids survive reconnects
 //!   (see `registry`), and a message never released is routed when the connection ends.
 //! - MQTT 5 features the core cannot hold: the client's Receive Maximum (without holding back
 //!   acknowledgements, see `held`), the subscription options No Local, Retain As Published and
@@ -34,10 +35,10 @@
 //!   and reach a client that has just left the topic. While other connections' SUBSCRIBEs or
 //!   UNSUBSCRIBEs are in flight to the core, a client's PUBLISH waits for their answers, at
 //!   most [`FENCE_MAX_WAIT`] and once per read (`deferred`).
-//! - Early acknowledgements: a client's QoS 1 PUBLISH is acknowledged as soon as the edge has
-//!   handed it to the core (queued on the core connection, which is written before the
-//!   connection closes), not after the core's PUBACK, so a client that waits for each
-//!   acknowledgement pays one hop instead of three. Only while few of its publishes are on
+//! - Early acknowledgements: a client's QoS 1 PUBLISH is acknowledged (and a released QoS 2
+//!   one completed with PUBCOMP) as soon as the edge has handed it to the core (queued on the
+//!   core connection, which is written before the connection closes), not after the core's
+//!   PUBACK, so a client that waits for each acknowledgement pays one hop instead of three. Only while few of its publishes are on
 //!   their way ([`EARLY_ACK_WINDOW`]): a client that pipelines is acknowledged by the core, as
 //!   before, because those acknowledgements pace it to what the core's router keeps up with;
 //!   acknowledging all of them early let such a publisher outrun its subscribers until the
@@ -107,7 +108,8 @@ const HELD_QOS2_MAX_BYTES: usize = 256 * 1024;
 /// the edge stops reading from the client (a 3.1.1 client has no receive maximum to obey).
 const CORE_WINDOW: usize = 1000;
 /// A client QoS 1 publish is acknowledged on its way to the core while fewer than this many of
-/// the client's publishes await the core's acknowledgement, none of them acknowledged late.
+/// the client's publishes await the core's acknowledgement, none of them acknowledged late;
+/// a released QoS 2 publish is completed (PUBCOMP) on its way while fewer than this many do.
 const EARLY_ACK_WINDOW: usize = 4;
 /// Topic aliases a v5 client may use in its PUBLISHes (announced in CONNACK; mosquitto's
 /// default too). Each keeps a copy of its topic, so at most this many topics per connection.
@@ -1861,7 +1863,21 @@ where
     /// ends here.
     fn release_qos2(&mut self, edge: &Edge, i: usize) -> Result<(), End> {
         self.inbound_qos2[i].released = true;
+        // Completed on its way to the core, like an early PUBACK: while few publishes await
+        // the core and none is owed a late acknowledgement, so a client that pipelines is
+        // paced by the core (completing its flows early let it outrun its subscribers until
+        // the core's log dropped messages).
+        let early = self.core_fwd.len() < EARLY_ACK_WINDOW && self.core_fwd.iter().all(|f| f.early);
         if self.send_held_qos2(edge, i)? {
+            if early {
+                if let Some(f) = self.core_fwd.back_mut() {
+                    f.early = true;
+                    let pkid = self.inbound_qos2.swap_remove(i).pkid;
+                    mqtt::put_ack(&mut self.client_out, mqtt::PUBCOMP, pkid);
+                    self.own_early_acks.sent();
+                    Metrics::inc(&edge.metrics.edge_acks);
+                }
+            }
             return Ok(());
         }
         if self.inbound_qos2[i].routed {
