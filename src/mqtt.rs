@@ -1053,6 +1053,8 @@ pub struct ConnackProperties {
     pub maximum_packet_size: u32,
     /// Topic aliases the client may use (0: none, and the property is left out).
     pub topic_alias_maximum: u16,
+    /// The Session Expiry Interval the server uses, when not the one the client asked for.
+    pub session_expiry: Option<u32>,
 }
 
 pub fn put_connack(
@@ -1079,6 +1081,10 @@ pub fn put_connack(
                 if let Some(ka) = props.server_keep_alive {
                     p.put_u8(prop::SERVER_KEEP_ALIVE);
                     p.put_u16(ka);
+                }
+                if let Some(expiry) = props.session_expiry {
+                    p.put_u8(prop::SESSION_EXPIRY);
+                    p.put_u32(expiry);
                 }
                 p.put_u8(prop::RECEIVE_MAXIMUM);
                 p.put_u16(props.receive_maximum);
@@ -1728,6 +1734,7 @@ mod tests {
             receive_maximum: 100,
             maximum_packet_size: 1024,
             topic_alias_maximum: 0,
+            session_expiry: Some(60),
         };
         put_connack(&mut out, Version::V5, false, 0, Some(&props));
         let f = frame_of(&out);

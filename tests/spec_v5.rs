@@ -1041,3 +1041,37 @@ fn puback_says_when_no_subscription_matches() {
     let ack = old.recv().expect("PUBACK");
     assert_eq!((ack.kind(), ack.body.clone()), (PUBACK, vec![0, 1]));
 }
+
+/// `limits.persistent_session_expiry_secs` caps a v5 client's Session Expiry Interval, at
+/// CONNECT (the CONNACK says the value used) and at DISCONNECT.
+#[test]
+fn the_configured_expiry_caps_what_a_v5_session_asks_for() {
+    let v = Vigil::start_with(|c| {
+        vigil::config::set_value(&c, "limits", "persistent_session_expiry_secs", "2")
+    });
+    let announced = |ack: &Packet| {
+        let at = ack.body.windows(5).position(|w| w[0] == 0x11)?;
+        Some(u32::from_be_bytes(
+            ack.body[at + 1..at + 5].try_into().ok()?,
+        ))
+    };
+    let (mut c, ack) = connect_acked(&v, "cap-long", true, &u32_prop(0x11, 3600));
+    assert_eq!(announced(&ack), Some(2), "{ack:?}");
+    subscribe(&mut c, "cap/t", 1);
+    drop(c);
+    let (_c, ack) = connect_acked(&v, "cap-short", true, &u32_prop(0x11, 1));
+    assert_eq!(
+        announced(&ack),
+        None,
+        "a shorter expiry is used as asked: {ack:?}"
+    );
+    // DISCONNECT cannot lengthen it past the cap either.
+    let (mut d, _) = connect_acked(&v, "cap-disc", true, &u32_prop(0x11, 1));
+    d.send(&disconnect5(&u32_prop(0x11, 3600)));
+    drop(d);
+    std::thread::sleep(Duration::from_millis(3000));
+    for id in ["cap-long", "cap-disc"] {
+        let (_c, present) = connect(&v, id, false, &u32_prop(0x11, 60));
+        assert!(!present, "{id}: the session should have expired after 2 s");
+    }
+}

@@ -1365,6 +1365,7 @@ mod tests {
             receive_maximum: 100,
             maximum_packet_size: 1024,
             topic_alias_maximum: 10,
+            session_expiry: None,
         };
         mqtt::put_connack(&mut out, mqtt::Version::V5, true, 0, Some(&props));
         let frame = mqtt::read_frame(&mut out, 1 << 20).unwrap().unwrap();

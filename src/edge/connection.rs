@@ -22,8 +22,8 @@
 //!   state when a client reconnects: the edge answers PUBREC at once, holds the message until
 //!   the client's PUBREL (as mosquitto does), then gives it to the core at QoS 1, which routes
 //!   it on receipt; PUBCOMP goes out then (early, as below) or at the core's PUBACK. The
-//!   packet ids survive reconnects
-//!   (see `registry`), and a message never released is routed when the connection ends.
+//!   packet ids survive reconnects (see `registry`), and a message never released is routed
+//!   when the connection ends.
 //! - MQTT 5 features the core cannot hold: the client's Receive Maximum (without holding back
 //!   acknowledgements, see `held`), the subscription options No Local, Retain As Published and
 //!   Retain Handling (`apply_options`), Subscription Identifiers, Message Expiry (an instant
@@ -38,9 +38,10 @@
 //! - Early acknowledgements: a client's QoS 1 PUBLISH is acknowledged (and a released QoS 2
 //!   one completed with PUBCOMP) as soon as the edge has handed it to the core (queued on the
 //!   core connection, which is written before the connection closes), not after the core's
-//!   PUBACK, so a client that waits for each acknowledgement pays one hop instead of three. Only while few of its publishes are on
-//!   their way ([`EARLY_ACK_WINDOW`]): a client that pipelines is acknowledged by the core, as
-//!   before, because those acknowledgements pace it to what the core's router keeps up with;
+//!   PUBACK, so a client that waits for each acknowledgement pays one hop instead of three.
+//!   Only while few of its publishes are on their way ([`EARLY_ACK_WINDOW`]): a client that
+//!   pipelines is acknowledged by the core, as before, because those acknowledgements pace it
+//!   to what the core's router keeps up with;
 //!   acknowledging all of them early let such a publisher outrun its subscribers until the
 //!   core's log overran and dropped QoS 1 messages (ARCHITECTURE.md). Toward the core the
 //!   edge numbers publishes itself (`next_core_id`), because a client may reuse an
@@ -328,8 +329,6 @@ enum PingFor {
     },
 }
 
-/// `$` filters other than shared subscriptions: rumqttd refuses them (by dropping the
-/// connection), and nothing routes a `$` topic anyway.
 /// A PUBACK, with its reason code when that is not success (v5 only sets one).
 fn put_puback(out: &mut BytesMut, pkid: u16, reason: u8) {
     match reason {
@@ -338,6 +337,8 @@ fn put_puback(out: &mut BytesMut, pkid: u16, reason: u8) {
     }
 }
 
+/// `$` filters other than shared subscriptions: rumqttd refuses them (by dropping the
+/// connection), and nothing routes a `$` topic anyway.
 fn is_dollar_filter(filter: &[u8]) -> bool {
     filter.first() == Some(&b'$') && !filter.starts_with(b"$share/")
 }
@@ -796,12 +797,19 @@ where
 
         let session_present = resume && link.session_present;
         let mut client_out = BytesMut::with_capacity(256);
+        // `limits.persistent_session_expiry_secs` caps what a v5 client asks for, and the
+        // CONNACK tells it (MQTT 5 section 3.2.2.3.2).
+        let expiry_lowered = match edge.registry.max_session_expiry() {
+            Some(max) if version == Version::V5 && connect.session_expiry > max => Some(max),
+            _ => None,
+        };
         let props = mqtt::ConnackProperties {
             assigned_client_id: assigned,
             server_keep_alive: keep_alive_changed.then_some(keep_alive),
             receive_maximum: RECEIVE_MAXIMUM,
             maximum_packet_size: edge.policy.max_packet_size as u32,
             topic_alias_maximum: CLIENT_TOPIC_ALIASES,
+            session_expiry: expiry_lowered,
         };
         mqtt::put_connack(&mut client_out, version, session_present, 0, Some(&props));
         debug!(persistent, session_present, keep_alive, "connected");
@@ -813,7 +821,7 @@ where
         };
         let ids_in_flight = !offline.unacked_out.is_empty() || !offline.pubrel_out.is_empty();
         let session_expiry = match version {
-            Version::V5 => connect.session_expiry,
+            Version::V5 => expiry_lowered.unwrap_or(connect.session_expiry),
             Version::V311 if persistent => u32::MAX,
             Version::V311 => 0,
         };
@@ -1606,7 +1614,8 @@ where
                             "DISCONNECT sets a session expiry after CONNECT set none",
                         )));
                     }
-                    self.session_expiry = expiry;
+                    let max = edge.registry.max_session_expiry().unwrap_or(u32::MAX);
+                    self.session_expiry = expiry.min(max);
                 }
                 return Err(if d.code == reason::DISCONNECT_WITH_WILL {
                     End::ClientDisconnectWithWill

@@ -442,6 +442,13 @@ impl Registry {
         Self::touch(&mut self.lock(), id, Instant::now());
     }
 
+    /// The longest Session Expiry Interval (seconds) a session may have
+    /// (`SessionLimits::expiry`; `None`: no limit).
+    pub fn max_session_expiry(&self) -> Option<u32> {
+        let secs = self.sessions.expiry?.as_secs();
+        Some(u32::try_from(secs).unwrap_or(u32::MAX))
+    }
+
     /// Sessions the core keeps past their connections.
     pub fn kept_sessions(&self) -> usize {
         self.lock().core_sessions.len()
