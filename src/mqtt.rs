@@ -887,16 +887,21 @@ pub fn parse_disconnect(frame: &Frame, version: Version) -> Result<Disconnect, C
     }
 }
 
+/// The filter a subscription matches with: `filter` without `$share/<group>/` for a shared
+/// subscription (`None` when that part is cut short), else `filter`.
+pub fn unshared(filter: &[u8]) -> Option<&[u8]> {
+    match filter.strip_prefix(b"$share/") {
+        Some(rest) => rest.iter().position(|&b| b == b'/').map(|i| &rest[i + 1..]),
+        None => Some(filter),
+    }
+}
+
 /// Whether topic `topic` matches subscription filter `filter` (`$share/<group>/` removed
-/// first). Topics starting with `$` are not matched by a filter starting with a wildcard
-/// (MQTT-4.7.2-1). Both are assumed valid.
+/// first, `unshared`). Topics starting with `$` are not matched by a filter starting with a
+/// wildcard (MQTT-4.7.2-1). Both are assumed valid.
 pub fn filter_matches(filter: &[u8], topic: &[u8]) -> bool {
-    let filter = match filter.strip_prefix(b"$share/") {
-        Some(rest) => match rest.iter().position(|&b| b == b'/') {
-            Some(i) => &rest[i + 1..],
-            None => return false,
-        },
-        None => filter,
+    let Some(filter) = unshared(filter) else {
+        return false;
     };
     if topic.first() == Some(&b'$') && matches!(filter.first(), Some(b'+' | b'#')) {
         return false;

@@ -15,6 +15,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::RwLock;
 
+use crate::mqtt;
+
 /// One topic level of the filters.
 #[derive(Default)]
 struct Node {
@@ -41,7 +43,9 @@ impl FilterIndex {
 
     /// Adds a filter (valid, as granted; a shared subscription counts as its filter).
     pub fn insert(&self, filter: &[u8]) {
-        let filter = unshared(filter);
+        let Some(filter) = mqtt::unshared(filter) else {
+            return;
+        };
         let mut root = self.root.write().unwrap_or_else(|e| e.into_inner());
         let mut node = &mut *root;
         let mut added = false;
@@ -98,17 +102,6 @@ fn walk(node: &Node, rest: Option<&[u8]>, dollar: bool) -> bool {
     match &node.plus {
         Some(plus) if !dollar => walk(plus, next, false),
         _ => false,
-    }
-}
-
-/// `$share/<group>/<filter>` → `<filter>`.
-fn unshared(filter: &[u8]) -> &[u8] {
-    match filter.strip_prefix(b"$share/") {
-        Some(rest) => match rest.iter().position(|&b| b == b'/') {
-            Some(i) => &rest[i + 1..],
-            None => rest,
-        },
-        None => filter,
     }
 }
 
