@@ -886,9 +886,9 @@ async fn import_session(
     }
 }
 
-/// Applies what Redis returned. Retained messages are stored in this instance's core only as
-/// far as its `limits.max_retained_bytes` allows (`Edge::may_retain`); the others are delivered
-/// without RETAIN.
+/// Applies what Redis returned. Retained messages are stored in this instance only as far as
+/// its `limits.max_retained_bytes` allows (`Edge::retain`); the others are delivered without
+/// RETAIN.
 fn handle_fetched(
     fetched: Fetched,
     edge: &Edge,
@@ -913,7 +913,7 @@ fn handle_fetched(
             for (topic, raw) in items {
                 // A stored message that does not fit is not worth delivering now: nobody is
                 // subscribed yet at the first start.
-                if !importable(&topic, &raw) || !edge.may_retain(&topic, raw.len()) {
+                if !importable(&topic, &raw) || !edge.retain(&topic, &raw[..1], &raw[1..]) {
                     continue;
                 }
                 if publish_imported(out, state, &topic, true, &raw, None).is_some() {
@@ -947,7 +947,7 @@ fn handle_fetched(
                     // A retained clear: applied bare (the one payload without an envelope),
                     // and remembered so the exporter does not send it back.
                     if e.retain && !e.topic.is_empty() && shared.note_imported_clear(&e.topic) {
-                        edge.may_retain(&e.topic, 0);
+                        edge.retain(&e.topic, &[], &[]);
                         envelope::put_core_publish(out, false, 0, true, &e.topic, 0, &[], &[]);
                         Metrics::inc(&cm.imported);
                     }
@@ -957,7 +957,7 @@ fn handle_fetched(
                 let id = e.id;
                 let retain = e.retain
                     && importable(&e.topic, &e.raw)
-                    && edge.may_retain(&e.topic, e.raw.len());
+                    && edge.retain(&e.topic, &e.raw[..1], &e.raw[1..]);
                 match publish_imported(out, state, &e.topic, retain, &e.raw, Some(id.clone())) {
                     Some(1) => {}
                     Some(_) => state.to_ack.push(id),

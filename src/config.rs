@@ -214,7 +214,7 @@ pub struct Limits {
     /// topics). Optional: absent in older configs.
     #[serde(default = "default_max_distinct_topics")]
     pub max_distinct_topics: usize,
-    /// Bytes of retained messages the core may hold (`edge::limits::RetainedBytes`).
+    /// Bytes of retained messages vigil may hold (`edge::retained::RetainedStore`).
     /// Optional: absent in older configs.
     #[serde(default = "default_max_retained_bytes")]
     pub max_retained_bytes: usize,

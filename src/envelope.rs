@@ -6,15 +6,15 @@
 //! at min(publish QoS, subscription QoS)) and, when present, the message's end-to-end v5
 //! properties (so v5 subscribers get them and 3.1.1 subscribers never see them). The only bare
 //! payload the core ever sees is the empty one of a retained publish meant to clear a retained
-//! message, which is exactly when rumqttd's clearing behaviour is right.
+//! message.
 //!
 //! Layout: `0b111T_RPQQ` then, if P, a variable byte integer length and the property bytes,
 //! then the application payload. R marks a message that another vigil instance accepted and
 //! the cluster importer (`cluster`) brought in from Redis: it is delivered like any other, but
 //! never exported again (no loops) and never scored by this instance's analytics (the
-//! instance the device is connected to does that). T records that the publisher set RETAIN:
-//! rumqttd clears the flag when it forwards a message to existing subscriptions (as MQTT says),
-//! and the exporter needs it to replicate retained messages.
+//! instance the device is connected to does that). T records that the publisher set RETAIN
+//! (and the edge stored the message, `edge::retained`): the core sees no RETAIN flag at all,
+//! and Retain As Published and the exporter need to know.
 //!
 //! The property block may begin with vigil's own fields, which are never sent to a client:
 //! each is `0x00` (no MQTT property has that identifier), a tag and an 8-byte big-endian value.
@@ -129,10 +129,17 @@ pub fn plain_header(qos: u8) -> [u8; 1] {
     [MAGIC | (qos & 0x03)]
 }
 
+/// The first envelope byte `first` with the mark that the publisher set RETAIN.
+pub fn mark_retained(first: u8) -> u8 {
+    first | RETAINED
+}
+
 /// Writes a PUBLISH for the core (always MQTT 3.1.1) holding `payload` behind the envelope
-/// `header`, or bare when it is a retained empty payload: that one clears the retained message,
-/// and it is the only payload the core ever sees without an envelope. Every writer of core
-/// publishes (the edge, its wills, the analytics task) goes through here.
+/// `header`, or bare when it is a retained empty payload (a clear). `retain` marks the envelope
+/// only: the core stores no retained message, the edge does (`edge::retained`), so the core
+/// routes every publish as a plain one to the current subscribers, an empty clear included,
+/// as mosquitto delivers it. Every writer of core publishes (the edge, its wills, the
+/// analytics task, the cluster importer) goes through here.
 #[allow(clippy::too_many_arguments)]
 pub fn put_core_publish(
     out: &mut BytesMut,
@@ -148,7 +155,7 @@ pub fn put_core_publish(
     let parts: &[&[u8]] = match header.split_first() {
         _ if retain && payload.is_empty() => &[],
         Some((&b, rest)) if retain => {
-            first = [b | RETAINED];
+            first = [mark_retained(b)];
             &[&first, rest, payload]
         }
         _ => &[header, payload],
@@ -158,7 +165,7 @@ pub fn put_core_publish(
         mqtt::Version::V311,
         dup,
         qos,
-        retain,
+        false,
         &mqtt::core_topic(topic),
         pkid,
         &[],

@@ -40,10 +40,14 @@ pub struct Metrics {
     pub topic_name_limit_refusals: AtomicU64,
     pub core_topics: AtomicU64,
     /// Retained messages not stored because of `limits.max_retained_bytes` (delivered
-    /// without RETAIN), and the bytes the core's retained messages count
-    /// (`edge::limits::RetainedBytes`).
+    /// without RETAIN), the bytes the stored ones count, and how many there are
+    /// (`edge::retained::RetainedStore`).
     pub retained_limit_refusals: AtomicU64,
     pub retained_bytes: AtomicU64,
+    pub retained_messages: AtomicU64,
+    /// Subscriptions that got none of their retained messages because their connection had
+    /// too many subscriptions waiting for theirs.
+    pub retained_not_sent: AtomicU64,
     /// Core connections that found the pool of core client ids empty (`registry::CoreIds`)
     /// and used an id of their own.
     pub core_id_pool_empty: AtomicU64,
@@ -387,9 +391,22 @@ impl Metrics {
         metric(
             "retained_bytes",
             "gauge",
-            "Bytes of the retained messages the core holds: topic, stored payload and 64 per \
-             message (limits.max_retained_bytes).",
+            "Bytes of the retained messages stored: topic, stored payload and 64 per message \
+             (limits.max_retained_bytes).",
             &[("", g(&self.retained_bytes))],
+        );
+        metric(
+            "retained_messages",
+            "gauge",
+            "Retained messages stored.",
+            &[("", g(&self.retained_messages))],
+        );
+        metric(
+            "retained_not_sent_total",
+            "counter",
+            "Subscriptions that got none of their retained messages: their connection already \
+             had 1,024 subscriptions waiting for theirs.",
+            &[("", g(&self.retained_not_sent))],
         );
         metric(
             "acl_denied_total",

@@ -166,6 +166,70 @@ fn retained_messages_and_clearing() {
     }
 }
 
+/// rumqttd alone sends a new subscription at most 100 retained messages at QoS 1/2 and 200 at
+/// QoS 0, and silently drops the rest; mosquitto sends them all (at QoS 1/2 up to its queue
+/// limits). 1,500 devices' retained statuses, half at QoS 0 and half at QoS 1, must all reach a
+/// wildcard subscriber at each QoS, once each, with RETAIN set and at min(publish,
+/// subscription) QoS.
+#[test]
+fn a_wildcard_subscription_gets_every_retained_message() {
+    const N: usize = 1500;
+    let v = Vigil::start();
+    let mut publisher = Raw::connected(v.mqtt, &ConnectOpts::v311("fleet-statuses"));
+    for i in 0..N {
+        let qos = (i % 2) as u8;
+        let payload = format!("up-{i}");
+        let topic = format!("fleet/{i:04}/status");
+        publisher.send(&publish_packet(
+            &topic,
+            payload.as_bytes(),
+            qos,
+            true,
+            1 + i as u16,
+            false,
+        ));
+    }
+    // A QoS 1 publish behind them: once it is acknowledged, every one before it is stored.
+    publisher.send(&publish_packet("fleet/last", b"x", 1, false, 60_000, false));
+    let mut acks = 0;
+    while acks < N / 2 + 1 {
+        let p = publisher.recv().expect("PUBACK");
+        if p.kind() == 4 {
+            acks += 1;
+        }
+    }
+    for (name, ver) in versions() {
+        for sub_qos in 0..=2u8 {
+            let q = sub_qos.to_string();
+            let mut args = vec!["-t", "fleet/+/status", "-q", q.as_str()];
+            args.extend_from_slice(ver);
+            let mut sub = Sub::start(v.port(), &args);
+            let got = sub.expect_messages(N, Duration::from_secs(20));
+            assert_eq!(got.len(), N, "{name} QoS {sub_qos}: {} of {N}", got.len());
+            let mut topics = std::collections::HashSet::new();
+            for line in &got {
+                let f: Vec<&str> = line.split('|').collect();
+                let i: usize = f[0][6..10].parse().unwrap();
+                assert_eq!(f[2], "1", "{name}: {line}: RETAIN not set");
+                assert_eq!(
+                    f[1],
+                    (sub_qos.min((i % 2) as u8)).to_string(),
+                    "{name}: {line}"
+                );
+                assert_eq!(f[3], format!("up-{i}"));
+                topics.insert(f[0].to_string());
+            }
+            assert_eq!(topics.len(), N, "{name} QoS {sub_qos}: duplicates");
+            assert!(
+                sub.drain(Duration::from_millis(300)).len() == N,
+                "{name} QoS {sub_qos}: more than one copy"
+            );
+        }
+    }
+    let text = http_get(v.http, "/metrics");
+    assert_eq!(metric(&text, "vigil_retained_messages"), Some(N as f64));
+}
+
 #[test]
 fn last_will_published_on_abnormal_disconnect_only() {
     let v = Vigil::start();

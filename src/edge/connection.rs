@@ -64,7 +64,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 use tracing::{debug, info, warn};
@@ -75,6 +75,7 @@ use super::policy::{self, Credentials, Identity};
 use super::registry::{
     slot_core_id, Claim, Keep, OfflineState, Redelivery, SubOptions, Timers, Will, MAX_PENDING_QOS2,
 };
+use super::retained::Retained;
 use super::{ClientStream, Edge, Listener, Origin};
 use crate::core::{CoreError, CORE_PING_INTERVAL};
 use crate::envelope;
@@ -349,8 +350,15 @@ const RETAIN_AS_PUBLISHED: u8 = 0x08;
 /// The edge's mark (a bit reserved in MQTT) on a subscription restored from the registry with
 /// a resumed session, not yet subscribed on this connection.
 const RESTORED: u8 = 0x80;
-/// Retained-message fetches (see `Edge::fetch_retained`) a connection may have running.
-const MAX_RETAINED_FETCHES: usize = 4;
+/// Retained messages read from the store at a time (`RetainedStore::page`).
+const RETAINED_PAGE: usize = 64;
+/// Subscriptions a connection may have waiting for their retained messages; a SUBSCRIBE's
+/// filters past that get none, counted in `vigil_retained_not_sent_total`.
+const MAX_RETAINED_CURSORS: usize = 1024;
+/// QoS 1/2 deliveries held for or unacknowledged by the client past which retained messages
+/// wait for acknowledgements: leaves room below [`MAX_CORE_INFLIGHT`] for the core's whole
+/// window.
+const RETAINED_HELD: usize = MAX_CORE_INFLIGHT - 2 * CORE_INFLIGHT;
 /// Retain Handling 2: no retained messages when subscribing.
 fn no_retained_on_subscribe(options: u8) -> bool {
     (options >> 4) & 0x03 == 2
@@ -358,8 +366,8 @@ fn no_retained_on_subscribe(options: u8) -> bool {
 
 /// Whether the edge must look at a subscription when delivering (see
 /// `Session::apply_options`): it has options beyond QoS or a Subscription Identifier.
-/// Retain Handling 1 needs nothing: rumqttd sends retained messages only for a subscription
-/// that did not exist.
+/// Retain Handling 1 needs nothing: the edge decides at the SUBSCRIBE whether a subscription
+/// that did not exist gets retained messages (`retained_due`).
 fn needs_edge(sub: SubOptions) -> bool {
     sub.options & (NO_LOCAL | RETAIN_AS_PUBLISHED) != 0
         || no_retained_on_subscribe(sub.options)
@@ -562,11 +570,14 @@ struct Session<S> {
     /// connection) through. Bounded by the core's inflight window ([`CORE_INFLIGHT`]), and
     /// checked against [`MAX_CORE_INFLIGHT`].
     held: std::collections::VecDeque<Frame>,
-    /// Retained messages being fetched for replaced subscriptions, with the subscription's
-    /// QoS, in the order of the SUBSCRIBEs.
-    retained_fetches: std::collections::VecDeque<(oneshot::Receiver<Vec<Frame>>, u8)>,
-    /// The edge, for tasks the relay starts.
-    shared: Arc<Edge>,
+    /// SUBSCRIBEs in the core whose filters are owed their retained messages once the core
+    /// grants them: packet id and, per filter, its place among the filters sent to the core
+    /// and the filter.
+    retained_due: Vec<(u16, Vec<(usize, Bytes)>)>,
+    /// Subscriptions whose retained messages are being sent, in the order of their SUBACKs
+    /// (see `send_retained`). While there are any, the core is not read (its deliveries would
+    /// overtake them), unless QoS 1/2 ones wait for the client's acknowledgements.
+    retained_out: std::collections::VecDeque<RetainedCursor>,
     /// Read sizes for the next reads from each side (see `next_step`).
     client_step: usize,
     core_step: usize,
@@ -900,8 +911,8 @@ where
             will,
             will_delay,
             held: Default::default(),
-            retained_fetches: Default::default(),
-            shared: edge.clone(),
+            retained_due: Vec::new(),
+            retained_out: Default::default(),
             client_step: READ_STEP_MIN,
             core_step: READ_STEP_MIN,
         };
@@ -1036,7 +1047,7 @@ where
                     }
                 }),
                 Event::CoreData => self.on_core_data(edge),
-                Event::Retained(frames, qos) => self.on_retained(edge, frames, qos),
+                Event::RetainedRoom => self.send_retained(edge),
                 Event::Timer => {
                     let now = Instant::now();
                     if let Some(ka) = self.keep_alive {
@@ -1144,7 +1155,8 @@ where
         let read_client = self.core_out.len() < HIGH_WATERMARK
             && self.core_fwd.len() < CORE_WINDOW
             && self.deferred.is_none();
-        let read_core = self.client_out.len() < HIGH_WATERMARK;
+        let read_core = self.client_out.len() < HIGH_WATERMARK
+            && (self.retained_out.is_empty() || self.retained_waits_for_acks());
         // Alternate which side is read first so neither can starve the other.
         self.prefer_core = !self.prefer_core;
         for side in [self.prefer_core, !self.prefer_core] {
@@ -1175,17 +1187,15 @@ where
                 }
             }
         }
-        if let Some((fetch, _)) = self.retained_fetches.front_mut() {
-            if let Poll::Ready(frames) = Pin::new(fetch).poll(cx) {
-                let qos = self.retained_fetches.pop_front().map_or(0, |(_, qos)| qos);
-                return Poll::Ready(Event::Retained(frames.unwrap_or_default(), qos));
-            }
-        }
         if timer.poll(cx).is_ready() {
             return Poll::Ready(Event::Timer);
         }
         if kicked.poll(cx).is_ready() {
             return Poll::Ready(Event::Kicked);
+        }
+        // Last, so a long run of retained messages starves neither side nor the timers.
+        if self.retained_room() {
+            return Poll::Ready(Event::RetainedRoom);
         }
         Poll::Pending
     }
@@ -1477,19 +1487,20 @@ where
                 // those the ACL refuses, and `$` filters (other than `$share/`), which rumqttd
                 // answers by dropping the connection. No `$` topic is ever routed, so the edge
                 // grants those, as a broker without `$SYS` topics does.
-                // A subscription replaced on this connection gets its retained messages again
-                // (MQTT-3.8.4-3), unless v5 Retain Handling says otherwise; rumqttd sends them
-                // only for a new subscription, so the edge fetches them.
-                let replaced: Vec<bool> = s
+                // Which filters get retained messages, decided before the subscriptions
+                // change: every new or replaced one (MQTT-3.8.4-3), unless v5 Retain Handling
+                // says only new ones (1) or none (2); never a shared one (MQTT 5, 4.8.2) nor
+                // a `$` one (no `$` topic is stored).
+                let wants_retained: Vec<bool> = s
                     .filters
                     .iter()
                     .map(|(f, options)| {
-                        (options >> 4) & 0x03 == 0
-                            && !f.starts_with(b"$")
-                            && self
-                                .subscriptions
-                                .get(f)
-                                .is_some_and(|sub| sub.options & RESTORED == 0)
+                        !f.starts_with(b"$")
+                            && match (options >> 4) & 0x03 {
+                                0 => true,
+                                1 => !self.subscriptions.contains_key(f),
+                                _ => false,
+                            }
                     })
                     .collect();
                 let codes: Vec<Option<u8>> = s
@@ -1503,12 +1514,23 @@ where
                         self.edge_suback_code(edge, f, sub)
                     })
                     .collect();
-                for (((filter, options), code), replaced) in
-                    s.filters.iter().zip(&codes).zip(replaced)
+                // Each with its place among the filters the core answers.
+                let mut due = Vec::new();
+                let mut at = 0;
+                for (((filter, _), code), wants) in s.filters.iter().zip(&codes).zip(wants_retained)
                 {
-                    if replaced && code.is_none() {
-                        self.start_retained_fetch(filter.clone(), options & 0x03);
+                    if code.is_none() {
+                        if wants {
+                            due.push((at, filter.clone()));
+                        }
+                        at += 1;
                     }
+                }
+                if !due.is_empty() {
+                    if self.retained_due.len() >= MAX_PENDING_CONTROL {
+                        return Err(End::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED));
+                    }
+                    self.retained_due.push((s.pkid, due));
                 }
                 self.last_subscribed.clear();
                 if self.options_in_use {
@@ -1844,15 +1866,9 @@ where
                 sent: Instant::now(),
             });
         }
-        // Stored as a clear (bare) when the payload is empty, else envelope and payload.
-        let retain = retain
-            && edge.may_retain(
-                topic,
-                match payload.len() {
-                    0 => 0,
-                    n => header.len() + n,
-                },
-            );
+        // Into the store now, before the core routes it: a subscription the core grants
+        // before the message arrives there gets it live, any other from the store.
+        let retain = retain && edge.retain(topic, header, payload);
         // DUP is per hop (MQTT-3.3.1-3): the client's re-send is a first send here.
         envelope::put_core_publish(
             &mut self.core_out,
@@ -2129,44 +2145,78 @@ where
         )
     }
 
-    /// Starts fetching the retained messages of a replaced subscription (`Edge::fetch_retained`);
-    /// they are delivered, as the core would, when the fetch finishes (`on_retained`).
-    fn start_retained_fetch(&mut self, filter: Bytes, qos: u8) {
-        if self.retained_fetches.len() >= MAX_RETAINED_FETCHES {
-            debug!("retained messages not re-sent: too many fetches running");
+    /// The core granted the SUBSCRIBE `pkid` with `codes`: its filters owed retained
+    /// messages (`retained_due`) get them, after the SUBACK, at the QoS granted.
+    fn start_retained(&mut self, edge: &Edge, pkid: u16, codes: &[u8]) {
+        let Some(i) = self.retained_due.iter().position(|(id, _)| *id == pkid) else {
             return;
-        }
-        let (tx, rx) = oneshot::channel();
-        let edge = self.shared.clone();
-        self.shared.tracker.spawn(async move {
-            let _ = tx.send(edge.fetch_retained(filter).await);
-        });
-        self.retained_fetches.push_back((rx, qos));
-    }
-
-    /// Delivers fetched retained messages at the subscription's `qos`, as core deliveries with
-    /// packet id 0: the edge's own, never acknowledged to the core (see `flush_core_acks`).
-    fn on_retained(&mut self, edge: &Edge, frames: Vec<Frame>, qos: u8) -> Result<(), End> {
-        for raw in frames {
-            let Ok(p) = mqtt::parse_core_publish(&raw) else {
+        };
+        let (_, due) = self.retained_due.swap_remove(i);
+        for (at, filter) in due {
+            let Some(&qos) = codes.get(at).filter(|&&c| c < 0x80) else {
                 continue;
             };
-            let mut body = BytesMut::with_capacity(raw.body.len() + 2);
-            body.extend_from_slice(&(p.topic.len() as u16).to_be_bytes());
-            body.extend_from_slice(&p.topic);
-            if qos > 0 {
-                body.extend_from_slice(&[0, 0]);
+            if self.retained_out.len() >= MAX_RETAINED_CURSORS {
+                Metrics::inc(&edge.metrics.retained_not_sent);
+                debug!("retained messages not sent: too many subscriptions waiting for theirs");
+                continue;
             }
-            body.extend_from_slice(&p.payload);
-            let frame = Frame {
-                header: (mqtt::PUBLISH << 4) | (qos << 1) | 0x01,
-                body: body.freeze(),
+            self.retained_out.push_back(RetainedCursor {
+                // A copy: `filter` is a slice of the SUBSCRIBE's read buffer.
+                filter: Bytes::copy_from_slice(&filter),
+                qos: qos.min(2),
+                after: None,
+                page: Default::default(),
+                done: false,
+            });
+        }
+    }
+
+    /// Whether the retained messages waiting (`retained_out`) can go now: the client's output
+    /// has room and, for a QoS 1/2 subscription, the deliveries awaiting acknowledgement
+    /// leave room too.
+    fn retained_room(&self) -> bool {
+        !self.retained_out.is_empty()
+            && self.client_out.len() < HIGH_WATERMARK
+            && !self.retained_waits_for_acks()
+    }
+
+    /// Whether the first subscription's retained messages wait for the client to
+    /// acknowledge earlier QoS 1/2 deliveries ([`RETAINED_HELD`]). The core is read
+    /// meanwhile, so the acknowledgements of the client's own publishes are not held up
+    /// behind them (its QoS 1/2 deliveries queue in `held` after the retained ones there).
+    fn retained_waits_for_acks(&self) -> bool {
+        self.retained_out
+            .front()
+            .is_some_and(|c| c.qos > 0 && self.held.len() + self.core_acks.len() >= RETAINED_HELD)
+    }
+
+    /// Sends retained messages, page by page from the store (`RetainedStore::page`), until
+    /// the client's output is full, a QoS 1/2 subscription must wait for acknowledgements, or
+    /// none are left. Each goes the way of a core delivery with packet id 0 (the edge's own,
+    /// never acknowledged to the core, see `flush_core_acks`) and RETAIN set, so expiry, the
+    /// min() QoS rule and the subscription's options apply as to any delivery.
+    fn send_retained(&mut self, edge: &Edge) -> Result<(), End> {
+        while self.retained_room() {
+            let Some(cursor) = self.retained_out.front_mut() else {
+                break;
             };
-            if qos > 0 && self.must_hold() {
-                if self.held.len() + self.core_acks.len() >= MAX_CORE_INFLIGHT {
-                    debug!("retained messages not re-sent: too many deliveries waiting");
-                    break;
+            let Some(message) = cursor.page.pop_front() else {
+                if cursor.done {
+                    self.retained_out.pop_front();
+                } else {
+                    let (page, done) =
+                        edge.retained
+                            .page(&cursor.filter, cursor.after.as_deref(), RETAINED_PAGE);
+                    cursor.after = page.last().map(|m| m.topic.clone()).or(cursor.after.take());
+                    cursor.done = done;
+                    cursor.page = page.into();
                 }
+                continue;
+            };
+            let qos = cursor.qos;
+            let frame = retained_frame(&message, qos);
+            if qos > 0 && self.must_hold() {
                 self.held.push_back(frame);
                 continue;
             }
@@ -2452,6 +2502,7 @@ where
                     }
                     None => mqtt::put_suback(&mut self.client_out, self.version, pkid, &codes),
                 }
+                self.start_retained(edge, pkid, &codes);
             }
             // The edge answers UNSUBSCRIBE itself (see `on_client_packet`).
             mqtt::UNSUBACK => {}
@@ -2665,12 +2716,42 @@ impl Drop for InFlight {
 
 enum Event {
     ClientData,
-    /// A retained-message fetch finished: the messages and the subscription's QoS.
-    Retained(Vec<Frame>, u8),
+    /// Retained messages are waiting to be sent and there is room for them (`send_retained`).
+    RetainedRoom,
     CoreData,
     Timer,
     Kicked,
     End(End),
+}
+
+/// A subscription whose retained messages are being sent (`Session::send_retained`).
+struct RetainedCursor {
+    filter: Bytes,
+    /// The QoS the core granted.
+    qos: u8,
+    /// The last topic read from the store.
+    after: Option<Bytes>,
+    /// Read from the store, not yet sent.
+    page: std::collections::VecDeque<Retained>,
+    /// The store has no more after `page`.
+    done: bool,
+}
+
+/// A retained message as the core would deliver it for a new subscription: RETAIN set, the
+/// topic escaped as the core's are, packet id 0 at QoS 1/2 (the edge's own delivery).
+fn retained_frame(message: &Retained, qos: u8) -> Frame {
+    let topic = mqtt::core_topic(&message.topic);
+    let mut body = BytesMut::with_capacity(2 + topic.len() + 2 + message.payload.len());
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(&topic);
+    if qos > 0 {
+        body.extend_from_slice(&[0, 0]);
+    }
+    body.extend_from_slice(&message.payload);
+    Frame {
+        header: (mqtt::PUBLISH << 4) | (qos << 1) | 0x01,
+        body: body.freeze(),
+    }
 }
 
 /// Smallest and largest read buffer growth step. Idle connections keep the small one; a busy

@@ -1,6 +1,6 @@
 //! Limits the edge enforces per client: publish rates (token buckets) and connections per
-//! address; and three over all clients: the distinct topic filters and topic names given to
-//! the core, and the bytes of the retained messages it stores.
+//! address; and two over all clients: the distinct topic filters and topic names given to
+//! the core. (The third, the retained messages' bytes, is the store's own: `retained`.)
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -177,64 +177,6 @@ impl CoreNames {
     }
 }
 
-/// What each retained message counts beyond its topic and stored payload: about what the
-/// core and this map spend per entry, so the cap also bounds the number of entries.
-pub const RETAINED_ENTRY_OVERHEAD: usize = 64;
-
-/// The retained messages given to the core, by topic, and their total size, up to a cap
-/// (`limits.max_retained_bytes`). rumqttd keeps a retained message until it is replaced or
-/// cleared and has no bound of its own. A message counts its topic, its payload as the core
-/// stores it (envelope included) and [`RETAINED_ENTRY_OVERHEAD`].
-#[derive(Debug)]
-pub struct RetainedBytes {
-    max: usize,
-    state: Mutex<Retained>,
-}
-
-#[derive(Debug, Default)]
-struct Retained {
-    sizes: HashMap<Bytes, usize>,
-    total: usize,
-}
-
-impl RetainedBytes {
-    pub fn new(max: usize) -> RetainedBytes {
-        RetainedBytes {
-            max,
-            state: Mutex::new(Retained::default()),
-        }
-    }
-
-    /// Whether the core may store a retained message of `stored` payload bytes on `topic`,
-    /// replacing the one it holds there; `stored` 0 is a clear, always allowed. A message no
-    /// larger than the one it replaces is always allowed too. The second value is the total
-    /// after the call.
-    pub fn admit(&self, topic: &[u8], stored: usize) -> (bool, usize) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let old = state.sizes.get(topic).copied().unwrap_or(0);
-        if stored == 0 {
-            if old > 0 {
-                state.sizes.remove(topic);
-                state.total -= old;
-            }
-            return (true, state.total);
-        }
-        let size = topic.len() + stored + RETAINED_ENTRY_OVERHEAD;
-        if size > old && state.total - old + size > self.max {
-            return (false, state.total);
-        }
-        state.total = state.total - old + size;
-        match state.sizes.get_mut(topic) {
-            Some(s) => *s = size,
-            // A copy: `topic` may be a slice of a client's read buffer (see `CoreNames`).
-            None => {
-                state.sizes.insert(Bytes::copy_from_slice(topic), size);
-            }
-        }
-        (true, state.total)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,33 +212,6 @@ mod tests {
         let seen = names.seen.lock().unwrap();
         let kept = seen.get(&name[..]).unwrap();
         assert!(!std::ptr::eq(kept.as_ptr(), name.as_ptr()));
-    }
-
-    #[test]
-    fn retained_bytes_are_counted_per_topic_up_to_the_cap() {
-        let o = RETAINED_ENTRY_OVERHEAD;
-        let r = RetainedBytes::new(2 * (1 + 100 + o));
-        assert_eq!(r.admit(b"a", 100), (true, 1 + 100 + o));
-        assert_eq!(r.admit(b"b", 100), (true, 2 * (1 + 100 + o)));
-        assert!(!r.admit(b"c", 1).0, "a new topic over the cap");
-        assert!(!r.admit(b"a", 101).0, "a larger replacement over the cap");
-        assert_eq!(
-            r.admit(b"a", 40),
-            (true, (1 + 40 + o) + (1 + 100 + o)),
-            "a smaller replacement frees the difference"
-        );
-        assert_eq!(
-            r.admit(b"a", 0),
-            (true, 1 + 100 + o),
-            "a clear frees it all"
-        );
-        assert_eq!(
-            r.admit(b"never", 0),
-            (true, 1 + 100 + o),
-            "clearing nothing"
-        );
-        assert!(r.admit(b"c", 100).0, "room again");
-        assert_eq!(r.state.lock().unwrap().sizes.len(), 2);
     }
 
     #[test]

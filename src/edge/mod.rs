@@ -17,6 +17,7 @@ pub mod limits;
 pub mod passwd;
 pub mod policy;
 pub mod registry;
+pub mod retained;
 pub mod tcp;
 pub mod threads;
 pub mod tls;
@@ -41,7 +42,6 @@ use crate::config::Config;
 use crate::core::Core;
 use crate::history::History;
 use crate::metrics::Metrics;
-use crate::mqtt;
 use bytes::Bytes;
 
 /// A client's byte stream as the relay sees it: TCP, TLS over TCP, MQTT over WebSocket, or the
@@ -209,12 +209,13 @@ pub struct Edge {
     pub core_topics: limits::CoreNames,
     /// The filters that may have subscribers, for PUBACK 0x10 (`filters`).
     pub subscribed: filters::FilterIndex,
-    /// Retained messages in the core, by topic (`limits.max_retained_bytes`).
-    pub retained: limits::RetainedBytes,
+    /// The retained messages, by topic (`limits.max_retained_bytes`); the edge keeps them,
+    /// not the core (`retained`).
+    pub retained: retained::RetainedStore,
     /// Core client ids for sessions that end with their connection (`registry::CoreIds`).
     pub core_ids: registry::CoreIds,
-    /// Numbers the short-lived core connections of delayed wills and retained fetches when
-    /// `core_ids` has none free.
+    /// Numbers the short-lived core connections of delayed wills when `core_ids` has none
+    /// free.
     next_internal: AtomicU64,
 }
 
@@ -296,7 +297,7 @@ impl Edge {
             core_filters: limits::CoreNames::new(config.limits.max_distinct_filters),
             core_topics: limits::CoreNames::new(config.limits.max_distinct_topics),
             subscribed: filters::FilterIndex::new(),
-            retained: limits::RetainedBytes::new(config.limits.max_retained_bytes),
+            retained: retained::RetainedStore::new(config.limits.max_retained_bytes),
             // Twice the connection cap, so that a returned id waits behind at least as many
             // free ones as there can be connections, plus room for the edge's short jobs.
             core_ids: registry::CoreIds::new(
@@ -330,15 +331,25 @@ impl Edge {
         )
     }
 
-    /// Whether the core may store a retained message on `topic` whose payload, as the core
-    /// stores it, is `stored` bytes (0: a clear, always allowed); `limits.max_retained_bytes`.
-    /// When it may not, the message goes to the core without RETAIN: delivered to the
-    /// current subscribers, not stored, the one stored before kept. MQTT has no way to tell
-    /// the publisher (EMQX's retainer behaves the same when full); it is counted, and warned
-    /// about the first time.
-    pub fn may_retain(&self, topic: &[u8], stored: usize) -> bool {
-        let (kept, total) = self.retained.admit(topic, stored);
-        self.metrics.retained_bytes.store(total as u64, Relaxed);
+    /// Stores `topic`'s retained message (`header`, the envelope, then `payload`), or clears
+    /// it when `payload` is empty (`retained::RetainedStore`). Returns whether the publish is
+    /// retained: false when `limits.max_retained_bytes` leaves no room, and the message then
+    /// goes only to the current subscribers, the one stored before kept. MQTT has no way to
+    /// tell the publisher (EMQX's retainer behaves the same when full); it is counted, and
+    /// warned about the first time.
+    pub fn retain(&self, topic: &[u8], header: &[u8], payload: &[u8]) -> bool {
+        let (kept, total) = match (payload.is_empty(), header.split_first()) {
+            (false, Some((&first, rest))) => {
+                // Marked as the core's copy would be, for Retain As Published.
+                let first = [crate::envelope::mark_retained(first)];
+                self.retained.set(topic, &[&first, rest, payload])
+            }
+            (false, None) => self.retained.set(topic, &[payload]),
+            (true, _) => self.retained.set(topic, &[]),
+        };
+        let m = &self.metrics;
+        m.retained_bytes.store(total.bytes as u64, Relaxed);
+        m.retained_messages.store(total.messages as u64, Relaxed);
         if !kept {
             refused(
                 &self.metrics.retained_limit_refusals,
@@ -392,67 +403,12 @@ impl Edge {
         close_core_link(link.stream, &out).await;
     }
 
-    /// Writes a will for the core, retained if it asks to be and the core has room
-    /// (`Edge::may_retain`).
+    /// Writes a will for the core, retained (`Edge::retain`) if it asks to be and there is
+    /// room.
     pub fn put_will(&self, will: &registry::Will, out: &mut bytes::BytesMut) {
-        will.put_core_publish(out, |stored| self.may_retain(&will.topic, stored));
-    }
-
-    /// The retained messages matching `filter`, read from the core on a short-lived connection
-    /// of their own, as raw core PUBLISH frames (QoS 0, RETAIN set). For a subscription a client
-    /// replaces on the same connection: MQTT-3.8.4-3 wants its retained messages sent again,
-    /// and rumqttd sends them only for a new subscription. rumqttd sends them in the router
-    /// pass after the SUBSCRIBE; a PINGREQ written once the SUBACK is in is answered after
-    /// that pass, and a short quiet period covers a busy router. At most
-    /// [`RETAINED_FETCH_BYTES`] (and whatever rumqttd sends per pass,
-    /// `core.max_outgoing_packet_count`); a best effort, empty if the core cannot be reached.
-    pub async fn fetch_retained(&self, filter: Bytes) -> Vec<mqtt::Frame> {
-        let Some((link, _lease)) = self.short_lived_link("retained").await else {
-            return Vec::new();
-        };
-        let (mut stream, mut buf) = (link.stream, link.read_buf);
-        let mut out = bytes::BytesMut::new();
-        mqtt::put_core_subscribe(&mut out, 1, &[(filter, 0)]);
-        let mut frames = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            stream.write_all(&out).await?;
-            let (mut subacked, mut ping_sent, mut pinged) = (false, false, false);
-            let mut bytes = 0usize;
-            loop {
-                while let Ok(Some(frame)) = mqtt::read_frame(&mut buf, usize::MAX) {
-                    match frame.kind() {
-                        mqtt::SUBACK => subacked = true,
-                        mqtt::PINGRESP => pinged = true,
-                        mqtt::PUBLISH
-                            if frame.flags() & 0x01 != 0 && bytes < RETAINED_FETCH_BYTES =>
-                        {
-                            bytes += frame.body.len();
-                            frames.push(frame);
-                        }
-                        _ => {}
-                    }
-                }
-                if subacked && !ping_sent {
-                    out.clear();
-                    mqtt::put_pingreq(&mut out);
-                    stream.write_all(&out).await?;
-                    ping_sent = true;
-                }
-                let read = stream.read_buf(&mut buf);
-                if pinged {
-                    match tokio::time::timeout(Duration::from_millis(20), read).await {
-                        Ok(Ok(n)) if n > 0 => continue,
-                        _ => return Ok::<_, std::io::Error>(()),
-                    }
-                }
-                if read.await? == 0 {
-                    return Ok(());
-                }
-            }
-        })
-        .await;
-        close_core_link(stream, &[]).await;
-        frames
+        will.put_core_publish(out, |header, payload| {
+            self.retain(&will.topic, header, payload)
+        });
     }
 
     /// Acts on the timers of offline sessions (`registry::Timers`) until shutdown: publishes
@@ -521,9 +477,6 @@ impl Edge {
         }
     }
 }
-
-/// Retained messages one re-subscription may bring back (see `Edge::fetch_retained`).
-pub const RETAINED_FETCH_BYTES: usize = 1024 * 1024;
 
 /// Writes `last` to a core connection, then closes it with an orderly shutdown and waits
 /// (at most a second) until the core has read everything.

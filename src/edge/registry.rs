@@ -129,22 +129,18 @@ pub struct Will {
 }
 
 impl Will {
-    /// Writes the will, published now, as a core PUBLISH. It is retained if it asks to be and
-    /// `may_store` agrees, given the bytes the core would store (envelope and payload; 0 for
-    /// the clear an empty payload is); see `Edge::put_will`. QoS 0 into the core is enough:
-    /// it routes on receipt and delivers at each subscription's QoS, and the envelope carries
-    /// the will's QoS for the min() rule and its expiry.
-    pub fn put_core_publish(&self, out: &mut BytesMut, may_store: impl FnOnce(usize) -> bool) {
+    /// Writes the will, published now, as a core PUBLISH. If it asks to be retained, `retain`
+    /// is given the envelope header and the payload to store (an empty payload clears) and
+    /// says whether it did; see `Edge::put_will`. QoS 0 into the core is enough: it routes on
+    /// receipt and delivers at each subscription's QoS, and the envelope carries the will's
+    /// QoS for the min() rule and its expiry.
+    pub fn put_core_publish(&self, out: &mut BytesMut, retain: impl FnOnce(&[u8], &[u8]) -> bool) {
         let private = envelope::Private {
             origin: None,
             expires_at: envelope::expires_at(self.message_expiry),
         };
         let header = envelope::header_with(self.qos, private, &self.properties);
-        let stored = match self.payload.len() {
-            0 => 0,
-            n => header.len() + n,
-        };
-        let retain = self.retain && may_store(stored);
+        let retain = self.retain && retain(&header, &self.payload);
         envelope::put_core_publish(
             out,
             false,

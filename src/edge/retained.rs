@@ -1,0 +1,290 @@
+//! The retained messages, kept by the edge rather than by the core.
+//!
+//! rumqttd sends a new subscription at most one router pass of retained messages (100 at
+//! QoS 1/2, `core.max_outgoing_packet_count` at QoS 0) and silently drops the rest, so a
+//! dashboard subscribing to `device/+/status` over 300 devices saw a third of them. The edge
+//! therefore stores every retained message itself, sends the core only plain publishes, and
+//! delivers the matching ones once the core has granted a subscription (the relay's
+//! `send_retained`, in `connection`).
+//!
+//! A message is kept as the core would have held it: the envelope header (which records that
+//! the publisher set RETAIN, its QoS, expiry and properties) followed by the payload. The store
+//! is bounded by `limits.max_retained_bytes`; a message counts its topic, its stored payload and
+//! [`RETAINED_ENTRY_OVERHEAD`].
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Mutex;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::mqtt;
+
+/// What each retained message counts beyond its topic and stored payload: about what this map
+/// spends per entry, so the cap also bounds the number of entries.
+pub const RETAINED_ENTRY_OVERHEAD: usize = 64;
+
+/// The retained messages by topic, up to a total size (`limits.max_retained_bytes`).
+#[derive(Debug)]
+pub struct RetainedStore {
+    max: usize,
+    state: Mutex<State>,
+}
+
+/// The store's size after a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    /// Bytes counted against the cap.
+    pub bytes: usize,
+    pub messages: usize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Topic → envelope header and payload. Ordered, so a filter whose first levels are plain
+    /// names is matched against the topics under that prefix only.
+    messages: BTreeMap<Bytes, Bytes>,
+    total: usize,
+}
+
+/// One retained message, as handed to a subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retained {
+    pub topic: Bytes,
+    /// Envelope header and payload, as a core delivery carries them.
+    pub payload: Bytes,
+}
+
+impl State {
+    fn totals(&self) -> Totals {
+        Totals {
+            bytes: self.total,
+            messages: self.messages.len(),
+        }
+    }
+}
+
+fn size(topic: &[u8], stored: usize) -> usize {
+    topic.len() + stored + RETAINED_ENTRY_OVERHEAD
+}
+
+impl RetainedStore {
+    pub fn new(max: usize) -> RetainedStore {
+        RetainedStore {
+            max,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores `topic`'s retained message, the concatenation of `parts` (envelope header and
+    /// payload), replacing the one before; no bytes at all clear it instead. Refused (returns
+    /// false, the one before is kept) when it would take the store past its cap, unless it
+    /// is no larger than the one it replaces. Also returns the store's totals after the call.
+    pub fn set(&self, topic: &[u8], parts: &[&[u8]]) -> (bool, Totals) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut state = self.lock();
+        let old = state
+            .messages
+            .get(topic)
+            .map_or(0, |stored| size(topic, stored.len()));
+        if len == 0 {
+            if old > 0 {
+                state.messages.remove(topic);
+                state.total -= old;
+            }
+            return (true, state.totals());
+        }
+        let new = size(topic, len);
+        if new > old && state.total - old + new > self.max {
+            return (false, state.totals());
+        }
+        state.total = state.total - old + new;
+        let mut stored = BytesMut::with_capacity(len);
+        for part in parts {
+            stored.extend_from_slice(part);
+        }
+        let stored = stored.freeze();
+        match state.messages.get_mut(topic) {
+            Some(slot) => *slot = stored,
+            // A copy: `topic` may be a slice of a client's read buffer.
+            None => {
+                state.messages.insert(Bytes::copy_from_slice(topic), stored);
+            }
+        }
+        (true, state.totals())
+    }
+
+    /// Up to `max` of the retained messages `filter` matches, in topic order, after the topic
+    /// `after` (from the first when `None`), and whether that was the last of them. A shared
+    /// subscription's filter matches like the filter inside it. A subscriber reads them page
+    /// by page, so it holds a position, not a copy of the store; a message stored or replaced
+    /// behind that position reaches it as a live publish instead. Each page walks the topics
+    /// that share the filter's leading plain levels (all of them for a filter that starts
+    /// with a wildcard) from `after` on, under the store's lock, copying nothing but
+    /// reference counts.
+    pub fn page(&self, filter: &[u8], after: Option<&[u8]>, max: usize) -> (Vec<Retained>, bool) {
+        let mut found = Vec::new();
+        let Some(inner) = mqtt::unshared(filter) else {
+            return (found, true);
+        };
+        let prefix = plain_prefix(inner);
+        let from = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        let state = self.lock();
+        for (topic, payload) in state.messages.range::<[u8], _>((from, Bound::Unbounded)) {
+            if !topic.starts_with(prefix) {
+                break;
+            }
+            if !mqtt::filter_matches(filter, topic) {
+                continue;
+            }
+            if found.len() == max {
+                return (found, false);
+            }
+            found.push(Retained {
+                topic: topic.clone(),
+                payload: payload.clone(),
+            });
+        }
+        (found, true)
+    }
+}
+
+/// The leading levels of `filter` that hold no wildcard, without the `/` after them: every
+/// topic the filter matches starts with them (`a/#` also matches `a`).
+fn plain_prefix(filter: &[u8]) -> &[u8] {
+    let mut end = 0;
+    for (i, &b) in filter.iter().enumerate() {
+        match b {
+            b'+' | b'#' => break,
+            b'/' => end = i,
+            _ => {}
+        }
+    }
+    if !filter.contains(&b'+') && !filter.contains(&b'#') {
+        // No wildcard at all: the topic is the filter.
+        return filter;
+    }
+    &filter[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(r: &RetainedStore, filter: &str) -> Vec<String> {
+        let (found, done) = r.page(filter.as_bytes(), None, usize::MAX);
+        assert!(done);
+        found
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.topic).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn retained_bytes_are_counted_per_topic_up_to_the_cap() {
+        let o = RETAINED_ENTRY_OVERHEAD;
+        let r = RetainedStore::new(2 * (1 + 100 + o));
+        let p100 = [7u8; 99];
+        let set = |topic: &[u8], parts: &[&[u8]]| {
+            let (kept, totals) = r.set(topic, parts);
+            (kept, totals.bytes)
+        };
+        assert_eq!(set(b"a", &[b"h", &p100]), (true, 1 + 100 + o));
+        assert_eq!(set(b"b", &[b"h", &p100]), (true, 2 * (1 + 100 + o)));
+        assert!(!r.set(b"c", &[b"h", b"x"]).0, "a new topic over the cap");
+        assert!(!r.set(b"a", &[b"h", &[7u8; 100]]).0, "a larger replacement");
+        assert_eq!(
+            set(b"a", &[b"h", &[7u8; 39]]),
+            (true, (1 + 40 + o) + (1 + 100 + o)),
+            "a smaller replacement frees the difference"
+        );
+        assert_eq!(set(b"a", &[]), (true, 1 + 100 + o), "a clear");
+        assert_eq!(set(b"never", &[]), (true, 1 + 100 + o));
+        let (kept, totals) = r.set(b"c", &[b"h", &p100]);
+        assert!(kept, "room again");
+        assert_eq!(totals.messages, 2);
+    }
+
+    #[test]
+    fn a_refused_message_keeps_the_one_before() {
+        let r = RetainedStore::new(200);
+        assert!(r.set(b"t", &[b"h", b"old"]).0);
+        assert!(!r.set(b"t", &[b"h", &[1u8; 300]]).0);
+        let (m, _) = r.page(b"t", None, 10);
+        assert_eq!(m[0].payload, Bytes::from_static(b"hold"));
+    }
+
+    #[test]
+    fn the_store_keeps_a_copy_not_the_clients_buffer() {
+        let r = RetainedStore::new(1 << 20);
+        let packet = Bytes::from(vec![b'x'; 4096]);
+        r.set(&packet[..8], &[b"h", &packet[8..16]]);
+        let (m, _) = r.page(b"#", None, 10);
+        assert!(!std::ptr::eq(m[0].topic.as_ptr(), packet.as_ptr()));
+        assert_eq!(m[0].payload.len(), 9);
+    }
+
+    #[test]
+    fn matching_follows_the_filter_rules() {
+        let r = RetainedStore::new(1 << 20);
+        for t in [
+            "a", "a/b", "a/b/c", "a/c", "ab/c", "b/b", "/x", "$SYS/x", "a/", "dev/1/s", "dev/2/s",
+            "dev/2/t",
+        ] {
+            r.set(t.as_bytes(), &[b"h", b"v"]);
+        }
+        let m = |f: &str| all(&r, f);
+        assert_eq!(m("a/b"), ["a/b"]);
+        assert_eq!(m("a/+"), ["a/", "a/b", "a/c"]);
+        assert_eq!(m("a/#"), ["a", "a/", "a/b", "a/b/c", "a/c"]);
+        assert_eq!(m("+/b"), ["a/b", "b/b"]);
+        assert_eq!(m("dev/+/s"), ["dev/1/s", "dev/2/s"]);
+        assert_eq!(m("+/+"), ["/x", "a/", "a/b", "a/c", "ab/c", "b/b"]);
+        assert_eq!(m("#").len(), 11, "a wildcard never matches a $ topic");
+        assert_eq!(m("$SYS/#"), ["$SYS/x"]);
+        assert_eq!(m("$share/g/dev/+/s"), ["dev/1/s", "dev/2/s"]);
+        assert!(m("$share/g").is_empty(), "a malformed shared filter");
+        assert!(m("zzz").is_empty());
+    }
+
+    #[test]
+    fn pages_continue_after_the_last_topic_read() {
+        let r = RetainedStore::new(1 << 20);
+        for i in 0..10 {
+            r.set(format!("t/{i}").as_bytes(), &[b"h", b"v"]);
+        }
+        r.set(b"s/1", &[b"h", b"v"]);
+        r.set(b"u/1", &[b"h", b"v"]);
+        let (first, done) = r.page(b"t/+", None, 4);
+        assert_eq!((first.len(), done), (4, false));
+        // Stored behind the position: not in a later page (it goes out live).
+        r.set(b"t/0a", &[b"h", b"v"]);
+        let (second, done) = r.page(b"t/+", Some(&first[3].topic), 4);
+        assert_eq!((second.len(), done), (4, false));
+        let (third, done) = r.page(b"t/+", Some(&second[3].topic), 4);
+        assert_eq!((third.len(), done), (2, true));
+        let seen: Vec<_> = [first, second, third].concat();
+        assert_eq!(seen.len(), 10);
+        assert!(seen.windows(2).all(|w| w[0].topic < w[1].topic));
+        assert!(!seen.iter().any(|m| &m.topic[..] == b"t/0a"));
+        let (exact, done) = r.page(b"t/3", None, 4);
+        assert_eq!((exact.len(), done), (1, true));
+        assert_eq!(r.page(b"t/3", Some(b"t/3"), 4).0.len(), 0);
+    }
+
+    #[test]
+    fn plain_prefixes() {
+        assert_eq!(plain_prefix(b"a/b/+/c"), b"a/b");
+        assert_eq!(plain_prefix(b"a/b/#"), b"a/b");
+        assert_eq!(plain_prefix(b"#"), b"");
+        assert_eq!(plain_prefix(b"+/a"), b"");
+        assert_eq!(plain_prefix(b"a/b"), b"a/b");
+    }
+}
