@@ -2205,12 +2205,12 @@ where
                 if cursor.done {
                     self.retained_out.pop_front();
                 } else {
-                    let (page, done) =
+                    let page =
                         edge.retained
                             .page(&cursor.filter, cursor.after.as_deref(), RETAINED_PAGE);
-                    cursor.after = page.last().map(|m| m.topic.clone()).or(cursor.after.take());
-                    cursor.done = done;
-                    cursor.page = page.into();
+                    cursor.done = page.next.is_none();
+                    cursor.after = page.next;
+                    cursor.page = page.messages.into();
                 }
                 continue;
             };
@@ -2729,7 +2729,7 @@ struct RetainedCursor {
     filter: Bytes,
     /// The QoS the core granted.
     qos: u8,
-    /// The last topic read from the store.
+    /// Where the next page starts (after this topic; `RetainedStore::page`).
     after: Option<Bytes>,
     /// Read from the store, not yet sent.
     page: std::collections::VecDeque<Retained>,

@@ -119,17 +119,17 @@ impl RetainedStore {
     }
 
     /// Up to `max` of the retained messages `filter` matches, in topic order, after the topic
-    /// `after` (from the first when `None`), and whether that was the last of them. A shared
-    /// subscription's filter matches like the filter inside it. A subscriber reads them page
-    /// by page, so it holds a position, not a copy of the store; a message stored or replaced
-    /// behind that position reaches it as a live publish instead. Each page walks the topics
-    /// that share the filter's leading plain levels (all of them for a filter that starts
-    /// with a wildcard) from `after` on, under the store's lock, copying nothing but
-    /// reference counts.
-    pub fn page(&self, filter: &[u8], after: Option<&[u8]>, max: usize) -> (Vec<Retained>, bool) {
-        let mut found = Vec::new();
+    /// `after` (from the first when `None`). A shared subscription's filter matches like the
+    /// filter inside it. A subscriber reads them page by page, so it holds a position, not a
+    /// copy of the store; a message stored or replaced behind that position reaches it as a
+    /// live publish instead. A page walks the topics that share the filter's leading plain
+    /// levels (all of them for a filter that starts with a wildcard) from `after` on, at most
+    /// [`PAGE_SCAN`] of them, under the store's lock, copying nothing but reference counts; so
+    /// a page may be short, or empty, and still not be the last.
+    pub fn page(&self, filter: &[u8], after: Option<&[u8]>, max: usize) -> Page {
+        let mut page = Page::default();
         let Some(inner) = mqtt::unshared(filter) else {
-            return (found, true);
+            return page;
         };
         let prefix = plain_prefix(inner);
         let from = match after {
@@ -137,23 +137,49 @@ impl RetainedStore {
             _ => Bound::Included(prefix),
         };
         let state = self.lock();
-        for (topic, payload) in state.messages.range::<[u8], _>((from, Bound::Unbounded)) {
+        let range = state.messages.range::<[u8], _>((from, Bound::Unbounded));
+        for (scanned, (topic, payload)) in range.enumerate() {
             if !topic.starts_with(prefix) {
-                break;
+                return page;
             }
-            if !mqtt::filter_matches(filter, topic) {
-                continue;
+            if page.messages.len() == max {
+                page.next = page.messages.last().map(|m| m.topic.clone());
+                return page;
             }
-            if found.len() == max {
-                return (found, false);
+            if scanned == PAGE_SCAN {
+                // Go on after the last topic looked at.
+                page.next = Some(previous(&state.messages, topic));
+                return page;
             }
-            found.push(Retained {
-                topic: topic.clone(),
-                payload: payload.clone(),
-            });
+            if mqtt::filter_matches(filter, topic) {
+                page.messages.push(Retained {
+                    topic: topic.clone(),
+                    payload: payload.clone(),
+                });
+            }
         }
-        (found, true)
+        page
     }
+}
+
+/// Topics a page looks at, at most, while it holds the store's lock.
+pub const PAGE_SCAN: usize = 4096;
+
+/// What [`RetainedStore::page`] read.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub messages: Vec<Retained>,
+    /// Where the next page starts (after this topic); `None`: this was the last.
+    pub next: Option<Bytes>,
+}
+
+/// The topic stored just before `topic` (which is stored), or an empty one when it is the
+/// first: the next page then starts at `topic`.
+fn previous(messages: &BTreeMap<Bytes, Bytes>, topic: &Bytes) -> Bytes {
+    messages
+        .range::<[u8], _>((Bound::Unbounded, Bound::Excluded(&topic[..])))
+        .next_back()
+        .map_or_else(Bytes::new, |(t, _)| t.clone())
 }
 
 /// The leading levels of `filter` that hold no wildcard, without the `/` after them: every
@@ -179,9 +205,9 @@ mod tests {
     use super::*;
 
     fn all(r: &RetainedStore, filter: &str) -> Vec<String> {
-        let (found, done) = r.page(filter.as_bytes(), None, usize::MAX);
-        assert!(done);
-        found
+        let page = r.page(filter.as_bytes(), None, usize::MAX);
+        assert!(page.next.is_none());
+        page.messages
             .iter()
             .map(|m| String::from_utf8_lossy(&m.topic).into_owned())
             .collect()
@@ -217,7 +243,7 @@ mod tests {
         let r = RetainedStore::new(200);
         assert!(r.set(b"t", &[b"h", b"old"]).0);
         assert!(!r.set(b"t", &[b"h", &[1u8; 300]]).0);
-        let (m, _) = r.page(b"t", None, 10);
+        let m = r.page(b"t", None, 10).messages;
         assert_eq!(m[0].payload, Bytes::from_static(b"hold"));
     }
 
@@ -226,7 +252,7 @@ mod tests {
         let r = RetainedStore::new(1 << 20);
         let packet = Bytes::from(vec![b'x'; 4096]);
         r.set(&packet[..8], &[b"h", &packet[8..16]]);
-        let (m, _) = r.page(b"#", None, 10);
+        let m = r.page(b"#", None, 10).messages;
         assert!(!std::ptr::eq(m[0].topic.as_ptr(), packet.as_ptr()));
         assert_eq!(m[0].payload.len(), 9);
     }
@@ -254,6 +280,20 @@ mod tests {
         assert!(m("zzz").is_empty());
     }
 
+    /// Reads every page of `filter`, `max` at a time; returns the topics and the pages read.
+    fn read_all(r: &RetainedStore, filter: &[u8], max: usize) -> (Vec<Bytes>, usize) {
+        let (mut topics, mut pages, mut after) = (Vec::new(), 0, None::<Bytes>);
+        loop {
+            let page = r.page(filter, after.as_deref(), max);
+            pages += 1;
+            topics.extend(page.messages.into_iter().map(|m| m.topic));
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return (topics, pages),
+            }
+        }
+    }
+
     #[test]
     fn pages_continue_after_the_last_topic_read() {
         let r = RetainedStore::new(1 << 20);
@@ -262,21 +302,46 @@ mod tests {
         }
         r.set(b"s/1", &[b"h", b"v"]);
         r.set(b"u/1", &[b"h", b"v"]);
-        let (first, done) = r.page(b"t/+", None, 4);
-        assert_eq!((first.len(), done), (4, false));
+        let first = r.page(b"t/+", None, 4);
+        assert_eq!(first.messages.len(), 4);
         // Stored behind the position: not in a later page (it goes out live).
         r.set(b"t/0a", &[b"h", b"v"]);
-        let (second, done) = r.page(b"t/+", Some(&first[3].topic), 4);
-        assert_eq!((second.len(), done), (4, false));
-        let (third, done) = r.page(b"t/+", Some(&second[3].topic), 4);
-        assert_eq!((third.len(), done), (2, true));
-        let seen: Vec<_> = [first, second, third].concat();
+        let (rest, pages) = read_all(&r, b"t/+", 4);
+        assert_eq!((rest.len(), pages), (11, 3), "read again from the start");
+        let second = r.page(b"t/+", first.next.as_deref(), 4);
+        let third = r.page(b"t/+", second.next.as_deref(), 4);
+        assert_eq!(third.messages.len(), 2);
+        assert!(third.next.is_none());
+        let seen: Vec<_> = [first.messages, second.messages, third.messages].concat();
         assert_eq!(seen.len(), 10);
         assert!(seen.windows(2).all(|w| w[0].topic < w[1].topic));
         assert!(!seen.iter().any(|m| &m.topic[..] == b"t/0a"));
-        let (exact, done) = r.page(b"t/3", None, 4);
-        assert_eq!((exact.len(), done), (1, true));
-        assert_eq!(r.page(b"t/3", Some(b"t/3"), 4).0.len(), 0);
+        assert_eq!(r.page(b"t/3", None, 4).messages.len(), 1);
+        assert!(r.page(b"t/3", Some(b"t/3"), 4).messages.is_empty());
+    }
+
+    #[test]
+    fn a_page_looks_at_a_bounded_number_of_topics() {
+        let r = RetainedStore::new(1 << 30);
+        let n = 3 * PAGE_SCAN + 10;
+        for i in 0..n {
+            r.set(format!("a/{i:06}/x").as_bytes(), &[b"h", b"v"]);
+        }
+        r.set(b"a/999999/y", &[b"h", b"v"]);
+        r.set(b"a/000000/y", &[b"h", b"v"]);
+        let first = r.page(b"+/+/y", None, 64);
+        assert_eq!(
+            first.messages.len(),
+            1,
+            "only a/000000/y within the first scan"
+        );
+        assert!(first.next.is_some());
+        let (topics, pages) = read_all(&r, b"+/+/y", 64);
+        assert_eq!(topics, [&b"a/000000/y"[..], b"a/999999/y"]);
+        assert_eq!(pages, 4);
+        // A scan that matched nothing goes on where it stopped.
+        let (topics, _) = read_all(&r, b"a/+/y", 1);
+        assert_eq!(topics.len(), 2);
     }
 
     #[test]
