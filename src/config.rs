@@ -89,7 +89,38 @@ pub struct Config {
     #[serde(default)]
     pub history: HistoryConfig,
     #[serde(default)]
+    pub persistence: PersistenceConfig,
+    #[serde(default)]
     pub runtime: RuntimeConfig,
+}
+
+/// What survives a restart (`[persistence]`). Optional: absent in configs written before it
+/// existed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PersistenceConfig {
+    /// Directory of the retained-message file (`edge::retained::FILE`), written every
+    /// `autosave_interval_secs` when something changed and at shutdown, and read at start;
+    /// empty = the retained messages live in memory only. Not used with `[redis]`, whose
+    /// retained hash plays that part.
+    pub dir: String,
+    pub autosave_interval_secs: u64,
+}
+
+impl Default for PersistenceConfig {
+    fn default() -> PersistenceConfig {
+        PersistenceConfig {
+            dir: String::new(),
+            autosave_interval_secs: 60,
+        }
+    }
+}
+
+impl PersistenceConfig {
+    /// The directory, when retained messages are to be saved (set, and no Redis).
+    pub fn retained_dir(&self, redis: &RedisConfig) -> Option<&Path> {
+        (!self.dir.is_empty() && !redis.enabled()).then(|| Path::new(&self.dir))
+    }
 }
 
 /// Threads (`[runtime]`). Optional: absent in configs written before it existed.
@@ -504,6 +535,11 @@ impl Config {
         check(
             "history.snapshot_interval_secs",
             h.snapshot_interval_secs >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "persistence.autosave_interval_secs",
+            self.persistence.autosave_interval_secs >= 1,
             "must be at least 1",
         )?;
         Ok(())

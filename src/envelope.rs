@@ -203,40 +203,64 @@ pub fn remote_first_byte(raw: &[u8]) -> Option<u8> {
 /// Opens a payload read from the core. Anything not produced by [`header`] is returned as a
 /// bare payload, so a malformed envelope can never crash or confuse delivery.
 pub fn open(raw: Bytes) -> Opened {
-    let bare = |raw: Bytes| Opened {
-        qos: None,
-        remote: false,
-        retained: false,
-        private: Private::default(),
-        properties: Bytes::new(),
-        payload: raw,
-    };
-    let Some(&first) = raw.first() else {
-        return bare(raw);
-    };
-    if first & MAGIC_MASK != MAGIC || first & 0x03 == 3 {
-        return bare(raw);
-    }
-    let qos = first & 0x03;
-    let remote = first & REMOTE != 0;
-    let retained = first & RETAINED != 0;
-    if first & HAS_PROPERTIES == 0 {
-        return Opened {
-            qos: Some(qos),
-            remote,
-            retained,
+    match parse(&raw) {
+        Some(p) => Opened {
+            qos: Some(p.qos),
+            remote: p.remote,
+            retained: p.retained,
+            private: p.private,
+            properties: raw.slice(p.properties),
+            payload: raw.slice(p.payload_from..),
+        },
+        None => Opened {
+            qos: None,
+            remote: false,
+            retained: false,
             private: Private::default(),
             properties: Bytes::new(),
-            payload: raw.slice(1..),
-        };
+            payload: raw,
+        },
+    }
+}
+
+/// When the message in an enveloped payload expires (Unix milliseconds), if it does.
+pub fn expires_at_of(raw: &[u8]) -> Option<u64> {
+    parse(raw)?.private.expires_at
+}
+
+/// An envelope's fields, with where the properties and the payload lie in it.
+struct Parsed {
+    qos: u8,
+    remote: bool,
+    retained: bool,
+    private: Private,
+    properties: std::ops::Range<usize>,
+    payload_from: usize,
+}
+
+/// Reads the envelope in front of `raw`; `None` when there is none (a bare payload) or it is
+/// malformed.
+fn parse(raw: &[u8]) -> Option<Parsed> {
+    let &first = raw.first()?;
+    if first & MAGIC_MASK != MAGIC || first & 0x03 == 3 {
+        return None;
+    }
+    let mut parsed = Parsed {
+        qos: first & 0x03,
+        remote: first & REMOTE != 0,
+        retained: first & RETAINED != 0,
+        private: Private::default(),
+        properties: 1..1,
+        payload_from: 1,
+    };
+    if first & HAS_PROPERTIES == 0 {
+        return Some(parsed);
     }
     // Variable byte integer length of the property block.
     let mut len = 0usize;
     let mut pos = 1;
     for i in 0..4 {
-        let Some(&b) = raw.get(pos) else {
-            return bare(raw);
-        };
+        let &b = raw.get(pos)?;
         pos += 1;
         len |= ((b & 0x7F) as usize) << (7 * i);
         if b & 0x80 == 0 {
@@ -244,29 +268,23 @@ pub fn open(raw: Bytes) -> Opened {
         }
     }
     if raw.len() < pos + len {
-        return bare(raw);
+        return None;
     }
     let (mut start, end) = (pos, pos + len);
-    let mut private = Private::default();
     while end - start >= PRIVATE_LEN && raw[start] == PRIVATE {
         let mut value = [0u8; 8];
         value.copy_from_slice(&raw[start + 2..start + PRIVATE_LEN]);
         let value = u64::from_be_bytes(value);
         match raw[start + 1] {
-            TAG_ORIGIN => private.origin = Some(value),
-            TAG_EXPIRES => private.expires_at = Some(value),
+            TAG_ORIGIN => parsed.private.origin = Some(value),
+            TAG_EXPIRES => parsed.private.expires_at = Some(value),
             _ => {}
         }
         start += PRIVATE_LEN;
     }
-    Opened {
-        qos: Some(qos),
-        remote,
-        retained,
-        private,
-        properties: raw.slice(start..end),
-        payload: raw.slice(end..),
-    }
+    parsed.properties = start..end;
+    parsed.payload_from = end;
+    Some(parsed)
 }
 
 #[cfg(test)]

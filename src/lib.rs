@@ -30,6 +30,7 @@ pub mod mqtt;
 pub mod redis_link;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +60,13 @@ pub enum RunError {
     History(#[from] history::HistoryError),
     #[error(transparent)]
     Threads(#[from] edge::threads::ThreadsError),
+    #[error("cannot create the persistence directory {dir}: {source}")]
+    Persistence {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read the saved retained messages: {0}")]
+    Retained(edge::retained::RetainedError),
 }
 
 /// The public listeners, bound.
@@ -143,6 +151,17 @@ pub async fn run(
         shutdown.clone(),
         edge::threads::ConnectionThreads::start(config.runtime.connection_threads())?,
     )?);
+    let retained_dir = config.persistence.retained_dir(&config.redis);
+    if let Some(dir) = retained_dir {
+        load_retained(&edge, dir)?;
+        tokio::spawn(edge::retained::autosave(
+            edge.retained.clone(),
+            edge.metrics.clone(),
+            dir.to_path_buf(),
+            Duration::from_secs(config.persistence.autosave_interval_secs),
+            shutdown.clone(),
+        ));
+    }
     tokio::spawn(reload_on_hangup(edge.clone()));
     edge.tracker.spawn(edge.clone().reap());
     tokio::spawn(core::report_lag_drops(
@@ -206,6 +225,46 @@ pub async fn run(
         );
     }
     edge.threads.stop();
+    if let Some(dir) = retained_dir {
+        // Last, when no connection can store another one.
+        let mut saved = u64::MAX;
+        edge::retained::save_if_changed(&edge.retained, &edge.metrics, dir, &mut saved).await;
+    }
+    Ok(())
+}
+
+/// Reads the retained messages saved in `dir` (`[persistence]`). A missing directory is
+/// created; a damaged file is set aside (`retained.bin.damaged`) and vigil starts without
+/// it, saying so, rather than not at all.
+fn load_retained(edge: &edge::Edge, dir: &std::path::Path) -> Result<(), RunError> {
+    std::fs::create_dir_all(dir).map_err(|source| RunError::Persistence {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    match edge.retained.load(dir) {
+        Ok((loaded, refused)) => {
+            if refused > 0 {
+                tracing::warn!(
+                    refused,
+                    "saved retained messages beyond limits.max_retained_bytes were not loaded"
+                );
+            }
+            tracing::info!(loaded, dir = %dir.display(), "retained messages loaded");
+        }
+        Err(e @ edge::retained::RetainedError::Corrupt { .. }) => {
+            let file = dir.join(edge::retained::FILE);
+            let aside = dir.join(format!("{}.damaged", edge::retained::FILE));
+            let moved = std::fs::rename(&file, &aside).is_ok();
+            tracing::error!(error = %e, set_aside = moved, "retained messages not loaded: starting without them");
+        }
+        Err(e) => {
+            return Err(RunError::Retained(e));
+        }
+    }
+    let totals = edge.retained.totals();
+    let m = &edge.metrics;
+    m.retained_bytes.store(totals.bytes as u64, Relaxed);
+    m.retained_messages.store(totals.messages as u64, Relaxed);
     Ok(())
 }
 

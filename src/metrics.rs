@@ -48,6 +48,9 @@ pub struct Metrics {
     /// Subscriptions that got none of their retained messages because their connection had
     /// too many subscriptions waiting for theirs.
     pub retained_not_sent: AtomicU64,
+    /// Saves of the retained messages to `[persistence] dir`, and those that failed.
+    pub retained_saves: AtomicU64,
+    pub retained_save_failures: AtomicU64,
     /// Core connections that found the pool of core client ids empty (`registry::CoreIds`)
     /// and used an id of their own.
     pub core_id_pool_empty: AtomicU64,
@@ -407,6 +410,15 @@ impl Metrics {
             "Subscriptions that got none of their retained messages: their connection already \
              had 1,024 subscriptions waiting for theirs.",
             &[("", g(&self.retained_not_sent))],
+        );
+        metric(
+            "retained_saves_total",
+            "counter",
+            "Saves of the retained messages to [persistence] dir, by outcome.",
+            &[
+                ("{outcome=\"ok\"}", g(&self.retained_saves)),
+                ("{outcome=\"failed\"}", g(&self.retained_save_failures)),
+            ],
         );
         metric(
             "acl_denied_total",

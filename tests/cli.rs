@@ -265,3 +265,124 @@ fn demo_fleet_raises_alerts_within_a_minute() {
     let _ = child.wait();
     assert_eq!(seen, [true; 3], "alerts seen: {:?} of {wanted:?}", seen);
 }
+
+/// With `[persistence] dir`, retained messages survive a restart as mosquitto's do with
+/// `persistence true`: after a crash (saved by the autosave), after SIGTERM (saved at
+/// shutdown), with their properties and what is left of their expiry; a cleared or expired
+/// one does not come back, and a damaged file is set aside instead of stopping vigil.
+#[test]
+fn retained_messages_survive_a_restart_with_persistence() {
+    const T: Duration = Duration::from_secs(5);
+    let data = TempDir::new();
+    let dir = data.0.to_string_lossy().to_string();
+    let start = |autosave: &str| {
+        Vigil::start_with(|c| {
+            let c = vigil::config::set_value(&c, "persistence", "dir", &format!("{dir:?}"));
+            vigil::config::set_value(&c, "persistence", "autosave_interval_secs", autosave)
+        })
+    };
+    let v5_sub = |v: &Vigil| {
+        Sub::start(
+            v.port(),
+            &[
+                "-t",
+                "keep/#",
+                "-q",
+                "1",
+                "-V",
+                "mqttv5",
+                "-F",
+                "MSG|%t|%q|%r|%P|%p",
+            ],
+        )
+    };
+    let retained = |v: &Vigil, topic: &str, payload: &str, extra: &[&str]| {
+        let mut args = vec!["-t", topic, "-m", payload, "-q", "1", "-r"];
+        args.extend_from_slice(extra);
+        publish(v.port(), &args);
+    };
+    let v5 = ["-V", "mqttv5"];
+
+    // A crash: what the autosave (every second) wrote is there after a SIGKILL.
+    let v = start("1");
+    retained(&v, "keep/a", "A", &[]);
+    let props = [
+        "-V",
+        "mqttv5",
+        "-D",
+        "publish",
+        "user-property",
+        "line",
+        "7",
+        "-D",
+        "publish",
+        "message-expiry-interval",
+        "3600",
+    ];
+    retained(&v, "keep/b", "B", &props);
+    let short = [
+        "-V",
+        "mqttv5",
+        "-D",
+        "publish",
+        "message-expiry-interval",
+        "1",
+    ];
+    retained(&v, "keep/short", "S", &short);
+    retained(&v, "keep/c", "C", &[]);
+    publish(v.port(), &["-t", "keep/c", "-n", "-q", "1", "-r"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let text = http_get(v.http, "/metrics");
+    assert!(
+        text.contains("vigil_retained_saves_total{outcome=\"ok\"}"),
+        "{text}"
+    );
+    drop(v); // SIGKILL
+    assert!(data.0.join("retained.bin").exists());
+
+    let mut v = start("3600");
+    assert!(v.log().contains("retained messages loaded"), "{}", v.log());
+    let mut sub = v5_sub(&v);
+    let mut got = sub.expect_messages(2, T);
+    got.sort();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0], "keep/a|1|1||A");
+    // The expiry left is under the hour, counted from the first publish.
+    assert!(got[1].starts_with("keep/b|1|1|line:7|B"), "{got:?}");
+    assert!(
+        sub.drain(Duration::from_millis(500)).len() == 2,
+        "cleared or expired came back"
+    );
+    let text = http_get(v.http, "/metrics");
+    assert_eq!(metric(&text, "vigil_retained_messages"), Some(2.0));
+
+    // A clean stop: saved at shutdown, with no autosave in between.
+    retained(&v, "keep/d", "D", &v5);
+    publish(v.port(), &["-t", "keep/a", "-n", "-q", "1", "-r"]);
+    let (status, _) = v.terminate();
+    assert!(status.success());
+    let v = start("3600");
+    let mut sub = v5_sub(&v);
+    let mut got = sub.expect_messages(2, T);
+    got.sort();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got[0].starts_with("keep/b|1|1|line:7|B"), "{got:?}");
+    assert_eq!(got[1], "keep/d|1|1||D");
+    drop(v);
+
+    // A damaged file: vigil starts without it, says so, and keeps the file aside.
+    let file = data.0.join("retained.bin");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 10;
+    bytes[last] ^= 0xFF;
+    std::fs::write(&file, bytes).unwrap();
+    let v = start("3600");
+    assert!(
+        v.log().contains("retained messages not loaded"),
+        "{}",
+        v.log()
+    );
+    assert!(data.0.join("retained.bin.damaged").exists());
+    let mut sub = v5_sub(&v);
+    assert!(sub.drain(Duration::from_millis(500)).is_empty());
+}

@@ -211,7 +211,7 @@ pub struct Edge {
     pub subscribed: filters::FilterIndex,
     /// The retained messages, by topic (`limits.max_retained_bytes`); the edge keeps them,
     /// not the core (`retained`).
-    pub retained: retained::RetainedStore,
+    pub retained: Arc<retained::RetainedStore>,
     /// Core client ids for sessions that end with their connection (`registry::CoreIds`).
     pub core_ids: registry::CoreIds,
     /// Numbers the short-lived core connections of delayed wills when `core_ids` has none
@@ -297,7 +297,9 @@ impl Edge {
             core_filters: limits::CoreNames::new(config.limits.max_distinct_filters),
             core_topics: limits::CoreNames::new(config.limits.max_distinct_topics),
             subscribed: filters::FilterIndex::new(),
-            retained: retained::RetainedStore::new(config.limits.max_retained_bytes),
+            retained: Arc::new(retained::RetainedStore::new(
+                config.limits.max_retained_bytes,
+            )),
             // Twice the connection cap, so that a returned id waits behind at least as many
             // free ones as there can be connections, plus room for the edge's short jobs.
             core_ids: registry::CoreIds::new(

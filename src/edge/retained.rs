@@ -11,14 +11,45 @@
 //! the publisher set RETAIN, its QoS, expiry and properties) followed by the payload. The store
 //! is bounded by `limits.max_retained_bytes`; a message counts its topic, its stored payload and
 //! [`RETAINED_ENTRY_OVERHEAD`].
+//!
+//! With `[persistence] dir`, the store is saved to [`FILE`] there (`save`, by `autosave` and
+//! at shutdown) and read back at start (`load`), so retained messages survive a restart.
+//! The file: the line [`FILE_HEADER`], then per message a 4-byte big-endian topic length, the
+//! topic, a 4-byte payload length and the stored payload (envelope included, so expiry
+//! instants and properties come back as they were), then [`FILE_END`], the message count and
+//! an FNV-1a digest of everything before it (8 bytes each). It is written to a temporary file,
+//! synced and renamed over the old one, so a crash leaves one file or the other whole.
 
 use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::ops::Bound;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use tokio_util::sync::CancellationToken;
 
-use crate::mqtt;
+use crate::metrics::Metrics;
+use crate::{envelope, mqtt};
+
+/// The file the retained messages are saved to, in `[persistence] dir`.
+pub const FILE: &str = "retained.bin";
+/// The first line of [`FILE`]; the number is the format (and envelope) version.
+pub const FILE_HEADER: &[u8] = b"vigil retained messages 1\n";
+/// Marks the end of the messages in [`FILE`].
+const FILE_END: &[u8] = b"end.";
+/// Messages copied out of the store at a time while saving (the store is locked meanwhile).
+const SAVE_CHUNK: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RetainedError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: not a retained-message file of this vigil version, or damaged: {reason}")]
+    Corrupt { path: PathBuf, reason: &'static str },
+}
 
 /// What each retained message counts beyond its topic and stored payload: about what this map
 /// spends per entry, so the cap also bounds the number of entries.
@@ -45,6 +76,8 @@ struct State {
     /// names is matched against the topics under that prefix only.
     messages: BTreeMap<Bytes, Bytes>,
     total: usize,
+    /// Counts changes, so a save can tell whether there is anything new.
+    changes: u64,
 }
 
 /// One retained message, as handed to a subscriber.
@@ -95,6 +128,7 @@ impl RetainedStore {
             if old > 0 {
                 state.messages.remove(topic);
                 state.total -= old;
+                state.changes += 1;
             }
             return (true, state.totals());
         }
@@ -103,6 +137,7 @@ impl RetainedStore {
             return (false, state.totals());
         }
         state.total = state.total - old + new;
+        state.changes += 1;
         let mut stored = BytesMut::with_capacity(len);
         for part in parts {
             stored.extend_from_slice(part);
@@ -159,6 +194,241 @@ impl RetainedStore {
             }
         }
         page
+    }
+}
+
+impl RetainedStore {
+    /// Changes since start (stores, replacements and clears).
+    pub fn changes(&self) -> u64 {
+        self.lock().changes
+    }
+
+    /// The store's size.
+    pub fn totals(&self) -> Totals {
+        self.lock().totals()
+    }
+
+    /// Up to `max` messages after the topic `after` (from the first when `None`), whatever
+    /// their topics.
+    fn chunk(&self, after: Option<&[u8]>, max: usize) -> Vec<(Bytes, Bytes)> {
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let state = self.lock();
+        state
+            .messages
+            .range::<[u8], _>((from, Bound::Unbounded))
+            .take(max)
+            .map(|(t, p)| (t.clone(), p.clone()))
+            .collect()
+    }
+
+    /// Writes every message not expired to [`FILE`] in `dir` (temporary file, sync, rename)
+    /// and returns how many. Copies out of the store a chunk at a time, so publishers wait for the lock
+    /// no longer than a chunk takes; a message changed meanwhile is saved in one version or
+    /// the other. Blocking: run it off the async threads.
+    pub fn save(&self, dir: &Path) -> Result<usize, RetainedError> {
+        let path = dir.join(FILE);
+        let tmp = dir.join(format!("{FILE}.tmp"));
+        let io_err = |source| RetainedError::Io {
+            path: tmp.clone(),
+            source,
+        };
+        let mut out = Digest::new(BufWriter::new(File::create(&tmp).map_err(io_err)?));
+        out.write_all(FILE_HEADER).map_err(io_err)?;
+        let mut count = 0u64;
+        let mut after: Option<Bytes> = None;
+        let now = envelope::unix_millis();
+        loop {
+            let chunk = self.chunk(after.as_deref(), SAVE_CHUNK);
+            for (topic, payload) in &chunk {
+                if expired(payload, now) {
+                    continue;
+                }
+                for part in [&topic[..], &payload[..]] {
+                    out.write_all(&(part.len() as u32).to_be_bytes())
+                        .map_err(io_err)?;
+                    out.write_all(part).map_err(io_err)?;
+                }
+                count += 1;
+            }
+            match chunk.last() {
+                Some((topic, _)) if chunk.len() == SAVE_CHUNK => after = Some(topic.clone()),
+                _ => break,
+            }
+        }
+        out.write_all(FILE_END).map_err(io_err)?;
+        out.write_all(&count.to_be_bytes()).map_err(io_err)?;
+        let digest = out.digest;
+        let mut file = out.inner;
+        file.write_all(&digest.to_be_bytes()).map_err(io_err)?;
+        let file = file.into_inner().map_err(|e| io_err(e.into_error()))?;
+        file.sync_all().map_err(io_err)?;
+        drop(file);
+        fs::rename(&tmp, &path).map_err(|source| RetainedError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(count as usize)
+    }
+
+    /// Reads [`FILE`] in `dir` into the store; returns the messages stored and those that did
+    /// not fit under the cap (`Ok((0, 0))` when there is no file); those expired meanwhile
+    /// are left out. A damaged file stores nothing: it is read whole and its digest checked
+    /// before anything is kept.
+    pub fn load(&self, dir: &Path) -> Result<(usize, usize), RetainedError> {
+        let path = dir.join(FILE);
+        let corrupt = |reason| RetainedError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
+            Err(source) => return Err(RetainedError::Io { path, source }),
+        };
+        let mut data = Vec::new();
+        BufReader::new(file)
+            .read_to_end(&mut data)
+            .map_err(|source| RetainedError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        let body = data
+            .strip_prefix(FILE_HEADER)
+            .ok_or_else(|| corrupt("unknown header"))?;
+        if body.len() < FILE_END.len() + 16 {
+            return Err(corrupt("truncated"));
+        }
+        let (content, digest) = data.split_at(data.len() - 8);
+        if fnv1a(FNV_OFFSET, content).to_be_bytes() != digest {
+            return Err(corrupt("digest mismatch"));
+        }
+        let records = &body[..body.len() - FILE_END.len() - 16];
+        let trailer = &body[body.len() - FILE_END.len() - 16..body.len() - 8];
+        if &trailer[..FILE_END.len()] != FILE_END {
+            return Err(corrupt("no end mark"));
+        }
+        let mut count_bytes = [0u8; 8];
+        count_bytes.copy_from_slice(&trailer[FILE_END.len()..]);
+        let count = u64::from_be_bytes(count_bytes);
+        let mut parsed = Vec::new();
+        let mut rest = records;
+        while !rest.is_empty() {
+            let (topic, after) = take_field(rest).ok_or_else(|| corrupt("truncated message"))?;
+            let (payload, after) = take_field(after).ok_or_else(|| corrupt("truncated message"))?;
+            if topic.is_empty() || payload.is_empty() {
+                return Err(corrupt("empty topic or payload"));
+            }
+            parsed.push((topic, payload));
+            rest = after;
+        }
+        if parsed.len() as u64 != count {
+            return Err(corrupt("message count mismatch"));
+        }
+        let (mut loaded, mut refused) = (0, 0);
+        let now = envelope::unix_millis();
+        for (topic, payload) in &parsed {
+            if expired(payload, now) {
+                continue;
+            }
+            match self.set(topic, &[payload]).0 {
+                true => loaded += 1,
+                false => refused += 1,
+            }
+        }
+        Ok((loaded, refused))
+    }
+}
+
+/// Saves the store to [`FILE`] in `dir` every `every` when it changed, until `shutdown`;
+/// the last save is the caller's, once every connection has ended (`crate::run`).
+pub async fn autosave(
+    store: Arc<RetainedStore>,
+    metrics: Arc<Metrics>,
+    dir: PathBuf,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut saved = store.changes();
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        save_if_changed(&store, &metrics, &dir, &mut saved).await;
+    }
+}
+
+/// Saves the store if it changed since the change count `saved`, off the async threads;
+/// counts and logs the outcome.
+pub async fn save_if_changed(
+    store: &Arc<RetainedStore>,
+    metrics: &Metrics,
+    dir: &Path,
+    saved: &mut u64,
+) {
+    let changes = store.changes();
+    if changes == *saved {
+        return;
+    }
+    let (task_store, task_dir) = (store.clone(), dir.to_path_buf());
+    match tokio::task::spawn_blocking(move || task_store.save(&task_dir)).await {
+        Ok(Ok(count)) => {
+            *saved = changes;
+            Metrics::inc(&metrics.retained_saves);
+            tracing::debug!(dir = %dir.display(), count, "retained messages saved");
+        }
+        Ok(Err(e)) => {
+            Metrics::inc(&metrics.retained_save_failures);
+            tracing::warn!(error = %e, "cannot save the retained messages");
+        }
+        Err(e) => {
+            Metrics::inc(&metrics.retained_save_failures);
+            tracing::warn!(error = %e, "retained-message save task failed");
+        }
+    }
+}
+
+/// Whether a stored payload's message has expired at `now` (Unix milliseconds).
+fn expired(payload: &[u8], now: u64) -> bool {
+    envelope::expires_at_of(payload).is_some_and(|at| at <= now)
+}
+
+/// A length-prefixed field (4 bytes, big-endian) and what follows it.
+fn take_field(data: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
+    let field = data.get(4..4 + len)?;
+    Some((field, &data[4 + len..]))
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a(mut hash: u64, data: &[u8]) -> u64 {
+    for &b in data {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// A writer that keeps the FNV-1a digest of what went through it.
+struct Digest<W> {
+    inner: W,
+    digest: u64,
+}
+
+impl<W: Write> Digest<W> {
+    fn new(inner: W) -> Digest<W> {
+        Digest {
+            inner,
+            digest: FNV_OFFSET,
+        }
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        self.digest = fnv1a(self.digest, data);
+        self.inner.write_all(data)
     }
 }
 
@@ -342,6 +612,73 @@ mod tests {
         // A scan that matched nothing goes on where it stopped.
         let (topics, _) = read_all(&r, b"a/+/y", 1);
         assert_eq!(topics.len(), 2);
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("vigil-retained-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn saved_messages_load_back_as_they_were() {
+        let dir = temp_dir("round-trip");
+        let r = RetainedStore::new(1 << 20);
+        for i in 0..(SAVE_CHUNK + 10) {
+            r.set(
+                format!("t/{i}").as_bytes(),
+                &[b"h", format!("v{i}").as_bytes()],
+            );
+        }
+        r.set(b"\x01odd/\xe2\x82\xac", &[&[0xE0, 0, 0xFF][..]]);
+        assert_eq!(r.save(&dir).unwrap(), SAVE_CHUNK + 11);
+        let back = RetainedStore::new(1 << 20);
+        assert_eq!(back.load(&dir).unwrap(), (SAVE_CHUNK + 11, 0));
+        assert_eq!(back.totals(), r.totals());
+        let all = |s: &RetainedStore| s.chunk(None, usize::MAX);
+        assert_eq!(all(&back), all(&r));
+        // Loading respects the cap.
+        let small = RetainedStore::new(10 * (RETAINED_ENTRY_OVERHEAD + 10));
+        let (loaded, refused) = small.load(&dir).unwrap();
+        assert_eq!(loaded + refused, SAVE_CHUNK + 11);
+        assert!(loaded < 11 && refused > 0);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn no_file_loads_nothing_and_a_damaged_one_nothing_at_all() {
+        let dir = temp_dir("damaged");
+        let r = RetainedStore::new(1 << 20);
+        assert_eq!(r.load(&dir).unwrap(), (0, 0));
+        r.set(b"a", &[b"h", b"1"]);
+        r.set(b"b", &[b"h", b"2"]);
+        r.save(&dir).unwrap();
+        let good = fs::read(dir.join(FILE)).unwrap();
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (good[..good.len() - 1].to_vec(), "digest mismatch"),
+            (good[..FILE_HEADER.len() + 3].to_vec(), "truncated"),
+            (b"something else\n".to_vec(), "unknown header"),
+            (
+                {
+                    let mut g = good.clone();
+                    g[FILE_HEADER.len() + 5] ^= 1;
+                    g
+                },
+                "digest mismatch",
+            ),
+        ];
+        for (bytes, why) in cases {
+            fs::write(dir.join(FILE), &bytes).unwrap();
+            let fresh = RetainedStore::new(1 << 20);
+            match fresh.load(&dir) {
+                Err(RetainedError::Corrupt { reason, .. }) => assert_eq!(reason, why),
+                other => panic!("{why}: {other:?}"),
+            }
+            assert_eq!(fresh.totals().messages, 0);
+        }
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
