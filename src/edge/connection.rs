@@ -2208,6 +2208,10 @@ where
                     let page =
                         edge.retained
                             .page(&cursor.filter, cursor.after.as_deref(), RETAINED_PAGE);
+                    if page.expired > 0 {
+                        let dropped = &edge.metrics.dropped_expired;
+                        dropped.fetch_add(page.expired as u64, Relaxed);
+                    }
                     cursor.done = page.next.is_none();
                     cursor.after = page.next;
                     cursor.page = page.messages.into();

@@ -78,6 +78,8 @@ struct State {
     total: usize,
     /// Counts changes, so a save can tell whether there is anything new.
     changes: u64,
+    /// When the store, full, last looked for expired messages to make room (`set`).
+    last_sweep: Option<std::time::Instant>,
 }
 
 /// One retained message, as handed to a subscriber.
@@ -95,7 +97,34 @@ impl State {
             messages: self.messages.len(),
         }
     }
+
+    fn remove(&mut self, topic: &[u8]) {
+        if let Some(stored) = self.messages.remove(topic) {
+            self.total -= size(topic, stored.len());
+            self.changes += 1;
+        }
+    }
+
+    /// Removes the messages expired at `now` (Unix milliseconds); returns how many.
+    fn purge_expired(&mut self, now: u64) -> usize {
+        let before = self.messages.len();
+        let mut freed = 0;
+        self.messages.retain(|topic, stored| {
+            let keep = !expired(stored, now);
+            if !keep {
+                freed += size(topic, stored.len());
+            }
+            keep
+        });
+        self.total -= freed;
+        let purged = before - self.messages.len();
+        self.changes += purged as u64;
+        purged
+    }
 }
+
+/// How often, at most, a full store looks for expired messages to make room.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 fn size(topic: &[u8], stored: usize) -> usize {
     topic.len() + stored + RETAINED_ENTRY_OVERHEAD
@@ -125,16 +154,27 @@ impl RetainedStore {
             .get(topic)
             .map_or(0, |stored| size(topic, stored.len()));
         if len == 0 {
-            if old > 0 {
-                state.messages.remove(topic);
-                state.total -= old;
-                state.changes += 1;
-            }
+            state.remove(topic);
             return (true, state.totals());
         }
         let new = size(topic, len);
-        if new > old && state.total - old + new > self.max {
-            return (false, state.totals());
+        let fits = |state: &State| new <= old || state.total - old + new <= self.max;
+        if !fits(&state) {
+            // Expired messages are removed as they are met (`page`); a full store also looks
+            // for them all, at most once a second, before it refuses.
+            let now = std::time::Instant::now();
+            if state.last_sweep.is_some_and(|at| now - at < SWEEP_EVERY) {
+                return (false, state.totals());
+            }
+            state.last_sweep = Some(now);
+            state.purge_expired(envelope::unix_millis());
+            let old_now = state
+                .messages
+                .get(topic)
+                .map_or(0, |m| size(topic, m.len()));
+            if old_now != old || !fits(&state) {
+                return (false, state.totals());
+            }
         }
         state.total = state.total - old + new;
         state.changes += 1;
@@ -171,27 +211,38 @@ impl RetainedStore {
             Some(after) if after >= prefix => Bound::Excluded(after),
             _ => Bound::Included(prefix),
         };
-        let state = self.lock();
+        let now = envelope::unix_millis();
+        let mut expired_topics = Vec::new();
+        let mut state = self.lock();
         let range = state.messages.range::<[u8], _>((from, Bound::Unbounded));
         for (scanned, (topic, payload)) in range.enumerate() {
             if !topic.starts_with(prefix) {
-                return page;
+                break;
             }
             if page.messages.len() == max {
                 page.next = page.messages.last().map(|m| m.topic.clone());
-                return page;
+                break;
             }
             if scanned == PAGE_SCAN {
                 // Go on after the last topic looked at.
                 page.next = Some(previous(&state.messages, topic));
-                return page;
+                break;
             }
-            if mqtt::filter_matches(filter, topic) {
-                page.messages.push(Retained {
-                    topic: topic.clone(),
-                    payload: payload.clone(),
-                });
+            if !mqtt::filter_matches(filter, topic) {
+                continue;
             }
+            if expired(payload, now) {
+                expired_topics.push(topic.clone());
+                continue;
+            }
+            page.messages.push(Retained {
+                topic: topic.clone(),
+                payload: payload.clone(),
+            });
+        }
+        page.expired = expired_topics.len();
+        for topic in expired_topics {
+            state.remove(&topic);
         }
         page
     }
@@ -441,6 +492,8 @@ pub struct Page {
     pub messages: Vec<Retained>,
     /// Where the next page starts (after this topic); `None`: this was the last.
     pub next: Option<Bytes>,
+    /// Matching messages found expired, and removed from the store.
+    pub expired: usize,
 }
 
 /// The topic stored just before `topic` (which is stored), or an empty one when it is the
@@ -679,6 +732,42 @@ mod tests {
             assert_eq!(fresh.totals().messages, 0);
         }
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A stored payload (envelope and data) whose message expires at `at` (Unix ms).
+    fn expiring(at: u64) -> Vec<u8> {
+        let private = envelope::Private {
+            origin: None,
+            expires_at: Some(at),
+        };
+        let mut stored = envelope::header_with(1, private, &[]).to_vec();
+        stored.extend_from_slice(b"data");
+        stored
+    }
+
+    #[test]
+    fn expired_messages_are_not_read_and_make_room_when_the_store_is_full() {
+        let now = envelope::unix_millis();
+        let (past, future) = (expiring(now - 1), expiring(now + 3_600_000));
+        let one = size(b"t/0", past.len());
+        let r = RetainedStore::new(3 * one);
+        for (i, stored) in [&past, &future, &past].iter().enumerate() {
+            assert!(r.set(format!("t/{i}").as_bytes(), &[stored]).0);
+        }
+        let page = r.page(b"t/+", None, 10);
+        assert_eq!(page.messages.len(), 1);
+        assert_eq!(&page.messages[0].topic[..], b"t/1");
+        assert_eq!(page.expired, 2);
+        assert_eq!(r.totals().messages, 1, "removed as they were met");
+        // Full of expired messages: a new one makes room by removing them.
+        let r = RetainedStore::new(2 * one);
+        assert!(r.set(b"t/0", &[&past]).0);
+        assert!(r.set(b"t/1", &[&past]).0);
+        assert!(r.set(b"t/2", &[&future]).0);
+        assert_eq!(r.totals().messages, 1);
+        // Not more than once a second: full of live ones, a refusal is quick.
+        assert!(r.set(b"t/3", &[&future]).0);
+        assert!(!r.set(b"t/4", &[&future]).0);
     }
 
     #[test]
