@@ -250,6 +250,59 @@ fn receive_maximum_never_holds_back_the_clients_own_acknowledgements() {
     );
 }
 
+/// Every retained message reaches a subscriber whose Receive Maximum is 3, never more than 3
+/// unacknowledged at a time; its own publishes are acknowledged meanwhile.
+#[test]
+fn retained_messages_respect_the_receive_maximum_and_all_arrive() {
+    const N: usize = 60;
+    let v = Vigil::start();
+    let (mut p, _) = connect(&v, "rm-pub", true, &[]);
+    for i in 0..N {
+        p.send(&publish5(
+            &format!("rm/{i:03}"),
+            b"r",
+            1,
+            true,
+            1 + i as u16,
+        ));
+    }
+    for _ in 0..N {
+        assert_eq!(p.recv().expect("PUBACK").kind(), PUBACK);
+    }
+    let (mut c, _) = connect(&v, "rm-sub", true, &[0x21, 0, 3]);
+    subscribe(&mut c, "rm/+", 1);
+    let mut got = std::collections::BTreeSet::new();
+    let mut acked_own = false;
+    c.send(&publish5("rm-own", b"x", 1, false, 9));
+    while got.len() < N {
+        let batch = drain(&mut c, Duration::from_millis(100));
+        assert!(!batch.is_empty(), "stalled at {} of {N}", got.len());
+        let mut in_flight = Vec::new();
+        for packet in &batch {
+            match packet.kind() {
+                PUBACK => acked_own = true,
+                PUBLISH => {
+                    let m = parse5(packet);
+                    assert!(m.retain && m.qos == 1, "{m:?}");
+                    got.insert(m.topic);
+                    in_flight.push(m.pkid);
+                }
+                other => panic!("unexpected packet {other}"),
+            }
+        }
+        assert!(
+            in_flight.len() <= 3,
+            "{} past Receive Maximum 3",
+            in_flight.len()
+        );
+        for pkid in in_flight {
+            c.send(&ack_packet(PUBACK, pkid));
+        }
+    }
+    assert!(acked_own, "the client's own publish was not acknowledged");
+    assert_eq!(got.len(), N);
+}
+
 /// UNSUBSCRIBE of `filters` (v5, no properties); returns the UNSUBACK's reason codes.
 fn unsubscribe5(c: &mut Raw, pkid: u16, filters: &[&str]) -> Vec<u8> {
     let mut body = pkid.to_be_bytes().to_vec();

@@ -2181,14 +2181,16 @@ where
             && !self.retained_waits_for_acks()
     }
 
-    /// Whether the first subscription's retained messages wait for the client to
-    /// acknowledge earlier QoS 1/2 deliveries ([`RETAINED_HELD`]). The core is read
-    /// meanwhile, so the acknowledgements of the client's own publishes are not held up
-    /// behind them (its QoS 1/2 deliveries queue in `held` after the retained ones there).
+    /// Whether the first subscription's retained messages, QoS 1/2 ones, wait for the client
+    /// to acknowledge earlier deliveries: it has no room (its Receive Maximum), deliveries wait
+    /// in `held`, or [`RETAINED_HELD`] are unacknowledged. They wait in the store, never as
+    /// copies in `held`, so a client that does not acknowledge costs no memory. The core is
+    /// read meanwhile, so the acknowledgements of the client's own publishes are not held up.
     fn retained_waits_for_acks(&self) -> bool {
-        self.retained_out
-            .front()
-            .is_some_and(|c| c.qos > 0 && self.held.len() + self.core_acks.len() >= RETAINED_HELD)
+        self.retained_out.front().is_some_and(|c| {
+            c.qos > 0
+                && (self.must_hold() || self.held.len() + self.core_acks.len() >= RETAINED_HELD)
+        })
     }
 
     /// Sends retained messages, page by page from the store (`RetainedStore::page`), until
@@ -2218,12 +2220,8 @@ where
                 }
                 continue;
             };
-            let qos = cursor.qos;
-            let frame = retained_frame(&message, qos);
-            if qos > 0 && self.must_hold() {
-                self.held.push_back(frame);
-                continue;
-            }
+            // The client has room for it (`retained_room`).
+            let frame = retained_frame(&message, cursor.qos);
             self.on_core_packet(edge, frame)?;
         }
         Ok(())
