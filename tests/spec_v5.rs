@@ -1026,6 +1026,20 @@ fn subscription_identifiers_come_back_with_the_messages_they_matched() {
     let got = parse5(&c.recv().expect("the retained message"));
     assert!(got.retain, "{got:?}");
     assert_eq!(got.sub_ids, vec![9]);
+    // Two overlapping SUBSCRIBEs sent back to back: each one's retained copy carries its own
+    // identifier (the edge knows which subscription it is sending retained messages for).
+    let (mut d, _) = connect(&v, "sid-d", true, &[]);
+    d.send(&subscribe5_with(1, "sid3/#", 1, &sub_id(11)));
+    d.send(&subscribe5_with(2, "sid3/+", 1, &sub_id(12)));
+    let mut ids: Vec<Vec<u32>> = publishes(&mut d, Duration::from_millis(800))
+        .into_iter()
+        .map(|c| {
+            assert!(c.retain, "{c:?}");
+            c.sub_ids
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec![vec![11], vec![12]]);
     publish(v.port(), &["-t", "sid3/r", "-r", "-n"]);
 
     // A resumed session keeps its subscriptions' identifiers.

@@ -535,9 +535,6 @@ struct Session<S> {
     matching: Vec<SubOptions>,
     /// Which subscription each of the core's copies of a message is for (see `copies`).
     copies: Copies,
-    /// The filters of the latest SUBSCRIBE that reached the core: retained messages the core
-    /// sends come from these.
-    last_subscribed: Vec<Bytes>,
     /// Topic aliases for the deliveries to a v5 client that accepts them.
     aliases: TopicAliases,
     /// The topics the client's own Topic Aliases stand for (alias 1 first; empty: not set).
@@ -890,7 +887,6 @@ where
             sub_id_props: BytesMut::new(),
             matching: Vec::new(),
             copies: Copies::default(),
-            last_subscribed: Vec::new(),
             client_aliases: Vec::new(),
             aliases: TopicAliases::new(match version {
                 Version::V5 => connect.topic_alias_max.min(edge.topic_aliases),
@@ -1532,12 +1528,6 @@ where
                     }
                     self.retained_due.push((s.pkid, due));
                 }
-                self.last_subscribed.clear();
-                if self.options_in_use {
-                    let granted = s.filters.iter().zip(&codes).filter(|(_, c)| c.is_none());
-                    self.last_subscribed
-                        .extend(granted.map(|((filter, _), _)| owned(filter)));
-                }
                 if codes.iter().all(Option::is_none) {
                     mqtt::put_core_subscribe(&mut self.core_out, s.pkid, &s.filters);
                     self.own_subscribes.sent();
@@ -2085,15 +2075,14 @@ where
     }
 
     /// Applies what the core cannot hold of the subscription this copy of a message is for
-    /// (see `needs_edge`). `from_subscribe`: the core sent the message with RETAIN, as it does
-    /// only for retained messages sent because of a new subscription. `qos`: the copy's QoS
-    /// from the core. Returns whether to deliver, and the RETAIN flag to deliver with; appends
-    /// the subscription's Subscription Identifier property to `ids`.
+    /// (see `needs_edge`). `from_subscribe`: a retained message sent because of a subscription
+    /// (`send_retained`), which is for the subscription whose retained messages are being sent
+    /// (the first of `retained_out`). `qos`: the copy's QoS from the core. Returns whether to
+    /// deliver, and the RETAIN flag to deliver with; appends the subscription's Subscription
+    /// Identifier property to `ids`.
     ///
     /// With overlapping subscriptions the core sends one copy per matching filter without
-    /// saying which: [`Copies`] hands the subscriptions out one per copy (MQTT-3.3.4-5). A
-    /// retained message sent because of a subscription is for a filter of the latest
-    /// SUBSCRIBE, when one matches.
+    /// saying which: [`Copies`] hands the subscriptions out one per copy (MQTT-3.3.4-5).
     fn apply_options(
         &mut self,
         topic: &[u8],
@@ -2102,18 +2091,23 @@ where
         qos: u8,
         ids: &mut BytesMut,
     ) -> (bool, bool) {
-        let only_latest = from_subscribe
-            && self
-                .last_subscribed
-                .iter()
-                .any(|f| mqtt::filter_matches(f, topic) && self.subscriptions.contains_key(f));
         let mut matching = std::mem::take(&mut self.matching);
         matching.clear();
-        for (filter, sub) in &self.subscriptions {
-            if mqtt::filter_matches(filter, topic)
-                && (!only_latest || self.last_subscribed.contains(filter))
-            {
-                matching.push(*sub);
+        let sending_for = match from_subscribe {
+            true => self
+                .retained_out
+                .front()
+                .and_then(|c| self.subscriptions.get(&c.filter)),
+            false => None,
+        };
+        match sending_for {
+            Some(sub) => matching.push(*sub),
+            None => {
+                for (filter, sub) in &self.subscriptions {
+                    if mqtt::filter_matches(filter, topic) {
+                        matching.push(*sub);
+                    }
+                }
             }
         }
         let sub = match matching.len() {
