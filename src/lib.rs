@@ -152,6 +152,9 @@ pub async fn run(
         edge::threads::ConnectionThreads::start(config.runtime.connection_threads())?,
     )?);
     let retained_dir = config.persistence.retained_dir(&config.redis);
+    if retained_dir.is_none() && !config.persistence.dir.is_empty() {
+        tracing::warn!("[persistence] dir is not used with [redis]: the shared retained hash keeps the retained messages");
+    }
     if let Some(dir) = retained_dir {
         load_retained(&edge, dir)?;
         tokio::spawn(edge::retained::autosave(

@@ -283,7 +283,7 @@ impl RetainedStore {
             path: tmp.clone(),
             source,
         };
-        let mut out = Digest::new(BufWriter::new(File::create(&tmp).map_err(io_err)?));
+        let mut out = Digest::new(BufWriter::new(create_private(&tmp).map_err(io_err)?));
         out.write_all(FILE_HEADER).map_err(io_err)?;
         let mut count = 0u64;
         let mut after: Option<Bytes> = None;
@@ -439,6 +439,16 @@ pub async fn save_if_changed(
             tracing::warn!(error = %e, "retained-message save task failed");
         }
     }
+}
+
+/// Creates (or truncates) a file only its owner may read: retained messages can hold
+/// anything the devices publish.
+fn create_private(path: &Path) -> io::Result<File> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
 }
 
 /// Whether a stored payload's message has expired at `now` (Unix milliseconds).
@@ -687,6 +697,12 @@ mod tests {
         }
         r.set(b"\x01odd/\xe2\x82\xac", &[&[0xE0, 0, 0xFF][..]]);
         assert_eq!(r.save(&dir).unwrap(), SAVE_CHUNK + 11);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.join(FILE)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "only the owner may read it");
+        }
         let back = RetainedStore::new(1 << 20);
         assert_eq!(back.load(&dir).unwrap(), (SAVE_CHUNK + 11, 0));
         assert_eq!(back.totals(), r.totals());
