@@ -149,17 +149,21 @@ impl RetainedStore {
     pub fn set(&self, topic: &[u8], parts: &[&[u8]]) -> (bool, Totals) {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let mut state = self.lock();
-        let old = state
-            .messages
-            .get(topic)
-            .map_or(0, |stored| size(topic, stored.len()));
         if len == 0 {
             state.remove(topic);
             return (true, state.totals());
         }
         let new = size(topic, len);
-        let fits = |state: &State| new <= old || state.total - old + new <= self.max;
-        if !fits(&state) {
+        // The size of the message `new` replaces, and whether `new` fits in its place.
+        let replaced = |state: &State| {
+            state
+                .messages
+                .get(topic)
+                .map_or(0, |m| size(topic, m.len()))
+        };
+        let fits = |state: &State, old: usize| new <= old || state.total - old + new <= self.max;
+        let mut old = replaced(&state);
+        if !fits(&state, old) {
             // Expired messages are removed as they are met (`page`); a full store also looks
             // for them all, at most once a second, before it refuses.
             let now = std::time::Instant::now();
@@ -168,11 +172,8 @@ impl RetainedStore {
             }
             state.last_sweep = Some(now);
             state.purge_expired(envelope::unix_millis());
-            let old_now = state
-                .messages
-                .get(topic)
-                .map_or(0, |m| size(topic, m.len()));
-            if old_now != old || !fits(&state) {
+            old = replaced(&state);
+            if !fits(&state, old) {
                 return (false, state.totals());
             }
         }
@@ -273,9 +274,9 @@ impl RetainedStore {
     }
 
     /// Writes every message not expired to [`FILE`] in `dir` (temporary file, sync, rename)
-    /// and returns how many. Copies out of the store a chunk at a time, so publishers wait for the lock
-    /// no longer than a chunk takes; a message changed meanwhile is saved in one version or
-    /// the other. Blocking: run it off the async threads.
+    /// and returns how many. Copies out of the store a chunk at a time, so publishers wait
+    /// for the lock no longer than a chunk takes; a message changed meanwhile is saved in one
+    /// version or the other. Blocking: run it off the async threads.
     pub fn save(&self, dir: &Path) -> Result<usize, RetainedError> {
         let path = dir.join(FILE);
         let tmp = dir.join(format!("{FILE}.tmp"));
