@@ -313,6 +313,13 @@ fn status(cli: &Cli, addr: Option<&str>) -> anyhow::Result<()> {
         sum("vigil_disconnects_total"),
     );
     println!(
+        "retained: {} messages, {} bytes; saved {} (failed {})",
+        value("vigil_retained_messages"),
+        value("vigil_retained_bytes"),
+        value("vigil_retained_saves_total{outcome=\"ok\"}"),
+        value("vigil_retained_saves_total{outcome=\"failed\"}"),
+    );
+    println!(
         "analytics: devices {} points {} alerts {} refits {}",
         value("vigil_analytics_devices"),
         value("vigil_analytics_points_total"),

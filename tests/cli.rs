@@ -188,6 +188,7 @@ fn readyz_and_status() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     publish(v.port(), &["-t", "status/x", "-m", "1"]);
+    publish(v.port(), &["-t", "status/r", "-m", "1", "-r", "-q", "1"]);
     let out = std::process::Command::new(vigil_bin())
         .args(["status", "--addr", &v.http.to_string()])
         .output()
@@ -200,7 +201,8 @@ fn readyz_and_status() {
     );
     assert!(text.contains("\"status\":\"ready\""), "{text}");
     assert!(text.contains("connections: tcp"), "{text}");
-    assert!(text.contains("messages: in 1"), "{text}");
+    assert!(text.contains("messages: in 2"), "{text}");
+    assert!(text.contains("retained: 1 messages"), "{text}");
     // Nothing listening: a clear error, exit 1.
     let out = std::process::Command::new(vigil_bin())
         .args(["status", "--addr", "127.0.0.1:1"])
