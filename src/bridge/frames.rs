@@ -554,6 +554,12 @@ pub fn ack(op: &str, id: u16, refused: Option<(&str, &str)>) -> String {
     out
 }
 
+/// `puback` for a message no subscription matched (the broker's reason code 0x10, as a v5
+/// client sees it).
+pub fn puback_no_subscribers(id: u16) -> String {
+    format!("{{\"op\":\"puback\",\"id\":{id},\"no_subscribers\":true}}")
+}
+
 fn itoa(n: u64) -> String {
     n.to_string()
 }

@@ -1053,7 +1053,11 @@ where
                 } else {
                     self.browser_pubs.insert(id, BrowserPub::Received);
                 }
-                self.queue(frames::ack(op, id, refused));
+                if frame.kind() == mqtt::PUBACK && code == mqtt::reason::NO_MATCHING_SUBSCRIBERS {
+                    self.queue(frames::puback_no_subscribers(id));
+                } else {
+                    self.queue(frames::ack(op, id, refused));
+                }
             }
             mqtt::PUBCOMP => {
                 let (id, _) = mqtt::parse_ack(&frame).map_err(bad)?;
