@@ -302,8 +302,9 @@ export class VigilBridge {
    * @param {string} topic
    * @param {*} [payload]
    * @param {{qos?: 0|1|2, retain?: boolean, encoding?: "json"|"utf8"|"base64"}} [options]
-   * @returns {Promise<void>} QoS 0: resolved once written to the WebSocket. QoS 1: on `puback`.
-   *   QoS 2: on `pubcomp`. Rejected with a {@link BridgeError} when the server refuses it, when
+   * @returns {Promise<{noSubscribers?: true}|void>} QoS 0: resolved once written to the
+   *   WebSocket. QoS 1: on `puback`, with `{noSubscribers: true}` when no subscription matched
+   *   the topic. QoS 2: on `pubcomp`. Rejected with a {@link BridgeError} when the server refuses it, when
    *   the disconnected queue is full (`queue_full`), or when the client is closed (`closed`).
    */
   publish(topic, payload, options = {}) {
@@ -700,14 +701,16 @@ export class VigilBridge {
       return;
     }
     if (!entry) return;
-    const finish = (err) => {
+    const finish = (err, result) => {
       this._inflight.delete(f.id);
       this._requests.delete(entry.ref);
       if (err) entry.reject(err);
-      else entry.resolve();
+      else entry.resolve(result);
     };
     if (f.code !== undefined) return finish(new BridgeError(f.code, f.message, f));
-    if (f.op === "puback" && entry.frame.qos === 1) return finish();
+    if (f.op === "puback" && entry.frame.qos === 1) {
+      return finish(undefined, f.no_subscribers === true ? { noSubscribers: true } : undefined);
+    }
     if (f.op === "pubrec" && entry.phase === "publish") {
       entry.phase = "pubrel";
       this._send({ op: "pubrel", id: f.id });

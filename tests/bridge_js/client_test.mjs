@@ -140,6 +140,15 @@ check(eb.meta.encoding === "base64" && isDeepStrictEqual([...eb.payload], [255, 
 const eu = await am.waitFor((m) => m.topic === `${prefix}/enc/utf8`, "enc/utf8");
 check(eu.meta.encoding === "utf8" && eu.payload === "plain text", `enc/utf8 ${JSON.stringify(eu)}`);
 
+step = "no subscribers";
+// A QoS 1 publish that no subscription matches says so; one that A's subscription matches
+// does not.
+const nobody = await a.publish(`bridgejs-nobody/${run}`, "x", { qos: 1 });
+check(nobody?.noSubscribers === true, `no subscribers: ${JSON.stringify(nobody)}`);
+const somebody = await a.publish(`${prefix}/self/1`, "again", { qos: 1 });
+check(somebody === undefined, `a subscriber: ${JSON.stringify(somebody)}`);
+await am.waitFor((m) => m.topic === `${prefix}/self/1` && m.payload === "again", "self/1 again");
+
 step = "refused publish";
 const refused = await a.publish("bridgejs/+/bad", "x", { qos: 1 }).then(
   () => null,

@@ -1179,9 +1179,10 @@ async function sendCommand(ev) {
   out.textContent = `publishing to ${topic}...`;
   const started = performance.now();
   try {
-    await bridge.publish(topic, payload, { qos: 1 });
+    const ack = await bridge.publish(topic, payload, { qos: 1 });
     out.className = "ok";
     out.textContent = `puback for ${topic} in ${Math.round(performance.now() - started)} ms`;
+    if (ack?.noSubscribers) out.textContent += "; no device is subscribed to it";
     $("command-payload").value = defaultCommand();
   } catch (e) {
     out.className = "error";
