@@ -230,6 +230,81 @@ fn a_wildcard_subscription_gets_every_retained_message() {
     assert_eq!(metric(&text, "vigil_retained_messages"), Some(N as f64));
 }
 
+/// Retained values are rewritten (4 publishers, 200 topics, 30 rounds of increasing values)
+/// while 12 subscribers, QoS 0 and 1, join at different moments: each must end with every
+/// topic at its final value. A subscriber gets a topic from the store or live; an older
+/// retained value arriving after a newer live one would leave it stale.
+#[test]
+fn subscribers_joining_while_retained_values_change_end_with_the_final_values() {
+    const TOPICS: usize = 200;
+    const ROUNDS: usize = 30;
+    let v = Vigil::start();
+    let addr = v.mqtt;
+    let publishers: Vec<_> = (0..4)
+        .map(|k| {
+            std::thread::spawn(move || {
+                let id = format!("cv-pub-{k}");
+                let mut c = Raw::connected(addr, &ConnectOpts::v311(&id));
+                let mut pkid = 0u16;
+                for round in 0..ROUNDS {
+                    for t in (k..TOPICS).step_by(4) {
+                        pkid = pkid % 60_000 + 1;
+                        let topic = format!("cv/{t}");
+                        let value = round.to_string();
+                        c.send(&publish_packet(
+                            &topic,
+                            value.as_bytes(),
+                            1,
+                            true,
+                            pkid,
+                            false,
+                        ));
+                        assert_eq!(c.recv().expect("PUBACK").kind(), 4);
+                    }
+                }
+            })
+        })
+        .collect();
+    let subscribers: Vec<_> = (0..12u8)
+        .map(|j| {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(60 * j as u64));
+                let id = format!("cv-sub-{j}");
+                let mut c = Raw::connected(addr, &ConnectOpts::v311(&id));
+                c.send(&subscribe_packet(1, &[("cv/#", j % 2)]));
+                let mut last = vec![None; TOPICS];
+                while let Some(p) = c.recv_timeout(Duration::from_millis(1500)) {
+                    if p.kind() != 3 {
+                        continue;
+                    }
+                    let (topic, qos, _, _, pkid, payload) = parse_publish(&p);
+                    let t: usize = topic[3..].parse().unwrap();
+                    last[t] = Some(String::from_utf8(payload).unwrap());
+                    if qos == 1 {
+                        c.send(&ack_packet(4, pkid));
+                    }
+                }
+                last
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.join().expect("publisher");
+    }
+    let want = Some((ROUNDS - 1).to_string());
+    for (j, s) in subscribers.into_iter().enumerate() {
+        let last = s.join().expect("subscriber");
+        let stale: Vec<usize> = (0..TOPICS).filter(|&t| last[t] != want).collect();
+        assert!(
+            stale.is_empty(),
+            "subscriber {j}: {} topics not at their final value, e.g. cv/{} at {:?}",
+            stale.len(),
+            stale[0],
+            last[stale[0]]
+        );
+    }
+}
+
 #[test]
 fn last_will_published_on_abnormal_disconnect_only() {
     let v = Vigil::start();
