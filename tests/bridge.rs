@@ -1004,6 +1004,43 @@ fn persistent_session_receives_messages_queued_while_away() {
 // ---------------------------------------------------------------------------------------------
 // Interop with MQTT clients.
 
+/// The dashboard subscribes to `device/+/status` at QoS 1: a page opened on a fleet of 250
+/// devices gets every device's retained status (rumqttd alone sent 100 and dropped the rest).
+#[test]
+fn a_bridge_session_gets_every_retained_status_of_a_large_fleet() {
+    const DEVICES: usize = 250;
+    let v = Vigil::start();
+    let mut publisher = Raw::connected(v.mqtt, &ConnectOpts::v311("fleet"));
+    for i in 0..DEVICES {
+        let topic = format!("device/m-{i:03}/status");
+        publisher.send(&publish_packet(
+            &topic,
+            br#"{"status":"online"}"#,
+            1,
+            true,
+            1 + i as u16,
+            false,
+        ));
+    }
+    for _ in 0..DEVICES {
+        assert_eq!(publisher.recv().expect("PUBACK").kind(), 4);
+    }
+    rt().block_on(async {
+        let (mut b, _) = Bridge::session(v.http, "fleet-page", true).await;
+        b.subscribed(&[("device/+/status", 1)]).await;
+        let got = b.messages(DEVICES).await;
+        let topics: std::collections::BTreeSet<String> = got
+            .iter()
+            .map(|m| {
+                assert_eq!(m["retain"], true, "{m}");
+                m["topic"].as_str().unwrap_or_default().to_string()
+            })
+            .collect();
+        assert_eq!(topics.len(), DEVICES);
+        b.quiet("after the statuses").await;
+    });
+}
+
 #[test]
 fn mqtt_to_bridge_all_qos_retained_and_wildcards() {
     let v = Vigil::start();
