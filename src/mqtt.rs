@@ -1278,6 +1278,37 @@ pub fn put_core_unsubscribe(out: &mut BytesMut, pkid: u16, filters: &[Bytes]) {
     }
 }
 
+/// (filter, topic, matches) as MQTT defines it, for every matcher of filters to check
+/// against (`filter_matches`, `edge::filters::FilterIndex`).
+#[cfg(test)]
+pub(crate) const FILTER_CASES: &[(&str, &str, bool)] = &[
+    ("a/b", "a/b", true),
+    ("a/b", "a/c", false),
+    ("a/b", "a/b/c", false),
+    ("a/b", "a", false),
+    ("a/+", "a/b", true),
+    ("a/+", "a/", true),
+    ("a/+", "a/b/c", false),
+    ("a/#", "a", true),
+    ("a/#", "a/b/c", true),
+    ("a/#", "ab", false),
+    ("#", "a/b", true),
+    ("+/+", "/a", true),
+    ("+", "/a", false),
+    ("#", "x/y", true),
+    ("+/+", "/x", true),
+    ("+", "/x", false),
+    ("/+", "/x", true),
+    ("+/b/#", "a/b", true),
+    ("+/b/#", "a/c", false),
+    ("#", "$SYS/x", false),
+    ("+/x", "$SYS/x", false),
+    ("$SYS/#", "$SYS/x", true),
+    ("$share/g/a/+", "a/b", true),
+    ("$share/g/a/+", "b/b", false),
+    ("$share/g/a/+", "g/a/b", false),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1505,24 +1536,7 @@ mod tests {
 
     #[test]
     fn filters_match_topics_as_mqtt_says() {
-        let cases: &[(&str, &str, bool)] = &[
-            ("a/b", "a/b", true),
-            ("a/b", "a/c", false),
-            ("a/+", "a/b", true),
-            ("a/+", "a/b/c", false),
-            ("a/+", "a/", true),
-            ("a/#", "a", true),
-            ("a/#", "a/b/c", true),
-            ("#", "a/b", true),
-            ("+/+", "/a", true),
-            ("+", "/a", false),
-            ("#", "$SYS/x", false),
-            ("+/x", "$SYS/x", false),
-            ("$SYS/#", "$SYS/x", true),
-            ("$share/g/a/+", "a/b", true),
-            ("$share/g/a/+", "b/b", false),
-        ];
-        for &(filter, topic, expected) in cases {
+        for &(filter, topic, expected) in FILTER_CASES {
             assert_eq!(
                 filter_matches(filter.as_bytes(), topic.as_bytes()),
                 expected,
