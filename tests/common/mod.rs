@@ -532,6 +532,38 @@ pub fn publish_packet(
     packet(0x30 | ((dup as u8) << 3) | (qos << 1) | retain as u8, &body)
 }
 
+/// Publishes retained messages (topic, payload, QoS 0 or 1) on one 3.1.1 connection and
+/// returns once every one is stored: each QoS 1 one is acknowledged, and so is a QoS 1
+/// publish sent behind them all (the broker handles a connection's publishes in order).
+pub fn store_retained(addr: SocketAddr, client_id: &str, messages: &[(String, Vec<u8>, u8)]) {
+    const LAST: u16 = 60_000;
+    assert!(messages.len() < LAST as usize, "packet ids would wrap");
+    let mut c = Raw::connected(addr, &ConnectOpts::v311(client_id));
+    for (i, (topic, payload, qos)) in messages.iter().enumerate() {
+        c.send(&publish_packet(
+            topic,
+            payload,
+            *qos,
+            true,
+            1 + i as u16,
+            false,
+        ));
+    }
+    c.send(&publish_packet(
+        "store-retained/last",
+        b"",
+        1,
+        false,
+        LAST,
+        false,
+    ));
+    let owed = messages.iter().filter(|m| m.2 == 1).count() + 1;
+    for _ in 0..owed {
+        let ack = c.recv().expect("PUBACK");
+        assert_eq!(ack.kind(), 4, "expected PUBACK, got {ack:?}");
+    }
+}
+
 pub fn subscribe_packet(pkid: u16, filters: &[(&str, u8)]) -> Vec<u8> {
     let mut body = pkid.to_be_bytes().to_vec();
     for (f, q) in filters {
