@@ -14,83 +14,57 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-fn string(s: &[u8]) -> Vec<u8> {
-    let mut v = (s.len() as u16).to_be_bytes().to_vec();
-    v.extend_from_slice(s);
-    v
-}
+use bytes::{BufMut, Bytes, BytesMut};
+use vigil::mqtt::{self, Frame, Version};
 
-fn packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = vec![header];
-    let mut n = body.len();
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        v.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-    v.extend_from_slice(body);
-    v
-}
-
-/// A blocking MQTT 3.1.1 connection that reads whole packets.
+/// A blocking MQTT 3.1.1 connection that reads whole packets (`vigil::mqtt` frames them).
 struct Conn {
     s: TcpStream,
-    buf: Vec<u8>,
+    buf: BytesMut,
+    /// What the `mqtt::put_*` calls wrote, until `flush`.
+    out: BytesMut,
 }
 
 impl Conn {
     fn open(port: u16, id: &str) -> Conn {
         let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         s.set_nodelay(true).expect("nodelay");
-        let mut c = Conn { s, buf: Vec::new() };
-        let mut body = string(b"MQTT");
-        body.extend_from_slice(&[4, 0x02, 0, 60]);
-        body.extend(string(id.as_bytes()));
-        c.send(&packet(0x10, &body));
-        let (kind, body) = c.next(Duration::from_secs(5)).expect("CONNACK");
-        assert!(kind >> 4 == 2 && body[1] == 0, "refused");
+        let mut c = Conn {
+            s,
+            buf: BytesMut::new(),
+            out: BytesMut::new(),
+        };
+        // CONNECT: clean session, keep-alive 60 s, no credentials.
+        c.out.put_u8(mqtt::CONNECT << 4);
+        mqtt::put_varint(&mut c.out, 10 + 2 + id.len());
+        c.out.put_u16(4);
+        c.out.put_slice(b"MQTT");
+        c.out.put_slice(&[4, 0x02, 0, 60]);
+        c.out.put_u16(id.len() as u16);
+        c.out.put_slice(id.as_bytes());
+        c.flush();
+        let connack = c.next(Duration::from_secs(5)).expect("CONNACK");
+        let accepted = matches!(mqtt::parse_core_connack(&connack), Ok((_, 0)));
+        assert!(connack.kind() == mqtt::CONNACK && accepted, "refused");
         c
     }
 
-    fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).expect("write");
+    fn flush(&mut self) {
+        self.s.write_all(&self.out).expect("write");
+        self.out.clear();
     }
 
-    /// The next packet (first byte, body), or `None` when nothing came within `wait`.
-    fn next(&mut self, wait: Duration) -> Option<(u8, Vec<u8>)> {
+    /// The next packet, or `None` when nothing came within `wait`.
+    fn next(&mut self, wait: Duration) -> Option<Frame> {
         loop {
-            if self.buf.len() >= 2 {
-                let (mut len, mut mul, mut i) = (0usize, 1usize, 1usize);
-                let mut complete = false;
-                while i < self.buf.len() {
-                    let b = self.buf[i];
-                    len += (b & 0x7F) as usize * mul;
-                    mul *= 128;
-                    i += 1;
-                    if b & 0x80 == 0 {
-                        complete = true;
-                        break;
-                    }
-                }
-                if complete && self.buf.len() >= i + len {
-                    let first = self.buf[0];
-                    let body = self.buf[i..i + len].to_vec();
-                    self.buf.drain(..i + len);
-                    return Some((first, body));
-                }
+            if let Some(frame) = mqtt::read_frame(&mut self.buf, usize::MAX).expect("a packet") {
+                return Some(frame);
             }
             self.s.set_read_timeout(Some(wait)).expect("timeout");
             let mut chunk = [0u8; 65536];
             match self.s.read(&mut chunk) {
-                Ok(0) => return None,
+                Ok(0) | Err(_) => return None,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(_) => return None,
             }
         }
     }
@@ -119,14 +93,25 @@ fn main() {
     while acked < topics {
         while sent < topics && sent - acked < 100 {
             let pkid = (sent % 60_000 + 1) as u16;
-            let mut body = string(format!("rb/{run}/{sent}").as_bytes());
-            body.extend_from_slice(&pkid.to_be_bytes());
-            body.extend_from_slice(&payload);
-            publisher.send(&packet(0x33, &body));
+            let topic = format!("rb/{run}/{sent}");
+            let out = &mut publisher.out;
+            let (retain, parts) = (true, [&payload[..]]);
+            mqtt::put_publish(
+                out,
+                Version::V311,
+                false,
+                1,
+                retain,
+                topic.as_bytes(),
+                pkid,
+                &[],
+                &parts,
+            );
             sent += 1;
         }
+        publisher.flush();
         match publisher.next(Duration::from_secs(5)) {
-            Some((first, _)) if first >> 4 == 4 => acked += 1,
+            Some(frame) if frame.kind() == mqtt::PUBACK => acked += 1,
             Some(_) => {}
             None => panic!("no PUBACK within 5 s ({acked} of {topics})"),
         }
@@ -136,31 +121,33 @@ fn main() {
     let filter = format!("rb/{run}/+");
     for round in 0..rounds {
         let mut sub = Conn::open(port, &format!("rb-sub-{run}-{round}"));
-        let mut body = 1u16.to_be_bytes().to_vec();
-        body.extend(string(filter.as_bytes()));
-        body.push(qos);
+        mqtt::put_core_subscribe(&mut sub.out, 1, &[(Bytes::from(filter.clone()), qos)]);
         let started = Instant::now();
-        sub.send(&packet(0x82, &body));
+        sub.flush();
         let mut got = HashSet::new();
         let mut last = started;
         while got.len() < topics {
-            let Some((first, body)) = sub.next(Duration::from_secs(2)) else {
+            let Some(frame) = sub.next(Duration::from_secs(2)) else {
                 break;
             };
-            match first >> 4 {
-                3 => {
-                    let tl = u16::from_be_bytes([body[0], body[1]]) as usize;
-                    got.insert(body[2..2 + tl].to_vec());
+            match frame.kind() {
+                mqtt::PUBLISH => {
+                    let p = mqtt::parse_core_publish(&frame).expect("a PUBLISH");
+                    got.insert(p.topic);
                     last = Instant::now();
-                    let q = (first >> 1) & 3;
-                    if q > 0 {
-                        let id = [body[2 + tl], body[3 + tl]];
-                        sub.send(&packet(if q == 1 { 0x40 } else { 0x50 }, &id));
+                    match p.qos {
+                        1 => mqtt::put_ack(&mut sub.out, mqtt::PUBACK, p.pkid),
+                        2 => mqtt::put_ack(&mut sub.out, mqtt::PUBREC, p.pkid),
+                        _ => {}
                     }
                 }
-                5 => sub.send(&packet(0x62, &body[..2])),
+                mqtt::PUBREL => {
+                    let (pkid, _) = mqtt::parse_ack(&frame).expect("a PUBREL");
+                    mqtt::put_ack(&mut sub.out, mqtt::PUBCOMP, pkid);
+                }
                 _ => {}
             }
+            sub.flush();
         }
         println!(
             "qos {qos}: got {} of {topics} in {:.1} ms",
