@@ -30,7 +30,6 @@ pub mod mqtt;
 pub mod redis_link;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -264,10 +263,7 @@ fn load_retained(edge: &edge::Edge, dir: &std::path::Path) -> Result<(), RunErro
             return Err(RunError::Retained(e));
         }
     }
-    let totals = edge.retained.totals();
-    let m = &edge.metrics;
-    m.retained_bytes.store(totals.bytes as u64, Relaxed);
-    m.retained_messages.store(totals.messages as u64, Relaxed);
+    edge.note_retained(edge.retained.totals());
     Ok(())
 }
 

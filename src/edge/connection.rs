@@ -2205,8 +2205,10 @@ where
                         edge.retained
                             .page(&cursor.filter, cursor.after.as_deref(), RETAINED_PAGE);
                     if page.expired > 0 {
+                        // Removed from the store as they were met.
                         let dropped = &edge.metrics.dropped_expired;
                         dropped.fetch_add(page.expired as u64, Relaxed);
+                        edge.note_retained(edge.retained.totals());
                     }
                     cursor.done = page.next.is_none();
                     cursor.after = page.next;

@@ -349,9 +349,7 @@ impl Edge {
             (false, None) => self.retained.set(topic, &[payload]),
             (true, _) => self.retained.set(topic, &[]),
         };
-        let m = &self.metrics;
-        m.retained_bytes.store(total.bytes as u64, Relaxed);
-        m.retained_messages.store(total.messages as u64, Relaxed);
+        self.note_retained(total);
         if !kept {
             refused(
                 &self.metrics.retained_limit_refusals,
@@ -360,6 +358,13 @@ impl Edge {
             );
         }
         kept
+    }
+
+    /// Updates the gauges of the retained store's size.
+    pub fn note_retained(&self, totals: retained::Totals) {
+        let m = &self.metrics;
+        m.retained_bytes.store(totals.bytes as u64, Relaxed);
+        m.retained_messages.store(totals.messages as u64, Relaxed);
     }
 
     /// A pooled core client id (`registry::CoreIds`); `None`, counted, when all are in use
