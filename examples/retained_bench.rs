@@ -10,65 +10,14 @@
 //! `stored N in S ms` and per round `qos Q: got M of N in T ms`.
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
-use vigil::mqtt::{self, Frame, Version};
+use bytes::Bytes;
+use vigil::mqtt::{self, Version};
 
-/// A blocking MQTT 3.1.1 connection that reads whole packets (`vigil::mqtt` frames them).
-struct Conn {
-    s: TcpStream,
-    buf: BytesMut,
-    /// What the `mqtt::put_*` calls wrote, until `flush`.
-    out: BytesMut,
-}
-
-impl Conn {
-    fn open(port: u16, id: &str) -> Conn {
-        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_nodelay(true).expect("nodelay");
-        let mut c = Conn {
-            s,
-            buf: BytesMut::new(),
-            out: BytesMut::new(),
-        };
-        // CONNECT: clean session, keep-alive 60 s, no credentials.
-        c.out.put_u8(mqtt::CONNECT << 4);
-        mqtt::put_varint(&mut c.out, 10 + 2 + id.len());
-        c.out.put_u16(4);
-        c.out.put_slice(b"MQTT");
-        c.out.put_slice(&[4, 0x02, 0, 60]);
-        c.out.put_u16(id.len() as u16);
-        c.out.put_slice(id.as_bytes());
-        c.flush();
-        let connack = c.next(Duration::from_secs(5)).expect("CONNACK");
-        let accepted = matches!(mqtt::parse_core_connack(&connack), Ok((_, 0)));
-        assert!(connack.kind() == mqtt::CONNACK && accepted, "refused");
-        c
-    }
-
-    fn flush(&mut self) {
-        self.s.write_all(&self.out).expect("write");
-        self.out.clear();
-    }
-
-    /// The next packet, or `None` when nothing came within `wait`.
-    fn next(&mut self, wait: Duration) -> Option<Frame> {
-        loop {
-            if let Some(frame) = mqtt::read_frame(&mut self.buf, usize::MAX).expect("a packet") {
-                return Some(frame);
-            }
-            self.s.set_read_timeout(Some(wait)).expect("timeout");
-            let mut chunk = [0u8; 65536];
-            match self.s.read(&mut chunk) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    }
-}
+#[path = "support/conn.rs"]
+mod conn;
+use conn::Conn;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
