@@ -99,10 +99,11 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PersistenceConfig {
-    /// Directory of the retained-message file (`edge::retained::FILE`), written every
+    /// Directory of the retained-message file (`edge::retained::FILE`) and of the
+    /// persistent-session file (`edge::sessions::FILE`), each written every
     /// `autosave_interval_secs` when something changed and at shutdown, and read at start;
-    /// empty = the retained messages live in memory only. Not used with `[redis]`, whose
-    /// retained hash plays that part.
+    /// empty = both live in memory only. With `[redis]`, whose retained hash plays that
+    /// part, only the sessions are saved here.
     pub dir: String,
     pub autosave_interval_secs: u64,
 }
@@ -119,7 +120,12 @@ impl Default for PersistenceConfig {
 impl PersistenceConfig {
     /// The directory, when retained messages are to be saved (set, and no Redis).
     pub fn retained_dir(&self, redis: &RedisConfig) -> Option<&Path> {
-        (!self.dir.is_empty() && !redis.enabled()).then(|| Path::new(&self.dir))
+        self.sessions_dir().filter(|_| !redis.enabled())
+    }
+
+    /// The directory, when persistent sessions are to be saved (set).
+    pub fn sessions_dir(&self) -> Option<&Path> {
+        (!self.dir.is_empty()).then(|| Path::new(&self.dir))
     }
 }
 

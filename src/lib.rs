@@ -64,8 +64,8 @@ pub enum RunError {
         dir: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot read the saved retained messages: {0}")]
-    Retained(edge::retained::RetainedError),
+    #[error("cannot read a file of [persistence] dir: {0}")]
+    Snapshot(edge::snapshot::SnapshotError),
 }
 
 /// The public listeners, bound.
@@ -152,12 +152,23 @@ pub async fn run(
     )?);
     let retained_dir = config.persistence.retained_dir(&config.redis);
     if retained_dir.is_none() && !config.persistence.dir.is_empty() {
-        tracing::warn!("[persistence] dir is not used with [redis]: the shared retained hash keeps the retained messages");
+        tracing::warn!("[persistence] dir keeps only the persistent sessions with [redis]: the shared retained hash keeps the retained messages");
     }
     if let Some(dir) = retained_dir {
         load_retained(&edge, dir)?;
-        tokio::spawn(edge::retained::autosave(
+        tokio::spawn(edge::snapshot::autosave(
             edge.retained.clone(),
+            edge.metrics.clone(),
+            dir.to_path_buf(),
+            Duration::from_secs(config.persistence.autosave_interval_secs),
+            shutdown.clone(),
+        ));
+    }
+    let sessions_dir = config.persistence.sessions_dir();
+    if let Some(dir) = sessions_dir {
+        restore_sessions(&edge, dir).await?;
+        tokio::spawn(edge::snapshot::autosave(
+            edge.registry.clone(),
             edge.metrics.clone(),
             dir.to_path_buf(),
             Duration::from_secs(config.persistence.autosave_interval_secs),
@@ -230,7 +241,56 @@ pub async fn run(
     if let Some(dir) = retained_dir {
         // Last, when no connection can store another one.
         let mut saved = u64::MAX;
-        edge::retained::save_if_changed(&edge.retained, &edge.metrics, dir, &mut saved).await;
+        edge::snapshot::save_if_changed(&edge.retained, &edge.metrics, dir, &mut saved).await;
+    }
+    if let Some(dir) = sessions_dir {
+        // Every connection has ended: its session is offline and its expiry counting.
+        let mut saved = u64::MAX;
+        edge::snapshot::save_if_changed(&edge.registry, &edge.metrics, dir, &mut saved).await;
+    }
+    Ok(())
+}
+
+/// Builds the persistent sessions saved in `dir` again (`[persistence]`), before any client
+/// can connect. A damaged file is set aside (`sessions.bin.damaged`) and vigil starts
+/// without it, saying so.
+async fn restore_sessions(edge: &Arc<edge::Edge>, dir: &std::path::Path) -> Result<(), RunError> {
+    create_persistence_dir(dir)?;
+    let saved = match edge::sessions::load(dir) {
+        Ok(saved) => saved,
+        Err(e @ edge::snapshot::SnapshotError::Corrupt { .. }) => {
+            let moved = edge::snapshot::set_aside(dir, edge::sessions::FILE);
+            tracing::error!(error = %e, set_aside = moved, "persistent sessions not restored: starting without them");
+            return Ok(());
+        }
+        Err(e) => return Err(RunError::Snapshot(e)),
+    };
+    if saved.is_empty() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let r = edge::sessions::restore(edge, saved).await;
+    let not_restored = r.expired + r.over_cap + r.failed;
+    edge.metrics
+        .sessions_restored
+        .store(r.restored as u64, std::sync::atomic::Ordering::Relaxed);
+    edge.metrics
+        .sessions_not_restored
+        .store(not_restored as u64, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        restored = r.restored,
+        expired = r.expired,
+        over_cap = r.over_cap,
+        failed = r.failed,
+        filters_refused = r.filters_refused,
+        ms = started.elapsed().as_millis() as u64,
+        "persistent sessions restored"
+    );
+    if r.over_cap > 0 {
+        tracing::warn!(
+            over_cap = r.over_cap,
+            "saved persistent sessions beyond limits.max_persistent_sessions were not restored"
+        );
     }
     Ok(())
 }
@@ -239,10 +299,7 @@ pub async fn run(
 /// created; a damaged file is set aside (`retained.bin.damaged`) and vigil starts without
 /// it, saying so, rather than not at all.
 fn load_retained(edge: &edge::Edge, dir: &std::path::Path) -> Result<(), RunError> {
-    std::fs::create_dir_all(dir).map_err(|source| RunError::Persistence {
-        dir: dir.to_path_buf(),
-        source,
-    })?;
+    create_persistence_dir(dir)?;
     match edge.retained.load(dir) {
         Ok((loaded, refused)) => {
             if refused > 0 {
@@ -253,18 +310,24 @@ fn load_retained(edge: &edge::Edge, dir: &std::path::Path) -> Result<(), RunErro
             }
             tracing::info!(loaded, dir = %dir.display(), "retained messages loaded");
         }
-        Err(e @ edge::retained::RetainedError::Corrupt { .. }) => {
-            let file = dir.join(edge::retained::FILE);
-            let aside = dir.join(format!("{}.damaged", edge::retained::FILE));
-            let moved = std::fs::rename(&file, &aside).is_ok();
+        Err(e @ edge::snapshot::SnapshotError::Corrupt { .. }) => {
+            let moved = edge::snapshot::set_aside(dir, edge::retained::FILE);
             tracing::error!(error = %e, set_aside = moved, "retained messages not loaded: starting without them");
         }
         Err(e) => {
-            return Err(RunError::Retained(e));
+            return Err(RunError::Snapshot(e));
         }
     }
     edge.note_retained(edge.retained.totals());
     Ok(())
+}
+
+/// Creates `[persistence] dir` if it is missing.
+fn create_persistence_dir(dir: &std::path::Path) -> Result<(), RunError> {
+    std::fs::create_dir_all(dir).map_err(|source| RunError::Persistence {
+        dir: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// SIGHUP reloads the password file; connections stay up. A file that does not load is

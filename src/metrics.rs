@@ -51,6 +51,12 @@ pub struct Metrics {
     /// Saves of the retained messages to `[persistence] dir`, and those that failed.
     pub retained_saves: AtomicU64,
     pub retained_save_failures: AtomicU64,
+    /// Saves of the persistent sessions to `[persistence] dir`, and those that failed.
+    pub session_saves: AtomicU64,
+    pub session_save_failures: AtomicU64,
+    /// Persistent sessions restored from `[persistence] dir` at start, by outcome.
+    pub sessions_restored: AtomicU64,
+    pub sessions_not_restored: AtomicU64,
     /// Core connections that found the pool of core client ids empty (`registry::CoreIds`)
     /// and used an id of their own.
     pub core_id_pool_empty: AtomicU64,
@@ -418,6 +424,24 @@ impl Metrics {
             &[
                 ("{outcome=\"ok\"}", g(&self.retained_saves)),
                 ("{outcome=\"failed\"}", g(&self.retained_save_failures)),
+            ],
+        );
+        metric(
+            "session_saves_total",
+            "counter",
+            "Saves of the persistent sessions to [persistence] dir, by outcome.",
+            &[
+                ("{outcome=\"ok\"}", g(&self.session_saves)),
+                ("{outcome=\"failed\"}", g(&self.session_save_failures)),
+            ],
+        );
+        metric(
+            "sessions_restored_total",
+            "counter",
+            "Saved persistent sessions at start: restored, or not (expired meanwhile, over limits.max_persistent_sessions, or refused by the core).",
+            &[
+                ("{outcome=\"restored\"}", g(&self.sessions_restored)),
+                ("{outcome=\"not_restored\"}", g(&self.sessions_not_restored)),
             ],
         );
         metric(

@@ -388,3 +388,146 @@ fn retained_messages_survive_a_restart_with_persistence() {
     let mut sub = v5_sub(&v);
     assert!(sub.drain(Duration::from_millis(500)).is_empty());
 }
+
+#[test]
+fn persistent_sessions_survive_a_restart_with_persistence() {
+    const T: Duration = Duration::from_secs(5);
+    let data = TempDir::new();
+    let dir = data.0.to_string_lossy().to_string();
+    let start = |autosave: &str| {
+        Vigil::start_with(|c| {
+            let c = vigil::config::set_value(&c, "persistence", "dir", &format!("{dir:?}"));
+            vigil::config::set_value(&c, "persistence", "autosave_interval_secs", autosave)
+        })
+    };
+    // Connects `id` without a clean start and says whether its session was there.
+    let session_present = |v: &Vigil, id: &str| {
+        let addr = format!("127.0.0.1:{}", v.port()).parse().unwrap();
+        let opts = ConnectOpts {
+            clean: false,
+            ..ConnectOpts::v311(id)
+        };
+        let (raw, connack) = Raw::connect(addr, &opts);
+        assert_eq!(connack.body[1], 0, "refused: {connack:?}");
+        (raw, connack.body[0] & 1 == 1)
+    };
+    let v5_session = |v: &Vigil, id: &str, expiry: &str| {
+        let filter = format!("cmd/{id}/#");
+        let args = [
+            "-V", "mqttv5", "-c", "-i", id, "-x", expiry, "-q", "1", "-t", &filter,
+        ];
+        Sub::start(v.port(), &args)
+    };
+
+    // A crash: what the autosave (every second) wrote comes back after a SIGKILL.
+    let v = start("1");
+    // A 3.1.1 persistent session, connected when vigil dies.
+    let mut keeper = Sub::start(
+        v.port(),
+        &["-c", "-i", "keeper", "-q", "1", "-t", "cmd/keeper/#"],
+    );
+    // v5 sessions gone offline: an hour of expiry left, and four seconds.
+    v5_session(&v, "away", "3600").kill();
+    v5_session(&v, "brief", "4").kill();
+    // A clean session is not kept.
+    Sub::start(v.port(), &["-i", "passer", "-q", "1", "-t", "cmd/passer/#"]).kill();
+    std::thread::sleep(Duration::from_millis(2500));
+    let text = http_get(v.http, "/metrics");
+    assert!(
+        text.contains("vigil_session_saves_total{outcome=\"ok\"}"),
+        "{text}"
+    );
+    drop(v); // SIGKILL
+    keeper.kill();
+    assert!(data.0.join("sessions.bin").exists());
+    std::thread::sleep(Duration::from_secs(2)); // "brief" expires meanwhile
+
+    let mut v = start("3600");
+    let log = v.log();
+    assert!(
+        log.contains("persistent sessions restored")
+            && log.contains("restored=2")
+            && log.contains("expired=1"),
+        "{log}"
+    );
+    let text = http_get(v.http, "/metrics");
+    assert_eq!(
+        metric(&text, "vigil_persistent_sessions"),
+        Some(2.0),
+        "{text}"
+    );
+    // Published while the sessions' clients are away: queued for them, as before the restart.
+    for topic in ["cmd/keeper/x", "cmd/away/y", "cmd/brief/z", "cmd/passer/w"] {
+        publish(v.port(), &["-t", topic, "-m", topic, "-q", "1"]);
+    }
+    let (mut raw, present) = session_present(&v, "keeper");
+    assert!(present, "keeper's session was restored");
+    let p = raw.recv_timeout(T).expect("the queued message");
+    let (topic, qos, ..) = parse_publish(&p);
+    assert_eq!((topic.as_str(), qos), ("cmd/keeper/x", 1));
+    drop(raw);
+    let mut away = v5_session(&v, "away", "3600");
+    assert_eq!(
+        away.expect_messages(1, T),
+        ["cmd/away/y|1|0|cmd/away/y"],
+        "{:?}",
+        away.debug
+    );
+    away.kill();
+    let (_, present) = session_present(&v, "brief");
+    assert!(!present, "brief's session expired while vigil was down");
+    let (_, present) = session_present(&v, "passer");
+    assert!(!present);
+
+    // A clean stop saves at shutdown, with no autosave in between: "brief" and "passer" now
+    // have 3.1.1 persistent sessions without subscriptions, "keeper" and "away" theirs.
+    let (status, _) = v.terminate();
+    assert!(status.success());
+    let mut v = start("3600");
+    assert!(v.log().contains("restored=4"), "{}", v.log());
+    publish(v.port(), &["-t", "cmd/keeper/again", "-m", "k", "-q", "1"]);
+    let (mut raw, present) = session_present(&v, "keeper");
+    assert!(present);
+    let p = raw.recv_timeout(T).expect("the queued message");
+    assert_eq!(parse_publish(&p).0, "cmd/keeper/again");
+    drop(raw);
+    let (status, _) = v.terminate();
+    assert!(status.success());
+
+    // A lower `limits.max_persistent_sessions`: the saved sessions beyond it are not restored.
+    let v = Vigil::start_with(|c| {
+        let c = vigil::config::set_value(&c, "persistence", "dir", &format!("{dir:?}"));
+        vigil::config::set_value(&c, "limits", "max_persistent_sessions", "3")
+    });
+    assert!(
+        v.log().contains("restored=3") && v.log().contains("over_cap=1"),
+        "{}",
+        v.log()
+    );
+    let text = http_get(v.http, "/metrics");
+    assert_eq!(
+        metric(
+            &text,
+            "vigil_sessions_restored_total{outcome=\"not_restored\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    drop(v);
+
+    // A damaged file: vigil starts without it, says so, and keeps the file aside.
+    let file = data.0.join("sessions.bin");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 10;
+    bytes[last] ^= 0xFF;
+    std::fs::write(&file, bytes).unwrap();
+    let v = start("3600");
+    assert!(
+        v.log().contains("persistent sessions not restored"),
+        "{}",
+        v.log()
+    );
+    assert!(data.0.join("sessions.bin.damaged").exists());
+    let (_, present) = session_present(&v, "keeper");
+    assert!(!present);
+}

@@ -1061,6 +1061,53 @@ fn subscription_identifiers_come_back_with_the_messages_they_matched() {
     }
 }
 
+/// With `[persistence] dir`, a v5 session comes back after a restart with everything the
+/// edge applies to its subscriptions: identifiers, No Local, and exact UNSUBACK codes.
+#[test]
+fn subscription_options_survive_a_restart_with_persistence() {
+    let data = TempDir::new();
+    let dir = data.0.to_string_lossy().to_string();
+    let start = || {
+        Vigil::start_with(|c| {
+            vigil::config::set_value(&c, "persistence", "dir", &format!("{dir:?}"))
+        })
+    };
+    let expiry = u32_prop(0x11, 3600);
+    let mut v = start();
+    let (mut c, _) = connect(&v, "opt", true, &expiry);
+    // QoS 1, No Local, identifier 5; and a plain QoS 1 subscription.
+    c.send(&subscribe5_with(1, "opt/t", 0x05, &sub_id(5)));
+    assert_eq!(c.recv().expect("SUBACK").body[3], 1);
+    subscribe(&mut c, "opt/u", 1);
+    c.send(&disconnect5(&[]));
+    drop(c);
+    let (status, _) = v.terminate();
+    assert!(status.success());
+
+    let v = start();
+    assert!(v.log().contains("restored=1"), "{}", v.log());
+    publish(v.port(), &["-t", "opt/t", "-m", "while away", "-q", "1"]);
+    let (mut c, present) = connect(&v, "opt", false, &expiry);
+    assert!(present);
+    let got = parse5(&c.recv().expect("the queued message"));
+    assert_eq!(
+        (&got.payload[..], got.sub_ids),
+        (&b"while away"[..], vec![5])
+    );
+    c.send(&ack_packet(PUBACK, got.pkid));
+    // No Local: the client's own publish does not come back.
+    c.send(&publish5("opt/t", b"mine", 1, false, 9));
+    let back = drain(&mut c, Duration::from_millis(800));
+    assert!(
+        back.iter().all(|p| p.kind() == PUBACK),
+        "only the PUBACK: {back:?}"
+    );
+    assert_eq!(
+        unsubscribe5(&mut c, 2, &["opt/u", "never/subscribed"]),
+        [0x00, 0x11]
+    );
+}
+
 /// As mosquitto: a v5 QoS 1 publish that no subscription matches is acknowledged with 0x10
 /// (no matching subscribers), retained or not; one that some filter matches (a client's
 /// wildcard, the analytics task's `device/+/telemetry`) with success; 3.1.1 PUBACKs carry no

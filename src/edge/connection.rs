@@ -345,7 +345,7 @@ fn is_dollar_filter(filter: &[u8]) -> bool {
 }
 
 /// Subscription option bits the core cannot hold: No Local, Retain As Published.
-const NO_LOCAL: u8 = 0x04;
+pub(crate) const NO_LOCAL: u8 = 0x04;
 const RETAIN_AS_PUBLISHED: u8 = 0x08;
 /// The edge's mark (a bit reserved in MQTT) on a subscription restored from the registry with
 /// a resumed session, not yet subscribed on this connection.
@@ -368,7 +368,7 @@ fn no_retained_on_subscribe(options: u8) -> bool {
 /// `Session::apply_options`): it has options beyond QoS or a Subscription Identifier.
 /// Retain Handling 1 needs nothing: the edge decides at the SUBSCRIBE whether a subscription
 /// that did not exist gets retained messages (`retained_due`).
-fn needs_edge(sub: SubOptions) -> bool {
+pub(crate) fn needs_edge(sub: SubOptions) -> bool {
     sub.options & (NO_LOCAL | RETAIN_AS_PUBLISHED) != 0
         || no_retained_on_subscribe(sub.options)
         || sub.id != 0
@@ -833,6 +833,10 @@ where
             Version::V311 if persistent => u32::MAX,
             Version::V311 => 0,
         };
+        if slot.is_some() {
+            edge.registry
+                .note_session(client_id, session_expiry, session_present);
+        }
         let options_in_use = offline.sub_options.iter().any(|&(_, sub)| needs_edge(sub));
         let subscriptions_known = !resume || offline.subscriptions_known;
         let now = Instant::now();
@@ -1510,6 +1514,14 @@ where
                         self.edge_suback_code(edge, f, sub)
                     })
                     .collect();
+                if self.persistent && edge.registry.saves_sessions() {
+                    let granted = s.filters.iter().zip(&codes).filter(|(_, c)| c.is_none());
+                    let saved = granted.filter_map(|((f, _), _)| {
+                        let (filter, sub) = self.subscriptions.get_key_value(f)?;
+                        Some((filter.clone(), *sub))
+                    });
+                    edge.registry.note_subscribed(&self.client_id, saved);
+                }
                 // Each with its place among the filters the core answers.
                 let mut due = Vec::new();
                 let mut at = 0;
@@ -1571,6 +1583,9 @@ where
                         _ => reason::SUCCESS,
                     })
                     .collect();
+                if self.persistent {
+                    edge.registry.note_unsubscribed(&self.client_id, &u.filters);
+                }
                 self.shared_unsubscribed |= u.filters.iter().any(|f| f.starts_with(b"$share/"));
                 if self.options_in_use {
                     self.options_in_use = self.subscriptions.values().any(|&sub| needs_edge(sub));

@@ -18,6 +18,8 @@ pub mod passwd;
 pub mod policy;
 pub mod registry;
 pub mod retained;
+pub mod sessions;
+pub mod snapshot;
 pub mod tcp;
 pub mod threads;
 pub mod tls;
@@ -172,7 +174,7 @@ impl Listener {
 pub struct Edge {
     pub policy: policy::Policy,
     pub core: Core,
-    pub registry: registry::Registry,
+    pub registry: Arc<registry::Registry>,
     pub metrics: Arc<Metrics>,
     /// Cancelled once at shutdown; every connection's kick token is a child of it.
     pub shutdown: CancellationToken,
@@ -264,16 +266,20 @@ impl Edge {
         threads: threads::ConnectionThreads,
     ) -> Result<Edge, policy::PolicyError> {
         let cap = config.limits.max_connections;
+        let mut registry = registry::Registry::new(
+            cap,
+            registry::SessionLimits {
+                max: config.limits.max_persistent_sessions,
+                expiry: config.limits.persistent_session_expiry(),
+            },
+        );
+        if config.persistence.sessions_dir().is_some() {
+            registry = registry.saving_sessions(config.limits.max_subscriptions);
+        }
         Ok(Edge {
             policy: policy::Policy::new(config)?,
             core,
-            registry: registry::Registry::new(
-                cap,
-                registry::SessionLimits {
-                    max: config.limits.max_persistent_sessions,
-                    expiry: config.limits.persistent_session_expiry(),
-                },
-            ),
+            registry: Arc::new(registry),
             metrics,
             shutdown,
             tracker,

@@ -56,15 +56,47 @@ struct Inner {
     /// Session slots given back (`free_slot`), and the next never used.
     free_slots: Vec<u32>,
     next_slot: u32,
+    /// Bumped by every change a saved copy of the kept sessions would show (`changes`).
+    changes: u64,
 }
 
 /// When a kept session was last connected to or left offline; the counter breaks ties.
 type Touched = (Instant, u64);
 
-/// A session the core keeps: its place in `kept_order` and its slot.
+/// A session the core keeps: its place in `kept_order`, its slot, and (when sessions are
+/// saved) what a restart needs to build it again.
 struct Kept {
     touched: Touched,
     slot: u32,
+    saved: Saved,
+}
+
+/// What `[persistence]` saves of a kept session: its subscriptions as the core holds them,
+/// with the options the edge applies, and its Session Expiry Interval (seconds; `u32::MAX`
+/// never). Filled only when the registry saves sessions (`Registry::saving_sessions`); at
+/// most `max_subscriptions` subscriptions.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Saved {
+    pub subscriptions: Vec<(Bytes, SubOptions)>,
+    pub expiry: u32,
+}
+
+/// A kept session as `Registry::saved_sessions` reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedSession {
+    pub client_id: String,
+    pub expires: Expires,
+    pub subscriptions: Vec<(Bytes, SubOptions)>,
+}
+
+/// When a saved session expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expires {
+    Never,
+    /// At this Unix time (seconds): the session was offline, its expiry counting.
+    At(u64),
+    /// This many seconds after it is restored: it was connected, its expiry not yet counting.
+    After(u32),
 }
 
 /// The core client id of session slot `slot`. A kept session runs in the core under a slot's
@@ -111,6 +143,9 @@ pub struct Registry {
     inner: Mutex<Inner>,
     max_stored: usize,
     sessions: SessionLimits,
+    /// Subscriptions kept per session for saving (`saving_sessions`); 0: sessions are not
+    /// saved and `Kept::saved` stays empty.
+    saved_subscriptions: usize,
     /// Wakes the reaper when a timer is set.
     timer_set: Notify,
 }
@@ -296,8 +331,110 @@ impl Registry {
             inner: Mutex::new(Inner::default()),
             max_stored,
             sessions,
+            saved_subscriptions: 0,
             timer_set: Notify::new(),
         }
+    }
+
+    /// Keeps what a restart needs of each kept session (`Saved`), at most `max_subscriptions`
+    /// subscriptions each (`[persistence]`).
+    pub fn saving_sessions(mut self, max_subscriptions: usize) -> Registry {
+        self.saved_subscriptions = max_subscriptions.max(1);
+        self
+    }
+
+    /// Whether kept sessions are saved (`saving_sessions`).
+    pub fn saves_sessions(&self) -> bool {
+        self.saved_subscriptions > 0
+    }
+
+    /// A count of the changes to what `saved_sessions` reads: equal counts, same sessions.
+    pub fn changes(&self) -> u64 {
+        self.lock().changes
+    }
+
+    /// A kept session has connected: `expiry` is its Session Expiry Interval, and `present`
+    /// says whether the core still had its earlier state (if not, no subscription is left).
+    pub fn note_session(&self, id: &str, expiry: u32, present: bool) {
+        if !self.saves_sessions() {
+            return;
+        }
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        if let Some(kept) = inner.core_sessions.get_mut(id) {
+            kept.saved.expiry = expiry;
+            if !present {
+                kept.saved.subscriptions.clear();
+            }
+            inner.changes += 1;
+        }
+    }
+
+    /// A kept session subscribed to these filters (new ones, or new options for old ones).
+    pub fn note_subscribed(
+        &self,
+        id: &str,
+        filters: impl IntoIterator<Item = (Bytes, SubOptions)>,
+    ) {
+        if !self.saves_sessions() {
+            return;
+        }
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let Some(kept) = inner.core_sessions.get_mut(id) else {
+            return;
+        };
+        let subs = &mut kept.saved.subscriptions;
+        for (filter, sub) in filters {
+            if let Some(old) = subs.iter_mut().find(|(f, _)| *f == filter) {
+                old.1 = sub;
+            } else if subs.len() < self.saved_subscriptions {
+                subs.push((filter, sub));
+            }
+        }
+        inner.changes += 1;
+    }
+
+    /// A kept session unsubscribed from these filters.
+    pub fn note_unsubscribed(&self, id: &str, filters: &[Bytes]) {
+        if !self.saves_sessions() {
+            return;
+        }
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        if let Some(kept) = inner.core_sessions.get_mut(id) {
+            kept.saved
+                .subscriptions
+                .retain(|(f, _)| !filters.contains(f));
+            inner.changes += 1;
+        }
+    }
+
+    /// Every kept session with what a restart needs, `now` being the Unix time in seconds.
+    /// Bytes are shared, not copied; the lock is held while the list is made.
+    pub fn saved_sessions(&self, now: u64) -> Vec<SavedSession> {
+        let inner = self.lock();
+        let instant = Instant::now();
+        inner
+            .core_sessions
+            .iter()
+            // Expiry 0: the session ends with its connection (v5), nothing to restore.
+            .filter(|(_, kept)| kept.saved.expiry != 0)
+            .map(|(id, kept)| {
+                let expires = match inner.timers.get(id).and_then(|t| t.session_expires) {
+                    _ if kept.saved.expiry == u32::MAX => Expires::Never,
+                    _ if inner.live.contains_key(id) => Expires::After(kept.saved.expiry),
+                    Some(at) => Expires::At(now + at.saturating_duration_since(instant).as_secs()),
+                    // Offline without a timer: its timer did not fit (it does not expire).
+                    None => Expires::Never,
+                };
+                SavedSession {
+                    client_id: id.clone(),
+                    expires,
+                    subscriptions: kept.saved.subscriptions.clone(),
+                }
+            })
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -412,9 +549,16 @@ impl Registry {
             (Keep::Evicting(slot, Box::new(due)), slot)
         };
         let touched = Self::next_touch(inner, now);
-        inner
-            .core_sessions
-            .insert(id.to_string(), Kept { touched, slot });
+        let saved = Saved::default();
+        inner.changes += 1;
+        inner.core_sessions.insert(
+            id.to_string(),
+            Kept {
+                touched,
+                slot,
+                saved,
+            },
+        );
         inner.kept_order.insert(touched, id.to_string());
         keep
     }
@@ -425,6 +569,7 @@ impl Registry {
         let mut inner = self.lock();
         let kept = inner.core_sessions.remove(id)?;
         inner.kept_order.remove(&kept.touched);
+        inner.changes += 1;
         Some(kept.slot)
     }
 
@@ -435,7 +580,9 @@ impl Registry {
 
     /// A kept session goes offline now: it is evicted or expires counting from now.
     pub fn session_offline(&self, id: &str) {
-        Self::touch(&mut self.lock(), id, Instant::now());
+        let mut inner = self.lock();
+        inner.changes += 1;
+        Self::touch(&mut inner, id, Instant::now());
     }
 
     /// The longest Session Expiry Interval (seconds) a session may have
@@ -443,6 +590,11 @@ impl Registry {
     pub fn max_session_expiry(&self) -> Option<u32> {
         let secs = self.sessions.expiry?.as_secs();
         Some(u32::try_from(secs).unwrap_or(u32::MAX))
+    }
+
+    /// The most sessions the core may keep (`SessionLimits::max`).
+    pub fn max_kept(&self) -> usize {
+        self.sessions.max
     }
 
     /// Sessions the core keeps past their connections.
@@ -472,6 +624,7 @@ impl Registry {
             inner.kept_order.remove(&kept.touched);
             kept.slot
         });
+        inner.changes += 1;
         inner.offline.remove(&id);
         let will = inner
             .timers
@@ -506,6 +659,7 @@ impl Registry {
             return Err(Box::new(timers));
         }
         inner.timers.insert(id.to_string(), timers);
+        inner.changes += 1;
         let live = inner.live.contains_key(id);
         drop(inner);
         if !live {

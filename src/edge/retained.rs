@@ -14,23 +14,19 @@
 //!
 //! With `[persistence] dir`, the store is saved to [`FILE`] there (`save`, by `autosave` and
 //! at shutdown) and read back at start (`load`), so retained messages survive a restart.
-//! The file: the line [`FILE_HEADER`], then per message a 4-byte big-endian topic length, the
-//! topic, a 4-byte payload length and the stored payload (envelope included, so expiry
-//! instants and properties come back as they were), then [`FILE_END`], the message count and
-//! an FNV-1a digest of everything before it (8 bytes each). It is written to a temporary file,
-//! synced and renamed over the old one, so a crash leaves one file or the other whole.
+//! The file is a `snapshot` file whose records are (topic, stored payload): the envelope is
+//! included, so expiry instants and properties come back as they were.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::ops::Bound;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio_util::sync::CancellationToken;
 
+use super::snapshot::{self, SnapshotError};
 use crate::metrics::Metrics;
 use crate::{envelope, mqtt};
 
@@ -38,18 +34,8 @@ use crate::{envelope, mqtt};
 pub const FILE: &str = "retained.bin";
 /// The first line of [`FILE`]; the number is the format (and envelope) version.
 pub const FILE_HEADER: &[u8] = b"vigil retained messages 1\n";
-/// Marks the end of the messages in [`FILE`].
-const FILE_END: &[u8] = b"end.";
 /// Messages copied out of the store at a time while saving (the store is locked meanwhile).
 const SAVE_CHUNK: usize = 4096;
-
-#[derive(Debug, thiserror::Error)]
-pub enum RetainedError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("{path}: not a retained-message file of this vigil version, or damaged: {reason}")]
-    Corrupt { path: PathBuf, reason: &'static str },
-}
 
 /// What each retained message counts beyond its topic and stored payload: about what this map
 /// spends per entry, so the cap also bounds the number of entries.
@@ -273,225 +259,69 @@ impl RetainedStore {
             .collect()
     }
 
-    /// Writes every message not expired to [`FILE`] in `dir` (temporary file, sync, rename)
-    /// and returns how many. Copies out of the store a chunk at a time, so publishers wait
-    /// for the lock no longer than a chunk takes; a message changed meanwhile is saved in one
-    /// version or the other. Blocking: run it off the async threads.
-    pub fn save(&self, dir: &Path) -> Result<usize, RetainedError> {
-        let path = dir.join(FILE);
-        let tmp = dir.join(format!("{FILE}.tmp"));
-        let io_err = |source| RetainedError::Io {
-            path: tmp.clone(),
-            source,
-        };
-        let mut out = Digest::new(BufWriter::new(create_private(&tmp).map_err(io_err)?));
-        out.write_all(FILE_HEADER).map_err(io_err)?;
-        let mut count = 0u64;
+    /// Writes every message not expired to [`FILE`] in `dir` (see `snapshot`) and returns
+    /// how many. Copies out of the store a chunk at a time, so publishers wait for the lock
+    /// no longer than a chunk takes; a message changed meanwhile is saved in one version or
+    /// the other. Blocking: run it off the async threads.
+    pub fn save(&self, dir: &Path) -> Result<usize, SnapshotError> {
+        let mut out = snapshot::Writer::create(dir, FILE, FILE_HEADER)?;
         let mut after: Option<Bytes> = None;
         let now = envelope::unix_millis();
         loop {
             let chunk = self.chunk(after.as_deref(), SAVE_CHUNK);
             for (topic, payload) in &chunk {
-                if expired(payload, now) {
-                    continue;
+                if !expired(payload, now) {
+                    out.record(&[topic, payload])?;
                 }
-                for part in [&topic[..], &payload[..]] {
-                    out.write_all(&(part.len() as u32).to_be_bytes())
-                        .map_err(io_err)?;
-                    out.write_all(part).map_err(io_err)?;
-                }
-                count += 1;
             }
             match chunk.last() {
                 Some((topic, _)) if chunk.len() == SAVE_CHUNK => after = Some(topic.clone()),
                 _ => break,
             }
         }
-        out.write_all(FILE_END).map_err(io_err)?;
-        out.write_all(&count.to_be_bytes()).map_err(io_err)?;
-        let digest = out.digest;
-        let mut file = out.inner;
-        file.write_all(&digest.to_be_bytes()).map_err(io_err)?;
-        let file = file.into_inner().map_err(|e| io_err(e.into_error()))?;
-        file.sync_all().map_err(io_err)?;
-        drop(file);
-        fs::rename(&tmp, &path).map_err(|source| RetainedError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(count as usize)
+        Ok(out.finish()? as usize)
     }
 
     /// Reads [`FILE`] in `dir` into the store; returns the messages stored and those that did
     /// not fit under the cap (`Ok((0, 0))` when there is no file); those expired meanwhile
-    /// are left out. A damaged file stores nothing: it is read whole and its digest checked
-    /// before anything is kept.
-    pub fn load(&self, dir: &Path) -> Result<(usize, usize), RetainedError> {
-        let path = dir.join(FILE);
-        let corrupt = |reason| RetainedError::Corrupt {
-            path: path.clone(),
-            reason,
-        };
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
-            Err(source) => return Err(RetainedError::Io { path, source }),
-        };
-        let mut data = Vec::new();
-        BufReader::new(file)
-            .read_to_end(&mut data)
-            .map_err(|source| RetainedError::Io {
-                path: path.clone(),
-                source,
-            })?;
-        let body = data
-            .strip_prefix(FILE_HEADER)
-            .ok_or_else(|| corrupt("unknown header"))?;
-        if body.len() < FILE_END.len() + 16 {
-            return Err(corrupt("truncated"));
-        }
-        let (content, digest) = data.split_at(data.len() - 8);
-        if fnv1a(FNV_OFFSET, content).to_be_bytes() != digest {
-            return Err(corrupt("digest mismatch"));
-        }
-        let records = &body[..body.len() - FILE_END.len() - 16];
-        let trailer = &body[body.len() - FILE_END.len() - 16..body.len() - 8];
-        if &trailer[..FILE_END.len()] != FILE_END {
-            return Err(corrupt("no end mark"));
-        }
-        let mut count_bytes = [0u8; 8];
-        count_bytes.copy_from_slice(&trailer[FILE_END.len()..]);
-        let count = u64::from_be_bytes(count_bytes);
-        let mut parsed = Vec::new();
-        let mut rest = records;
-        while !rest.is_empty() {
-            let (topic, after) = take_field(rest).ok_or_else(|| corrupt("truncated message"))?;
-            let (payload, after) = take_field(after).ok_or_else(|| corrupt("truncated message"))?;
-            if topic.is_empty() || payload.is_empty() {
-                return Err(corrupt("empty topic or payload"));
-            }
-            parsed.push((topic, payload));
-            rest = after;
-        }
-        if parsed.len() as u64 != count {
-            return Err(corrupt("message count mismatch"));
-        }
+    /// are left out. A damaged file stores nothing.
+    pub fn load(&self, dir: &Path) -> Result<(usize, usize), SnapshotError> {
         let (mut loaded, mut refused) = (0, 0);
         let now = envelope::unix_millis();
-        for (topic, payload) in &parsed {
-            if expired(payload, now) {
-                continue;
+        snapshot::read(dir, FILE, FILE_HEADER, 2, |record| {
+            let (topic, payload) = (record[0], record[1]);
+            // The writer never writes these; a digest that matches says nobody else did.
+            if topic.is_empty() || payload.is_empty() || expired(payload, now) {
+                return;
             }
             match self.set(topic, &[payload]).0 {
                 true => loaded += 1,
                 false => refused += 1,
             }
-        }
+        })?;
         Ok((loaded, refused))
     }
 }
 
-/// Saves the store to [`FILE`] in `dir` every `every` when it changed, until `shutdown`;
-/// the last save is the caller's, once every connection has ended (`crate::run`).
-pub async fn autosave(
-    store: Arc<RetainedStore>,
-    metrics: Arc<Metrics>,
-    dir: PathBuf,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut saved = store.changes();
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        save_if_changed(&store, &metrics, &dir, &mut saved).await;
-    }
-}
+impl snapshot::Persisted for RetainedStore {
+    const WHAT: &'static str = "retained messages";
 
-/// Saves the store if it changed since the change count `saved`, off the async threads;
-/// counts and logs the outcome.
-pub async fn save_if_changed(
-    store: &Arc<RetainedStore>,
-    metrics: &Metrics,
-    dir: &Path,
-    saved: &mut u64,
-) {
-    let changes = store.changes();
-    if changes == *saved {
-        return;
+    fn changes(&self) -> u64 {
+        RetainedStore::changes(self)
     }
-    let (task_store, task_dir) = (store.clone(), dir.to_path_buf());
-    match tokio::task::spawn_blocking(move || task_store.save(&task_dir)).await {
-        Ok(Ok(count)) => {
-            *saved = changes;
-            Metrics::inc(&metrics.retained_saves);
-            tracing::debug!(dir = %dir.display(), count, "retained messages saved");
-        }
-        Ok(Err(e)) => {
-            Metrics::inc(&metrics.retained_save_failures);
-            tracing::warn!(error = %e, "cannot save the retained messages");
-        }
-        Err(e) => {
-            Metrics::inc(&metrics.retained_save_failures);
-            tracing::warn!(error = %e, "retained-message save task failed");
-        }
-    }
-}
 
-/// Creates (or truncates) a file only its owner may read: retained messages can hold
-/// anything the devices publish.
-fn create_private(path: &Path) -> io::Result<File> {
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)
+    fn save(&self, dir: &Path) -> Result<usize, SnapshotError> {
+        RetainedStore::save(self, dir)
+    }
+
+    fn counters(metrics: &Metrics) -> (&AtomicU64, &AtomicU64) {
+        (&metrics.retained_saves, &metrics.retained_save_failures)
+    }
 }
 
 /// Whether a stored payload's message has expired at `now` (Unix milliseconds).
 fn expired(payload: &[u8], now: u64) -> bool {
     envelope::expires_at_of(payload).is_some_and(|at| at <= now)
-}
-
-/// A length-prefixed field (4 bytes, big-endian) and what follows it.
-fn take_field(data: &[u8]) -> Option<(&[u8], &[u8])> {
-    let len = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
-    let field = data.get(4..4 + len)?;
-    Some((field, &data[4 + len..]))
-}
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
-fn fnv1a(mut hash: u64, data: &[u8]) -> u64 {
-    for &b in data {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
-}
-
-/// A writer that keeps the FNV-1a digest of what went through it.
-struct Digest<W> {
-    inner: W,
-    digest: u64,
-}
-
-impl<W: Write> Digest<W> {
-    fn new(inner: W) -> Digest<W> {
-        Digest {
-            inner,
-            digest: FNV_OFFSET,
-        }
-    }
-
-    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        self.digest = fnv1a(self.digest, data);
-        self.inner.write_all(data)
-    }
 }
 
 /// Topics a page looks at, at most, while it holds the store's lock.
@@ -678,6 +508,9 @@ mod tests {
         assert_eq!(topics.len(), 2);
     }
 
+    use std::fs;
+    use std::path::PathBuf;
+
     fn temp_dir(name: &str) -> PathBuf {
         let dir =
             std::env::temp_dir().join(format!("vigil-retained-{}-{name}", std::process::id()));
@@ -698,12 +531,6 @@ mod tests {
         }
         r.set(b"\x01odd/\xe2\x82\xac", &[&[0xE0, 0, 0xFF][..]]);
         assert_eq!(r.save(&dir).unwrap(), SAVE_CHUNK + 11);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(dir.join(FILE)).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600, "only the owner may read it");
-        }
         let back = RetainedStore::new(1 << 20);
         assert_eq!(back.load(&dir).unwrap(), (SAVE_CHUNK + 11, 0));
         assert_eq!(back.totals(), r.totals());
@@ -725,29 +552,15 @@ mod tests {
         r.set(b"a", &[b"h", b"1"]);
         r.set(b"b", &[b"h", b"2"]);
         r.save(&dir).unwrap();
-        let good = fs::read(dir.join(FILE)).unwrap();
-        let cases: Vec<(Vec<u8>, &str)> = vec![
-            (good[..good.len() - 1].to_vec(), "digest mismatch"),
-            (good[..FILE_HEADER.len() + 3].to_vec(), "truncated"),
-            (b"something else\n".to_vec(), "unknown header"),
-            (
-                {
-                    let mut g = good.clone();
-                    g[FILE_HEADER.len() + 5] ^= 1;
-                    g
-                },
-                "digest mismatch",
-            ),
-        ];
-        for (bytes, why) in cases {
-            fs::write(dir.join(FILE), &bytes).unwrap();
-            let fresh = RetainedStore::new(1 << 20);
-            match fresh.load(&dir) {
-                Err(RetainedError::Corrupt { reason, .. }) => assert_eq!(reason, why),
-                other => panic!("{why}: {other:?}"),
-            }
-            assert_eq!(fresh.totals().messages, 0);
-        }
+        let mut bytes = fs::read(dir.join(FILE)).unwrap();
+        bytes[FILE_HEADER.len() + 5] ^= 1;
+        fs::write(dir.join(FILE), &bytes).unwrap();
+        let fresh = RetainedStore::new(1 << 20);
+        assert!(matches!(
+            fresh.load(&dir),
+            Err(SnapshotError::Corrupt { .. })
+        ));
+        assert_eq!(fresh.totals().messages, 0);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,0 +1,421 @@
+//! Persistent sessions across restarts (`[persistence] dir`).
+//!
+//! The core holds a persistent session's subscriptions and queues its messages while the
+//! client is away, but only in memory. With `[persistence] dir` the registry keeps, for each
+//! kept session, its subscriptions (with the options the edge applies) and its Session Expiry
+//! Interval (`registry::Saved`); they are saved to [`FILE`] (`Registry::save`, by
+//! `snapshot::autosave` and at shutdown) and, at the next start, before any listener accepts
+//! a client, `restore` builds every session again in the core: a core connection under a new
+//! session slot and its SUBSCRIBEs, closed once they are granted (the session stays). A client
+//! that comes back finds its session (CONNACK session present) and gets what was published
+//! to its filters since the restart.
+//!
+//! What is not kept: messages that were queued or in flight for a session at the restart,
+//! delayed wills of offline sessions, and the QoS 2 packet ids a session had not released.
+//! A session whose expiry ran out while vigil was down is not restored.
+//!
+//! The file is a `snapshot` file; each record is (client id, expiry, subscriptions): the
+//! expiry is a kind byte (0 never, 1 at a Unix time, 2 so many seconds after the restore, for
+//! a session that was connected) and 8 big-endian bytes; the subscriptions are, per
+//! filter, its length (2 bytes, big-endian), the filter, the options byte and the
+//! Subscription Identifier (4 bytes, big-endian).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinSet;
+
+use super::registry::{self, Expires, Keep, OfflineState, Registry, SavedSession, SubOptions};
+use super::snapshot::{self, SnapshotError};
+use super::Edge;
+use crate::core::CoreError;
+use crate::metrics::Metrics;
+use crate::mqtt;
+
+/// The file the persistent sessions are saved to, in `[persistence] dir`.
+pub const FILE: &str = "sessions.bin";
+/// The first line of [`FILE`]; the number is the format version.
+pub const FILE_HEADER: &[u8] = b"vigil persistent sessions 1\n";
+/// Filters per SUBSCRIBE when a session is built again in the core.
+const SUBSCRIBE_BATCH: usize = 32;
+/// Sessions restored at the same time.
+const RESTORING_AT_ONCE: usize = 16;
+/// Tries to build one session in the core before giving up on it.
+const ATTEMPTS: usize = 3;
+/// Longest the core may take to answer a restored session's SUBSCRIBEs.
+const CORE_ANSWER: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("core connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Codec(#[from] mqtt::CodecError),
+    #[error("the core refused the session's connection (code {0})")]
+    Refused(u8),
+    #[error("the core did not answer the session's SUBSCRIBEs in time")]
+    Timeout,
+}
+
+impl snapshot::Persisted for Registry {
+    const WHAT: &'static str = "persistent sessions";
+
+    fn changes(&self) -> u64 {
+        Registry::changes(self)
+    }
+
+    fn save(&self, dir: &Path) -> Result<usize, SnapshotError> {
+        let sessions = self.saved_sessions(crate::envelope::unix_millis() / 1000);
+        let mut out = snapshot::Writer::create(dir, FILE, FILE_HEADER)?;
+        let mut subs = BytesMut::new();
+        for s in &sessions {
+            let (kind, value) = match s.expires {
+                Expires::Never => (0u8, 0u64),
+                Expires::At(at) => (1, at),
+                Expires::After(secs) => (2, u64::from(secs)),
+            };
+            let mut expires = [0u8; 9];
+            expires[0] = kind;
+            expires[1..].copy_from_slice(&value.to_be_bytes());
+            subs.clear();
+            for (filter, sub) in &s.subscriptions {
+                // A filter is at most 65,535 bytes (MQTT's string length).
+                subs.put_u16(filter.len() as u16);
+                subs.put_slice(filter);
+                subs.put_u8(sub.options);
+                subs.put_u32(sub.id);
+            }
+            out.record(&[s.client_id.as_bytes(), &expires, &subs])?;
+        }
+        Ok(out.finish()? as usize)
+    }
+
+    fn counters(metrics: &Metrics) -> (&AtomicU64, &AtomicU64) {
+        (&metrics.session_saves, &metrics.session_save_failures)
+    }
+}
+
+/// Reads the sessions saved in `dir` (none when there is no file). A record that does not
+/// decode is left out (the digest matched, so only a writer bug could make one).
+pub fn load(dir: &Path) -> Result<Vec<SavedSession>, SnapshotError> {
+    let mut sessions = Vec::new();
+    snapshot::read(dir, FILE, FILE_HEADER, 3, |record| {
+        if let Some(session) = decode(record) {
+            sessions.push(session);
+        }
+    })?;
+    Ok(sessions)
+}
+
+fn decode(record: &[&[u8]]) -> Option<SavedSession> {
+    let client_id = std::str::from_utf8(record[0]).ok()?.to_string();
+    let (&kind, value) = record[1].split_first()?;
+    let value = u64::from_be_bytes(value.try_into().ok()?);
+    let expires = match kind {
+        0 => Expires::Never,
+        1 => Expires::At(value),
+        2 => Expires::After(u32::try_from(value).ok()?),
+        _ => return None,
+    };
+    let mut subs = record[2];
+    let mut subscriptions = Vec::new();
+    while subs.has_remaining() {
+        if subs.remaining() < 2 {
+            return None;
+        }
+        let len = subs.get_u16() as usize;
+        if subs.remaining() < len + 5 {
+            return None;
+        }
+        let filter = Bytes::copy_from_slice(&subs[..len]);
+        subs.advance(len);
+        let options = subs.get_u8();
+        let id = subs.get_u32();
+        subscriptions.push((filter, SubOptions { options, id }));
+    }
+    Some(SavedSession {
+        client_id,
+        expires,
+        subscriptions,
+    })
+}
+
+/// What `restore` did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    pub restored: usize,
+    /// Expired while vigil was down.
+    pub expired: usize,
+    /// Beyond `limits.max_persistent_sessions`.
+    pub over_cap: usize,
+    /// The core could not take them.
+    pub failed: usize,
+    /// Subscriptions left out: `limits.max_distinct_filters` was reached (or a `$` filter,
+    /// which no saved session should have).
+    pub filters_refused: usize,
+}
+
+enum Outcome {
+    Restored { filters_refused: usize },
+    Expired,
+    OverCap,
+    Failed,
+}
+
+/// Builds the saved `sessions` again in the core and the registry; call it before clients
+/// can connect. At most `limits.max_persistent_sessions` sessions are restored.
+pub async fn restore(edge: &Arc<Edge>, sessions: Vec<SavedSession>) -> Restored {
+    let now = crate::envelope::unix_millis() / 1000;
+    let mut result = Restored::default();
+    let room = edge
+        .registry
+        .max_kept()
+        .saturating_sub(edge.registry.kept_sessions());
+    let mut sessions = sessions;
+    if sessions.len() > room {
+        result.over_cap = sessions.len() - room;
+        sessions.truncate(room);
+    }
+    let mut tasks = JoinSet::new();
+    let mut sessions = sessions.into_iter();
+    loop {
+        while tasks.len() < RESTORING_AT_ONCE && !edge.shutdown.is_cancelled() {
+            let Some(session) = sessions.next() else {
+                break;
+            };
+            let edge = edge.clone();
+            tasks.spawn(async move { restore_one(&edge, session, now).await });
+        }
+        let Some(done) = tasks.join_next().await else {
+            break;
+        };
+        match done {
+            Ok(Outcome::Restored { filters_refused }) => {
+                result.restored += 1;
+                result.filters_refused += filters_refused;
+            }
+            Ok(Outcome::Expired) => result.expired += 1,
+            Ok(Outcome::OverCap) => result.over_cap += 1,
+            Ok(Outcome::Failed) | Err(_) => result.failed += 1,
+        }
+    }
+    edge.note_kept_sessions();
+    result
+}
+
+async fn restore_one(edge: &Edge, session: SavedSession, now: u64) -> Outcome {
+    // Seconds left before the session expires (`None`: never).
+    let left = match session.expires {
+        Expires::Never => None,
+        Expires::After(0) => return Outcome::Expired,
+        Expires::After(secs) => Some(secs),
+        Expires::At(at) if at <= now => return Outcome::Expired,
+        Expires::At(at) => Some(u32::try_from(at - now).unwrap_or(u32::MAX - 1)),
+    };
+    let id = session.client_id;
+    let slot = match edge.registry.keep_session(&id, &edge.shutdown) {
+        Keep::New(slot) => slot,
+        // An id saved twice: the first one stands.
+        Keep::Earlier(_) => return Outcome::Failed,
+        Keep::Evicting(slot, due) => {
+            // Not within the cap `restore` keeps; as at run time, the session offline
+            // longest would make room.
+            edge.settle(*due).await;
+            slot
+        }
+        Keep::Full => return Outcome::OverCap,
+    };
+    let mut subscriptions = session.subscriptions;
+    let before = subscriptions.len();
+    subscriptions
+        .retain(|(filter, _)| filter.first() != Some(&b'$') || filter.starts_with(b"$share/"));
+    subscriptions.retain(|(filter, _)| edge.admit_filter(filter));
+    let filters_refused = before - subscriptions.len();
+    let core_id = registry::slot_core_id(slot);
+    let mut attempt = 0;
+    while let Err(e) = subscribe_in_core(edge, &core_id, &subscriptions).await {
+        attempt += 1;
+        if attempt == ATTEMPTS || edge.shutdown.is_cancelled() {
+            tracing::warn!(client_id = %id, error = %e, "persistent session not restored");
+            edge.registry.end_session(&id);
+            edge.wipe_core_session(&core_id).await;
+            edge.registry.free_slot(slot);
+            return Outcome::Failed;
+        }
+        tracing::debug!(client_id = %id, error = %e, attempt, "restoring a session again");
+        tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+    }
+    for (filter, _) in &subscriptions {
+        edge.subscribed.insert(filter);
+    }
+    edge.registry
+        .note_session(&id, left.unwrap_or(u32::MAX), true);
+    edge.registry
+        .note_subscribed(&id, subscriptions.iter().cloned());
+    if subscriptions
+        .iter()
+        .any(|(_, sub)| sub.options & super::connection::NO_LOCAL != 0)
+    {
+        // From now on publishes carry their origin, as after a live No Local SUBSCRIBE.
+        edge.no_local_in_use.store(true, Relaxed);
+    }
+    if subscriptions
+        .iter()
+        .any(|&(_, sub)| super::connection::needs_edge(sub))
+    {
+        let offline = OfflineState {
+            sub_options: subscriptions,
+            subscriptions_known: true,
+            ..OfflineState::default()
+        };
+        if !edge.registry.store_offline(&id, offline) {
+            Metrics::inc(&edge.metrics.dropped_qos2_state);
+        }
+    }
+    edge.registry.session_offline(&id);
+    if let Some(secs) = left {
+        let timers = registry::Timers {
+            will: None,
+            session_expires: Some(tokio::time::Instant::now() + Duration::from_secs(secs.into())),
+        };
+        if edge.registry.set_timers(&id, timers).is_err() {
+            Metrics::inc(&edge.metrics.dropped_session_timers);
+        }
+    }
+    Outcome::Restored { filters_refused }
+}
+
+/// Opens the core session `core_id` (kept past its connection), subscribes it to
+/// `subscriptions` at their QoS, waits for the SUBACKs and closes the connection.
+async fn subscribe_in_core(
+    edge: &Edge,
+    core_id: &str,
+    subscriptions: &[(Bytes, SubOptions)],
+) -> Result<(), RestoreError> {
+    let link = edge.core.connect(core_id, false).await?;
+    if link.code != mqtt::rc::ACCEPTED {
+        return Err(RestoreError::Refused(link.code));
+    }
+    let (mut stream, mut read_buf) = (link.stream, link.read_buf);
+    let mut out = BytesMut::new();
+    let mut batch = Vec::with_capacity(SUBSCRIBE_BATCH);
+    let mut owed = 0usize;
+    for (n, chunk) in subscriptions.chunks(SUBSCRIBE_BATCH).enumerate() {
+        batch.clear();
+        batch.extend(chunk.iter().map(|(f, sub)| (f.clone(), sub.options & 0x03)));
+        // Packet ids from 1; a session has far fewer than 65,535 batches.
+        mqtt::put_core_subscribe(&mut out, (n % 0xFFFF + 1) as u16, &batch);
+        owed += 1;
+    }
+    stream.write_all(&out).await?;
+    tokio::time::timeout(CORE_ANSWER, async {
+        while owed > 0 {
+            while let Some(frame) = mqtt::read_frame(&mut read_buf, usize::MAX)? {
+                // Deliveries to the session may come first: the core re-sends them later.
+                if frame.kind() == mqtt::SUBACK {
+                    owed -= 1;
+                }
+            }
+            if owed > 0 && stream.read_buf(&mut read_buf).await? == 0 {
+                return Err(RestoreError::Core(CoreError::Closed));
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| RestoreError::Timeout)??;
+    // No DISCONNECT: rumqttd would raise two disconnect events, the second one for whichever
+    // connection has the id by then (ARCHITECTURE.md, "the core never sees a DISCONNECT").
+    super::close_core_link(stream, &[]).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_sessions_read_back_as_they_were() {
+        let dir = std::env::temp_dir().join(format!("vigil-sessions-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let registry = Arc::new(
+            Registry::new(
+                10,
+                registry::SessionLimits {
+                    max: 10,
+                    expiry: None,
+                },
+            )
+            .saving_sessions(2),
+        );
+        let parent = tokio_util::sync::CancellationToken::new();
+        let sub = |options, id| SubOptions { options, id };
+        for (id, expiry) in [("dev-1", u32::MAX), ("dev-\u{e9}", 60), ("empty", 5)] {
+            assert!(matches!(registry.keep_session(id, &parent), Keep::New(_)));
+            registry.note_session(id, expiry, false);
+        }
+        let filters = [
+            (Bytes::from_static(b"cmd/#"), sub(1, 0)),
+            (Bytes::from_static(b"$share/g/a/+"), sub(0x2E, 7)),
+            (Bytes::from_static(b"over/the/cap"), sub(2, 0)),
+        ];
+        registry.note_subscribed("dev-1", filters.iter().cloned());
+        registry.note_subscribed("dev-\u{e9}", [(filters[0].0.clone(), sub(2, 0))]);
+        registry.note_subscribed("dev-\u{e9}", [(filters[0].0.clone(), sub(0, 9))]);
+        registry.note_unsubscribed("empty", &[filters[0].0.clone()]);
+        // "empty" goes offline with a timer; the others are offline without one or "live".
+        registry.session_offline("empty");
+        let at = tokio::time::Instant::now() + Duration::from_secs(100);
+        let timers = registry::Timers {
+            will: None,
+            session_expires: Some(at),
+        };
+        registry.set_timers("empty", timers).unwrap();
+
+        let before = registry.changes();
+        assert_eq!(snapshot::Persisted::save(&*registry, &dir).unwrap(), 3);
+        assert_eq!(registry.changes(), before, "saving changes nothing");
+        let mut back = load(&dir).unwrap();
+        back.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        let mut expected = registry.saved_sessions(crate::envelope::unix_millis() / 1000);
+        expected.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        assert_eq!(back.len(), 3);
+        assert_eq!(back[0].subscriptions, filters[..2], "at most 2 kept");
+        assert_eq!(back[0].expires, Expires::Never);
+        assert_eq!(back[1].subscriptions, [(filters[0].0.clone(), sub(0, 9))]);
+        // Not claimed by a connection: counted as offline, without a timer of its own.
+        assert_eq!(back[1].expires, Expires::Never);
+        assert!(back[2].subscriptions.is_empty());
+        assert!(matches!(back[2].expires, Expires::At(_)));
+        assert_eq!(back, expected);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn records_that_do_not_decode_are_left_out() {
+        assert!(decode(&[b"id", &[3, 0, 0, 0, 0, 0, 0, 0, 0], b""]).is_none());
+        assert!(decode(&[b"id", &[0, 0, 0, 0, 0, 0, 0, 0], b""]).is_none());
+        assert!(decode(&[b"id", &[0; 9], &[0, 5, b'a']]).is_none());
+        assert!(decode(&[b"\xff", &[0; 9], b""]).is_none());
+        let ok = decode(&[
+            b"id",
+            &[2, 0, 0, 0, 0, 0, 0, 0, 9],
+            &[0, 1, b'a', 1, 0, 0, 0, 2],
+        ]);
+        assert_eq!(
+            ok,
+            Some(SavedSession {
+                client_id: "id".into(),
+                expires: Expires::After(9),
+                subscriptions: vec![(Bytes::from_static(b"a"), SubOptions { options: 1, id: 2 })],
+            })
+        );
+    }
+}
