@@ -863,6 +863,75 @@ fn a_will_waits_for_its_delay_and_a_reconnection_cancels_it() {
     assert!(start.elapsed() < Duration::from_millis(1500));
 }
 
+/// With `[persistence] dir`, an offline session's delayed will survives a restart: it goes
+/// when due, counting the time vigil was down, or right after the restore when the session
+/// expired meanwhile, and persistent subscribers restored with it receive it.
+#[test]
+fn delayed_wills_survive_a_restart_with_persistence() {
+    let data = TempDir::new();
+    let dir = data.0.to_string_lossy().to_string();
+    let start = || {
+        Vigil::start_with(|c| {
+            vigil::config::set_value(&c, "persistence", "dir", &format!("{dir:?}"))
+        })
+    };
+    let watch = |v: &Vigil| {
+        let args = ["-c", "-i", "will-watcher", "-q", "1", "-t", "wd/will"];
+        Sub::start(v.port(), &args)
+    };
+    let will_client = |v: &Vigil, id: &str, delay: &str, expiry: &str| {
+        let args = [
+            "-V",
+            "mqttv5",
+            "-i",
+            id,
+            "-x",
+            expiry,
+            "-t",
+            "wd/other",
+            "--will-topic",
+            "wd/will",
+            "--will-payload",
+            id,
+            "--will-qos",
+            "1",
+            "-D",
+            "will",
+            "will-delay-interval",
+            delay,
+        ];
+        Sub::start(v.port(), &args)
+    };
+    let mut v = start();
+    let mut watcher = watch(&v);
+    // Will Delay 5 s, Session Expiry 1 h: the will is due 5 s after the connection breaks.
+    let mut late = will_client(&v, "wd-late", "5", "3600");
+    // Will Delay 30 s, Session Expiry 2 s: the session, and the wait, end after 2 s.
+    let mut gone = will_client(&v, "wd-gone", "30", "2");
+    late.kill();
+    gone.kill();
+    let broke = Instant::now();
+    watcher.kill();
+    let (status, _) = v.terminate();
+    assert!(status.success());
+    std::thread::sleep(Duration::from_secs(3)); // wd-gone's session expires meanwhile
+
+    let v = start();
+    assert!(
+        v.log().contains("restored=2") && v.log().contains("expired=1"),
+        "{}",
+        v.log()
+    );
+    let mut watcher = watch(&v);
+    let got = watcher.expect_messages(2, T);
+    let took = broke.elapsed();
+    assert_eq!(got, ["wd/will|1|0|wd-gone", "wd/will|1|0|wd-late"]);
+    assert!(
+        took >= Duration::from_millis(4700) && took < Duration::from_millis(7000),
+        "wd-late's will after {took:?}, expected about 5 s"
+    );
+}
+
 /// Receives `n` PUBLISHes, acknowledging each as its QoS asks (QoS 2: PUBREC, and PUBCOMP for
 /// the PUBREL that must follow), until no PUBREL is owed; returns them sorted.
 fn take_and_ack(c: &mut Raw, n: usize, v5: bool) -> Vec<(String, u8, bool, Vec<u8>)> {

@@ -87,6 +87,8 @@ pub struct SavedSession {
     pub client_id: String,
     pub expires: Expires,
     pub subscriptions: Vec<(Bytes, SubOptions)>,
+    /// An offline session's delayed will, and when it is due (Unix time, milliseconds).
+    pub will: Option<(u64, Will)>,
 }
 
 /// When a saved session expires.
@@ -151,7 +153,7 @@ pub struct Registry {
 }
 
 /// A will as the edge publishes it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Will {
     pub topic: Bytes,
     pub retain: bool,
@@ -410,28 +412,34 @@ impl Registry {
         }
     }
 
-    /// Every kept session with what a restart needs, `now` being the Unix time in seconds.
-    /// Bytes are shared, not copied; the lock is held while the list is made.
+    /// Every kept session with what a restart needs, `now` being the Unix time in
+    /// milliseconds. Bytes are shared, not copied; the lock is held while the list is made.
     pub fn saved_sessions(&self, now: u64) -> Vec<SavedSession> {
         let inner = self.lock();
         let instant = Instant::now();
+        let unix_ms = |at: Instant| now + at.saturating_duration_since(instant).as_millis() as u64;
         inner
             .core_sessions
             .iter()
             // Expiry 0: the session ends with its connection (v5), nothing to restore.
             .filter(|(_, kept)| kept.saved.expiry != 0)
             .map(|(id, kept)| {
-                let expires = match inner.timers.get(id).and_then(|t| t.session_expires) {
+                let timers = inner.timers.get(id);
+                let expires = match timers.and_then(|t| t.session_expires) {
                     _ if kept.saved.expiry == u32::MAX => Expires::Never,
                     _ if inner.live.contains_key(id) => Expires::After(kept.saved.expiry),
-                    Some(at) => Expires::At(now + at.saturating_duration_since(instant).as_secs()),
+                    Some(at) => Expires::At(unix_ms(at) / 1000),
                     // Offline without a timer: its timer did not fit (it does not expire).
                     None => Expires::Never,
                 };
+                let will = timers
+                    .and_then(|t| t.will.as_ref())
+                    .map(|(at, will)| (unix_ms(*at), will.clone()));
                 SavedSession {
                     client_id: id.clone(),
                     expires,
                     subscriptions: kept.saved.subscriptions.clone(),
+                    will,
                 }
             })
             .collect()

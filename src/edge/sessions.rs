@@ -10,15 +10,20 @@
 //! that comes back finds its session (CONNACK session present) and gets what was published
 //! to its filters since the restart.
 //!
-//! What is not kept: messages that were queued or in flight for a session at the restart,
-//! delayed wills of offline sessions, and the QoS 2 packet ids a session had not released.
-//! A session whose expiry ran out while vigil was down is not restored.
+//! An offline session's delayed will is kept with it and published when it is due, counting
+//! the time vigil was down; a session whose expiry ran out meanwhile is not restored, and its
+//! will, if it had one, is published once the other sessions are back. What is not kept: messages that were queued or
+//! in flight for a session at the restart, and the QoS 2 packet ids a session had not
+//! released.
 //!
-//! The file is a `snapshot` file; each record is (client id, expiry, subscriptions): the
-//! expiry is a kind byte (0 never, 1 at a Unix time, 2 so many seconds after the restore, for
-//! a session that was connected) and 8 big-endian bytes; the subscriptions are, per
-//! filter, its length (2 bytes, big-endian), the filter, the options byte and the
-//! Subscription Identifier (4 bytes, big-endian).
+//! The file is a `snapshot` file; each record is (client id, expiry, subscriptions, will),
+//! numbers big-endian: the expiry is a kind byte (0 never, 1 at a Unix time in seconds, 2 so
+//! many seconds after the restore, for a session that was connected) and 8 bytes; the
+//! subscriptions are, per filter, its length (2 bytes), the filter, the options byte and the
+//! Subscription Identifier (4 bytes); the will is empty or: when it is due (Unix time in
+//! milliseconds, 8 bytes), QoS, retain, whether it has a Message Expiry Interval, that
+//! interval (4 bytes), the topic's length (2 bytes), the topic, the properties' length (4
+//! bytes), the properties and the payload.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -29,7 +34,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 
-use super::registry::{self, Expires, Keep, OfflineState, Registry, SavedSession, SubOptions};
+use super::registry::{
+    self, Expires, Keep, OfflineState, Registry, SavedSession, SubOptions, Will,
+};
 use super::snapshot::{self, SnapshotError};
 use super::Edge;
 use crate::core::CoreError;
@@ -71,9 +78,9 @@ impl snapshot::Persisted for Registry {
     }
 
     fn save(&self, dir: &Path) -> Result<usize, SnapshotError> {
-        let sessions = self.saved_sessions(crate::envelope::unix_millis() / 1000);
+        let sessions = self.saved_sessions(crate::envelope::unix_millis());
         let mut out = snapshot::Writer::create(dir, FILE, FILE_HEADER)?;
-        let mut subs = BytesMut::new();
+        let (mut subs, mut will) = (BytesMut::new(), BytesMut::new());
         for s in &sessions {
             let (kind, value) = match s.expires {
                 Expires::Never => (0u8, 0u64),
@@ -91,7 +98,20 @@ impl snapshot::Persisted for Registry {
                 subs.put_u8(sub.options);
                 subs.put_u32(sub.id);
             }
-            out.record(&[s.client_id.as_bytes(), &expires, &subs])?;
+            will.clear();
+            if let Some((at, w)) = &s.will {
+                will.put_u64(*at);
+                will.put_u8(w.qos);
+                will.put_u8(u8::from(w.retain));
+                will.put_u8(u8::from(w.message_expiry.is_some()));
+                will.put_u32(w.message_expiry.unwrap_or(0));
+                will.put_u16(w.topic.len() as u16);
+                will.put_slice(&w.topic);
+                will.put_u32(w.properties.len() as u32);
+                will.put_slice(&w.properties);
+                will.put_slice(&w.payload);
+            }
+            out.record(&[s.client_id.as_bytes(), &expires, &subs, &will])?;
         }
         Ok(out.finish()? as usize)
     }
@@ -105,7 +125,7 @@ impl snapshot::Persisted for Registry {
 /// decode is left out (the digest matched, so only a writer bug could make one).
 pub fn load(dir: &Path) -> Result<Vec<SavedSession>, SnapshotError> {
     let mut sessions = Vec::new();
-    snapshot::read(dir, FILE, FILE_HEADER, 3, |record| {
+    snapshot::read(dir, FILE, FILE_HEADER, 4, |record| {
         if let Some(session) = decode(record) {
             sessions.push(session);
         }
@@ -143,7 +163,42 @@ fn decode(record: &[&[u8]]) -> Option<SavedSession> {
         client_id,
         expires,
         subscriptions,
+        will: decode_will(record[3])?,
     })
+}
+
+/// The fourth field: empty, or a delayed will and when it is due. `None`: it does not decode.
+fn decode_will(mut data: &[u8]) -> Option<Option<(u64, Will)>> {
+    if data.is_empty() {
+        return Some(None);
+    }
+    if data.remaining() < 8 + 3 + 4 + 2 {
+        return None;
+    }
+    let at = data.get_u64();
+    let (qos, retain, has_expiry) = (data.get_u8(), data.get_u8(), data.get_u8());
+    let message_expiry = data.get_u32();
+    let topic_len = data.get_u16() as usize;
+    if qos > 2 || data.remaining() < topic_len + 4 {
+        return None;
+    }
+    let topic = Bytes::copy_from_slice(&data[..topic_len]);
+    data.advance(topic_len);
+    let properties_len = data.get_u32() as usize;
+    if data.remaining() < properties_len {
+        return None;
+    }
+    let properties = Bytes::copy_from_slice(&data[..properties_len]);
+    data.advance(properties_len);
+    let will = Will {
+        topic,
+        retain: retain == 1,
+        qos,
+        properties,
+        message_expiry: (has_expiry == 1).then_some(message_expiry),
+        payload: Bytes::copy_from_slice(data),
+    };
+    Some(Some((at, will)))
 }
 
 /// What `restore` did.
@@ -161,26 +216,30 @@ pub struct Restored {
     pub filters_refused: usize,
 }
 
+/// How one saved session fared; a session that ended gives back its delayed will, which
+/// `restore` publishes once every session that may be subscribed to it is back.
 enum Outcome {
     Restored { filters_refused: usize },
-    Expired,
-    OverCap,
-    Failed,
+    Expired(Option<Will>),
+    OverCap(Option<Will>),
+    Failed(Option<Will>),
 }
 
 /// Builds the saved `sessions` again in the core and the registry; call it before clients
 /// can connect. At most `limits.max_persistent_sessions` sessions are restored.
 pub async fn restore(edge: &Arc<Edge>, sessions: Vec<SavedSession>) -> Restored {
-    let now = crate::envelope::unix_millis() / 1000;
+    let now = crate::envelope::unix_millis();
     let mut result = Restored::default();
     let room = edge
         .registry
         .max_kept()
         .saturating_sub(edge.registry.kept_sessions());
     let mut sessions = sessions;
+    // The wills of the sessions that end here.
+    let mut wills = Vec::new();
     if sessions.len() > room {
         result.over_cap = sessions.len() - room;
-        sessions.truncate(room);
+        wills.extend(sessions.drain(room..).filter_map(|s| Some(s.will?.1)));
     }
     let mut tasks = JoinSet::new();
     let mut sessions = sessions.into_iter();
@@ -200,36 +259,53 @@ pub async fn restore(edge: &Arc<Edge>, sessions: Vec<SavedSession>) -> Restored 
                 result.restored += 1;
                 result.filters_refused += filters_refused;
             }
-            Ok(Outcome::Expired) => result.expired += 1,
-            Ok(Outcome::OverCap) => result.over_cap += 1,
-            Ok(Outcome::Failed) | Err(_) => result.failed += 1,
+            Ok(Outcome::Expired(will)) => {
+                result.expired += 1;
+                wills.extend(will);
+            }
+            Ok(Outcome::OverCap(will)) => {
+                result.over_cap += 1;
+                wills.extend(will);
+            }
+            Ok(Outcome::Failed(will)) => {
+                result.failed += 1;
+                wills.extend(will);
+            }
+            Err(_) => result.failed += 1,
         }
+    }
+    for will in &wills {
+        edge.publish_will(will).await;
     }
     edge.note_kept_sessions();
     result
 }
 
-async fn restore_one(edge: &Edge, session: SavedSession, now: u64) -> Outcome {
+async fn restore_one(edge: &Edge, session: SavedSession, now_ms: u64) -> Outcome {
+    let now = now_ms / 1000;
     // Seconds left before the session expires (`None`: never).
     let left = match session.expires {
         Expires::Never => None,
-        Expires::After(0) => return Outcome::Expired,
-        Expires::After(secs) => Some(secs),
-        Expires::At(at) if at <= now => return Outcome::Expired,
-        Expires::At(at) => Some(u32::try_from(at - now).unwrap_or(u32::MAX - 1)),
+        Expires::After(secs) if secs > 0 => Some(secs),
+        Expires::At(at) if at > now => Some(u32::try_from(at - now).unwrap_or(u32::MAX - 1)),
+        // The session ended while vigil was down: so did the wait of its will, which never
+        // outlasts the session (MQTT-3.1.3-9).
+        Expires::After(_) | Expires::At(_) => {
+            return Outcome::Expired(session.will.map(|(_, will)| will))
+        }
     };
     let id = session.client_id;
     let slot = match edge.registry.keep_session(&id, &edge.shutdown) {
         Keep::New(slot) => slot,
         // An id saved twice: the first one stands.
-        Keep::Earlier(_) => return Outcome::Failed,
+        Keep::Earlier(_) => return Outcome::Failed(None),
         Keep::Evicting(slot, due) => {
             // Not within the cap `restore` keeps; as at run time, the session offline
             // longest would make room.
             edge.settle(*due).await;
             slot
         }
-        Keep::Full => return Outcome::OverCap,
+        Keep::Full => return Outcome::OverCap(session.will.map(|(_, will)| will)),
     };
     let mut subscriptions = session.subscriptions;
     let before = subscriptions.len();
@@ -246,7 +322,7 @@ async fn restore_one(edge: &Edge, session: SavedSession, now: u64) -> Outcome {
             edge.registry.end_session(&id);
             edge.wipe_core_session(&core_id).await;
             edge.registry.free_slot(slot);
-            return Outcome::Failed;
+            return Outcome::Failed(session.will.map(|(_, will)| will));
         }
         tracing::debug!(client_id = %id, error = %e, attempt, "restoring a session again");
         tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
@@ -279,13 +355,19 @@ async fn restore_one(edge: &Edge, session: SavedSession, now: u64) -> Outcome {
         }
     }
     edge.registry.session_offline(&id);
-    if let Some(secs) = left {
+    if left.is_some() || session.will.is_some() {
+        let instant = tokio::time::Instant::now();
+        // A will already due goes as soon as the reaper runs.
+        let due = |at: u64| instant + Duration::from_millis(at.saturating_sub(now_ms));
         let timers = registry::Timers {
-            will: None,
-            session_expires: Some(tokio::time::Instant::now() + Duration::from_secs(secs.into())),
+            will: session.will.map(|(at, will)| (due(at), will)),
+            session_expires: left.map(|secs| instant + Duration::from_secs(secs.into())),
         };
-        if edge.registry.set_timers(&id, timers).is_err() {
+        if let Err(timers) = edge.registry.set_timers(&id, timers) {
             Metrics::inc(&edge.metrics.dropped_session_timers);
+            if let Some((_, will)) = timers.will {
+                edge.publish_will(&will).await;
+            }
         }
     }
     Outcome::Restored { filters_refused }
@@ -373,8 +455,16 @@ mod tests {
         // "empty" goes offline with a timer; the others are offline without one or "live".
         registry.session_offline("empty");
         let at = tokio::time::Instant::now() + Duration::from_secs(100);
+        let will = Will {
+            topic: Bytes::from_static(b"status/empty"),
+            retain: true,
+            qos: 1,
+            properties: Bytes::from_static(&[0x01, 1]),
+            message_expiry: Some(30),
+            payload: Bytes::from_static(b"offline"),
+        };
         let timers = registry::Timers {
-            will: None,
+            will: Some((at - Duration::from_secs(40), will.clone())),
             session_expires: Some(at),
         };
         registry.set_timers("empty", timers).unwrap();
@@ -384,7 +474,7 @@ mod tests {
         assert_eq!(registry.changes(), before, "saving changes nothing");
         let mut back = load(&dir).unwrap();
         back.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-        let mut expected = registry.saved_sessions(crate::envelope::unix_millis() / 1000);
+        let mut expected = registry.saved_sessions(crate::envelope::unix_millis());
         expected.sort_by(|a, b| a.client_id.cmp(&b.client_id));
         assert_eq!(back.len(), 3);
         assert_eq!(back[0].subscriptions, filters[..2], "at most 2 kept");
@@ -394,20 +484,39 @@ mod tests {
         assert_eq!(back[1].expires, Expires::Never);
         assert!(back[2].subscriptions.is_empty());
         assert!(matches!(back[2].expires, Expires::At(_)));
+        assert_eq!(back[2].will.as_ref().map(|(_, w)| w), Some(&will));
+        assert!(back[0].will.is_none() && back[1].will.is_none());
+        // The same as read from the registry, up to the clock moving on in between.
+        let at_ms = |s: &SavedSession| s.will.as_ref().map(|(at, _)| *at);
+        assert!(at_ms(&expected[2]).unwrap() - at_ms(&back[2]).unwrap() < 1000);
+        for s in back.iter_mut().chain(expected.iter_mut()) {
+            s.will.iter_mut().for_each(|(at, _)| *at = 0);
+            if let Expires::At(at) = &mut s.expires {
+                *at = 0;
+            }
+        }
         assert_eq!(back, expected);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn records_that_do_not_decode_are_left_out() {
-        assert!(decode(&[b"id", &[3, 0, 0, 0, 0, 0, 0, 0, 0], b""]).is_none());
-        assert!(decode(&[b"id", &[0, 0, 0, 0, 0, 0, 0, 0], b""]).is_none());
-        assert!(decode(&[b"id", &[0; 9], &[0, 5, b'a']]).is_none());
-        assert!(decode(&[b"\xff", &[0; 9], b""]).is_none());
+        assert!(decode(&[b"id", &[3, 0, 0, 0, 0, 0, 0, 0, 0], b"", b""]).is_none());
+        assert!(decode(&[b"id", &[0, 0, 0, 0, 0, 0, 0, 0], b"", b""]).is_none());
+        assert!(decode(&[b"id", &[0; 9], &[0, 5, b'a'], b""]).is_none());
+        assert!(decode(&[b"\xff", &[0; 9], b"", b""]).is_none());
+        assert!(
+            decode(&[b"id", &[0; 9], b"", &[0; 12]]).is_none(),
+            "short will"
+        );
+        let mut bad_qos = vec![0; 8];
+        bad_qos.extend([3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(decode(&[b"id", &[0; 9], b"", &bad_qos]).is_none());
         let ok = decode(&[
             b"id",
             &[2, 0, 0, 0, 0, 0, 0, 0, 9],
             &[0, 1, b'a', 1, 0, 0, 0, 2],
+            b"",
         ]);
         assert_eq!(
             ok,
@@ -415,6 +524,7 @@ mod tests {
                 client_id: "id".into(),
                 expires: Expires::After(9),
                 subscriptions: vec![(Bytes::from_static(b"a"), SubOptions { options: 1, id: 2 })],
+                will: None,
             })
         );
     }
