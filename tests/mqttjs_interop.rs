@@ -150,3 +150,61 @@ fn mqttjs_v5_resolves_the_topic_aliases_of_deliveries() {
         ]
     );
 }
+
+/// Runs `resume.mjs`: MQTT.js connects `client_id` without a clean start, subscribes to
+/// `topic` at QoS 1 only if the broker had no session, and prints what it gets within `wait_ms`.
+fn mqttjs_resume(url: &str, client_id: &str, topic: &str, version: u8, wait_ms: u32) -> String {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mqttjs");
+    let out = Command::new("node")
+        .args([
+            "resume.mjs",
+            url,
+            client_id,
+            topic,
+            &version.to_string(),
+            &wait_ms.to_string(),
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("node (Node.js) must be installed");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "MQTT.js failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// With `[persistence] dir`, MQTT.js devices (3.1.1 and 5) that subscribed once find their
+/// sessions after a restart of vigil and get the commands published while they were away.
+#[test]
+fn mqttjs_sessions_survive_a_restart_with_persistence() {
+    let data = TempDir::new();
+    let dir = data.0.to_string_lossy().to_string();
+    let start = || {
+        Vigil::start_with(|c| {
+            vigil::config::set_value(&c, "persistence", "dir", &format!("{dir:?}"))
+        })
+    };
+    let mut v = start();
+    for version in [4, 5] {
+        let (id, topic) = (format!("js-device-{version}"), format!("cmd/js{version}"));
+        let out = mqttjs_resume(&format!("mqtt://{}", v.mqtt), &id, &topic, version, 100);
+        assert_eq!(out, "present false\nDONE\n");
+    }
+    let (status, _) = v.terminate();
+    assert!(status.success());
+
+    let v = start();
+    for version in [4, 5] {
+        let (id, topic) = (format!("js-device-{version}"), format!("cmd/js{version}"));
+        publish(v.port(), &["-t", &topic, "-m", "open-valve", "-q", "1"]);
+        let out = mqttjs_resume(&format!("ws://{}/mqtt", v.http), &id, &topic, version, 1000);
+        // MQTT.js may hand over a message that came with the CONNACK before its `connect`.
+        let mut lines: Vec<&str> = out.lines().collect();
+        lines.sort();
+        let message = format!("message {topic} open-valve 1");
+        assert_eq!(lines, ["DONE", &message, "present true"], "MQTT {version}");
+    }
+}
