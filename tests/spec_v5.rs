@@ -1148,6 +1148,9 @@ fn subscription_options_survive_a_restart_with_persistence() {
     c.send(&subscribe5_with(1, "opt/t", 0x05, &sub_id(5)));
     assert_eq!(c.recv().expect("SUBACK").body[3], 1);
     subscribe(&mut c, "opt/u", 1);
+    // A QoS 2 publish the client leaves unreleased (PUBREC, no PUBREL).
+    c.send(&publish5("opt/q2", b"once", 2, false, 7));
+    assert_eq!(c.recv().expect("PUBREC").kind(), 5);
     c.send(&disconnect5(&[]));
     drop(c);
     let (status, _) = v.terminate();
@@ -1171,6 +1174,16 @@ fn subscription_options_survive_a_restart_with_persistence() {
         back.iter().all(|p| p.kind() == PUBACK),
         "only the PUBACK: {back:?}"
     );
+    // The unreleased QoS 2 publish: a re-send is acknowledged, not routed again, and the
+    // PUBREL completes it (PUBCOMP with success, not 0x92 "packet identifier not found").
+    let mut watcher = Sub::start(v.port(), &["-t", "opt/q2", "-q", "2"]);
+    c.send(&publish5("opt/q2", b"once", 2, false, 7));
+    assert_eq!(c.recv().expect("PUBREC").kind(), 5);
+    c.send(&ack_packet(6, 7));
+    let comp = c.recv().expect("PUBCOMP");
+    assert_eq!(comp.kind(), 7, "{comp:?}");
+    assert_eq!(comp.body.get(2).copied().unwrap_or(0), 0, "{comp:?}");
+    assert!(watcher.drain(Duration::from_millis(500)).is_empty());
     assert_eq!(
         unsubscribe5(&mut c, 2, &["opt/u", "never/subscribed"]),
         [0x00, 0x11]

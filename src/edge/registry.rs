@@ -89,6 +89,9 @@ pub struct SavedSession {
     pub subscriptions: Vec<(Bytes, SubOptions)>,
     /// An offline session's delayed will, and when it is due (Unix time, milliseconds).
     pub will: Option<(u64, Will)>,
+    /// An offline session's QoS 2 publishes routed but not yet released by the client's
+    /// PUBREL (`OfflineState::inbound_qos2`).
+    pub inbound_qos2: Vec<u16>,
 }
 
 /// When a saved session expires.
@@ -435,11 +438,16 @@ impl Registry {
                 let will = timers
                     .and_then(|t| t.will.as_ref())
                     .map(|(at, will)| (unix_ms(*at), will.clone()));
+                let inbound_qos2 = match inner.offline.get(id) {
+                    Some(offline) if !inner.live.contains_key(id) => offline.inbound_qos2.clone(),
+                    _ => Vec::new(),
+                };
                 SavedSession {
                     client_id: id.clone(),
                     expires,
                     subscriptions: kept.saved.subscriptions.clone(),
                     will,
+                    inbound_qos2,
                 }
             })
             .collect()

@@ -12,18 +12,20 @@
 //!
 //! An offline session's delayed will is kept with it and published when it is due, counting
 //! the time vigil was down; a session whose expiry ran out meanwhile is not restored, and its
-//! will, if it had one, is published once the other sessions are back. What is not kept: messages that were queued or
-//! in flight for a session at the restart, and the QoS 2 packet ids a session had not
-//! released.
+//! will, if it had one, is published once the other sessions are back. So are the packet ids
+//! of the QoS 2 publishes an offline client had not yet released, so that its PUBREL, or a
+//! re-sent PUBLISH, after the restart is answered as before it. What is not kept: messages
+//! that were queued or in flight for a session at the restart.
 //!
-//! The file is a `snapshot` file; each record is (client id, expiry, subscriptions, will),
+//! The file is a `snapshot` file; each record is (client id, expiry, subscriptions, will,
+//! unreleased QoS 2 ids),
 //! numbers big-endian: the expiry is a kind byte (0 never, 1 at a Unix time in seconds, 2 so
 //! many seconds after the restore, for a session that was connected) and 8 bytes; the
 //! subscriptions are, per filter, its length (2 bytes), the filter, the options byte and the
 //! Subscription Identifier (4 bytes); the will is empty or: when it is due (Unix time in
 //! milliseconds, 8 bytes), QoS, retain, whether it has a Message Expiry Interval, that
 //! interval (4 bytes), the topic's length (2 bytes), the topic, the properties' length (4
-//! bytes), the properties and the payload.
+//! bytes), the properties and the payload; the ids are 2 bytes each.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -80,7 +82,7 @@ impl snapshot::Persisted for Registry {
     fn save(&self, dir: &Path) -> Result<usize, SnapshotError> {
         let sessions = self.saved_sessions(crate::envelope::unix_millis());
         let mut out = snapshot::Writer::create(dir, FILE, FILE_HEADER)?;
-        let (mut subs, mut will) = (BytesMut::new(), BytesMut::new());
+        let (mut subs, mut will, mut ids) = (BytesMut::new(), BytesMut::new(), BytesMut::new());
         for s in &sessions {
             let (kind, value) = match s.expires {
                 Expires::Never => (0u8, 0u64),
@@ -111,7 +113,9 @@ impl snapshot::Persisted for Registry {
                 will.put_slice(&w.properties);
                 will.put_slice(&w.payload);
             }
-            out.record(&[s.client_id.as_bytes(), &expires, &subs, &will])?;
+            ids.clear();
+            s.inbound_qos2.iter().for_each(|&id| ids.put_u16(id));
+            out.record(&[s.client_id.as_bytes(), &expires, &subs, &will, &ids])?;
         }
         Ok(out.finish()? as usize)
     }
@@ -125,7 +129,7 @@ impl snapshot::Persisted for Registry {
 /// decode is left out (the digest matched, so only a writer bug could make one).
 pub fn load(dir: &Path) -> Result<Vec<SavedSession>, SnapshotError> {
     let mut sessions = Vec::new();
-    snapshot::read(dir, FILE, FILE_HEADER, 4, |record| {
+    snapshot::read(dir, FILE, FILE_HEADER, 5, |record| {
         if let Some(session) = decode(record) {
             sessions.push(session);
         }
@@ -164,7 +168,20 @@ fn decode(record: &[&[u8]]) -> Option<SavedSession> {
         expires,
         subscriptions,
         will: decode_will(record[3])?,
+        inbound_qos2: decode_ids(record[4])?,
     })
+}
+
+/// The fifth field: packet ids, 2 bytes each.
+fn decode_ids(data: &[u8]) -> Option<Vec<u16>> {
+    if data.len() % 2 != 0 || data.len() / 2 > registry::MAX_PENDING_QOS2 {
+        return None;
+    }
+    Some(
+        data.chunks_exact(2)
+            .map(|id| u16::from_be_bytes([id[0], id[1]]))
+            .collect(),
+    )
 }
 
 /// The fourth field: empty, or a delayed will and when it is due. `None`: it does not decode.
@@ -341,18 +358,19 @@ async fn restore_one(edge: &Edge, session: SavedSession, now_ms: u64) -> Outcome
         // From now on publishes carry their origin, as after a live No Local SUBSCRIBE.
         edge.no_local_in_use.store(true, Relaxed);
     }
-    if subscriptions
+    // As when a connection ends: the subscriptions only when some have options the edge
+    // applies, and the QoS 2 ids the client has yet to release.
+    let options = subscriptions
         .iter()
-        .any(|&(_, sub)| super::connection::needs_edge(sub))
-    {
-        let offline = OfflineState {
-            sub_options: subscriptions,
-            subscriptions_known: true,
-            ..OfflineState::default()
-        };
-        if !edge.registry.store_offline(&id, offline) {
-            Metrics::inc(&edge.metrics.dropped_qos2_state);
-        }
+        .any(|&(_, sub)| super::connection::needs_edge(sub));
+    let offline = OfflineState {
+        inbound_qos2: session.inbound_qos2,
+        sub_options: if options { subscriptions } else { Vec::new() },
+        subscriptions_known: options,
+        ..OfflineState::default()
+    };
+    if !edge.registry.store_offline(&id, offline) {
+        Metrics::inc(&edge.metrics.dropped_qos2_state);
     }
     edge.registry.session_offline(&id);
     if left.is_some() || session.will.is_some() {
@@ -468,6 +486,11 @@ mod tests {
             session_expires: Some(at),
         };
         registry.set_timers("empty", timers).unwrap();
+        let unreleased = OfflineState {
+            inbound_qos2: vec![7, 9],
+            ..OfflineState::default()
+        };
+        assert!(registry.store_offline("empty", unreleased));
 
         let before = registry.changes();
         assert_eq!(snapshot::Persisted::save(&*registry, &dir).unwrap(), 3);
@@ -486,6 +509,8 @@ mod tests {
         assert!(matches!(back[2].expires, Expires::At(_)));
         assert_eq!(back[2].will.as_ref().map(|(_, w)| w), Some(&will));
         assert!(back[0].will.is_none() && back[1].will.is_none());
+        assert_eq!(back[2].inbound_qos2, [7, 9]);
+        assert!(back[0].inbound_qos2.is_empty());
         // The same as read from the registry, up to the clock moving on in between.
         let at_ms = |s: &SavedSession| s.will.as_ref().map(|(at, _)| *at);
         assert!(at_ms(&expected[2]).unwrap() - at_ms(&back[2]).unwrap() < 1000);
@@ -501,22 +526,27 @@ mod tests {
 
     #[test]
     fn records_that_do_not_decode_are_left_out() {
-        assert!(decode(&[b"id", &[3, 0, 0, 0, 0, 0, 0, 0, 0], b"", b""]).is_none());
-        assert!(decode(&[b"id", &[0, 0, 0, 0, 0, 0, 0, 0], b"", b""]).is_none());
-        assert!(decode(&[b"id", &[0; 9], &[0, 5, b'a'], b""]).is_none());
-        assert!(decode(&[b"\xff", &[0; 9], b"", b""]).is_none());
+        assert!(decode(&[b"id", &[3, 0, 0, 0, 0, 0, 0, 0, 0], b"", b"", b""]).is_none());
+        assert!(decode(&[b"id", &[0, 0, 0, 0, 0, 0, 0, 0], b"", b"", b""]).is_none());
+        assert!(decode(&[b"id", &[0; 9], &[0, 5, b'a'], b"", b""]).is_none());
+        assert!(decode(&[b"\xff", &[0; 9], b"", b"", b""]).is_none());
         assert!(
-            decode(&[b"id", &[0; 9], b"", &[0; 12]]).is_none(),
+            decode(&[b"id", &[0; 9], b"", &[0; 12], b""]).is_none(),
             "short will"
+        );
+        assert!(
+            decode(&[b"id", &[0; 9], b"", b"", &[0; 3]]).is_none(),
+            "odd ids"
         );
         let mut bad_qos = vec![0; 8];
         bad_qos.extend([3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        assert!(decode(&[b"id", &[0; 9], b"", &bad_qos]).is_none());
+        assert!(decode(&[b"id", &[0; 9], b"", &bad_qos, b""]).is_none());
         let ok = decode(&[
             b"id",
             &[2, 0, 0, 0, 0, 0, 0, 0, 9],
             &[0, 1, b'a', 1, 0, 0, 0, 2],
             b"",
+            &[0, 7, 1, 0],
         ]);
         assert_eq!(
             ok,
@@ -525,6 +555,7 @@ mod tests {
                 expires: Expires::After(9),
                 subscriptions: vec![(Bytes::from_static(b"a"), SubOptions { options: 1, id: 2 })],
                 will: None,
+                inbound_qos2: vec![7, 256],
             })
         );
     }
