@@ -18,14 +18,13 @@
 //! that were queued or in flight for a session at the restart.
 //!
 //! The file is a `snapshot` file; each record is (client id, expiry, subscriptions, will,
-//! unreleased QoS 2 ids),
-//! numbers big-endian: the expiry is a kind byte (0 never, 1 at a Unix time in seconds, 2 so
-//! many seconds after the restore, for a session that was connected) and 8 bytes; the
-//! subscriptions are, per filter, its length (2 bytes), the filter, the options byte and the
-//! Subscription Identifier (4 bytes); the will is empty or: when it is due (Unix time in
-//! milliseconds, 8 bytes), QoS, retain, whether it has a Message Expiry Interval, that
-//! interval (4 bytes), the topic's length (2 bytes), the topic, the properties' length (4
-//! bytes), the properties and the payload; the ids are 2 bytes each.
+//! unreleased QoS 2 ids), numbers big-endian: the expiry is a kind byte (0 never, 1 at a Unix
+//! time in seconds, 2 so many seconds after the restore, for a session that was connected)
+//! and 8 bytes; the subscriptions are, per filter, its length (2 bytes), the filter, the
+//! options byte and the Subscription Identifier (4 bytes); the will is empty or: when it is
+//! due (Unix time in milliseconds, 8 bytes), QoS, retain, whether it has a Message Expiry
+//! Interval, that interval (4 bytes), the topic's length (2 bytes), the topic, the
+//! properties' length (4 bytes), the properties and the payload; the ids are 2 bytes each.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
