@@ -320,6 +320,14 @@ fn status(cli: &Cli, addr: Option<&str>) -> anyhow::Result<()> {
         value("vigil_retained_saves_total{outcome=\"failed\"}"),
     );
     println!(
+        "persistent sessions: {} kept; restored at start {} (not restored {}); saved {} (failed {})",
+        value("vigil_persistent_sessions"),
+        value("vigil_sessions_restored_total{outcome=\"restored\"}"),
+        value("vigil_sessions_restored_total{outcome=\"not_restored\"}"),
+        value("vigil_session_saves_total{outcome=\"ok\"}"),
+        value("vigil_session_saves_total{outcome=\"failed\"}"),
+    );
+    println!(
         "analytics: devices {} points {} alerts {} refits {}",
         value("vigil_analytics_devices"),
         value("vigil_analytics_points_total"),

@@ -203,6 +203,7 @@ fn readyz_and_status() {
     assert!(text.contains("connections: tcp"), "{text}");
     assert!(text.contains("messages: in 2"), "{text}");
     assert!(text.contains("retained: 1 messages"), "{text}");
+    assert!(text.contains("persistent sessions: 0 kept"), "{text}");
     // Nothing listening: a clear error, exit 1.
     let out = std::process::Command::new(vigil_bin())
         .args(["status", "--addr", "127.0.0.1:1"])
@@ -455,6 +456,15 @@ fn persistent_sessions_survive_a_restart_with_persistence() {
         metric(&text, "vigil_persistent_sessions"),
         Some(2.0),
         "{text}"
+    );
+    let status = std::process::Command::new(vigil_bin())
+        .args(["status", "--addr", &v.http.to_string()])
+        .output()
+        .expect("vigil status");
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("persistent sessions: 2 kept; restored at start 2 (not restored 1)"),
+        "{status}"
     );
     // Published while the sessions' clients are away: queued for them, as before the restart.
     for topic in ["cmd/keeper/x", "cmd/away/y", "cmd/brief/z", "cmd/passer/w"] {
