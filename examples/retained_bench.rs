@@ -15,19 +15,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use vigil::mqtt::{self, Version};
 
-#[path = "support/conn.rs"]
-mod conn;
-use conn::Conn;
+#[path = "support/bench.rs"]
+mod bench;
+use bench::{arg as get, Conn};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let get = |name: &str, default: &str| -> String {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-            .unwrap_or_else(|| default.to_string())
-    };
     let port: u16 = get("--port", "1883").parse().expect("--port");
     let topics: usize = get("--topics", "20000").parse().expect("--topics");
     let size: usize = get("--payload", "100").parse().expect("--payload");

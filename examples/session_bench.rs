@@ -14,29 +14,21 @@
 //! (CONNACK session present) and the queued messages that arrive (2 per session), ending each
 //! session with a clean connect so a second run starts from nothing.
 
-#[path = "support/conn.rs"]
-mod conn;
+#[path = "support/bench.rs"]
+mod bench;
 
 use std::time::{Duration, Instant};
 
+use bench::{arg as get, Conn};
 use bytes::Bytes;
-use conn::Conn;
 use vigil::mqtt::{self, Version};
 
 const THREADS: usize = 4;
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let get = |name: &str, default: &str| -> String {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-            .unwrap_or_else(|| default.to_string())
-    };
     let port: u16 = get("--port", "1883").parse().expect("--port");
     let sessions: usize = get("--sessions", "10000").parse().expect("--sessions");
-    match args.last().map(String::as_str) {
+    match std::env::args().next_back().as_deref() {
         Some("setup") => setup(port, sessions),
         Some("ready") => ready(port),
         Some("check") => check(port, sessions),

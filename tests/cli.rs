@@ -277,10 +277,8 @@ fn demo_fleet_raises_alerts_within_a_minute() {
 fn retained_messages_survive_a_restart_with_persistence() {
     const T: Duration = Duration::from_secs(5);
     let data = TempDir::new();
-    let dir = data.0.to_string_lossy().to_string();
     let start = |autosave: &str| {
-        Vigil::start_with(|c| {
-            let c = vigil::config::set_value(&c, "persistence", "dir", &format!("{dir:?}"));
+        Vigil::start_persistent(&data, |c| {
             vigil::config::set_value(&c, "persistence", "autosave_interval_secs", autosave)
         })
     };
@@ -374,11 +372,7 @@ fn retained_messages_survive_a_restart_with_persistence() {
     drop(v);
 
     // A damaged file: vigil starts without it, says so, and keeps the file aside.
-    let file = data.0.join("retained.bin");
-    let mut bytes = std::fs::read(&file).unwrap();
-    let last = bytes.len() - 10;
-    bytes[last] ^= 0xFF;
-    std::fs::write(&file, bytes).unwrap();
+    damage(&data.0.join("retained.bin"));
     let v = start("3600");
     assert!(
         v.log().contains("retained messages not loaded"),
@@ -394,10 +388,8 @@ fn retained_messages_survive_a_restart_with_persistence() {
 fn persistent_sessions_survive_a_restart_with_persistence() {
     const T: Duration = Duration::from_secs(5);
     let data = TempDir::new();
-    let dir = data.0.to_string_lossy().to_string();
     let start = |autosave: &str| {
-        Vigil::start_with(|c| {
-            let c = vigil::config::set_value(&c, "persistence", "dir", &format!("{dir:?}"));
+        Vigil::start_persistent(&data, |c| {
             vigil::config::set_value(&c, "persistence", "autosave_interval_secs", autosave)
         })
     };
@@ -505,8 +497,7 @@ fn persistent_sessions_survive_a_restart_with_persistence() {
     assert!(status.success());
 
     // A lower `limits.max_persistent_sessions`: the saved sessions beyond it are not restored.
-    let v = Vigil::start_with(|c| {
-        let c = vigil::config::set_value(&c, "persistence", "dir", &format!("{dir:?}"));
+    let v = Vigil::start_persistent(&data, |c| {
         vigil::config::set_value(&c, "limits", "max_persistent_sessions", "3")
     });
     assert!(
@@ -526,11 +517,7 @@ fn persistent_sessions_survive_a_restart_with_persistence() {
     drop(v);
 
     // A damaged file: vigil starts without it, says so, and keeps the file aside.
-    let file = data.0.join("sessions.bin");
-    let mut bytes = std::fs::read(&file).unwrap();
-    let last = bytes.len() - 10;
-    bytes[last] ^= 0xFF;
-    std::fs::write(&file, bytes).unwrap();
+    damage(&data.0.join("sessions.bin"));
     let v = start("3600");
     assert!(
         v.log().contains("persistent sessions not restored"),

@@ -181,12 +181,7 @@ fn mqttjs_resume(url: &str, client_id: &str, topic: &str, version: u8, wait_ms: 
 #[test]
 fn mqttjs_sessions_survive_a_restart_with_persistence() {
     let data = TempDir::new();
-    let dir = data.0.to_string_lossy().to_string();
-    let start = || {
-        Vigil::start_with(|c| {
-            vigil::config::set_value(&c, "persistence", "dir", &format!("{dir:?}"))
-        })
-    };
+    let start = || Vigil::start_persistent(&data, |c| c);
     let mut v = start();
     for version in [4, 5] {
         let (id, topic) = (format!("js-device-{version}"), format!("cmd/js{version}"));

@@ -801,6 +801,18 @@ fn session_expiry_is_enforced_and_can_be_changed_on_disconnect() {
 /// `mosquitto_sub` with a will delayed by `delay` seconds and Session Expiry `expiry` (when
 /// given), subscribed to something else.
 fn will_client(v: &Vigil, id: &str, delay: &str, expiry: Option<&str>, clean: bool) -> Sub {
+    will_client_qos(v, id, delay, expiry, clean, "0")
+}
+
+/// `will_client` with a will of QoS `qos`.
+fn will_client_qos(
+    v: &Vigil,
+    id: &str,
+    delay: &str,
+    expiry: Option<&str>,
+    clean: bool,
+    qos: &str,
+) -> Sub {
     let mut args = vec![
         "-V",
         "mqttv5",
@@ -812,6 +824,8 @@ fn will_client(v: &Vigil, id: &str, delay: &str, expiry: Option<&str>, clean: bo
         "wd/will",
         "--will-payload",
         id,
+        "--will-qos",
+        qos,
         "-D",
         "will",
         "will-delay-interval",
@@ -869,38 +883,13 @@ fn a_will_waits_for_its_delay_and_a_reconnection_cancels_it() {
 #[test]
 fn delayed_wills_survive_a_restart_with_persistence() {
     let data = TempDir::new();
-    let dir = data.0.to_string_lossy().to_string();
-    let start = || {
-        Vigil::start_with(|c| {
-            vigil::config::set_value(&c, "persistence", "dir", &format!("{dir:?}"))
-        })
-    };
+    let start = || Vigil::start_persistent(&data, |c| c);
     let watch = |v: &Vigil| {
         let args = ["-c", "-i", "will-watcher", "-q", "1", "-t", "wd/will"];
         Sub::start(v.port(), &args)
     };
     let will_client = |v: &Vigil, id: &str, delay: &str, expiry: &str| {
-        let args = [
-            "-V",
-            "mqttv5",
-            "-i",
-            id,
-            "-x",
-            expiry,
-            "-t",
-            "wd/other",
-            "--will-topic",
-            "wd/will",
-            "--will-payload",
-            id,
-            "--will-qos",
-            "1",
-            "-D",
-            "will",
-            "will-delay-interval",
-            delay,
-        ];
-        Sub::start(v.port(), &args)
+        will_client_qos(v, id, delay, Some(expiry), true, "1")
     };
     let mut v = start();
     let mut watcher = watch(&v);
@@ -1135,12 +1124,7 @@ fn subscription_identifiers_come_back_with_the_messages_they_matched() {
 #[test]
 fn subscription_options_survive_a_restart_with_persistence() {
     let data = TempDir::new();
-    let dir = data.0.to_string_lossy().to_string();
-    let start = || {
-        Vigil::start_with(|c| {
-            vigil::config::set_value(&c, "persistence", "dir", &format!("{dir:?}"))
-        })
-    };
+    let start = || Vigil::start_persistent(&data, |c| c);
     let expiry = u32_prop(0x11, 3600);
     let mut v = start();
     let (mut c, _) = connect(&v, "opt", true, &expiry);

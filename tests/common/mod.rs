@@ -42,6 +42,14 @@ impl Drop for TempDir {
     }
 }
 
+/// Flips a byte near the end of `file`, as a torn write or a bad disk would.
+pub fn damage(file: &std::path::Path) {
+    let mut bytes = std::fs::read(file).expect("the file to damage");
+    let last = bytes.len() - 10;
+    bytes[last] ^= 0xFF;
+    std::fs::write(file, bytes).expect("write the damaged file");
+}
+
 pub fn vigil_bin() -> &'static str {
     env!("CARGO_BIN_EXE_vigil")
 }
@@ -80,6 +88,13 @@ impl Vigil {
     /// Starts vigil with the default config passed through `edit`.
     pub fn start_with(edit: impl FnOnce(String) -> String) -> Vigil {
         Vigil::start_in(TempDir::new(), edit)
+    }
+
+    /// Starts vigil with `[persistence] dir` in `data` (which outlives the instance, so the
+    /// next one finds the files), then `edit` on that configuration.
+    pub fn start_persistent(data: &TempDir, edit: impl FnOnce(String) -> String) -> Vigil {
+        let dir = format!("{:?}", data.0.to_string_lossy());
+        Vigil::start_with(|c| edit(vigil::config::set_value(&c, "persistence", "dir", &dir)))
     }
 
     fn start_in(dir: TempDir, edit: impl FnOnce(String) -> String) -> Vigil {

@@ -1,4 +1,5 @@
-//! A blocking MQTT 3.1.1 client for the benchmark programs (`#[path]`-included).
+//! What the benchmark programs share (`#[path]`-included): their command-line options and a
+//! blocking MQTT 3.1.1 client.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -69,4 +70,14 @@ impl Conn {
             }
         }
     }
+}
+
+/// The value after `name` on the command line, or `default`.
+pub fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
 }
