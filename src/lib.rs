@@ -165,8 +165,17 @@ pub async fn run(
         ));
     }
     let sessions_dir = config.persistence.sessions_dir();
+    // The web port first: health checks and metrics answer while the saved sessions are
+    // restored; its WebSocket clients wait for them, as MQTT clients wait for the listener.
+    let http_addr = listeners.http.local_addr().ok();
+    if sessions_dir.is_some() {
+        edge.hold_clients();
+    }
+    let web_task = tokio::spawn(edge::web::serve(edge.clone(), listeners.http, web_tls));
     if let Some(dir) = sessions_dir {
-        restore_sessions(&edge, dir).await?;
+        let restored = restore_sessions(&edge, dir).await;
+        edge.admit_clients();
+        restored?;
         tokio::spawn(edge::snapshot::autosave(
             edge.registry.clone(),
             edge.metrics.clone(),
@@ -197,10 +206,8 @@ pub async fn run(
     }
 
     let mqtt_addr = listeners.mqtt.local_addr().ok();
-    let http_addr = listeners.http.local_addr().ok();
     let mqtts_addr = listeners.mqtts.as_ref().map(|l| l.local_addr().ok());
     let tcp_task = tokio::spawn(edge::tcp::serve(edge.clone(), listeners.mqtt));
-    let web_task = tokio::spawn(edge::web::serve(edge.clone(), listeners.http, web_tls));
     let tls_task = match (listeners.mqtts, &certificates) {
         (Some(listener), Some(c)) => {
             let acceptor = c.acceptor(edge::tls::MQTT_ALPN)?;

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -527,4 +528,92 @@ fn persistent_sessions_survive_a_restart_with_persistence() {
     assert!(data.0.join("sessions.bin.damaged").exists());
     let (_, present) = session_present(&v, "keeper");
     assert!(!present);
+}
+
+/// While saved sessions are restored, the web port answers HTTP (`/healthz` 200, `/metrics`,
+/// `/readyz` 503 with `"sessions":"restoring"`) and holds a WebSocket client until the
+/// sessions are back; MQTT clients wait in the listener's queue and find their sessions.
+#[test]
+fn the_web_port_answers_while_sessions_are_restored() {
+    const SESSIONS: usize = 1500;
+    let data = TempDir::new();
+    let mut v = Vigil::start_persistent(&data, |c| c);
+    // 1,500 persistent sessions: about 1.7 s to restore with the one core listener.
+    for i in 0..SESSIONS {
+        let id = format!("restore-{i}");
+        let opts = ConnectOpts {
+            clean: false,
+            ..ConnectOpts::v311(&id)
+        };
+        let mut raw = Raw::connected(v.mqtt, &opts);
+        raw.send(&subscribe_packet(1, &[(&format!("restore/{i}"), 1)]));
+        assert_eq!(raw.recv().expect("SUBACK").kind(), 9);
+    }
+    let (status, _) = v.terminate();
+    assert!(status.success());
+
+    // Started by hand, on ports known before vigil logs its addresses (after the restore).
+    let free = || {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let (mqtt, http) = (free(), free());
+    let config = data.0.join("broker.toml");
+    let dir = format!("{:?}", data.0.to_string_lossy());
+    let text = vigil::config::set_value(DEFAULT_CONFIG, "persistence", "dir", &dir);
+    std::fs::write(&config, text).unwrap();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _vigil = Killed(
+        Command::new(vigil_bin())
+            .arg("--config")
+            .arg(&config)
+            .arg("--mqtt-listen")
+            .arg(mqtt.to_string())
+            .arg("--http-listen")
+            .arg(http.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn vigil"),
+    );
+    let ready = poll(
+        Duration::from_secs(10),
+        || match std::net::TcpStream::connect(http) {
+            Ok(_) => http_get(http, "/readyz"),
+            Err(_) => String::new(),
+        },
+        |r| !r.is_empty(),
+    );
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains("\"sessions\":\"restoring\""),
+        "{ready}"
+    );
+    assert!(http_get(http, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(http, "/metrics").contains("vigil_persistent_sessions"));
+    // A WebSocket upgrade waits for the restore, then succeeds.
+    let mut ws = std::net::TcpStream::connect(http).unwrap();
+    ws.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let upgrade = "GET /mqtt HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                   Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                   Sec-WebSocket-Protocol: mqtt\r\n\r\n";
+    ws.write_all(upgrade.as_bytes()).unwrap();
+    let mut answer = [0u8; 12];
+    ws.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 101");
+    let ready = http_get(http, "/readyz");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(ready.contains("\"sessions\":\"ok\""), "{ready}");
+    let opts = ConnectOpts {
+        clean: false,
+        ..ConnectOpts::v311("restore-7")
+    };
+    let (_, connack) = Raw::connect(mqtt, &opts);
+    assert_eq!(connack.body, [1, 0], "session present");
 }

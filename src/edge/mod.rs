@@ -219,6 +219,9 @@ pub struct Edge {
     /// Numbers the short-lived core connections of delayed wills when `core_ids` has none
     /// free.
     next_internal: AtomicU64,
+    /// False while saved persistent sessions are being restored (`sessions::restore`): the
+    /// web port then answers HTTP but holds back WebSocket clients, and `/readyz` says so.
+    admitting: tokio::sync::watch::Sender<bool>,
 }
 
 /// `CoreNames::admit` with its gauge and its refusal counter.
@@ -312,7 +315,30 @@ impl Edge {
                 u32::try_from(cap.saturating_mul(2).saturating_add(1024)).unwrap_or(u32::MAX),
             ),
             next_internal: AtomicU64::new(0),
+            admitting: tokio::sync::watch::Sender::new(true),
         })
+    }
+
+    /// Holds clients back (`admitting`) until [`Edge::admit_clients`].
+    pub fn hold_clients(&self) {
+        self.admitting.send_replace(false);
+    }
+
+    /// Lets clients in: the saved sessions are back.
+    pub fn admit_clients(&self) {
+        self.admitting.send_replace(true);
+    }
+
+    /// Whether clients are let in (`hold_clients`).
+    pub fn admits_clients(&self) -> bool {
+        *self.admitting.borrow()
+    }
+
+    /// Waits until clients are let in.
+    pub async fn clients_admitted(&self) {
+        let mut admitting = self.admitting.subscribe();
+        // The sender lives as long as the edge: an error cannot happen while it is borrowed.
+        let _ = admitting.wait_for(|&admitted| admitted).await;
     }
 
     /// Whether a client may give the core this topic filter (`limits.max_distinct_filters`);

@@ -9,7 +9,7 @@
 //! - WebSocket upgrade on `/ws`: the JSON bridge (`bridge`), echoing the `vigil.bridge.v1`
 //!   subprotocol when offered.
 //! - `GET /healthz` (the process is up), `GET /readyz` (it can serve: JSON checks, 503 when
-//!   not), `GET /metrics`, and the dashboard: `GET /` and `GET /assets/...`
+//!   not, also while saved sessions are restored, when WebSocket upgrades wait), `GET /metrics`, and the dashboard: `GET /` and `GET /assets/...`
 //!   ([`crate::dashboard`], embedded in the binary).
 //!
 //! With `tls.https` the port speaks TLS only: the same routes over HTTPS and WSS, and the
@@ -206,8 +206,8 @@ async fn handle(
 /// Longest the core may take to answer the readiness probe's CONNECT.
 const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `/readyz`: whether the core routes (a CONNECT answered) and the analytics task is
-/// subscribed (when enabled). Redis is not part of vigil yet: reported as not configured.
+/// `/readyz`: whether the core routes (a CONNECT answered), the analytics task is
+/// subscribed (when enabled) and the saved persistent sessions are back. Redis is not part of vigil yet: reported as not configured.
 async fn readiness(edge: &Edge) -> (bool, String) {
     let core = match tokio::time::timeout(READY_PROBE_TIMEOUT, edge.core.connect("i-readyz", true))
         .await
@@ -242,9 +242,14 @@ async fn readiness(edge: &Edge) -> (bool, String) {
         crate::cluster::REDIS_UP => "ok",
         _ => "down",
     };
+    let sessions = if edge.admits_clients() {
+        "ok"
+    } else {
+        "restoring"
+    };
     // Without Redis an instance still serves its own clients: degraded, not unready, so a load
     // balancer keeps sending it traffic.
-    let ok = core == "ok" && matches!(analytics, "ok" | "disabled");
+    let ok = core == "ok" && matches!(analytics, "ok" | "disabled") && sessions == "ok";
     let status = match (ok, redis) {
         (false, _) => "not_ready",
         (true, "down") => "degraded",
@@ -253,7 +258,7 @@ async fn readiness(edge: &Edge) -> (bool, String) {
     (
         ok,
         format!(
-            "{{\"status\":\"{status}\",\"checks\":{{\"core\":\"{core}\",\"analytics\":\"{analytics}\",\"redis\":\"{redis}\"}}}}\n"
+            "{{\"status\":\"{status}\",\"checks\":{{\"core\":\"{core}\",\"analytics\":\"{analytics}\",\"redis\":\"{redis}\",\"sessions\":\"{sessions}\"}}}}\n"
         ),
     )
 }
@@ -329,6 +334,23 @@ async fn upgrade(
             "text/plain",
             "no WebSocket service here; MQTT is at /mqtt\n",
             &[],
+        )
+        .await;
+        return;
+    }
+    // Saved sessions are still being restored: the client waits (within its handshake
+    // deadline), so that none resumes a session half built.
+    if !edge.admits_clients()
+        && tokio::time::timeout_at(deadline, edge.clients_admitted())
+            .await
+            .is_err()
+    {
+        respond(
+            &mut stream,
+            503,
+            "text/plain",
+            "restoring persistent sessions, try again\n",
+            &[("Retry-After", "1")],
         )
         .await;
         return;
