@@ -608,8 +608,14 @@ fn the_web_port_answers_while_sessions_are_restored() {
     ws.read_exact(&mut answer).unwrap();
     assert_eq!(&answer, b"HTTP/1.1 101");
     let ready = http_get(http, "/readyz");
-    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     assert!(ready.contains("\"sessions\":\"ok\""), "{ready}");
+    // Ready once the analytics task, started after the restore, has subscribed too.
+    let ready = poll(
+        Duration::from_secs(10),
+        || http_get(http, "/readyz"),
+        |r| r.starts_with("HTTP/1.1 200"),
+    );
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     let opts = ConnectOpts {
         clean: false,
         ..ConnectOpts::v311("restore-7")
