@@ -171,6 +171,13 @@ pub async fn run(
     if sessions_dir.is_some() {
         edge.hold_clients();
     }
+    if config.analytics.enabled {
+        // Started after the restore: `/readyz` says "starting" meanwhile, not "disabled".
+        edge.metrics.analytics.state.store(
+            live::ANALYTICS_STARTING,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
     let web_task = tokio::spawn(edge::web::serve(edge.clone(), listeners.http, web_tls));
     if let Some(dir) = sessions_dir {
         let restored = restore_sessions(&edge, dir).await;
