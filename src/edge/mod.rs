@@ -382,6 +382,11 @@ impl Edge {
             (true, _) => self.retained.set(topic, &[]),
         };
         self.note_retained(total);
+        let swept = self.retained.take_swept();
+        if swept > 0 {
+            // Expired while retained: dropped like an expired delivery.
+            self.metrics.dropped_expired.fetch_add(swept, Relaxed);
+        }
         if !kept {
             refused(
                 &self.metrics.retained_limit_refusals,

@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -46,6 +46,9 @@ pub const RETAINED_ENTRY_OVERHEAD: usize = 64;
 pub struct RetainedStore {
     max: usize,
     state: Mutex<State>,
+    /// Expired messages the full-store sweep removed and nobody has counted yet
+    /// (`take_swept`).
+    swept: AtomicU64,
 }
 
 /// The store's size after a change.
@@ -121,6 +124,7 @@ impl RetainedStore {
         RetainedStore {
             max,
             state: Mutex::new(State::default()),
+            swept: AtomicU64::new(0),
         }
     }
 
@@ -157,7 +161,8 @@ impl RetainedStore {
                 return (false, state.totals());
             }
             state.last_sweep = Some(now);
-            state.purge_expired(envelope::unix_millis());
+            let purged = state.purge_expired(envelope::unix_millis());
+            self.swept.fetch_add(purged as u64, Relaxed);
             old = replaced(&state);
             if !fits(&state, old) {
                 return (false, state.totals());
@@ -178,6 +183,11 @@ impl RetainedStore {
             }
         }
         (true, state.totals())
+    }
+
+    /// The expired messages the full-store sweep removed since the last call.
+    pub fn take_swept(&self) -> u64 {
+        self.swept.swap(0, Relaxed)
     }
 
     /// Up to `max` of the retained messages `filter` matches, in topic order, after the topic
@@ -595,6 +605,8 @@ mod tests {
         assert!(r.set(b"t/1", &[&past]).0);
         assert!(r.set(b"t/2", &[&future]).0);
         assert_eq!(r.totals().messages, 1);
+        assert_eq!(r.take_swept(), 2, "counted once");
+        assert_eq!(r.take_swept(), 0);
         // Not more than once a second: full of live ones, a refusal is quick.
         assert!(r.set(b"t/3", &[&future]).0);
         assert!(!r.set(b"t/4", &[&future]).0);
