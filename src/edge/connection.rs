@@ -2774,7 +2774,6 @@ const READ_STEP_MAX: usize = 64 * 1024;
 /// Buffers are given back after a burst once they are empty and larger than this.
 const RETAIN_CAPACITY: usize = 16 * 1024;
 
-/// Makes room for the next read, sized by how much the last reads brought (`step`).
 /// A digest of a delivery's topic and payload, to recognise the core's
 /// re-sending of a message after a persistent session resumes. Not cryptographic: it only has
 /// to tell apart the few deliveries one session had in flight.
@@ -2795,6 +2794,7 @@ fn fingerprint(topic: &[u8], payload: &[u8]) -> u64 {
     h
 }
 
+/// Makes room for the next read, sized by how much the last reads brought (`step`).
 fn reserve(buf: &mut BytesMut, step: usize) {
     if buf.capacity() - buf.len() < step / 2 {
         buf.reserve(step);
