@@ -623,3 +623,40 @@ fn the_web_port_answers_while_sessions_are_restored() {
     let (_, connack) = Raw::connect(mqtt, &opts);
     assert_eq!(connack.body, [1, 0], "session present");
 }
+
+/// `limits.persistent_session_expiry_secs` counts the time vigil was down: a session that has
+/// been offline longer than that, restart included, is not restored; one offline for less is.
+#[test]
+fn the_offline_limit_counts_the_time_vigil_was_down() {
+    let data = TempDir::new();
+    let start = || {
+        Vigil::start_persistent(&data, |c| {
+            vigil::config::set_value(&c, "limits", "persistent_session_expiry_secs", "3")
+        })
+    };
+    let connect = |v: &Vigil, id: &str| {
+        let opts = ConnectOpts {
+            clean: false,
+            ..ConnectOpts::v311(id)
+        };
+        let (raw, connack) = Raw::connect(v.mqtt, &opts);
+        (raw, connack.body[0] & 1 == 1)
+    };
+    let mut v = start();
+    drop(connect(&v, "stale")); // offline from now
+    std::thread::sleep(Duration::from_secs(2));
+    drop(connect(&v, "fresh")); // offline 2 s later
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, _) = v.terminate();
+    assert!(status.success());
+    std::thread::sleep(Duration::from_millis(1500)); // "stale": 3.7 s offline by now
+
+    let v = start();
+    assert!(
+        v.log().contains("restored=1") && v.log().contains("expired=1"),
+        "{}",
+        v.log()
+    );
+    assert!(connect(&v, "fresh").1, "offline for about 1.7 s: restored");
+    assert!(!connect(&v, "stale").1, "offline for 3.7 s: ended");
+}

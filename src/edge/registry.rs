@@ -92,6 +92,9 @@ pub struct SavedSession {
     /// An offline session's QoS 2 publishes routed but not yet released by the client's
     /// PUBREL (`OfflineState::inbound_qos2`).
     pub inbound_qos2: Vec<u16>,
+    /// Since when an offline session has been offline (Unix time, milliseconds; `None`: it
+    /// was connected), for eviction and `limits.persistent_session_expiry_secs`.
+    pub offline_since: Option<u64>,
 }
 
 /// When a saved session expires.
@@ -438,6 +441,10 @@ impl Registry {
                 let will = timers
                     .and_then(|t| t.will.as_ref())
                     .map(|(at, will)| (unix_ms(*at), will.clone()));
+                let offline_since = (!inner.live.contains_key(id)).then(|| {
+                    let ago = instant.saturating_duration_since(kept.touched.0);
+                    now.saturating_sub(ago.as_millis() as u64)
+                });
                 let inbound_qos2 = match inner.offline.get(id) {
                     Some(offline) if !inner.live.contains_key(id) => offline.inbound_qos2.clone(),
                     _ => Vec::new(),
@@ -448,6 +455,7 @@ impl Registry {
                     subscriptions: kept.saved.subscriptions.clone(),
                     will,
                     inbound_qos2,
+                    offline_since,
                 }
             })
             .collect()
@@ -596,9 +604,20 @@ impl Registry {
 
     /// A kept session goes offline now: it is evicted or expires counting from now.
     pub fn session_offline(&self, id: &str) {
+        self.session_offline_since(id, Instant::now());
+    }
+
+    /// A kept session has been offline since `since` (a restored one: since before the
+    /// restart), for eviction and `SessionLimits::expiry`.
+    pub fn session_offline_since(&self, id: &str, since: Instant) {
         let mut inner = self.lock();
         inner.changes += 1;
-        Self::touch(&mut inner, id, Instant::now());
+        Self::touch(&mut inner, id, since);
+    }
+
+    /// How long a session may stay offline whatever it asked for (`SessionLimits::expiry`).
+    pub fn offline_limit(&self) -> Option<Duration> {
+        self.sessions.expiry
     }
 
     /// The longest Session Expiry Interval (seconds) a session may have

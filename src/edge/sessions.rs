@@ -18,13 +18,16 @@
 //! that were queued or in flight for a session at the restart.
 //!
 //! The file is a `snapshot` file; each record is (client id, expiry, subscriptions, will,
-//! unreleased QoS 2 ids), numbers big-endian: the expiry is a kind byte (0 never, 1 at a Unix
+//! unreleased QoS 2 ids, offline since), numbers big-endian: the expiry is a kind byte (0 never, 1 at a Unix
 //! time in seconds, 2 so many seconds after the restore, for a session that was connected)
 //! and 8 bytes; the subscriptions are, per filter, its length (2 bytes), the filter, the
 //! options byte and the Subscription Identifier (4 bytes); the will is empty or: when it is
 //! due (Unix time in milliseconds, 8 bytes), QoS, retain, whether it has a Message Expiry
 //! Interval, that interval (4 bytes), the topic's length (2 bytes), the topic, the
-//! properties' length (4 bytes), the properties and the payload; the ids are 2 bytes each.
+//! properties' length (4 bytes), the properties and the payload; the ids are 2 bytes each;
+//! "offline since" is empty for a session that was connected, else a Unix time in
+//! milliseconds (8 bytes), so that eviction order and `limits.persistent_session_expiry_secs`
+//! count the time vigil was down.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -114,7 +117,9 @@ impl snapshot::Persisted for Registry {
             }
             ids.clear();
             s.inbound_qos2.iter().for_each(|&id| ids.put_u16(id));
-            out.record(&[s.client_id.as_bytes(), &expires, &subs, &will, &ids])?;
+            let since = s.offline_since.map(u64::to_be_bytes);
+            let since: &[u8] = since.as_ref().map_or(&[], |b| &b[..]);
+            out.record(&[s.client_id.as_bytes(), &expires, &subs, &will, &ids, since])?;
         }
         Ok(out.finish()? as usize)
     }
@@ -128,7 +133,7 @@ impl snapshot::Persisted for Registry {
 /// decode is left out (the digest matched, so only a writer bug could make one).
 pub fn load(dir: &Path) -> Result<Vec<SavedSession>, SnapshotError> {
     let mut sessions = Vec::new();
-    snapshot::read(dir, FILE, FILE_HEADER, 5, |record| {
+    snapshot::read(dir, FILE, FILE_HEADER, 6, |record| {
         if let Some(session) = decode(record) {
             sessions.push(session);
         }
@@ -168,6 +173,10 @@ fn decode(record: &[&[u8]]) -> Option<SavedSession> {
         subscriptions,
         will: decode_will(record[3])?,
         inbound_qos2: decode_ids(record[4])?,
+        offline_since: match record[5] {
+            [] => None,
+            since => Some(u64::from_be_bytes(since.try_into().ok()?)),
+        },
     })
 }
 
@@ -310,6 +319,16 @@ async fn restore_one(edge: &Edge, session: SavedSession, now_ms: u64) -> Outcome
             return Outcome::Expired(session.will.map(|(_, will)| will))
         }
     };
+    // Offline for longer than `limits.persistent_session_expiry_secs` allows, downtime
+    // included: it ended while vigil was down too.
+    let offline_for = session
+        .offline_since
+        .map(|since| Duration::from_millis(now_ms.saturating_sub(since)));
+    if let (Some(offline_for), Some(limit)) = (offline_for, edge.registry.offline_limit()) {
+        if offline_for >= limit {
+            return Outcome::Expired(session.will.map(|(_, will)| will));
+        }
+    }
     let id = session.client_id;
     let slot = match edge.registry.keep_session(&id, &edge.shutdown) {
         Keep::New(slot) => slot,
@@ -371,9 +390,13 @@ async fn restore_one(edge: &Edge, session: SavedSession, now_ms: u64) -> Outcome
     if !edge.registry.store_offline(&id, offline) {
         Metrics::inc(&edge.metrics.dropped_qos2_state);
     }
-    edge.registry.session_offline(&id);
+    // Eviction and `limits.persistent_session_expiry_secs` count from when it went offline
+    // (from now if that lies before this machine's clock for `Instant`s starts).
+    let instant = tokio::time::Instant::now();
+    let since = offline_for.and_then(|ago| instant.checked_sub(ago));
+    edge.registry
+        .session_offline_since(&id, since.unwrap_or(instant));
     if left.is_some() || session.will.is_some() {
-        let instant = tokio::time::Instant::now();
         // A will already due goes as soon as the reaper runs.
         let due = |at: u64| instant + Duration::from_millis(at.saturating_sub(now_ms));
         let timers = registry::Timers {
@@ -509,12 +532,16 @@ mod tests {
         assert_eq!(back[2].will.as_ref().map(|(_, w)| w), Some(&will));
         assert!(back[0].will.is_none() && back[1].will.is_none());
         assert_eq!(back[2].inbound_qos2, [7, 9]);
+        // "empty" went offline (now); the others were never claimed, so they count as offline
+        // since they were kept.
+        assert!(back.iter().all(|s| s.offline_since.is_some()));
         assert!(back[0].inbound_qos2.is_empty());
         // The same as read from the registry, up to the clock moving on in between.
         let at_ms = |s: &SavedSession| s.will.as_ref().map(|(at, _)| *at);
         assert!(at_ms(&expected[2]).unwrap() - at_ms(&back[2]).unwrap() < 1000);
         for s in back.iter_mut().chain(expected.iter_mut()) {
             s.will.iter_mut().for_each(|(at, _)| *at = 0);
+            s.offline_since = s.offline_since.map(|_| 0);
             if let Expires::At(at) = &mut s.expires {
                 *at = 0;
             }
@@ -525,27 +552,32 @@ mod tests {
 
     #[test]
     fn records_that_do_not_decode_are_left_out() {
-        assert!(decode(&[b"id", &[3, 0, 0, 0, 0, 0, 0, 0, 0], b"", b"", b""]).is_none());
-        assert!(decode(&[b"id", &[0, 0, 0, 0, 0, 0, 0, 0], b"", b"", b""]).is_none());
-        assert!(decode(&[b"id", &[0; 9], &[0, 5, b'a'], b"", b""]).is_none());
-        assert!(decode(&[b"\xff", &[0; 9], b"", b"", b""]).is_none());
+        assert!(decode(&[b"id", &[3, 0, 0, 0, 0, 0, 0, 0, 0], b"", b"", b"", b""]).is_none());
+        assert!(decode(&[b"id", &[0, 0, 0, 0, 0, 0, 0, 0], b"", b"", b"", b""]).is_none());
+        assert!(decode(&[b"id", &[0; 9], &[0, 5, b'a'], b"", b"", b""]).is_none());
+        assert!(decode(&[b"\xff", &[0; 9], b"", b"", b"", b""]).is_none());
         assert!(
-            decode(&[b"id", &[0; 9], b"", &[0; 12], b""]).is_none(),
+            decode(&[b"id", &[0; 9], b"", &[0; 12], b"", b""]).is_none(),
             "short will"
         );
         assert!(
-            decode(&[b"id", &[0; 9], b"", b"", &[0; 3]]).is_none(),
+            decode(&[b"id", &[0; 9], b"", b"", &[0; 3], b""]).is_none(),
             "odd ids"
         );
         let mut bad_qos = vec![0; 8];
         bad_qos.extend([3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        assert!(decode(&[b"id", &[0; 9], b"", &bad_qos, b""]).is_none());
+        assert!(decode(&[b"id", &[0; 9], b"", &bad_qos, b"", b""]).is_none());
+        assert!(
+            decode(&[b"id", &[0; 9], b"", b"", b"", &[0; 7]]).is_none(),
+            "short time"
+        );
         let ok = decode(&[
             b"id",
             &[2, 0, 0, 0, 0, 0, 0, 0, 9],
             &[0, 1, b'a', 1, 0, 0, 0, 2],
             b"",
             &[0, 7, 1, 0],
+            &[0, 0, 0, 0, 0, 0, 0, 5],
         ]);
         assert_eq!(
             ok,
@@ -555,6 +587,7 @@ mod tests {
                 subscriptions: vec![(Bytes::from_static(b"a"), SubOptions { options: 1, id: 2 })],
                 will: None,
                 inbound_qos2: vec![7, 256],
+                offline_since: Some(5),
             })
         );
     }
