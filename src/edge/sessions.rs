@@ -253,7 +253,6 @@ enum Outcome {
 /// Builds the saved `sessions` again in the core and the registry; call it before clients
 /// can connect. At most `limits.max_persistent_sessions` sessions are restored.
 pub async fn restore(edge: &Arc<Edge>, sessions: Vec<SavedSession>) -> Restored {
-    let now = crate::envelope::unix_millis();
     let mut result = Restored::default();
     let room = edge
         .registry
@@ -274,7 +273,7 @@ pub async fn restore(edge: &Arc<Edge>, sessions: Vec<SavedSession>) -> Restored 
                 break;
             };
             let edge = edge.clone();
-            tasks.spawn(async move { restore_one(&edge, session, now).await });
+            tasks.spawn(async move { restore_one(&edge, session).await });
         }
         let Some(done) = tasks.join_next().await else {
             break;
@@ -306,7 +305,9 @@ pub async fn restore(edge: &Arc<Edge>, sessions: Vec<SavedSession>) -> Restored 
     result
 }
 
-async fn restore_one(edge: &Edge, session: SavedSession, now_ms: u64) -> Outcome {
+async fn restore_one(edge: &Edge, session: SavedSession) -> Outcome {
+    // Read per session: a restore of many sessions takes a while.
+    let now_ms = crate::envelope::unix_millis();
     let now = now_ms / 1000;
     // Seconds left before the session expires (`None`: never).
     let left = match session.expires {
