@@ -394,17 +394,6 @@ fn persistent_sessions_survive_a_restart_with_persistence() {
             vigil::config::set_value(&c, "persistence", "autosave_interval_secs", autosave)
         })
     };
-    // Connects `id` without a clean start and says whether its session was there.
-    let session_present = |v: &Vigil, id: &str| {
-        let addr = format!("127.0.0.1:{}", v.port()).parse().unwrap();
-        let opts = ConnectOpts {
-            clean: false,
-            ..ConnectOpts::v311(id)
-        };
-        let (raw, connack) = Raw::connect(addr, &opts);
-        assert_eq!(connack.body[1], 0, "refused: {connack:?}");
-        (raw, connack.body[0] & 1 == 1)
-    };
     let v5_session = |v: &Vigil, id: &str, expiry: &str| {
         let filter = format!("cmd/{id}/#");
         let args = [
@@ -463,7 +452,7 @@ fn persistent_sessions_survive_a_restart_with_persistence() {
     for topic in ["cmd/keeper/x", "cmd/away/y", "cmd/brief/z", "cmd/passer/w"] {
         publish(v.port(), &["-t", topic, "-m", topic, "-q", "1"]);
     }
-    let (mut raw, present) = session_present(&v, "keeper");
+    let (mut raw, present) = Raw::resume(v.mqtt, "keeper");
     assert!(present, "keeper's session was restored");
     let p = raw.recv_timeout(T).expect("the queued message");
     let (topic, qos, ..) = parse_publish(&p);
@@ -477,9 +466,9 @@ fn persistent_sessions_survive_a_restart_with_persistence() {
         away.debug
     );
     away.kill();
-    let (_, present) = session_present(&v, "brief");
+    let (_, present) = Raw::resume(v.mqtt, "brief");
     assert!(!present, "brief's session expired while vigil was down");
-    let (_, present) = session_present(&v, "passer");
+    let (_, present) = Raw::resume(v.mqtt, "passer");
     assert!(!present);
 
     // A clean stop saves at shutdown, with no autosave in between: "brief" and "passer" now
@@ -489,7 +478,7 @@ fn persistent_sessions_survive_a_restart_with_persistence() {
     let mut v = start("3600");
     assert!(v.log().contains("restored=4"), "{}", v.log());
     publish(v.port(), &["-t", "cmd/keeper/again", "-m", "k", "-q", "1"]);
-    let (mut raw, present) = session_present(&v, "keeper");
+    let (mut raw, present) = Raw::resume(v.mqtt, "keeper");
     assert!(present);
     let p = raw.recv_timeout(T).expect("the queued message");
     assert_eq!(parse_publish(&p).0, "cmd/keeper/again");
@@ -526,7 +515,7 @@ fn persistent_sessions_survive_a_restart_with_persistence() {
         v.log()
     );
     assert!(data.0.join("sessions.bin.damaged").exists());
-    let (_, present) = session_present(&v, "keeper");
+    let (_, present) = Raw::resume(v.mqtt, "keeper");
     assert!(!present);
 }
 
@@ -540,12 +529,7 @@ fn the_web_port_answers_while_sessions_are_restored() {
     let mut v = Vigil::start_persistent(&data, |c| c);
     // 1,500 persistent sessions: about 1.7 s to restore with the one core listener.
     for i in 0..SESSIONS {
-        let id = format!("restore-{i}");
-        let opts = ConnectOpts {
-            clean: false,
-            ..ConnectOpts::v311(&id)
-        };
-        let mut raw = Raw::connected(v.mqtt, &opts);
+        let (mut raw, _) = Raw::resume(v.mqtt, &format!("restore-{i}"));
         raw.send(&subscribe_packet(1, &[(&format!("restore/{i}"), 1)]));
         assert_eq!(raw.recv().expect("SUBACK").kind(), 9);
     }
@@ -616,12 +600,7 @@ fn the_web_port_answers_while_sessions_are_restored() {
         |r| r.starts_with("HTTP/1.1 200"),
     );
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
-    let opts = ConnectOpts {
-        clean: false,
-        ..ConnectOpts::v311("restore-7")
-    };
-    let (_, connack) = Raw::connect(mqtt, &opts);
-    assert_eq!(connack.body, [1, 0], "session present");
+    assert!(Raw::resume(mqtt, "restore-7").1, "session present");
 }
 
 /// `limits.persistent_session_expiry_secs` counts the time vigil was down: a session that has
@@ -634,18 +613,10 @@ fn the_offline_limit_counts_the_time_vigil_was_down() {
             vigil::config::set_value(&c, "limits", "persistent_session_expiry_secs", "3")
         })
     };
-    let connect = |v: &Vigil, id: &str| {
-        let opts = ConnectOpts {
-            clean: false,
-            ..ConnectOpts::v311(id)
-        };
-        let (raw, connack) = Raw::connect(v.mqtt, &opts);
-        (raw, connack.body[0] & 1 == 1)
-    };
     let mut v = start();
-    drop(connect(&v, "stale")); // offline from now
+    drop(Raw::resume(v.mqtt, "stale")); // offline from now
     std::thread::sleep(Duration::from_secs(2));
-    drop(connect(&v, "fresh")); // offline 2 s later
+    drop(Raw::resume(v.mqtt, "fresh")); // offline 2 s later
     std::thread::sleep(Duration::from_millis(200));
     let (status, _) = v.terminate();
     assert!(status.success());
@@ -657,6 +628,9 @@ fn the_offline_limit_counts_the_time_vigil_was_down() {
         "{}",
         v.log()
     );
-    assert!(connect(&v, "fresh").1, "offline for about 1.7 s: restored");
-    assert!(!connect(&v, "stale").1, "offline for 3.7 s: ended");
+    assert!(
+        Raw::resume(v.mqtt, "fresh").1,
+        "offline for about 1.7 s: restored"
+    );
+    assert!(!Raw::resume(v.mqtt, "stale").1, "offline for 3.7 s: ended");
 }

@@ -271,12 +271,7 @@ fn core_port_refuses_strangers() {
 fn fast_connect_disconnect_churn_never_drops_a_new_client() {
     let v = Vigil::start();
     for i in 0..3000 {
-        let id = format!("churn-{i}");
-        let o = ConnectOpts {
-            clean: false,
-            ..ConnectOpts::v311(&id)
-        };
-        let mut c = Raw::connected(v.mqtt, &o);
+        let (mut c, _) = Raw::resume(v.mqtt, &format!("churn-{i}"));
         c.send(&subscribe_packet(1, &[(&format!("churn/{i}"), 1)]));
         assert_eq!(c.recv().map(|p| p.kind()), Some(9), "client {i}: no SUBACK");
         c.send_lossy(&[0xE0, 0]);

@@ -635,6 +635,18 @@ impl Raw {
         (raw, ack)
     }
 
+    /// Connects `client_id` (3.1.1) without a clean session, asserts acceptance, and says
+    /// whether the broker had the session (CONNACK session present).
+    pub fn resume(addr: SocketAddr, client_id: &str) -> (Raw, bool) {
+        let o = ConnectOpts {
+            clean: false,
+            ..ConnectOpts::v311(client_id)
+        };
+        let (raw, ack) = Raw::connect(addr, &o);
+        assert_eq!(ack.body[1], 0, "CONNACK refused: {ack:?}");
+        (raw, ack.body[0] & 1 == 1)
+    }
+
     /// Connects and asserts acceptance.
     pub fn connected(addr: SocketAddr, o: &ConnectOpts<'_>) -> Raw {
         let (raw, ack) = Raw::connect(addr, o);
