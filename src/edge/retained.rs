@@ -519,19 +519,12 @@ mod tests {
     }
 
     use std::fs;
-    use std::path::PathBuf;
 
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("vigil-retained-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        dir
-    }
+    use crate::edge::snapshot::test_dir;
 
     #[test]
     fn saved_messages_load_back_as_they_were() {
-        let dir = temp_dir("round-trip");
+        let dir = test_dir("retained-round-trip");
         let r = RetainedStore::new(1 << 20);
         for i in 0..(SAVE_CHUNK + 10) {
             r.set(
@@ -556,7 +549,7 @@ mod tests {
 
     #[test]
     fn no_file_loads_nothing_and_a_damaged_one_nothing_at_all() {
-        let dir = temp_dir("damaged");
+        let dir = test_dir("retained-damaged");
         let r = RetainedStore::new(1 << 20);
         assert_eq!(r.load(&dir).unwrap(), (0, 0));
         r.set(b"a", &[b"h", b"1"]);

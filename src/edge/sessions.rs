@@ -465,9 +465,7 @@ mod tests {
 
     #[test]
     fn saved_sessions_read_back_as_they_were() {
-        let dir = std::env::temp_dir().join(format!("vigil-sessions-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = snapshot::test_dir("sessions-round-trip");
         let registry = Arc::new(
             Registry::new(
                 10,

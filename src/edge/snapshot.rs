@@ -240,6 +240,13 @@ pub async fn save_if_changed<T: Persisted>(
     }
 }
 
+/// Saves `target` whether or not it changed (the last save, at shutdown).
+pub async fn save_now<T: Persisted>(target: &Arc<T>, metrics: &Metrics, dir: &Path) {
+    // No change count equals it, so the save happens.
+    let mut saved = u64::MAX;
+    save_if_changed(target, metrics, dir, &mut saved).await;
+}
+
 /// Creates (or truncates) a file only its owner may read.
 fn create_private(path: &Path) -> io::Result<File> {
     let mut options = fs::OpenOptions::new();
@@ -286,19 +293,20 @@ impl<W: Write> Digest<W> {
     }
 }
 
+/// An empty directory of its own for a unit test of a persisted file.
+#[cfg(test)]
+pub fn test_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vigil-unit-{}-{name}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("a test directory");
+    dir
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const HEADER: &[u8] = b"vigil test records 1\n";
-
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("vigil-snapshot-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        dir
-    }
 
     fn read_all(dir: &Path) -> Result<Vec<Vec<Vec<u8>>>, SnapshotError> {
         let mut out = Vec::new();
@@ -310,7 +318,7 @@ mod tests {
 
     #[test]
     fn records_read_back_as_written_and_only_the_owner_may_read_them() {
-        let dir = temp_dir("round-trip");
+        let dir = test_dir("snapshot-round-trip");
         assert!(read_all(&dir).unwrap().is_empty(), "no file, no records");
         let mut w = Writer::create(&dir, "t.bin", HEADER).unwrap();
         w.record(&[b"a", b""]).unwrap();
@@ -338,7 +346,7 @@ mod tests {
 
     #[test]
     fn a_damaged_file_yields_no_record() {
-        let dir = temp_dir("damaged");
+        let dir = test_dir("snapshot-damaged");
         let mut w = Writer::create(&dir, "t.bin", HEADER).unwrap();
         w.record(&[b"a", b"1"]).unwrap();
         w.record(&[b"b", b"2"]).unwrap();
