@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use vigil::mqtt::{self, Version};
+use vigil::mqtt;
 
 #[path = "support/bench.rs"]
 mod bench;
@@ -30,33 +30,8 @@ fn main() {
 
     let mut publisher = Conn::open(port, &format!("rb-pub-{run}"));
     let started = Instant::now();
-    let (mut sent, mut acked) = (0usize, 0usize);
-    while acked < topics {
-        while sent < topics && sent - acked < 100 {
-            let pkid = (sent % 60_000 + 1) as u16;
-            let topic = format!("rb/{run}/{sent}");
-            let out = &mut publisher.out;
-            let (retain, parts) = (true, [&payload[..]]);
-            mqtt::put_publish(
-                out,
-                Version::V311,
-                false,
-                1,
-                retain,
-                topic.as_bytes(),
-                pkid,
-                &[],
-                &parts,
-            );
-            sent += 1;
-        }
-        publisher.flush();
-        match publisher.next(Duration::from_secs(5)) {
-            Some(frame) if frame.kind() == mqtt::PUBACK => acked += 1,
-            Some(_) => {}
-            None => panic!("no PUBACK within 5 s ({acked} of {topics})"),
-        }
-    }
+    let names: Vec<String> = (0..topics).map(|i| format!("rb/{run}/{i}")).collect();
+    publisher.publish_all(&names, &payload, true, Duration::from_secs(5));
     println!("stored {topics} in {} ms", started.elapsed().as_millis());
 
     let filter = format!("rb/{run}/+");

@@ -90,31 +90,7 @@ fn check(port: u16, sessions: usize) {
     let topics: Vec<String> = std::iter::once("sb/all".to_string())
         .chain((0..sessions).map(|i| format!("sb/{i}/cmd")))
         .collect();
-    let (mut sent, mut acked) = (0usize, 0usize);
-    while acked < topics.len() {
-        while sent < topics.len() && sent - acked < 100 {
-            let pkid = (sent % 60_000 + 1) as u16;
-            let parts = [&b"queued"[..]];
-            mqtt::put_publish(
-                &mut publisher.out,
-                Version::V311,
-                false,
-                1,
-                false,
-                topics[sent].as_bytes(),
-                pkid,
-                &[],
-                &parts,
-            );
-            sent += 1;
-        }
-        publisher.flush();
-        match publisher.next(Duration::from_secs(10)) {
-            Some(frame) if frame.kind() == mqtt::PUBACK => acked += 1,
-            Some(_) => {}
-            None => panic!("no PUBACK within 10 s"),
-        }
-    }
+    publisher.publish_all(&topics, b"queued", false, Duration::from_secs(10));
     let present = std::sync::atomic::AtomicUsize::new(0);
     let messages = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();

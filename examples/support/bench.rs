@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use vigil::mqtt::{self, Frame};
+use vigil::mqtt::{self, Frame, Version};
 
 /// A blocking MQTT 3.1.1 connection that reads whole packets (`vigil::mqtt` frames them).
 pub struct Conn {
@@ -67,6 +67,35 @@ impl Conn {
             match self.s.read(&mut chunk) {
                 Ok(0) | Err(_) => return None,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Publishes one QoS 1 message with `payload` to each of `topics`, up to 100 of them
+    /// unacknowledged, and returns once every PUBACK is in; panics when none comes for `wait`.
+    pub fn publish_all(&mut self, topics: &[String], payload: &[u8], retain: bool, wait: Duration) {
+        let (mut sent, mut acked) = (0usize, 0usize);
+        while acked < topics.len() {
+            while sent < topics.len() && sent - acked < 100 {
+                let pkid = (sent % 60_000 + 1) as u16;
+                mqtt::put_publish(
+                    &mut self.out,
+                    Version::V311,
+                    false,
+                    1,
+                    retain,
+                    topics[sent].as_bytes(),
+                    pkid,
+                    &[],
+                    &[payload],
+                );
+                sent += 1;
+            }
+            self.flush();
+            match self.next(wait) {
+                Some(frame) if frame.kind() == mqtt::PUBACK => acked += 1,
+                Some(_) => {}
+                None => panic!("no PUBACK within {wait:?} ({acked} of {})", topics.len()),
             }
         }
     }
