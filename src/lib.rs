@@ -150,6 +150,9 @@ pub async fn run(
         shutdown.clone(),
         edge::threads::ConnectionThreads::start(config.runtime.connection_threads())?,
     )?);
+    if let Some(dir) = config.persistence.sessions_dir() {
+        create_persistence_dir(dir)?;
+    }
     let retained_dir = config.persistence.retained_dir(&config.redis);
     if retained_dir.is_none() && !config.persistence.dir.is_empty() {
         tracing::warn!("[persistence] dir keeps only the persistent sessions with [redis]: the shared retained hash keeps the retained messages");
@@ -254,13 +257,11 @@ pub async fn run(
     edge.threads.stop();
     if let Some(dir) = retained_dir {
         // Last, when no connection can store another one.
-        let mut saved = u64::MAX;
-        edge::snapshot::save_if_changed(&edge.retained, &edge.metrics, dir, &mut saved).await;
+        edge::snapshot::save_now(&edge.retained, &edge.metrics, dir).await;
     }
     if let Some(dir) = sessions_dir {
         // Every connection has ended: its session is offline and its expiry counting.
-        let mut saved = u64::MAX;
-        edge::snapshot::save_if_changed(&edge.registry, &edge.metrics, dir, &mut saved).await;
+        edge::snapshot::save_now(&edge.registry, &edge.metrics, dir).await;
     }
     Ok(())
 }
@@ -269,7 +270,6 @@ pub async fn run(
 /// can connect. A damaged file is set aside (`sessions.bin.damaged`) and vigil starts
 /// without it, saying so.
 async fn restore_sessions(edge: &Arc<edge::Edge>, dir: &std::path::Path) -> Result<(), RunError> {
-    create_persistence_dir(dir)?;
     let saved = match edge::sessions::load(dir) {
         Ok(saved) => saved,
         Err(e @ edge::snapshot::SnapshotError::Corrupt { .. }) => {
@@ -309,11 +309,9 @@ async fn restore_sessions(edge: &Arc<edge::Edge>, dir: &std::path::Path) -> Resu
     Ok(())
 }
 
-/// Reads the retained messages saved in `dir` (`[persistence]`). A missing directory is
-/// created; a damaged file is set aside (`retained.bin.damaged`) and vigil starts without
-/// it, saying so, rather than not at all.
+/// Reads the retained messages saved in `dir` (`[persistence]`). A damaged file is set aside
+/// (`retained.bin.damaged`) and vigil starts without it, saying so, rather than not at all.
 fn load_retained(edge: &edge::Edge, dir: &std::path::Path) -> Result<(), RunError> {
-    create_persistence_dir(dir)?;
     match edge.retained.load(dir) {
         Ok((loaded, refused)) => {
             if refused > 0 {
@@ -336,7 +334,7 @@ fn load_retained(edge: &edge::Edge, dir: &std::path::Path) -> Result<(), RunErro
     Ok(())
 }
 
-/// Creates `[persistence] dir` if it is missing.
+/// Creates `[persistence] dir` if it is missing, once, before either file is read.
 fn create_persistence_dir(dir: &std::path::Path) -> Result<(), RunError> {
     std::fs::create_dir_all(dir).map_err(|source| RunError::Persistence {
         dir: dir.to_path_buf(),
