@@ -1514,7 +1514,8 @@ where
                         self.edge_suback_code(edge, f, sub)
                     })
                     .collect();
-                if self.persistent && edge.registry.saves_sessions() {
+                if self.persistent {
+                    // Lazy: nothing is built unless the registry saves sessions.
                     let granted = s.filters.iter().zip(&codes).filter(|(_, c)| c.is_none());
                     let saved = granted.filter_map(|((f, _), _)| {
                         let (filter, sub) = self.subscriptions.get_key_value(f)?;

@@ -352,7 +352,7 @@ impl Registry {
     }
 
     /// Whether kept sessions are saved (`saving_sessions`).
-    pub fn saves_sessions(&self) -> bool {
+    fn saves_sessions(&self) -> bool {
         self.saved_subscriptions > 0
     }
 

@@ -338,12 +338,11 @@ async fn upgrade(
         .await;
         return;
     }
-    // Saved sessions are still being restored: the client waits (within its handshake
-    // deadline), so that none resumes a session half built.
-    if !edge.admits_clients()
-        && tokio::time::timeout_at(deadline, edge.clients_admitted())
-            .await
-            .is_err()
+    // While saved sessions are being restored the client waits (within its handshake
+    // deadline), so that none resumes a session half built; otherwise this returns at once.
+    if tokio::time::timeout_at(deadline, edge.clients_admitted())
+        .await
+        .is_err()
     {
         respond(
             &mut stream,
