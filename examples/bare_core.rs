@@ -1,5 +1,5 @@
 //! rumqttd alone, configured exactly like vigil's embedded core (same code:
-//! `vigil::core::rumqttd_config`) but listening directly with no edge and no auth, so
+//! `vigil::core::core_settings` and `spawn_core`) but listening directly with no edge and no auth, so
 //! benchmarks can measure what the edge hop costs.
 //!
 //! ```text
@@ -13,10 +13,14 @@ fn main() {
         .unwrap_or_else(|| "127.0.0.1:18840".into());
     let listen = listen.parse().expect("listen address");
     let config = vigil::config::Config::default_config().expect("built-in config");
-    let mut broker = rumqttd::Broker::new(vigil::core::rumqttd_config(&config, &[listen], None));
-    eprintln!("bare rumqttd core listening on {listen}");
-    if let Err(e) = broker.start() {
+    let settings = vigil::core::core_settings(&config, &[listen], None);
+    if let Err(e) = vigil::core::spawn_core(settings, 1) {
         eprintln!("error: {e}");
         std::process::exit(1);
+    }
+    eprintln!("bare rumqttd core listening on {listen}");
+    // The core runs on its own threads for the life of the process.
+    loop {
+        std::thread::park();
     }
 }

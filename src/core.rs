@@ -75,25 +75,16 @@ pub struct CoreLink {
 impl Core {
     /// Starts rumqttd on its own threads and waits until it accepts our credential.
     pub async fn start(config: &Config) -> Result<Core, CoreError> {
-        let addrs = free_loopback_ports(config.core.listeners.max(1)).map_err(CoreError::NoPort)?;
+        let threads = config.core.listeners.max(1);
+        let ports = threads * config.core.accept_loops.max(1);
+        let addrs = free_loopback_ports(ports).map_err(CoreError::NoPort)?;
         let mut secret = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut secret);
         let password: String = secret.iter().map(|b| format!("{b:02x}")).collect();
         let username = "vigil-internal".to_string();
 
-        let rumqttd_config = rumqttd_config(config, &addrs, Some((&username, &password)));
-        let mut broker = rumqttd::Broker::new(rumqttd_config);
-        std::thread::Builder::new()
-            .name("vigil-core".into())
-            .spawn(move || {
-                // Blocks for the life of the process: rumqttd has no stop API. Its result is
-                // only an error when no listener could be started, and even a failed bind
-                // returns Ok, which is why readiness is probed below instead.
-                if let Err(e) = broker.start() {
-                    tracing::error!(error = %e, "core stopped");
-                }
-            })
-            .map_err(CoreError::Thread)?;
+        let settings = core_settings(config, &addrs, Some((&username, &password)));
+        spawn_core(settings, threads)?;
 
         let core = Core {
             addrs,
@@ -106,7 +97,8 @@ impl Core {
         }
         tracing::info!(
             core = %core.addrs[0],
-            listeners = core.addrs.len(),
+            threads,
+            ports = core.addrs.len(),
             "core ready (loopback only, per-process credential)"
         );
         Ok(core)
@@ -146,14 +138,28 @@ impl Core {
 
     /// Opens a core connection for `client_id` (already mapped to a core-safe id) and waits for
     /// its CONNACK. It never carries a will: the edge publishes wills itself (ARCHITECTURE.md).
+    ///
+    /// Connections take the core's ports in turn. A port that refuses the TCP connection or
+    /// closes it during CONNECT is passed over for the next one, so one broken listener (a
+    /// rumqttd listener whose connection task panicked rejects every later connection) does
+    /// not refuse a share of the clients.
     pub async fn connect(
         &self,
         client_id: &str,
         clean_session: bool,
     ) -> Result<CoreLink, CoreError> {
-        let i = self.next.fetch_add(1, Relaxed) % self.addrs.len();
-        self.connect_to(self.addrs[i], client_id, clean_session)
-            .await
+        let first = self.next.fetch_add(1, Relaxed);
+        let mut tries = 0;
+        loop {
+            let addr = self.addrs[(first + tries) % self.addrs.len()];
+            tries += 1;
+            match self.connect_to(addr, client_id, clean_session).await {
+                Err(e @ (CoreError::Io(_) | CoreError::Closed)) if tries < self.addrs.len() => {
+                    tracing::warn!(core = %addr, error = %e, "core port failed, trying the next");
+                }
+                result => return result,
+            }
+        }
     }
 
     async fn connect_to(
@@ -268,14 +274,20 @@ fn free_loopback_ports(count: usize) -> std::io::Result<Vec<SocketAddr>> {
     listeners.iter().map(|l| l.local_addr()).collect()
 }
 
-/// The rumqttd configuration of the core, listening on `addrs` and accepting only `credential`
+/// What rumqttd runs as the core: its router's settings and one listener per port.
+pub struct CoreSettings {
+    router: rumqttd::RouterConfig,
+    listeners: Vec<rumqttd::ServerSettings>,
+}
+
+/// The rumqttd settings of the core, listening on `addrs` and accepting only `credential`
 /// (user, password). `None` accepts anyone: only the benchmark baseline `examples/bare_core.rs`
 /// does that, so that it measures exactly the core vigil runs.
-pub fn rumqttd_config(
+pub fn core_settings(
     config: &Config,
     addrs: &[SocketAddr],
     credential: Option<(&str, &str)>,
-) -> rumqttd::Config {
+) -> CoreSettings {
     let router = rumqttd::RouterConfig {
         max_connections: config.limits.max_connections + INTERNAL_CONNECTIONS,
         max_outgoing_packet_count: config.core.max_outgoing_packet_count,
@@ -294,27 +306,69 @@ pub fn rumqttd_config(
         external_auth: None,
         dynamic_filters: true,
     };
-    // One server per address: rumqttd gives each its own thread, accept loop and connections.
-    let servers = addrs
+    let listeners = addrs
         .iter()
         .enumerate()
-        .map(|(i, &listen)| {
-            let server = rumqttd::ServerSettings {
-                name: format!("vigil-core-{i}"),
-                listen,
-                tls: None,
-                next_connection_delay_ms: 0,
-                connections: connections.clone(),
-            };
-            (format!("core-{i}"), server)
+        .map(|(i, &listen)| rumqttd::ServerSettings {
+            name: format!("vigil-core-{i}"),
+            listen,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections: connections.clone(),
         })
         .collect();
-    rumqttd::Config {
-        id: 0,
-        router,
-        v4: Some(servers),
-        ..Default::default()
+    CoreSettings { router, listeners }
+}
+
+/// Starts rumqttd: its router on a thread of its own, and its listeners spread over `threads`
+/// network threads (listener `i` on thread `i % threads`), each thread running the accept loops
+/// of its listeners and every connection they accept.
+///
+/// rumqttd's own `Broker::start` gives each listener a thread, and its accept loop sleeps one
+/// timer tick after every connection (about 1.1 ms, even for a delay of 0), so one listener
+/// accepts at most about 900 connections per second. Several accept loops on one thread
+/// multiply that without adding threads: `[core] accept_loops` (BENCHMARKS.md, "Core accept
+/// loops"). The threads run for the life of the process: rumqttd has no stop API, and a
+/// listener's loop ends only if its bind failed, which `Core::start`'s readiness probe reports.
+pub fn spawn_core(settings: CoreSettings, threads: usize) -> Result<(), CoreError> {
+    let threads = threads.clamp(1, settings.listeners.len().max(1));
+    let router_tx = rumqttd::Router::new(0, settings.router).spawn();
+    let mut groups: Vec<Vec<rumqttd::ServerSettings>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, listener) in settings.listeners.into_iter().enumerate() {
+        groups[i % threads].push(listener);
     }
+    for (t, group) in groups.into_iter().enumerate() {
+        let router_tx = router_tx.clone();
+        let run = move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    tracing::error!(error = %e, "no runtime for a core network thread");
+                    return;
+                }
+            };
+            // The accept loops are not `Send`; they stay on this thread, as their connections do.
+            let loops = tokio::task::LocalSet::new();
+            for listener in group {
+                let mut server =
+                    rumqttd::Server::new(listener, router_tx.clone(), rumqttd::protocol::v4::V4);
+                loops.spawn_local(async move {
+                    if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
+                        tracing::error!(error = ?e, "a core listener stopped");
+                    }
+                });
+            }
+            runtime.block_on(loops);
+        };
+        std::thread::Builder::new()
+            .name(format!("vigil-core-{t}"))
+            .spawn(run)
+            .map_err(CoreError::Thread)?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -460,6 +514,40 @@ pub async fn report_lag_drops(log_bytes: usize, shutdown: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_core_serves_on_every_port_and_a_dead_one_is_passed_over() {
+        let mut config = Config::default_config().expect("built-in config");
+        config.core.listeners = 2;
+        config.core.accept_loops = 3;
+        let core = Core::start(&config).await.expect("the core starts");
+        assert_eq!(core.addrs.len(), 6);
+        // Nothing listens on `dead` any more: connecting there is refused.
+        let dead = free_loopback_ports(1).expect("a free port")[0];
+        let with_dead = Core {
+            addrs: vec![dead, core.addrs[0], dead, core.addrs[5]],
+            next: AtomicUsize::new(0),
+            username: core.username.clone(),
+            password: core.password.clone(),
+        };
+        for i in 0..8 {
+            let link = with_dead
+                .connect(&format!("t-{i}"), true)
+                .await
+                .expect("a live port answers");
+            assert_eq!(link.code, 0);
+        }
+        let only_dead = Core {
+            addrs: vec![dead],
+            next: AtomicUsize::new(0),
+            username: core.username.clone(),
+            password: core.password.clone(),
+        };
+        assert!(matches!(
+            only_dead.connect("t-dead", true).await,
+            Err(CoreError::Io(_))
+        ));
+    }
 
     #[test]
     fn reads_rumqttd_cursors() {

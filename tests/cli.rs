@@ -527,7 +527,7 @@ fn the_web_port_answers_while_sessions_are_restored() {
     const SESSIONS: usize = 1500;
     let data = TempDir::new();
     let mut v = Vigil::start_persistent(&data, |c| c);
-    // 1,500 persistent sessions: about 1.7 s to restore with the one core listener.
+    // 1,500 persistent sessions: about 1.7 s to restore with one core accept loop.
     for i in 0..SESSIONS {
         let (mut raw, _) = Raw::resume(v.mqtt, &format!("restore-{i}"));
         raw.send(&subscribe_packet(1, &[(&format!("restore/{i}"), 1)]));
@@ -545,6 +545,8 @@ fn the_web_port_answers_while_sessions_are_restored() {
     let config = data.0.join("broker.toml");
     let dir = format!("{:?}", data.0.to_string_lossy());
     let text = vigil::config::set_value(DEFAULT_CONFIG, "persistence", "dir", &dir);
+    // One accept loop, so the restore lasts long enough to be seen.
+    let text = vigil::config::set_value(&text, "core", "accept_loops", "1");
     std::fs::write(&config, text).unwrap();
     struct Killed(std::process::Child);
     impl Drop for Killed {

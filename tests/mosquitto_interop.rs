@@ -51,10 +51,18 @@ fn qos_0_1_2_both_directions_in_both_versions() {
 
 #[test]
 fn several_core_listeners_route_between_each_other() {
-    // `[core] listeners = 3`: consecutive clients land on different core listeners, and
-    // messages, QoS 2 included, and retained messages still reach every subscriber.
-    let v = Vigil::start_with(|c| c.replace("listeners = 1", "listeners = 3"));
-    assert!(v.log().contains("listeners=3"), "{}", v.log());
+    // `[core] listeners = 3` with 2 accept loops each: consecutive clients land on different
+    // core ports and threads, and messages, QoS 2 included, and retained messages still reach
+    // every subscriber.
+    let v = Vigil::start_with(|c| {
+        c.replace("listeners = 1", "listeners = 3")
+            .replace("accept_loops = 16", "accept_loops = 2")
+    });
+    let log = v.log();
+    assert!(
+        log.contains("threads=3") && log.contains("ports=6"),
+        "{log}"
+    );
     publish(
         v.port(),
         &["-t", "listeners/retained", "-m", "kept", "-q", "1", "-r"],
