@@ -350,7 +350,8 @@ pub fn spawn_core(settings: CoreSettings, threads: usize) -> Result<(), CoreErro
                     return;
                 }
             };
-            // The accept loops are not `Send`; they stay on this thread, as their connections do.
+            // A LocalSet: the accept loops need not be `Send`, and they stay on this thread, as
+            // the connection tasks they spawn do (a current-thread runtime).
             let loops = tokio::task::LocalSet::new();
             for listener in group {
                 let mut server =
