@@ -143,6 +143,11 @@ pub struct DetectorConfig {
     /// `recurrence_gap` points ago, so a periodic spike or a repeated batch job that the metric
     /// has already produced recently does not alert again (0 disables).
     pub recurrence_window: usize,
+    /// The recurrence check also forgets smoothed scores older than this, when readings carry
+    /// time stamps (0: only `recurrence_window` counts). For a slow metric (hourly, half-hourly)
+    /// 1000 points are months: an excursion that old no longer masks a new one. Weekly and
+    /// daily cycles stay remembered.
+    pub recurrence_span_s: u64,
     /// Most recent smoothed scores left out of the recurrence check, so an incident's own
     /// rising edge cannot mask it.
     pub recurrence_gap: usize,
@@ -205,6 +210,7 @@ impl Default for DetectorConfig {
             max_metrics: 32,
             young_margin: 3.0,
             recurrence_window: 1000,
+            recurrence_span_s: 7 * 86_400,
             recurrence_gap: 50,
             joint_metrics: 8,
             joint_min_r2: 0.5,
@@ -318,10 +324,10 @@ impl DetectorConfig {
         let shape = (self.shape_capacity + self.shape_reservoir * self.shape_len) * 8;
         let forest = self.n_trees * (2 * self.subsample.min(self.window + self.reservoir) - 1) * 8
             + self.n_trees * 4;
-        // Two recurrence queues: at most `recurrence_window` (index, value) pairs each plus the
-        // `recurrence_gap` values not yet eligible.
+        // Two recurrence queues: at most `recurrence_window` (index, value, time) entries each
+        // plus the `recurrence_gap` (value, time) pairs not yet eligible.
         let recurrence = if self.recurrence_window > 0 {
-            2 * (self.recurrence_window * 16 + self.recurrence_gap * 8)
+            2 * (self.recurrence_window * 24 + self.recurrence_gap * 16)
         } else {
             0
         };
@@ -355,7 +361,7 @@ impl DetectorConfig {
         let rows = (self.window + self.reservoir) * MAX_JOINT * 8;
         let scores = (self.history + self.avg_window) * 8;
         let recurrence = if self.recurrence_window > 0 {
-            self.recurrence_window * 16 + self.recurrence_gap * 8
+            self.recurrence_window * 24 + self.recurrence_gap * 16
         } else {
             0
         };
@@ -507,44 +513,58 @@ impl RollingStats {
 }
 
 /// Maximum of the values pushed between `window` and `gap` pushes ago, in amortised O(1) per
-/// value (a monotonic queue). Holds at most `window` values.
+/// value (a monotonic queue), leaving out values stamped before a time given by
+/// `forget_before`. Holds at most `window` values.
 #[derive(Debug, Clone, Default)]
 struct LaggedMax {
-    /// The last `gap` values, not yet eligible.
-    pending: VecDeque<f64>,
-    /// (push index, value) with decreasing values: the candidates for the maximum.
-    peaks: VecDeque<(u64, f64)>,
+    /// The last `gap` values with their time stamps, not yet eligible.
+    pending: VecDeque<(f64, i64)>,
+    /// (push index, value, time stamp) with decreasing values: the candidates for the maximum.
+    peaks: VecDeque<(u64, f64, i64)>,
     pushes: u64,
 }
 
+/// The time stamp of a value that came without one: never too old.
+const NO_TIME: i64 = i64::MAX;
+
 impl LaggedMax {
     fn max(&self) -> Option<f64> {
-        self.peaks.front().map(|&(_, v)| v)
+        self.peaks.front().map(|&(_, v, _)| v)
     }
 
-    fn push(&mut self, x: f64, window: usize, gap: usize) {
+    /// Forgets the values stamped before `cutoff_ms`. Candidates are in push order, and time
+    /// stamps almost always are too; one that is not stays until the values before it have
+    /// gone (the `window` bound holds whatever the stamps).
+    fn forget_before(&mut self, cutoff_ms: i64) {
+        while self.peaks.front().is_some_and(|&(_, _, t)| t < cutoff_ms) {
+            self.peaks.pop_front();
+        }
+    }
+
+    /// Adds `x`, stamped `at_ms` (if known), then forgets what is older than `window` pushes.
+    fn push(&mut self, x: f64, at_ms: Option<i64>, window: usize, gap: usize) {
         if x.is_nan() {
             return;
         }
-        self.pending.push_back(x);
+        self.pending.push_back((x, at_ms.unwrap_or(NO_TIME)));
         // Values older than `gap` pushes become candidates; a candidate is dropped as soon as a
         // later, at least as large one arrives, so the queue is decreasing and its front is the
         // maximum.
         while self.pending.len() > gap {
-            let Some(v) = self.pending.pop_front() else {
+            let Some((v, t)) = self.pending.pop_front() else {
                 break;
             };
             // Push index of `v`: the current value has index `pushes`, and the values still
             // pending after `v` are the ones just before it.
             let idx = self.pushes.saturating_sub(self.pending.len() as u64);
-            while self.peaks.back().is_some_and(|&(_, p)| p <= v) {
+            while self.peaks.back().is_some_and(|&(_, p, _)| p <= v) {
                 self.peaks.pop_back();
             }
-            self.peaks.push_back((idx, v));
+            self.peaks.push_back((idx, v, t));
         }
         self.pushes += 1;
         let oldest = self.pushes.saturating_sub(window as u64);
-        while self.peaks.front().is_some_and(|&(i, _)| i < oldest) {
+        while self.peaks.front().is_some_and(|&(i, _, _)| i < oldest) {
             self.peaks.pop_front();
         }
     }
@@ -693,17 +713,30 @@ impl ScoreHistory {
     /// The standard score of `avg` against the history (spread at least `min_std`), capped at
     /// 0 when `avg` is below `floor` or no higher than the channel's recent peak (the
     /// recurrence check); then records `avg`.
-    fn judge(&mut self, cfg: &DetectorConfig, avg: f64, min_std: f64, floor: f64) -> f64 {
+    fn judge(
+        &mut self,
+        cfg: &DetectorConfig,
+        avg: f64,
+        at_ms: Option<i64>,
+        min_std: f64,
+        floor: f64,
+    ) -> f64 {
         let mut z = self.hist.z(avg, min_std);
         if avg < floor {
             z = z.min(0.0);
         }
         self.hist.push(avg, cfg.history);
+        if let Some(now) = at_ms.filter(|_| cfg.recurrence_span_s > 0) {
+            let span_ms = i64::try_from(cfg.recurrence_span_s)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1000);
+            self.peak.forget_before(now.saturating_sub(span_ms));
+        }
         if cfg.recurrence_window > 0 && self.peak.max().is_some_and(|m| avg <= m) {
             z = z.min(0.0);
         }
         self.peak
-            .push(avg, cfg.recurrence_window, cfg.recurrence_gap);
+            .push(avg, at_ms, cfg.recurrence_window, cfg.recurrence_gap);
         z
     }
 }
@@ -869,9 +902,9 @@ impl MetricDetector {
         // Judge each smoothed score against its history *before* adding it, so an anomaly does
         // not lower its own surprise.
         let n = self.forest_scores.len();
-        let z_forest = self
-            .forest_scores
-            .judge(cfg, avg, cfg.min_std, cfg.min_smoothed_score);
+        let z_forest =
+            self.forest_scores
+                .judge(cfg, avg, at_ms, cfg.min_std, cfg.min_smoothed_score);
         let z_shape = match novelty {
             Some(d) => {
                 if self.shape_avg.is_nan() {
@@ -880,8 +913,13 @@ impl MetricDetector {
                 // An exponential average with the same centre of mass as the forest channel's
                 // moving average, so both channels react on the same time scale.
                 self.shape_avg += (d - self.shape_avg) * 2.0 / (cfg.avg_window as f64 + 1.0);
-                self.shape_scores
-                    .judge(cfg, self.shape_avg, cfg.shape_min_std, f64::NEG_INFINITY)
+                self.shape_scores.judge(
+                    cfg,
+                    self.shape_avg,
+                    at_ms,
+                    cfg.shape_min_std,
+                    f64::NEG_INFINITY,
+                )
             }
             None => f64::NEG_INFINITY,
         };
@@ -1040,7 +1078,12 @@ impl JointChannel {
         Some(v)
     }
 
-    fn feed(&mut self, cfg: &DetectorConfig, values: [f64; MAX_JOINT]) -> Option<JointVerdict> {
+    fn feed(
+        &mut self,
+        cfg: &DetectorConfig,
+        values: [f64; MAX_JOINT],
+        at_ms: Option<i64>,
+    ) -> Option<JointVerdict> {
         self.clock.tick();
         let residual = self.model.as_ref().and_then(|m| m.residual(&values));
         self.training.push(cfg, values);
@@ -1050,7 +1093,7 @@ impl JointChannel {
         let n = self.scores.len();
         let z = self
             .scores
-            .judge(cfg, avg, JOINT_MIN_STD, cfg.joint_min_residual);
+            .judge(cfg, avg, at_ms, JOINT_MIN_STD, cfg.joint_min_residual);
         let score = if n >= 2 { 1.0 - upper_tail(z) } else { 0.0 };
         let alert = self.debounce.judge(cfg, z, score, n);
         // Which metric broke away is worked out only when it is reported, on the mean of the
@@ -1387,7 +1430,9 @@ impl DeviceDetector {
         let now = self.readings;
         let incident = cfg.recurrence_window.max(cfg.cooldown) as u64;
         let recent = |at: Option<u64>| at.is_some_and(|t| now - t < incident);
-        let verdict = joint.values(reading).and_then(|v| joint.feed(cfg, v));
+        let verdict = joint
+            .values(reading)
+            .and_then(|v| joint.feed(cfg, v, Some(reading.timestamp_ms)));
         for o in out.iter_mut().filter(|o| o.outcome.alert.is_some()) {
             let Some(j) = joint.names.iter().position(|n| *n == o.metric) else {
                 continue;
@@ -1619,15 +1664,36 @@ mod tests {
     fn lagged_max_ignores_recent_and_old_values() {
         let mut m = LaggedMax::default();
         for x in [5.0, 1.0, 2.0, 3.0] {
-            m.push(x, 3, 1);
+            m.push(x, None, 3, 1);
         }
         // Eligible: pushes 1..=2 (window 3 back, the newest one left out) -> max(1, 2).
         assert_eq!(m.max(), Some(2.0));
-        m.push(0.0, 3, 1);
+        m.push(0.0, None, 3, 1);
         assert_eq!(m.max(), Some(3.0));
         let mut empty = LaggedMax::default();
-        empty.push(1.0, 10, 5);
+        empty.push(1.0, None, 10, 5);
         assert_eq!(empty.max(), None);
+    }
+
+    #[test]
+    fn lagged_max_forgets_values_older_than_its_span() {
+        let hour = 3_600_000;
+        let mut m = LaggedMax::default();
+        // Hourly values in a window of 1000 pushes, the newest one left out.
+        m.push(9.0, Some(0), 1000, 1);
+        for h in 1..=10 {
+            m.push(1.0, Some(h * hour), 1000, 1);
+        }
+        m.forget_before(0);
+        assert_eq!(m.max(), Some(9.0), "stamped at the cut-off: kept");
+        m.forget_before(1);
+        assert_eq!(m.max(), Some(1.0), "stamped before it: forgotten");
+        // Values without a time stamp are never forgotten for their age.
+        let mut n = LaggedMax::default();
+        n.push(9.0, None, 1000, 1);
+        n.push(1.0, None, 1000, 1);
+        n.forget_before(i64::MAX - 1);
+        assert_eq!(n.max(), Some(9.0));
     }
 
     #[test]
