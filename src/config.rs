@@ -871,26 +871,23 @@ mod tests {
 
     #[test]
     fn core_listeners_and_accept_loops_have_defaults_and_bounds() {
-        assert_eq!(Config::default_config().expect("default").core.listeners, 1);
-        let absent = DEFAULT_TOML.replace("\nlisteners = 1\n", "\n");
-        let c = Config::parse(&absent, "test").expect("a config without it parses");
-        assert_eq!(c.core.listeners, 1);
-        for bad in ["0", "65"] {
-            let text = DEFAULT_TOML.replace("listeners = 1", &format!("listeners = {bad}"));
-            let err = Config::parse(&text, "test").unwrap_err().to_string();
-            assert!(err.contains("core.listeners"), "{err}");
-        }
-        assert_eq!(
-            Config::default_config().expect("default").core.accept_loops,
-            16
-        );
-        let absent = DEFAULT_TOML.replace("\naccept_loops = 16\n", "\n");
-        let c = Config::parse(&absent, "test").expect("a config without it parses");
-        assert_eq!(c.core.accept_loops, 16);
-        for bad in ["0", "65"] {
-            let text = DEFAULT_TOML.replace("accept_loops = 16", &format!("accept_loops = {bad}"));
-            let err = Config::parse(&text, "test").unwrap_err().to_string();
-            assert!(err.contains("core.accept_loops"), "{err}");
+        type Get = fn(&Config) -> usize;
+        let keys: [(&str, usize, Get); 2] = [
+            ("listeners", 1, |c| c.core.listeners),
+            ("accept_loops", 16, |c| c.core.accept_loops),
+        ];
+        for (key, default, get) in keys {
+            assert_eq!(get(&Config::default_config().expect("default")), default);
+            let line = format!("{key} = {default}");
+            assert!(DEFAULT_TOML.contains(&format!("\n{line}\n")), "{line}");
+            let absent = DEFAULT_TOML.replace(&format!("\n{line}\n"), "\n");
+            let c = Config::parse(&absent, "test").expect("a config without it parses");
+            assert_eq!(get(&c), default, "{key} absent");
+            for bad in ["0", "65"] {
+                let text = DEFAULT_TOML.replace(&line, &format!("{key} = {bad}"));
+                let err = Config::parse(&text, "test").unwrap_err().to_string();
+                assert!(err.contains(&format!("core.{key}")), "{err}");
+            }
         }
     }
 
