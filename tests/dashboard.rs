@@ -208,8 +208,14 @@ struct Chromium {
 
 impl Chromium {
     /// Starts chromium headless on `url` in a `width` x `height` window, with its DevTools
-    /// endpoint on a free port.
-    fn start(url: &str, profile: &Path, (width, height): (u32, u32)) -> Chromium {
+    /// endpoint on a free port and its profile and temporary files in `dir`.
+    fn start(url: &str, dir: &Path, (width, height): (u32, u32)) -> Chromium {
+        let profile = dir.join("profile");
+        // Chromium makes a directory of its own in $TMPDIR (org.chromium.Chromium.XXXXXX, for
+        // its singleton socket) and removes it only when it exits cleanly, which a killed
+        // chromium does not: keep it in `dir`.
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&tmp).expect("chromium's TMPDIR");
         let mut child = Command::new(CHROMIUM)
             .args([
                 "--headless=new",
@@ -229,6 +235,7 @@ impl Chromium {
             .arg(format!("--window-size={width},{height}"))
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg(url)
+            .env("TMPDIR", &tmp)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -426,10 +433,10 @@ fn save_screenshot(cdp: &mut Cdp, test: &str) {
 /// A headless chromium showing `url`, with a DevTools client of that page.
 struct Browser {
     cdp: Cdp,
-    // Dropped in this order: the client, the browser (killed), its profile directory, then
-    // the turn on the machine.
+    // Dropped in this order: the client, the browser (killed), its directory, then the turn
+    // on the machine.
     _chromium: Chromium,
-    _profile: TempDir,
+    _dir: TempDir,
     _turn: Turn,
 }
 
@@ -474,8 +481,8 @@ impl Browser {
             return None;
         }
         let turn = take();
-        let profile = TempDir::new();
-        let chromium = Chromium::start(url, &profile.0, size);
+        let dir = TempDir::new();
+        let chromium = Chromium::start(url, &dir.0, size);
         let deadline = Instant::now() + Duration::from_secs(20);
         let ws_url = loop {
             if let Some(u) = chromium.page_ws(url) {
@@ -499,7 +506,7 @@ impl Browser {
         Some(Browser {
             cdp,
             _chromium: chromium,
-            _profile: profile,
+            _dir: dir,
             _turn: turn,
         })
     }

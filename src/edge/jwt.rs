@@ -173,6 +173,7 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::edge::snapshot::TestDir;
     use jsonwebtoken::{encode, EncodingKey, Header};
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -233,8 +234,7 @@ mod tests {
     #[test]
     fn es256_with_a_public_key_file() {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let dir = std::env::temp_dir().join(format!("vigil-jwt-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TestDir::new("jwt-es256");
         let public = dir.join("es256.pub.pem");
         std::fs::write(&public, key.public_key_pem()).unwrap();
         let v = JwtVerifier::load("", "", public.to_str().unwrap()).unwrap();
@@ -259,8 +259,7 @@ mod tests {
     #[test]
     fn rs256_with_a_public_key_file() {
         // rcgen (ring) cannot make RSA keys; openssl is on every Debian machine.
-        let dir = std::env::temp_dir().join(format!("vigil-jwt-rsa-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TestDir::new("jwt-rs256");
         let private = dir.join("rsa.pem");
         let public = dir.join("rsa.pub.pem");
         let run = |args: &[&str]| {

@@ -285,20 +285,12 @@ fn write_lines(path: &Path, lines: &[String]) -> Result<(), PasswdError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn temp_path(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "vigil-passwd-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join(name)
-    }
+    use crate::edge::snapshot::TestDir;
 
     #[test]
     fn add_verify_list_remove() {
-        let path = temp_path("pw");
+        let dir = TestDir::new("passwd-add");
+        let path = dir.join("pw");
         assert!(!add(&path, "m1", b"s3cret", DEFAULT_ROLE).unwrap());
         assert!(!add(&path, "ui", b"view", "viewer").unwrap());
         let db = PasswordDb::load(&path).unwrap();
@@ -335,7 +327,8 @@ mod tests {
 
     #[test]
     fn bad_lines_name_the_line() {
-        let path = temp_path("bad");
+        let dir = TestDir::new("passwd-bad-lines");
+        let path = dir.join("bad");
         std::fs::write(&path, "# comment\n\nu:not-a-hash\n").unwrap();
         match PasswordDb::load(&path) {
             Err(PasswdError::Line { line: 3, .. }) => {}

@@ -335,6 +335,7 @@ pub fn core_client_id(id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::edge::snapshot::TestDir;
 
     #[test]
     fn core_ids_are_safe_and_injective() {
@@ -350,13 +351,8 @@ mod tests {
         assert_eq!(core_client_id("dev-1"), "c-dev-1");
     }
 
-    fn config_with_passwords(lines: &[(&str, &str, &str)]) -> Config {
-        let dir = std::env::temp_dir().join(format!(
-            "vigil-policy-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+    /// The default config with a password file of `lines` in `dir`.
+    fn config_with_passwords(dir: &TestDir, lines: &[(&str, &str, &str)]) -> Config {
         let path = dir.join("passwords");
         for (user, pw, role) in lines {
             passwd::add(&path, user, pw.as_bytes(), role).unwrap();
@@ -381,10 +377,11 @@ mod tests {
         assert!(open.local_only());
         assert!(open.authenticate(ip, Credentials::default()).await.is_ok());
 
-        let p = Policy::new(&config_with_passwords(&[
-            ("m1", "pw", "device"),
-            ("ui", "view", "viewer"),
-        ]))
+        let dir = TestDir::new("policy-users-and-roles");
+        let p = Policy::new(&config_with_passwords(
+            &dir,
+            &[("m1", "pw", "device"), ("ui", "view", "viewer")],
+        ))
         .unwrap();
         let id = p.authenticate(ip, creds("m1", b"pw")).await.unwrap();
         assert_eq!((id.user.as_str(), id.role.as_str()), ("m1", "device"));
@@ -423,7 +420,8 @@ mod tests {
 
     #[tokio::test]
     async fn failures_per_address_are_limited() {
-        let mut config = config_with_passwords(&[("m1", "pw", "device")]);
+        let dir = TestDir::new("policy-failures");
+        let mut config = config_with_passwords(&dir, &[("m1", "pw", "device")]);
         config.auth.max_failures_per_minute = 2;
         let p = Policy::new(&config).unwrap();
         let ip: IpAddr = "10.0.0.2".parse().unwrap();
@@ -442,7 +440,8 @@ mod tests {
 
     #[test]
     fn unknown_roles_are_refused() {
-        let config = config_with_passwords(&[("m1", "pw", "ghost")]);
+        let dir = TestDir::new("policy-unknown-role");
+        let config = config_with_passwords(&dir, &[("m1", "pw", "ghost")]);
         assert!(matches!(
             Policy::new(&config),
             Err(PolicyError::UnknownRole { .. })

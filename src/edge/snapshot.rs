@@ -302,6 +302,28 @@ pub fn test_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// `test_dir`, removed with its contents on drop: also when an assertion fails.
+#[cfg(test)]
+pub struct TestDir(pub PathBuf);
+
+#[cfg(test)]
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        TestDir(test_dir(name))
+    }
+
+    pub fn join(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+#[cfg(test)]
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

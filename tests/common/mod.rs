@@ -38,7 +38,17 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        // A process killed just before may still be writing here for a moment (a browser's
+        // helper processes exit shortly after it): try again briefly before giving up.
+        for _ in 0..20 {
+            match std::fs::remove_dir_all(&self.0) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => return,
+            }
+        }
+        eprintln!("could not remove {}", self.0.display());
     }
 }
 
