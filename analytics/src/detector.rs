@@ -9,7 +9,9 @@
 //! 3. also measures shape novelty (`features::ShapeNovelty`): how far the last `shape_len`
 //!    values are from the most similar earlier stretch of the signal, which catches contextual
 //!    anomalies (a missing daily peak, a flattened cycle) that no single value reveals;
-//! 4. for each of the two channels, smooths the score over about `avg_window` points and judges
+//! 4. for each of the two channels, smooths the score over about `avg_window` points (the
+//!    forest's over fewer for a metric slower than one reading per `avg_span_s / avg_window`,
+//!    so the smoothing spans about an hour) and judges
 //!    it against the distribution of the same smoothed score over the last `history` points: a
 //!    standard score `z` and its Gaussian tail probability, the "anomaly likelihood" of
 //!    Numenta's NAB detectors. This makes one threshold meaningful across metrics whose raw
@@ -103,6 +105,13 @@ pub struct DetectorConfig {
     pub seed: u64,
     /// Points over which channel scores are smoothed.
     pub avg_window: usize,
+    /// Time the forest channel's smoothing spans when readings carry time stamps: a metric
+    /// sampled more slowly than `avg_span_s / avg_window` is smoothed over fewer readings (at
+    /// least `avg_min_window`), so an hourly metric's one-reading spike is not averaged over
+    /// ten hours (0: always `avg_window` readings).
+    pub avg_span_s: u64,
+    /// Fewest readings the forest channel's smoothing spans (see `avg_span_s`).
+    pub avg_min_window: usize,
     /// Smoothed scores kept per channel to estimate their normal distribution.
     pub history: usize,
     /// Smoothed scores needed before alerts are allowed at all (a distribution estimated from
@@ -196,6 +205,8 @@ impl Default for DetectorConfig {
             subsample: 256,
             seed: 0x0071_6115,
             avg_window: 10,
+            avg_span_s: 3600,
+            avg_min_window: 4,
             history: 1000,
             min_history: 150,
             min_std: 0.03,
@@ -236,9 +247,13 @@ impl DetectorConfig {
                 "window must be at least warmup",
             ));
         }
-        if self.refit_every == 0 || self.avg_window == 0 || self.history == 0 {
+        if self.refit_every == 0
+            || self.avg_window == 0
+            || self.avg_min_window == 0
+            || self.history == 0
+        {
             return Err(DetectorError::InvalidConfig(
-                "refit_every, avg_window and history must be positive",
+                "refit_every, avg_window, avg_min_window and history must be positive",
             ));
         }
         if !(self.alert_tail > 0.0 && self.alert_tail < 0.5) {
@@ -320,7 +335,7 @@ impl DetectorConfig {
     /// nodes of 8 bytes). A refit job temporarily holds one more copy of the training vectors.
     pub fn bytes_per_metric(&self) -> usize {
         let training = (self.window + self.reservoir) * N_FEATURES * 8;
-        let scores = (2 * self.history + self.avg_window) * 8;
+        let scores = (2 * self.history + self.avg_window) * 8 + CADENCE_SAMPLES * 8;
         let shape = (self.shape_capacity + self.shape_reservoir * self.shape_len) * 8;
         let forest = self.n_trees * (2 * self.subsample.min(self.window + self.reservoir) - 1) * 8
             + self.n_trees * 4;
@@ -743,11 +758,51 @@ impl ScoreHistory {
 
 /// The mean of the last `cap` values pushed into `buf`, after pushing `x`.
 fn moving_mean(buf: &mut VecDeque<f64>, cap: usize, x: f64) -> f64 {
-    if buf.len() == cap {
+    while buf.len() >= cap.max(1) {
         buf.pop_front();
     }
     buf.push_back(x);
     buf.iter().sum::<f64>() / buf.len() as f64
+}
+
+/// A metric's sampling interval: the median of the last `CADENCE_SAMPLES` positive intervals
+/// between its time-stamped readings, first known after `CADENCE_FIRST` of them and then
+/// recomputed every `CADENCE_SAMPLES`, so a gap or a burst does not move it.
+#[derive(Debug, Clone, Default)]
+struct Cadence {
+    last_ms: Option<i64>,
+    intervals: VecDeque<i64>,
+    since: usize,
+    median: Option<i64>,
+}
+
+const CADENCE_SAMPLES: usize = 63;
+const CADENCE_FIRST: usize = 8;
+
+impl Cadence {
+    fn note(&mut self, at_ms: i64) {
+        let interval = self.last_ms.map(|prev| at_ms.saturating_sub(prev));
+        self.last_ms = Some(at_ms);
+        let Some(d) = interval.filter(|&d| d > 0) else {
+            return;
+        };
+        if self.intervals.len() == CADENCE_SAMPLES {
+            self.intervals.pop_front();
+        }
+        self.intervals.push_back(d);
+        self.since += 1;
+        let first = self.median.is_none() && self.intervals.len() >= CADENCE_FIRST;
+        if first || self.since >= CADENCE_SAMPLES {
+            self.since = 0;
+            let mut sorted: Vec<i64> = self.intervals.iter().copied().collect();
+            sorted.sort_unstable();
+            self.median = sorted.get(sorted.len() / 2).copied();
+        }
+    }
+
+    fn median_ms(&self) -> Option<i64> {
+        self.median
+    }
 }
 
 /// One alert per incident: after an alert a channel stays silent until its likelihood has
@@ -836,6 +891,7 @@ pub struct MetricDetector {
     model: Option<IsolationForest>,
     clock: RefitClock,
     recent_raw: VecDeque<f64>,
+    cadence: Cadence,
     forest_scores: ScoreHistory,
     shape: crate::features::ShapeNovelty,
     shape_avg: f64,
@@ -852,6 +908,7 @@ impl MetricDetector {
             model: None,
             clock: RefitClock::default(),
             recent_raw: VecDeque::with_capacity(cfg.avg_window),
+            cadence: Cadence::default(),
             forest_scores: ScoreHistory::default(),
             shape: crate::features::ShapeNovelty::new(
                 cfg.shape_capacity,
@@ -863,6 +920,22 @@ impl MetricDetector {
             shape_scores: ScoreHistory::default(),
             debounce: Debounce::new(cfg),
             early: Default::default(),
+        }
+    }
+
+    /// Readings the forest channel's smoothing spans: `avg_window`, or as many as cover
+    /// `avg_span_s` at the metric's sampling interval if that is fewer (at least
+    /// `avg_min_window`). The shape channel always smooths over `avg_window`: its novelty
+    /// already compares stretches of `shape_len` readings, so a one-reading event is not
+    /// diluted there.
+    fn forest_span(&self, cfg: &DetectorConfig) -> usize {
+        match self.cadence.median_ms() {
+            Some(step) if cfg.avg_span_s > 0 => {
+                let n = (cfg.avg_span_s as f64 * 1000.0 / step as f64).round();
+                // `n` is finite and non-negative (`step` > 0); the cast saturates.
+                (n as usize).clamp(cfg.avg_min_window.min(cfg.avg_window), cfg.avg_window)
+            }
+            _ => cfg.avg_window,
         }
     }
 
@@ -890,6 +963,9 @@ impl MetricDetector {
             None
         };
         self.clock.tick();
+        if let Some(t) = at_ms {
+            self.cadence.note(t);
+        }
         let early = self.early_surprise(cfg, value, at_ms);
         let raw = self.model.as_ref().map(|m| m.score_one(&feats));
         self.training.push(cfg, feats);
@@ -898,7 +974,8 @@ impl MetricDetector {
             return self.early_outcome(cfg, quiet, early);
         };
 
-        let avg = moving_mean(&mut self.recent_raw, cfg.avg_window, raw);
+        let span = self.forest_span(cfg);
+        let avg = moving_mean(&mut self.recent_raw, span, raw);
         // Judge each smoothed score against its history *before* adding it, so an anomaly does
         // not lower its own surprise.
         let n = self.forest_scores.len();
@@ -1673,6 +1750,70 @@ mod tests {
         let mut empty = LaggedMax::default();
         empty.push(1.0, None, 10, 5);
         assert_eq!(empty.max(), None);
+    }
+
+    #[test]
+    fn the_cadence_is_the_median_interval_and_ignores_gaps() {
+        let mut c = Cadence::default();
+        let minute = 60_000;
+        let mut t = 0;
+        for i in 0..CADENCE_FIRST {
+            assert_eq!(c.median_ms(), None, "after {i} intervals");
+            c.note(t);
+            t += 5 * minute;
+        }
+        c.note(t);
+        assert_eq!(c.median_ms(), Some(5 * minute));
+        // A day-long gap, a repeated time stamp and a clock step back change nothing.
+        for step in [86_400_000, 0, -minute] {
+            t += step;
+            c.note(t);
+        }
+        for _ in 0..CADENCE_SAMPLES {
+            t += 5 * minute;
+            c.note(t);
+        }
+        assert_eq!(c.median_ms(), Some(5 * minute));
+        // A lasting change of rate is taken up within two rounds of samples.
+        for _ in 0..2 * CADENCE_SAMPLES {
+            t += 60 * minute;
+            c.note(t);
+        }
+        assert_eq!(c.median_ms(), Some(60 * minute));
+    }
+
+    #[test]
+    fn the_forest_smoothing_spans_about_an_hour_of_readings() {
+        let cfg = DetectorConfig::default();
+        let span_at = |interval_ms: i64| {
+            let mut m = MetricDetector::new(&cfg);
+            for i in 0..=CADENCE_FIRST as i64 {
+                m.cadence.note(i * interval_ms);
+            }
+            m.forest_span(&cfg)
+        };
+        assert_eq!(span_at(1_000), cfg.avg_window, "one a second");
+        assert_eq!(
+            span_at(300_000),
+            cfg.avg_window,
+            "five-minutely: 12, capped"
+        );
+        assert_eq!(span_at(600_000), 6, "ten-minutely");
+        assert_eq!(span_at(3_600_000), cfg.avg_min_window, "hourly: 1, raised");
+        assert_eq!(
+            MetricDetector::new(&cfg).forest_span(&cfg),
+            cfg.avg_window,
+            "no time stamps"
+        );
+        let off = DetectorConfig {
+            avg_span_s: 0,
+            ..DetectorConfig::default()
+        };
+        let mut m = MetricDetector::new(&off);
+        for i in 0..=CADENCE_FIRST as i64 {
+            m.cadence.note(i * 3_600_000);
+        }
+        assert_eq!(m.forest_span(&off), off.avg_window);
     }
 
     #[test]
