@@ -765,6 +765,17 @@ fn moving_mean(buf: &mut VecDeque<f64>, cap: usize, x: f64) -> f64 {
     buf.iter().sum::<f64>() / buf.len() as f64
 }
 
+/// Whether an alert at `at` (reading index, time stamp) and a reading at `now` belong to one
+/// incident: fewer than `recurrence_window` readings (at least `cooldown`) apart and, like the
+/// recurrence check, at most `recurrence_span_s` apart in time (when that is not 0).
+fn same_incident(cfg: &DetectorConfig, at: (u64, i64), now: (u64, i64)) -> bool {
+    let readings = cfg.recurrence_window.max(cfg.cooldown) as u64;
+    let span_ms = i64::try_from(cfg.recurrence_span_s)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000);
+    now.0.saturating_sub(at.0) < readings && (span_ms == 0 || now.1.saturating_sub(at.1) <= span_ms)
+}
+
 /// A metric's sampling interval: the median of the last `CADENCE_SAMPLES` positive intervals
 /// between its time-stamped readings, first known after `CADENCE_FIRST` of them and then
 /// recomputed every `CADENCE_SAMPLES`, so a gap or a burst does not move it.
@@ -1373,11 +1384,11 @@ pub struct DeviceDetector {
     joint: Option<JointChannel>,
     /// Readings fed through `feed`.
     readings: u64,
-    /// Reading index of the last per-metric alert on one of the cross-metric model's metrics,
-    /// and of the last cross-metric alert: each channel stays quiet while the other's incident
-    /// is recent.
-    last_metric_alert: Option<u64>,
-    last_joint_alert: Option<u64>,
+    /// Reading index and time stamp of the last per-metric alert on one of the cross-metric
+    /// model's metrics, and of the last cross-metric alert: each channel stays quiet while the
+    /// other's incident is recent.
+    last_metric_alert: Option<(u64, i64)>,
+    last_joint_alert: Option<(u64, i64)>,
 }
 
 impl DeviceDetector {
@@ -1504,9 +1515,8 @@ impl DeviceDetector {
         let Some(joint) = self.joint.as_mut() else {
             return;
         };
-        let now = self.readings;
-        let incident = cfg.recurrence_window.max(cfg.cooldown) as u64;
-        let recent = |at: Option<u64>| at.is_some_and(|t| now - t < incident);
+        let now = (self.readings, reading.timestamp_ms);
+        let recent = |at: Option<(u64, i64)>| at.is_some_and(|at| same_incident(cfg, at, now));
         let verdict = joint
             .values(reading)
             .and_then(|v| joint.feed(cfg, v, Some(reading.timestamp_ms)));
@@ -1750,6 +1760,23 @@ mod tests {
         let mut empty = LaggedMax::default();
         empty.push(1.0, None, 10, 5);
         assert_eq!(empty.max(), None);
+    }
+
+    #[test]
+    fn an_incident_lasts_a_thousand_readings_or_a_week() {
+        let cfg = DetectorConfig::default();
+        let (second, hour) = (1_000, 3_600_000);
+        // One reading a second: the readings end the incident.
+        assert!(same_incident(&cfg, (0, 0), (999, 999 * second)));
+        assert!(!same_incident(&cfg, (0, 0), (1000, 1000 * second)));
+        // One an hour: the week ends it first.
+        assert!(same_incident(&cfg, (0, 0), (168, 168 * hour)));
+        assert!(!same_incident(&cfg, (0, 0), (169, 169 * hour)));
+        let no_span = DetectorConfig {
+            recurrence_span_s: 0,
+            ..DetectorConfig::default()
+        };
+        assert!(same_incident(&no_span, (0, 0), (999, 999 * hour)));
     }
 
     #[test]
