@@ -1329,6 +1329,7 @@ fn write_csv_field(out: &mut impl Write, field: &str) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::edge::snapshot::TestDir;
 
     fn test_config(points_per_device: usize, max_devices: usize, data_dir: &Path) -> Config {
         let mut config = Config::default_config().expect("default config");
@@ -1351,29 +1352,6 @@ mod tests {
 
     fn count(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
-    }
-
-    /// A directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> TempDir {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos());
-            let path = std::env::temp_dir().join(format!(
-                "vigil-history-{tag}-{}-{nanos}",
-                std::process::id()
-            ));
-            fs::create_dir_all(&path).expect("create temp dir");
-            TempDir(path)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
     }
 
     /// A memory-mode store without snapshots (so without tasks).
@@ -1516,7 +1494,7 @@ mod tests {
 
     #[tokio::test]
     async fn disabled_store_records_nothing() {
-        let dir = TempDir::new("disabled");
+        let dir = TestDir::new("history-disabled");
         let history = History::start(
             &test_config(0, 10, &dir.0),
             &TaskTracker::new(),
@@ -1536,7 +1514,7 @@ mod tests {
 
     #[tokio::test]
     async fn snapshot_round_trip() {
-        let dir = TempDir::new("snapshot");
+        let dir = TestDir::new("history-snapshot");
         let config = test_config(10, 100, &dir.0);
         let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
         let history = History::start(&config, &tracker, shutdown.clone()).expect("start");
@@ -1592,7 +1570,7 @@ mod tests {
 
     #[tokio::test]
     async fn snapshots_are_written_periodically() {
-        let dir = TempDir::new("periodic");
+        let dir = TestDir::new("history-periodic");
         let mut config = test_config(10, 100, &dir.0);
         config.history.snapshot_interval_secs = 1;
         let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
@@ -1611,7 +1589,7 @@ mod tests {
 
     #[tokio::test]
     async fn corrupt_snapshot_is_ignored() {
-        let dir = TempDir::new("corrupt");
+        let dir = TestDir::new("history-corrupt");
         let config = test_config(10, 100, &dir.0);
         let good = "{\"device\":\"m-1\",\"metrics\":[\"x\"],\"points\":[[1,[1.0]]]}";
         let files = [
@@ -1678,7 +1656,7 @@ mod tests {
 
     #[tokio::test]
     async fn export_reads_the_snapshot() {
-        let dir = TempDir::new("export");
+        let dir = TestDir::new("history-export");
         let config = test_config(100, 100, &dir.0);
         let mut out = Vec::new();
         let result = export_csv(&config, "m-1", None, &mut out).await;
@@ -1799,7 +1777,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_backend_writes_reads_exports_and_survives_an_outage() {
-        let dir = TempDir::new("redis");
+        let dir = TestDir::new("history-redis");
         let port = free_port();
         let mut server = RedisServer::start(port, &dir.0).await;
         let config = redis_config(port, 100);

@@ -216,6 +216,9 @@ impl Chromium {
         // chromium does not: keep it in `dir`.
         let tmp = dir.join("tmp");
         std::fs::create_dir_all(&tmp).expect("chromium's TMPDIR");
+        // Its crash reporter writes under $HOME (~/.config/chromium/Crash Reports): here too.
+        let home = dir.join("home");
+        std::fs::create_dir_all(&home).expect("chromium's HOME");
         let mut child = Command::new(CHROMIUM)
             .args([
                 "--headless=new",
@@ -236,6 +239,9 @@ impl Chromium {
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg(url)
             .env("TMPDIR", &tmp)
+            .env("HOME", &home)
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("XDG_CACHE_HOME")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -520,11 +520,11 @@ mod tests {
 
     use std::fs;
 
-    use crate::edge::snapshot::test_dir;
+    use crate::edge::snapshot::TestDir;
 
     #[test]
     fn saved_messages_load_back_as_they_were() {
-        let dir = test_dir("retained-round-trip");
+        let dir = TestDir::new("retained-round-trip");
         let r = RetainedStore::new(1 << 20);
         for i in 0..(SAVE_CHUNK + 10) {
             r.set(
@@ -544,12 +544,11 @@ mod tests {
         let (loaded, refused) = small.load(&dir).unwrap();
         assert_eq!(loaded + refused, SAVE_CHUNK + 11);
         assert!(loaded < 11 && refused > 0);
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn no_file_loads_nothing_and_a_damaged_one_nothing_at_all() {
-        let dir = test_dir("retained-damaged");
+        let dir = TestDir::new("retained-damaged");
         let r = RetainedStore::new(1 << 20);
         assert_eq!(r.load(&dir).unwrap(), (0, 0));
         r.set(b"a", &[b"h", b"1"]);
@@ -564,7 +563,6 @@ mod tests {
             Err(SnapshotError::Corrupt { .. })
         ));
         assert_eq!(fresh.totals().messages, 0);
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A stored payload (envelope and data) whose message expires at `at` (Unix ms).

@@ -465,7 +465,7 @@ mod tests {
 
     #[test]
     fn saved_sessions_read_back_as_they_were() {
-        let dir = snapshot::test_dir("sessions-round-trip");
+        let dir = snapshot::TestDir::new("sessions-round-trip");
         let registry = Arc::new(
             Registry::new(
                 10,
@@ -546,7 +546,6 @@ mod tests {
             }
         }
         assert_eq!(back, expected);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -311,9 +311,14 @@ impl TestDir {
     pub fn new(name: &str) -> TestDir {
         TestDir(test_dir(name))
     }
+}
 
-    pub fn join(&self, file: &str) -> PathBuf {
-        self.0.join(file)
+#[cfg(test)]
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
     }
 }
 
@@ -340,7 +345,7 @@ mod tests {
 
     #[test]
     fn records_read_back_as_written_and_only_the_owner_may_read_them() {
-        let dir = test_dir("snapshot-round-trip");
+        let dir = TestDir::new("snapshot-round-trip");
         assert!(read_all(&dir).unwrap().is_empty(), "no file, no records");
         let mut w = Writer::create(&dir, "t.bin", HEADER).unwrap();
         w.record(&[b"a", b""]).unwrap();
@@ -363,12 +368,11 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_damaged_file_yields_no_record() {
-        let dir = test_dir("snapshot-damaged");
+        let dir = TestDir::new("snapshot-damaged");
         let mut w = Writer::create(&dir, "t.bin", HEADER).unwrap();
         w.record(&[b"a", b"1"]).unwrap();
         w.record(&[b"b", b"2"]).unwrap();
@@ -398,6 +402,5 @@ mod tests {
         w.record(&[b"b", b"2", b"y"]).unwrap();
         w.finish().unwrap();
         assert!(matches!(read_all(&dir), Err(SnapshotError::Corrupt { .. })));
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
