@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -32,6 +32,8 @@ pub const CORE_PING_INTERVAL: Duration = Duration::from_secs(20);
 const INTERNAL_CONNECTIONS: usize = 64;
 /// Extra room in the core's packet limit for the envelope and translated properties.
 const ENVELOPE_SLACK: usize = 1024;
+/// Ports a core listener tries, the first included, when the one it was given is taken.
+const BIND_ATTEMPTS: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
@@ -83,18 +85,21 @@ impl Core {
         let password: String = secret.iter().map(|b| format!("{b:02x}")).collect();
         let username = "vigil-internal".to_string();
 
-        let settings = core_settings(config, &addrs, Some((&username, &password)));
-        spawn_core(settings, threads)?;
+        let mut settings = core_settings(config, &addrs, Some((&username, &password)));
+        settings.move_when_taken = true;
+        let serving = spawn_core(settings, threads)?;
 
-        let core = Core {
+        let mut core = Core {
             addrs,
             next: AtomicUsize::new(0),
             username,
             password,
         };
-        for &addr in &core.addrs {
-            core.wait_ready(addr, Duration::from_secs(10)).await?;
+        for i in 0..core.addrs.len() {
+            core.wait_ready(&serving, i, Duration::from_secs(10))
+                .await?;
         }
+        core.addrs = serving.all();
         tracing::info!(
             core = %core.addrs[0],
             threads,
@@ -109,12 +114,30 @@ impl Core {
         self.addrs[0]
     }
 
-    async fn wait_ready(&self, addr: SocketAddr, limit: Duration) -> Result<(), CoreError> {
+    /// Waits until listener `i` accepts our credential, on whichever port it ended up on.
+    async fn wait_ready(
+        &self,
+        serving: &ListenAddrs,
+        i: usize,
+        limit: Duration,
+    ) -> Result<(), CoreError> {
         let deadline = Instant::now() + limit;
-        let mut id = format!("vigil-probe-{}", addr.port());
+        let mut id = format!("vigil-probe-{i}");
         loop {
-            match self.connect_to(addr, &id, true).await {
-                Ok(link) if link.code == 0 => {
+            let addr = serving.get(i);
+            // A port another process took may accept and never answer: stop waiting for it as
+            // soon as the listener has moved.
+            let moved = async {
+                while serving.get(i) == addr {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            let probe = tokio::select! {
+                probe = self.connect_to(addr, &id, true) => Some(probe),
+                () = moved => None,
+            };
+            match probe {
+                Some(Ok(link)) if link.code == 0 => {
                     // An orderly close, not DISCONNECT (see `Edge::wipe_core_session`).
                     let mut stream = link.stream;
                     let _ = stream.shutdown().await;
@@ -266,8 +289,8 @@ pub async fn disconnect(wr: &mut OwnedWriteHalf) {
 
 fn free_loopback_ports(count: usize) -> std::io::Result<Vec<SocketAddr>> {
     // rumqttd binds by itself and cannot report a port chosen by the OS, so take them now (all
-    // held at once, so they differ) and hand them over; the readiness probe catches the rare
-    // case of losing one in between.
+    // held at once, so they differ) and hand them over. Another process may take one in
+    // between: the listener then moves to another (`spawn_core`, `move_when_taken`).
     let listeners = (0..count)
         .map(|_| StdListener::bind((Ipv4Addr::LOCALHOST, 0)))
         .collect::<std::io::Result<Vec<_>>>()?;
@@ -278,6 +301,31 @@ fn free_loopback_ports(count: usize) -> std::io::Result<Vec<SocketAddr>> {
 pub struct CoreSettings {
     router: rumqttd::RouterConfig,
     listeners: Vec<rumqttd::ServerSettings>,
+    /// A listener whose port is taken when it binds moves to another free loopback port (up to
+    /// `BIND_ATTEMPTS` ports) instead of stopping: for ports vigil picked itself.
+    move_when_taken: bool,
+}
+
+/// The address each core listener serves on, by listener index: where it was told to listen,
+/// or the port it moved to (`CoreSettings::move_when_taken`).
+#[derive(Debug, Clone)]
+pub struct ListenAddrs(Arc<Mutex<Vec<SocketAddr>>>);
+
+impl ListenAddrs {
+    pub fn get(&self, i: usize) -> SocketAddr {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)[i]
+    }
+
+    pub fn all(&self) -> Vec<SocketAddr> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, i: usize, addr: SocketAddr) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)[i] = addr;
+    }
 }
 
 /// The rumqttd settings of the core, listening on `addrs` and accepting only `credential`
@@ -317,7 +365,11 @@ pub fn core_settings(
             connections: connections.clone(),
         })
         .collect();
-    CoreSettings { router, listeners }
+    CoreSettings {
+        router,
+        listeners,
+        move_when_taken: false,
+    }
 }
 
 /// Starts rumqttd: its router on a thread of its own, and its listeners spread over `threads`
@@ -329,16 +381,27 @@ pub fn core_settings(
 /// accepts at most about 900 connections per second. Several accept loops on one thread
 /// multiply that without adding threads: `[core] accept_loops` (BENCHMARKS.md, "Core accept
 /// loops"). The threads run for the life of the process: rumqttd has no stop API, and a
-/// listener's loop ends only if its bind failed, which `Core::start`'s readiness probe reports.
-pub fn spawn_core(settings: CoreSettings, threads: usize) -> Result<(), CoreError> {
+/// listener's loop ends only if it cannot bind, which `Core::start`'s readiness probe reports.
+/// Returns where each listener serves (see `move_when_taken`).
+pub fn spawn_core(settings: CoreSettings, threads: usize) -> Result<ListenAddrs, CoreError> {
     let threads = threads.clamp(1, settings.listeners.len().max(1));
+    let serving = ListenAddrs(Arc::new(Mutex::new(
+        settings.listeners.iter().map(|l| l.listen).collect(),
+    )));
+    let attempts = if settings.move_when_taken {
+        BIND_ATTEMPTS
+    } else {
+        1
+    };
     let router_tx = rumqttd::Router::new(0, settings.router).spawn();
-    let mut groups: Vec<Vec<rumqttd::ServerSettings>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut groups: Vec<Vec<(usize, rumqttd::ServerSettings)>> =
+        (0..threads).map(|_| Vec::new()).collect();
     for (i, listener) in settings.listeners.into_iter().enumerate() {
-        groups[i % threads].push(listener);
+        groups[i % threads].push((i, listener));
     }
     for (t, group) in groups.into_iter().enumerate() {
         let router_tx = router_tx.clone();
+        let serving = serving.clone();
         let run = move || {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -353,12 +416,33 @@ pub fn spawn_core(settings: CoreSettings, threads: usize) -> Result<(), CoreErro
             // A LocalSet: the accept loops need not be `Send`, and they stay on this thread, as
             // the connection tasks they spawn do (a current-thread runtime).
             let loops = tokio::task::LocalSet::new();
-            for listener in group {
-                let mut server =
-                    rumqttd::Server::new(listener, router_tx.clone(), rumqttd::protocol::v4::V4);
+            for (i, mut listener) in group {
+                let router_tx = router_tx.clone();
+                let serving = serving.clone();
                 loops.spawn_local(async move {
-                    if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
-                        tracing::error!(error = ?e, "a core listener stopped");
+                    for attempt in 1..=attempts {
+                        let mut server = rumqttd::Server::new(
+                            listener.clone(),
+                            router_tx.clone(),
+                            rumqttd::protocol::v4::V4,
+                        );
+                        // `start` returns only if it cannot bind: its accept loop never ends.
+                        let Err(e) = server.start(rumqttd::LinkType::Remote).await else {
+                            return;
+                        };
+                        let next = (attempt < attempts)
+                            .then(|| free_loopback_ports(1).ok())
+                            .flatten()
+                            .and_then(|a| a.first().copied());
+                        let Some(next) = next else {
+                            tracing::error!(error = ?e, addr = %listener.listen, "a core listener stopped");
+                            return;
+                        };
+                        // Another process took the port after `free_loopback_ports` let it go.
+                        tracing::warn!(error = ?e, from = %listener.listen, to = %next,
+                            "a core listener's port was taken; it moves to another");
+                        listener.listen = next;
+                        serving.set(i, next);
                     }
                 });
             }
@@ -369,7 +453,7 @@ pub fn spawn_core(settings: CoreSettings, threads: usize) -> Result<(), CoreErro
             .spawn(run)
             .map_err(CoreError::Thread)?;
     }
-    Ok(())
+    Ok(serving)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -548,6 +632,33 @@ mod tests {
             only_dead.connect("t-dead", true).await,
             Err(CoreError::Io(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_listener_whose_port_is_taken_moves_to_another() {
+        let config = Config::default_config().expect("built-in config");
+        // Another process holds the first port when the core binds.
+        let taken = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("a port");
+        let held = taken.local_addr().expect("its address");
+        let free = free_loopback_ports(1).expect("a free port")[0];
+        let mut settings = core_settings(&config, &[held, free], Some(("u", "p")));
+        settings.move_when_taken = true;
+        let serving = spawn_core(settings, 1).expect("the core starts");
+        let core = Core {
+            addrs: vec![held, free],
+            next: AtomicUsize::new(0),
+            username: "u".into(),
+            password: "p".into(),
+        };
+        for i in 0..2 {
+            core.wait_ready(&serving, i, Duration::from_secs(10))
+                .await
+                .expect("each listener serves");
+        }
+        let moved = serving.get(0);
+        assert_ne!(moved, held);
+        assert_eq!(serving.all(), [moved, free]);
+        drop(taken);
     }
 
     #[test]
