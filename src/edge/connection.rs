@@ -70,6 +70,7 @@ use tokio_util::io::poll_read_buf;
 use tracing::{debug, info, warn};
 
 use super::copies::Copies;
+use super::fresh;
 use super::limits::RateLimiter;
 use super::policy::{self, Credentials, Identity};
 use super::registry::{
@@ -546,6 +547,8 @@ struct Session<S> {
     /// A client PUBLISH or SUBSCRIBE held at a fence, and until when at most; reading from the
     /// client stops meanwhile, so the client's packets keep their order.
     deferred: Option<(Frame, Instant)>,
+    /// This connection, watched by the subscribe fence until its first packet is handled.
+    fresh: Option<Watched>,
     /// Digest of the client id, the origin this client's publishes carry for No Local.
     origin: u64,
     /// Session Expiry Interval (seconds; `u32::MAX` never): v5 CONNECT's, changed by a
@@ -898,6 +901,7 @@ where
             }),
             own_subscribes: InFlight::new(edge, |e| &e.subscribes_in_flight),
             own_early_acks: InFlight::new(edge, |e| &e.early_acks_in_flight),
+            fresh: None,
             deferred: None,
             origin: envelope::origin_of(client_id),
             session_expiry,
@@ -916,6 +920,16 @@ where
             client_step: READ_STEP_MIN,
             core_step: READ_STEP_MIN,
         };
+        // Until its first packet is handled, bytes this client has sent hold others' PUBLISHes
+        // at the subscribe fence (`fresh`).
+        session.fresh = session
+            .client
+            .socket_handle()
+            .and_then(|socket| edge.fresh.watch(socket))
+            .map(|entry| Watched {
+                edge: edge.clone(),
+                entry,
+            });
         if session_present {
             // rumqttd re-sends a resumed session's unacknowledged PUBRELs only together with
             // the next acknowledgement it writes (MQTT-4.4.0-1 wants them at once): a PINGREQ
@@ -1231,6 +1245,9 @@ where
     // Client to core.
 
     fn on_client_data(&mut self, edge: &Edge, max_packet: usize) -> Result<(), End> {
+        if let Some(watched) = &self.fresh {
+            watched.entry.reading();
+        }
         self.last_client_read = Instant::now();
         self.client_frames(edge, max_packet, true)
     }
@@ -1261,6 +1278,8 @@ where
                 || frame.kind() == mqtt::PUBCOMP;
             answered |= gets_an_answer(&frame);
             self.on_client_packet(edge, frame)?;
+            // After the packet: a SUBSCRIBE is counted in flight by now.
+            self.fresh = None;
         }
         // A QoS 0 publish and a PUBCOMP are acknowledged by TCP alone, and a client with Nagle
         // on (libmosquitto, rumqttc) holds its next small packet until that ACK arrives: send it
@@ -1277,13 +1296,22 @@ where
     }
 
     /// Whether a packet of this kind must wait at a fence: a PUBLISH while other connections'
-    /// SUBSCRIBEs or UNSUBSCRIBEs are in flight to the core, a SUBSCRIBE while publishes other
-    /// connections were acknowledged for are.
+    /// SUBSCRIBEs or UNSUBSCRIBEs are in flight to the core, or while a new connection has
+    /// sent its first packet and not had it handled (`fresh`); a SUBSCRIBE while publishes
+    /// other connections were acknowledged for are.
     fn must_wait(&self, kind: u8) -> bool {
+        let subscribing = || {
+            self.own_subscribes.others_in_flight()
+                || self
+                    .own_subscribes
+                    .edge
+                    .fresh
+                    .others_pending(self.fresh.as_ref().map(|w| w.entry.id()))
+        };
         match kind {
-            mqtt::PUBLISH => self.own_subscribes.others_in_flight(),
+            mqtt::PUBLISH => subscribing(),
             // A PUBREL may send a held QoS 2 message to the core.
-            mqtt::PUBREL => self.held_qos2_bytes > 0 && self.own_subscribes.others_in_flight(),
+            mqtt::PUBREL => self.held_qos2_bytes > 0 && subscribing(),
             mqtt::SUBSCRIBE => self.own_early_acks.others_in_flight(),
             _ => false,
         }
@@ -1302,6 +1330,7 @@ where
         }
         if let Some((frame, _)) = self.deferred.take() {
             self.on_client_packet(edge, frame)?;
+            self.fresh = None;
         }
         self.client_frames(edge, max_packet, false)?;
         // Acknowledgements among those packets may have made room for deliveries held back.
@@ -2719,6 +2748,19 @@ impl InFlight {
     /// Whether other connections have some in flight.
     fn others_in_flight(&self) -> bool {
         (self.counter)(&self.edge).load(Relaxed) > self.mine
+    }
+}
+
+/// A connection watched by the subscribe fence until its first packet is handled (`fresh`);
+/// dropping it stops the watch.
+struct Watched {
+    edge: Arc<Edge>,
+    entry: Arc<fresh::Entry>,
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.edge.fresh.forget(self.entry.id());
     }
 }
 

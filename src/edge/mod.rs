@@ -12,6 +12,7 @@ pub mod acl;
 pub mod connection;
 mod copies;
 pub mod filters;
+pub mod fresh;
 pub mod jwt;
 pub mod limits;
 pub mod passwd;
@@ -54,17 +55,33 @@ pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
     /// a packet already in flight they hold the next small one until our ACK arrives, which
     /// Linux may delay by up to 40 ms. Nothing to do for an in-process pipe.
     fn ack_promptly(&self) {}
+
+    /// A second handle on the client's TCP socket, through which another task can see whether
+    /// the client has sent bytes not read yet (`fresh`). `None` for the in-process pipe.
+    fn socket_handle(&self) -> Option<std::net::TcpStream> {
+        None
+    }
 }
 
 impl ClientStream for TcpStream {
     fn ack_promptly(&self) {
         crate::core::ack_promptly(self);
     }
+
+    fn socket_handle(&self) -> Option<std::net::TcpStream> {
+        use std::os::fd::AsFd;
+        let fd = self.as_fd().try_clone_to_owned().ok()?;
+        Some(std::net::TcpStream::from(fd))
+    }
 }
 
 impl<S: ClientStream> ClientStream for tokio_rustls::server::TlsStream<S> {
     fn ack_promptly(&self) {
         self.get_ref().0.ack_promptly();
+    }
+
+    fn socket_handle(&self) -> Option<std::net::TcpStream> {
+        self.get_ref().0.socket_handle()
     }
 }
 
@@ -205,6 +222,9 @@ pub struct Edge {
     /// Client publishes the edge has acknowledged and the core has not yet (the publish
     /// fence, see `connection`).
     pub early_acks_in_flight: AtomicUsize,
+    /// New connections that have not handled their first packet yet (the subscribe fence,
+    /// see `fresh`).
+    pub fresh: fresh::Fresh,
     /// Distinct filters and topic names clients have given the core
     /// (`limits.max_distinct_filters`, `limits.max_distinct_topics`).
     pub core_filters: limits::CoreNames,
@@ -303,6 +323,7 @@ impl Edge {
             no_local_in_use: AtomicBool::new(false),
             subscribes_in_flight: AtomicUsize::new(0),
             early_acks_in_flight: AtomicUsize::new(0),
+            fresh: fresh::Fresh::default(),
             core_filters: limits::CoreNames::new(config.limits.max_distinct_filters),
             core_topics: limits::CoreNames::new(config.limits.max_distinct_topics),
             subscribed: filters::FilterIndex::new(),

@@ -33,6 +33,10 @@ impl<S: super::ClientStream> super::ClientStream for WsIo<S> {
     fn ack_promptly(&self) {
         self.ws.get_ref().ack_promptly();
     }
+
+    fn socket_handle(&self) -> Option<std::net::TcpStream> {
+        self.ws.get_ref().socket_handle()
+    }
 }
 
 fn to_io(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
