@@ -10,9 +10,12 @@
 //! through a second handle on that socket, `peek`), or being handled by its task. Bytes that
 //! have not arrived when the PUBLISH is read come after it, as they would on mosquitto.
 //!
-//! At most [`CAPACITY`] connections are watched, each for at most [`WATCH`] after its
-//! CONNACK: a reconnecting fleet holds nobody back, and a silent client costs others a `peek`
-//! per read for a moment only.
+//! A client may also wait a little before its first SUBSCRIBE (paho's `test_subscribe_options`
+//! connects two clients, subscribes the first, waits for its SUBACK in half-second steps, then
+//! subscribes the second and publishes at once), so a connection stays watched until its first
+//! packet is handled or [`WATCH`] (2 s) has passed. At most [`CAPACITY`] connections are
+//! watched: a reconnecting fleet holds nobody back, and a silent client costs a PUBLISH read
+//! one `peek` while it is watched.
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -21,16 +24,23 @@ use std::time::{Duration, Instant};
 
 /// Connections watched at once; more new connections at the same moment are not watched.
 pub const CAPACITY: usize = 8;
-/// How long after its CONNACK a silent connection is watched.
-pub const WATCH: Duration = Duration::from_millis(100);
+/// How long after its CONNACK a connection that has sent nothing is watched.
+pub const WATCH: Duration = Duration::from_secs(2);
 
 /// The watched connections.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Fresh {
     /// Entries in `entries` (read without the lock on every PUBLISH).
     count: AtomicUsize,
     entries: Mutex<Vec<Arc<Entry>>>,
     next_id: AtomicU64,
+    watch: Duration,
+}
+
+impl Default for Fresh {
+    fn default() -> Self {
+        Fresh::watching_for(WATCH)
+    }
 }
 
 /// One watched connection.
@@ -66,6 +76,15 @@ impl Entry {
 }
 
 impl Fresh {
+    fn watching_for(watch: Duration) -> Fresh {
+        Fresh {
+            count: AtomicUsize::new(0),
+            entries: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(0),
+            watch,
+        }
+    }
+
     /// Starts watching a connection through `socket`; `None` when `CAPACITY` connections are
     /// watched already.
     pub fn watch(&self, socket: TcpStream) -> Option<Arc<Entry>> {
@@ -105,7 +124,7 @@ impl Fresh {
     }
 
     fn prune(&self, entries: &mut Vec<Arc<Entry>>) {
-        entries.retain(|e| e.since.elapsed() < WATCH);
+        entries.retain(|e| e.since.elapsed() < self.watch);
         self.count.store(entries.len(), Relaxed);
     }
 }
@@ -153,7 +172,8 @@ mod tests {
 
     #[test]
     fn only_a_few_connections_are_watched_and_not_for_long() {
-        let fresh = Fresh::default();
+        let watch = Duration::from_millis(50);
+        let fresh = Fresh::watching_for(watch);
         let pairs: Vec<_> = (0..CAPACITY + 1).map(|_| pair()).collect();
         let watched: Vec<_> = pairs
             .iter()
@@ -161,7 +181,7 @@ mod tests {
             .collect();
         assert!(watched[..CAPACITY].iter().all(Option::is_some));
         assert!(watched[CAPACITY].is_none(), "full");
-        std::thread::sleep(WATCH);
+        std::thread::sleep(watch);
         let (_client, server) = pair();
         assert!(fresh.watch(server).is_some(), "the old ones expired");
         assert_eq!(fresh.count.load(Relaxed), 1);
