@@ -330,6 +330,15 @@ impl DetectorConfig {
             .subsample(self.subsample)
     }
 
+    /// `recurrence_span_s` in milliseconds; `None` when it is 0 (no limit in time).
+    fn recurrence_span_ms(&self) -> Option<i64> {
+        (self.recurrence_span_s > 0).then(|| {
+            i64::try_from(self.recurrence_span_s)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1000)
+        })
+    }
+
     /// Upper bound of the heap memory one metric takes: the training vectors, the score
     /// histories, the shape buffers and the worst-case forest (`n_trees * (2 * subsample - 1)`
     /// nodes of 8 bytes). A refit job temporarily holds one more copy of the training vectors.
@@ -741,10 +750,7 @@ impl ScoreHistory {
             z = z.min(0.0);
         }
         self.hist.push(avg, cfg.history);
-        if let Some(now) = at_ms.filter(|_| cfg.recurrence_span_s > 0) {
-            let span_ms = i64::try_from(cfg.recurrence_span_s)
-                .unwrap_or(i64::MAX)
-                .saturating_mul(1000);
+        if let (Some(now), Some(span_ms)) = (at_ms, cfg.recurrence_span_ms()) {
             self.peak.forget_before(now.saturating_sub(span_ms));
         }
         if cfg.recurrence_window > 0 && self.peak.max().is_some_and(|m| avg <= m) {
@@ -770,10 +776,10 @@ fn moving_mean(buf: &mut VecDeque<f64>, cap: usize, x: f64) -> f64 {
 /// recurrence check, at most `recurrence_span_s` apart in time (when that is not 0).
 fn same_incident(cfg: &DetectorConfig, at: (u64, i64), now: (u64, i64)) -> bool {
     let readings = cfg.recurrence_window.max(cfg.cooldown) as u64;
-    let span_ms = i64::try_from(cfg.recurrence_span_s)
-        .unwrap_or(i64::MAX)
-        .saturating_mul(1000);
-    now.0.saturating_sub(at.0) < readings && (span_ms == 0 || now.1.saturating_sub(at.1) <= span_ms)
+    now.0.saturating_sub(at.0) < readings
+        && cfg
+            .recurrence_span_ms()
+            .map_or(true, |span_ms| now.1.saturating_sub(at.1) <= span_ms)
 }
 
 /// A metric's sampling interval: the median of the last `CADENCE_SAMPLES` positive intervals
@@ -805,9 +811,13 @@ impl Cadence {
         let first = self.median.is_none() && self.intervals.len() >= CADENCE_FIRST;
         if first || self.since >= CADENCE_SAMPLES {
             self.since = 0;
-            let mut sorted: Vec<i64> = self.intervals.iter().copied().collect();
-            sorted.sort_unstable();
-            self.median = sorted.get(sorted.len() / 2).copied();
+            let mut sorted = [0i64; CADENCE_SAMPLES];
+            let n = self.intervals.len();
+            for (slot, &d) in sorted.iter_mut().zip(&self.intervals) {
+                *slot = d;
+            }
+            sorted[..n].sort_unstable();
+            self.median = sorted[..n].get(n / 2).copied();
         }
     }
 
