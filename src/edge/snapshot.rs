@@ -293,23 +293,18 @@ impl<W: Write> Digest<W> {
     }
 }
 
-/// An empty directory of its own for a unit test of a persisted file.
-#[cfg(test)]
-pub fn test_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vigil-unit-{}-{name}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("a test directory");
-    dir
-}
-
-/// `test_dir`, removed with its contents on drop: also when an assertion fails.
+/// An empty directory of its own for a unit test of a persisted file, removed with its
+/// contents on drop: also when an assertion fails.
 #[cfg(test)]
 pub struct TestDir(pub PathBuf);
 
 #[cfg(test)]
 impl TestDir {
     pub fn new(name: &str) -> TestDir {
-        TestDir(test_dir(name))
+        let dir = std::env::temp_dir().join(format!("vigil-unit-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("a test directory");
+        TestDir(dir)
     }
 }
 
