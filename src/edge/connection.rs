@@ -922,10 +922,9 @@ where
         };
         // Until its first packet is handled, bytes this client has sent hold others' PUBLISHes
         // at the subscribe fence (`fresh`).
-        session.fresh = session
-            .client
-            .socket_handle()
-            .and_then(|socket| edge.fresh.watch(socket))
+        session.fresh = edge
+            .fresh
+            .watch(|| session.client.socket_handle())
             .map(|entry| Watched {
                 edge: edge.clone(),
                 entry,
@@ -1265,7 +1264,7 @@ where
             edge.metrics
                 .bytes_in
                 .fetch_add(frame.wire_len() as u64, Relaxed);
-            if may_wait && self.must_wait(frame.kind()) {
+            if may_wait && self.must_wait(edge, frame.kind()) {
                 Metrics::inc(if frame.kind() != mqtt::SUBSCRIBE {
                     &edge.metrics.fence_waits
                 } else {
@@ -1299,12 +1298,10 @@ where
     /// SUBSCRIBEs or UNSUBSCRIBEs are in flight to the core, or while a new connection has
     /// sent its first packet and not had it handled (`fresh`); a SUBSCRIBE while publishes
     /// other connections were acknowledged for are.
-    fn must_wait(&self, kind: u8) -> bool {
+    fn must_wait(&self, edge: &Edge, kind: u8) -> bool {
         let subscribing = || {
             self.own_subscribes.others_in_flight()
-                || self
-                    .own_subscribes
-                    .edge
+                || edge
                     .fresh
                     .others_pending(self.fresh.as_ref().map(|w| w.entry.id()))
         };
@@ -1322,7 +1319,9 @@ where
     /// with it: they do not wait again.
     fn lift_fence(&mut self, edge: &Edge, max_packet: usize) -> Result<(), End> {
         match &self.deferred {
-            Some((frame, until)) if self.must_wait(frame.kind()) && Instant::now() < *until => {
+            Some((frame, until))
+                if self.must_wait(edge, frame.kind()) && Instant::now() < *until =>
+            {
                 return Ok(())
             }
             None => return Ok(()),

@@ -85,9 +85,10 @@ impl Fresh {
         }
     }
 
-    /// Starts watching a connection through `socket`; `None` when `CAPACITY` connections are
-    /// watched already.
-    pub fn watch(&self, socket: TcpStream) -> Option<Arc<Entry>> {
+    /// Starts watching a connection through the socket handle `socket` gives; `None` when
+    /// `CAPACITY` connections are watched already (then `socket` is not called) or it gives
+    /// none.
+    pub fn watch(&self, socket: impl FnOnce() -> Option<TcpStream>) -> Option<Arc<Entry>> {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         self.prune(&mut entries);
         if entries.len() >= CAPACITY {
@@ -96,7 +97,7 @@ impl Fresh {
         let entry = Arc::new(Entry {
             id: self.next_id.fetch_add(1, Relaxed),
             since: Instant::now(),
-            socket,
+            socket: socket()?,
             busy: AtomicBool::new(false),
         });
         entries.push(entry.clone());
@@ -148,9 +149,7 @@ mod tests {
     fn a_watched_connection_is_pending_while_its_bytes_are_not_handled() {
         let fresh = Fresh::default();
         let (mut client, server) = pair();
-        let e = fresh
-            .watch(server.try_clone().expect("clone"))
-            .expect("room");
+        let e = fresh.watch(|| server.try_clone().ok()).expect("room");
         assert!(!fresh.others_pending(None), "nothing sent yet");
         client.write_all(&[0x82, 0]).expect("send");
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -177,13 +176,16 @@ mod tests {
         let pairs: Vec<_> = (0..CAPACITY + 1).map(|_| pair()).collect();
         let watched: Vec<_> = pairs
             .iter()
-            .map(|(_, s)| fresh.watch(s.try_clone().expect("clone")))
+            .map(|(_, s)| fresh.watch(|| s.try_clone().ok()))
             .collect();
         assert!(watched[..CAPACITY].iter().all(Option::is_some));
         assert!(watched[CAPACITY].is_none(), "full");
         std::thread::sleep(watch);
         let (_client, server) = pair();
-        assert!(fresh.watch(server).is_some(), "the old ones expired");
+        assert!(
+            fresh.watch(|| Some(server)).is_some(),
+            "the old ones expired"
+        );
         assert_eq!(fresh.count.load(Relaxed), 1);
     }
 }
