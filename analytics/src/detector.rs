@@ -19,7 +19,10 @@
 //! 5. treats a channel as unsurprising when its smoothed score is no higher than one it already
 //!    produced between `recurrence_window` and `recurrence_gap` points ago (the recurrence
 //!    check): a daily spike, a periodic batch job or the after-effects of an incident that was
-//!    already reported do not open a new incident, only a bigger excursion does;
+//!    already reported do not open a new incident, only a bigger excursion does. A far tier
+//!    extends this to `recurrence_far_window` points back at a discount: an excursion that
+//!    reaches no more than `recurrence_far_share` of one from up to that far back is not news
+//!    either. Both tiers forget scores more than `recurrence_span_s` old;
 //! 6. raises an alert when `z` reaches the standard score of `alert_tail` (plus `young_margin`
 //!    scaled by how empty the score history still is, so the first alerts after the warm-up,
 //!    judged against few points, must be clearer), or when `z` has stayed at the looser bar of
@@ -41,11 +44,12 @@
 //! caller may run on any thread, and `install` puts the resulting model in place. Until then the
 //! previous model keeps scoring. The evaluation simply runs the job inline.
 //!
-//! Time stamps are not used: the detector works on the sequence of readings, which suits
-//! devices that report at a steady rate.
+//! Windows are counted in readings, which suits devices that report at a steady rate; time
+//! stamps, when readings carry them, only bound the recurrence memory (`recurrence_span_s`) and
+//! give the sampling interval the forest smoothing adapts to (`avg_span_s`).
 //!
 //! Memory per metric is bounded by the configuration (`DetectorConfig::bytes_per_metric`): with
-//! the defaults at most about 510 KB, typically about 230 KB (the forest's trees are rarely
+//! the defaults at most about 560 KB, typically about 230 KB (the forest's trees are rarely
 //! full), and a device tracks at most `max_metrics` metrics.
 
 use std::collections::VecDeque;
@@ -160,6 +164,13 @@ pub struct DetectorConfig {
     /// Most recent smoothed scores left out of the recurrence check, so an incident's own
     /// rising edge cannot mask it.
     pub recurrence_gap: usize,
+    /// Far tier of the recurrence check: a smoothed score between `recurrence_window` and this
+    /// many points ago (within `recurrence_span_s`) still masks a new one that reaches no more
+    /// than `recurrence_far_share` of it, so an excursion clearly smaller than one the metric
+    /// produced a few days ago is not news either, while a comparable one is (0 disables).
+    pub recurrence_far_window: usize,
+    /// Share of an older peak a smoothed score must exceed to escape the far tier, in (0, 1].
+    pub recurrence_far_share: f64,
     /// Metrics in the device's cross-metric model (0 disables it, at most 8): the metrics of
     /// the first reading that carries two or more, in its order. Only readings carrying all of
     /// them are used; after `warmup` multi-metric readings in a row with another set, the model
@@ -223,6 +234,8 @@ impl Default for DetectorConfig {
             recurrence_window: 1000,
             recurrence_span_s: 7 * 86_400,
             recurrence_gap: 50,
+            recurrence_far_window: 3000,
+            recurrence_far_share: 0.75,
             joint_metrics: 8,
             joint_min_r2: 0.5,
             joint_min_residual: 3.0,
@@ -296,6 +309,16 @@ impl DetectorConfig {
                 "recurrence_gap must be smaller than recurrence_window",
             ));
         }
+        let far_ok = self.recurrence_far_window == 0
+            || (self.recurrence_far_window > self.recurrence_window
+                && self.recurrence_far_share > 0.0
+                && self.recurrence_far_share <= 1.0);
+        if !far_ok {
+            return Err(DetectorError::InvalidConfig(
+                "recurrence_far_window must be 0 (off) or larger than recurrence_window, \
+                 with recurrence_far_share in (0, 1]",
+            ));
+        }
         if self.max_metrics == 0 {
             return Err(DetectorError::InvalidConfig("max_metrics must be positive"));
         }
@@ -348,13 +371,8 @@ impl DetectorConfig {
         let shape = (self.shape_capacity + self.shape_reservoir * self.shape_len) * 8;
         let forest = self.n_trees * (2 * self.subsample.min(self.window + self.reservoir) - 1) * 8
             + self.n_trees * 4;
-        // Two recurrence queues: at most `recurrence_window` (index, value, time) entries each
-        // plus the `recurrence_gap` (value, time) pairs not yet eligible.
-        let recurrence = if self.recurrence_window > 0 {
-            2 * (self.recurrence_window * 24 + self.recurrence_gap * 16)
-        } else {
-            0
-        };
+        // Two channels' recurrence queues.
+        let recurrence = 2 * self.bytes_recurrence();
         // The early channel's values and scratch copy, held only while the channels are young.
         let early = if self.early_bar > 0.0 {
             2 * (self.warmup + self.history) * 8
@@ -368,6 +386,24 @@ impl DetectorConfig {
             + forest
             + recurrence
             + early
+    }
+
+    /// Upper bound of one channel's recurrence queues: at most `recurrence_window` (index,
+    /// value, time) entries plus the `recurrence_gap` (value, time) pairs not yet eligible,
+    /// and as many block maxima for the far tier.
+    fn bytes_recurrence(&self) -> usize {
+        let near = if self.recurrence_window > 0 {
+            self.recurrence_window * 24 + self.recurrence_gap * 16
+        } else {
+            0
+        };
+        let far = if self.recurrence_far_window > 0 {
+            self.recurrence_far_window.div_ceil(FAR_BLOCK) * 24
+                + self.recurrence_gap.div_ceil(FAR_BLOCK) * 16
+        } else {
+            0
+        };
+        near + far
     }
 
     /// Upper bound of the memory one device takes (`max_metrics` metrics plus names, and the
@@ -384,11 +420,7 @@ impl DetectorConfig {
         }
         let rows = (self.window + self.reservoir) * MAX_JOINT * 8;
         let scores = (self.history + self.avg_window) * 8;
-        let recurrence = if self.recurrence_window > 0 {
-            self.recurrence_window * 24 + self.recurrence_gap * 16
-        } else {
-            0
-        };
+        let recurrence = self.bytes_recurrence();
         std::mem::size_of::<JointChannel>()
             + std::mem::size_of::<JointModel>()
             + rows
@@ -720,12 +752,51 @@ impl RefitClock {
     }
 }
 
+/// Smoothed scores per block of the recurrence check's far tier: its queue holds block maxima,
+/// so it stays small (`recurrence_far_window / FAR_BLOCK` entries) whatever the scores do.
+const FAR_BLOCK: usize = 10;
+
+/// The far tier's maxima: the largest score of each block of `FAR_BLOCK` consecutive scores,
+/// from `recurrence_far_window` down to `recurrence_gap` points back (both rounded up to whole
+/// blocks), with the time stamp of that score.
+#[derive(Debug, Clone, Default)]
+struct FarPeaks {
+    /// The block being filled: its largest score and that score's time stamp.
+    block: Option<(f64, Option<i64>)>,
+    filled: usize,
+    blocks: LaggedMax,
+}
+
+impl FarPeaks {
+    fn push(&mut self, cfg: &DetectorConfig, x: f64, at_ms: Option<i64>) {
+        if x.is_nan() {
+            return;
+        }
+        if self.block.map_or(true, |(m, _)| x > m) {
+            self.block = Some((x, at_ms));
+        }
+        self.filled += 1;
+        if self.filled == FAR_BLOCK {
+            if let Some((m, t)) = self.block.take() {
+                self.blocks.push(
+                    m,
+                    t,
+                    cfg.recurrence_far_window.div_ceil(FAR_BLOCK),
+                    cfg.recurrence_gap.div_ceil(FAR_BLOCK),
+                );
+            }
+            self.filled = 0;
+        }
+    }
+}
+
 /// A channel's smoothed scores judged against their own recent history: the standard score and
-/// the recurrence check.
+/// the recurrence check (near and far tiers).
 #[derive(Debug, Clone, Default)]
 struct ScoreHistory {
     hist: RollingStats,
     peak: LaggedMax,
+    far: FarPeaks,
 }
 
 impl ScoreHistory {
@@ -752,9 +823,17 @@ impl ScoreHistory {
         self.hist.push(avg, cfg.history);
         if let (Some(now), Some(span_ms)) = (at_ms, cfg.recurrence_span_ms()) {
             self.peak.forget_before(now.saturating_sub(span_ms));
+            self.far.blocks.forget_before(now.saturating_sub(span_ms));
         }
         if cfg.recurrence_window > 0 && self.peak.max().is_some_and(|m| avg <= m) {
             z = z.min(0.0);
+        }
+        if cfg.recurrence_far_window > 0 {
+            let far_peak = self.far.blocks.max();
+            if far_peak.is_some_and(|m| avg <= cfg.recurrence_far_share * m) {
+                z = z.min(0.0);
+            }
+            self.far.push(cfg, avg, at_ms);
         }
         self.peak
             .push(avg, at_ms, cfg.recurrence_window, cfg.recurrence_gap);
@@ -1875,6 +1954,58 @@ mod tests {
     }
 
     #[test]
+    fn far_peaks_are_block_maxima_between_the_gap_and_the_far_window() {
+        let cfg = DetectorConfig {
+            recurrence_far_window: 100,
+            recurrence_gap: 20,
+            ..DetectorConfig::default()
+        };
+        let mut far = FarPeaks::default();
+        for i in 0..30 {
+            far.push(&cfg, if i == 3 { 5.0 } else { 1.0 }, None);
+        }
+        // Three blocks of 10 complete: the newest two are left out (the gap of 20), the first,
+        // holding the 5, counts.
+        assert_eq!(far.blocks.max(), Some(5.0));
+        for _ in 0..80 {
+            far.push(&cfg, 1.0, None);
+        }
+        // 110 values: the block holding the 5 is now more than 100 values back.
+        assert_eq!(far.blocks.max(), Some(1.0));
+        far.push(&cfg, f64::NAN, None);
+        assert_eq!(far.filled, 0, "NaN is not counted");
+    }
+
+    #[test]
+    fn the_far_tier_masks_only_clearly_smaller_excursions() {
+        let hour = 3_600_000;
+        // A peak of 10, `quiet` readings of 1 (one a minute, or one an hour), then `x`.
+        let z_after_peak = |cfg: &DetectorConfig, quiet: i64, step_ms: i64, x: f64| {
+            let mut h = ScoreHistory::default();
+            h.judge(cfg, 10.0, Some(0), 0.1, 0.0);
+            for i in 1..=quiet {
+                h.judge(cfg, 1.0, Some(i * step_ms), 0.1, 0.0);
+            }
+            h.judge(cfg, x, Some((quiet + 1) * step_ms), 0.1, 0.0)
+        };
+        let cfg = DetectorConfig::default();
+        let minute = 60_000;
+        // 1500 readings back: beyond the near tier, within the far one.
+        assert_eq!(z_after_peak(&cfg, 1500, minute, 7.0), 0.0);
+        assert!(z_after_peak(&cfg, 1500, minute, 8.0) > 0.0);
+        let off = DetectorConfig {
+            recurrence_far_window: 0,
+            ..cfg.clone()
+        };
+        assert!(z_after_peak(&off, 1500, minute, 7.0) > 0.0);
+        // Beyond the far window nothing masks it; nor (hourly readings) more than a week back,
+        // while within the week the near tier still does.
+        assert!(z_after_peak(&cfg, 3100, minute, 7.0) > 0.0);
+        assert!(z_after_peak(&cfg, 200, hour, 7.0) > 0.0);
+        assert_eq!(z_after_peak(&cfg, 160, hour, 7.0), 0.0);
+    }
+
+    #[test]
     fn recurring_spikes_do_not_keep_alerting() {
         // A spike of the same size every 150 points on a noisy level: once the detector has
         // seen a few of them, later ones are a known pattern, not new incidents.
@@ -2024,7 +2155,21 @@ mod tests {
         })
         .is_err());
         let bytes = DetectorConfig::default().bytes_per_metric();
-        assert!(bytes > 400_000 && bytes < 550_000, "{bytes}");
+        assert!(bytes > 400_000 && bytes < 600_000, "{bytes}");
+        for far in [500, 1000] {
+            assert!(DeviceDetector::new(DetectorConfig {
+                recurrence_far_window: far,
+                ..DetectorConfig::default()
+            })
+            .is_err());
+        }
+        for share in [0.0, 1.5, f64::NAN] {
+            assert!(DeviceDetector::new(DetectorConfig {
+                recurrence_far_share: share,
+                ..DetectorConfig::default()
+            })
+            .is_err());
+        }
     }
 
     /// A motor: current with a slow cycle, a winding temperature that follows it, an unrelated
