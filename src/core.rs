@@ -4,7 +4,8 @@
 //! chosen at start and accepts only a credential generated per process. Every edge connection
 //! and every internal component reaches it through [`Core::connect`], always as MQTT 3.1.1.
 //! rumqttd has no stop API and reports success even when its bind failed, so [`Core::start`]
-//! proves the core is really serving before returning.
+//! proves the core is really serving before returning; its probe sends the credential only to a
+//! port this process listens on, never to another process that took the port first.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
@@ -132,8 +133,18 @@ impl Core {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             };
+            // Our credential goes only to a listener of this process: a port another process
+            // took before rumqttd bound it must never see it.
+            let ours = async {
+                while listening_here(addr) == Some(false) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
             let probe = tokio::select! {
-                probe = self.connect_to(addr, &id, true) => Some(probe),
+                probe = async {
+                    ours.await;
+                    self.connect_to(addr, &id, true).await
+                } => Some(probe),
                 () = moved => None,
             };
             match probe {
@@ -285,6 +296,58 @@ pub async fn disconnect(wr: &mut OwnedWriteHalf) {
     let mut out = BytesMut::with_capacity(2);
     mqtt::put_disconnect(&mut out, mqtt::Version::V311, 0);
     let _ = timeout(Duration::from_secs(1), wr.write_all(&out)).await;
+}
+
+/// Whether a socket of this process listens on `addr` (TCP), read from `/proc/net/tcp{,6}` and
+/// `/proc/self/fd`; `None` where those cannot be read (not Linux). Run only by the readiness
+/// probe, before the core's credential is sent to `addr`.
+fn listening_here(addr: SocketAddr) -> Option<bool> {
+    let table = match addr {
+        SocketAddr::V4(_) => "/proc/net/tcp",
+        SocketAddr::V6(_) => "/proc/net/tcp6",
+    };
+    let table = std::fs::read_to_string(table).ok()?;
+    let inodes = listening_inodes(&table, addr);
+    if inodes.is_empty() {
+        return Some(false);
+    }
+    let fds = std::fs::read_dir("/proc/self/fd").ok()?;
+    Some(fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| {
+            let target = target.to_string_lossy();
+            target
+                .strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']'))
+                .is_some_and(|inode| inodes.iter().any(|i| i == inode))
+        })
+    }))
+}
+
+/// The inodes of the sockets a `/proc/net/tcp` (or `tcp6`) table lists as listening on `addr`.
+/// Addresses there are the hexadecimal of the address's bytes as a native-endian integer (per
+/// 32-bit word for IPv6), ports plain hexadecimal.
+fn listening_inodes(table: &str, addr: SocketAddr) -> Vec<String> {
+    const LISTEN: &str = "0A";
+    let ip_hex: String = match addr {
+        SocketAddr::V4(a) => format!("{:08X}", u32::from_ne_bytes(a.ip().octets())),
+        SocketAddr::V6(a) => a
+            .ip()
+            .octets()
+            .chunks_exact(4)
+            .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+            .collect(),
+    };
+    let local = format!("{ip_hex}:{:04X}", addr.port());
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl, local_address, rem_address, st, tx:rx, tr:when, retrnsmt, uid, timeout, inode
+            let ok = fields.len() > 9 && fields[1] == local && fields[3] == LISTEN;
+            ok.then(|| fields[9].to_string())
+        })
+        .collect()
 }
 
 fn free_loopback_ports(count: usize) -> std::io::Result<Vec<SocketAddr>> {
@@ -600,6 +663,31 @@ pub async fn report_lag_drops(log_bytes: usize, shutdown: CancellationToken) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_port_counts_as_ours_only_while_this_process_listens_on_it() {
+        let listener = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // A connected socket on another port of ours is not a listener on `addr`.
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        if listening_here(addr).is_none() {
+            return; // no /proc here
+        }
+        assert_eq!(listening_here(addr), Some(true));
+        drop(listener);
+        assert_eq!(listening_here(addr), Some(false));
+        // Another process's listener: the table lists it, but no descriptor of ours is it.
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when \
+                     retrnsmt   uid  timeout inode\n   \
+                     0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  \
+                     1000        0 4242 1 0000000000000000 100 0 0 10 0\n";
+        let port_8080 = SocketAddr::from((Ipv4Addr::LOCALHOST, 8080));
+        if cfg!(target_endian = "little") {
+            assert_eq!(listening_inodes(table, port_8080), vec!["4242".to_string()]);
+        }
+        let elsewhere = SocketAddr::from((Ipv4Addr::LOCALHOST, 8081));
+        assert!(listening_inodes(table, elsewhere).is_empty());
+    }
+
     #[tokio::test]
     async fn the_core_serves_on_every_port_and_a_dead_one_is_passed_over() {
         let mut config = Config::default_config().expect("built-in config");
@@ -659,6 +747,83 @@ mod tests {
         assert_ne!(moved, held);
         assert_eq!(serving.all(), [moved, free]);
         drop(taken);
+    }
+
+    /// Not a test on its own: `the_probe_sends_the_credential_to_no_other_process` runs it in a
+    /// child process, where it holds the port in `VIGIL_THIEF_PORT` and appends whatever its
+    /// connections send to the file in `VIGIL_THIEF_LOG` (created once it listens).
+    #[test]
+    #[ignore = "run as a child process by another test"]
+    fn port_thief() {
+        use std::io::{Read, Write};
+        let (Ok(port), Ok(log)) = (
+            std::env::var("VIGIL_THIEF_PORT"),
+            std::env::var("VIGIL_THIEF_LOG"),
+        ) else {
+            return;
+        };
+        let port: u16 = port.parse().expect("a port");
+        let listener = StdListener::bind((Ipv4Addr::LOCALHOST, port)).expect("the port is free");
+        let log = Arc::new(Mutex::new(std::fs::File::create(log).expect("log file")));
+        for conn in listener.incoming().flatten() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = conn.read(&mut buf) {
+                    let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
+                    let _ = log.write_all(&buf[..n]);
+                }
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn the_probe_sends_the_credential_to_no_other_process() {
+        let dir = crate::edge::snapshot::TestDir::new("core-thief");
+        let log = dir.join("received");
+        let port = free_loopback_ports(1).expect("a free port")[0];
+        let exe = std::env::current_exe().expect("the test binary");
+        struct KillOnDrop(std::process::Child);
+        impl Drop for KillOnDrop {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let thief = std::process::Command::new(exe)
+            .args(["--exact", "core::tests::port_thief", "--ignored"])
+            .env("VIGIL_THIEF_PORT", port.port().to_string())
+            .env("VIGIL_THIEF_LOG", &log)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("the thief starts");
+        let thief = KillOnDrop(thief);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !log.exists() {
+            assert!(Instant::now() < deadline, "the thief did not listen");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let config = Config::default_config().expect("built-in config");
+        let mut settings = core_settings(&config, &[port], Some(("u", "the-core-secret")));
+        settings.move_when_taken = true;
+        let serving = spawn_core(settings, 1).expect("the core starts");
+        let core = Core {
+            addrs: vec![port],
+            next: AtomicUsize::new(0),
+            username: "u".into(),
+            password: "the-core-secret".into(),
+        };
+        let ready = core.wait_ready(&serving, 0, Duration::from_secs(10)).await;
+        drop(thief);
+        ready.expect("the listener moved and serves");
+        assert_ne!(serving.get(0), port);
+        let received = std::fs::read(&log).expect("the thief's log");
+        let secret = b"the-core-secret";
+        assert!(
+            !received.windows(secret.len()).any(|w| w == secret),
+            "another process received the core's credential"
+        );
     }
 
     #[test]
