@@ -135,16 +135,20 @@ impl Core {
             };
             // Our credential goes only to a listener of this process: a port another process
             // took before rumqttd bound it must never see it.
-            let ours = async {
+            let probe = async {
                 while listening_here(addr) == Some(false) {
+                    if Instant::now() >= deadline {
+                        return Err(CoreError::NotReady {
+                            addr,
+                            secs: limit.as_secs(),
+                        });
+                    }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                self.connect_to(addr, &id, true).await
             };
             let probe = tokio::select! {
-                probe = async {
-                    ours.await;
-                    self.connect_to(addr, &id, true).await
-                } => Some(probe),
+                probe = probe => Some(probe),
                 () = moved => None,
             };
             match probe {
@@ -667,7 +671,7 @@ mod tests {
     fn a_port_counts_as_ours_only_while_this_process_listens_on_it() {
         let listener = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
         let addr = listener.local_addr().expect("addr");
-        // A connected socket on another port of ours is not a listener on `addr`.
+        // Only the listening socket counts, not the ones connected to `addr` (ours too).
         let _client = std::net::TcpStream::connect(addr).expect("connect");
         if listening_here(addr).is_none() {
             return; // no /proc here
@@ -815,9 +819,17 @@ mod tests {
             password: "the-core-secret".into(),
         };
         let ready = core.wait_ready(&serving, 0, Duration::from_secs(10)).await;
+        // A listener that stays on the thief's port (none here) is reported as not ready in
+        // time, without a word to the thief.
+        let stays = ListenAddrs(Arc::new(Mutex::new(vec![port])));
+        let not_ready = core.wait_ready(&stays, 0, Duration::from_millis(300)).await;
         drop(thief);
         ready.expect("the listener moved and serves");
         assert_ne!(serving.get(0), port);
+        assert!(
+            matches!(not_ready, Err(CoreError::NotReady { .. })),
+            "{not_ready:?}"
+        );
         let received = std::fs::read(&log).expect("the thief's log");
         let secret = b"the-core-secret";
         assert!(
