@@ -203,6 +203,14 @@ pub struct DetectorConfig {
     /// Time the early channel's values must span before it judges any, when readings carry
     /// time stamps (0: no such condition).
     pub early_min_span_s: u64,
+    /// The forest channel's young margin also fades with time, when readings carry time
+    /// stamps: it is `young_margin × min(1 − filled/history, 1 − t/young_span_s)`, `t` being
+    /// the time since the metric's first scored reading, so a slow metric (hourly, or
+    /// five-minutely with gaps) whose first scores already span several days is judged at the
+    /// full bar before it has 1000 of them (0: readings only). The shape channel keeps the
+    /// readings-only margin: its novelty is a distance to the nearest of the stretches seen so
+    /// far, and it falls as their number grows, whatever time they span.
+    pub young_span_s: u64,
 }
 
 impl Default for DetectorConfig {
@@ -245,6 +253,7 @@ impl Default for DetectorConfig {
             early_min_points: 64,
             early_beyond: 0.5,
             early_min_span_s: 86_400,
+            young_span_s: 4 * 86_400,
         }
     }
 }
@@ -998,6 +1007,8 @@ pub struct MetricDetector {
     shape_scores: ScoreHistory,
     debounce: Debounce,
     early: EarlyOutliers,
+    /// Time stamp of the first scored reading (for `young_span_s`).
+    first_scored_ms: Option<i64>,
 }
 
 impl MetricDetector {
@@ -1020,6 +1031,7 @@ impl MetricDetector {
             shape_scores: ScoreHistory::default(),
             debounce: Debounce::new(cfg),
             early: Default::default(),
+            first_scored_ms: None,
         }
     }
 
@@ -1102,15 +1114,40 @@ impl MetricDetector {
         };
         let z = z_forest.max(z_shape);
         let score = if n >= 2 { 1.0 - upper_tail(z) } else { 0.0 };
+        // The debouncing adds the readings-only young margin to the bar; the forest channel's
+        // share of it that time has already retired (`young_span_s`) is credited to its score
+        // for that decision only: the severity is the surprise measured.
+        let z_alert = z_shape.max(z_forest + self.forest_time_relief(cfg, n, at_ms));
         let outcome = PointOutcome {
             score,
             raw_score: Some(raw),
-            alert: self.debounce.judge(cfg, z, score, n),
+            alert: self
+                .debounce
+                .judge(cfg, z_alert, score, n)
+                .map(|_| severity_for(z)),
         };
         if outcome.alert.is_some() {
             return outcome;
         }
         self.early_outcome(cfg, outcome, early)
+    }
+
+    /// The part of the young margin (in standard deviations) that the time since the first
+    /// scored reading has retired for the forest channel: `young_margin × (y_n − min(y_n,
+    /// 1 − t/young_span_s))` with `y_n = 1 − n/history` the readings-only share; 0 without
+    /// time stamps or with `young_span_s` 0.
+    fn forest_time_relief(&mut self, cfg: &DetectorConfig, n: usize, at_ms: Option<i64>) -> f64 {
+        let Some(now) = at_ms else {
+            return 0.0;
+        };
+        let first = *self.first_scored_ms.get_or_insert(now);
+        if cfg.young_span_s == 0 {
+            return 0.0;
+        }
+        let by_readings = 1.0 - (n as f64 / cfg.history as f64).min(1.0);
+        let elapsed = now.saturating_sub(first) as f64 / (cfg.young_span_s as f64 * 1000.0);
+        let by_time = (1.0 - elapsed).clamp(0.0, 1.0);
+        cfg.young_margin * (by_readings - by_readings.min(by_time))
     }
 
     /// `outcome`, or an early-channel alert if `early` holds the robust standard score of a
@@ -1794,6 +1831,35 @@ mod tests {
             feed_timed(&mut det, &values, 3_600_000),
             Vec::<usize>::new()
         );
+    }
+
+    #[test]
+    fn the_forest_young_margin_fades_with_time_on_a_slow_stream() {
+        let cfg = DetectorConfig::default();
+        let day = 86_400_000;
+        let mut m = MetricDetector::new(&cfg);
+        // The first scored reading starts the clock.
+        assert_eq!(m.forest_time_relief(&cfg, 0, Some(0)), 0.0);
+        // Two of four days and 200 of 1000 scores: the time share (0.5) is below the readings
+        // share (0.8), so 3 × 0.3 of the margin is retired.
+        assert!((m.forest_time_relief(&cfg, 200, Some(2 * day)) - 0.9).abs() < 1e-9);
+        // After four days the whole margin is gone for the forest channel.
+        assert!((m.forest_time_relief(&cfg, 200, Some(5 * day)) - 2.4).abs() < 1e-9);
+        // A full history has no margin to retire; no time stamp, no relief.
+        assert_eq!(m.forest_time_relief(&cfg, 1000, Some(5 * day)), 0.0);
+        assert_eq!(m.forest_time_relief(&cfg, 200, None), 0.0);
+        // A fast stream (1000 readings in under four days) keeps the readings-only margin.
+        let mut fast = MetricDetector::new(&cfg);
+        fast.forest_time_relief(&cfg, 0, Some(0));
+        let five_min = 300_000;
+        assert!(fast.forest_time_relief(&cfg, 500, Some(500 * five_min)) == 0.0);
+        let off = DetectorConfig {
+            young_span_s: 0,
+            ..DetectorConfig::default()
+        };
+        let mut m = MetricDetector::new(&off);
+        m.forest_time_relief(&off, 0, Some(0));
+        assert_eq!(m.forest_time_relief(&off, 200, Some(5 * day)), 0.0);
     }
 
     #[test]
