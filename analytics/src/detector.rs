@@ -25,7 +25,8 @@
 //!    either. Both tiers forget scores more than `recurrence_span_s` old;
 //! 6. raises an alert when `z` reaches the standard score of `alert_tail` (plus `young_margin`
 //!    scaled by how empty the score history still is, so the first alerts after the warm-up,
-//!    judged against few points, must be clearer), or when `z` has stayed at the looser bar of
+//!    judged against few points, must be clearer; for the forest channel it also fades over
+//!    `young_span_s` from the first score, so a slow metric is not held back for months), or when `z` has stayed at the looser bar of
 //!    `sustain_tail` (same margin) for `sustain_points` points in a row (an incident that holds
 //!    the score just under the bar); then it stays silent until the likelihood has
 //!    dropped below `rearm_likelihood` and `cooldown` points have passed, so one incident gives
