@@ -20,9 +20,9 @@
 //!    produced between `recurrence_window` and `recurrence_gap` points ago (the recurrence
 //!    check): a daily spike, a periodic batch job or the after-effects of an incident that was
 //!    already reported do not open a new incident, only a bigger excursion does. A far tier
-//!    extends this to `recurrence_far_window` points back at a discount: an excursion that
-//!    reaches no more than `recurrence_far_share` of one from up to that far back is not news
-//!    either. Both tiers forget scores more than `recurrence_span_s` old;
+//!    extends this to `recurrence_far_window` points back at a discount: an excursion whose
+//!    rise above the channel's usual level is no more than `recurrence_far_share` of the rise of
+//!    one from up to that far back is not news either. Both tiers forget scores more than `recurrence_span_s` old;
 //! 6. raises an alert when `z` reaches the standard score of `alert_tail` (plus `young_margin`
 //!    scaled by how empty the score history still is, so the first alerts after the warm-up,
 //!    judged against few points, must be clearer; for the forest channel it also fades over
@@ -166,11 +166,14 @@ pub struct DetectorConfig {
     /// rising edge cannot mask it.
     pub recurrence_gap: usize,
     /// Far tier of the recurrence check: a smoothed score between `recurrence_window` and this
-    /// many points ago (within `recurrence_span_s`) still masks a new one that reaches no more
-    /// than `recurrence_far_share` of it, so an excursion clearly smaller than one the metric
-    /// produced a few days ago is not news either, while a comparable one is (0 disables).
+    /// many points ago (within `recurrence_span_s`) still masks a new one whose rise above the
+    /// channel's usual level (the mean of its score history) is no more than
+    /// `recurrence_far_share` of its own rise, so an excursion clearly smaller than one the
+    /// metric produced a few days ago is not news either, while a comparable one is (0
+    /// disables).
     pub recurrence_far_window: usize,
-    /// Share of an older peak a smoothed score must exceed to escape the far tier, in (0, 1].
+    /// Share of an older peak's rise a smoothed score's rise must exceed to escape the far tier,
+    /// in (0, 1].
     pub recurrence_far_share: f64,
     /// Metrics in the device's cross-metric model (0 disables it, at most 8): the metrics of
     /// the first reading that carries two or more, in its order. Only readings carrying all of
@@ -830,6 +833,13 @@ impl ScoreHistory {
         if avg < floor {
             z = z.min(0.0);
         }
+        // The level the far tier measures excursions from: the history's mean before `avg`
+        // joins it (isolation scores sit near 0.4-0.5 when nothing happens, so a share of the
+        // raw score would mask almost nothing on the forest channel).
+        let base = match self.hist.len() {
+            0 => 0.0,
+            n => self.hist.sum / n as f64,
+        };
         self.hist.push(avg, cfg.history);
         if let (Some(now), Some(span_ms)) = (at_ms, cfg.recurrence_span_ms()) {
             self.peak.forget_before(now.saturating_sub(span_ms));
@@ -840,7 +850,7 @@ impl ScoreHistory {
         }
         if cfg.recurrence_far_window > 0 {
             let far_peak = self.far.blocks.max();
-            if far_peak.is_some_and(|m| avg <= cfg.recurrence_far_share * m) {
+            if far_peak.is_some_and(|m| avg - base <= cfg.recurrence_far_share * (m - base)) {
                 z = z.min(0.0);
             }
             self.far.push(cfg, avg, at_ms);
@@ -2065,6 +2075,11 @@ mod tests {
             ..cfg.clone()
         };
         assert!(z_after_peak(&off, 1500, minute, 7.0) > 0.0);
+        // Excursions are measured from the history's mean (1 here): 7.6 rises 6.6 above it,
+        // no more than three quarters of the old peak's 9, so it is masked too (a share of the
+        // raw scores would let it pass: 7.6 > 0.75 × 10).
+        assert_eq!(z_after_peak(&cfg, 1500, minute, 7.6), 0.0);
+        assert!(z_after_peak(&cfg, 1500, minute, 7.9) > 0.0);
         // Beyond the far window nothing masks it; nor (hourly readings) more than a week back,
         // while within the week the near tier still does.
         assert!(z_after_peak(&cfg, 3100, minute, 7.0) > 0.0);
