@@ -21,14 +21,16 @@
 //!    check): a daily spike, a periodic batch job or the after-effects of an incident that was
 //!    already reported do not open a new incident, only a bigger excursion does. A far tier
 //!    extends this to `recurrence_far_window` points back at a discount: an excursion whose
-//!    rise above the channel's usual level is no more than `recurrence_far_share` of the rise of
-//!    one from up to that far back is not news either. Both tiers forget scores more than `recurrence_span_s` old;
+//!    rise above the channel's usual level is no more than `recurrence_far_share` of the rise
+//!    of one from up to that far back is not news either. Both tiers forget scores more than
+//!    `recurrence_span_s` old;
 //! 6. raises an alert when `z` reaches the standard score of `alert_tail` (plus `young_margin`
 //!    scaled by how empty the score history still is, so the first alerts after the warm-up,
 //!    judged against few points, must be clearer; for the forest channel it also fades over
-//!    `young_span_s` from the first score, so a slow metric is not held back for months), or when `z` has stayed at the looser bar of
-//!    `sustain_tail` (same margin) for `sustain_points` points in a row (an incident that holds
-//!    the score just under the bar); then it stays silent until the likelihood has
+//!    `young_span_s` from the first score, so a slow metric is not held back for months), or
+//!    when `z` has stayed at the looser bar of `sustain_tail` (same margin) for
+//!    `sustain_points` points in a row (an incident that holds the score just under the bar);
+//!    then it stays silent until the likelihood has
 //!    dropped below `rearm_likelihood` and `cooldown` points have passed, so one incident gives
 //!    one alert.
 //!
@@ -45,9 +47,11 @@
 //! caller may run on any thread, and `install` puts the resulting model in place. Until then the
 //! previous model keeps scoring. The evaluation simply runs the job inline.
 //!
-//! Windows are counted in readings, which suits devices that report at a steady rate; time
-//! stamps, when readings carry them, only bound the recurrence memory (`recurrence_span_s`) and
-//! give the sampling interval the forest smoothing adapts to (`avg_span_s`).
+//! Windows are counted in readings, which suits devices that report at a steady rate. Time
+//! stamps, when readings carry them, only bound the recurrence memory (`recurrence_span_s`),
+//! give the sampling interval the forest smoothing adapts to (`avg_span_s`), and let the forest
+//! channel's young margin and the early channel's start count time as well as readings
+//! (`young_span_s`, `early_min_span_s`).
 //!
 //! Memory per metric is bounded by the configuration (`DetectorConfig::bytes_per_metric`): with
 //! the defaults at most about 560 KB, typically about 230 KB (the forest's trees are rarely
