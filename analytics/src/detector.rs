@@ -13,7 +13,8 @@
 //!    forest's over fewer for a metric slower than one reading per `avg_span_s / avg_window`,
 //!    so the smoothing spans about an hour) and judges
 //!    it against the distribution of the same smoothed score over the last `history` points: a
-//!    standard score `z` and its Gaussian tail probability, the "anomaly likelihood" of
+//!    standard score `z` (for the forest channel with a spread of at least its long-horizon
+//!    spread, `long_spread_half_life`) and its Gaussian tail probability, the "anomaly likelihood" of
 //!    Numenta's NAB detectors. This makes one threshold meaningful across metrics whose raw
 //!    scores sit at different levels. The point's `score` is `1 − tail(max z)`;
 //! 5. treats a channel as unsurprising when its smoothed score is no higher than one it already
@@ -219,6 +220,13 @@ pub struct DetectorConfig {
     /// readings-only margin: its novelty is a distance to the nearest of the stretches seen so
     /// far, and it falls as their number grows, whatever time they span.
     pub young_span_s: u64,
+    /// Half-life, in readings, of a long-horizon spread of the forest channel's smoothed
+    /// scores (an exponentially weighted variance; a plain variance of every score while
+    /// there are fewer than `half-life / ln 2` of them). The forest channel's standard score is
+    /// measured against the larger of its score history's standard deviation and this spread,
+    /// so a quiet stretch that shrinks the recent spread does not make a modest bump look
+    /// extreme (0 disables).
+    pub long_spread_half_life: usize,
 }
 
 impl Default for DetectorConfig {
@@ -262,6 +270,7 @@ impl Default for DetectorConfig {
             early_beyond: 0.5,
             early_min_span_s: 86_400,
             young_span_s: 4 * 86_400,
+            long_spread_half_life: 10_000,
         }
     }
 }
@@ -585,6 +594,36 @@ impl RollingStats {
     }
 }
 
+/// Spread of a stream over a long horizon in O(1) memory: an exponentially weighted mean and
+/// variance with the given half-life (in values), which are the plain mean and variance of
+/// every value while there are fewer than `half_life / ln 2` of them, so the first values do
+/// not weigh more than later ones.
+#[derive(Debug, Clone, Default)]
+struct LongSpread {
+    n: u64,
+    mean: f64,
+    var: f64,
+}
+
+impl LongSpread {
+    fn std(&self) -> f64 {
+        self.var.max(0.0).sqrt()
+    }
+
+    fn push(&mut self, x: f64, half_life: usize) {
+        if x.is_nan() || half_life == 0 {
+            return;
+        }
+        let x = x.clamp(-1e150, 1e150);
+        self.n += 1;
+        let alpha = (1.0 / self.n as f64).max(std::f64::consts::LN_2 / half_life as f64);
+        let d = x - self.mean;
+        let inc = alpha * d;
+        self.mean += inc;
+        self.var = (1.0 - alpha) * (self.var + d * inc);
+    }
+}
+
 /// Maximum of the values pushed between `window` and `gap` pushes ago, in amortised O(1) per
 /// value (a monotonic queue), leaving out values stamped before a time given by
 /// `forget_before`. Holds at most `window` values.
@@ -814,6 +853,7 @@ struct ScoreHistory {
     hist: RollingStats,
     peak: LaggedMax,
     far: FarPeaks,
+    long: LongSpread,
 }
 
 impl ScoreHistory {
@@ -822,9 +862,9 @@ impl ScoreHistory {
         self.hist.len()
     }
 
-    /// The standard score of `avg` against the history (spread at least `min_std`), capped at
-    /// 0 when `avg` is below `floor` or no higher than the channel's recent peak (the
-    /// recurrence check); then records `avg`.
+    /// The standard score of `avg` against the history (spread at least `min_std`, and with
+    /// `long_floor` at least the long-horizon spread), capped at 0 when `avg` is below `floor`
+    /// or no higher than the channel's recent peak (the recurrence check); then records `avg`.
     fn judge(
         &mut self,
         cfg: &DetectorConfig,
@@ -832,7 +872,14 @@ impl ScoreHistory {
         at_ms: Option<i64>,
         min_std: f64,
         floor: f64,
+        long_floor: bool,
     ) -> f64 {
+        let long_floor = long_floor && cfg.long_spread_half_life > 0;
+        let min_std = if long_floor {
+            min_std.max(self.long.std())
+        } else {
+            min_std
+        };
         let mut z = self.hist.z(avg, min_std);
         if avg < floor {
             z = z.min(0.0);
@@ -845,6 +892,9 @@ impl ScoreHistory {
             n => self.hist.sum / n as f64,
         };
         self.hist.push(avg, cfg.history);
+        if long_floor {
+            self.long.push(avg, cfg.long_spread_half_life);
+        }
         if let (Some(now), Some(span_ms)) = (at_ms, cfg.recurrence_span_ms()) {
             self.peak.forget_before(now.saturating_sub(span_ms));
             self.far.blocks.forget_before(now.saturating_sub(span_ms));
@@ -1106,9 +1156,12 @@ impl MetricDetector {
         // Judge each smoothed score against its history *before* adding it, so an anomaly does
         // not lower its own surprise.
         let n = self.forest_scores.len();
+        // Only the forest channel's spread is floored by its long-horizon spread: the shape
+        // channel's novelty falls as the stretches seen so far grow in number, so its recent
+        // spread is the right yardstick (flooring it loses windows).
         let z_forest =
             self.forest_scores
-                .judge(cfg, avg, at_ms, cfg.min_std, cfg.min_smoothed_score);
+                .judge(cfg, avg, at_ms, cfg.min_std, cfg.min_smoothed_score, true);
         let z_shape = match novelty {
             Some(d) => {
                 if self.shape_avg.is_nan() {
@@ -1123,6 +1176,7 @@ impl MetricDetector {
                     at_ms,
                     cfg.shape_min_std,
                     f64::NEG_INFINITY,
+                    false,
                 )
             }
             None => f64::NEG_INFINITY,
@@ -1320,9 +1374,14 @@ impl JointChannel {
 
         let avg = moving_mean(&mut self.recent, cfg.avg_window, residual.size);
         let n = self.scores.len();
-        let z = self
-            .scores
-            .judge(cfg, avg, at_ms, JOINT_MIN_STD, cfg.joint_min_residual);
+        let z = self.scores.judge(
+            cfg,
+            avg,
+            at_ms,
+            JOINT_MIN_STD,
+            cfg.joint_min_residual,
+            false,
+        );
         let score = if n >= 2 { 1.0 - upper_tail(z) } else { 0.0 };
         let alert = self.debounce.judge(cfg, z, score, n);
         // Which metric broke away is worked out only when it is reported, on the mean of the
@@ -2058,16 +2117,85 @@ mod tests {
     }
 
     #[test]
+    fn a_quiet_stretch_does_not_shrink_the_forest_spread_below_the_long_one() {
+        let cfg = DetectorConfig {
+            recurrence_window: 0,
+            recurrence_far_window: 0,
+            ..DetectorConfig::default()
+        };
+        let off = DetectorConfig {
+            long_spread_half_life: 0,
+            ..cfg.clone()
+        };
+        // 4000 scores alternating 0.4 and 0.6 (spread 0.1), then 2000 alternating 0.49 and
+        // 0.51 (spread 0.01): the 1000-score history only holds the quiet stretch. Then 0.6.
+        let z_after_quiet = |cfg: &DetectorConfig| {
+            let mut h = ScoreHistory::default();
+            for i in 0..6000 {
+                let amp = if i < 4000 { 0.1 } else { 0.01 };
+                let x = 0.5 + if i % 2 == 0 { amp } else { -amp };
+                h.judge(cfg, x, None, 1e-6, 0.0, true);
+            }
+            let long = h.long.std();
+            (h.judge(cfg, 0.6, None, 1e-6, 0.0, true), long)
+        };
+        let (z_off, _) = z_after_quiet(&off);
+        assert!((z_off - 10.0).abs() < 1e-6, "{z_off}");
+        // With the floor the bump is measured against the long spread: over 4000 scores of
+        // spread 0.1 and then 2000 of 0.01 (half-life 10,000) it is still about 0.08.
+        let (z_on, long) = z_after_quiet(&cfg);
+        assert!(long > 0.07 && long < 0.09, "{long}");
+        assert!((z_on - 0.1 / long).abs() < 1e-6, "{z_on}");
+        assert!(z_on < z_off / 5.0);
+        // A stream whose spread does not change is judged as before (the long spread then
+        // equals the recent one, up to rounding).
+        let steady = |cfg: &DetectorConfig| {
+            let mut h = ScoreHistory::default();
+            for i in 0..3000 {
+                h.judge(
+                    cfg,
+                    if i % 2 == 0 { 0.6 } else { 0.4 },
+                    None,
+                    1e-6,
+                    0.0,
+                    true,
+                );
+            }
+            h.judge(cfg, 0.9, None, 1e-6, 0.0, true)
+        };
+        let (a, b) = (steady(&cfg), steady(&off));
+        assert!((a - b).abs() < 1e-6, "{a} {b}");
+    }
+
+    #[test]
+    fn long_spread_is_the_plain_spread_until_the_half_life_matters() {
+        let mut l = LongSpread::default();
+        for i in 0..100 {
+            l.push(f64::from(i % 2), 10_000);
+        }
+        assert!((l.std() - 0.5).abs() < 1e-12);
+        assert!((l.mean - 0.5).abs() < 1e-12);
+        l.push(f64::NAN, 10_000);
+        assert_eq!(l.n, 100, "NaN is not counted");
+        // With a short half-life old values fade: after many 0s the spread is near 0.
+        let mut l = LongSpread::default();
+        for i in 0..1500 {
+            l.push(if i < 500 { f64::from(i % 2) } else { 0.0 }, 50);
+        }
+        assert!(l.std() < 0.001, "{}", l.std());
+    }
+
+    #[test]
     fn the_far_tier_masks_only_clearly_smaller_excursions() {
         let hour = 3_600_000;
         // A peak of 10, `quiet` readings of 1 (one a minute, or one an hour), then `x`.
         let z_after_peak = |cfg: &DetectorConfig, quiet: i64, step_ms: i64, x: f64| {
             let mut h = ScoreHistory::default();
-            h.judge(cfg, 10.0, Some(0), 0.1, 0.0);
+            h.judge(cfg, 10.0, Some(0), 0.1, 0.0, false);
             for i in 1..=quiet {
-                h.judge(cfg, 1.0, Some(i * step_ms), 0.1, 0.0);
+                h.judge(cfg, 1.0, Some(i * step_ms), 0.1, 0.0, false);
             }
-            h.judge(cfg, x, Some((quiet + 1) * step_ms), 0.1, 0.0)
+            h.judge(cfg, x, Some((quiet + 1) * step_ms), 0.1, 0.0, false)
         };
         let cfg = DetectorConfig::default();
         let minute = 60_000;
