@@ -28,8 +28,9 @@ use crate::mqtt::{self, CoreConnect, CoreWill, Version};
 /// Seconds after start when `demo-3` starts to overheat.
 const OVERHEAT_AFTER: f64 = 10.0;
 /// Seconds after start when `demo-7`'s current jumps: late enough that its detector has a
-/// settled score history by then, also in a debug build (at 30 s `demo_fleet_raises_alerts_
-/// within_a_minute` missed the anomaly in 2 of 5 debug-build runs; at 40 s in none of 6).
+/// settled score history by then, also in a debug build. At 30 s the CLI test
+/// `demo_fleet_raises_alerts_within_a_minute` missed the anomaly in 2 of 5 debug-build runs;
+/// at 40 s in none of 6.
 const JUMP_AFTER: f64 = 40.0;
 
 /// The demo's changes to a configuration: a detector that warms up in seconds.
