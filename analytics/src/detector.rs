@@ -14,8 +14,9 @@
 //!    so the smoothing spans about an hour) and judges
 //!    it against the distribution of the same smoothed score over the last `history` points: a
 //!    standard score `z` (for the forest channel with a spread of at least its long-horizon
-//!    spread, `long_spread_half_life`) and its Gaussian tail probability, the "anomaly likelihood" of
-//!    Numenta's NAB detectors. This makes one threshold meaningful across metrics whose raw
+//!    spread, `long_spread_half_life`, and at most the standard score of the tail probability a
+//!    generalised Pareto fit to its past excursion peaks gives it, `tail_fit_quantile`) and its
+//!    Gaussian tail probability, the "anomaly likelihood" of Numenta's NAB detectors. This makes one threshold meaningful across metrics whose raw
 //!    scores sit at different levels. The point's `score` is `1 − tail(max z)`;
 //! 5. treats a channel as unsurprising when its smoothed score is no higher than one it already
 //!    produced between `recurrence_window` and `recurrence_gap` points ago (the recurrence
@@ -227,6 +228,24 @@ pub struct DetectorConfig {
     /// so a quiet stretch that shrinks the recent spread does not make a modest bump look
     /// extreme (0 disables).
     pub long_spread_half_life: usize,
+    /// Extreme-value calibration of the forest channel (peaks over threshold, as in SPOT,
+    /// Siffer et al., KDD 2017): a generalised Pareto distribution is fitted to the peaks of
+    /// the channel's last `tail_fit_clusters` excursions above this quantile of its score
+    /// history, and the channel's standard score is at most the one of the tail probability
+    /// the fit gives its smoothed score. A Gaussian bar on a bursty metric's scores is crossed
+    /// by bursts like the ones it produced before; the fit, over more of the past than the
+    /// score history, knows how often such peaks come (0 disables). See "Extreme-value
+    /// calibration of the forest channel" in the README.
+    pub tail_fit_quantile: f64,
+    /// Excursion peaks the tail fit keeps (one excursion ends after `avg_window` smoothed
+    /// scores below the threshold, so the peaks of a 10-point smoothed series are not counted
+    /// ten times).
+    pub tail_fit_clusters: usize,
+    /// Fewest excursion peaks above the current threshold a fit needs; with fewer the
+    /// Gaussian standard score stands alone.
+    pub tail_fit_min_peaks: usize,
+    /// Smoothed scores between two fits (each costs a selection over the score history).
+    pub tail_fit_every: usize,
 }
 
 impl Default for DetectorConfig {
@@ -271,6 +290,10 @@ impl Default for DetectorConfig {
             early_min_span_s: 86_400,
             young_span_s: 4 * 86_400,
             long_spread_half_life: 10_000,
+            tail_fit_quantile: 0.98,
+            tail_fit_clusters: 64,
+            tail_fit_min_peaks: 8,
+            tail_fit_every: 25,
         }
     }
 }
@@ -323,6 +346,20 @@ impl DetectorConfig {
         if self.min_history > self.history {
             return Err(DetectorError::InvalidConfig(
                 "min_history must not exceed history",
+            ));
+        }
+        if !(self.tail_fit_quantile >= 0.0 && self.tail_fit_quantile < 1.0) {
+            return Err(DetectorError::InvalidConfig(
+                "tail_fit_quantile must be in [0, 1)",
+            ));
+        }
+        if self.tail_fit_quantile > 0.0
+            && (self.tail_fit_every == 0
+                || self.tail_fit_min_peaks < 3
+                || self.tail_fit_clusters < self.tail_fit_min_peaks)
+        {
+            return Err(DetectorError::InvalidConfig(
+                "tail fit: tail_fit_every must be positive and tail_fit_clusters >= tail_fit_min_peaks >= 3",
             ));
         }
         if !(self.young_margin >= 0.0 && self.young_margin.is_finite()) {
@@ -405,6 +442,13 @@ impl DetectorConfig {
         } else {
             0
         };
+        // The forest channel's excursion peaks, and the copy of its score history a tail fit
+        // selects the threshold from (held only during the fit).
+        let tail = if self.tail_fit_quantile > 0.0 {
+            self.tail_fit_clusters * 16 + self.history * 8
+        } else {
+            0
+        };
         std::mem::size_of::<MetricDetector>()
             + training
             + scores
@@ -412,6 +456,7 @@ impl DetectorConfig {
             + forest
             + recurrence
             + early
+            + tail
     }
 
     /// Upper bound of one channel's recurrence queues: at most `recurrence_window` (index,
@@ -854,6 +899,121 @@ struct ScoreHistory {
     peak: LaggedMax,
     far: FarPeaks,
     long: LongSpread,
+    tail: TailFit,
+}
+
+/// Peaks over threshold on declustered excursions: the peaks of the last excursions of a
+/// channel's smoothed scores above a high quantile `t` of its score history, with a
+/// generalised Pareto distribution fitted to their excesses by probability-weighted moments
+/// (Hosking and Wallis, 1987), so a score `x > t` peaks an excursion that high with
+/// probability `rate (1 + xi (x - t) / sigma)^(-1/xi)` per score (`rate`: excursions above
+/// `t` per score over the span the peaks cover). Smoothed scores come in runs, so their
+/// exceedances are not independent; one peak per excursion is (nearly).
+#[derive(Debug, Clone, Default)]
+struct TailFit {
+    /// Peaks of the last `tail_fit_clusters` excursions, with the push count at which each
+    /// ended.
+    peaks: VecDeque<(f64, u64)>,
+    /// The running excursion's peak, and the scores at or below the threshold since it.
+    cur: Option<f64>,
+    below: usize,
+    pushes: u64,
+    since_fit: usize,
+    /// The threshold excursions are measured against (the last fit's quantile).
+    t: Option<f64>,
+    /// The fit: scale, shape and excursions per score.
+    fit: Option<(f64, f64, f64)>,
+}
+
+impl TailFit {
+    /// The probability per score of an excursion peaking above `x` (at or below the
+    /// threshold: that of any excursion); None without a fit.
+    fn tail(&self, x: f64) -> Option<f64> {
+        let ((sigma, xi, rate), t) = (self.fit?, self.t?);
+        if x.is_nan() || x <= t {
+            return Some(rate);
+        }
+        let y = (x - t) / sigma;
+        if xi.abs() < 1e-9 {
+            return Some(rate * (-y).exp());
+        }
+        let b = 1.0 + xi * y;
+        Some(if b <= 0.0 {
+            0.0
+        } else {
+            rate * b.powf(-1.0 / xi)
+        })
+    }
+
+    /// Records `x` (just added to `hist`) and refits every `tail_fit_every` scores.
+    fn push(&mut self, cfg: &DetectorConfig, x: f64, hist: &VecDeque<f64>) {
+        self.pushes += 1;
+        if let Some(t) = self.t {
+            if x > t {
+                self.cur = Some(self.cur.map_or(x, |c| c.max(x)));
+                self.below = 0;
+            } else if let Some(peak) = self.cur {
+                self.below += 1;
+                if self.below >= cfg.avg_window {
+                    while self.peaks.len() >= cfg.tail_fit_clusters.max(1) {
+                        self.peaks.pop_front();
+                    }
+                    self.peaks.push_back((peak, self.pushes));
+                    self.cur = None;
+                }
+            }
+        }
+        self.since_fit += 1;
+        if self.since_fit >= cfg.tail_fit_every.max(1) {
+            self.since_fit = 0;
+            self.refit(cfg, hist);
+        }
+    }
+
+    fn refit(&mut self, cfg: &DetectorConfig, hist: &VecDeque<f64>) {
+        self.fit = None;
+        let n = hist.len();
+        if n < cfg.min_history.max(2) {
+            return;
+        }
+        let mut v: Vec<f64> = hist.iter().copied().collect();
+        let idx = ((cfg.tail_fit_quantile * n as f64) as usize).min(n - 1);
+        let (_, &mut t, _) = v.select_nth_unstable_by(idx, |a, b| a.total_cmp(b));
+        self.t = Some(t);
+        let Some(&(_, oldest)) = self.peaks.front() else {
+            return;
+        };
+        let mut y: Vec<f64> = self
+            .peaks
+            .iter()
+            .filter(|p| p.0 > t)
+            .map(|p| p.0 - t)
+            .collect();
+        if y.len() < cfg.tail_fit_min_peaks.max(3) {
+            return;
+        }
+        // Probability-weighted moments: a0 = E[y], a1 = E[y (1 - F(y))], plotting positions
+        // (i - 0.35) / k.
+        let k = y.len() as f64;
+        y.sort_unstable_by(|a, b| a.total_cmp(b));
+        let a0 = y.iter().sum::<f64>() / k;
+        let a1 = y
+            .iter()
+            .enumerate()
+            .map(|(i, &e)| (1.0 - (i as f64 + 0.65) / k) * e)
+            .sum::<f64>()
+            / k;
+        let d = a0 - 2.0 * a1;
+        if !(a0 > 0.0 && d > 0.0) {
+            return;
+        }
+        let sigma = 2.0 * a0 * a1 / d;
+        let xi = 2.0 - a0 / d;
+        let span = (self.pushes.saturating_sub(oldest) as usize).max(n) as f64;
+        if sigma > 0.0 && sigma.is_finite() && xi.is_finite() {
+            self.fit = Some((sigma, xi, k / span));
+        }
+    }
 }
 
 impl ScoreHistory {
@@ -863,8 +1023,10 @@ impl ScoreHistory {
     }
 
     /// The standard score of `avg` against the history (spread at least `min_std`, and with
-    /// `long_floor` at least the long-horizon spread), capped at 0 when `avg` is below `floor`
-    /// or no higher than the channel's recent peak (the recurrence check); then records `avg`.
+    /// `long_floor` at least the long-horizon spread; with `long_floor` and `tail_fit_quantile`
+    /// also at most the standard score of the tail probability the extreme-value fit gives
+    /// it), capped at 0 when `avg` is below `floor` or no higher than the channel's recent
+    /// peak (the recurrence check); then records `avg`.
     fn judge(
         &mut self,
         cfg: &DetectorConfig,
@@ -874,6 +1036,7 @@ impl ScoreHistory {
         floor: f64,
         long_floor: bool,
     ) -> f64 {
+        let tail_fit = long_floor && cfg.tail_fit_quantile > 0.0;
         let long_floor = long_floor && cfg.long_spread_half_life > 0;
         let min_std = if long_floor {
             min_std.max(self.long.std())
@@ -891,7 +1054,19 @@ impl ScoreHistory {
             0 => 0.0,
             n => self.hist.sum / n as f64,
         };
+        // The extreme-value cap (forest channel). Only where the Gaussian score is high: the
+        // inverse is a bisection, and lower scores are far from any alert bar.
+        if tail_fit && z > 3.0 {
+            if let Some(p) = self.tail.tail(avg) {
+                if p > 0.0 {
+                    z = z.min(z_for_upper_tail(p.min(0.5)));
+                }
+            }
+        }
         self.hist.push(avg, cfg.history);
+        if tail_fit {
+            self.tail.push(cfg, avg, &self.hist.buf);
+        }
         if long_floor {
             self.long.push(avg, cfg.long_spread_half_life);
         }
@@ -2165,6 +2340,75 @@ mod tests {
         };
         let (a, b) = (steady(&cfg), steady(&off));
         assert!((a - b).abs() < 1e-6, "{a} {b}");
+    }
+
+    #[test]
+    fn the_tail_fit_caps_scores_like_past_excursion_peaks() {
+        let cfg = DetectorConfig::default();
+        // Quiet scores near 0.45 with a burst every 97 scores whose peak varies (0.6-0.9),
+        // as a bursty metric's smoothed isolation scores do.
+        let mut hist = VecDeque::new();
+        let mut fit = TailFit::default();
+        for i in 0..6000u32 {
+            let phase = i % 97;
+            let x = if phase < 6 {
+                0.6 + 0.3 * f64::from((i / 97 * 37) % 11) / 10.0 * f64::from(6 - phase) / 6.0
+            } else {
+                0.45 + 0.01 * f64::from((i * 7) % 5)
+            };
+            if hist.len() >= cfg.history {
+                hist.pop_front();
+            }
+            hist.push_back(x);
+            fit.push(&cfg, x, &hist);
+        }
+        let (sigma, _, rate) = fit.fit.expect("a fit");
+        assert!(sigma > 0.0);
+        // About one excursion per 97 scores.
+        assert!(rate > 0.003 && rate < 0.02, "{rate}");
+        // A peak like the past ones is common; far beyond them it is rare (or impossible).
+        let common = fit.tail(0.8).expect("tail");
+        let far = fit.tail(3.0).expect("tail");
+        assert!(common > 1e-4, "{common}");
+        assert!(far < common && far < 1e-6, "{far}");
+        // A peak within the range of the past ones (0.88) is far above the Gaussian bar
+        // (the quiet scores make the spread small) but not rare by the fit; one beyond the
+        // fitted tail's end (these peaks never exceed 0.9) is not capped at all.
+        let alert_z = z_for_upper_tail(cfg.alert_tail);
+        let h = RollingStats {
+            buf: hist.clone(),
+            sum: hist.iter().sum(),
+            sumsq: hist.iter().map(|x| x * x).sum(),
+            pushes: 0,
+        };
+        assert!(h.z(0.88, 1e-6) > alert_z, "{}", h.z(0.88, 1e-6));
+        let p = fit.tail(0.88).expect("tail");
+        assert!(z_for_upper_tail(p) < alert_z, "{p}");
+        assert_eq!(fit.tail(1.2), Some(0.0));
+        // Through the channel (forest: `long_floor`), recurrence check off so that only the
+        // cap can hold the score down; and nothing is capped with the fit switched off.
+        let z_after = |cfg: &DetectorConfig| {
+            let mut sh = ScoreHistory::default();
+            for &x in &hist {
+                sh.judge(cfg, x, None, 1e-6, f64::NEG_INFINITY, true);
+            }
+            if cfg.tail_fit_quantile > 0.0 {
+                sh.tail = fit.clone();
+            }
+            sh.judge(cfg, 0.88, None, 1e-6, f64::NEG_INFINITY, true)
+        };
+        let on = DetectorConfig {
+            recurrence_window: 0,
+            recurrence_far_window: 0,
+            long_spread_half_life: 0,
+            ..DetectorConfig::default()
+        };
+        let off = DetectorConfig {
+            tail_fit_quantile: 0.0,
+            ..on.clone()
+        };
+        let (z_on, z_off) = (z_after(&on), z_after(&off));
+        assert!(z_on < alert_z && z_off > alert_z, "{z_on} {z_off}");
     }
 
     #[test]
