@@ -9,15 +9,19 @@
 //! 3. also measures shape novelty (`features::ShapeNovelty`): how far the last `shape_len`
 //!    values are from the most similar earlier stretch of the signal, which catches contextual
 //!    anomalies (a missing daily peak, a flattened cycle) that no single value reveals;
-//! 4. for each of the two channels, smooths the score over about `avg_window` points (the
+//!    and a level channel (`level_span`): a leaky two-sided CUSUM of the value against a
+//!    long-horizon baseline, in units of its long-horizon spread, which catches a slow drift
+//!    that the forest's refits and the shape channel's recent references learn as normal
+//!    (judged unsmoothed, like the shape channel, at or above `level_floor` only);
+//! 4. for the forest and shape channels, smooths the score over about `avg_window` points (the
 //!    forest's over fewer for a metric slower than one reading per `avg_span_s / avg_window`,
 //!    so the smoothing spans about an hour) and judges
 //!    it against the distribution of the same smoothed score over the last `history` points: a
 //!    standard score `z` (for the forest channel with a spread of at least its long-horizon
 //!    spread, `long_spread_half_life`, and at most the standard score of the tail probability a
 //!    generalised Pareto fit to its past excursion peaks gives it, `tail_fit_quantile`) and its
-//!    Gaussian tail probability, the "anomaly likelihood" of Numenta's NAB detectors. This makes one threshold meaningful across metrics whose raw
-//!    scores sit at different levels. The point's `score` is `1 − tail(max z)`;
+//!    Gaussian tail probability, the "anomaly likelihood" of Numenta's NAB detectors. This
+//!    makes one threshold meaningful across metrics whose raw scores sit at different levels. The point's `score` is `1 − tail(max z)`;
 //! 5. treats a channel as unsurprising when its smoothed score is no higher than one it already
 //!    produced between `recurrence_window` and `recurrence_gap` points ago (the recurrence
 //!    check): a daily spike, a periodic batch job or the after-effects of an incident that was
@@ -56,7 +60,7 @@
 //! (`young_span_s`, `early_min_span_s`).
 //!
 //! Memory per metric is bounded by the configuration (`DetectorConfig::bytes_per_metric`): with
-//! the defaults at most about 560 KB, typically about 230 KB (the forest's trees are rarely
+//! the defaults at most about 610 KB, typically about 240 KB (the forest's trees are rarely
 //! full), and a device tracks at most `max_metrics` metrics.
 
 use std::collections::VecDeque;
@@ -246,6 +250,28 @@ pub struct DetectorConfig {
     pub tail_fit_min_peaks: usize,
     /// Smoothed scores between two fits (each costs a selection over the score history).
     pub tail_fit_every: usize,
+    /// Level channel: the leak span, in readings, of a two-sided CUSUM of the value measured
+    /// against a long-horizon baseline in units of its long-horizon spread (0 disables). The
+    /// accumulated evidence decays by `1 − 1/level_span` per reading, so it weighs a sustained
+    /// shift over about this many readings; the channel's score is judged like the others (its
+    /// own score history, the recurrence check, the young margin), so a daily cycle or a regime
+    /// the metric keeps returning to does not alert, while a slow drift that the forest's
+    /// refits and the shape channel's recent references learn as normal can.
+    pub level_span: usize,
+    /// Half-life, in readings, of the level channel's baseline (an exponentially weighted mean)
+    /// and spread (standard deviation).
+    pub level_half_life: usize,
+    /// Slack of the level channel's CUSUM, in spreads: a reading adds evidence only by how far
+    /// it lies beyond this many spreads from the baseline.
+    pub level_k: f64,
+    /// Each reading's standardised deviation is clipped to this many spreads before it adds
+    /// to the level channel's CUSUM, so evidence of a shift takes several readings: one spike,
+    /// however tall (the forest's business), adds at most `level_clip − level_k`.
+    pub level_clip: f64,
+    /// Decision threshold of the level channel's CUSUM (in spreads × readings): below it the
+    /// channel's score never counts as surprising. Its score is 0 most of the time, so its
+    /// history's spread alone would make any small excursion look extreme.
+    pub level_floor: f64,
 }
 
 impl Default for DetectorConfig {
@@ -294,6 +320,11 @@ impl Default for DetectorConfig {
             tail_fit_clusters: 64,
             tail_fit_min_peaks: 8,
             tail_fit_every: 25,
+            level_span: 1200,
+            level_half_life: 4000,
+            level_k: 1.5,
+            level_clip: 5.0,
+            level_floor: 100.0,
         }
     }
 }
@@ -406,6 +437,18 @@ impl DetectorConfig {
                 "early_bar and early_beyond must be finite and not negative",
             ));
         }
+        let level_ok = self.level_k >= 0.0
+            && self.level_k.is_finite()
+            && self.level_clip > 0.0
+            && self.level_clip.is_finite()
+            && self.level_floor.is_finite()
+            && self.level_half_life > 0;
+        if !level_ok {
+            return Err(DetectorError::InvalidConfig(
+                "level_k, level_clip and level_floor must be finite, level_k not negative, \
+                 level_clip and level_half_life positive",
+            ));
+        }
         self.forest_params().check_ref()?;
         Ok(())
     }
@@ -430,12 +473,13 @@ impl DetectorConfig {
     /// nodes of 8 bytes). A refit job temporarily holds one more copy of the training vectors.
     pub fn bytes_per_metric(&self) -> usize {
         let training = (self.window + self.reservoir) * N_FEATURES * 8;
-        let scores = (2 * self.history + self.avg_window) * 8 + CADENCE_SAMPLES * 8;
+        let channels = if self.level_span > 0 { 3 } else { 2 };
+        let scores = (channels * self.history + self.avg_window) * 8 + CADENCE_SAMPLES * 8;
         let shape = (self.shape_capacity + self.shape_reservoir * self.shape_len) * 8;
         let forest = self.n_trees * (2 * self.subsample.min(self.window + self.reservoir) - 1) * 8
             + self.n_trees * 4;
-        // Two channels' recurrence queues.
-        let recurrence = 2 * self.bytes_recurrence();
+        // Two or three channels' recurrence queues.
+        let recurrence = channels * self.bytes_recurrence();
         // The early channel's values and scratch copy, held only while the channels are young.
         let early = if self.early_bar > 0.0 {
             2 * (self.warmup + self.history) * 8
@@ -666,6 +710,52 @@ impl LongSpread {
         let inc = alpha * d;
         self.mean += inc;
         self.var = (1.0 - alpha) * (self.var + d * inc);
+    }
+}
+
+/// The level channel's state: a long-horizon baseline and spread of the value (exponentially
+/// weighted, half-life `level_half_life`; the plain mean and variance while there are fewer
+/// than `half-life / ln 2` values) and a leaky two-sided CUSUM of the value standardised by
+/// them. 40 bytes, O(1) per value.
+#[derive(Debug, Clone, Default)]
+struct LevelState {
+    base: LongSpread,
+    up: f64,
+    down: f64,
+}
+
+impl LevelState {
+    /// Feeds `x`: returns the accumulated evidence of a sustained shift of the level in either
+    /// direction (measured against the baseline before `x`), then lets the baseline learn `x`.
+    fn update(&mut self, cfg: &DetectorConfig, x: f64) -> Option<f64> {
+        if !x.is_finite() {
+            return None;
+        }
+        let x = x.clamp(-1e150, 1e150);
+        let known = self.base.n >= 2;
+        if known {
+            let sd = self.base.std().max(1e-9 * self.base.mean.abs()).max(1e-12);
+            let z = ((x - self.base.mean) / sd).clamp(-cfg.level_clip, cfg.level_clip);
+            let leak = 1.0 - 1.0 / cfg.level_span.max(1) as f64;
+            self.up = (leak * self.up + z - cfg.level_k).max(0.0);
+            self.down = (leak * self.down - z - cfg.level_k).max(0.0);
+        }
+        // The baseline learns the value clipped to `level_clip` spreads (once it has a spread),
+        // so one gross outlier cannot inflate the spread and blind the channel for thousands
+        // of readings, while a lasting new level is still followed.
+        let learned = match self.base.std() {
+            sd if self.base.n >= 32 && sd > 0.0 => {
+                let reach = cfg.level_clip * sd;
+                x.clamp(self.base.mean - reach, self.base.mean + reach)
+            }
+            _ => x,
+        };
+        self.base.push(learned, cfg.level_half_life);
+        if !(self.up.is_finite() && self.down.is_finite() && self.base.var.is_finite()) {
+            *self = Self::default();
+            return None;
+        }
+        known.then(|| self.up.max(self.down))
     }
 }
 
@@ -1245,6 +1335,13 @@ pub struct MetricDetector {
     shape: crate::features::ShapeNovelty,
     shape_avg: f64,
     shape_scores: ScoreHistory,
+    level: LevelState,
+    level_scores: ScoreHistory,
+    /// Whether the level channel's evidence has drained to 0 (the level came back within
+    /// `level_k` spreads of the baseline) since the metric's last alert (any channel): the
+    /// channel only reports a shift whose evidence built up after that alert, not the lasting
+    /// aftermath of a jump that was already reported.
+    level_fresh: bool,
     debounce: Debounce,
     early: EarlyOutliers,
     /// Time stamp of the first scored reading (for `young_span_s`).
@@ -1269,6 +1366,9 @@ impl MetricDetector {
             ),
             shape_avg: f64::NAN,
             shape_scores: ScoreHistory::default(),
+            level: LevelState::default(),
+            level_scores: ScoreHistory::default(),
+            level_fresh: true,
             debounce: Debounce::new(cfg),
             early: Default::default(),
             first_scored_ms: None,
@@ -1297,6 +1397,14 @@ impl MetricDetector {
     }
 
     fn feed(&mut self, cfg: &DetectorConfig, value: f64, at_ms: Option<i64>) -> PointOutcome {
+        let outcome = self.feed_inner(cfg, value, at_ms);
+        if outcome.alert.is_some() {
+            self.level_fresh = false;
+        }
+        outcome
+    }
+
+    fn feed_inner(&mut self, cfg: &DetectorConfig, value: f64, at_ms: Option<i64>) -> PointOutcome {
         let quiet = PointOutcome {
             score: 0.0,
             raw_score: None,
@@ -1311,6 +1419,12 @@ impl MetricDetector {
             // works the same for a temperature and for a byte counter.
             let scale = self.features.long_std().max(1e-9 * value.abs()).max(1e-12);
             self.shape.update(value, scale)
+        } else {
+            None
+        };
+        // The level channel learns from the first reading, so its baseline spans the warm-up.
+        let level = if cfg.level_span > 0 {
+            self.level.update(cfg, value)
         } else {
             None
         };
@@ -1356,6 +1470,29 @@ impl MetricDetector {
             }
             None => f64::NEG_INFINITY,
         };
+        // The level channel's evidence already sums many readings: it is judged unsmoothed
+        // against its own history (spread at least `shape_min_std`, like the other unbounded
+        // score), only at or above `level_floor`, with the recurrence check (a shift the metric
+        // made in the last 1000 readings, or a comparable one within the far tier, is not news)
+        // and the shape channel's readings-only young margin.
+        let z_level = match level {
+            Some(l) => {
+                self.level_scores
+                    .judge(cfg, l, at_ms, cfg.shape_min_std, cfg.level_floor, false)
+            }
+            None => f64::NEG_INFINITY,
+        };
+        // A jump that an alert already reported keeps the level channel's evidence high for
+        // hundreds of readings; that evidence is not news.
+        if level == Some(0.0) {
+            self.level_fresh = true;
+        }
+        let z_level = if self.level_fresh {
+            z_level
+        } else {
+            z_level.min(0.0)
+        };
+        let z_shape = z_shape.max(z_level);
         let z = z_forest.max(z_shape);
         let score = if n >= 2 { 1.0 - upper_tail(z) } else { 0.0 };
         // The debouncing adds the readings-only young margin to the bar; the forest channel's
@@ -2491,6 +2628,30 @@ mod tests {
     }
 
     #[test]
+    fn the_level_channel_accumulates_sustained_shifts_not_spikes() {
+        let cfg = DetectorConfig::default();
+        let mut level = LevelState::default();
+        let noise = noise(3000, 5);
+        let mut feed = |x: f64| level.update(&cfg, x).unwrap_or(0.0);
+        let quiet = (0..2000).map(|i| feed(noise[i])).fold(0.0_f64, f64::max);
+        assert!(quiet < cfg.level_floor / 4.0, "noise builds {quiet}");
+        // One huge spike adds at most level_clip - level_k.
+        let spike = feed(1e6);
+        assert!(
+            spike <= quiet + cfg.level_clip - cfg.level_k + 1e-9,
+            "{spike}"
+        );
+        let drained = (0..200)
+            .map(|i| feed(noise[2000 + i]))
+            .last()
+            .unwrap_or(1.0);
+        assert_eq!(drained, 0.0);
+        // A sustained shift of 4 spreads passes the floor within a few dozen readings.
+        let crossed = (0..200).position(|i| feed(4.0 + noise[2200 + i]) >= cfg.level_floor);
+        assert!(crossed.is_some_and(|n| n > 20 && n < 60), "{crossed:?}");
+    }
+
+    #[test]
     fn steady_signals_do_not_alert() {
         for values in [vec![5.0; 3000], noise(3000, 3)] {
             let mut det = DeviceDetector::new(small_config()).expect("config");
@@ -2613,7 +2774,7 @@ mod tests {
         })
         .is_err());
         let bytes = DetectorConfig::default().bytes_per_metric();
-        assert!(bytes > 400_000 && bytes < 600_000, "{bytes}");
+        assert!(bytes > 400_000 && bytes < 650_000, "{bytes}");
         for far in [500, 1000] {
             assert!(DeviceDetector::new(DetectorConfig {
                 recurrence_far_window: far,
