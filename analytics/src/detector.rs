@@ -487,7 +487,7 @@ impl DetectorConfig {
             0
         };
         // The forest channel's excursion peaks, and the copy of its score history a tail fit
-        // selects the threshold from (held only during the fit).
+        // selects the threshold from (a per-thread scratch buffer; counted here as an upper bound).
         let tail = if self.tail_fit_quantile > 0.0 {
             self.tail_fit_clusters * 16 + self.history * 8
         } else {
@@ -992,6 +992,12 @@ struct ScoreHistory {
     tail: TailFit,
 }
 
+thread_local! {
+    /// Scratch space for `TailFit::refit`, one per thread and reused, so that a fit allocates
+    /// nothing once the buffer has grown to a score history's length (8 KB with the defaults).
+    static TAIL_SCRATCH: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Peaks over threshold on declustered excursions: the peaks of the last excursions of a
 /// channel's smoothed scores above a high quantile `t` of its score history, with a
 /// generalised Pareto distribution fitted to their excesses by probability-weighted moments
@@ -1061,24 +1067,31 @@ impl TailFit {
     }
 
     fn refit(&mut self, cfg: &DetectorConfig, hist: &VecDeque<f64>) {
+        TAIL_SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut buf) => self.refit_in(cfg, hist, &mut buf),
+            Err(_) => self.refit_in(cfg, hist, &mut Vec::new()),
+        });
+    }
+
+    /// `refit` with `buf` as scratch space: first a copy of the history to select the
+    /// threshold from, then the excesses of the peaks over it.
+    fn refit_in(&mut self, cfg: &DetectorConfig, hist: &VecDeque<f64>, buf: &mut Vec<f64>) {
         self.fit = None;
         let n = hist.len();
         if n < cfg.min_history.max(2) {
             return;
         }
-        let mut v: Vec<f64> = hist.iter().copied().collect();
+        buf.clear();
+        buf.extend(hist.iter().copied());
         let idx = ((cfg.tail_fit_quantile * n as f64) as usize).min(n - 1);
-        let (_, &mut t, _) = v.select_nth_unstable_by(idx, |a, b| a.total_cmp(b));
+        let (_, &mut t, _) = buf.select_nth_unstable_by(idx, |a, b| a.total_cmp(b));
         self.t = Some(t);
         let Some(&(_, oldest)) = self.peaks.front() else {
             return;
         };
-        let mut y: Vec<f64> = self
-            .peaks
-            .iter()
-            .filter(|p| p.0 > t)
-            .map(|p| p.0 - t)
-            .collect();
+        buf.clear();
+        buf.extend(self.peaks.iter().filter(|p| p.0 > t).map(|p| p.0 - t));
+        let y = buf;
         if y.len() < cfg.tail_fit_min_peaks.max(3) {
             return;
         }
