@@ -10,8 +10,8 @@
 //!    values are from the most similar earlier stretch of the signal, which catches contextual
 //!    anomalies (a missing daily peak, a flattened cycle) that no single value reveals;
 //!    and a level channel (`level_span`): a leaky two-sided CUSUM of the value against a
-//!    long-horizon baseline, in units of its long-horizon spread, which catches a slow drift
-//!    that the forest's refits and the shape channel's recent references learn as normal
+//!    long-horizon baseline, in units of its long-horizon spread, which reports a level that
+//!    stays away from the long-run one after the other channels have absorbed the change
 //!    (judged unsmoothed, like the shape channel, at or above `level_floor` only);
 //! 4. for the forest and shape channels, smooths the score over about `avg_window` points (the
 //!    forest's over fewer for a metric slower than one reading per `avg_span_s / avg_window`,
@@ -21,7 +21,8 @@
 //!    spread, `long_spread_half_life`, and at most the standard score of the tail probability a
 //!    generalised Pareto fit to its past excursion peaks gives it, `tail_fit_quantile`) and its
 //!    Gaussian tail probability, the "anomaly likelihood" of Numenta's NAB detectors. This
-//!    makes one threshold meaningful across metrics whose raw scores sit at different levels. The point's `score` is `1 − tail(max z)`;
+//!    makes one threshold meaningful across metrics whose raw scores sit at different levels.
+//!    The point's `score` is `1 − tail(max z)`;
 //! 5. treats a channel as unsurprising when its smoothed score is no higher than one it already
 //!    produced between `recurrence_window` and `recurrence_gap` points ago (the recurrence
 //!    check): a daily spike, a periodic batch job or the after-effects of an incident that was
@@ -255,8 +256,9 @@ pub struct DetectorConfig {
     /// accumulated evidence decays by `1 − 1/level_span` per reading, so it weighs a sustained
     /// shift over about this many readings; the channel's score is judged like the others (its
     /// own score history, the recurrence check, the young margin), so a daily cycle or a regime
-    /// the metric keeps returning to does not alert, while a slow drift that the forest's
-    /// refits and the shape channel's recent references learn as normal can.
+    /// the metric keeps returning to does not alert, while a level that stays away from the
+    /// long-run one after the forest's refits have absorbed the change can. (A steady drift
+    /// over thousands of readings does not: its evidence climbs as slowly as its history.)
     pub level_span: usize,
     /// Half-life, in readings, of the level channel's baseline (an exponentially weighted mean)
     /// and spread (standard deviation).
