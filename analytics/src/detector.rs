@@ -1127,11 +1127,11 @@ impl ScoreHistory {
         self.hist.len()
     }
 
-    /// The standard score of `avg` against the history (spread at least `min_std`, and with
-    /// `long_floor` at least the long-horizon spread; with `long_floor` and `tail_fit_quantile`
-    /// also at most the standard score of the tail probability the extreme-value fit gives
-    /// it), capped at 0 when `avg` is below `floor` or no higher than the channel's recent
-    /// peak (the recurrence check); then records `avg`.
+    /// The standard score of `avg` against the history (spread at least `min_std`; for the
+    /// `forest` channel also at least the long-horizon spread, `long_spread_half_life`, and the
+    /// score at most the standard score of the tail probability the extreme-value fit gives
+    /// it, `tail_fit_quantile`), capped at 0 when `avg` is below `floor` or no higher than the
+    /// channel's recent peak (the recurrence check); then records `avg`.
     fn judge(
         &mut self,
         cfg: &DetectorConfig,
@@ -1139,10 +1139,10 @@ impl ScoreHistory {
         at_ms: Option<i64>,
         min_std: f64,
         floor: f64,
-        long_floor: bool,
+        forest: bool,
     ) -> f64 {
-        let tail_fit = long_floor && cfg.tail_fit_quantile > 0.0;
-        let long_floor = long_floor && cfg.long_spread_half_life > 0;
+        let tail_fit = forest && cfg.tail_fit_quantile > 0.0;
+        let long_floor = forest && cfg.long_spread_half_life > 0;
         let min_std = if long_floor {
             min_std.max(self.long.std())
         } else {
@@ -1155,9 +1155,12 @@ impl ScoreHistory {
         // The level the far tier measures excursions from: the history's mean before `avg`
         // joins it (isolation scores sit near 0.4-0.5 when nothing happens, so a share of the
         // raw score would mask almost nothing on the forest channel).
-        let base = match self.hist.len() {
-            0 => 0.0,
-            n => self.hist.sum / n as f64,
+        // Only needed with the far tier on.
+        let n = self.hist.len();
+        let base = if cfg.recurrence_far_window > 0 && n > 0 {
+            self.hist.sum / n as f64
+        } else {
+            0.0
         };
         // The extreme-value cap (forest channel). Only where the Gaussian score is high: the
         // inverse is a bisection, and lower scores are far from any alert bar.
@@ -2537,7 +2540,7 @@ mod tests {
         let p = fit.tail(0.88).expect("tail");
         assert!(z_for_upper_tail(p) < alert_z, "{p}");
         assert_eq!(fit.tail(1.2), Some(0.0));
-        // Through the channel (forest: `long_floor`), recurrence check off so that only the
+        // Through the channel (`forest`), recurrence check off so that only the
         // cap can hold the score down; and nothing is capped with the fit switched off.
         let z_after = |cfg: &DetectorConfig| {
             let mut sh = ScoreHistory::default();
