@@ -990,6 +990,13 @@ struct ScoreHistory {
     hist: RollingStats,
     peak: LaggedMax,
     far: FarPeaks,
+}
+
+/// What only the forest channel's judgement uses: the long-horizon spread that floors its
+/// spread (`long_spread_half_life`) and the extreme-value fit that caps its standard score
+/// (`tail_fit_quantile`). Kept beside that channel's `ScoreHistory`, not in every channel's.
+#[derive(Debug, Clone, Default)]
+struct ForestCalibration {
     long: LongSpread,
     tail: TailFit,
 }
@@ -1127,11 +1134,11 @@ impl ScoreHistory {
         self.hist.len()
     }
 
-    /// The standard score of `avg` against the history (spread at least `min_std`; for the
-    /// `forest` channel also at least the long-horizon spread, `long_spread_half_life`, and the
-    /// score at most the standard score of the tail probability the extreme-value fit gives
-    /// it, `tail_fit_quantile`), capped at 0 when `avg` is below `floor` or no higher than the
-    /// channel's recent peak (the recurrence check); then records `avg`.
+    /// The standard score of `avg` against the history (spread at least `min_std`; with the
+    /// forest channel's `calib` also at least the long-horizon spread, `long_spread_half_life`,
+    /// and the score at most the standard score of the tail probability the extreme-value fit
+    /// gives it, `tail_fit_quantile`), capped at 0 when `avg` is below `floor` or no higher
+    /// than the channel's recent peak (the recurrence check); then records `avg`.
     fn judge(
         &mut self,
         cfg: &DetectorConfig,
@@ -1139,14 +1146,13 @@ impl ScoreHistory {
         at_ms: Option<i64>,
         min_std: f64,
         floor: f64,
-        forest: bool,
+        calib: Option<&mut ForestCalibration>,
     ) -> f64 {
-        let tail_fit = forest && cfg.tail_fit_quantile > 0.0;
-        let long_floor = forest && cfg.long_spread_half_life > 0;
-        let min_std = if long_floor {
-            min_std.max(self.long.std())
-        } else {
-            min_std
+        let tail_fit = calib.is_some() && cfg.tail_fit_quantile > 0.0;
+        let long_floor = calib.is_some() && cfg.long_spread_half_life > 0;
+        let min_std = match calib.as_deref() {
+            Some(c) if long_floor => min_std.max(c.long.std()),
+            _ => min_std,
         };
         let mut z = self.hist.z(avg, min_std);
         if avg < floor {
@@ -1164,19 +1170,21 @@ impl ScoreHistory {
         };
         // The extreme-value cap (forest channel). Only where the Gaussian score is high: the
         // inverse is a bisection, and lower scores are far from any alert bar.
-        if tail_fit && z > 3.0 {
-            if let Some(p) = self.tail.tail(avg) {
+        if let (true, Some(c)) = (tail_fit && z > 3.0, calib.as_deref()) {
+            if let Some(p) = c.tail.tail(avg) {
                 if p > 0.0 {
                     z = z.min(z_for_upper_tail(p.min(0.5)));
                 }
             }
         }
         self.hist.push(avg, cfg.history);
-        if tail_fit {
-            self.tail.push(cfg, avg, &self.hist.buf);
-        }
-        if long_floor {
-            self.long.push(avg, cfg.long_spread_half_life);
+        if let Some(c) = calib {
+            if tail_fit {
+                c.tail.push(cfg, avg, &self.hist.buf);
+            }
+            if long_floor {
+                c.long.push(avg, cfg.long_spread_half_life);
+            }
         }
         if let (Some(now), Some(span_ms)) = (at_ms, cfg.recurrence_span_ms()) {
             self.peak.forget_before(now.saturating_sub(span_ms));
@@ -1350,6 +1358,7 @@ pub struct MetricDetector {
     recent_raw: VecDeque<f64>,
     cadence: Cadence,
     forest_scores: ScoreHistory,
+    forest_calib: ForestCalibration,
     shape: crate::features::ShapeNovelty,
     shape_avg: f64,
     shape_scores: ScoreHistory,
@@ -1376,6 +1385,7 @@ impl MetricDetector {
             recent_raw: VecDeque::with_capacity(cfg.avg_window),
             cadence: Cadence::default(),
             forest_scores: ScoreHistory::default(),
+            forest_calib: ForestCalibration::default(),
             shape: crate::features::ShapeNovelty::new(
                 cfg.shape_capacity,
                 cfg.shape_len,
@@ -1466,9 +1476,14 @@ impl MetricDetector {
         // Only the forest channel's spread is floored by its long-horizon spread: the shape
         // channel's novelty falls as the stretches seen so far grow in number, so its recent
         // spread is the right yardstick (flooring it loses windows).
-        let z_forest =
-            self.forest_scores
-                .judge(cfg, avg, at_ms, cfg.min_std, cfg.min_smoothed_score, true);
+        let z_forest = self.forest_scores.judge(
+            cfg,
+            avg,
+            at_ms,
+            cfg.min_std,
+            cfg.min_smoothed_score,
+            Some(&mut self.forest_calib),
+        );
         let z_shape = match novelty {
             Some(d) => {
                 if self.shape_avg.is_nan() {
@@ -1483,7 +1498,7 @@ impl MetricDetector {
                     at_ms,
                     cfg.shape_min_std,
                     f64::NEG_INFINITY,
-                    false,
+                    None,
                 )
             }
             None => f64::NEG_INFINITY,
@@ -1496,7 +1511,7 @@ impl MetricDetector {
         let z_level = match level {
             Some(l) => {
                 self.level_scores
-                    .judge(cfg, l, at_ms, cfg.shape_min_std, cfg.level_floor, false)
+                    .judge(cfg, l, at_ms, cfg.shape_min_std, cfg.level_floor, None)
             }
             None => f64::NEG_INFINITY,
         };
@@ -1704,14 +1719,9 @@ impl JointChannel {
 
         let avg = moving_mean(&mut self.recent, cfg.avg_window, residual.size);
         let n = self.scores.len();
-        let z = self.scores.judge(
-            cfg,
-            avg,
-            at_ms,
-            JOINT_MIN_STD,
-            cfg.joint_min_residual,
-            false,
-        );
+        let z = self
+            .scores
+            .judge(cfg, avg, at_ms, JOINT_MIN_STD, cfg.joint_min_residual, None);
         let score = if n >= 2 { 1.0 - upper_tail(z) } else { 0.0 };
         let alert = self.debounce.judge(cfg, z, score, n);
         // Which metric broke away is worked out only when it is reported, on the mean of the
@@ -2460,14 +2470,14 @@ mod tests {
         // 4000 scores alternating 0.4 and 0.6 (spread 0.1), then 2000 alternating 0.49 and
         // 0.51 (spread 0.01): the 1000-score history only holds the quiet stretch. Then 0.6.
         let z_after_quiet = |cfg: &DetectorConfig| {
-            let mut h = ScoreHistory::default();
+            let (mut h, mut c) = (ScoreHistory::default(), ForestCalibration::default());
             for i in 0..6000 {
                 let amp = if i < 4000 { 0.1 } else { 0.01 };
                 let x = 0.5 + if i % 2 == 0 { amp } else { -amp };
-                h.judge(cfg, x, None, 1e-6, 0.0, true);
+                h.judge(cfg, x, None, 1e-6, 0.0, Some(&mut c));
             }
-            let long = h.long.std();
-            (h.judge(cfg, 0.6, None, 1e-6, 0.0, true), long)
+            let long = c.long.std();
+            (h.judge(cfg, 0.6, None, 1e-6, 0.0, Some(&mut c)), long)
         };
         let (z_off, _) = z_after_quiet(&off);
         assert!((z_off - 10.0).abs() < 1e-6, "{z_off}");
@@ -2480,18 +2490,12 @@ mod tests {
         // A stream whose spread does not change is judged as before (the long spread then
         // equals the recent one, up to rounding).
         let steady = |cfg: &DetectorConfig| {
-            let mut h = ScoreHistory::default();
+            let (mut h, mut c) = (ScoreHistory::default(), ForestCalibration::default());
             for i in 0..3000 {
-                h.judge(
-                    cfg,
-                    if i % 2 == 0 { 0.6 } else { 0.4 },
-                    None,
-                    1e-6,
-                    0.0,
-                    true,
-                );
+                let x = if i % 2 == 0 { 0.6 } else { 0.4 };
+                h.judge(cfg, x, None, 1e-6, 0.0, Some(&mut c));
             }
-            h.judge(cfg, 0.9, None, 1e-6, 0.0, true)
+            h.judge(cfg, 0.9, None, 1e-6, 0.0, Some(&mut c))
         };
         let (a, b) = (steady(&cfg), steady(&off));
         assert!((a - b).abs() < 1e-6, "{a} {b}");
@@ -2540,17 +2544,17 @@ mod tests {
         let p = fit.tail(0.88).expect("tail");
         assert!(z_for_upper_tail(p) < alert_z, "{p}");
         assert_eq!(fit.tail(1.2), Some(0.0));
-        // Through the channel (`forest`), recurrence check off so that only the
+        // Through the channel with the forest calibration, recurrence check off so that only the
         // cap can hold the score down; and nothing is capped with the fit switched off.
         let z_after = |cfg: &DetectorConfig| {
-            let mut sh = ScoreHistory::default();
+            let (mut sh, mut c) = (ScoreHistory::default(), ForestCalibration::default());
             for &x in &hist {
-                sh.judge(cfg, x, None, 1e-6, f64::NEG_INFINITY, true);
+                sh.judge(cfg, x, None, 1e-6, f64::NEG_INFINITY, Some(&mut c));
             }
             if cfg.tail_fit_quantile > 0.0 {
-                sh.tail = fit.clone();
+                c.tail = fit.clone();
             }
-            sh.judge(cfg, 0.88, None, 1e-6, f64::NEG_INFINITY, true)
+            sh.judge(cfg, 0.88, None, 1e-6, f64::NEG_INFINITY, Some(&mut c))
         };
         let on = DetectorConfig {
             recurrence_window: 0,
@@ -2590,11 +2594,11 @@ mod tests {
         // A peak of 10, `quiet` readings of 1 (one a minute, or one an hour), then `x`.
         let z_after_peak = |cfg: &DetectorConfig, quiet: i64, step_ms: i64, x: f64| {
             let mut h = ScoreHistory::default();
-            h.judge(cfg, 10.0, Some(0), 0.1, 0.0, false);
+            h.judge(cfg, 10.0, Some(0), 0.1, 0.0, None);
             for i in 1..=quiet {
-                h.judge(cfg, 1.0, Some(i * step_ms), 0.1, 0.0, false);
+                h.judge(cfg, 1.0, Some(i * step_ms), 0.1, 0.0, None);
             }
-            h.judge(cfg, x, Some((quiet + 1) * step_ms), 0.1, 0.0, false)
+            h.judge(cfg, x, Some((quiet + 1) * step_ms), 0.1, 0.0, None)
         };
         let cfg = DetectorConfig::default();
         let minute = 60_000;
