@@ -5,7 +5,9 @@
 //! cargo run --release --example idle_conns -- --port 1883 --count 2000 --hold-secs 10 [--subscribe] [--parallel N]
 //! ```
 //! `--parallel N` connects N clients at once (default 1: one after another).
-//! Prints `connected N in S s` once every CONNACK (and SUBACK) has arrived, then holds.
+//! Prints `connected N in S s` once every CONNACK (and SUBACK) has arrived, then the median and
+//! 99th percentile of the time from the TCP connect to the CONNACK and from SUBSCRIBE to SUBACK,
+//! then holds.
 
 use std::time::{Duration, Instant};
 
@@ -25,8 +27,10 @@ fn packet(header: u8, body: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Connects client `i` (CONNECT, and SUBSCRIBE when asked) and returns its open socket.
-async fn connect(port: u16, i: usize, subscribe: bool) -> TcpStream {
+/// Connects client `i` (CONNECT, and SUBSCRIBE when asked) and returns its open socket, the
+/// time from the TCP connect to the CONNACK and from SUBSCRIBE to SUBACK.
+async fn connect(port: u16, i: usize, subscribe: bool) -> (TcpStream, Duration, Duration) {
+    let t0 = Instant::now();
     let mut s = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
@@ -41,6 +45,8 @@ async fn connect(port: u16, i: usize, subscribe: bool) -> TcpStream {
     let mut ack = [0u8; 4];
     s.read_exact(&mut ack).await.expect("CONNACK");
     assert_eq!(ack[3], 0, "refused");
+    let connack = t0.elapsed();
+    let t1 = Instant::now();
     if subscribe {
         let mut body = 1u16.to_be_bytes().to_vec();
         body.extend(string(format!("idle/{i}").as_bytes()));
@@ -51,7 +57,15 @@ async fn connect(port: u16, i: usize, subscribe: bool) -> TcpStream {
         let mut suback = [0u8; 5];
         s.read_exact(&mut suback).await.expect("SUBACK");
     }
-    s
+    (s, connack, t1.elapsed())
+}
+
+/// Median and 99th percentile in microseconds.
+fn percentiles(mut d: Vec<Duration>) -> (u128, u128) {
+    d.sort_unstable();
+    let at = |q: f64| d.get(((d.len() as f64 * q) as usize).min(d.len().saturating_sub(1)));
+    let us = |x: Option<&Duration>| x.map_or(0, |x| x.as_micros());
+    (us(at(0.5)), us(at(0.99)))
 }
 
 #[tokio::main]
@@ -88,13 +102,19 @@ async fn main() {
         })
         .collect();
     let mut conns = Vec::with_capacity(count);
+    let (mut connacks, mut subacks) = (Vec::with_capacity(count), Vec::with_capacity(count));
     for w in workers {
-        conns.extend(w.await.expect("connecting task"));
+        for (s, c, sub) in w.await.expect("connecting task") {
+            conns.push(s);
+            connacks.push(c);
+            subacks.push(sub);
+        }
     }
-    println!(
-        "connected {count} in {:.2} s",
-        start.elapsed().as_secs_f64()
-    );
+    let elapsed = start.elapsed().as_secs_f64();
+    let (c50, c99) = percentiles(connacks);
+    let (s50, s99) = percentiles(subacks);
+    println!("connected {count} in {elapsed:.2} s");
+    println!("connect to CONNACK p50 {c50} us p99 {c99} us; SUBSCRIBE to SUBACK p50 {s50} us p99 {s99} us");
     tokio::time::sleep(Duration::from_secs(hold)).await;
     drop(conns);
 }
