@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example session_bench -- --port 1883 --sessions 10000 setup
+//! cargo run --release --example session_bench -- --port 1883 --sessions 10000 queue   # optional
 //! (restart the broker)
 //! cargo run --release --example session_bench -- --port 1883 ready
 //! cargo run --release --example session_bench -- --port 1883 --sessions 10000 check
@@ -9,10 +10,11 @@
 //! `setup` opens N persistent sessions (`sb-<i>`, Clean Session 0) on 4 threads; each
 //! subscribes at QoS 1 to `sb/<i>/cmd` and `sb/all` and leaves with DISCONNECT. `ready` tries
 //! to connect every 10 ms and prints how long after its own start the broker first accepted
-//! a client. `check` publishes one QoS 1 message to `sb/all` and one to each `sb/<i>/cmd`,
-//! then resumes every session (Clean Session 0) and counts those the broker still had
-//! (CONNACK session present) and the queued messages that arrive (2 per session), ending each
-//! session with a clean connect so a second run starts from nothing.
+//! a client. `queue` (before the restart) and `check` (after it) each publish one QoS 1 message
+//! to `sb/all` and one to each `sb/<i>/cmd`; `check` then resumes every session (Clean Session
+//! 0) and counts those the broker still had (CONNACK session present) and the queued messages
+//! that arrive (2 per session, 4 with `--per-session 4` after a `queue`), ending each session
+//! with a clean connect so a second run starts from nothing.
 
 #[path = "support/bench.rs"]
 mod bench;
@@ -31,8 +33,12 @@ fn main() {
     match std::env::args().next_back().as_deref() {
         Some("setup") => setup(port, sessions),
         Some("ready") => ready(port),
-        Some("check") => check(port, sessions),
-        _ => panic!("last argument: setup, ready or check"),
+        Some("queue") => queue(port, sessions, "before"),
+        Some("check") => {
+            let per_session = get("--per-session", "2").parse().expect("--per-session");
+            check(port, sessions, per_session)
+        }
+        _ => panic!("last argument: setup, queue, ready or check"),
     }
 }
 
@@ -85,12 +91,25 @@ fn ready(port: u16) {
     println!("ready after {} ms", started.elapsed().as_millis());
 }
 
-fn check(port: u16, sessions: usize) {
+/// Publishes `payload` at QoS 1 to `sb/all` and to every `sb/<i>/cmd`.
+fn queue(port: u16, sessions: usize, payload: &str) {
+    let started = Instant::now();
     let mut publisher = Conn::open(port, "sb-publisher");
     let topics: Vec<String> = std::iter::once("sb/all".to_string())
         .chain((0..sessions).map(|i| format!("sb/{i}/cmd")))
         .collect();
-    publisher.publish_all(&topics, b"queued", false, Duration::from_secs(10));
+    publisher.publish_all(&topics, payload.as_bytes(), false, Duration::from_secs(10));
+    if payload == "before" {
+        println!(
+            "queue: {} messages in {} ms",
+            topics.len(),
+            started.elapsed().as_millis()
+        );
+    }
+}
+
+fn check(port: u16, sessions: usize, per_session: usize) {
+    queue(port, sessions, "queued");
     let present = std::sync::atomic::AtomicUsize::new(0);
     let messages = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
@@ -100,7 +119,7 @@ fn check(port: u16, sessions: usize) {
         if was_there {
             present.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut got = 0;
-            while got < 2 {
+            while got < per_session {
                 let Some(frame) = c.next(Duration::from_secs(2)) else {
                     break;
                 };
@@ -123,7 +142,7 @@ fn check(port: u16, sessions: usize) {
         "check: {} of {sessions} sessions present, {} of {} queued messages in {} ms",
         present.into_inner(),
         messages.into_inner(),
-        2 * sessions,
+        per_session * sessions,
         started.elapsed().as_millis()
     );
 }

@@ -106,6 +106,9 @@ pub struct PersistenceConfig {
     /// part, only the sessions are saved here.
     pub dir: String,
     pub autosave_interval_secs: u64,
+    /// Longest the shutdown spends taking the messages queued for offline sessions from the
+    /// core to save them (`edge::sessions::drain`); 0: they are not kept.
+    pub drain_secs: u64,
 }
 
 impl Default for PersistenceConfig {
@@ -113,6 +116,7 @@ impl Default for PersistenceConfig {
         PersistenceConfig {
             dir: String::new(),
             autosave_interval_secs: 60,
+            drain_secs: 3,
         }
     }
 }

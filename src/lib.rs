@@ -260,7 +260,24 @@ pub async fn run(
         edge::snapshot::save_now(&edge.retained, &edge.metrics, dir).await;
     }
     if let Some(dir) = sessions_dir {
-        // Every connection has ended: its session is offline and its expiry counting.
+        // Every connection has ended: its session is offline and its expiry counting. What
+        // the core holds for the offline sessions is taken into the registry to be saved too.
+        let started = std::time::Instant::now();
+        let limit = Duration::from_secs(config.persistence.drain_secs);
+        let d = match limit.is_zero() {
+            true => edge::sessions::Drained::default(),
+            false => edge::sessions::drain(&edge, limit).await,
+        };
+        if d.messages + d.dropped + d.not_drained > 0 {
+            tracing::info!(
+                sessions = d.sessions,
+                ms = started.elapsed().as_millis() as u64,
+                messages = d.messages,
+                dropped = d.dropped,
+                not_drained = d.not_drained,
+                "queued messages of offline sessions kept for the restart"
+            );
+        }
         edge::snapshot::save_now(&edge.registry, &edge.metrics, dir).await;
     }
     Ok(())
@@ -297,6 +314,7 @@ async fn restore_sessions(edge: &Arc<edge::Edge>, dir: &std::path::Path) -> Resu
         over_cap = r.over_cap,
         failed = r.failed,
         filters_refused = r.filters_refused,
+        messages = r.messages,
         ms = started.elapsed().as_millis() as u64,
         "persistent sessions restored"
     );

@@ -130,7 +130,7 @@ pub enum Version {
 }
 
 /// One complete control packet: the first header byte and the bytes after the length.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub header: u8,
     pub body: Bytes,

@@ -385,6 +385,107 @@ fn retained_messages_survive_a_restart_with_persistence() {
     assert!(sub.drain(Duration::from_millis(500)).is_empty());
 }
 
+/// With `[persistence] dir`, what the core held for an offline persistent session at a clean
+/// stop (messages queued for it, and deliveries its client had not acknowledged) is saved with
+/// the session and delivered when the client comes back after the restart: first the
+/// unacknowledged ones under the packet ids the client knows, with DUP, then the queued ones,
+/// then what was published since the restart. What the client leaves unacknowledged again
+/// is kept for its next connection in the same way.
+#[test]
+fn queued_messages_of_offline_sessions_survive_a_restart() {
+    const T: Duration = Duration::from_secs(5);
+    let data = TempDir::new();
+    let start = || Vigil::start_persistent(&data, |c| c);
+    // (topic, QoS, retain, DUP, packet id, payload) of the next PUBLISH.
+    let next = |raw: &mut Raw| {
+        let p = raw.recv_timeout(T).expect("a delivery");
+        let (topic, qos, _, dup, pkid, payload) = parse_publish(&p);
+        (topic, qos, dup, pkid, String::from_utf8(payload).unwrap())
+    };
+    let mut v = start();
+    let (mut raw, present) = Raw::resume(v.mqtt, "dev");
+    assert!(!present);
+    raw.send(&subscribe_packet(1, &[("cmd/#", 2)]));
+    assert_eq!(raw.recv_timeout(T).expect("SUBACK").kind(), 9);
+    // Received, never acknowledged.
+    publish(v.port(), &["-t", "cmd/1", "-m", "one", "-q", "1"]);
+    publish(v.port(), &["-t", "cmd/2", "-m", "two", "-q", "2"]);
+    let (_, _, _, id1, one) = next(&mut raw);
+    let (_, _, _, id2, two) = next(&mut raw);
+    assert_eq!((one.as_str(), two.as_str()), ("one", "two"));
+    drop(raw);
+    // Queued while the client is away.
+    publish(v.port(), &["-t", "cmd/3", "-m", "three", "-q", "1"]);
+    publish(v.port(), &["-t", "cmd/4", "-m", "four", "-q", "2"]);
+    publish(v.port(), &["-t", "cmd/5", "-m", "five", "-q", "0"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, _) = v.terminate();
+    assert!(status.success());
+    assert!(
+        v.log()
+            .contains("queued messages of offline sessions kept for the restart")
+            && v.log().contains("messages=5"),
+        "{}",
+        v.log()
+    );
+
+    let v = start();
+    publish(v.port(), &["-t", "cmd/6", "-m", "six", "-q", "1"]);
+    let (mut raw, present) = Raw::resume(v.mqtt, "dev");
+    assert!(present);
+    assert_eq!(next(&mut raw), ("cmd/1".into(), 1, true, id1, "one".into()));
+    assert_eq!(next(&mut raw), ("cmd/2".into(), 2, true, id2, "two".into()));
+    let (topic, qos, dup, id3, three) = next(&mut raw);
+    assert_eq!(
+        (topic.as_str(), qos, dup, three.as_str()),
+        ("cmd/3", 1, false, "three")
+    );
+    let (_, qos, _, id4, four) = next(&mut raw);
+    assert_eq!((qos, four.as_str()), (2, "four"));
+    let (_, qos, _, _, five) = next(&mut raw);
+    assert_eq!((qos, five.as_str()), (0, "five"));
+    let (_, _, _, id6, six) = next(&mut raw);
+    assert_eq!(
+        six, "six",
+        "published after the restart: after the restored ones"
+    );
+    // Acknowledge the first two, not "three", "four" or "six", and go away again.
+    raw.send(&ack_packet(4, id1));
+    raw.send(&ack_packet(5, id2));
+    let rel = raw.recv_timeout(T).expect("PUBREL");
+    assert_eq!(
+        (rel.kind(), rel.body[..2].to_vec()),
+        (6, id2.to_be_bytes().to_vec())
+    );
+    raw.send(&ack_packet(7, id2));
+    std::thread::sleep(Duration::from_millis(200));
+    drop(raw);
+
+    let (mut raw, present) = Raw::resume(v.mqtt, "dev");
+    assert!(present);
+    assert_eq!(
+        next(&mut raw),
+        ("cmd/3".into(), 1, true, id3, "three".into())
+    );
+    assert_eq!(
+        next(&mut raw),
+        ("cmd/4".into(), 2, true, id4, "four".into())
+    );
+    assert_eq!(next(&mut raw), ("cmd/6".into(), 1, true, id6, "six".into()));
+    raw.send(&ack_packet(4, id3));
+    raw.send(&ack_packet(5, id4));
+    assert_eq!(raw.recv_timeout(T).expect("PUBREL").kind(), 6);
+    raw.send(&ack_packet(7, id4));
+    raw.send(&ack_packet(4, id6));
+    std::thread::sleep(Duration::from_millis(200));
+    drop(raw);
+    let (mut raw, _) = Raw::resume(v.mqtt, "dev");
+    assert!(
+        raw.recv_timeout(Duration::from_millis(500)).is_none(),
+        "everything was acknowledged"
+    );
+}
+
 #[test]
 fn persistent_sessions_survive_a_restart_with_persistence() {
     const T: Duration = Duration::from_secs(5);
@@ -480,6 +581,11 @@ fn persistent_sessions_survive_a_restart_with_persistence() {
     publish(v.port(), &["-t", "cmd/keeper/again", "-m", "k", "-q", "1"]);
     let (mut raw, present) = Raw::resume(v.mqtt, "keeper");
     assert!(present);
+    // "keeper" left "cmd/keeper/x" unacknowledged above: kept across the restart, it comes
+    // again first, as a re-delivery.
+    let p = raw.recv_timeout(T).expect("the unacknowledged delivery");
+    let (topic, _, _, dup, ..) = parse_publish(&p);
+    assert_eq!((topic.as_str(), dup), ("cmd/keeper/x", true));
     let p = raw.recv_timeout(T).expect("the queued message");
     assert_eq!(parse_publish(&p).0, "cmd/keeper/again");
     drop(raw);

@@ -568,8 +568,19 @@ struct Session<S> {
     /// the order the core sent them. Holding them here rather than pausing core reads lets
     /// the acknowledgements of the client's own publishes (queued behind them on the core
     /// connection) through. Bounded by the core's inflight window ([`CORE_INFLIGHT`]), and
-    /// checked against [`MAX_CORE_INFLIGHT`].
+    /// checked against [`MAX_CORE_INFLIGHT`]. A session restored after a restart starts with
+    /// what the core held for it then (`OfflineState::queued`, the first `restored` frames),
+    /// so the core's deliveries wait behind them.
     held: std::collections::VecDeque<Frame>,
+    /// How many frames at the front of `held` are restored ones (packet id 0, the edge's own).
+    restored: usize,
+    /// A restored frame is being delivered: it may be a delivery the client has seen under an
+    /// id of its own (`redeliveries`), unlike the edge's other deliveries with packet id 0.
+    delivering_restored: bool,
+    /// Restored QoS 1/2 deliveries, with the client id and digest they went out with: those
+    /// the client has not acknowledged when it goes are kept for its next connection
+    /// (`offline_queue`). At most `registry::MAX_QUEUED`.
+    restored_out: Vec<(u16, u64, Frame)>,
     /// SUBSCRIBEs in the core whose filters are owed their retained messages once the core
     /// grants them: packet id and, per filter, its place among the filters sent to the core
     /// and the filter.
@@ -914,7 +925,10 @@ where
             prefer_core: false,
             will,
             will_delay,
-            held: Default::default(),
+            restored: offline.queued.len(),
+            held: offline.queued.into(),
+            delivering_restored: false,
+            restored_out: Vec::new(),
             retained_due: Vec::new(),
             retained_out: Default::default(),
             client_step: READ_STEP_MIN,
@@ -952,9 +966,13 @@ where
         // count as routed (`close` flushes what is still buffered, and the core routes a QoS 1
         // publish on receipt): a re-send after a reconnect is acknowledged, not delivered again.
         session.route_held_qos2(edge);
+        let (queued, restored_unacked) = session.offline_queue();
+        let mut unacked_out = session.offline_redeliveries();
+        unacked_out.extend(restored_unacked);
         let mut offline = OfflineState {
+            queued,
             inbound_qos2: session.inbound_qos2.iter().map(|f| f.pkid).collect(),
-            unacked_out: session.offline_redeliveries(),
+            unacked_out,
             pubrel_out: std::mem::take(&mut session.pubrel_to_client),
             // All of them when some need the edge: which filters a topic matches decides.
             // Only then: the offline store is bounded, and a session's QoS 2 and redelivery
@@ -1045,6 +1063,12 @@ where
         }
         if !self.core_in.is_empty() {
             if let Err(end) = self.on_core_data(edge) {
+                return end;
+            }
+        }
+        // What a restored session brought from before a restart goes first.
+        if self.restored > 0 {
+            if let Err(end) = self.release_held(edge) {
                 return end;
             }
         }
@@ -2105,7 +2129,7 @@ where
             // deliveries, which MQTT orders only among themselves) go on.
             let qos_delivery = frame.kind() == mqtt::PUBLISH && frame.flags() & 0b0110 != 0;
             if qos_delivery && self.must_hold() {
-                if self.held.len() + self.core_acks.len() >= MAX_CORE_INFLIGHT {
+                if self.held.len() - self.restored + self.core_acks.len() >= MAX_CORE_INFLIGHT {
                     warn!("core exceeded the inflight window");
                     return Err(End::CoreGone);
                 }
@@ -2276,11 +2300,52 @@ where
     /// Delivers held deliveries (see `held`) while the client has room for them.
     fn release_held(&mut self, edge: &Edge) -> Result<(), End> {
         while !self.held.is_empty() && self.client_has_room() {
-            if let Some(frame) = self.held.pop_front() {
+            let Some(frame) = self.held.pop_front() else {
+                break;
+            };
+            if self.restored == 0 {
                 self.on_core_packet(edge, frame)?;
+                continue;
+            }
+            self.restored -= 1;
+            self.delivering_restored = true;
+            let acks = self.core_acks.len();
+            let step = self.on_core_packet(edge, frame.clone());
+            self.delivering_restored = false;
+            step?;
+            // A QoS 1/2 delivery now awaiting the client's acknowledgement.
+            if let Some(a) = self.core_acks.back().filter(|a| a.pkid == 0 && !a.ready) {
+                if self.core_acks.len() > acks {
+                    self.restored_out.push((a.client_id, a.fingerprint, frame));
+                }
             }
         }
         Ok(())
+    }
+
+    /// What the edge keeps for the session's next connection of what it restored: the
+    /// restored deliveries the client has not acknowledged, then those not yet sent; and for
+    /// the former, the client ids they went out with (sent again under them, with DUP).
+    fn offline_queue(&mut self) -> (Vec<Frame>, Vec<Redelivery>) {
+        let mut queued = Vec::new();
+        let mut unacked = Vec::new();
+        for (client_id, fingerprint, frame) in std::mem::take(&mut self.restored_out) {
+            let pending = self.core_acks.iter().any(|a| {
+                a.pkid == 0 && !a.ready && a.client_id == client_id && a.fingerprint == fingerprint
+            });
+            if pending {
+                unacked.push(Redelivery {
+                    client_id,
+                    fingerprint,
+                    acked: false,
+                    client_qos2: false,
+                });
+                queued.push(frame);
+            }
+        }
+        queued.extend(self.held.drain(..self.restored));
+        self.restored = 0;
+        (queued, unacked)
     }
 
     fn on_core_packet(&mut self, edge: &Edge, frame: Frame) -> Result<(), End> {
@@ -2332,8 +2397,10 @@ where
                     } else {
                         0
                     };
-                    // The edge's own deliveries (packet id 0) are never the core's re-sends.
-                    let earlier = match self.redeliveries.is_empty() || p.pkid == 0 {
+                    // The edge's own deliveries (packet id 0) are never the core's re-sends, but
+                    // a restored one may be a delivery the client has seen.
+                    let own = p.pkid == 0 && !self.delivering_restored;
+                    let earlier = match self.redeliveries.is_empty() || own {
                         true => None,
                         false => self
                             .redeliveries

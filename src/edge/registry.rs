@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope;
+use crate::mqtt::Frame;
 
 /// Longest a new connection waits for the one it takes over to finish.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
@@ -33,6 +34,8 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 const REAP_BATCH: usize = 32;
 /// Packet ids kept per offline session.
 pub const MAX_PENDING_QOS2: usize = 1024;
+/// Messages kept per offline session across a restart (`OfflineState::queued`).
+pub const MAX_QUEUED: usize = 1000;
 
 struct Live {
     generation: u64,
@@ -92,6 +95,11 @@ pub struct SavedSession {
     /// An offline session's QoS 2 publishes routed but not yet released by the client's
     /// PUBREL (`OfflineState::inbound_qos2`).
     pub inbound_qos2: Vec<u16>,
+    /// An offline session's deliveries the client had not acknowledged
+    /// (`OfflineState::unacked_out`) and the messages queued for it
+    /// (`OfflineState::queued`), taken from the core at shutdown.
+    pub unacked_out: Vec<Redelivery>,
+    pub queued: Vec<Frame>,
     /// Since when an offline session has been offline (Unix time, milliseconds; `None`: it
     /// was connected), for eviction and `limits.persistent_session_expiry_secs`.
     pub offline_since: Option<u64>,
@@ -245,6 +253,12 @@ pub struct OfflineState {
     /// `sub_options` is every subscription of the session: an UNSUBSCRIBE of another filter
     /// gets "no subscription existed".
     pub subscriptions_known: bool,
+    /// Deliveries the edge itself holds for the session, in order: what the core had queued
+    /// or in flight for it when vigil stopped (`sessions::drain`), saved and restored with
+    /// it. Core PUBLISH frames with packet id 0 (the edge's own); those the client had
+    /// received but not acknowledged have an `unacked_out` entry with the id it knows. At most
+    /// [`MAX_QUEUED`].
+    pub queued: Vec<Frame>,
 }
 
 /// What the edge keeps of a subscription beside the core: its v5 options byte (QoS in the
@@ -272,9 +286,15 @@ impl OfflineState {
     fn is_empty(&self) -> bool {
         self.inbound_qos2.is_empty()
             && self.unacked_out.is_empty()
+            && self.queued.is_empty()
             && self.pubrel_out.is_empty()
             && self.sub_options.is_empty()
     }
+}
+
+/// What a queued message counts against `sessions::DRAIN_MAX_BYTES`: its bytes as saved.
+pub fn queued_size(frame: &Frame) -> usize {
+    frame.body.len() + 5
 }
 
 /// Client ids for core connections whose session ends with them: clean-session clients and
@@ -445,9 +465,13 @@ impl Registry {
                     let ago = instant.saturating_duration_since(kept.touched.0);
                     now.saturating_sub(ago.as_millis() as u64)
                 });
-                let inbound_qos2 = match inner.offline.get(id) {
-                    Some(offline) if !inner.live.contains_key(id) => offline.inbound_qos2.clone(),
-                    _ => Vec::new(),
+                let (inbound_qos2, unacked_out, queued) = match inner.offline.get(id) {
+                    Some(offline) if !inner.live.contains_key(id) => (
+                        offline.inbound_qos2.clone(),
+                        offline.unacked_out.clone(),
+                        offline.queued.clone(),
+                    ),
+                    _ => Default::default(),
                 };
                 SavedSession {
                     client_id: id.clone(),
@@ -455,6 +479,8 @@ impl Registry {
                     subscriptions: kept.saved.subscriptions.clone(),
                     will,
                     inbound_qos2,
+                    unacked_out,
+                    queued,
                     offline_since,
                 }
             })
@@ -534,8 +560,46 @@ impl Registry {
         state.inbound_qos2.truncate(MAX_PENDING_QOS2);
         state.unacked_out.truncate(MAX_PENDING_QOS2);
         state.pubrel_out.truncate(MAX_PENDING_QOS2);
+        state.queued.truncate(MAX_QUEUED);
         inner.offline.insert(id.to_string(), state);
         true
+    }
+
+    /// Bytes of the messages the edge holds for offline sessions (`OfflineState::queued`).
+    pub fn queued_bytes(&self) -> usize {
+        let inner = self.lock();
+        inner
+            .offline
+            .values()
+            .flat_map(|o| &o.queued)
+            .map(queued_size)
+            .sum()
+    }
+
+    /// The kept sessions no connection holds, with their slots (`sessions::drain`).
+    pub fn offline_kept(&self) -> Vec<(String, u32)> {
+        let inner = self.lock();
+        inner
+            .core_sessions
+            .iter()
+            .filter(|(id, kept)| kept.saved.expiry != 0 && !inner.live.contains_key(*id))
+            .map(|(id, kept)| (id.clone(), kept.slot))
+            .collect()
+    }
+
+    /// Appends `frames` to what the edge holds for the offline session `id`
+    /// (`OfflineState::queued`, at most [`MAX_QUEUED`]). Returns how many did not fit.
+    pub fn add_queued(&self, id: &str, frames: Vec<Frame>) -> usize {
+        let mut inner = self.lock();
+        let total = frames.len();
+        if !inner.offline.contains_key(id) && inner.offline.len() >= self.max_stored {
+            return total;
+        }
+        let state = inner.offline.entry(id.to_string()).or_default();
+        let room = MAX_QUEUED.saturating_sub(state.queued.len());
+        state.queued.extend(frames.into_iter().take(room));
+        inner.changes += 1;
+        total.saturating_sub(room)
     }
 
     pub fn forget_session(&self, id: &str) {
@@ -1062,6 +1126,10 @@ mod tests {
                 },
             )],
             subscriptions_known: true,
+            queued: vec![Frame {
+                header: 0x32,
+                body: Bytes::from_static(b"\0\x01a\0\0m"),
+            }],
         };
         assert!(reg.store_offline("a", a.clone()));
         assert!(!reg.store_offline(

@@ -14,11 +14,21 @@
 //! the time vigil was down; a session whose expiry ran out meanwhile is not restored, and its
 //! will, if it had one, is published once the other sessions are back. So are the packet ids
 //! of the QoS 2 publishes an offline client had not yet released, so that its PUBREL, or a
-//! re-sent PUBLISH, after the restart is answered as before it. What is not kept: messages
-//! that were queued or in flight for a session at the restart.
+//! re-sent PUBLISH, after the restart is answered as before it.
+//!
+//! So are the messages the core had queued for an offline session, and those in flight to
+//! it that its client had not acknowledged: at shutdown, once every connection has ended,
+//! `drain` opens each offline session's core connection, takes what the core sends it
+//! (acknowledging each so the core sends the next) and hands it to the registry
+//! (`OfflineState::queued`), at most [`registry::MAX_QUEUED`] per session and
+//! [`DRAIN_MAX_BYTES`] in all, within `[persistence] drain_secs`. When the client comes back, the edge
+//! delivers them before anything the core has for it (`connection`), a delivery it had not
+//! acknowledged under the packet id it knows, with DUP set. Not kept: QoS 2 deliveries the
+//! client had received (PUBREC) but not completed, whose PUBREL it waits for.
 //!
 //! The file is a `snapshot` file; each record is (client id, expiry, subscriptions, will,
-//! unreleased QoS 2 ids, offline since), numbers big-endian: the expiry is a kind byte (0 never, 1 at a Unix
+//! unreleased QoS 2 ids, offline since, unacknowledged deliveries, queued messages),
+//! numbers big-endian: the expiry is a kind byte (0 never, 1 at a Unix
 //! time in seconds, 2 so many seconds after the restore, for a session that was connected)
 //! and 8 bytes; the subscriptions are, per filter, its length (2 bytes), the filter, the
 //! options byte and the Subscription Identifier (4 bytes); the will is empty or: when it is
@@ -27,7 +37,11 @@
 //! properties' length (4 bytes), the properties and the payload; the ids are 2 bytes each;
 //! "offline since" is empty for a session that was connected, else a Unix time in
 //! milliseconds (8 bytes), so that eviction order and `limits.persistent_session_expiry_secs`
-//! count the time vigil was down.
+//! count the time vigil was down; an unacknowledged delivery is the packet id the client
+//! knows (2 bytes), the digest that recognises it (8 bytes) and whether the client had
+//! acknowledged it (1 byte: bit 0 acknowledged, bit 1 by PUBREC); a queued message is its
+//! PUBLISH header byte, the length of the rest (4 bytes) and the rest as the core sent it,
+//! with packet id 0. Version 1 files (the first six fields) are still read.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -39,18 +53,26 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 
 use super::registry::{
-    self, Expires, Keep, OfflineState, Registry, SavedSession, SubOptions, Will,
+    self, Expires, Keep, OfflineState, Redelivery, Registry, SavedSession, SubOptions, Will,
 };
 use super::snapshot::{self, SnapshotError};
 use super::Edge;
 use crate::core::CoreError;
 use crate::metrics::Metrics;
-use crate::mqtt;
+use crate::mqtt::{self, Frame};
 
 /// The file the persistent sessions are saved to, in `[persistence] dir`.
 pub const FILE: &str = "sessions.bin";
 /// The first line of [`FILE`]; the number is the format version.
-pub const FILE_HEADER: &[u8] = b"vigil persistent sessions 1\n";
+pub const FILE_HEADER: &[u8] = b"vigil persistent sessions 2\n";
+/// The first line of a version 1 file, which had no unacknowledged or queued messages.
+const FILE_HEADER_V1: &[u8] = b"vigil persistent sessions 1\n";
+/// Bytes of messages `drain` keeps over all sessions.
+pub const DRAIN_MAX_BYTES: usize = 64 << 20;
+/// Sessions drained at the same time.
+const DRAINING_AT_ONCE: usize = 256;
+/// A session is drained once the core has sent nothing for this long.
+const DRAIN_QUIET: Duration = Duration::from_millis(20);
 /// Filters per SUBSCRIBE when a session is built again in the core.
 const SUBSCRIBE_BATCH: usize = 32;
 /// Sessions restored at the same time.
@@ -85,6 +107,7 @@ impl snapshot::Persisted for Registry {
         let sessions = self.saved_sessions(crate::envelope::unix_millis());
         let mut out = snapshot::Writer::create(dir, FILE, FILE_HEADER)?;
         let (mut subs, mut will, mut ids) = (BytesMut::new(), BytesMut::new(), BytesMut::new());
+        let (mut unacked, mut queued) = (BytesMut::new(), BytesMut::new());
         for s in &sessions {
             let (kind, value) = match s.expires {
                 Expires::Never => (0u8, 0u64),
@@ -119,7 +142,29 @@ impl snapshot::Persisted for Registry {
             s.inbound_qos2.iter().for_each(|&id| ids.put_u16(id));
             let since = s.offline_since.map(u64::to_be_bytes);
             let since: &[u8] = since.as_ref().map_or(&[], |b| &b[..]);
-            out.record(&[s.client_id.as_bytes(), &expires, &subs, &will, &ids, since])?;
+            unacked.clear();
+            for r in &s.unacked_out {
+                unacked.put_u16(r.client_id);
+                unacked.put_u64(r.fingerprint);
+                unacked.put_u8(u8::from(r.acked) | u8::from(r.client_qos2) << 1);
+            }
+            queued.clear();
+            for f in &s.queued {
+                queued.put_u8(f.header);
+                // A frame is at most the core's packet size, far below 4 GB.
+                queued.put_u32(f.body.len() as u32);
+                queued.put_slice(&f.body);
+            }
+            out.record(&[
+                s.client_id.as_bytes(),
+                &expires,
+                &subs,
+                &will,
+                &ids,
+                since,
+                &unacked,
+                &queued,
+            ])?;
         }
         Ok(out.finish()? as usize)
     }
@@ -133,11 +178,22 @@ impl snapshot::Persisted for Registry {
 /// decode is left out (the digest matched, so only a writer bug could make one).
 pub fn load(dir: &Path) -> Result<Vec<SavedSession>, SnapshotError> {
     let mut sessions = Vec::new();
-    snapshot::read(dir, FILE, FILE_HEADER, 6, |record| {
+    let mut each = |record: &[&[u8]]| {
         if let Some(session) = decode(record) {
             sessions.push(session);
         }
-    })?;
+    };
+    match snapshot::read(dir, FILE, FILE_HEADER, 8, &mut each) {
+        Err(SnapshotError::Corrupt {
+            reason: "unknown header",
+            ..
+        }) => {
+            snapshot::read(dir, FILE, FILE_HEADER_V1, 6, &mut each)?;
+        }
+        other => {
+            other?;
+        }
+    }
     Ok(sessions)
 }
 
@@ -177,7 +233,58 @@ fn decode(record: &[&[u8]]) -> Option<SavedSession> {
             [] => None,
             since => Some(u64::from_be_bytes(since.try_into().ok()?)),
         },
+        unacked_out: match record.get(6) {
+            Some(data) => decode_unacked(data)?,
+            None => Vec::new(),
+        },
+        queued: match record.get(7) {
+            Some(data) => decode_queued(data)?,
+            None => Vec::new(),
+        },
     })
+}
+
+/// The seventh field: unacknowledged deliveries, 11 bytes each.
+fn decode_unacked(data: &[u8]) -> Option<Vec<Redelivery>> {
+    if data.len() % 11 != 0 || data.len() / 11 > registry::MAX_PENDING_QOS2 {
+        return None;
+    }
+    Some(
+        data.chunks_exact(11)
+            .map(|mut r| {
+                let client_id = r.get_u16();
+                let fingerprint = r.get_u64();
+                let flags = r.get_u8();
+                Redelivery {
+                    client_id,
+                    fingerprint,
+                    acked: flags & 1 != 0,
+                    client_qos2: flags & 2 != 0,
+                }
+            })
+            .collect(),
+    )
+}
+
+/// The eighth field: queued core PUBLISH frames (packet id 0).
+fn decode_queued(mut data: &[u8]) -> Option<Vec<Frame>> {
+    let mut frames = Vec::new();
+    while data.has_remaining() {
+        if data.remaining() < 5 || frames.len() == registry::MAX_QUEUED {
+            return None;
+        }
+        let header = data.get_u8();
+        let len = data.get_u32() as usize;
+        if header >> 4 != mqtt::PUBLISH || data.remaining() < len {
+            return None;
+        }
+        frames.push(Frame {
+            header,
+            body: Bytes::copy_from_slice(&data[..len]),
+        });
+        data.advance(len);
+    }
+    Some(frames)
 }
 
 /// The fifth field: packet ids, 2 bytes each.
@@ -239,12 +346,17 @@ pub struct Restored {
     /// Subscriptions left out: `limits.max_distinct_filters` was reached (or a `$` filter,
     /// which no saved session should have).
     pub filters_refused: usize,
+    /// Messages the restored sessions brought along (`OfflineState::queued`).
+    pub messages: usize,
 }
 
 /// How one saved session fared; a session that ended gives back its delayed will, which
 /// `restore` publishes once every session that may be subscribed to it is back.
 enum Outcome {
-    Restored { filters_refused: usize },
+    Restored {
+        filters_refused: usize,
+        messages: usize,
+    },
     Expired(Option<Will>),
     OverCap(Option<Will>),
     Failed(Option<Will>),
@@ -279,9 +391,13 @@ pub async fn restore(edge: &Arc<Edge>, sessions: Vec<SavedSession>) -> Restored 
             break;
         };
         match done {
-            Ok(Outcome::Restored { filters_refused }) => {
+            Ok(Outcome::Restored {
+                filters_refused,
+                messages,
+            }) => {
                 result.restored += 1;
                 result.filters_refused += filters_refused;
+                result.messages += messages;
             }
             Ok(Outcome::Expired(will)) => {
                 result.expired += 1;
@@ -382,8 +498,11 @@ async fn restore_one(edge: &Edge, session: SavedSession) -> Outcome {
     let options = subscriptions
         .iter()
         .any(|&(_, sub)| super::connection::needs_edge(sub));
+    let messages = session.queued.len();
     let offline = OfflineState {
         inbound_qos2: session.inbound_qos2,
+        unacked_out: session.unacked_out,
+        queued: session.queued,
         sub_options: if options { subscriptions } else { Vec::new() },
         subscriptions_known: options,
         ..OfflineState::default()
@@ -411,7 +530,202 @@ async fn restore_one(edge: &Edge, session: SavedSession) -> Outcome {
             }
         }
     }
-    Outcome::Restored { filters_refused }
+    Outcome::Restored {
+        filters_refused,
+        messages,
+    }
+}
+
+/// What `drain` took from the core at shutdown.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Offline sessions looked at.
+    pub sessions: usize,
+    /// Messages kept for them.
+    pub messages: usize,
+    /// Messages that did not fit ([`registry::MAX_QUEUED`] per session, [`DRAIN_MAX_BYTES`]
+    /// in all): lost.
+    pub dropped: usize,
+    /// Sessions whose core connection failed, or that the time ran out on (what the core
+    /// holds for them is lost; what was taken before is kept).
+    pub not_drained: usize,
+}
+
+/// Takes from the core what it holds for every offline persistent session (queued messages,
+/// and deliveries the client had not acknowledged) into the registry, so that saving the
+/// sessions saves them too, within `limit`. Call it at shutdown, once no connection is left.
+pub async fn drain(edge: &Arc<Edge>, limit: Duration) -> Drained {
+    let sessions = edge.registry.offline_kept();
+    let mut result = Drained {
+        sessions: sessions.len(),
+        ..Drained::default()
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    // What restored sessions still hold from an earlier restart counts too.
+    let held = edge.registry.queued_bytes();
+    let budget = Arc::new(std::sync::atomic::AtomicUsize::new(
+        DRAIN_MAX_BYTES.saturating_sub(held),
+    ));
+    let mut tasks = JoinSet::new();
+    let mut sessions = sessions.into_iter();
+    loop {
+        while tasks.len() < DRAINING_AT_ONCE {
+            let Some((id, slot)) = sessions.next() else {
+                break;
+            };
+            let (edge, budget) = (edge.clone(), budget.clone());
+            tasks.spawn(async move {
+                let core_id = registry::slot_core_id(slot);
+                let taken = drain_one(&edge, &core_id, &budget, deadline).await;
+                (id, taken)
+            });
+        }
+        let Some(done) = tasks.join_next().await else {
+            break;
+        };
+        let Ok((id, taken)) = done else {
+            result.not_drained += 1;
+            continue;
+        };
+        match taken {
+            Ok(taken) => {
+                result.not_drained += usize::from(taken.cut);
+                result.dropped += taken.dropped;
+                if !taken.frames.is_empty() {
+                    let n = taken.frames.len();
+                    let lost = edge.registry.add_queued(&id, taken.frames);
+                    result.messages += n - lost;
+                    result.dropped += lost;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(client_id = %id, error = %e, "queued messages of an offline session not kept");
+                result.not_drained += 1;
+            }
+        }
+    }
+    result
+}
+
+/// What `drain_one` took from the core for one session.
+#[derive(Debug, Default)]
+struct Taken {
+    frames: Vec<Frame>,
+    dropped: usize,
+    /// The deadline ended it before the core had sent everything.
+    cut: bool,
+}
+
+/// Opens the core session `core_id` (kept past its connection) and takes the messages the core
+/// sends it, acknowledging each, until the core has sent nothing for [`DRAIN_QUIET`] or
+/// `deadline` passes; the messages come back as the edge's own frames (packet id 0, DUP
+/// clear). Those beyond [`registry::MAX_QUEUED`] or the shared `budget` of bytes are counted,
+/// not kept. An error after the connection is up ends the drain with what was taken, since
+/// what was acknowledged is no longer in the core.
+async fn drain_one(
+    edge: &Edge,
+    core_id: &str,
+    budget: &std::sync::atomic::AtomicUsize,
+    deadline: tokio::time::Instant,
+) -> Result<Taken, RestoreError> {
+    let link = tokio::time::timeout_at(deadline, edge.core.connect(core_id, false))
+        .await
+        .map_err(|_| RestoreError::Timeout)??;
+    if link.code != mqtt::rc::ACCEPTED {
+        return Err(RestoreError::Refused(link.code));
+    }
+    let (mut stream, mut read_buf) = (link.stream, link.read_buf);
+    let mut taken = Taken::default();
+    let mut out = BytesMut::new();
+    'read: loop {
+        loop {
+            let frame = match mqtt::read_frame(&mut read_buf, usize::MAX) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(core_id, error = %e, "core sent a malformed packet while draining");
+                    break 'read;
+                }
+            };
+            match frame.kind() {
+                mqtt::PUBLISH => {
+                    let Some((own, pkid)) = own_frame(&frame) else {
+                        break 'read;
+                    };
+                    match (frame.flags() >> 1) & 0x03 {
+                        0 => {}
+                        1 => mqtt::put_ack(&mut out, mqtt::PUBACK, pkid),
+                        _ => mqtt::put_ack(&mut out, mqtt::PUBREC, pkid),
+                    }
+                    let size = registry::queued_size(&own);
+                    let fits = taken.frames.len() < registry::MAX_QUEUED
+                        && budget
+                            .fetch_update(Relaxed, Relaxed, |left| left.checked_sub(size))
+                            .is_ok();
+                    if fits {
+                        taken.frames.push(own);
+                    } else {
+                        taken.dropped += 1;
+                    }
+                }
+                // A QoS 2 delivery the client had received: completing it is all that is left.
+                mqtt::PUBREL => {
+                    if let Ok((pkid, _)) = mqtt::parse_ack(&frame) {
+                        mqtt::put_ack(&mut out, mqtt::PUBCOMP, pkid);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+        }
+        let quiet = (tokio::time::Instant::now() + DRAIN_QUIET).min(deadline);
+        match tokio::time::timeout_at(quiet, stream.read_buf(&mut read_buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(_) => break,
+            Err(_) => {
+                taken.cut = tokio::time::Instant::now() >= deadline;
+                break;
+            }
+        }
+    }
+    // As in `subscribe_in_core`: no DISCONNECT.
+    super::close_core_link(stream, &out).await;
+    Ok(taken)
+}
+
+/// A core PUBLISH as the edge's own delivery: packet id 0 and DUP clear; with the core's
+/// packet id (0 at QoS 0). `None`: it does not parse.
+fn own_frame(frame: &Frame) -> Option<(Frame, u16)> {
+    let qos = (frame.flags() >> 1) & 0x03;
+    let header = frame.header & !0x08;
+    if qos == 0 {
+        return Some((
+            Frame {
+                header,
+                body: frame.body.clone(),
+            },
+            0,
+        ));
+    }
+    let body = &frame.body;
+    let topic_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    let at = 2 + topic_len;
+    let pkid = u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]);
+    let mut own = BytesMut::from(&body[..]);
+    own[at] = 0;
+    own[at + 1] = 0;
+    Some((
+        Frame {
+            header,
+            body: own.freeze(),
+        },
+        pkid,
+    ))
 }
 
 /// Opens the core session `core_id` (kept past its connection), subscribes it to
@@ -507,11 +821,30 @@ mod tests {
             session_expires: Some(at),
         };
         registry.set_timers("empty", timers).unwrap();
+        let queued = vec![
+            Frame {
+                header: 0x32,
+                body: Bytes::from_static(b"\0\x05cmd/a\0\0one"),
+            },
+            Frame {
+                header: 0x30,
+                body: Bytes::from_static(b"\0\x05cmd/b"),
+            },
+        ];
+        let unacked = vec![Redelivery {
+            client_id: 3,
+            fingerprint: u64::MAX - 1,
+            acked: false,
+            client_qos2: true,
+        }];
         let unreleased = OfflineState {
             inbound_qos2: vec![7, 9],
+            unacked_out: unacked.clone(),
+            queued: queued[..1].to_vec(),
             ..OfflineState::default()
         };
         assert!(registry.store_offline("empty", unreleased));
+        assert_eq!(registry.add_queued("empty", queued[1..].to_vec()), 0);
 
         let before = registry.changes();
         assert_eq!(snapshot::Persisted::save(&*registry, &dir).unwrap(), 3);
@@ -531,6 +864,9 @@ mod tests {
         assert_eq!(back[2].will.as_ref().map(|(_, w)| w), Some(&will));
         assert!(back[0].will.is_none() && back[1].will.is_none());
         assert_eq!(back[2].inbound_qos2, [7, 9]);
+        assert_eq!(back[2].unacked_out, unacked);
+        assert_eq!(back[2].queued, queued);
+        assert!(back[0].queued.is_empty() && back[0].unacked_out.is_empty());
         // "empty" went offline (now); the others were never claimed, so they count as offline
         // since they were kept.
         assert!(back.iter().all(|s| s.offline_since.is_some()));
@@ -546,6 +882,48 @@ mod tests {
             }
         }
         assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn version_1_files_are_still_read() {
+        let dir = snapshot::TestDir::new("sessions-v1");
+        let mut out = snapshot::Writer::create(&dir, FILE, FILE_HEADER_V1).unwrap();
+        let mut expires = [0u8; 9];
+        expires[0] = 1;
+        expires[1..].copy_from_slice(&4_000_000_000u64.to_be_bytes());
+        let subs = [&[0, 5][..], b"cmd/#", &[1], &[0, 0, 0, 0]].concat();
+        out.record(&[b"dev", &expires, &subs, &[], &[0, 7], &[]])
+            .unwrap();
+        out.finish().unwrap();
+        let back = load(&dir).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].client_id, "dev");
+        assert_eq!(back[0].expires, Expires::At(4_000_000_000));
+        assert_eq!(back[0].inbound_qos2, [7]);
+        assert_eq!(back[0].subscriptions.len(), 1);
+        assert!(back[0].queued.is_empty() && back[0].unacked_out.is_empty());
+    }
+
+    #[test]
+    fn a_drained_publish_becomes_the_edges_own() {
+        let core = Frame {
+            header: 0x3B, // PUBLISH, DUP, QoS 1, RETAIN
+            body: Bytes::from_static(b"\0\x03a/b\x12\x34hi"),
+        };
+        let (own, pkid) = own_frame(&core).unwrap();
+        assert_eq!(pkid, 0x1234);
+        assert_eq!(own.header, 0x33);
+        assert_eq!(&own.body[..], b"\0\x03a/b\0\0hi");
+        let qos0 = Frame {
+            header: 0x30,
+            body: Bytes::from_static(b"\0\x01ax"),
+        };
+        assert_eq!(own_frame(&qos0), Some((qos0.clone(), 0)));
+        let short = Frame {
+            header: 0x32,
+            body: Bytes::from_static(b"\0\x05ab"),
+        };
+        assert_eq!(own_frame(&short), None);
     }
 
     #[test]
@@ -586,7 +964,39 @@ mod tests {
                 will: None,
                 inbound_qos2: vec![7, 256],
                 offline_since: Some(5),
+                unacked_out: Vec::new(),
+                queued: Vec::new(),
             })
+        );
+        let base: [&[u8]; 6] = [b"id", &[0; 9], b"", b"", b"", b""];
+        let with = |unacked: &[u8], queued: &[u8]| {
+            let mut record = base.to_vec();
+            record.extend([unacked, queued]);
+            decode(&record)
+        };
+        assert!(with(&[0; 10], b"").is_none(), "short delivery");
+        assert!(with(b"", &[0x32, 0, 0, 0, 9, 0]).is_none(), "short frame");
+        assert!(with(b"", &[0x82, 0, 0, 0, 0]).is_none(), "not a PUBLISH");
+        let ok = with(
+            &[0, 4, 0, 0, 0, 0, 0, 0, 0, 9, 3],
+            &[0x30, 0, 0, 0, 3, 0, 1, b'a'],
+        )
+        .expect("decodes");
+        assert_eq!(
+            ok.unacked_out,
+            [Redelivery {
+                client_id: 4,
+                fingerprint: 9,
+                acked: true,
+                client_qos2: true
+            }]
+        );
+        assert_eq!(
+            ok.queued,
+            [Frame {
+                header: 0x30,
+                body: Bytes::from_static(&[0, 1, b'a'])
+            }]
         );
     }
 }
