@@ -21,10 +21,11 @@
 //! `drain` opens each offline session's core connection, takes what the core sends it
 //! (acknowledging each so the core sends the next) and hands it to the registry
 //! (`OfflineState::queued`), at most [`registry::MAX_QUEUED`] per session and
-//! [`DRAIN_MAX_BYTES`] in all, within `[persistence] drain_secs`. When the client comes back, the edge
-//! delivers them before anything the core has for it (`connection`), a delivery it had not
-//! acknowledged under the packet id it knows, with DUP set. Not kept: QoS 2 deliveries the
-//! client had received (PUBREC) but not completed, whose PUBREL it waits for.
+//! [`DRAIN_MAX_BYTES`] in all, within `[persistence] drain_secs`. When the client comes
+//! back, the edge delivers them before anything the core has for it (`connection`), a
+//! delivery it had not acknowledged under the packet id it knows, with DUP set. Not kept:
+//! QoS 2 deliveries the client had received (PUBREC) but not completed, whose PUBREL it
+//! waits for; and anything after a crash (the autosave does not drain the core).
 //!
 //! The file is a `snapshot` file; each record is (client id, expiry, subscriptions, will,
 //! unreleased QoS 2 ids, offline since, unacknowledged deliveries, queued messages),
