@@ -177,7 +177,8 @@ fn mqttjs_resume(url: &str, client_id: &str, topic: &str, version: u8, wait_ms: 
 }
 
 /// With `[persistence] dir`, MQTT.js devices (3.1.1 and 5) that subscribed once find their
-/// sessions after a restart of vigil and get the commands published while they were away.
+/// sessions after a restart of vigil and get the commands published while they were away,
+/// before the restart as well as after it.
 #[test]
 fn mqttjs_sessions_survive_a_restart_with_persistence() {
     let data = TempDir::new();
@@ -187,6 +188,7 @@ fn mqttjs_sessions_survive_a_restart_with_persistence() {
         let (id, topic) = (format!("js-device-{version}"), format!("cmd/js{version}"));
         let out = mqttjs_resume(&format!("mqtt://{}", v.mqtt), &id, &topic, version, 100);
         assert_eq!(out, "present false\nDONE\n");
+        publish(v.port(), &["-t", &topic, "-m", "close-valve", "-q", "1"]);
     }
     let (status, _) = v.terminate();
     assert!(status.success());
@@ -199,7 +201,14 @@ fn mqttjs_sessions_survive_a_restart_with_persistence() {
         // MQTT.js may hand over a message that came with the CONNACK before its `connect`.
         let mut lines: Vec<&str> = out.lines().collect();
         lines.sort();
-        let message = format!("message {topic} open-valve 1");
-        assert_eq!(lines, ["DONE", &message, "present true"], "MQTT {version}");
+        let before = format!("message {topic} close-valve 1");
+        let after = format!("message {topic} open-valve 1");
+        assert_eq!(
+            lines,
+            ["DONE", &before, &after, "present true"],
+            "MQTT {version}"
+        );
+        // In the order published.
+        assert!(out.find("close-valve") < out.find("open-valve"), "{out}");
     }
 }
