@@ -618,8 +618,8 @@ struct Taken {
 }
 
 /// Opens the core session `core_id` (kept past its connection) and takes the messages the core
-/// sends it, acknowledging each, until the core has sent nothing for [`DRAIN_QUIET`] or
-/// `deadline` passes; the messages come back as the edge's own frames (packet id 0, DUP
+/// sends it, acknowledging each, until the core has answered a PINGREQ and then sent nothing
+/// for [`DRAIN_QUIET`], or `deadline` passes; the messages come back as the edge's own frames (packet id 0, DUP
 /// clear). Those beyond [`registry::MAX_QUEUED`] or the shared `budget` of bytes are counted,
 /// not kept. An error after the connection is up ends the drain with what was taken, since
 /// what was acknowledged is no longer in the core.
@@ -637,7 +637,11 @@ async fn drain_one(
     }
     let (mut stream, mut read_buf) = (link.stream, link.read_buf);
     let mut taken = Taken::default();
+    // The core answers a PINGREQ when it next serves the connection, after what it sent it
+    // first: until the PINGRESP, silence only means the core has not got to it yet.
     let mut out = BytesMut::new();
+    mqtt::put_pingreq(&mut out);
+    let mut answered = false;
     'read: loop {
         loop {
             let frame = match mqtt::read_frame(&mut read_buf, usize::MAX) {
@@ -669,6 +673,7 @@ async fn drain_one(
                         taken.dropped += 1;
                     }
                 }
+                mqtt::PINGRESP => answered = true,
                 // A QoS 2 delivery the client had received: completing it is all that is left.
                 mqtt::PUBREL => {
                     if let Ok((pkid, _)) = mqtt::parse_ack(&frame) {
@@ -684,7 +689,10 @@ async fn drain_one(
             }
             out.clear();
         }
-        let quiet = (tokio::time::Instant::now() + DRAIN_QUIET).min(deadline);
+        let quiet = match answered {
+            true => (tokio::time::Instant::now() + DRAIN_QUIET).min(deadline),
+            false => deadline,
+        };
         match tokio::time::timeout_at(quiet, stream.read_buf(&mut read_buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             Ok(_) => break,
