@@ -429,7 +429,7 @@ fn queued_messages_of_offline_sessions_survive_a_restart() {
         v.log()
     );
 
-    let v = start();
+    let mut v = start();
     publish(v.port(), &["-t", "cmd/6", "-m", "six", "-q", "1"]);
     let (mut raw, present) = Raw::resume(v.mqtt, "dev");
     assert!(present);
@@ -483,6 +483,25 @@ fn queued_messages_of_offline_sessions_survive_a_restart() {
     assert!(
         raw.recv_timeout(Duration::from_millis(500)).is_none(),
         "everything was acknowledged"
+    );
+    drop(raw);
+    let (status, _) = v.terminate();
+    assert!(status.success());
+
+    // `drain_secs = 0`: the sessions are kept, their queued messages are not.
+    let mut v = Vigil::start_persistent(&data, |c| {
+        vigil::config::set_value(&c, "persistence", "drain_secs", "0")
+    });
+    publish(v.port(), &["-t", "cmd/7", "-m", "seven", "-q", "1"]);
+    let (status, _) = v.terminate();
+    assert!(status.success());
+    assert!(!v.log().contains("kept for the restart"), "{}", v.log());
+    let v = start();
+    let (mut raw, present) = Raw::resume(v.mqtt, "dev");
+    assert!(present);
+    assert!(
+        raw.recv_timeout(Duration::from_millis(500)).is_none(),
+        "not kept"
     );
 }
 
