@@ -562,6 +562,11 @@ impl Config {
             self.persistence.autosave_interval_secs >= 1,
             "must be at least 1",
         )?;
+        check(
+            "persistence.drain_secs",
+            self.persistence.drain_secs <= 3600,
+            "must be at most 3600",
+        )?;
         Ok(())
     }
 
@@ -848,6 +853,10 @@ mod tests {
         let text = DEFAULT_TOML.replace("\"0.0.0.0:1883\"", "\"nowhere:1883\"");
         let err = Config::parse(&text, "test").unwrap_err().to_string();
         assert!(err.contains("listen"), "{err}");
+
+        let text = DEFAULT_TOML.replace("drain_secs = 3", "drain_secs = 100000");
+        let err = Config::parse(&text, "test").unwrap_err().to_string();
+        assert!(err.contains("persistence.drain_secs"), "{err}");
     }
 
     #[test]
