@@ -396,7 +396,7 @@ fn queued_messages_of_offline_sessions_survive_a_restart() {
     const T: Duration = Duration::from_secs(5);
     let data = TempDir::new();
     let start = || Vigil::start_persistent(&data, |c| c);
-    // (topic, QoS, retain, DUP, packet id, payload) of the next PUBLISH.
+    // (topic, QoS, DUP, packet id, payload) of the next PUBLISH.
     let next = |raw: &mut Raw| {
         let p = raw.recv_timeout(T).expect("a delivery");
         let (topic, qos, _, dup, pkid, payload) = parse_publish(&p);
