@@ -38,12 +38,27 @@ impl Redis {
         redis
     }
 
-    /// A free port for a Redis that `spawn` starts later.
+    /// A free port for a Redis that `spawn` starts later. Taken below the kernel's ephemeral
+    /// range: a client that keeps connecting to a port nobody listens on (vigil retrying its
+    /// Redis) can be handed that very port as its own source port and connect to itself
+    /// (TCP self-connect), which then keeps redis-server from binding it.
     fn not_started() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32768);
+        // Different for every call in this process and across processes running at once.
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let seed = now ^ u64::from(std::process::id()) << 20;
+        let span = u64::from(low.saturating_sub(10_000).max(1));
+        let port = (0..span)
+            .map(|i| 10_000 + ((seed % span + call * 101 + i) % span) as u16)
+            .find(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok())
+            .expect("a free port below the ephemeral range");
         Redis {
             child: None,
             port,
