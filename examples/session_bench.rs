@@ -33,7 +33,14 @@ fn main() {
     match std::env::args().next_back().as_deref() {
         Some("setup") => setup(port, sessions),
         Some("ready") => ready(port),
-        Some("queue") => queue(port, sessions, "before"),
+        Some("queue") => {
+            let started = Instant::now();
+            let n = publish_to_all(port, sessions, "before");
+            println!(
+                "queue: {n} messages in {} ms",
+                started.elapsed().as_millis()
+            );
+        }
         Some("check") => {
             let per_session = get("--per-session", "2").parse().expect("--per-session");
             check(port, sessions, per_session)
@@ -91,25 +98,18 @@ fn ready(port: u16) {
     println!("ready after {} ms", started.elapsed().as_millis());
 }
 
-/// Publishes `payload` at QoS 1 to `sb/all` and to every `sb/<i>/cmd`.
-fn queue(port: u16, sessions: usize, payload: &str) {
-    let started = Instant::now();
+/// Publishes `payload` at QoS 1 to `sb/all` and to every `sb/<i>/cmd`; returns how many.
+fn publish_to_all(port: u16, sessions: usize, payload: &str) -> usize {
     let mut publisher = Conn::open(port, "sb-publisher");
     let topics: Vec<String> = std::iter::once("sb/all".to_string())
         .chain((0..sessions).map(|i| format!("sb/{i}/cmd")))
         .collect();
     publisher.publish_all(&topics, payload.as_bytes(), false, Duration::from_secs(10));
-    if payload == "before" {
-        println!(
-            "queue: {} messages in {} ms",
-            topics.len(),
-            started.elapsed().as_millis()
-        );
-    }
+    topics.len()
 }
 
 fn check(port: u16, sessions: usize, per_session: usize) {
-    queue(port, sessions, "queued");
+    publish_to_all(port, sessions, "queued");
     let present = std::sync::atomic::AtomicUsize::new(0);
     let messages = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
