@@ -2,9 +2,10 @@
 //! so a script can read the broker's memory per connection.
 //!
 //! ```text
-//! cargo run --release --example idle_conns -- --port 1883 --count 2000 --hold-secs 10 [--subscribe] [--parallel N]
+//! cargo run --release --example idle_conns -- --port 1883 --count 2000 --hold-secs 10 [--subscribe] [--parallel N] [--gap-ms M]
 //! ```
-//! `--parallel N` connects N clients at once (default 1: one after another).
+//! `--parallel N` connects N clients at once (default 1: one after another); `--gap-ms M`
+//! makes each of them pause M ms before each connection (clients trickling in).
 //! Prints `connected N in S s` once every CONNACK (and SUBACK) has arrived, then the median and
 //! 99th percentile of the time from the TCP connect to the CONNACK and from SUBSCRIBE to SUBACK,
 //! then holds.
@@ -82,6 +83,10 @@ async fn main() {
     let hold: u64 = get("--hold-secs", "10").parse().expect("--hold-secs");
     let parallel: usize = get("--parallel", "1").parse().expect("--parallel");
     let subscribe = args.iter().any(|a| a == "--subscribe");
+    // A pause before each connection of a worker: clients trickling in rather than a loop.
+    let gap = Duration::from_micros(
+        (get("--gap-ms", "0").parse::<f64>().expect("--gap-ms") * 1000.0) as u64,
+    );
     let start = Instant::now();
     // `parallel` clients connect at once, each taking the next index when done (a fleet
     // reconnecting together); 1 connects them one after another.
@@ -95,6 +100,9 @@ async fn main() {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if i >= count {
                         return conns;
+                    }
+                    if !gap.is_zero() {
+                        tokio::time::sleep(gap).await;
                     }
                     conns.push(connect(port, i, subscribe).await);
                 }

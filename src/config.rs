@@ -363,6 +363,14 @@ pub struct CoreConfig {
     /// Optional (16): absent in older configs.
     #[serde(default = "sixteen")]
     pub accept_loops: usize,
+    /// Clean core connections kept open ahead of time for clients whose session ends with
+    /// their connection (`edge::warm`); 0 = none. Optional (8): absent in older configs.
+    #[serde(default = "eight")]
+    pub warm_connections: usize,
+}
+
+fn eight() -> usize {
+    8
 }
 
 fn sixteen() -> usize {
@@ -715,6 +723,11 @@ impl Config {
             "must be between 1 and 64",
         )?;
         check(
+            "core.warm_connections",
+            c.warm_connections <= 1024,
+            "must be between 0 (none) and 1024",
+        )?;
+        check(
             "runtime.connection_threads",
             self.runtime.connection_threads <= 256,
             "must be between 0 (one per core) and 256",
@@ -883,20 +896,26 @@ mod tests {
     }
 
     #[test]
-    fn core_listeners_and_accept_loops_have_defaults_and_bounds() {
+    fn core_thread_and_connection_settings_have_defaults_and_bounds() {
         type Get = fn(&Config) -> usize;
-        let keys: [(&str, usize, Get); 2] = [
-            ("listeners", 1, |c| c.core.listeners),
-            ("accept_loops", 16, |c| c.core.accept_loops),
+        let keys: [(&str, usize, Get, [&str; 2]); 3] = [
+            ("listeners", 1, |c| c.core.listeners, ["0", "65"]),
+            ("accept_loops", 16, |c| c.core.accept_loops, ["0", "65"]),
+            (
+                "warm_connections",
+                8,
+                |c| c.core.warm_connections,
+                ["1025", "100000"],
+            ),
         ];
-        for (key, default, get) in keys {
+        for (key, default, get, bads) in keys {
             assert_eq!(get(&Config::default_config().expect("default")), default);
             let line = format!("{key} = {default}");
             assert!(DEFAULT_TOML.contains(&format!("\n{line}\n")), "{line}");
             let absent = DEFAULT_TOML.replace(&format!("\n{line}\n"), "\n");
             let c = Config::parse(&absent, "test").expect("a config without it parses");
             assert_eq!(get(&c), default, "{key} absent");
-            for bad in ["0", "65"] {
+            for bad in bads {
                 let text = DEFAULT_TOML.replace(&line, &format!("{key} = {bad}"));
                 let err = Config::parse(&text, "test").unwrap_err().to_string();
                 assert!(err.contains(&format!("core.{key}")), "{err}");

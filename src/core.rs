@@ -404,7 +404,9 @@ pub fn core_settings(
     credential: Option<(&str, &str)>,
 ) -> CoreSettings {
     let router = rumqttd::RouterConfig {
-        max_connections: config.limits.max_connections + INTERNAL_CONNECTIONS,
+        max_connections: config.limits.max_connections
+            + INTERNAL_CONNECTIONS
+            + config.core.warm_connections,
         max_outgoing_packet_count: config.core.max_outgoing_packet_count,
         max_segment_size: config.core.max_segment_size,
         max_segment_count: config.core.max_segment_count,

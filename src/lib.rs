@@ -196,6 +196,7 @@ pub async fn run(
     }
     tokio::spawn(reload_on_hangup(edge.clone()));
     edge.tracker.spawn(edge.clone().reap());
+    edge.tracker.spawn(edge::warm::keep_warm(edge.clone()));
     tokio::spawn(core::report_lag_drops(
         config.core.max_segment_size * (config.core.max_segment_count + 1),
         shutdown.clone(),

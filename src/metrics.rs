@@ -60,6 +60,12 @@ pub struct Metrics {
     /// Core connections that found the pool of core client ids empty (`registry::CoreIds`)
     /// and used an id of their own.
     pub core_id_pool_empty: AtomicU64,
+    /// Clean core connections waiting in the pool opened ahead of time (`edge::warm`).
+    pub core_warm_ready: AtomicU64,
+    /// Clients that took one instead of opening a core connection.
+    pub core_warm_taken: AtomicU64,
+    /// Waiting ones that stopped answering pings and were replaced.
+    pub core_warm_lost: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
     pub slow_consumers: AtomicU64,
@@ -396,6 +402,27 @@ impl Metrics {
             "Core connections that found every pooled core client id in use and took one of \
              their own, which the core remembers for good (about 570 bytes each).",
             &[("", g(&self.core_id_pool_empty))],
+        );
+        metric(
+            "core_warm_connections",
+            "gauge",
+            "Clean core connections opened ahead of time and waiting for a client whose \
+             session ends with its connection ([core] warm_connections).",
+            &[("", g(&self.core_warm_ready))],
+        );
+        metric(
+            "core_warm_taken_total",
+            "counter",
+            "Clients that took a core connection opened ahead of time instead of waiting for \
+             a new one.",
+            &[("", g(&self.core_warm_taken))],
+        );
+        metric(
+            "core_warm_lost_total",
+            "counter",
+            "Core connections opened ahead of time that stopped answering pings while \
+             waiting and were replaced.",
+            &[("", g(&self.core_warm_lost))],
         );
         metric(
             "retained_bytes",

@@ -290,6 +290,41 @@ fn fast_connect_disconnect_churn_never_drops_a_new_client() {
     assert_broker_serves(v.port(), "churn");
 }
 
+/// Clients whose session ends with their connection take core connections opened ahead of
+/// time (`edge::warm`): the pool fills at start and after each take, and clients on such
+/// connections subscribe, publish and receive as on any other. A persistent session never
+/// takes one; with `warm_connections = 0` there are none and clients connect as before.
+#[test]
+fn clean_clients_take_core_connections_opened_ahead_of_time() {
+    let sample = |v: &Vigil| {
+        let page = http_get(v.http, "/metrics");
+        (
+            metric(&page, "vigil_core_warm_connections"),
+            metric(&page, "vigil_core_warm_taken_total"),
+        )
+    };
+    let v = Vigil::start();
+    let full = poll(T, || sample(&v), |s| s.0 == Some(8.0));
+    assert_eq!(full, (Some(8.0), Some(0.0)));
+    assert_broker_serves(v.port(), "warm");
+    // mosquitto_sub and mosquitto_pub: two clean sessions, two warm connections.
+    let (ready, taken) = poll(T, || sample(&v), |s| s.0 == Some(8.0));
+    assert_eq!(
+        (ready, taken),
+        (Some(8.0), Some(2.0)),
+        "refilled after the takes"
+    );
+    let (mut kept, _) = Raw::resume(v.mqtt, "warm-persistent");
+    kept.send(&[0xC0, 0]);
+    assert_eq!(kept.recv().map(|p| p.kind()), Some(13));
+    assert_eq!(sample(&v).1, Some(2.0), "a persistent session took one");
+    drop(v);
+
+    let v = Vigil::start_with(|c| c.replace("warm_connections = 8", "warm_connections = 0"));
+    assert_broker_serves(v.port(), "cold");
+    assert_eq!(sample(&v), (Some(0.0), Some(0.0)));
+}
+
 /// A subscriber that stops reading is disconnected as a slow consumer after
 /// `limits.write_stall_timeout_ms`, counted, and never slows the publisher or other subscribers.
 #[test]

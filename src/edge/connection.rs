@@ -768,9 +768,14 @@ where
         if !resume {
             edge.registry.forget_session(client_id);
         }
-        let lease = match slot {
-            Some(_) => None,
-            None => edge.lease_core_id(),
+        // A session that ends with this connection takes a core connection opened ahead of
+        // time when one waits (`warm`).
+        let (lease, warm) = match slot {
+            Some(_) => (None, None),
+            None => match edge.take_warm() {
+                Some((link, lease)) => (Some(lease), Some(link)),
+                None => (edge.lease_core_id(), None),
+            },
         };
         let core_id = match (slot, &lease) {
             (Some(slot), _) => slot_core_id(slot),
@@ -795,7 +800,11 @@ where
             message_expiry: w.message_expiry,
             payload: owned(&w.payload),
         });
-        let link = match edge.core.connect(&core_id, core_clean).await {
+        let link = match warm {
+            Some(link) => Ok(link),
+            None => edge.core.connect(&core_id, core_clean).await,
+        };
+        let link = match link {
             Ok(link) if link.code == 0 => link,
             Ok(link) => {
                 warn!(code = link.code, "core refused the connection");

@@ -24,6 +24,7 @@ pub mod snapshot;
 pub mod tcp;
 pub mod threads;
 pub mod tls;
+pub mod warm;
 pub mod web;
 pub mod ws_io;
 
@@ -236,6 +237,8 @@ pub struct Edge {
     pub retained: Arc<retained::RetainedStore>,
     /// Core client ids for sessions that end with their connection (`registry::CoreIds`).
     pub core_ids: registry::CoreIds,
+    /// Clean core connections opened ahead of time for such sessions (`warm`).
+    pub warm: warm::WarmLinks,
     /// Numbers the short-lived core connections of delayed wills when `core_ids` has none
     /// free.
     next_internal: AtomicU64,
@@ -335,6 +338,7 @@ impl Edge {
             core_ids: registry::CoreIds::new(
                 u32::try_from(cap.saturating_mul(2).saturating_add(1024)).unwrap_or(u32::MAX),
             ),
+            warm: warm::WarmLinks::new(config.core.warm_connections),
             next_internal: AtomicU64::new(0),
             admitting: tokio::sync::watch::Sender::new(true),
         })
@@ -433,6 +437,18 @@ impl Edge {
             Metrics::inc(&self.metrics.core_id_pool_empty);
         }
         lease
+    }
+
+    /// A clean core connection opened ahead of time (`warm`) and the lease of its id,
+    /// counted; `None` when none waits.
+    pub fn take_warm(&self) -> Option<(crate::core::CoreLink, registry::CoreIdLease<'_>)> {
+        let taken = self.warm.take(&self.core_ids);
+        if taken.is_some() {
+            Metrics::inc(&self.metrics.core_warm_taken);
+            let ready = self.warm.ready() as u64;
+            self.metrics.core_warm_ready.store(ready, Relaxed);
+        }
+        taken
     }
 
     /// A clean core connection for one short job, under a pooled id (or `i-<what>-<n>` when

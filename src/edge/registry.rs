@@ -330,12 +330,25 @@ impl CoreIds {
             .pop_front()?;
         Some(CoreIdLease { ids: self, n })
     }
+
+    /// The lease of an id taken out earlier with [`CoreIdLease::into_raw`].
+    pub fn adopt(&self, n: u32) -> CoreIdLease<'_> {
+        CoreIdLease { ids: self, n }
+    }
 }
 
 impl CoreIdLease<'_> {
     /// The core client id: `k-<n>`, apart from client-derived (`c-`) and internal (`i-`) ids.
     pub fn core_id(&self) -> String {
         format!("k-{}", self.n)
+    }
+
+    /// The id, kept out of the pool without a borrow of it until [`CoreIds::adopt`] makes
+    /// it a lease again (`warm`, whose waiting connections live beside the pool).
+    pub fn into_raw(self) -> u32 {
+        let n = self.n;
+        std::mem::forget(self);
+        n
     }
 }
 
@@ -875,6 +888,19 @@ mod tests {
         assert!(ids.lease().is_none(), "all in use");
         drop((b, c, d));
         assert!(ids.lease().is_some());
+    }
+
+    #[test]
+    fn a_core_id_taken_out_raw_stays_in_use_until_adopted_and_dropped() {
+        let ids = CoreIds::new(2);
+        let raw = ids.lease().unwrap().into_raw();
+        let other = ids.lease().unwrap();
+        assert!(ids.lease().is_none(), "the raw id is still in use");
+        let again = ids.adopt(raw);
+        assert_eq!(again.core_id(), format!("k-{raw}"));
+        drop(again);
+        assert_eq!(ids.lease().unwrap().core_id(), format!("k-{raw}"));
+        drop(other);
     }
 
     const UNLIMITED: SessionLimits = SessionLimits {
