@@ -13,7 +13,7 @@
 use linfa::dataset::DatasetBase;
 use linfa::traits::{Fit, PredictInplace};
 use linfa::ParamGuard;
-use ndarray::{Array1, Array2, ArrayBase, Data, Ix2};
+use ndarray::{Array1, ArrayBase, Data, Ix2};
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
@@ -326,100 +326,122 @@ impl IsolationForest {
     }
 }
 
-/// Grows one tree over `idx` (row indices into `data`) and appends its nodes to `nodes`,
-/// returning the root index.
-fn grow_tree(
-    data: &Array2<f64>,
-    idx: &mut [usize],
+/// What growing a forest reads and reuses: the training rows, row-major and contiguous (a
+/// node's range scan reads each sampled row's features from one cache line), and scratch space
+/// for the per-node feature ranges, allocated once per fit instead of once per node.
+struct Grower<'a> {
+    data: &'a [f64],
+    cols: usize,
     max_depth: usize,
-    rng: &mut Xoshiro256PlusPlus,
-    nodes: &mut Vec<Node>,
-) -> u32 {
-    let root = nodes.len();
-    nodes.push(Node {
-        feature: LEAF,
-        left: 0,
-        value: 0.0,
-    });
-    grow(data, idx, 0, max_depth, rng, nodes, root, root);
-    root as u32
+    /// Per feature: lowest and highest value among the node's rows.
+    lo: Vec<f64>,
+    hi: Vec<f64>,
+    /// The features that vary inside the node, in column order.
+    candidates: Vec<usize>,
 }
 
-/// Fills in node `at` for the rows `idx` at depth `depth`, recursing into freshly allocated,
-/// adjacent child slots. `root` is the tree's first node, the base of its local indices.
-#[allow(clippy::too_many_arguments)]
-fn grow(
-    data: &Array2<f64>,
-    idx: &mut [usize],
-    depth: usize,
-    max_depth: usize,
-    rng: &mut Xoshiro256PlusPlus,
-    nodes: &mut Vec<Node>,
-    root: usize,
-    at: usize,
-) {
-    let leaf = Node {
-        feature: LEAF,
-        left: 0,
-        value: (depth as f64 + average_path_length(idx.len())) as f32,
-    };
-    if idx.len() <= 1 || depth >= max_depth {
-        nodes[at] = leaf;
-        return;
+impl Grower<'_> {
+    /// Grows one tree over `idx` (row indices into `data`) and appends its nodes to `nodes`,
+    /// returning the root index.
+    fn tree(
+        &mut self,
+        idx: &mut [usize],
+        rng: &mut Xoshiro256PlusPlus,
+        nodes: &mut Vec<Node>,
+    ) -> u32 {
+        let root = nodes.len();
+        nodes.push(Node {
+            feature: LEAF,
+            left: 0,
+            value: 0.0,
+        });
+        self.grow(idx, 0, rng, nodes, root, root);
+        root as u32
     }
-    // Collect the features that still vary inside this node: splitting on a constant feature
-    // would isolate nothing, and a node where every feature is constant is a leaf.
-    let d = data.ncols();
-    let mut candidates: Vec<(usize, f64, f64)> = Vec::with_capacity(d);
-    for f in 0..d {
-        let mut lo = f64::INFINITY;
-        let mut hi = f64::NEG_INFINITY;
-        for &i in idx.iter() {
-            let v = data[[i, f]];
-            lo = lo.min(v);
-            hi = hi.max(v);
+
+    /// Fills in node `at` for the rows `idx` at depth `depth`, recursing into freshly
+    /// allocated, adjacent child slots. `root` is the tree's first node, the base of its local
+    /// indices.
+    fn grow(
+        &mut self,
+        idx: &mut [usize],
+        depth: usize,
+        rng: &mut Xoshiro256PlusPlus,
+        nodes: &mut Vec<Node>,
+        root: usize,
+        at: usize,
+    ) {
+        let leaf = |n: usize| Node {
+            feature: LEAF,
+            left: 0,
+            value: (depth as f64 + average_path_length(n)) as f32,
+        };
+        if idx.len() <= 1 || depth >= self.max_depth {
+            nodes[at] = leaf(idx.len());
+            return;
         }
-        if hi > lo {
-            candidates.push((f, lo, hi));
+        // Collect the features that still vary inside this node: splitting on a constant
+        // feature would isolate nothing, and a node where every feature is constant is a leaf.
+        let d = self.cols;
+        // One feature at a time, its range in registers (the rows are finite: `fit` checked).
+        for f in 0..d {
+            let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+            for &i in idx.iter() {
+                let v = self.data[i * d + f];
+                if v < lo {
+                    lo = v;
+                }
+                if v > hi {
+                    hi = v;
+                }
+            }
+            self.lo[f] = lo;
+            self.hi[f] = hi;
         }
-    }
-    if candidates.is_empty() {
-        nodes[at] = leaf;
-        return;
-    }
-    let (feature, lo, hi) = candidates[rng.gen_range(0..candidates.len())];
-    // Draw the split and round it to the stored `f32` precision first, so training partitions
-    // exactly as scoring will route.
-    let mut split = f64::from((lo + rng.gen::<f64>() * (hi - lo)) as f32);
-    // Guard against rounding pushing the split to or past an end of the range, which would send
-    // every row to one side and make no progress.
-    if split <= lo || split > hi {
-        split = hi;
-    }
-    // Partition: rows with value < split go to the front (left child).
-    let mut mid = 0;
-    for k in 0..idx.len() {
-        if data[[idx[k], feature]] < split {
+        self.candidates.clear();
+        self.candidates
+            .extend((0..d).filter(|&f| self.hi[f] > self.lo[f]));
+        if self.candidates.is_empty() {
+            nodes[at] = leaf(idx.len());
+            return;
+        }
+        let feature = self.candidates[rng.gen_range(0..self.candidates.len())];
+        let (lo, hi) = (self.lo[feature], self.hi[feature]);
+        // Draw the split and round it to the stored `f32` precision first, so training
+        // partitions exactly as scoring will route.
+        let mut split = f64::from((lo + rng.gen::<f64>() * (hi - lo)) as f32);
+        // Guard against rounding pushing the split to or past an end of the range, which would
+        // send every row to one side and make no progress.
+        if split <= lo || split > hi {
+            split = hi;
+        }
+        // Partition: rows with value < split go to the front (left child).
+        // Without a branch per row (which side a row goes is a coin toss to the CPU): every
+        // row is swapped to the boundary, which moves only when the row goes left. Only the
+        // sides' sets matter to the tree, not the order within them.
+        let mut mid = 0;
+        for k in 0..idx.len() {
+            let i = idx[k];
             idx.swap(k, mid);
-            mid += 1;
+            mid += usize::from(self.data[i * d + feature] < split);
         }
+        let left = nodes.len();
+        let empty = Node {
+            feature: LEAF,
+            left: 0,
+            value: 0.0,
+        };
+        nodes.push(empty);
+        nodes.push(empty);
+        nodes[at] = Node {
+            feature: feature as u16,
+            left: (left - root) as u16,
+            value: split as f32,
+        };
+        let (l, r) = idx.split_at_mut(mid);
+        self.grow(l, depth + 1, rng, nodes, root, left);
+        self.grow(r, depth + 1, rng, nodes, root, left + 1);
     }
-    let left = nodes.len();
-    let empty = Node {
-        feature: LEAF,
-        left: 0,
-        value: 0.0,
-    };
-    nodes.push(empty);
-    nodes.push(empty);
-    nodes[at] = Node {
-        feature: feature as u16,
-        left: (left - root) as u16,
-        value: split as f32,
-    };
-    let (l, r) = idx.split_at_mut(mid);
-    grow(data, l, depth + 1, max_depth, rng, nodes, root, left);
-    grow(data, r, depth + 1, max_depth, rng, nodes, root, left + 1);
 }
 
 impl<D, T> Fit<ArrayBase<D, Ix2>, T, IForestError> for IsolationForestValidParams
@@ -440,7 +462,8 @@ where
         if x.iter().any(|v| !v.is_finite()) {
             return Err(IForestError::NonFinite);
         }
-        let data = x.to_owned();
+        // Row-major whatever the input's layout (`iter` walks rows in order).
+        let data: Vec<f64> = x.iter().copied().collect();
         let psi = self.subsample.min(rows);
         let max_depth = self
             .max_depth
@@ -449,6 +472,15 @@ where
         let mut all: Vec<usize> = (0..rows).collect();
         let mut nodes = Vec::with_capacity(self.n_trees * (2 * psi).min(1 << (max_depth + 1)));
         let mut roots = Vec::with_capacity(self.n_trees);
+        let mut grower = Grower {
+            data: &data,
+            cols,
+            max_depth,
+            lo: vec![0.0; cols],
+            hi: vec![0.0; cols],
+            candidates: Vec::with_capacity(cols),
+        };
+        let mut sample = Vec::with_capacity(psi);
         for _ in 0..self.n_trees {
             // Partial Fisher–Yates: the first `psi` entries become a uniform sample without
             // replacement.
@@ -456,14 +488,9 @@ where
                 let j = rng.gen_range(k..rows);
                 all.swap(k, j);
             }
-            let mut sample: Vec<usize> = all[..psi].to_vec();
-            roots.push(grow_tree(
-                &data,
-                &mut sample,
-                max_depth,
-                &mut rng,
-                &mut nodes,
-            ));
+            sample.clear();
+            sample.extend_from_slice(&all[..psi]);
+            roots.push(grower.tree(&mut sample, &mut rng, &mut nodes));
         }
         Ok(IsolationForest {
             nodes,
@@ -495,7 +522,7 @@ impl<D: Data<Elem = f64>> PredictInplace<ArrayBase<D, Ix2>, Array1<f64>> for Iso
 mod tests {
     use super::*;
     use linfa::traits::Predict;
-    use ndarray::Array2;
+    use ndarray::{Array2, ShapeBuilder};
 
     fn cluster(n: usize, seed: u64) -> Array2<f64> {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
@@ -570,6 +597,15 @@ mod tests {
         let probe = [0.3, -0.2];
         assert_eq!(a.score_one(&probe), b.score_one(&probe));
         assert_ne!(a, c);
+        // The same rows in column-major memory grow the same trees.
+        let mut fortran = Array2::<f64>::zeros(train.raw_dim().f());
+        fortran.assign(&train);
+        assert!(fortran.as_slice().is_none());
+        let d = IsolationForestParams::new()
+            .seed(11)
+            .fit(&DatasetBase::new(fortran, ()))
+            .expect("fit");
+        assert_eq!(a, d);
     }
 
     #[test]
