@@ -326,9 +326,9 @@ impl IsolationForest {
     }
 }
 
-/// What growing a forest reads and reuses: the training rows, row-major and contiguous (a
-/// node's range scan reads each sampled row's features from one cache line), and scratch space
-/// for the per-node feature ranges, allocated once per fit instead of once per node.
+/// What growing a forest reads and reuses: the training rows, row-major in one plain slice
+/// (a row's features share a cache line, and indexing costs no stride arithmetic), and scratch
+/// space for the per-node feature ranges, allocated once per fit instead of once per node.
 struct Grower<'a> {
     data: &'a [f64],
     cols: usize,
