@@ -294,6 +294,49 @@ fn retained_messages_respect_the_receive_maximum_and_all_arrive() {
     assert_eq!(got.len(), N);
 }
 
+/// A retained message published after a subscription's SUBACK reaches it once, live, even
+/// while the subscription's retained messages still wait to be sent (here behind a delivery
+/// the client, with Receive Maximum 1, has not acknowledged): the replay stops at what was
+/// stored when the SUBACK was read. Before, the replay read the store when it got its turn and
+/// sent the new message a second time, as retained.
+#[test]
+fn a_retained_message_published_after_the_suback_comes_once() {
+    let v = Vigil::start();
+    store_retained(v.mqtt, "ra-pub0", &[("ra/old".into(), b"old".to_vec(), 1)]);
+    let (mut c, _) = connect(&v, "ra-sub", true, &[0x21, 0, 1]);
+    subscribe(&mut c, "ra-first", 1);
+    c.send(&publish5("ra-first", b"x", 1, false, 1));
+    let mut first = None;
+    while first.is_none() {
+        let p = c.recv().expect("PUBACK and the delivery");
+        if p.kind() == PUBLISH {
+            first = Some(parse5(&p).pkid);
+        }
+    }
+    // No room for another delivery: the new subscription's retained messages wait.
+    subscribe(&mut c, "ra/+", 1);
+    store_retained(v.mqtt, "ra-pub1", &[("ra/new".into(), b"new".to_vec(), 1)]);
+    c.send(&ack_packet(PUBACK, first.unwrap_or_default()));
+    let mut got = Vec::new();
+    loop {
+        let batch = drain(&mut c, Duration::from_millis(500));
+        if batch.is_empty() {
+            break;
+        }
+        for p in batch.iter().filter(|p| p.kind() == PUBLISH) {
+            let m = parse5(p);
+            c.send(&ack_packet(PUBACK, m.pkid));
+            got.push((m.topic, m.retain));
+        }
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![("ra/new".to_string(), false), ("ra/old".to_string(), true)],
+        "the old one as retained, the new one once, live"
+    );
+}
+
 /// UNSUBSCRIBE of `filters` (v5, no properties); returns the UNSUBACK's reason codes.
 fn unsubscribe5(c: &mut Raw, pkid: u16, filters: &[&str]) -> Vec<u8> {
     let mut body = pkid.to_be_bytes().to_vec();

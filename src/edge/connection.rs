@@ -2223,6 +2223,10 @@ where
             return;
         };
         let (_, due) = self.retained_due.swap_remove(i);
+        // The subscription is in place in the core: what is stored from now on reaches it
+        // live, so the replay stops at what is stored now (else a message published right
+        // after the SUBACK would come twice, as retained and live).
+        let upto = edge.retained.last_stored();
         for (at, filter) in due {
             let Some(&qos) = codes.get(at).filter(|&&c| c < 0x80) else {
                 continue;
@@ -2236,6 +2240,7 @@ where
                 // A copy: `filter` is a slice of the SUBSCRIBE's read buffer.
                 filter: Bytes::copy_from_slice(&filter),
                 qos: qos.min(2),
+                upto,
                 after: None,
                 page: Default::default(),
                 done: false,
@@ -2278,9 +2283,12 @@ where
                 if cursor.done {
                     self.retained_out.pop_front();
                 } else {
-                    let page =
-                        edge.retained
-                            .page(&cursor.filter, cursor.after.as_deref(), RETAINED_PAGE);
+                    let page = edge.retained.page(
+                        &cursor.filter,
+                        cursor.after.as_deref(),
+                        RETAINED_PAGE,
+                        cursor.upto,
+                    );
                     if page.expired > 0 {
                         // Removed from the store as they were met.
                         let dropped = &edge.metrics.dropped_expired;
@@ -2860,6 +2868,8 @@ struct RetainedCursor {
     filter: Bytes,
     /// The QoS the core granted.
     qos: u8,
+    /// The store's `last_stored` when the SUBACK was read: later messages come live.
+    upto: u64,
     /// Where the next page starts (after this topic; `RetainedStore::page`).
     after: Option<Bytes>,
     /// Read from the store, not yet sent.

@@ -63,12 +63,23 @@ pub struct Totals {
 struct State {
     /// Topic → envelope header and payload. Ordered, so a filter whose first levels are plain
     /// names is matched against the topics under that prefix only.
-    messages: BTreeMap<Bytes, Bytes>,
+    messages: BTreeMap<Bytes, Entry>,
     total: usize,
+    /// The number of the last message stored (`Entry::seq`).
+    seq: u64,
     /// Counts changes, so a save can tell whether there is anything new.
     changes: u64,
     /// When the store, full, last looked for expired messages to make room (`set`).
     last_sweep: Option<std::time::Instant>,
+}
+
+/// A stored message: envelope header and payload, and when it was stored, as a count of the
+/// messages stored since start (a subscriber's replay leaves out those stored after its
+/// SUBACK: it gets them live).
+#[derive(Debug)]
+struct Entry {
+    stored: Bytes,
+    seq: u64,
 }
 
 /// One retained message, as handed to a subscriber.
@@ -88,8 +99,8 @@ impl State {
     }
 
     fn remove(&mut self, topic: &[u8]) {
-        if let Some(stored) = self.messages.remove(topic) {
-            self.total -= size(topic, stored.len());
+        if let Some(entry) = self.messages.remove(topic) {
+            self.total -= size(topic, entry.stored.len());
             self.changes += 1;
         }
     }
@@ -98,10 +109,10 @@ impl State {
     fn purge_expired(&mut self, now: u64) -> usize {
         let before = self.messages.len();
         let mut freed = 0;
-        self.messages.retain(|topic, stored| {
-            let keep = !expired(stored, now);
+        self.messages.retain(|topic, entry| {
+            let keep = !expired(&entry.stored, now);
             if !keep {
-                freed += size(topic, stored.len());
+                freed += size(topic, entry.stored.len());
             }
             keep
         });
@@ -149,7 +160,7 @@ impl RetainedStore {
             state
                 .messages
                 .get(topic)
-                .map_or(0, |m| size(topic, m.len()))
+                .map_or(0, |m| size(topic, m.stored.len()))
         };
         let fits = |state: &State, old: usize| new <= old || state.total - old + new <= self.max;
         let mut old = replaced(&state);
@@ -174,12 +185,16 @@ impl RetainedStore {
         for part in parts {
             stored.extend_from_slice(part);
         }
-        let stored = stored.freeze();
+        state.seq += 1;
+        let entry = Entry {
+            stored: stored.freeze(),
+            seq: state.seq,
+        };
         match state.messages.get_mut(topic) {
-            Some(slot) => *slot = stored,
+            Some(slot) => *slot = entry,
             // A copy: `topic` may be a slice of a client's read buffer.
             None => {
-                state.messages.insert(Bytes::copy_from_slice(topic), stored);
+                state.messages.insert(Bytes::copy_from_slice(topic), entry);
             }
         }
         (true, state.totals())
@@ -194,11 +209,13 @@ impl RetainedStore {
     /// `after` (from the first when `None`). A shared subscription's filter matches like the
     /// filter inside it. A subscriber reads them page by page, so it holds a position, not a
     /// copy of the store; a message stored or replaced behind that position reaches it as a
-    /// live publish instead. A page walks the topics that share the filter's leading plain
+    /// live publish instead, and so does one stored after the subscriber's SUBACK: a page
+    /// leaves out the messages stored after number `upto` (`last_stored` when the SUBACK was
+    /// read), which the subscription receives from the core. A page walks the topics that share the filter's leading plain
     /// levels (all of them for a filter that starts with a wildcard) from `after` on, at most
     /// [`PAGE_SCAN`] of them, under the store's lock, copying nothing but reference counts; so
     /// a page may be short, or empty, and still not be the last.
-    pub fn page(&self, filter: &[u8], after: Option<&[u8]>, max: usize) -> Page {
+    pub fn page(&self, filter: &[u8], after: Option<&[u8]>, max: usize, upto: u64) -> Page {
         let mut page = Page::default();
         let Some(inner) = mqtt::unshared(filter) else {
             return page;
@@ -212,7 +229,7 @@ impl RetainedStore {
         let mut expired_topics = Vec::new();
         let mut state = self.lock();
         let range = state.messages.range::<[u8], _>((from, Bound::Unbounded));
-        for (scanned, (topic, payload)) in range.enumerate() {
+        for (scanned, (topic, entry)) in range.enumerate() {
             if !topic.starts_with(prefix) {
                 break;
             }
@@ -225,16 +242,16 @@ impl RetainedStore {
                 page.next = Some(previous(&state.messages, topic));
                 break;
             }
-            if !mqtt::filter_matches(filter, topic) {
+            if entry.seq > upto || !mqtt::filter_matches(filter, topic) {
                 continue;
             }
-            if expired(payload, now) {
+            if expired(&entry.stored, now) {
                 expired_topics.push(topic.clone());
                 continue;
             }
             page.messages.push(Retained {
                 topic: topic.clone(),
-                payload: payload.clone(),
+                payload: entry.stored.clone(),
             });
         }
         page.expired = expired_topics.len();
@@ -251,6 +268,12 @@ impl RetainedStore {
         self.lock().changes
     }
 
+    /// The number of the last message stored: a page asked for `upto` it leaves out those
+    /// stored later (`page`).
+    pub fn last_stored(&self) -> u64 {
+        self.lock().seq
+    }
+
     /// The store's size.
     pub fn totals(&self) -> Totals {
         self.lock().totals()
@@ -265,7 +288,7 @@ impl RetainedStore {
             .messages
             .range::<[u8], _>((from, Bound::Unbounded))
             .take(max)
-            .map(|(t, p)| (t.clone(), p.clone()))
+            .map(|(t, e)| (t.clone(), e.stored.clone()))
             .collect()
     }
 
@@ -349,7 +372,7 @@ pub struct Page {
 
 /// The topic stored just before `topic` (which is stored), or an empty one when it is the
 /// first: the next page then starts at `topic`.
-fn previous(messages: &BTreeMap<Bytes, Bytes>, topic: &Bytes) -> Bytes {
+fn previous(messages: &BTreeMap<Bytes, Entry>, topic: &Bytes) -> Bytes {
     messages
         .range::<[u8], _>((Bound::Unbounded, Bound::Excluded(&topic[..])))
         .next_back()
@@ -379,7 +402,7 @@ mod tests {
     use super::*;
 
     fn all(r: &RetainedStore, filter: &str) -> Vec<String> {
-        let page = r.page(filter.as_bytes(), None, usize::MAX);
+        let page = r.page(filter.as_bytes(), None, usize::MAX, u64::MAX);
         assert!(page.next.is_none());
         page.messages
             .iter()
@@ -417,7 +440,7 @@ mod tests {
         let r = RetainedStore::new(200);
         assert!(r.set(b"t", &[b"h", b"old"]).0);
         assert!(!r.set(b"t", &[b"h", &[1u8; 300]]).0);
-        let m = r.page(b"t", None, 10).messages;
+        let m = r.page(b"t", None, 10, u64::MAX).messages;
         assert_eq!(m[0].payload, Bytes::from_static(b"hold"));
     }
 
@@ -426,7 +449,7 @@ mod tests {
         let r = RetainedStore::new(1 << 20);
         let packet = Bytes::from(vec![b'x'; 4096]);
         r.set(&packet[..8], &[b"h", &packet[8..16]]);
-        let m = r.page(b"#", None, 10).messages;
+        let m = r.page(b"#", None, 10, u64::MAX).messages;
         assert!(!std::ptr::eq(m[0].topic.as_ptr(), packet.as_ptr()));
         assert_eq!(m[0].payload.len(), 9);
     }
@@ -458,7 +481,7 @@ mod tests {
     fn read_all(r: &RetainedStore, filter: &[u8], max: usize) -> (Vec<Bytes>, usize) {
         let (mut topics, mut pages, mut after) = (Vec::new(), 0, None::<Bytes>);
         loop {
-            let page = r.page(filter, after.as_deref(), max);
+            let page = r.page(filter, after.as_deref(), max, u64::MAX);
             pages += 1;
             topics.extend(page.messages.into_iter().map(|m| m.topic));
             match page.next {
@@ -476,22 +499,25 @@ mod tests {
         }
         r.set(b"s/1", &[b"h", b"v"]);
         r.set(b"u/1", &[b"h", b"v"]);
-        let first = r.page(b"t/+", None, 4);
+        let first = r.page(b"t/+", None, 4, u64::MAX);
         assert_eq!(first.messages.len(), 4);
         // Stored behind the position: not in a later page (it goes out live).
         r.set(b"t/0a", &[b"h", b"v"]);
         let (rest, pages) = read_all(&r, b"t/+", 4);
         assert_eq!((rest.len(), pages), (11, 3), "read again from the start");
-        let second = r.page(b"t/+", first.next.as_deref(), 4);
-        let third = r.page(b"t/+", second.next.as_deref(), 4);
+        let second = r.page(b"t/+", first.next.as_deref(), 4, u64::MAX);
+        let third = r.page(b"t/+", second.next.as_deref(), 4, u64::MAX);
         assert_eq!(third.messages.len(), 2);
         assert!(third.next.is_none());
         let seen: Vec<_> = [first.messages, second.messages, third.messages].concat();
         assert_eq!(seen.len(), 10);
         assert!(seen.windows(2).all(|w| w[0].topic < w[1].topic));
         assert!(!seen.iter().any(|m| &m.topic[..] == b"t/0a"));
-        assert_eq!(r.page(b"t/3", None, 4).messages.len(), 1);
-        assert!(r.page(b"t/3", Some(b"t/3"), 4).messages.is_empty());
+        assert_eq!(r.page(b"t/3", None, 4, u64::MAX).messages.len(), 1);
+        assert!(r
+            .page(b"t/3", Some(b"t/3"), 4, u64::MAX)
+            .messages
+            .is_empty());
     }
 
     #[test]
@@ -503,7 +529,7 @@ mod tests {
         }
         r.set(b"a/999999/y", &[b"h", b"v"]);
         r.set(b"a/000000/y", &[b"h", b"v"]);
-        let first = r.page(b"+/+/y", None, 64);
+        let first = r.page(b"+/+/y", None, 64, u64::MAX);
         assert_eq!(
             first.messages.len(),
             1,
@@ -577,6 +603,27 @@ mod tests {
     }
 
     #[test]
+    fn a_page_leaves_out_what_was_stored_after_its_mark() {
+        let r = RetainedStore::new(1 << 20);
+        assert!(r.set(b"t/1", &[b"a"]).0);
+        let mark = r.last_stored();
+        assert!(r.set(b"t/2", &[b"b"]).0);
+        assert!(r.set(b"t/0", &[b"c"]).0);
+        let topics = |upto| {
+            r.page(b"t/+", None, 10, upto)
+                .messages
+                .into_iter()
+                .map(|m| m.topic)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(topics(mark), vec![Bytes::from_static(b"t/1")]);
+        assert_eq!(topics(u64::MAX).len(), 3);
+        // Replaced after the mark: left out too (the new one arrives live).
+        assert!(r.set(b"t/1", &[b"d"]).0);
+        assert!(topics(mark).is_empty());
+    }
+
+    #[test]
     fn expired_messages_are_not_read_and_make_room_when_the_store_is_full() {
         let now = envelope::unix_millis();
         let (past, future) = (expiring(now - 1), expiring(now + 3_600_000));
@@ -585,7 +632,7 @@ mod tests {
         for (i, stored) in [&past, &future, &past].iter().enumerate() {
             assert!(r.set(format!("t/{i}").as_bytes(), &[stored]).0);
         }
-        let page = r.page(b"t/+", None, 10);
+        let page = r.page(b"t/+", None, 10, u64::MAX);
         assert_eq!(page.messages.len(), 1);
         assert_eq!(&page.messages[0].topic[..], b"t/1");
         assert_eq!(page.expired, 2);
