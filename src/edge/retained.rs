@@ -211,10 +211,11 @@ impl RetainedStore {
     /// copy of the store; a message stored or replaced behind that position reaches it as a
     /// live publish instead, and so does one stored after the subscriber's SUBACK: a page
     /// leaves out the messages stored after number `upto` (`last_stored` when the SUBACK was
-    /// read), which the subscription receives from the core. A page walks the topics that share the filter's leading plain
-    /// levels (all of them for a filter that starts with a wildcard) from `after` on, at most
-    /// [`PAGE_SCAN`] of them, under the store's lock, copying nothing but reference counts; so
-    /// a page may be short, or empty, and still not be the last.
+    /// read), which the subscription receives from the core. A page walks the topics that
+    /// share the filter's leading plain levels (all of them for a filter that starts with a
+    /// wildcard) from `after` on, at most [`PAGE_SCAN`] of them, under the store's lock,
+    /// copying nothing but reference counts; so a page may be short, or empty, and still not
+    /// be the last.
     pub fn page(&self, filter: &[u8], after: Option<&[u8]>, max: usize, upto: u64) -> Page {
         let mut page = Page::default();
         let Some(inner) = mqtt::unshared(filter) else {

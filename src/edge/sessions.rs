@@ -619,10 +619,10 @@ struct Taken {
 
 /// Opens the core session `core_id` (kept past its connection) and takes the messages the core
 /// sends it, acknowledging each, until the core has answered a PINGREQ and then sent nothing
-/// for [`DRAIN_QUIET`], or `deadline` passes; the messages come back as the edge's own frames (packet id 0, DUP
-/// clear). Those beyond [`registry::MAX_QUEUED`] or the shared `budget` of bytes are counted,
-/// not kept. An error after the connection is up ends the drain with what was taken, since
-/// what was acknowledged is no longer in the core.
+/// for [`DRAIN_QUIET`], or `deadline` passes; the messages come back as the edge's own frames
+/// (packet id 0, DUP clear). Those beyond [`registry::MAX_QUEUED`] or the shared `budget` of
+/// bytes are counted, not kept. An error after the connection is up ends the drain with what
+/// was taken, since what was acknowledged is no longer in the core.
 async fn drain_one(
     edge: &Edge,
     core_id: &str,
