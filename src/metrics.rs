@@ -102,6 +102,9 @@ pub struct Metrics {
     /// Client QoS 2 publishes handed to the core before their PUBREL, because the connection
     /// already held `HELD_QOS2_MAX_BYTES` of unreleased ones.
     pub qos2_routed_unreleased: AtomicU64,
+    /// Client publishes no subscription could match, answered by the edge and not handed to
+    /// the core (see `edge::filters`).
+    pub publishes_unrouted: AtomicU64,
     /// JSON bridge frames received and sent, error frames sent, QoS 0 messages dropped for a
     /// full session buffer, and sessions closed as slow consumers.
     pub bridge_frames_in: AtomicU64,
@@ -600,6 +603,12 @@ impl Metrics {
             "counter",
             "Client QoS 2 publishes routed before their PUBREL: the connection held its limit of unreleased ones.",
             &[("", g(&self.qos2_routed_unreleased))],
+        );
+        metric(
+            "publish_unrouted_total",
+            "counter",
+            "Client publishes to topics no subscription matched: acknowledged (and retained) by the edge, not handed to the core.",
+            &[("", g(&self.publishes_unrouted))],
         );
         let a = &self.analytics;
         metric(

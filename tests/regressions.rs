@@ -325,6 +325,93 @@ fn clean_clients_take_core_connections_opened_ahead_of_time() {
     assert_eq!(sample(&v), (Some(0.0), Some(0.0)));
 }
 
+/// A publish no subscription can match is answered by the edge and never reaches the core,
+/// whose router would scan every filter it ever held for it (rumqttd keeps no memory of such
+/// topics): acknowledged at each QoS, retained ones stored and replayed, counted. Once a
+/// subscription matches, the same connection's next publishes to the same topic (whose "no
+/// subscriber" answer the connection cached) reach it, in order.
+#[test]
+fn publishes_nobody_subscribed_to_are_answered_without_the_core() {
+    let v = Vigil::start();
+    let unrouted = || {
+        metric(
+            &http_get(v.http, "/metrics"),
+            "vigil_publish_unrouted_total",
+        )
+    };
+    let mut p = Raw::connected(v.mqtt, &ConnectOpts::v311("lonely-pub"));
+    let send_all = |p: &mut Raw, round: &str| {
+        p.send(&publish_packet(
+            "lone/t",
+            format!("{round}0").as_bytes(),
+            0,
+            false,
+            0,
+            false,
+        ));
+        p.send(&publish_packet(
+            "lone/t",
+            format!("{round}1").as_bytes(),
+            1,
+            false,
+            1,
+            false,
+        ));
+        assert_eq!(p.recv().map(|a| (a.kind(), a.body)), Some((4, vec![0, 1])));
+        p.send(&publish_packet(
+            "lone/t",
+            format!("{round}2").as_bytes(),
+            2,
+            false,
+            2,
+            false,
+        ));
+        assert_eq!(p.recv().map(|a| (a.kind(), a.body)), Some((5, vec![0, 2])));
+        p.send(&ack_packet(6, 2));
+        assert_eq!(p.recv().map(|a| (a.kind(), a.body)), Some((7, vec![0, 2])));
+    };
+    send_all(&mut p, "a");
+    p.send(&publish_packet("lone/r", b"kept", 1, true, 3, false));
+    assert_eq!(p.recv().map(|a| (a.kind(), a.body)), Some((4, vec![0, 3])));
+    assert_eq!(unrouted(), Some(4.0));
+
+    let mut s = Raw::connected(v.mqtt, &ConnectOpts::v311("lonely-sub"));
+    s.send(&subscribe_packet(1, &[("lone/#", 2)]));
+    assert_eq!(
+        s.recv().map(|a| (a.kind(), a.body)),
+        Some((9, vec![0, 1, 2]))
+    );
+    let retained = parse_publish(&s.recv().expect("retained"));
+    assert_eq!(
+        (retained.0.as_str(), retained.2, retained.5),
+        ("lone/r", true, b"kept".to_vec())
+    );
+    if retained.1 > 0 {
+        s.send(&ack_packet(4, retained.4));
+    }
+
+    send_all(&mut p, "b");
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let m = parse_publish(&s.recv().expect("live message"));
+        match m.1 {
+            1 => s.send(&ack_packet(4, m.4)),
+            2 => {
+                s.send(&ack_packet(5, m.4));
+                assert_eq!(s.recv().map(|a| a.kind()), Some(6), "PUBREL");
+                s.send(&ack_packet(7, m.4));
+            }
+            _ => {}
+        }
+        got.push((m.0, m.1, String::from_utf8(m.5).unwrap()));
+    }
+    let expected: Vec<_> = (0..3u8)
+        .map(|q| ("lone/t".to_string(), q, format!("b{q}")))
+        .collect();
+    assert_eq!(got, expected);
+    assert_eq!(unrouted(), Some(4.0), "routed once subscribed");
+}
+
 /// A subscriber that stops reading is disconnected as a slow consumer after
 /// `limits.write_stall_timeout_ms`, counted, and never slows the publisher or other subscribers.
 #[test]

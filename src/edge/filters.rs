@@ -1,5 +1,6 @@
-//! Which topic names some subscription may match, so an MQTT 5 publisher's PUBACK can say
-//! "no matching subscribers" (0x10) as mosquitto's does.
+//! Which topic names some subscription may match: a publish to any other topic is answered
+//! by the edge and never reaches the core (`connection::answer_unrouted`), and an MQTT 5
+//! publisher's PUBACK says "no matching subscribers" (0x10) as mosquitto's does.
 //!
 //! The index holds every filter a client has been granted since start (the filters
 //! `limits.max_distinct_filters` counts, so it is bounded by that cap) and the subscriptions
@@ -12,7 +13,7 @@
 //! changed), so the index is read only when a client publishes to another topic.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::RwLock;
 
 use crate::mqtt;
@@ -66,7 +67,10 @@ impl FilterIndex {
             node.end = true;
         }
         if added {
-            self.generation.fetch_add(1, Relaxed);
+            // Sequentially consistent, with the fence a retained publish makes before it
+            // looks (`connection::forward_publish`): either that publish sees this filter, or
+            // the subscriber's retained replay, read after this, sees the stored message.
+            self.generation.fetch_add(1, SeqCst);
         }
     }
 
@@ -77,7 +81,7 @@ impl FilterIndex {
     }
 
     pub fn generation(&self) -> u64 {
-        self.generation.load(Relaxed)
+        self.generation.load(SeqCst)
     }
 }
 
