@@ -374,6 +374,25 @@ fn publishes_nobody_subscribed_to_are_answered_without_the_core() {
     p.send(&publish_packet("lone/r", b"kept", 1, true, 3, false));
     assert_eq!(p.recv().map(|a| (a.kind(), a.body)), Some((4, vec![0, 3])));
     assert_eq!(unrouted(), Some(4.0));
+    // QoS 2 past the bytes a connection holds unreleased: the second is answered on arrival,
+    // and its PUBREL ends the flow all the same.
+    let big = vec![b'x'; 300 * 1024];
+    for pkid in [4u16, 5] {
+        p.send(&publish_packet("lone/big", &big, 2, false, pkid, false));
+        assert_eq!(
+            p.recv().map(|a| (a.kind(), a.body)),
+            Some((5, pkid.to_be_bytes().to_vec()))
+        );
+    }
+    assert_eq!(unrouted(), Some(5.0), "the unheld one, on arrival");
+    for pkid in [5u16, 4] {
+        p.send(&ack_packet(6, pkid));
+        assert_eq!(
+            p.recv().map(|a| (a.kind(), a.body)),
+            Some((7, pkid.to_be_bytes().to_vec()))
+        );
+    }
+    assert_eq!(unrouted(), Some(6.0));
 
     let mut s = Raw::connected(v.mqtt, &ConnectOpts::v311("lonely-sub"));
     s.send(&subscribe_packet(1, &[("lone/#", 2)]));
@@ -409,7 +428,7 @@ fn publishes_nobody_subscribed_to_are_answered_without_the_core() {
         .map(|q| ("lone/t".to_string(), q, format!("b{q}")))
         .collect();
     assert_eq!(got, expected);
-    assert_eq!(unrouted(), Some(4.0), "routed once subscribed");
+    assert_eq!(unrouted(), Some(6.0), "routed once subscribed");
 }
 
 /// A subscriber that stops reading is disconnected as a slow consumer after
