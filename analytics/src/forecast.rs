@@ -58,6 +58,8 @@ pub struct Forecast {
     pub confidence: f64,
     /// Timestamp of the newest point (unix milliseconds).
     pub timestamp_ms: i64,
+    /// Points the line was fitted to.
+    pub points: usize,
 }
 
 /// Bounded history of one metric plus the forecast settings.
@@ -177,6 +179,7 @@ impl TrendTracker {
             seconds_to_limit,
             confidence: r2,
             timestamp_ms: newest,
+            points: n,
         })
     }
 }
