@@ -211,6 +211,18 @@ impl JointModel {
         Some((self.standardise(j, values[j]) - pred) / self.resid_std[j])
     }
 
+    /// Metric `j`'s value in a reading, in standard deviations from its mean over the readings
+    /// the model was fitted to (signed); `None` if the model does not cover it or it did not
+    /// vary there.
+    pub fn level_of(&self, j: usize, values: &[f64; MAX_JOINT]) -> Option<f64> {
+        (j < self.k && self.std[j] > 0.0).then(|| self.standardise(j, values[j]))
+    }
+
+    /// Whether the other metrics explain metric `j` (R² of at least the fit's `min_r2`).
+    pub fn is_explained(&self, j: usize) -> bool {
+        j < self.k && self.explained[j]
+    }
+
     /// The value the other metrics predict for metric `j` in a reading.
     pub fn expected(&self, j: usize, values: &[f64; MAX_JOINT]) -> Option<f64> {
         if j >= self.k || self.std[j] == 0.0 {
