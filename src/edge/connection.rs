@@ -1979,8 +1979,8 @@ where
     }
 
     /// Answers a publish no subscription can match instead of handing it to the core: QoS 0
-    /// ends here, QoS 1 gets its PUBACK (v5: 0x10, no matching subscribers), and QoS 2 is
-    /// routed, its PUBCOMP the caller's. The core would only have scanned every filter it
+    /// ends here, QoS 1 gets its PUBACK (v5: 0x10, no matching subscribers), and QoS 2 counts
+    /// as routed (its PUBCOMP is the caller's). The core would only have scanned every filter it
     /// ever held for it (rumqttd remembers only the topics some filter matched, and never
     /// forgets a filter), on the one thread that routes every message: 250 us of router time
     /// per publish after 5,000 clients had subscribed once (BENCHMARKS.md). Not while
@@ -1992,7 +1992,7 @@ where
                 .iter()
                 .all(|f| f.early || (qos == 1 && f.qos == 2))
         };
-        if qos > 0 && !in_order() || self.topic_may_have_subscribers(edge, topic) {
+        if (qos > 0 && !in_order()) || self.topic_may_have_subscribers(edge, topic) {
             return false;
         }
         if qos == 1 {
