@@ -60,7 +60,8 @@ pub struct Metrics {
     /// Core connections that found the pool of core client ids empty (`registry::CoreIds`)
     /// and used an id of their own.
     pub core_id_pool_empty: AtomicU64,
-    /// Clean core connections waiting in the pool opened ahead of time (`edge::warm`).
+    /// Clean core connections waiting in the pool opened ahead of time (`edge::warm`), as
+    /// the pool held when `/metrics` was last read.
     pub core_warm_ready: AtomicU64,
     /// Clients that took one instead of opening a core connection.
     pub core_warm_taken: AtomicU64,

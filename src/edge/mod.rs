@@ -445,8 +445,6 @@ impl Edge {
         let taken = self.warm.take(&self.core_ids);
         if taken.is_some() {
             Metrics::inc(&self.metrics.core_warm_taken);
-            let ready = self.warm.ready() as u64;
-            self.metrics.core_warm_ready.store(ready, Relaxed);
         }
         taken
     }

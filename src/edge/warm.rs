@@ -17,7 +17,6 @@
 //! connection costs.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -197,9 +196,6 @@ pub async fn keep_warm(edge: Arc<Edge>) {
                 }
             }
         }
-        edge.metrics
-            .core_warm_ready
-            .store(pool.ready() as u64, Relaxed);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = pool.taken.notified() => {
@@ -229,7 +225,6 @@ pub async fn keep_warm(edge: Arc<Edge>) {
     for warm in pool.drain() {
         discard(&edge.core_ids, warm).await;
     }
-    edge.metrics.core_warm_ready.store(0, Relaxed);
 }
 
 /// Closes a warm connection in order, then gives its id back.
