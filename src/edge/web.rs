@@ -170,9 +170,10 @@ async fn handle(
         }
         "/metrics" => {
             // Gauges of state the edge holds itself are read now.
-            edge.metrics
-                .core_warm_ready
-                .store(edge.warm.ready() as u64, std::sync::atomic::Ordering::Relaxed);
+            edge.metrics.core_warm_ready.store(
+                edge.warm.ready() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             metrics = edge.metrics.render();
             crate::metrics::render_history(
                 &mut metrics,
