@@ -1930,7 +1930,8 @@ where
         if retain {
             fence(SeqCst);
         }
-        if self.answer_unrouted(edge, qos, pkid, topic) {
+        let subscribed = self.topic_may_have_subscribers(edge, topic);
+        if !subscribed && self.answer_unrouted(edge, qos, pkid) {
             return Ok(Routed::Nowhere);
         }
         let core_qos = qos.min(1);
@@ -1939,16 +1940,13 @@ where
             core_id = self.alloc_core_id()?;
             // PUBACKs go out in the order of the PUBLISHes (MQTT-4.6.0-2): not early while a
             // late one is owed.
-            let early = qos == 1
-                && self.core_fwd.len() < EARLY_ACK_WINDOW
-                && self.core_fwd.iter().all(|f| f.early || f.qos == 2);
+            let early =
+                qos == 1 && self.core_fwd.len() < EARLY_ACK_WINDOW && !self.late_ack_owed(1);
             // As mosquitto: a v5 QoS 1 PUBACK says when no subscription matches (a QoS 2
             // PUBREC is sent before the message is routed, so it cannot).
-            let reason = match qos == 1 && self.version == Version::V5 {
-                true if !self.topic_may_have_subscribers(edge, topic) => {
-                    reason::NO_MATCHING_SUBSCRIBERS
-                }
-                _ => reason::SUCCESS,
+            let reason = match qos == 1 && self.version == Version::V5 && !subscribed {
+                true => reason::NO_MATCHING_SUBSCRIBERS,
+                false => reason::SUCCESS,
             };
             if early {
                 put_puback(&mut self.client_out, pkid, reason);
@@ -1985,14 +1983,9 @@ where
     /// forgets a filter), on the one thread that routes every message: 250 us of router time
     /// per publish after 5,000 clients had subscribed once (BENCHMARKS.md). Not while
     /// earlier publishes of the connection are owed a late acknowledgement, which this one
-    /// must not overtake (MQTT-4.6.0-2): those go to the core as before.
-    fn answer_unrouted(&mut self, edge: &Edge, qos: u8, pkid: u16, topic: &[u8]) -> bool {
-        let in_order = || {
-            self.core_fwd
-                .iter()
-                .all(|f| f.early || (qos == 1 && f.qos == 2))
-        };
-        if (qos > 0 && !in_order()) || self.topic_may_have_subscribers(edge, topic) {
+    /// must not overtake: those go to the core as before. Whether it did.
+    fn answer_unrouted(&mut self, edge: &Edge, qos: u8, pkid: u16) -> bool {
+        if qos > 0 && self.late_ack_owed(qos) {
             return false;
         }
         if qos == 1 {
@@ -2006,6 +1999,16 @@ where
         true
     }
 
+    /// Whether an acknowledgement for a QoS `qos` publish sent now would overtake one the core
+    /// still owes an earlier publish: acknowledgements go out in the order of their publishes
+    /// (MQTT-4.6.0-2), PUBACKs and PUBCOMPs each in their own order.
+    fn late_ack_owed(&self, qos: u8) -> bool {
+        !self
+            .core_fwd
+            .iter()
+            .all(|f| f.early || (qos == 1 && f.qos == 2))
+    }
+
     /// The client released inbound QoS 2 message `i`: the held message goes to the core
     /// (PUBCOMP once the core acknowledges it), or, when the core has it already, the flow
     /// ends here.
@@ -2015,7 +2018,7 @@ where
         // the core and none is owed a late acknowledgement, so a client that pipelines is
         // paced by the core (completing its flows early let it outrun its subscribers until
         // the core's log dropped messages).
-        let early = self.core_fwd.len() < EARLY_ACK_WINDOW && self.core_fwd.iter().all(|f| f.early);
+        let early = self.core_fwd.len() < EARLY_ACK_WINDOW && !self.late_ack_owed(2);
         match self.send_held_qos2(edge, i)? {
             Some(Routed::Core) if early => {
                 if let Some(f) = self.core_fwd.back_mut() {
