@@ -2019,28 +2019,25 @@ where
         // paced by the core (completing its flows early let it outrun its subscribers until
         // the core's log dropped messages).
         let early = self.core_fwd.len() < EARLY_ACK_WINDOW && !self.late_ack_owed(2);
-        match self.send_held_qos2(edge, i)? {
-            Some(Routed::Core) if early => {
-                if let Some(f) = self.core_fwd.back_mut() {
+        let complete = match self.send_held_qos2(edge, i)? {
+            Some(Routed::Core) => match self.core_fwd.back_mut() {
+                Some(f) if early => {
                     f.early = true;
-                    let pkid = self.inbound_qos2.swap_remove(i).pkid;
-                    mqtt::put_ack(&mut self.client_out, mqtt::PUBCOMP, pkid);
                     self.own_early_acks.sent();
                     Metrics::inc(&edge.metrics.edge_acks);
+                    true
                 }
-            }
-            // PUBCOMP when the core acknowledges it (`qos2_routed`).
-            Some(Routed::Core) => {}
+                // PUBCOMP when the core acknowledges it (`qos2_routed`).
+                _ => false,
+            },
             // No subscriber: the flow ends here (`answer_unrouted` kept the order).
-            Some(Routed::Nowhere) => {
-                let pkid = self.inbound_qos2.swap_remove(i).pkid;
-                mqtt::put_ack(&mut self.client_out, mqtt::PUBCOMP, pkid);
-            }
-            None if self.inbound_qos2[i].routed => {
-                let pkid = self.inbound_qos2.swap_remove(i).pkid;
-                mqtt::put_ack(&mut self.client_out, mqtt::PUBCOMP, pkid);
-            }
-            None => {}
+            Some(Routed::Nowhere) => true,
+            // Handed over on arrival: complete once the core has acknowledged it.
+            None => self.inbound_qos2[i].routed,
+        };
+        if complete {
+            let pkid = self.inbound_qos2.swap_remove(i).pkid;
+            mqtt::put_ack(&mut self.client_out, mqtt::PUBCOMP, pkid);
         }
         Ok(())
     }
