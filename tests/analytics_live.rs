@@ -305,3 +305,39 @@ fn a_broken_relationship_between_metrics_gives_one_cross_metric_alert() {
     let (status, _) = v.terminate();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn a_sensor_that_freezes_at_a_steady_load_gives_one_stuck_sensor_alert() {
+    // A motor at a constant load: nothing but noise, so the value, its level and its relation
+    // to the current all stay ordinary when the temperature sensor freezes at its last reading.
+    let mut last = String::new();
+    let Incident {
+        vigil: mut v,
+        alert,
+        fault_start_ms,
+        ..
+    } = one_incident(|i, noise| {
+        let current = 15.0 + 0.3 * noise();
+        let temperature = 60.0 + 0.3 * noise();
+        if i < NORMAL {
+            last = format!("{temperature:.3}");
+        }
+        format!("\"current\":{current:.3},\"temperature\":{last}")
+    });
+    assert_eq!(alert["metric"], "temperature", "{alert}");
+    assert_eq!(alert["severity"], "MEDIUM", "{alert}");
+    assert!(
+        alert["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("for 30 readings in a row") && m.contains("stuck")),
+        "{alert}"
+    );
+    // The last normal reading began the run, so the 29th frozen one completes 30 readings.
+    assert_eq!(
+        alert["timestamp"].as_i64(),
+        Some(fault_start_ms + 28 * 1000),
+        "{alert}"
+    );
+    let (status, _) = v.terminate();
+    assert!(status.success(), "{status:?}");
+}

@@ -49,6 +49,12 @@
 //! readings of a cross-metric alert, neither it nor a per-metric channel of one of the model's
 //! metrics alerts again, and within as many readings of such a per-metric alert it does not.
 //!
+//! A stuck-sensor check (`stuck_run`, see [`crate::stuck`]) reports a metric that normally
+//! changes and then repeats one value for too long: the value is ordinary, so no channel above
+//! sees it. From the reading where such a run becomes stuck until the value changes, the
+//! metric's learned channels and the cross-metric channel skip its readings, so the frozen
+//! stretch is neither reported twice nor learned as normal.
+//!
 //! Refitting is the only expensive step, so it is handed to the caller: `needs_refit` returns a
 //! `RefitJob` that owns a copy of the training data, `RefitJob::run` is a pure function the
 //! caller may run on any thread, and `install` puts the resulting model in place. Until then the
@@ -78,6 +84,7 @@ use crate::early::{EarlyOutliers, EarlyRule};
 use crate::features::{FeatureState, N_FEATURES};
 use crate::iforest::{IForestError, IsolationForest, IsolationForestParams};
 use crate::joint::{JointError, JointModel, MAX_JOINT};
+use crate::stuck::{StuckCheck, StuckRule};
 use crate::telemetry::Reading;
 
 /// Errors from the detector.
@@ -274,6 +281,19 @@ pub struct DetectorConfig {
     /// channel's score never counts as surprising. Its score is 0 most of the time, so its
     /// history's spread alone would make any small excursion look extreme.
     pub level_floor: f64,
+    /// Stuck-sensor check: a metric that keeps changing is reported when it repeats one value
+    /// for at least this many readings in a row and `stuck_factor` times its longest run of
+    /// the last one or two epochs of `history` readings (and a day, with time stamps); 0
+    /// disables. See [`crate::stuck`].
+    pub stuck_run: usize,
+    /// How many times the longest remembered run a stuck run must reach.
+    pub stuck_factor: usize,
+    /// Value changes a metric must have made before the stuck-sensor check judges it.
+    pub stuck_min_changes: usize,
+    /// The stuck-sensor check only judges a metric whose remembered readings repeat their
+    /// predecessor at most this share of the time (a set point, a counter resting at 0 or a
+    /// coarsely quantised signal repeats itself often and is never judged).
+    pub stuck_max_repeat_share: f64,
 }
 
 impl Default for DetectorConfig {
@@ -327,6 +347,10 @@ impl Default for DetectorConfig {
             level_k: 1.5,
             level_clip: 5.0,
             level_floor: 100.0,
+            stuck_run: 30,
+            stuck_factor: 4,
+            stuck_min_changes: 100,
+            stuck_max_repeat_share: 0.05,
         }
     }
 }
@@ -451,6 +475,11 @@ impl DetectorConfig {
                  level_clip and level_half_life positive",
             ));
         }
+        if !(0.0..=1.0).contains(&self.stuck_max_repeat_share) {
+            return Err(DetectorError::InvalidConfig(
+                "stuck_max_repeat_share must be in [0, 1]",
+            ));
+        }
         self.forest_params().check_ref()?;
         Ok(())
     }
@@ -459,6 +488,18 @@ impl DetectorConfig {
         IsolationForestParams::new()
             .n_trees(self.n_trees)
             .subsample(self.subsample)
+    }
+
+    /// The stuck-sensor check's rule; its epochs are `history` readings long (and a day).
+    fn stuck_rule(&self) -> StuckRule {
+        let narrow = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        StuckRule {
+            min_run: narrow(self.stuck_run),
+            factor: narrow(self.stuck_factor),
+            min_changes: narrow(self.stuck_min_changes),
+            max_repeat_share: self.stuck_max_repeat_share,
+            epoch_readings: narrow(self.history),
+        }
     }
 
     /// `recurrence_span_s` in milliseconds; `None` when it is 0 (no limit in time).
@@ -630,6 +671,9 @@ pub struct PointOutcome {
     pub raw_score: Option<f64>,
     /// Set on the point that opens an incident; `None` on all other points.
     pub alert: Option<Severity>,
+    /// Set when the alert is the stuck-sensor check's: the readings in a row that have carried
+    /// this same value.
+    pub stuck: Option<u32>,
 }
 
 /// Mean and variance over the last `cap` values of a stream, in O(1) per value.
@@ -1375,6 +1419,9 @@ pub struct MetricDetector {
     early: EarlyOutliers,
     /// Time stamp of the first scored reading (for `young_span_s`).
     first_scored_ms: Option<i64>,
+    stuck: StuckCheck,
+    /// The stuck-sensor check's `is_reported` before the last alert, for [`Self::withhold`].
+    stuck_before_alert: bool,
 }
 
 impl MetricDetector {
@@ -1403,6 +1450,8 @@ impl MetricDetector {
             debounce: Debounce::new(cfg),
             early: Default::default(),
             first_scored_ms: None,
+            stuck: StuckCheck::default(),
+            stuck_before_alert: false,
         }
     }
 
@@ -1428,12 +1477,56 @@ impl MetricDetector {
     }
 
     fn feed(&mut self, cfg: &DetectorConfig, value: f64, at_ms: Option<i64>) -> PointOutcome {
-        let outcome = self.feed_inner(cfg, value, at_ms);
+        let was_frozen = self.is_frozen();
+        let stuck = if cfg.stuck_run > 0 {
+            self.stuck.update(&cfg.stuck_rule(), value, at_ms)
+        } else {
+            None
+        };
+        if was_frozen && !self.is_frozen() {
+            // The sensor is back: its first value jumps from the frozen one to the real one,
+            // which is the end of the incident, not a new one. The learned channels wait as
+            // after an alert of their own.
+            self.debounce.armed = false;
+            self.debounce.cooldown_left = cfg.cooldown;
+        }
+        if stuck.is_none() && self.is_frozen() {
+            // A stuck run (reported by this check, or covered by an earlier alert) is not a
+            // measurement: the learned channels skip it, so they neither report it again nor
+            // learn it as the new normal (after two thousand frozen readings the sensor's
+            // return to its usual noise looked like a CRITICAL anomaly).
+            return PointOutcome {
+                score: 0.0,
+                raw_score: None,
+                alert: None,
+                stuck: None,
+            };
+        }
+        let mut outcome = self.feed_inner(cfg, value, at_ms);
+        if let Some(run) = stuck {
+            // The learned channels' alert on the same reading, if any, is this incident.
+            let severity = outcome
+                .alert
+                .map_or(Severity::Medium, |s| s.max(Severity::Medium));
+            outcome.alert = Some(severity);
+            outcome.stuck = Some(run);
+        } else if outcome.alert.is_some() {
+            // The learned channels' alert covers the current run: if it turns out stuck, it is
+            // the incident this alert reported.
+            self.stuck_before_alert = self.stuck.is_reported();
+            self.stuck.cover();
+        }
         if outcome.alert.is_some() {
             self.fresh_before_alert = self.level_fresh;
             self.level_fresh = false;
         }
         outcome
+    }
+
+    /// Whether the metric's current readings are a stuck run (the learned channels, and the
+    /// cross-metric channel, skip them from the reading where the run became stuck on).
+    fn is_frozen(&self) -> bool {
+        self.stuck.is_frozen()
     }
 
     /// The device withheld this point's alert (`JointChannel::ordinary`): no incident was
@@ -1444,6 +1537,7 @@ impl MetricDetector {
         self.debounce.armed = true;
         self.debounce.cooldown_left = 0;
         self.level_fresh = self.fresh_before_alert;
+        self.stuck.set_reported(self.stuck_before_alert);
     }
 
     fn feed_inner(&mut self, cfg: &DetectorConfig, value: f64, at_ms: Option<i64>) -> PointOutcome {
@@ -1451,6 +1545,7 @@ impl MetricDetector {
             score: 0.0,
             raw_score: None,
             alert: None,
+            stuck: None,
         };
         if !value.is_finite() {
             return quiet;
@@ -1553,6 +1648,7 @@ impl MetricDetector {
                 .debounce
                 .judge(cfg, z_alert, score, n)
                 .map(|_| severity_for(z)),
+            stuck: None,
         };
         if outcome.alert.is_some() {
             return outcome;
@@ -1887,6 +1983,10 @@ fn severity_for(z: f64) -> Severity {
     }
 }
 
+/// The operator action a stuck-sensor alert suggests.
+pub const STUCK_ACTION: &str =
+    "check the sensor, its wiring and the device's firmware: the value has stopped changing";
+
 /// The verdict on one metric of one reading.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricOutcome {
@@ -1916,6 +2016,24 @@ impl MetricOutcome {
     /// The alert message to publish for this outcome, if it raised one.
     pub fn to_alert(&self, device_id: &str) -> Option<AlertMessage> {
         let severity = self.outcome.alert?;
+        if let Some(run) = self.outcome.stuck {
+            let mut alert = AlertMessage::new(
+                device_id,
+                severity,
+                AlertKind::Anomaly,
+                &self.metric,
+                self.value,
+                self.outcome.score,
+                format!(
+                    "{} has reported {} for {run} readings in a row; it normally changes from \
+                     one reading to the next (sensor stuck?)",
+                    self.metric, self.value
+                ),
+                self.timestamp_ms,
+            );
+            alert.action = STUCK_ACTION.to_string();
+            return Some(alert);
+        }
         let message = match &self.cross {
             Some(cross) => format!(
                 "{} = {} does not fit {}, which predict about {:.4} (likelihood {:.6})",
@@ -2088,8 +2206,15 @@ impl DeviceDetector {
         };
         let now = (self.readings, reading.timestamp_ms);
         let recent = |at: Option<(u64, i64)>| at.is_some_and(|at| same_incident(cfg, at, now));
+        // A reading in which one of the model's metrics is in a stuck run is skipped, like a
+        // reading that lacks one of them.
+        let frozen = self
+            .metrics
+            .iter()
+            .any(|(n, m)| m.is_frozen() && joint.names.contains(n));
         let verdict = joint
             .values(reading)
+            .filter(|_| !frozen)
             .and_then(|v| joint.feed(cfg, v, Some(reading.timestamp_ms)));
         for o in out.iter_mut().filter(|o| o.outcome.alert.is_some()) {
             let Some(j) = joint.names.iter().position(|n| *n == o.metric) else {
@@ -2105,11 +2230,9 @@ impl DeviceDetector {
             // explain, while its recent level and its value are its usual ones, is sensor
             // noise (a steady machine's Gaussian noise alone raised one per 5,000 values).
             // Dropped, and the metric re-armed (`JointChannel::ordinary`, `withhold`).
-            } else if o
-                .outcome
-                .alert
-                .is_some_and(|severity| joint.ordinary(cfg, j, severity, o.value))
-            {
+            } else if o.outcome.alert.is_some_and(|severity| {
+                o.outcome.stuck.is_none() && joint.ordinary(cfg, j, severity, o.value)
+            }) {
                 o.outcome.alert = None;
                 if let Some((_, m)) = self.metrics.iter_mut().find(|(n, _)| *n == o.metric) {
                     m.withhold();
@@ -2140,6 +2263,9 @@ impl DeviceDetector {
                 others: joint.names.iter().filter(|n| *n != name).cloned().collect(),
             });
             self.last_joint_alert = Some(now);
+            if let Some((_, m)) = self.metrics.iter_mut().find(|(n, _)| n == name) {
+                m.stuck.cover();
+            }
         }
     }
 
@@ -3016,6 +3142,62 @@ mod tests {
             shift.first().is_some_and(|a| a.timestamp < 4_030_000),
             "{shift:?}"
         );
+    }
+
+    #[test]
+    fn a_frozen_sensor_is_one_stuck_incident() {
+        // Readings 3000..5000 repeat the last value of one metric: the vibration (which the
+        // others do not explain), then, on a fresh device, the temperature (which they do).
+        for frozen in ["vibration", "temperature"] {
+            let mut det = DeviceDetector::new(small_config()).expect("config");
+            let mut rng = Xoshiro256PlusPlus::seed_from_u64(7);
+            let mut held = f64::NAN;
+            let mut alerts = Vec::new();
+            for i in 0..6000 {
+                let current = 15.0 + 3.0 * (i as f64 / 60.0).sin() + 0.4 * (rng.gen::<f64>() - 0.5);
+                let mut metrics = vec![
+                    ("current".to_string(), current),
+                    (
+                        "temperature".into(),
+                        40.0 + 2.0 * current + rng.gen::<f64>() - 0.5,
+                    ),
+                    ("vibration".into(), 0.9 + 0.05 * (rng.gen::<f64>() - 0.5)),
+                ];
+                for (name, value) in metrics.iter_mut().filter(|(n, _)| n == frozen) {
+                    if i == 2999 {
+                        held = *value;
+                    } else if (3000..5000).contains(&i) {
+                        *value = held;
+                    }
+                    let _ = name;
+                }
+                let reading = Reading {
+                    timestamp_ms: i * 1000,
+                    metrics,
+                };
+                for o in det.feed(&reading) {
+                    alerts.extend(o.to_alert("m1").map(|a| (i, a)));
+                }
+                det.refit_inline().expect("refit");
+            }
+            assert_eq!(alerts.len(), 1, "{frozen}: {alerts:?}");
+            let (at, alert) = &alerts[0];
+            assert_eq!(alert.metric, frozen);
+            if frozen == "vibration" {
+                // Nothing else sees it: the stuck check reports it on the 30th reading.
+                assert_eq!(*at, 3028);
+                assert_eq!(alert.severity, Severity::Medium);
+                assert!(
+                    alert.message.contains("for 30 readings in a row"),
+                    "{alert:?}"
+                );
+                assert_eq!(alert.action, STUCK_ACTION);
+            } else {
+                // The temperature stops following the load: whichever channel sees it first
+                // reports it, once.
+                assert!((3000..3100).contains(at), "{alerts:?}");
+            }
+        }
     }
 
     #[test]

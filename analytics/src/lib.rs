@@ -15,4 +15,5 @@ pub mod joint;
 pub mod monitor;
 pub mod nab;
 pub mod rul;
+pub mod stuck;
 pub mod telemetry;
