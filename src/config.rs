@@ -394,9 +394,23 @@ pub struct AnalyticsConfig {
     pub prediction_every: usize,
     /// Safety limits per metric name.
     pub limits: BTreeMap<String, LimitSpec>,
+    /// A device whose messages stop for this many of its usual intervals (and at least
+    /// `silence_min_secs`) gets one alert per silence (0: off).
+    #[serde(default = "ten")]
+    pub silence_factor: u32,
+    #[serde(default = "sixty")]
+    pub silence_min_secs: u64,
     /// Overrides of the streaming detector's settings; missing keys keep the crate's defaults.
     #[serde(default)]
     pub detector: DetectorConfig,
+}
+
+fn ten() -> u32 {
+    10
+}
+
+fn sixty() -> u64 {
+    60
 }
 
 /// A metric's safety limit: a bare number is an upper limit, a table may give either side.
@@ -456,6 +470,11 @@ impl AnalyticsConfig {
             "analytics.max_concurrent_refits",
             (1..=64).contains(&self.max_concurrent_refits),
             "must be between 1 and 64",
+        )?;
+        check(
+            "analytics.silence_min_secs",
+            (1..=30 * 86_400).contains(&self.silence_min_secs),
+            "must be between 1 and 2592000 (30 days)",
         )?;
         check(
             "analytics.prediction_every",

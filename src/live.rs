@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use vigil_analytics::detector::{DetectorError, TrainedModel};
 use vigil_analytics::monitor::{DeviceMonitor, MonitorConfig, MonitorError};
+use vigil_analytics::silence::{SilenceRule, SilenceWatch};
 use vigil_analytics::telemetry::{self, Limits};
 
 use crate::config::AnalyticsConfig;
@@ -126,6 +127,8 @@ struct Device {
     /// While the monitor is being warmed from history: the readings that arrived meanwhile,
     /// scored once it is installed.
     warming: Option<VecDeque<vigil_analytics::telemetry::Reading>>,
+    /// When its messages arrived, to notice it going silent.
+    silence: SilenceWatch,
 }
 
 /// The analytics state: device monitors, their recency order and the refit machinery. It
@@ -133,6 +136,7 @@ struct Device {
 pub struct Analytics {
     monitor_config: MonitorConfig,
     limits: Limits,
+    silence_rule: SilenceRule,
     max_devices: usize,
     devices: HashMap<String, Device>,
     /// Devices by the tick they were last seen at: the first entry is the eviction candidate.
@@ -171,6 +175,12 @@ impl Analytics {
         Ok(Analytics {
             monitor_config,
             limits: Limits::default(),
+            silence_rule: SilenceRule {
+                factor: config.silence_factor,
+                min_ms: i64::try_from(config.silence_min_secs)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(1000),
+            },
             max_devices: config.max_devices.max(1),
             devices: HashMap::new(),
             recency: BTreeMap::new(),
@@ -212,6 +222,11 @@ impl Analytics {
             Ok(readings) => readings,
             Err(e) => {
                 self.metrics.analytics.telemetry_error(e.code());
+                // A device sending what cannot be parsed is not silent; the error reply says
+                // what is wrong.
+                if let Some(device) = self.devices.get_mut(id) {
+                    device.silence.note(now_ms);
+                }
                 let reply = serde_json::json!({
                     "type": "ERROR",
                     "device_id": id,
@@ -237,6 +252,7 @@ impl Analytics {
         let Some(device) = self.touch(id, first_ts) else {
             return;
         };
+        device.silence.note(now_ms);
         if let Some(waiting) = &mut device.warming {
             for reading in readings {
                 if waiting.len() >= MAX_WARMING_READINGS {
@@ -249,6 +265,39 @@ impl Analytics {
         }
         Self::score(&metrics, id, device, &readings, out);
         self.maybe_refit(id);
+    }
+
+    /// A reading of `device/<id>/telemetry` scored by another instance (the device is
+    /// connected there now): this instance stops watching the device for silence.
+    pub fn note_remote(&mut self, topic: &str) {
+        let device = telemetry::device_id_from_topic(topic).and_then(|id| self.devices.get_mut(id));
+        if let Some(device) = device {
+            device.silence.forget();
+        }
+    }
+
+    /// Appends an alert to `out` for every device that has just gone silent at `now_ms` (see
+    /// `vigil_analytics::silence`). Called about once a second.
+    pub fn sweep_silent(&mut self, now_ms: i64, out: &mut Vec<Outgoing>) {
+        if self.silence_rule.factor == 0 {
+            return;
+        }
+        for (id, device) in &mut self.devices {
+            let Some(silence) = device.silence.check(&self.silence_rule, now_ms) else {
+                continue;
+            };
+            let alert = silence.to_alert(id, now_ms);
+            if let Ok(payload) = serde_json::to_vec(&alert) {
+                Metrics::inc(&self.metrics.analytics.silences);
+                self.metrics.analytics.alert(alert.severity.as_str());
+                tracing::info!(device = %id, silent_ms = silence.silent_ms, usual_ms = silence.usual_ms, "device silent");
+                out.push(Outgoing {
+                    topic: format!("device/{id}/alerts"),
+                    qos: 1,
+                    payload,
+                });
+            }
+        }
     }
 
     /// Feeds readings to a device's monitor and appends the alerts and predictions to `out`.
@@ -391,6 +440,7 @@ impl Analytics {
                 epoch,
                 refit_running: false,
                 warming: warm.then(VecDeque::new),
+                silence: SilenceWatch::default(),
             },
         );
         self.recency.insert(tick, id.to_string());
@@ -633,6 +683,8 @@ async fn session(
     let mut subscribed = false;
     let suback_deadline = Instant::now() + SUBACK_TIMEOUT;
     let mut ping = core::ping_timer();
+    let mut silence_sweep = tokio::time::interval(SILENCE_SWEEP);
+    silence_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut produced = Vec::new();
 
     loop {
@@ -676,6 +728,7 @@ async fn session(
                             }
                             if opened.remote {
                                 // Scored by the instance the device is connected to.
+                                state.note_remote(publish.topic_str());
                                 continue;
                             }
                             let started = std::time::Instant::now();
@@ -727,6 +780,11 @@ async fn session(
                 window.pump(&mut out);
             }
             _ = ping.tick() => mqtt::put_pingreq(&mut out),
+            _ = silence_sweep.tick() => {
+                state.sweep_silent(now_ms(), &mut produced);
+                emit(&mut produced, window, &mut out, &state.metrics);
+                window.pump(&mut out);
+            }
             _ = tokio::time::sleep_until(suback_deadline), if !subscribed => {
                 return Err(LiveError::SubackTimeout);
             }
@@ -753,6 +811,9 @@ fn emit(
         }
     }
 }
+
+/// How often the devices are checked for silence.
+const SILENCE_SWEEP: Duration = Duration::from_secs(1);
 
 /// Readings handled between opportunistic writes of pending output.
 const FLUSH_EVERY: usize = 32;

@@ -234,6 +234,8 @@ pub struct AnalyticsMetrics {
     pub refits: AtomicU64,
     pub refit_failures: AtomicU64,
     pub evictions: AtomicU64,
+    /// Devices found silent (no message for `analytics.silence_factor` usual intervals).
+    pub silences: AtomicU64,
     /// Monitors rebuilt from stored history (a device new to this process or instance).
     pub warm_starts: AtomicU64,
     /// Readings dropped while their device was warming (more than 256 waiting).
@@ -680,6 +682,12 @@ impl Metrics {
             "counter",
             "Device models evicted to stay within analytics.max_devices.",
             &[("", g(&a.evictions))],
+        );
+        metric(
+            "analytics_silences_total",
+            "counter",
+            "Devices found silent: no telemetry for analytics.silence_factor usual intervals (and analytics.silence_min_secs).",
+            &[("", g(&a.silences))],
         );
         metric(
             "analytics_dropped_total",

@@ -341,3 +341,46 @@ fn a_sensor_that_freezes_at_a_steady_load_gives_one_stuck_sensor_alert() {
     let (status, _) = v.terminate();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn a_device_that_goes_silent_gets_one_alert_per_silence() {
+    // One second of silence is enough here (the default is 60 s).
+    let mut v = Vigil::start_with(|t| t.replace("silence_min_secs = 60", "silence_min_secs = 1"));
+    wait_subscribed(&v);
+    let mut alerts = Sub::start(v.port(), &["-t", "device/+/alerts", "-q", "1"]);
+    let readings = |n: usize| {
+        (0..n)
+            .map(|i| format!("{{\"temperature\":{}}}", 60 + i % 7))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    // sim-quiet sends 20 messages (19 intervals known), sim-new only 10: too few to judge.
+    publish_lines(v.port(), "device/sim-quiet/telemetry", &readings(20));
+    publish_lines(v.port(), "device/sim-new/telemetry", &readings(10));
+    let quiet = |l: &str| l.starts_with("MSG|device/sim-quiet/alerts");
+    if alerts.wait_for(quiet, Duration::from_secs(10)).is_none() {
+        panic!("no silence alert; log:\n{}", v.log());
+    }
+    let (qos, alert) = payload(&alerts.messages[0]);
+    assert_eq!(qos, 1);
+    assert_eq!(alert["kind"], "anomaly", "{alert}");
+    assert_eq!(alert["metric"], "telemetry", "{alert}");
+    assert_eq!(alert["severity"], "MEDIUM", "{alert}");
+    assert!(alert["value"].as_f64().is_some_and(|s| s >= 1.0), "{alert}");
+    assert!(
+        alert["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("no telemetry for")),
+        "{alert}"
+    );
+    // Once per silence, and nothing about the device with too short a record.
+    let all = alerts.drain(Duration::from_millis(2500));
+    assert_eq!(all.len(), 1, "{all:#?}");
+    // It reports again, then falls silent again: a new alert.
+    publish_lines(v.port(), "device/sim-quiet/telemetry", &readings(1));
+    let again = alerts.wait_for(quiet, Duration::from_secs(10));
+    assert!(again.is_some(), "no alert for the second silence");
+    assert!(metrics(&v).contains("vigil_analytics_silences_total 2"));
+    let (status, _) = v.terminate();
+    assert!(status.success(), "{status:?}");
+}

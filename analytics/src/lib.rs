@@ -15,5 +15,6 @@ pub mod joint;
 pub mod monitor;
 pub mod nab;
 pub mod rul;
+pub mod silence;
 pub mod stuck;
 pub mod telemetry;
