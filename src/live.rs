@@ -313,7 +313,7 @@ impl Analytics {
             metrics
                 .analytics
                 .points
-                .fetch_add(result.outcomes.len() as u64, Relaxed);
+                .fetch_add(result.scored_points() as u64, Relaxed);
             for alert in &result.alerts {
                 if let Ok(payload) = serde_json::to_vec(alert) {
                     metrics.analytics.alert(alert.severity.as_str());

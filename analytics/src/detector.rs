@@ -84,7 +84,7 @@ use crate::early::{EarlyOutliers, EarlyRule};
 use crate::features::{FeatureState, N_FEATURES};
 use crate::iforest::{IForestError, IsolationForest, IsolationForestParams};
 use crate::joint::{JointError, JointModel, MAX_JOINT};
-use crate::stuck::{StuckCheck, StuckRule};
+use crate::stuck::{RunRule, RunWatch, StuckCheck};
 use crate::telemetry::Reading;
 
 /// Errors from the detector.
@@ -294,6 +294,11 @@ pub struct DetectorConfig {
     /// predecessor at most this share of the time (a set point, a counter resting at 0 or a
     /// coarsely quantised signal repeats itself often and is never judged).
     pub stuck_max_repeat_share: f64,
+    /// Missing-metric check: a metric that has been in almost every reading of its device is
+    /// reported when it is absent from this many of the device's readings in a row (and
+    /// `stuck_factor` times its longest absence of the last one or two epochs), once it has
+    /// been present 100 times; 0 disables. Only whole readings (`DeviceDetector::feed`) count.
+    pub missing_readings: usize,
 }
 
 impl Default for DetectorConfig {
@@ -351,6 +356,7 @@ impl Default for DetectorConfig {
             stuck_factor: 4,
             stuck_min_changes: 100,
             stuck_max_repeat_share: 0.05,
+            missing_readings: 30,
         }
     }
 }
@@ -491,13 +497,27 @@ impl DetectorConfig {
     }
 
     /// The stuck-sensor check's rule; its epochs are `history` readings long (and a day).
-    fn stuck_rule(&self) -> StuckRule {
+    fn stuck_rule(&self) -> RunRule {
         let narrow = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        StuckRule {
+        RunRule {
             min_run: narrow(self.stuck_run),
             factor: narrow(self.stuck_factor),
             min_changes: narrow(self.stuck_min_changes),
             max_repeat_share: self.stuck_max_repeat_share,
+            epoch_readings: narrow(self.history),
+        }
+    }
+
+    /// The missing-metric check's rule: a run is the readings since the metric was last
+    /// present, that reading included, so `missing_readings` absences make `missing_readings
+    /// + 1`; how often a metric is absent does not matter, only how long.
+    fn missing_rule(&self) -> RunRule {
+        let narrow = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        RunRule {
+            min_run: narrow(self.missing_readings.saturating_add(1)),
+            factor: narrow(self.stuck_factor),
+            min_changes: narrow(self.stuck_min_changes),
+            max_repeat_share: 1.0,
             epoch_readings: narrow(self.history),
         }
     }
@@ -1422,6 +1442,12 @@ pub struct MetricDetector {
     stuck: StuckCheck,
     /// The stuck-sensor check's `is_reported` before the last alert, for [`Self::withhold`].
     stuck_before_alert: bool,
+    /// Runs of the device's readings without this metric (`missing_readings`).
+    absence: RunWatch,
+    /// The device's reading count when this metric was last in one (`DeviceDetector::feed`).
+    seen_in: u64,
+    /// The metric's last value.
+    last_value: f64,
 }
 
 impl MetricDetector {
@@ -1452,6 +1478,9 @@ impl MetricDetector {
             first_scored_ms: None,
             stuck: StuckCheck::default(),
             stuck_before_alert: false,
+            absence: RunWatch::default(),
+            seen_in: 0,
+            last_value: f64::NAN,
         }
     }
 
@@ -1477,6 +1506,9 @@ impl MetricDetector {
     }
 
     fn feed(&mut self, cfg: &DetectorConfig, value: f64, at_ms: Option<i64>) -> PointOutcome {
+        if value.is_finite() {
+            self.last_value = value;
+        }
         let was_frozen = self.is_frozen();
         let stuck = if cfg.stuck_run > 0 {
             self.stuck.update(&cfg.stuck_rule(), value, at_ms)
@@ -1983,6 +2015,10 @@ fn severity_for(z: f64) -> Severity {
     }
 }
 
+/// The operator action a missing-metric alert suggests.
+pub const MISSING_ACTION: &str =
+    "check the sensor's connection and the device's configuration: it stopped sending this metric";
+
 /// The operator action a stuck-sensor alert suggests.
 pub const STUCK_ACTION: &str =
     "check the sensor, its wiring and the device's firmware: the value has stopped changing";
@@ -2000,6 +2036,18 @@ pub struct MetricOutcome {
     pub outcome: PointOutcome,
     /// Set when the alert comes from the cross-metric channel.
     pub cross: Option<CrossMetric>,
+    /// Set when the alert is the missing-metric check's; `value` is then the metric's last
+    /// value, not one of this reading.
+    pub missing: Option<Missing>,
+}
+
+/// A metric gone missing from its device's readings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Missing {
+    /// The device's readings in a row without it.
+    pub readings: u32,
+    /// Other metrics that went missing on the same reading (one incident).
+    pub also: Vec<String>,
 }
 
 /// Why the cross-metric channel alerted on a metric.
@@ -2016,6 +2064,29 @@ impl MetricOutcome {
     /// The alert message to publish for this outcome, if it raised one.
     pub fn to_alert(&self, device_id: &str) -> Option<AlertMessage> {
         let severity = self.outcome.alert?;
+        if let Some(missing) = &self.missing {
+            let also = if missing.also.is_empty() {
+                String::new()
+            } else {
+                format!(" (and {})", missing.also.join(", "))
+            };
+            let mut alert = AlertMessage::new(
+                device_id,
+                severity,
+                AlertKind::Anomaly,
+                &self.metric,
+                self.value,
+                1.0,
+                format!(
+                    "{}{also} missing from the device's last {} readings; it was in almost \
+                     every reading before (last value {})",
+                    self.metric, missing.readings, self.value
+                ),
+                self.timestamp_ms,
+            );
+            alert.action = MISSING_ACTION.to_string();
+            return Some(alert);
+        }
         if let Some(run) = self.outcome.stuck {
             let mut alert = AlertMessage::new(
                 device_id,
@@ -2023,7 +2094,7 @@ impl MetricOutcome {
                 AlertKind::Anomaly,
                 &self.metric,
                 self.value,
-                self.outcome.score,
+                1.0,
                 format!(
                     "{} has reported {} for {run} readings in a row; it normally changes from \
                      one reading to the next (sensor stuck?)",
@@ -2143,9 +2214,11 @@ impl DeviceDetector {
             }
         };
         let cfg = &self.config;
-        self.metrics
-            .get_mut(idx)
-            .map(|(_, m)| m.feed(cfg, value, at_ms))
+        let seen_in = self.readings + 1;
+        self.metrics.get_mut(idx).map(|(_, m)| {
+            m.seen_in = seen_in;
+            m.feed(cfg, value, at_ms)
+        })
     }
 
     /// Feeds every metric of a reading and returns one outcome per tracked metric.
@@ -2159,6 +2232,7 @@ impl DeviceDetector {
                     timestamp_ms: reading.timestamp_ms,
                     outcome,
                     cross: None,
+                    missing: None,
                 });
             }
         }
@@ -2166,7 +2240,51 @@ impl DeviceDetector {
         if self.config.joint_metrics >= 2 {
             self.feed_joint(reading, &mut out);
         }
+        if self.config.missing_readings > 0 {
+            self.check_missing(reading.timestamp_ms, &mut out);
+        }
         out
+    }
+
+    /// The missing-metric check's part of `feed`: every tracked metric absent from the
+    /// reading just fed extends its absence; the metrics whose absence becomes too long on
+    /// this reading give one alert, on the first of them, naming the others.
+    fn check_missing(&mut self, at_ms: i64, out: &mut Vec<MetricOutcome>) {
+        let rule = self.config.missing_rule();
+        let now = self.readings;
+        let mut found: Option<MetricOutcome> = None;
+        for (name, m) in &mut self.metrics {
+            let present = m.seen_in == now;
+            let Some(run) = m.absence.step(&rule, present, Some(at_ms)) else {
+                continue;
+            };
+            match &mut found {
+                Some(first) => {
+                    if let Some(missing) = &mut first.missing {
+                        missing.also.push(name.clone());
+                    }
+                }
+                None => {
+                    found = Some(MetricOutcome {
+                        metric: name.clone(),
+                        value: m.last_value,
+                        timestamp_ms: at_ms,
+                        outcome: PointOutcome {
+                            score: 0.0,
+                            raw_score: None,
+                            alert: Some(Severity::Medium),
+                            stuck: None,
+                        },
+                        cross: None,
+                        missing: Some(Missing {
+                            readings: run - 1,
+                            also: Vec::new(),
+                        }),
+                    })
+                }
+            }
+        }
+        out.extend(found);
     }
 
     /// The cross-metric channel's part of `feed`, and the incident rule it shares with the
@@ -3198,6 +3316,79 @@ mod tests {
                 assert!((3000..3100).contains(at), "{alerts:?}");
             }
         }
+    }
+
+    #[test]
+    fn metrics_that_go_missing_are_one_incident_and_sparse_ones_are_not() {
+        fn feed(
+            det: &mut DeviceDetector,
+            i: i64,
+            names: &[&str],
+            alerts: &mut Vec<(i64, AlertMessage)>,
+        ) {
+            let reading = Reading {
+                timestamp_ms: i * 1000,
+                metrics: names
+                    .iter()
+                    .map(|n| (n.to_string(), 10.0 + (i % 17) as f64))
+                    .collect(),
+            };
+            for o in det.feed(&reading) {
+                alerts.extend(o.to_alert("m1").map(|a| (i, a)));
+            }
+        }
+        let mut det = DeviceDetector::new(small_config()).expect("config");
+        let mut alerts = Vec::new();
+        // Three metrics in every reading, then only the temperature: vibration and current go
+        // missing together (one alert naming both, on the 30th reading without them).
+        let all = ["temperature", "vibration", "current"];
+        for i in 0..500 {
+            feed(&mut det, i, &all, &mut alerts);
+        }
+        for i in 500..700 {
+            feed(&mut det, i, &["temperature"], &mut alerts);
+        }
+        // They come back; no alert for that.
+        for i in 700..900 {
+            feed(&mut det, i, &all, &mut alerts);
+        }
+        let missing: Vec<_> = alerts
+            .iter()
+            .filter(|(_, a)| a.action == MISSING_ACTION)
+            .collect();
+        assert_eq!(missing.len(), 1, "{alerts:?}");
+        let (at, alert) = missing[0];
+        assert_eq!(*at, 529);
+        assert_eq!(alert.metric, "vibration");
+        assert_eq!(alert.severity, Severity::Medium);
+        assert!(
+            alert
+                .message
+                .starts_with("vibration (and current) missing from the device's last 30 readings"),
+            "{alert:?}"
+        );
+        // A device that sends one tag per message, in turn, never has a metric missing for
+        // long compared with its usual absences.
+        let mut tagged = DeviceDetector::new(small_config()).expect("config");
+        alerts.clear();
+        for i in 0..3000 {
+            feed(&mut tagged, i, &[all[(i % 3) as usize]], &mut alerts);
+        }
+        assert!(
+            alerts.iter().all(|(_, a)| a.action != MISSING_ACTION),
+            "{alerts:?}"
+        );
+        // ... until one of its tags stops: absent 3 times in a row at most before, so 30
+        // readings (10 rounds) without it are news.
+        for i in 3000..3100 {
+            feed(&mut tagged, i, &[all[(i % 2) as usize]], &mut alerts);
+        }
+        let missing = alerts
+            .iter()
+            .filter(|(_, a)| a.action == MISSING_ACTION)
+            .map(|(i, a)| (*i, a.metric.clone()))
+            .collect::<Vec<_>>();
+        assert_eq!(missing, [(3029, "current".to_string())]);
     }
 
     #[test]

@@ -152,6 +152,14 @@ pub struct MonitorOutput {
     pub predictions: Vec<PredictionMessage>,
 }
 
+impl MonitorOutput {
+    /// Metric values the reading carried and the detector scored (the outcomes of metrics
+    /// that went missing from it are not values of this reading).
+    pub fn scored_points(&self) -> usize {
+        self.outcomes.iter().filter(|o| o.missing.is_none()).count()
+    }
+}
+
 /// Analytics state of one device.
 #[derive(Debug, Clone)]
 pub struct DeviceMonitor {

@@ -25,16 +25,17 @@
 /// One day: the shortest time an epoch of the memory spans when readings carry time stamps.
 pub const EPOCH_MS: i64 = 86_400_000;
 
-/// When a run of identical values counts as a stuck sensor; see the module documentation.
+/// When a run counts as too long (for the stuck-sensor check: a run of identical values); see
+/// the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StuckRule {
-    /// Fewest identical readings in a row that can be stuck.
+pub struct RunRule {
+    /// Fewest readings in a run that can be too long (identical readings in a row).
     pub min_run: u32,
     /// How many times the longest remembered run a run must reach.
     pub factor: u32,
-    /// Value changes the metric must have made before it is judged.
+    /// Runs that must have started (value changes) before any is judged.
     pub min_changes: u32,
-    /// Largest share of remembered readings that may repeat their predecessor.
+    /// Largest share of remembered readings that may extend a run (repeat their predecessor).
     pub max_repeat_share: f64,
     /// Fewest readings in one epoch of the memory.
     pub epoch_readings: u32,
@@ -53,59 +54,44 @@ struct Epoch {
     start_ms: Option<i64>,
 }
 
-/// The stuck-sensor state of one metric.
-#[derive(Debug, Clone)]
-pub struct StuckCheck {
-    last: f64,
+/// Runs of readings that bring no news (the same value again, or no value of a metric at all)
+/// and when one is too long; the part [`StuckCheck`] and the missing-metric check share. A
+/// reading either starts a new run (`fresh`) or extends the current one.
+#[derive(Debug, Clone, Default)]
+pub struct RunWatch {
     run: u32,
     /// Repeats of the current run already counted in an epoch (see `advance_epoch`).
     credited: u32,
+    /// Fresh readings after the first.
     changes: u32,
     /// The current run was reported, or another alert fell inside it.
     reported: bool,
-    /// The current run is stuck (reported or not).
-    frozen: bool,
+    /// The current run is too long (reported or not).
+    long: bool,
     /// The current epoch, then the previous one.
     epochs: [Epoch; 2],
 }
 
-impl Default for StuckCheck {
-    fn default() -> Self {
-        Self {
-            last: f64::NAN,
-            run: 0,
-            credited: 0,
-            changes: 0,
-            reported: false,
-            frozen: false,
-            epochs: [Epoch::default(); 2],
-        }
-    }
-}
-
-impl StuckCheck {
-    /// Records `value` (time stamp `at_ms`, if known). Returns the run's length on the reading
-    /// where the run becomes stuck under `rule`, unless the run was already reported
-    /// ([`StuckCheck::cover`]); `None` on every other reading. Non-finite values are ignored.
-    pub fn update(&mut self, rule: &StuckRule, value: f64, at_ms: Option<i64>) -> Option<u32> {
-        if !value.is_finite() {
-            return None;
-        }
-        if value == self.last {
+impl RunWatch {
+    /// Records one reading (time stamp `at_ms`, if known) that starts a new run if `fresh`,
+    /// else extends the current one. Returns the run's length on the reading where the run
+    /// becomes too long under `rule`, unless the run was already reported
+    /// ([`RunWatch::cover`]); `None` on every other reading.
+    pub fn step(&mut self, rule: &RunRule, fresh: bool, at_ms: Option<i64>) -> Option<u32> {
+        if !fresh {
             self.run = self.run.saturating_add(1);
         } else {
             if self.run > 0 {
                 self.changes = self.changes.saturating_add(1);
                 self.credit_run();
             }
-            self.last = value;
             self.run = 1;
             self.credited = 0;
             self.reported = false;
-            self.frozen = false;
+            self.long = false;
         }
         self.advance_epoch(rule, at_ms);
-        if self.frozen || self.run < rule.min_run || self.changes < rule.min_changes {
+        if self.long || self.run < rule.min_run || self.changes < rule.min_changes {
             return None;
         }
         let [now, before] = &self.epochs;
@@ -118,7 +104,7 @@ impl StuckCheck {
         if self.run < longest.saturating_mul(rule.factor) {
             return None;
         }
-        self.frozen = true;
+        self.long = true;
         if self.reported {
             return None;
         }
@@ -126,30 +112,30 @@ impl StuckCheck {
         Some(self.run)
     }
 
-    /// Whether the current run is stuck (from the reading where it became stuck, whether that
+    /// Whether the current run is too long (from the reading where it became so, whether that
     /// raised an alert or the run was already reported).
-    pub fn is_frozen(&self) -> bool {
-        self.frozen
+    pub fn is_long(&self) -> bool {
+        self.long
     }
 
-    /// Readings in a row, up to the last one, that carried the last value.
+    /// Readings in the current run, the one that started it included.
     pub fn run(&self) -> u32 {
         self.run
     }
 
-    /// Another alert on the metric fell on the current reading: the current run, if it turns
-    /// out stuck, is part of an incident already reported.
+    /// Another alert fell on the current reading: the current run, if it turns out too long,
+    /// is part of an incident already reported.
     pub fn cover(&mut self) {
         self.reported = true;
     }
 
-    /// Whether the current run counts as reported (see [`StuckCheck::cover`]); with
-    /// [`StuckCheck::set_reported`] this lets a caller undo a `cover` for an alert it withheld.
+    /// Whether the current run counts as reported (see [`RunWatch::cover`]); with
+    /// [`RunWatch::set_reported`] this lets a caller undo a `cover` for an alert it withheld.
     pub fn is_reported(&self) -> bool {
         self.reported
     }
 
-    /// Restores the state [`StuckCheck::is_reported`] returned.
+    /// Restores the state [`RunWatch::is_reported`] returned.
     pub fn set_reported(&mut self, reported: bool) {
         self.reported = reported;
     }
@@ -167,7 +153,7 @@ impl StuckCheck {
     /// A run still going on at that moment is counted in the epoch that ends, as far as it
     /// got: otherwise a pause longer than two epochs (a machine resting at one value over a
     /// long weekend) would drop out of the memory while it lasts and end up judged stuck.
-    fn advance_epoch(&mut self, rule: &StuckRule, at_ms: Option<i64>) {
+    fn advance_epoch(&mut self, rule: &RunRule, at_ms: Option<i64>) {
         let now = &mut self.epochs[0];
         if now.start_ms.is_none() {
             now.start_ms = at_ms;
@@ -188,12 +174,69 @@ impl StuckCheck {
     }
 }
 
+/// The stuck-sensor state of one metric: runs of one value.
+#[derive(Debug, Clone)]
+pub struct StuckCheck {
+    last: f64,
+    runs: RunWatch,
+}
+
+impl Default for StuckCheck {
+    fn default() -> Self {
+        Self {
+            last: f64::NAN,
+            runs: RunWatch::default(),
+        }
+    }
+}
+
+impl StuckCheck {
+    /// Records `value` (time stamp `at_ms`, if known). Returns the run's length on the reading
+    /// where the run becomes stuck under `rule`, unless the run was already reported
+    /// ([`StuckCheck::cover`]); `None` on every other reading. Non-finite values are ignored.
+    pub fn update(&mut self, rule: &RunRule, value: f64, at_ms: Option<i64>) -> Option<u32> {
+        if !value.is_finite() {
+            return None;
+        }
+        let fresh = value != self.last;
+        self.last = value;
+        self.runs.step(rule, fresh, at_ms)
+    }
+
+    /// Whether the current run is stuck (from the reading where it became stuck, whether that
+    /// raised an alert or the run was already reported).
+    pub fn is_frozen(&self) -> bool {
+        self.runs.is_long()
+    }
+
+    /// Readings in a row, up to the last one, that carried the last value.
+    pub fn run(&self) -> u32 {
+        self.runs.run()
+    }
+
+    /// Another alert on the metric fell on the current reading: the current run, if it turns
+    /// out stuck, is part of an incident already reported.
+    pub fn cover(&mut self) {
+        self.runs.cover();
+    }
+
+    /// See [`RunWatch::is_reported`].
+    pub fn is_reported(&self) -> bool {
+        self.runs.is_reported()
+    }
+
+    /// See [`RunWatch::set_reported`].
+    pub fn set_reported(&mut self, reported: bool) {
+        self.runs.set_reported(reported);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn rule() -> StuckRule {
-        StuckRule {
+    fn rule() -> RunRule {
+        RunRule {
             min_run: 30,
             factor: 4,
             min_changes: 100,
