@@ -384,3 +384,50 @@ fn a_device_that_goes_silent_gets_one_alert_per_silence() {
     let (status, _) = v.terminate();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn metrics_that_stop_arriving_give_one_missing_metric_alert() {
+    let mut v = Vigil::start();
+    wait_subscribed(&v);
+    let mut alerts = Sub::start(v.port(), &["-t", "device/sim-2/alerts", "-q", "1"]);
+    // 150 readings with three metrics, then 40 with the temperature alone.
+    let lines = (0..190)
+        .map(|i| {
+            let t = 60.0 + f64::from(i % 7) / 10.0;
+            if i < 150 {
+                format!(
+                    "{{\"temperature\":{t},\"vibration\":1.{},\"current\":15.{}}}",
+                    i % 9,
+                    i % 5
+                )
+            } else {
+                format!("{{\"temperature\":{t}}}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    publish_lines(v.port(), "device/sim-2/telemetry", &lines);
+    wait_metrics(&v, |m| {
+        value(m, "vigil_analytics_messages_total") == Some("190")
+    });
+    alerts.expect_messages(1, Duration::from_secs(10));
+    let got = alerts.drain(Duration::from_millis(500));
+    let missing: Vec<_> = got
+        .iter()
+        .map(|m| payload(m).1)
+        .filter(|a| a["message"].as_str().is_some_and(|m| m.contains("missing")))
+        .collect();
+    assert_eq!(missing.len(), 1, "{got:#?}");
+    let alert = &missing[0];
+    // The metrics of a flat reading come in name order; the first one missing is named.
+    assert_eq!(alert["metric"], "current", "{alert}");
+    assert!(
+        alert["message"]
+            .as_str()
+            .is_some_and(|m| m
+                .starts_with("current (and vibration) missing from the device's last 30 readings")),
+        "{alert}"
+    );
+    let (status, _) = v.terminate();
+    assert!(status.success(), "{status:?}");
+}
