@@ -276,6 +276,15 @@ impl Analytics {
         }
     }
 
+    /// Forgets every device's message timing: called when a core connection starts, since
+    /// while this task had none it heard nothing from anybody, and that is not the devices'
+    /// silence.
+    fn forget_silences(&mut self) {
+        for device in self.devices.values_mut() {
+            device.silence.forget();
+        }
+    }
+
     /// Appends an alert to `out` for every device that has just gone silent at `now_ms` (see
     /// `vigil_analytics::silence`). Called about once a second.
     pub fn sweep_silent(&mut self, now_ms: i64, out: &mut Vec<Outgoing>) {
@@ -673,6 +682,7 @@ async fn session(
     };
     let (mut rd, mut wr) = link.stream.into_split();
     let mut read_buf = link.read_buf;
+    state.forget_silences();
     let mut out = BytesMut::with_capacity(4096);
     let filters: Vec<(Bytes, u8)> = std::iter::once(TELEMETRY_FILTER)
         .chain(OUTPUT_FILTERS)
