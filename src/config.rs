@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use vigil_analytics::detector::DetectorConfig;
-use vigil_analytics::monitor::{DeviceMonitor, MetricLimit, MonitorConfig};
+use vigil_analytics::monitor::{DeviceLimits, DeviceMonitor, MetricLimit, MonitorConfig};
 
 /// The commented default configuration, exactly as shipped in `broker.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../broker.toml");
@@ -394,6 +394,10 @@ pub struct AnalyticsConfig {
     pub prediction_every: usize,
     /// Safety limits per metric name.
     pub limits: BTreeMap<String, LimitSpec>,
+    /// Limits for the devices whose id matches a pattern (`[[analytics.device_limits]]`);
+    /// per metric, the first matching entry that names it replaces `limits`.
+    #[serde(default)]
+    pub device_limits: Vec<DeviceLimitSpec>,
     /// A device whose messages stop for this many of its usual intervals (and at least
     /// `silence_min_secs`) gets one alert per silence (0: off).
     #[serde(default = "ten")]
@@ -405,12 +409,43 @@ pub struct AnalyticsConfig {
     pub detector: DetectorConfig,
 }
 
+/// Each limit needs a metric name and a finite `above` and/or `below`, `below` under `above`.
+fn check_limits(
+    key: &'static str,
+    limits: &BTreeMap<String, LimitSpec>,
+) -> Result<(), ConfigError> {
+    for (metric, spec) in limits {
+        let (above, below) = spec.bounds();
+        let finite = [above, below].iter().flatten().all(|v| v.is_finite());
+        let ordered = match (above, below) {
+            (Some(a), Some(b)) => b < a,
+            (None, None) => false,
+            _ => true,
+        };
+        check(
+            key,
+            !metric.is_empty() && finite && ordered,
+            "each limit needs a metric name and a finite `above` and/or `below` (below < above)",
+        )?;
+    }
+    Ok(())
+}
+
 fn ten() -> u32 {
     10
 }
 
 fn sixty() -> u64 {
     60
+}
+
+/// One `[[analytics.device_limits]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceLimitSpec {
+    /// Device id pattern: `*` any run of characters, `?` one character.
+    pub devices: String,
+    pub limits: BTreeMap<String, LimitSpec>,
 }
 
 /// A metric's safety limit: a bare number is an upper limit, a table may give either side.
@@ -440,21 +475,30 @@ impl LimitSpec {
 impl AnalyticsConfig {
     /// The per-device monitor settings these options describe.
     pub fn monitor_config(&self) -> MonitorConfig {
-        let limits = self
-            .limits
-            .iter()
-            .map(|(metric, spec)| {
-                let (above, below) = spec.bounds();
-                MetricLimit {
-                    metric: metric.clone(),
-                    above,
-                    below,
-                }
-            })
-            .collect();
+        let limits = |specs: &BTreeMap<String, LimitSpec>| {
+            specs
+                .iter()
+                .map(|(metric, spec)| {
+                    let (above, below) = spec.bounds();
+                    MetricLimit {
+                        metric: metric.clone(),
+                        above,
+                        below,
+                    }
+                })
+                .collect()
+        };
         MonitorConfig {
             detector: self.detector.clone(),
-            limits,
+            limits: limits(&self.limits),
+            device_limits: self
+                .device_limits
+                .iter()
+                .map(|d| DeviceLimits {
+                    devices: d.devices.clone(),
+                    limits: limits(&d.limits),
+                })
+                .collect(),
             prediction_every: self.prediction_every,
             ..MonitorConfig::default()
         }
@@ -481,19 +525,16 @@ impl AnalyticsConfig {
             self.prediction_every >= 1,
             "must be at least 1",
         )?;
-        for (metric, spec) in &self.limits {
-            let (above, below) = spec.bounds();
-            let finite = [above, below].iter().flatten().all(|v| v.is_finite());
-            let ordered = match (above, below) {
-                (Some(a), Some(b)) => b < a,
-                (None, None) => false,
-                _ => true,
-            };
+        check_limits("analytics.limits", &self.limits)?;
+        for d in &self.device_limits {
             check(
-                "analytics.limits",
-                !metric.is_empty() && finite && ordered,
-                "each limit needs a metric name and a finite `above` and/or `below` (below < above)",
+                "analytics.device_limits.devices",
+                !d.devices.is_empty()
+                    && d.devices.len() <= 256
+                    && !d.devices.chars().any(|c| c.is_control() || "/+#".contains(c)),
+                "a device id pattern of 1 to 256 bytes, without control characters, `/`, `+` or `#` (`*` any run of characters, `?` one)",
             )?;
+            check_limits("analytics.device_limits.limits", &d.limits)?;
         }
         // The monitor validates its own settings (the detector's above all); building one now
         // turns a bad value into a config error instead of a task that cannot start.
@@ -860,6 +901,40 @@ mod tests {
         assert_eq!(c.mqtt.listen.port(), 1883);
         assert_eq!(c.http.listen.port(), 8080);
         assert!(c.auth.local_only());
+    }
+
+    #[test]
+    fn device_limits_by_pattern() {
+        let text = format!(
+            "{DEFAULT_TOML}\n[[analytics.device_limits]]\ndevices = \"MOTOR-*\"\n\
+             limits = {{ temperature = 95.0, current = {{ above = 20, below = 2 }} }}\n"
+        );
+        let c = Config::parse(&text, "test").expect("parses");
+        let limits = c.analytics.monitor_config().limits_of("MOTOR-3");
+        let of = |m: &str| {
+            limits
+                .iter()
+                .find(|l| l.metric == m)
+                .map(|l| (l.above, l.below))
+        };
+        assert_eq!(of("temperature"), Some((Some(95.0), None)));
+        assert_eq!(of("current"), Some((Some(20.0), Some(2.0))));
+        assert_eq!(
+            of("vibration"),
+            Some((Some(7.1), None)),
+            "the general one stays"
+        );
+        let pump = c.analytics.monitor_config().limits_of("PUMP-3");
+        assert_eq!(pump.len(), 2);
+        for bad in [
+            "devices = \"\"\nlimits = { t = 1.0 }",
+            "devices = \"a/b\"\nlimits = { t = 1.0 }",
+            "devices = \"a*\"\nlimits = { t = { above = 1, below = 2 } }",
+        ] {
+            let text = format!("{DEFAULT_TOML}\n[[analytics.device_limits]]\n{bad}\n");
+            let err = Config::parse(&text, "test").unwrap_err().to_string();
+            assert!(err.contains("analytics.device_limits"), "{err}");
+        }
     }
 
     #[test]

@@ -431,3 +431,55 @@ fn metrics_that_stop_arriving_give_one_missing_metric_alert() {
     let (status, _) = v.terminate();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn limits_for_a_device_pattern_replace_the_general_ones() {
+    let mut v = Vigil::start_with(|t| {
+        format!(
+            "{t}\n[[analytics.device_limits]]\ndevices = \"MOTOR-*\"\nlimits = {{ temperature = 95.0 }}\n"
+        )
+    });
+    wait_subscribed(&v);
+    let mut alerts = Sub::start(v.port(), &["-t", "device/+/alerts", "-q", "1"]);
+    // 90 degrees: over the general 85, under the motors' 95.
+    for id in ["MOTOR-1", "PUMP-1"] {
+        publish_lines(
+            v.port(),
+            &format!("device/{id}/telemetry"),
+            "{\"temperature\":90.0}",
+        );
+    }
+    publish_lines(
+        v.port(),
+        "device/MOTOR-1/telemetry",
+        "{\"temperature\":96.0}",
+    );
+    alerts.expect_messages(2, Duration::from_secs(10));
+    let got = alerts
+        .drain(Duration::from_millis(500))
+        .iter()
+        .map(|m| payload(m).1)
+        .map(|a| {
+            (
+                a["device_id"].clone(),
+                a["kind"].clone(),
+                a["value"].clone(),
+            )
+        })
+        .collect::<Vec<_>>();
+    let mut seen = got
+        .iter()
+        .map(|(d, k, v)| {
+            format!(
+                "{} {} {}",
+                d.as_str().unwrap_or("?"),
+                k.as_str().unwrap_or("?"),
+                v
+            )
+        })
+        .collect::<Vec<_>>();
+    seen.sort();
+    assert_eq!(seen, ["MOTOR-1 threshold 96.0", "PUMP-1 threshold 90.0"]);
+    let (status, _) = v.terminate();
+    assert!(status.success(), "{status:?}");
+}

@@ -56,14 +56,62 @@ impl MetricLimit {
     }
 }
 
+/// Safety limits for the devices whose id matches `devices`, a pattern in which `*` stands for
+/// any run of characters (none included) and `?` for exactly one; every other character stands
+/// for itself (`MOTOR-*`, `plc-1??`, `*-north`, or an exact id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceLimits {
+    /// Which devices: a pattern over the device id.
+    pub devices: String,
+    /// Their limits, per metric.
+    pub limits: Vec<MetricLimit>,
+}
+
+/// Whether `id` matches `pattern` (see [`DeviceLimits`]). Linear in their lengths times the
+/// pattern's `*`s at worst; runs once per device, when its monitor is created.
+pub fn device_matches(pattern: &str, id: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = id.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    // The last `*` seen and the text position it is currently taken to end at.
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            Some(&c) if c == '?' || c == t[ti] => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                // Let the last `*` take one more character and try again from there.
+                Some((sp, st)) => {
+                    star = Some((sp, st + 1));
+                    pi = sp + 1;
+                    ti = st + 1;
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
 /// Settings of a `DeviceMonitor`; every field is optional when deserialising.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MonitorConfig {
     /// Streaming anomaly detector settings.
     pub detector: DetectorConfig,
-    /// Safety limits per metric.
+    /// Safety limits per metric, for every device.
     pub limits: Vec<MetricLimit>,
+    /// Limits for the devices whose id matches a pattern. For each metric, the first entry
+    /// (in order) that matches the device and names the metric sets its limit, in place of
+    /// `limits`; a metric none of them names keeps its entry in `limits`.
+    pub device_limits: Vec<DeviceLimits>,
     /// Points kept per metric for the trend fit.
     pub trend_capacity: usize,
     /// A prediction message is produced every this many readings of a metric.
@@ -83,11 +131,30 @@ pub struct MonitorConfig {
     pub rearm_after: u64,
 }
 
+impl MonitorConfig {
+    /// The limits that apply to `device_id`: per metric, the first matching `device_limits`
+    /// entry that names it, else its entry in `limits`.
+    pub fn limits_of(&self, device_id: &str) -> Vec<MetricLimit> {
+        let mut out: Vec<MetricLimit> = Vec::new();
+        let matching = self
+            .device_limits
+            .iter()
+            .filter(|d| device_matches(&d.devices, device_id));
+        for limit in matching.flat_map(|d| &d.limits).chain(&self.limits) {
+            if !out.iter().any(|l| l.metric == limit.metric) {
+                out.push(limit.clone());
+            }
+        }
+        out
+    }
+}
+
 impl Default for MonitorConfig {
     fn default() -> Self {
         Self {
             detector: DetectorConfig::default(),
             limits: Vec::new(),
+            device_limits: Vec::new(),
             trend_capacity: 120,
             prediction_every: 10,
             forecast_alert_horizon_s: 3600.0,
@@ -170,13 +237,16 @@ pub struct DeviceMonitor {
 }
 
 impl DeviceMonitor {
-    /// Creates the monitor of `device_id` after validating `config`.
-    pub fn new(device_id: &str, config: MonitorConfig) -> Result<Self, MonitorError> {
+    /// Creates the monitor of `device_id` after validating `config`. The device's limits are
+    /// resolved now (`MonitorConfig::device_limits`); the monitor keeps only its own.
+    pub fn new(device_id: &str, mut config: MonitorConfig) -> Result<Self, MonitorError> {
         if config.trend_capacity < 3 || config.prediction_every == 0 {
             return Err(MonitorError::InvalidConfig(
                 "trend_capacity must be at least 3 and prediction_every positive",
             ));
         }
+        config.limits = config.limits_of(device_id);
+        config.device_limits = Vec::new();
         Ok(Self {
             device_id: device_id.to_string(),
             detector: DeviceDetector::new(config.detector.clone())?,
@@ -342,6 +412,91 @@ mod tests {
             ..MonitorConfig::default()
         };
         DeviceMonitor::new("MOTOR-01", config).expect("config")
+    }
+
+    #[test]
+    fn device_patterns_and_the_limits_they_select() {
+        for (pattern, id, expected) in [
+            ("MOTOR-*", "MOTOR-01", true),
+            ("MOTOR-*", "MOTOR-", true),
+            ("MOTOR-*", "motor-01", false),
+            ("plc-1??", "plc-101", true),
+            ("plc-1??", "plc-1011", false),
+            ("*-north", "pump-7-north", true),
+            ("*-north", "pump-7-northeast", false),
+            ("a*b*c", "axxbyybzc", true),
+            ("a*b*c", "axxcyyb", false),
+            ("*", "", true),
+            ("", "", true),
+            ("", "x", false),
+            ("pompe-?", "pompe-é", true),
+            ("exact-id", "exact-id", true),
+        ] {
+            assert_eq!(device_matches(pattern, id), expected, "{pattern} {id}");
+        }
+        let limit = |metric: &str, above: f64| MetricLimit {
+            metric: metric.into(),
+            above: Some(above),
+            below: None,
+        };
+        let config = MonitorConfig {
+            limits: vec![limit("temperature", 85.0), limit("vibration", 7.1)],
+            device_limits: vec![
+                DeviceLimits {
+                    devices: "MOTOR-9*".into(),
+                    limits: vec![limit("temperature", 110.0)],
+                },
+                DeviceLimits {
+                    devices: "MOTOR-*".into(),
+                    limits: vec![limit("temperature", 95.0), limit("current", 20.0)],
+                },
+            ],
+            ..MonitorConfig::default()
+        };
+        let above = |id: &str| {
+            let mut l: Vec<_> = config
+                .limits_of(id)
+                .into_iter()
+                .map(|l| (l.metric, l.above.unwrap_or(f64::NAN)))
+                .collect();
+            l.sort_by(|a, b| a.0.cmp(&b.0));
+            l
+        };
+        let s = |m: &str, v: f64| (m.to_string(), v);
+        assert_eq!(
+            above("PUMP-1"),
+            [s("temperature", 85.0), s("vibration", 7.1)]
+        );
+        assert_eq!(
+            above("MOTOR-1"),
+            [
+                s("current", 20.0),
+                s("temperature", 95.0),
+                s("vibration", 7.1)
+            ]
+        );
+        assert_eq!(
+            above("MOTOR-90"),
+            [
+                s("current", 20.0),
+                s("temperature", 110.0),
+                s("vibration", 7.1)
+            ]
+        );
+        // A monitor keeps only its own limits: 90 degrees alarms a pump, not a motor.
+        for (id, alarms) in [("PUMP-1", 1), ("MOTOR-1", 0)] {
+            let mut m = DeviceMonitor::new(id, config.clone()).expect("config");
+            let out = m.ingest(&Reading {
+                timestamp_ms: 0,
+                metrics: vec![("temperature".into(), 90.0)],
+            });
+            let n = out
+                .alerts
+                .iter()
+                .filter(|a| a.kind == AlertKind::Threshold)
+                .count();
+            assert_eq!(n, alarms, "{id}");
+        }
     }
 
     #[test]
