@@ -381,6 +381,14 @@ fn one() -> usize {
     1
 }
 
+fn ten() -> u32 {
+    10
+}
+
+fn sixty() -> u64 {
+    60
+}
+
 /// The live analytics task (`live`): which devices it tracks and how hard it may work.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -429,14 +437,6 @@ fn check_limits(
         )?;
     }
     Ok(())
-}
-
-fn ten() -> u32 {
-    10
-}
-
-fn sixty() -> u64 {
-    60
 }
 
 /// One `[[analytics.device_limits]]` entry.

@@ -2064,71 +2064,51 @@ impl MetricOutcome {
     /// The alert message to publish for this outcome, if it raised one.
     pub fn to_alert(&self, device_id: &str) -> Option<AlertMessage> {
         let severity = self.outcome.alert?;
-        if let Some(missing) = &self.missing {
+        let (metric, value, score) = (&self.metric, self.value, self.outcome.score);
+        // The rule-based checks state a fact, like a threshold alert: score 1.
+        let (message, score, action) = if let Some(missing) = &self.missing {
             let also = if missing.also.is_empty() {
                 String::new()
             } else {
                 format!(" (and {})", missing.also.join(", "))
             };
-            let mut alert = AlertMessage::new(
-                device_id,
-                severity,
-                AlertKind::Anomaly,
-                &self.metric,
-                self.value,
-                1.0,
-                format!(
-                    "{}{also} missing from the device's last {} readings; it was in almost \
-                     every reading before (last value {})",
-                    self.metric, missing.readings, self.value
-                ),
-                self.timestamp_ms,
+            let message = format!(
+                "{metric}{also} missing from the device's last {} readings; it was in almost \
+                 every reading before (last value {value})",
+                missing.readings
             );
-            alert.action = MISSING_ACTION.to_string();
-            return Some(alert);
-        }
-        if let Some(run) = self.outcome.stuck {
-            let mut alert = AlertMessage::new(
-                device_id,
-                severity,
-                AlertKind::Anomaly,
-                &self.metric,
-                self.value,
-                1.0,
-                format!(
-                    "{} has reported {} for {run} readings in a row; it normally changes from \
-                     one reading to the next (sensor stuck?)",
-                    self.metric, self.value
-                ),
-                self.timestamp_ms,
+            (message, 1.0, Some(MISSING_ACTION))
+        } else if let Some(run) = self.outcome.stuck {
+            let message = format!(
+                "{metric} has reported {value} for {run} readings in a row; it normally changes \
+                 from one reading to the next (sensor stuck?)"
             );
-            alert.action = STUCK_ACTION.to_string();
-            return Some(alert);
-        }
-        let message = match &self.cross {
-            Some(cross) => format!(
-                "{} = {} does not fit {}, which predict about {:.4} (likelihood {:.6})",
-                self.metric,
-                self.value,
+            (message, 1.0, Some(STUCK_ACTION))
+        } else if let Some(cross) = &self.cross {
+            let message = format!(
+                "{metric} = {value} does not fit {}, which predict about {:.4} (likelihood \
+                 {score:.6})",
                 cross.others.join(", "),
                 cross.expected,
-                self.outcome.score
-            ),
-            None => format!(
-                "{} = {} is anomalous (likelihood {:.6})",
-                self.metric, self.value, self.outcome.score
-            ),
+            );
+            (message, score, None)
+        } else {
+            let message = format!("{metric} = {value} is anomalous (likelihood {score:.6})");
+            (message, score, None)
         };
         let mut alert = AlertMessage::new(
             device_id,
             severity,
             AlertKind::Anomaly,
-            &self.metric,
-            self.value,
-            self.outcome.score,
+            metric,
+            value,
+            score,
             message,
             self.timestamp_ms,
         );
+        if let Some(action) = action {
+            alert.action = action.to_string();
+        }
         alert.expected = self.cross.as_ref().map(|c| c.expected);
         Some(alert)
     }
