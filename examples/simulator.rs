@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --example simulator -- --devices 5 --rate 1 --port 1883 \
-//!     [--fault bearing-wear|overheating|stuck|dropout|cooling-loss --fault-device 0 --fault-after-secs 600]
+//!     [--fault bearing-wear|overheating|stuck|dropout|silent|cooling-loss --fault-device 0 --fault-after-secs 600]
 //! mosquitto_sub -p 1883 -t 'device/+/alerts' -t 'device/+/predictions' -v
 //! ```
 //!
@@ -31,6 +31,8 @@ enum Fault {
     Stuck,
     /// The device mostly stops reporting and sends incomplete readings.
     Dropout,
+    /// The device stays connected but stops reporting altogether (a hung firmware loop).
+    Silent,
     /// The cooling weakens: the temperature rises further with load than it used to (up to
     /// 4 degrees more at full load, reached over 2 minutes), while every value stays in its
     /// usual range. Only the cross-metric channel sees it.
@@ -130,6 +132,7 @@ impl Motor {
             Some((Fault::Overheating, s)) => temperature += 0.05 * s,
             Some((Fault::Stuck, _)) => temperature = self.last_temperature,
             Some((Fault::CoolingLoss, s)) => temperature += 4.0 * load * (s / 120.0).min(1.0),
+            Some((Fault::Silent, _)) => return None,
             Some((Fault::Dropout, _)) => {
                 if self.rng.gen_bool(0.8) {
                     return None;
