@@ -208,6 +208,7 @@ pub async fn run(
     }
     if config.analytics.enabled {
         edge.subscribed.insert(live::TELEMETRY_FILTER.as_bytes());
+        edge.subscribed.insert(live::STATUS_FILTER.as_bytes());
         // Tracked with the connections, so shutdown waits for it too.
         edge.tracker.spawn(live::run(
             edge.clone(),

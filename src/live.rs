@@ -38,6 +38,9 @@ use crate::mqtt;
 pub const CLIENT_ID: &str = "i-analytics";
 /// The subscription that feeds the task.
 pub const TELEMETRY_FILTER: &str = "device/+/telemetry";
+/// Device presence (`{"status":"offline"}`, often a retained last will): a device that says it
+/// is going offline is not reported silent.
+pub const STATUS_FILTER: &str = "device/+/status";
 /// The task also subscribes to its own output and drops what comes back. rumqttd remembers
 /// which filters a topic matches only for topics that match at least one, and matches every
 /// publish to any other topic against every filter it holds: with a dashboard session per
@@ -276,6 +279,21 @@ impl Analytics {
         }
     }
 
+    /// Handles a message on `device/<id>/status`: a device that says it is offline (`offline`
+    /// or `disconnected`, as the payload itself or its `status` field, in any case) is not
+    /// reported silent until it reports again.
+    pub fn handle_status(&mut self, topic: &str, payload: &[u8]) {
+        let id = topic
+            .strip_prefix("device/")
+            .and_then(|rest| rest.strip_suffix("/status"));
+        let Some(device) = id.and_then(|id| self.devices.get_mut(id)) else {
+            return;
+        };
+        if says_offline(payload) {
+            device.silence.excuse();
+        }
+    }
+
     /// Forgets every device's message timing: called when a core connection starts, since
     /// while this task had none it heard nothing from anybody, and that is not the devices'
     /// silence.
@@ -299,7 +317,12 @@ impl Analytics {
             if let Ok(payload) = serde_json::to_vec(&alert) {
                 Metrics::inc(&self.metrics.analytics.silences);
                 self.metrics.analytics.alert(alert.severity.as_str());
-                tracing::info!(device = %id, silent_ms = silence.silent_ms, usual_ms = silence.usual_ms, "device silent");
+                tracing::info!(
+                    device = %id,
+                    silent_ms = silence.silent_ms,
+                    usual_ms = silence.usual_ms,
+                    "device silent"
+                );
                 out.push(Outgoing {
                     topic: format!("device/{id}/alerts"),
                     qos: 1,
@@ -684,7 +707,8 @@ async fn session(
     let mut read_buf = link.read_buf;
     state.forget_silences();
     let mut out = BytesMut::with_capacity(4096);
-    let filters: Vec<(Bytes, u8)> = std::iter::once(TELEMETRY_FILTER)
+    let filters: Vec<(Bytes, u8)> = [TELEMETRY_FILTER, STATUS_FILTER]
+        .into_iter()
         .chain(OUTPUT_FILTERS)
         .map(|f| (Bytes::from_static(f.as_bytes()), 0))
         .collect();
@@ -726,6 +750,11 @@ async fn session(
                                 // Subscribed at QoS 0, so this does not happen; answer anyway
                                 // so the core never waits on us.
                                 mqtt::put_ack(&mut out, mqtt::PUBACK, publish.pkid);
+                            }
+                            if publish.topic.ends_with(b"/status") {
+                                let opened = envelope::open(publish.payload.clone());
+                                state.handle_status(publish.topic_str(), &opened.payload);
+                                continue;
                             }
                             if !publish.topic.ends_with(b"/telemetry") {
                                 // Our own output coming back (see OUTPUT_FILTERS).
@@ -820,6 +849,28 @@ fn emit(
             Metrics::inc(&metrics.analytics.dropped_qos0);
         }
     }
+}
+
+/// Whether a `device/<id>/status` payload says the device is offline: `offline` or
+/// `disconnected` (any case), bare, as a JSON string, or as the `status` field of a JSON object.
+fn says_offline(payload: &[u8]) -> bool {
+    const MAX_STATUS_BYTES: usize = 1024;
+    if payload.len() > MAX_STATUS_BYTES {
+        return false;
+    }
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return false;
+    };
+    let status = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(o)) => match o.get("status") {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            _ => return false,
+        },
+        Ok(serde_json::Value::String(s)) => s,
+        _ => text.to_string(),
+    };
+    let status = status.trim();
+    status.eq_ignore_ascii_case("offline") || status.eq_ignore_ascii_case("disconnected")
 }
 
 /// How often the devices are checked for silence.
@@ -1059,6 +1110,23 @@ mod tests {
         let p = mqtt::parse_core_publish(&frame).expect("publish");
         assert_eq!((p.qos, p.topic_str()), (1, "device/d/alerts"));
         assert_eq!(envelope::open(p.payload).qos, Some(1));
+    }
+
+    #[test]
+    fn offline_statuses() {
+        for (payload, offline) in [
+            (&br#"{"status":"offline"}"#[..], true),
+            (br#"{"status": "Offline ", "at": 1}"#, true),
+            (br#""disconnected""#, true),
+            (b"OFFLINE", true),
+            (br#"{"status":"online"}"#, false),
+            (br#"{"state":"offline"}"#, false),
+            (b"online", false),
+            (b"\xff\xfe", false),
+            (b"", false),
+        ] {
+            assert_eq!(says_offline(payload), offline, "{payload:?}");
+        }
     }
 
     #[test]

@@ -354,9 +354,24 @@ fn a_device_that_goes_silent_gets_one_alert_per_silence() {
             .collect::<Vec<_>>()
             .join("\n")
     };
-    // sim-quiet sends 20 messages (19 intervals known), sim-new only 10: too few to judge.
+    // sim-quiet sends 20 messages (19 intervals known), sim-new only 10: too few to judge;
+    // sim-off sends 20, then says it is going offline (retained, as a last will would).
     publish_lines(v.port(), "device/sim-quiet/telemetry", &readings(20));
     publish_lines(v.port(), "device/sim-new/telemetry", &readings(10));
+    publish_lines(v.port(), "device/sim-off/telemetry", &readings(20));
+    let said = publish(
+        v.port(),
+        &[
+            "-t",
+            "device/sim-off/status",
+            "-q",
+            "1",
+            "-r",
+            "-m",
+            "{\"status\":\"offline\"}",
+        ],
+    );
+    assert!(said.status.success(), "{said:?}");
     let quiet = |l: &str| l.starts_with("MSG|device/sim-quiet/alerts");
     if alerts.wait_for(quiet, Duration::from_secs(10)).is_none() {
         panic!("no silence alert; log:\n{}", v.log());
@@ -373,7 +388,8 @@ fn a_device_that_goes_silent_gets_one_alert_per_silence() {
             .is_some_and(|m| m.starts_with("no telemetry for")),
         "{alert}"
     );
-    // Once per silence, and nothing about the device with too short a record.
+    // Once per silence, and nothing about the device with too short a record or the one that
+    // said it was going offline.
     let all = alerts.drain(Duration::from_millis(2500));
     assert_eq!(all.len(), 1, "{all:#?}");
     // It reports again, then falls silent again: a new alert.

@@ -86,6 +86,12 @@ impl SilenceWatch {
         self.reported = false;
     }
 
+    /// The device said it is going offline (its `status`): the silence that follows is not
+    /// reported. Its next message re-arms the watch.
+    pub fn excuse(&mut self) {
+        self.reported = true;
+    }
+
     /// Forgets the device's timing (it now reports through another instance): it is not
     /// judged until it has sent `GAPS` more intervals here.
     pub fn forget(&mut self) {
@@ -183,6 +189,15 @@ mod tests {
         assert_eq!(off.check(&never, i64::MAX), None);
         off.forget();
         assert_eq!(off.check(&RULE, i64::MAX), None);
+        // A device that announced it is going offline is not reported, until it reports again.
+        let mut said = SilenceWatch::default();
+        for i in 0..=16 {
+            said.note(i * 1000);
+        }
+        said.excuse();
+        assert_eq!(said.check(&RULE, 1_000_000), None);
+        said.note(1_000_000);
+        assert!(said.check(&RULE, 2_000_000).is_some());
         assert_eq!(std::mem::size_of::<SilenceWatch>(), 88);
     }
 }
