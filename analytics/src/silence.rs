@@ -6,8 +6,9 @@
 //! the device silent when nothing has arrived for `factor` times its usual interval between
 //! messages (the median of its last `GAPS` intervals), and at least `min_ms`. A device is only
 //! judged once `GAPS` intervals are known, and each silence is reported once: the watch re-arms
-//! when the device reports again. O(1) per message; a check costs a median of 16 numbers, and
-//! only once the device has been quiet for `min_ms`. 88 bytes per device.
+//! when the device reports again. A device that said it is going offline is excused
+//! ([`SilenceWatch::excuse`]) until then. O(1) per message; a check costs a median of 16
+//! numbers, and only once the device has been quiet for `min_ms`. 88 bytes per device.
 
 use crate::alert::{AlertKind, AlertMessage, Severity};
 
