@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use vigil_analytics::alert::AlertMessage;
 use vigil_analytics::detector::{DetectorError, TrainedModel};
 use vigil_analytics::monitor::{DeviceMonitor, MonitorConfig, MonitorError};
 use vigil_analytics::silence::{SilenceRule, SilenceWatch};
@@ -313,21 +314,14 @@ impl Analytics {
             let Some(silence) = device.silence.check(&self.silence_rule, now_ms) else {
                 continue;
             };
-            let alert = silence.to_alert(id, now_ms);
-            if let Ok(payload) = serde_json::to_vec(&alert) {
+            if push_alert(&self.metrics, id, &silence.to_alert(id, now_ms), out) {
                 Metrics::inc(&self.metrics.analytics.silences);
-                self.metrics.analytics.alert(alert.severity.as_str());
                 tracing::info!(
                     device = %id,
                     silent_ms = silence.silent_ms,
                     usual_ms = silence.usual_ms,
                     "device silent"
                 );
-                out.push(Outgoing {
-                    topic: format!("device/{id}/alerts"),
-                    qos: 1,
-                    payload,
-                });
             }
         }
     }
@@ -347,14 +341,7 @@ impl Analytics {
                 .points
                 .fetch_add(result.scored_points() as u64, Relaxed);
             for alert in &result.alerts {
-                if let Ok(payload) = serde_json::to_vec(alert) {
-                    metrics.analytics.alert(alert.severity.as_str());
-                    out.push(Outgoing {
-                        topic: format!("device/{id}/alerts"),
-                        qos: 1,
-                        payload,
-                    });
-                }
+                push_alert(metrics, id, alert, out);
             }
             for prediction in &result.predictions {
                 if let Ok(payload) = serde_json::to_vec(prediction) {
@@ -849,6 +836,21 @@ fn emit(
             Metrics::inc(&metrics.analytics.dropped_qos0);
         }
     }
+}
+
+/// Queues `alert` for `device/<id>/alerts` at QoS 1 and counts it by severity; whether it
+/// could be serialised.
+fn push_alert(metrics: &Metrics, id: &str, alert: &AlertMessage, out: &mut Vec<Outgoing>) -> bool {
+    let Ok(payload) = serde_json::to_vec(alert) else {
+        return false;
+    };
+    metrics.analytics.alert(alert.severity.as_str());
+    out.push(Outgoing {
+        topic: format!("device/{id}/alerts"),
+        qos: 1,
+        payload,
+    });
+    true
 }
 
 /// Whether a `device/<id>/status` payload says the device is offline: `offline` or

@@ -512,13 +512,10 @@ impl DetectorConfig {
     /// present, that reading included, so `missing_readings` absences make `missing_readings
     /// + 1`; how often a metric is absent does not matter, only how long.
     fn missing_rule(&self) -> RunRule {
-        let narrow = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         RunRule {
-            min_run: narrow(self.missing_readings.saturating_add(1)),
-            factor: narrow(self.stuck_factor),
-            min_changes: narrow(self.stuck_min_changes),
+            min_run: u32::try_from(self.missing_readings.saturating_add(1)).unwrap_or(u32::MAX),
             max_repeat_share: 1.0,
-            epoch_readings: narrow(self.history),
+            ..self.stuck_rule()
         }
     }
 
@@ -1446,8 +1443,6 @@ pub struct MetricDetector {
     absence: RunWatch,
     /// The device's reading count when this metric was last in one (`DeviceDetector::feed`).
     seen_in: u64,
-    /// The metric's last value.
-    last_value: f64,
 }
 
 impl MetricDetector {
@@ -1480,7 +1475,6 @@ impl MetricDetector {
             stuck_before_alert: false,
             absence: RunWatch::default(),
             seen_in: 0,
-            last_value: f64::NAN,
         }
     }
 
@@ -1506,9 +1500,6 @@ impl MetricDetector {
     }
 
     fn feed(&mut self, cfg: &DetectorConfig, value: f64, at_ms: Option<i64>) -> PointOutcome {
-        if value.is_finite() {
-            self.last_value = value;
-        }
         let was_frozen = self.is_frozen();
         let stuck = if cfg.stuck_run > 0 {
             self.stuck.update(&cfg.stuck_rule(), value, at_ms)
@@ -2247,7 +2238,9 @@ impl DeviceDetector {
                 None => {
                     found = Some(MetricOutcome {
                         metric: name.clone(),
-                        value: m.last_value,
+                        // Every finite value reaches the features, a stuck run's
+                        // repeats aside, which equal the last one they saw.
+                        value: m.features.last().unwrap_or(f64::NAN),
                         timestamp_ms: at_ms,
                         outcome: PointOutcome {
                             score: 0.0,
@@ -3261,13 +3254,12 @@ mod tests {
                     ),
                     ("vibration".into(), 0.9 + 0.05 * (rng.gen::<f64>() - 0.5)),
                 ];
-                for (name, value) in metrics.iter_mut().filter(|(n, _)| n == frozen) {
+                for (_, value) in metrics.iter_mut().filter(|(n, _)| n == frozen) {
                     if i == 2999 {
                         held = *value;
                     } else if (3000..5000).contains(&i) {
                         *value = held;
                     }
-                    let _ = name;
                 }
                 let reading = Reading {
                     timestamp_ms: i * 1000,

@@ -45,6 +45,11 @@ impl FeatureState {
         self.n
     }
 
+    /// The last finite value fed, if any.
+    pub fn last(&self) -> Option<f64> {
+        (self.n > 0).then_some(self.last)
+    }
+
     /// Long-run exponentially weighted standard deviation of the value.
     pub fn long_std(&self) -> f64 {
         self.var_long.max(0.0).sqrt()
