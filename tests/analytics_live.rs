@@ -499,3 +499,40 @@ fn limits_for_a_device_pattern_replace_the_general_ones() {
     let (status, _) = v.terminate();
     assert!(status.success(), "{status:?}");
 }
+
+/// Devices in the field write time stamps and values in more ways than RFC 3339 and JSON numbers:
+/// a gateway's tagged value as a string and an ISO 8601 offset without a colon are read (the
+/// threshold alert carries both), and a flat number sent as a string is refused with a reason
+/// that says so.
+#[test]
+fn gateway_style_strings_and_offsets_are_read_and_a_string_metric_is_explained() {
+    let v = Vigil::start();
+    wait_subscribed(&v);
+    let mut alerts = Sub::start(v.port(), &["-t", "device/+/alerts", "-q", "1"]);
+    let mut errors = Sub::start(v.port(), &["-t", "device/+/errors", "-q", "1"]);
+    publish_lines(
+        v.port(),
+        "device/gw-1/telemetry",
+        r#"{"deviceId":"gw-1","timestamp":"2026-01-02T03:04:05.250+0100","values":[{"tag":"temperature","value":"90.5","unit":"C"}]}"#,
+    );
+    publish_lines(
+        v.port(),
+        "device/gw-2/telemetry",
+        r#"{"device_id":"gw-2","temperature":"78.2"}"#,
+    );
+    let got = alerts.expect_messages(1, Duration::from_secs(10));
+    let (_, a) = payload(&got[0]);
+    assert_eq!(a["kind"], "threshold", "{a}");
+    assert_eq!(a["value"], 90.5, "{a}");
+    assert_eq!(a["timestamp"], 1_767_319_445_250_i64, "{a}");
+    let got = errors.expect_messages(1, Duration::from_secs(10));
+    assert!(got[0].starts_with("device/gw-2/errors|0|"), "{got:?}");
+    let (_, e) = payload(&got[0]);
+    assert_eq!(e["code"], "no_metrics", "{e}");
+    assert!(
+        e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("\"temperature\" holds a number as a string")),
+        "{e}"
+    );
+}

@@ -17,10 +17,11 @@ use serde_json::{Map, Value};
 /// 2000-01-01T00:00:00Z in unix milliseconds: earlier timestamps are treated as clock faults.
 pub const MIN_TIMESTAMP_MS: i64 = 946_684_800_000;
 
-/// Numbers at or above this magnitude are read as milliseconds, below it as seconds. 1e11 seconds
-/// is the year 5138 while 1e11 milliseconds is 1973, so the two ranges cannot be confused for any
-/// plausible clock.
-const MS_THRESHOLD: f64 = 1e11;
+/// A numeric timestamp's unit is read from its magnitude: below 1e11 seconds, then milliseconds,
+/// microseconds and nanoseconds, each range a thousand times the previous one. 1e11 seconds is
+/// the year 5138 while 1e11 milliseconds is 1973 (likewise for each larger unit), so the units
+/// cannot be confused for any clock between 2000 and 5000; numbers from 1e20 up are rejected.
+const UNIT_STEPS: [(f64, f64); 4] = [(1e11, 1e3), (1e14, 1.0), (1e17, 1e-3), (1e20, 1e-6)];
 
 /// Keys of a flat payload that are never metrics.
 const RESERVED_KEYS: [&str; 7] = [
@@ -92,9 +93,10 @@ pub enum TelemetryError {
     /// The top level (or a batch element) is not a JSON object.
     #[error("expected a JSON object")]
     NotObject,
-    /// The reading contains no numeric metric.
-    #[error("the reading contains no numeric metric")]
-    NoMetrics,
+    /// The reading contains no numeric metric. The text, empty or starting with a space, names
+    /// a likely cause: a number sent as a string, or metrics inside a nested object.
+    #[error("the reading contains no numeric metric{0}")]
+    NoMetrics(String),
     /// A tagged value spells NaN or infinity.
     #[error("metric {0} is not a finite number")]
     NonFinite(String),
@@ -141,7 +143,7 @@ impl TelemetryError {
             Self::NotJson(_) => "not_json",
             Self::TooDeep(_) => "too_deep",
             Self::NotObject => "not_object",
-            Self::NoMetrics => "no_metrics",
+            Self::NoMetrics(_) => "no_metrics",
             Self::NonFinite(_) => "non_finite",
             Self::BadTimestamp(_) => "bad_timestamp",
             Self::DeviceMismatch { .. } => "device_mismatch",
@@ -203,7 +205,7 @@ pub fn parse(
             });
         }
         if data.is_empty() {
-            return Err(TelemetryError::NoMetrics);
+            return Err(TelemetryError::NoMetrics(" (the batch is empty)".into()));
         }
         check_device(topic_device_id, &obj)?;
         let mut out = Vec::with_capacity(data.len());
@@ -327,10 +329,16 @@ fn parse_reading(
                         push(name, v)?;
                     }
                 }
-                // A tagged value is explicitly meant as a measurement, so a spelled-out NaN or
-                // infinity is reported rather than silently dropped.
+                // A tagged value is explicitly meant as a measurement, so a number written as a
+                // string (as some gateways do) is read, and a spelled-out NaN or infinity is
+                // reported rather than silently dropped.
                 Some(Value::String(s)) if is_non_finite_word(s) => {
                     return Err(TelemetryError::NonFinite(truncate(name, 64)));
+                }
+                Some(Value::String(s)) => {
+                    if let Ok(v) = s.trim().parse::<f64>() {
+                        push(name, v)?;
+                    }
                 }
                 _ => {}
             }
@@ -347,12 +355,38 @@ fn parse_reading(
         }
     }
     if metrics.is_empty() {
-        return Err(TelemetryError::NoMetrics);
+        return Err(TelemetryError::NoMetrics(why_no_metrics(obj)));
     }
     Ok(Reading {
         timestamp_ms,
         metrics,
     })
+}
+
+/// The likely reason a flat reading has no metric, for the error's text: a field holding a number
+/// as a string (flat fields that are strings are descriptive, so they are not read as numbers),
+/// or an object whose fields are not read. Empty when neither is there.
+fn why_no_metrics(obj: &Map<String, Value>) -> String {
+    let fields = || {
+        obj.iter()
+            .filter(|(key, _)| !RESERVED_KEYS.contains(&key.as_str()))
+    };
+    if let Some((key, _)) = fields().find(|(_, v)| {
+        v.as_str()
+            .is_some_and(|s| s.trim().parse::<f64>().is_ok_and(f64::is_finite))
+    }) {
+        return format!(
+            " (field {:?} holds a number as a string: send it as a JSON number)",
+            truncate(key, 64)
+        );
+    }
+    if let Some((key, _)) = fields().find(|(_, v)| v.is_object()) {
+        return format!(
+            " (fields inside the object {:?} are not read: put metrics at the top level)",
+            truncate(key, 64)
+        );
+    }
+    String::new()
 }
 
 fn is_non_finite_word(s: &str) -> bool {
@@ -390,11 +424,24 @@ fn parse_timestamp(v: &Value, now_ms: i64, limits: &Limits) -> Result<i64, Telem
 }
 
 fn numeric_to_ms(x: f64) -> Result<i64, TelemetryError> {
-    if !x.is_finite() || !(0.0..=1e15).contains(&x) {
+    if !x.is_finite() || x < 0.0 {
         return Err(TelemetryError::BadTimestamp("out of range".into()));
     }
-    let ms = if x >= MS_THRESHOLD { x } else { x * 1000.0 };
-    Ok(ms.round() as i64)
+    let (_, to_ms) = UNIT_STEPS
+        .iter()
+        .find(|(below, _)| x < *below)
+        .ok_or_else(|| TelemetryError::BadTimestamp("out of range".into()))?;
+    Ok((x * to_ms).round() as i64)
+}
+
+/// Days in month `m` (1-12) of year `y` in the proleptic Gregorian calendar.
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        2 if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -408,8 +455,9 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// Parses `YYYY-MM-DD[T| ]HH:MM[:SS[.fff]][Z|±HH:MM]` (RFC 3339 and the common space-separated
-/// variant; no offset means UTC) into unix milliseconds. Returns `None` for anything else.
+/// Parses `YYYY-MM-DD[T| ]HH:MM[:SS[.fff]][Z|±HH:MM|±HHMM|±HH]` (RFC 3339, the common
+/// space-separated variant and ISO 8601's other offset forms; no offset means UTC) into unix
+/// milliseconds. Returns `None` for anything else, a day the month does not have included.
 pub fn parse_datetime_ms(s: &str) -> Option<i64> {
     let b = s.as_bytes();
     let num = |r: std::ops::Range<usize>| -> Option<i64> {
@@ -450,8 +498,18 @@ pub fn parse_datetime_ms(s: &str) -> Option<i64> {
     let offset_min = match b.get(i) {
         None => 0,
         Some(b'Z' | b'z') if i + 1 == b.len() => 0,
-        Some(&sign @ (b'+' | b'-')) if b.len() == i + 6 && b[i + 3] == b':' => {
-            let off = num(i + 1..i + 3)? * 60 + num(i + 4..i + 6)?;
+        Some(&sign @ (b'+' | b'-')) => {
+            // `+01:30`, `+0130` or `+01`.
+            let minutes = match b.len() - i {
+                6 if b[i + 3] == b':' => num(i + 4..i + 6)?,
+                5 => num(i + 3..i + 5)?,
+                3 => 0,
+                _ => return None,
+            };
+            let off = num(i + 1..i + 3)? * 60 + minutes;
+            if off > 18 * 60 || minutes > 59 {
+                return None;
+            }
             if sign == b'+' {
                 off
             } else {
@@ -460,8 +518,7 @@ pub fn parse_datetime_ms(s: &str) -> Option<i64> {
         }
         _ => return None,
     };
-    let dim = [31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
-    if !(1..=12).contains(&mo) || d < 1 || d > dim[(mo - 1) as usize] || h > 23 || mi > 59 {
+    if !(1..=12).contains(&mo) || d < 1 || d > days_in_month(y, mo) || h > 23 || mi > 59 {
         return None;
     }
     if sec > 60 {
@@ -509,6 +566,47 @@ mod tests {
         assert_eq!(r[0].timestamp_ms, 1_734_512_000_000);
         let r = p(r#"{"t":1}"#).expect("no timestamp");
         assert_eq!(r[0].timestamp_ms, NOW);
+        // Microseconds and nanoseconds, told apart by magnitude like seconds and milliseconds.
+        let r = p(r#"{"t":1,"timestamp":1734512000123456}"#).expect("us");
+        assert_eq!(r[0].timestamp_ms, 1_734_512_000_123);
+        let r = p(r#"{"t":1,"timestamp":1734512000123456789}"#).expect("ns");
+        assert_eq!(r[0].timestamp_ms, 1_734_512_000_123);
+        let r = p(r#"{"t":1,"timestamp":"1734512000123456"}"#).expect("us as a string");
+        assert_eq!(r[0].timestamp_ms, 1_734_512_000_123);
+    }
+
+    #[test]
+    fn iso_8601_offsets_and_calendar_days() {
+        let at = Some(1_734_512_000_000);
+        for s in [
+            "2024-12-18T10:53:20+02:00",
+            "2024-12-18T10:53:20+0200",
+            "2024-12-18T10:53:20+02",
+            "2024-12-18T07:23:20-01:30",
+            "2024-12-18T07:23:20-0130",
+            "2024-12-18 08:53:20z",
+        ] {
+            assert_eq!(parse_datetime_ms(s), at, "{s}");
+        }
+        assert_eq!(
+            parse_datetime_ms("2024-12-18T10:53:20.250+0200"),
+            Some(1_734_512_000_250)
+        );
+        for s in [
+            "2024-12-18T10:53:20+2",
+            "2024-12-18T10:53:20+020",
+            "2024-12-18T10:53:20+02:0",
+            "2024-12-18T10:53:20+02:60",
+            "2024-12-18T10:53:20+19:00",
+            "2024-12-18T10:53:20+02:00Z",
+            "2023-02-29T00:00:00Z",
+            "1900-02-29T00:00:00Z",
+            "2024-04-31T00:00:00Z",
+        ] {
+            assert_eq!(parse_datetime_ms(s), None, "{s}");
+        }
+        assert!(parse_datetime_ms("2024-02-29T00:00:00Z").is_some());
+        assert!(parse_datetime_ms("2000-02-29T00:00:00Z").is_some());
     }
 
     #[test]
@@ -523,6 +621,32 @@ mod tests {
             .expect("tagged");
         assert_eq!(r[0].metrics, vec![("temperature".to_string(), 42.5)]);
         assert_eq!(r[0].timestamp_ms, 1_734_512_000_000);
+        // A tagged value written as a string is still a measurement.
+        let r = p(r#"{"values":[{"tag":"t","value":" 42.5 "},{"tag":"u","value":"-1e3"}]}"#)
+            .expect("string values");
+        assert_eq!(
+            r[0].metrics,
+            vec![("t".to_string(), 42.5), ("u".to_string(), -1000.0)]
+        );
+    }
+
+    #[test]
+    fn a_reading_without_metrics_says_what_was_probably_meant() {
+        let reason = |payload: &str| p(payload).expect_err("no metric").to_string();
+        assert_eq!(
+            reason(r#"{"status":"ok"}"#),
+            "the reading contains no numeric metric"
+        );
+        assert_eq!(
+            reason(r#"{"status":"ok","temperature":"78.2"}"#),
+            "the reading contains no numeric metric (field \"temperature\" holds a number as a string: send it as a JSON number)"
+        );
+        assert_eq!(
+            reason(r#"{"sensors":{"temperature":78.2}}"#),
+            "the reading contains no numeric metric (fields inside the object \"sensors\" are not read: put metrics at the top level)"
+        );
+        assert_eq!(code(r#"{"temperature":"78.2"}"#), "no_metrics");
+        assert_eq!(code(r#"{"type":"batch","data":[]}"#), "no_metrics");
     }
 
     #[test]
@@ -559,6 +683,12 @@ mod tests {
         assert_eq!(code(r#"{"t":1,"timestamp":"yesterday"}"#), "bad_timestamp");
         assert_eq!(code(r#"{"t":1,"timestamp":4102444800}"#), "bad_timestamp");
         assert_eq!(code(r#"{"t":1,"timestamp":true}"#), "bad_timestamp");
+        assert_eq!(code(r#"{"t":1,"timestamp":1e20}"#), "bad_timestamp");
+        assert_eq!(code(r#"{"t":1,"timestamp":-1734512000}"#), "bad_timestamp");
+        assert_eq!(
+            code(r#"{"t":1,"timestamp":"2023-02-29T00:00:00Z"}"#),
+            "bad_timestamp"
+        );
         assert_eq!(code(r#"{"device_id":"MOTOR-02","t":1}"#), "device_mismatch");
         assert_eq!(code(r#"{"deviceId":7,"t":1}"#), "device_mismatch");
         assert_eq!(code(r#"{"":1}"#), "bad_metric_name");
