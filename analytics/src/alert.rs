@@ -159,6 +159,26 @@ pub struct PredictionMessage {
     pub timestamp: i64,
 }
 
+/// Remaining-useful-life estimate published on `device/<id>/predictions` beside the per-metric
+/// trend predictions, for devices that have a RUL model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RulMessage {
+    /// Always `"RUL"`.
+    #[serde(rename = "type")]
+    pub kind_tag: String,
+    /// The device the estimate is about.
+    pub device_id: String,
+    /// Estimated operating cycles left before failure, one cycle being one reading of the
+    /// device (as one row of the training histories); at most `cap`.
+    pub remaining_cycles: f64,
+    /// The model's cap: an estimate at the cap means "no wear visible yet".
+    pub cap: f64,
+    /// Readings of the device the model has taken since vigil started tracking it.
+    pub readings: u64,
+    /// Unix time in milliseconds of the newest reading used.
+    pub timestamp: i64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

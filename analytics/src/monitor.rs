@@ -9,14 +9,21 @@
 //! re-arm only after their condition has been clear for `rearm_after` readings of the metric,
 //! so a value hovering at its limit, or spikes crossing it, give one alert, not one per
 //! crossing.
+//!
+//! A device may also carry a remaining-useful-life model (`DeviceMonitor::set_rul`): every
+//! `prediction_every` readings that carry its metrics it estimates the cycles left, and raises
+//! one forecast alert when the estimate falls to `alert_below`, latched like the others.
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::alert::{AlertKind, AlertMessage, PredictionMessage, Severity};
+use crate::alert::{AlertKind, AlertMessage, PredictionMessage, RulMessage, Severity};
 use crate::detector::{
     DetectorConfig, DetectorError, DeviceDetector, MetricOutcome, RefitJob, TrainedModel,
 };
 use crate::forecast::{Limit, TrendTracker};
+use crate::rul::{RulModel, RulTracker};
 use crate::telemetry::Reading;
 
 /// Errors of the monitor.
@@ -165,6 +172,9 @@ impl Default for MonitorConfig {
     }
 }
 
+/// The `metric` of remaining-useful-life alerts.
+pub const RUL_METRIC: &str = "remaining_useful_life";
+
 /// Per-metric state besides the anomaly detector.
 #[derive(Debug, Clone)]
 struct MetricState {
@@ -217,6 +227,8 @@ pub struct MonitorOutput {
     pub alerts: Vec<AlertMessage>,
     /// Predictions to publish on `device/<id>/predictions`.
     pub predictions: Vec<PredictionMessage>,
+    /// A remaining-useful-life estimate to publish on `device/<id>/predictions`.
+    pub rul: Option<RulMessage>,
 }
 
 impl MonitorOutput {
@@ -227,6 +239,15 @@ impl MonitorOutput {
     }
 }
 
+/// A device's remaining-useful-life model and the alert latched on it.
+#[derive(Debug, Clone)]
+struct RulWatch {
+    tracker: RulTracker,
+    /// Alert when the estimate is at or below this many cycles (0: never).
+    alert_below: f64,
+    low: Latch,
+}
+
 /// Analytics state of one device.
 #[derive(Debug, Clone)]
 pub struct DeviceMonitor {
@@ -234,6 +255,7 @@ pub struct DeviceMonitor {
     config: MonitorConfig,
     detector: DeviceDetector,
     metrics: Vec<MetricState>,
+    rul: Option<RulWatch>,
 }
 
 impl DeviceMonitor {
@@ -252,7 +274,18 @@ impl DeviceMonitor {
             detector: DeviceDetector::new(config.detector.clone())?,
             config,
             metrics: Vec::new(),
+            rul: None,
         })
+    }
+
+    /// Gives the device a remaining-useful-life model: from now on its readings feed it, and an
+    /// estimate at or below `alert_below` cycles raises a forecast alert (0 or less: never).
+    pub fn set_rul(&mut self, model: Arc<RulModel>, alert_below: f64) {
+        self.rul = Some(RulWatch {
+            tracker: RulTracker::new(model),
+            alert_below,
+            low: Latch::default(),
+        });
     }
 
     /// The device this monitor belongs to.
@@ -263,7 +296,9 @@ impl DeviceMonitor {
     /// Upper bound of this monitor's memory: the detector's bound plus the trend buffers.
     pub fn memory_bound_bytes(&self) -> usize {
         let d = &self.config.detector;
-        d.bytes_per_device() + d.max_metrics * (self.config.trend_capacity * 16 + 128)
+        d.bytes_per_device()
+            + d.max_metrics * (self.config.trend_capacity * 16 + 128)
+            + self.rul.as_ref().map_or(0, |w| w.tracker.bytes())
     }
 
     /// Feeds one reading and returns the scores, alerts and predictions it produced.
@@ -372,7 +407,55 @@ impl DeviceMonitor {
             });
             state.score_max = 0.0;
         }
+        self.estimate_rul(reading, &mut out);
         out
+    }
+
+    /// Feeds the RUL model, if any, and every `prediction_every` of its readings adds its
+    /// estimate (and the alert, if the estimate has fallen low) to `out`.
+    fn estimate_rul(&mut self, reading: &Reading, out: &mut MonitorOutput) {
+        let Some(watch) = self.rul.as_mut() else {
+            return;
+        };
+        if !watch.tracker.push(&reading.metrics) {
+            return;
+        }
+        let n = watch.tracker.readings();
+        if n % self.config.prediction_every as u64 != 0 {
+            return;
+        }
+        let Some(left) = watch.tracker.predict() else {
+            return;
+        };
+        let low = watch.alert_below > 0.0 && left <= watch.alert_below;
+        if watch.low.fires(low, n, self.config.rearm_after) {
+            let severity = if left <= watch.alert_below / 2.0 {
+                Severity::High
+            } else {
+                Severity::Medium
+            };
+            out.alerts.push(AlertMessage::new(
+                &self.device_id,
+                severity,
+                AlertKind::Forecast,
+                RUL_METRIC,
+                left,
+                1.0,
+                format!(
+                    "about {left:.0} operating cycles of useful life left (alert at {:.0})",
+                    watch.alert_below
+                ),
+                reading.timestamp_ms,
+            ));
+        }
+        out.rul = Some(RulMessage {
+            kind_tag: "RUL".into(),
+            device_id: self.device_id.clone(),
+            remaining_cycles: left,
+            cap: watch.tracker.cap(),
+            readings: n,
+            timestamp: reading.timestamp_ms,
+        });
     }
 
     /// The next model refit the detector wants (see `DeviceDetector::needs_refit`).
@@ -412,6 +495,80 @@ mod tests {
             ..MonitorConfig::default()
         };
         DeviceMonitor::new("MOTOR-01", config).expect("config")
+    }
+
+    #[test]
+    fn a_rul_model_gives_estimates_and_one_alert_as_the_machine_wears() {
+        use crate::rul::{CycleRow, RulConfig, N_SENSORS};
+        // "wear" rises over the last 100 cycles of every run, "noise" is noise.
+        let run = |life: u32| -> Vec<[f64; 2]> {
+            (1..=life)
+                .map(|c| {
+                    let wear = (f64::from(c) - f64::from(life) + 100.0).max(0.0);
+                    [wear, f64::from(c * 7919 % 13) / 13.0]
+                })
+                .collect()
+        };
+        let mut rows = Vec::new();
+        for unit in 1..=20u32 {
+            for (c, [wear, noise]) in run(150 + 5 * unit).into_iter().enumerate() {
+                let mut sensors = [0.0; N_SENSORS];
+                sensors[0] = wear;
+                sensors[1] = noise;
+                rows.push(CycleRow {
+                    unit,
+                    cycle: c as u32 + 1,
+                    settings: [0.0; 3],
+                    sensors,
+                });
+            }
+        }
+        let config = RulConfig {
+            rounds: 30,
+            learning_rate: 0.2,
+            min_leaf: 20,
+            ..RulConfig::default()
+        };
+        let model = RulModel::train(&rows, &config)
+            .expect("train")
+            .with_names(vec!["wear".into(), "noise".into()], Vec::new())
+            .expect("names");
+        let mut m = monitor();
+        m.set_rul(Arc::new(model), 30.0);
+        let life = 200;
+        let (mut estimates, mut alerts) = (Vec::new(), Vec::new());
+        for (i, [wear, noise]) in run(life).into_iter().enumerate() {
+            let out = m.ingest(&Reading {
+                timestamp_ms: 1_734_512_000_000 + i as i64 * 1000,
+                metrics: vec![("wear".into(), wear), ("noise".into(), noise)],
+            });
+            estimates.extend(out.rul.map(|r| (i + 1, r)));
+            alerts.extend(
+                out.alerts
+                    .into_iter()
+                    .filter(|a| a.metric == RUL_METRIC)
+                    .map(|a| (i + 1, a)),
+            );
+        }
+        assert_eq!(estimates.len(), life as usize / 10);
+        let (n, first) = &estimates[0];
+        assert_eq!((*n, first.readings, first.cap), (10, 10, 125.0));
+        assert_eq!(first.kind_tag, "RUL");
+        assert!(first.remaining_cycles > 100.0, "{first:?}");
+        let (_, last) = estimates.last().expect("estimates");
+        assert!(last.remaining_cycles < 15.0, "{last:?}");
+        assert_eq!(alerts.len(), 1, "{alerts:?}");
+        let (at, alert) = &alerts[0];
+        let true_left = life as usize - at;
+        assert!(
+            (15..=45).contains(&true_left),
+            "alert {true_left} cycles before the end"
+        );
+        assert_eq!(alert.kind, AlertKind::Forecast);
+        assert!(alert.value <= 30.0);
+        // Readings without the model's metrics are not cycles of the machine.
+        let out = m.ingest(&reading(1000, 20.0));
+        assert!(out.rul.is_none());
     }
 
     #[test]

@@ -6,10 +6,12 @@
 //!    expressed in standard deviations from the mean of its regime (for single-regime data such
 //!    as FD001 this is plain standardisation); sensors that then carry no information (fewer than
 //!    three distinct values) are dropped;
-//! 2. every cycle gets causal features from the engine's own history: the mean of the last
-//!    `short_window` cycles, the mean and the least-squares slope over the last `long_window`
-//!    cycles per kept sensor, plus the number of cycles run so far; features are z-normalised
-//!    with training statistics;
+//! 2. every cycle gets causal features from the engine's own recent history: the mean of the
+//!    last `short_window` cycles, the mean and the least-squares slope over the last
+//!    `long_window` cycles per kept sensor; features are z-normalised with training statistics.
+//!    The machine's age (cycles run so far) is deliberately not a feature: a live service rarely
+//!    knows it (it sees a machine from whenever it started watching), and on FD001 it is worth
+//!    only about 0.2 of RMSE;
 //! 3. training targets are the piecewise-linear RUL, `min(cycles to failure, cap)`, since early
 //!    life shows no measurable degradation;
 //! 4. a linear model (linfa-linear OLS) captures the global trend, and gradient-boosted
@@ -17,10 +19,19 @@
 //!    non-linear knee of the capped target.
 //!
 //! Predictions are clamped to `[0, cap]`.
+//!
+//! A trained model is saved as JSON (`RulModel::to_json`, `RulModel::from_json`) with the
+//! metric names its sensors and settings are read from, so the live service can apply it to a
+//! device's telemetry: a [`RulTracker`] keeps the last `long_window` readings of one machine.
+//! Besides C-MAPSS text, training data can be histories exported by `vigil export` (one CSV file
+//! per machine run to failure, [`parse_runs_csv`]).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
 
 use linfa::dataset::DatasetBase;
 use linfa::traits::{Fit, Predict};
-use linfa_linear::{FittedLinearRegression, LinearRegression};
+use linfa_linear::LinearRegression;
 use ndarray::{Array1, Array2};
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -48,6 +59,9 @@ pub enum RulError {
     /// The linear regression failed.
     #[error("linear regression failed: {0}")]
     Linear(String),
+    /// A saved model could not be read.
+    #[error("not a model file of this version: {0}")]
+    Format(String),
 }
 
 /// One engine cycle.
@@ -197,10 +211,11 @@ impl RulConfig {
     }
 }
 
-/// Raw (unnormalised) features of the last cycle of `history` for the kept sensors.
+/// Raw (unnormalised) features of the last cycle of `history` for the kept sensors. Only the
+/// last `long_window` rows matter.
 fn raw_features(history: &[&CycleRow], kept: &[usize], cfg: &RulConfig) -> Vec<f64> {
     let n = history.len();
-    let mut out = Vec::with_capacity(kept.len() * 3 + 1);
+    let mut out = Vec::with_capacity(kept.len() * 3);
     let short = &history[n.saturating_sub(cfg.short_window)..];
     let long = &history[n.saturating_sub(cfg.long_window)..];
     for &s in kept {
@@ -218,7 +233,6 @@ fn raw_features(history: &[&CycleRow], kept: &[usize], cfg: &RulConfig) -> Vec<f
         let slope = if sxx > 0.0 { sxy / sxx } else { 0.0 };
         out.extend([mean_short, mean_long, slope]);
     }
-    out.push(n as f64);
     out
 }
 
@@ -231,11 +245,12 @@ const MAX_REGIMES: usize = 50;
 /// settings read very different temperatures and pressures; comparing each reading with the
 /// typical reading of its own regime leaves the degradation signal. With a single regime (as in
 /// FD001) this is plain z-normalisation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Regimes {
     keys: Vec<[i64; 3]>,
     mean: Vec<[f64; N_SENSORS]>,
-    std: Vec<[f64; N_SENSORS]>,
+    /// 1 / standard deviation, 0 for a sensor constant within the regime (mapped to 0).
+    inv_std: Vec<[f64; N_SENSORS]>,
 }
 
 /// Regime key of a row: settings rounded to the resolution at which C-MAPSS conditions differ
@@ -288,10 +303,14 @@ impl Regimes {
             // A sensor that is constant within a regime is mapped to 0 rather than divided by 0.
             s.iter_mut().for_each(|v| {
                 let sd = (*v / c.max(1.0)).sqrt();
-                *v = if sd > 1e-9 { sd } else { f64::INFINITY };
+                *v = if sd > 1e-9 { 1.0 / sd } else { 0.0 };
             });
         }
-        Self { keys, mean, std }
+        Self {
+            keys,
+            mean,
+            inv_std: std,
+        }
     }
 
     /// The regime of `settings`: its own key if known, else the nearest known one.
@@ -313,24 +332,37 @@ impl Regimes {
     fn normalise(&self, row: &CycleRow) -> CycleRow {
         let i = self.find(&row.settings);
         let mut out = row.clone();
-        if let (Some(mean), Some(std)) = (self.mean.get(i), self.std.get(i)) {
-            for ((v, m), s) in out.sensors.iter_mut().zip(mean).zip(std) {
-                *v = (*v - m) / s;
+        if let (Some(mean), Some(inv_std)) = (self.mean.get(i), self.inv_std.get(i)) {
+            for ((v, m), s) in out.sensors.iter_mut().zip(mean).zip(inv_std) {
+                *v = (*v - m) * s;
             }
         }
         out
     }
 }
 
+/// Tag of the saved-model format; a file with another one is refused.
+const MODEL_FORMAT: &str = "vigil-rul-1";
+
 /// A fitted remaining-useful-life model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RulModel {
+    format: String,
+    /// Telemetry metric names of sensor slots 0.. (C-MAPSS: `s1`..`s21`).
+    sensor_names: Vec<String>,
+    /// Telemetry metric names of the operating settings (C-MAPSS: `setting1`..`setting3`;
+    /// none for histories without settings).
+    setting_names: Vec<String>,
     config: RulConfig,
     regimes: Regimes,
     kept: Vec<usize>,
     mean: Vec<f64>,
     std: Vec<f64>,
-    linear: FittedLinearRegression<f64>,
+    /// The linear model (linfa-linear OLS on the normalised features): coefficients and
+    /// intercept, kept as plain numbers so the model can be saved.
+    coef: Vec<f64>,
+    intercept: f64,
     boost: Boosted,
 }
 
@@ -389,17 +421,105 @@ impl RulModel {
             .fit(&DatasetBase::new(x.clone(), y.clone()))
             .map_err(|e| RulError::Linear(e.to_string()))?;
         let base: Array1<f64> = linear.predict(&x);
+        let coef = linear.params().to_vec();
+        let intercept = linear.intercept();
+        if !intercept.is_finite() || coef.iter().any(|c| !c.is_finite()) {
+            return Err(RulError::Linear("coefficients are not finite".into()));
+        }
         let residual = &y - &base;
         let boost = Boosted::fit(&x, &residual, config);
         Ok(Self {
+            format: MODEL_FORMAT.into(),
+            sensor_names: (1..=N_SENSORS).map(|i| format!("s{i}")).collect(),
+            setting_names: (1..=3).map(|i| format!("setting{i}")).collect(),
             config: config.clone(),
             regimes,
             kept,
             mean,
             std,
-            linear,
+            coef,
+            intercept,
             boost,
         })
+    }
+
+    /// Names the telemetry metrics the sensor slots (in order, at most [`N_SENSORS`]) and the
+    /// operating settings (at most 3) are read from in the live service.
+    pub fn with_names(
+        mut self,
+        sensors: Vec<String>,
+        settings: Vec<String>,
+    ) -> Result<Self, RulError> {
+        if sensors.len() > N_SENSORS || settings.len() > 3 {
+            return Err(RulError::InvalidConfig(
+                "at most 21 sensor and 3 setting names",
+            ));
+        }
+        self.sensor_names = sensors;
+        self.setting_names = settings;
+        Ok(self)
+    }
+
+    /// The telemetry metrics whose trends the model reads (the sensors it kept).
+    pub fn used_metrics(&self) -> impl Iterator<Item = &str> {
+        self.kept
+            .iter()
+            .filter_map(|&s| self.sensor_names.get(s).map(String::as_str))
+    }
+
+    /// The model's settings (cap, windows, boosting).
+    pub fn config(&self) -> &RulConfig {
+        &self.config
+    }
+
+    /// The model as JSON, to be read back by [`RulModel::from_json`].
+    pub fn to_json(&self) -> Result<String, RulError> {
+        serde_json::to_string(self).map_err(|e| RulError::Format(e.to_string()))
+    }
+
+    /// Reads a model saved by [`RulModel::to_json`], checking that its parts fit together.
+    pub fn from_json(text: &str) -> Result<Self, RulError> {
+        let model: Self =
+            serde_json::from_str(text).map_err(|e| RulError::Format(e.to_string()))?;
+        if model.format != MODEL_FORMAT {
+            return Err(RulError::Format(format!(
+                "format {:?}, expected {MODEL_FORMAT:?}",
+                model.format
+            )));
+        }
+        model.config.validate()?;
+        let d = model.kept.len() * 3;
+        let regimes_ok = !model.regimes.keys.is_empty()
+            && model.regimes.mean.len() == model.regimes.keys.len()
+            && model.regimes.inv_std.len() == model.regimes.keys.len();
+        // Children come after their parent (as `build` grows them), so no walk can loop.
+        let nodes_ok = model.boost.trees.iter().all(|t| {
+            t.iter().enumerate().all(|(i, n)| match n {
+                TreeNode::Split {
+                    feature,
+                    left,
+                    right,
+                    ..
+                } => {
+                    *feature < d
+                        && (i + 1..t.len()).contains(left)
+                        && (i + 1..t.len()).contains(right)
+                }
+                TreeNode::Leaf(_) => true,
+            })
+        });
+        if model.kept.iter().any(|&s| s >= N_SENSORS)
+            || model.mean.len() != d
+            || model.std.len() != d
+            || model.coef.len() != d
+            || model.sensor_names.len() > N_SENSORS
+            || model.setting_names.len() > 3
+            || !regimes_ok
+            || !nodes_ok
+        {
+            return Err(RulError::Format("inconsistent model".into()));
+        }
+        Ok(model)
     }
 
     /// Number of model features.
@@ -423,11 +543,17 @@ impl RulModel {
         let normalised: Vec<CycleRow> = history.iter().map(|r| self.regimes.normalise(r)).collect();
         let mut refs: Vec<&CycleRow> = normalised.iter().collect();
         refs.sort_by_key(|r| r.cycle);
-        let x = self.normalised(&refs);
-        let lin: Array1<f64> = self.linear.predict(&x);
+        Some(self.predict_sorted(&refs))
+    }
+
+    /// The prediction after the last of `history`'s rows, already regime-normalised and in
+    /// cycle order.
+    fn predict_sorted(&self, history: &[&CycleRow]) -> f64 {
+        let x = self.normalised(history);
         let row: Vec<f64> = x.row(0).to_vec();
-        let p = lin[0] + self.boost.predict(&row);
-        Some(p.clamp(0.0, self.config.cap))
+        let lin = self.intercept + row.iter().zip(&self.coef).map(|(v, c)| v * c).sum::<f64>();
+        let p = lin + self.boost.predict(&row);
+        p.clamp(0.0, self.config.cap)
     }
 
     /// Predicted RUL at the last cycle of every engine in `rows`, as `(unit, rul)` in order of
@@ -445,8 +571,183 @@ impl RulModel {
     }
 }
 
+/// The live side of a [`RulModel`] for one machine: the machine's last `long_window` readings
+/// of the model's metrics. A metric missing from a reading keeps its previous value (0 before
+/// its first). Memory: `long_window` rows of 21 sensors and 3 settings (about 6 KB with the
+/// default window of 30), see [`RulTracker::bytes`].
+#[derive(Debug, Clone)]
+pub struct RulTracker {
+    model: Arc<RulModel>,
+    recent: VecDeque<CycleRow>,
+    latest: CycleRow,
+    readings: u64,
+}
+
+impl RulTracker {
+    /// A tracker that has seen nothing yet.
+    pub fn new(model: Arc<RulModel>) -> Self {
+        Self {
+            recent: VecDeque::with_capacity(model.config.long_window),
+            model,
+            latest: CycleRow {
+                unit: 0,
+                cycle: 0,
+                settings: [0.0; 3],
+                sensors: [0.0; N_SENSORS],
+            },
+            readings: 0,
+        }
+    }
+
+    /// Takes the model's metrics from one reading's `(name, value)` pairs; a reading that
+    /// carries none of them is not a cycle of this machine and is skipped (false).
+    pub fn push(&mut self, metrics: &[(String, f64)]) -> bool {
+        let mut any = false;
+        for (name, value) in metrics {
+            let model = &self.model;
+            if let Some(i) = model.sensor_names.iter().position(|n| n == name) {
+                if let Some(slot) = self.latest.sensors.get_mut(i) {
+                    *slot = *value;
+                    any = true;
+                }
+            } else if let Some(i) = model.setting_names.iter().position(|n| n == name) {
+                if let Some(slot) = self.latest.settings.get_mut(i) {
+                    *slot = *value;
+                    any = true;
+                }
+            }
+        }
+        if !any {
+            return false;
+        }
+        self.readings += 1;
+        self.latest.cycle = u32::try_from(self.readings).unwrap_or(u32::MAX);
+        if self.recent.len() == self.model.config.long_window {
+            self.recent.pop_front();
+        }
+        self.recent
+            .push_back(self.model.regimes.normalise(&self.latest));
+        true
+    }
+
+    /// Readings taken so far.
+    pub fn readings(&self) -> u64 {
+        self.readings
+    }
+
+    /// The predicted remaining cycles (readings) after the last reading taken, in
+    /// `[0, cap]`; `None` before the first.
+    pub fn predict(&self) -> Option<f64> {
+        if self.recent.is_empty() {
+            return None;
+        }
+        let refs: Vec<&CycleRow> = self.recent.iter().collect();
+        Some(self.model.predict_sorted(&refs))
+    }
+
+    /// The largest cap of the model: predictions never exceed it.
+    pub fn cap(&self) -> f64 {
+        self.model.config.cap
+    }
+
+    /// Upper bound of this tracker's own memory (the model is shared).
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.model.config.long_window * std::mem::size_of::<CycleRow>()
+    }
+}
+
+/// Parses run-to-failure histories as `vigil export` writes them: one CSV text per machine run,
+/// a header `timestamp_ms,<metric>,...` and one row per reading, the last row being the failure.
+/// Returns the metric names (the union over all runs, sorted, at most [`N_SENSORS`]) and the
+/// rows, run `k` as unit `k + 1`. An empty cell keeps the metric's previous value in its run
+/// (0 before its first); no operating settings are read (a single regime).
+pub fn parse_runs_csv(runs: &[&str]) -> Result<(Vec<String>, Vec<CycleRow>), RulError> {
+    let headers: Vec<Vec<String>> = runs
+        .iter()
+        .map(|text| split_csv_line(text.lines().next().unwrap_or("")))
+        .collect();
+    let mut names: Vec<String> = headers
+        .iter()
+        .flat_map(|h| h.iter().skip(1).cloned())
+        .collect();
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        return Err(RulError::NoData("no metric columns"));
+    }
+    if names.len() > N_SENSORS {
+        return Err(RulError::InvalidConfig(
+            "the runs have more than 21 metrics: export only the ones that matter",
+        ));
+    }
+    let mut rows = Vec::new();
+    for (k, (text, header)) in runs.iter().zip(&headers).enumerate() {
+        let slots: Vec<usize> = header
+            .iter()
+            .skip(1)
+            .filter_map(|name| names.binary_search(name).ok())
+            .collect();
+        let unit = u32::try_from(k + 1).unwrap_or(u32::MAX);
+        let mut latest = [0.0; N_SENSORS];
+        let mut cycle = 0u32;
+        for (i, line) in text.lines().enumerate().skip(1) {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let cells = split_csv_line(line);
+            for (cell, &slot) in cells.iter().skip(1).zip(&slots) {
+                if cell.trim().is_empty() {
+                    continue;
+                }
+                latest[slot] = cell
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|v| v.is_finite())
+                    .ok_or_else(|| RulError::Parse {
+                        line: i + 1,
+                        reason: format!("run {}: not a number: {cell}", k + 1),
+                    })?;
+            }
+            cycle = cycle.saturating_add(1);
+            rows.push(CycleRow {
+                unit,
+                cycle,
+                settings: [0.0; 3],
+                sensors: latest,
+            });
+        }
+    }
+    if rows.is_empty() {
+        return Err(RulError::NoData("no rows"));
+    }
+    Ok((names, rows))
+}
+
+/// The fields of one CSV line; `"..."` fields may hold commas and doubled quotes.
+fn split_csv_line(line: &str) -> Vec<String> {
+    let mut fields = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    let mut chars = line.trim_end_matches('\r').chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => fields.push(std::mem::take(&mut field)),
+            _ => field.push(c),
+        }
+    }
+    fields.push(field);
+    fields
+}
+
 /// A node of a regression tree: a split (`feature`, `threshold`, children) or a leaf value.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 enum TreeNode {
     Split {
         feature: usize,
@@ -458,7 +759,7 @@ enum TreeNode {
 }
 
 /// Gradient-boosted regression trees for squared loss, grown on 64-bin feature histograms.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Boosted {
     trees: Vec<Vec<TreeNode>>,
     learning_rate: f64,
@@ -724,6 +1025,95 @@ mod tests {
         let mut odd = train[0].clone();
         odd.settings = [35.0, 0.84, 60.0];
         assert!(model.predict_history(&[odd]).is_some());
+    }
+
+    #[test]
+    fn a_saved_model_predicts_the_same_and_a_broken_file_is_refused() {
+        let model = RulModel::train(&two_regime_fleet(20, 4), &small_config()).expect("train");
+        let json = model.to_json().expect("save");
+        let back = RulModel::from_json(&json).expect("load");
+        assert_eq!(back, model);
+        for e in group_by_engine(&two_regime_fleet(5, 5)) {
+            let owned: Vec<CycleRow> = e.iter().map(|r| (*r).clone()).collect();
+            let (a, b) = (model.predict_history(&owned), back.predict_history(&owned));
+            assert_eq!(a.map(f64::to_bits), b.map(f64::to_bits));
+        }
+        assert!(RulModel::from_json("{}").is_err());
+        assert!(RulModel::from_json(&json.replace("vigil-rul-1", "vigil-rul-0")).is_err());
+        // A split whose child points back at it would make a walk loop: refused.
+        let mut looping = model.clone();
+        if let Some(TreeNode::Split { left, .. }) = looping.boost.trees[0].first_mut() {
+            *left = 0;
+        }
+        let text = looping.to_json().expect("save");
+        assert!(matches!(
+            RulModel::from_json(&text),
+            Err(RulError::Format(_))
+        ));
+        let mut short = model.clone();
+        short.coef.pop();
+        assert!(RulModel::from_json(&short.to_json().expect("save")).is_err());
+    }
+
+    #[test]
+    fn the_live_tracker_predicts_what_the_whole_history_gives() {
+        let names: Vec<String> = (0..N_SENSORS).map(|i| format!("m{i}")).collect();
+        let model = RulModel::train(&two_regime_fleet(20, 6), &small_config())
+            .expect("train")
+            .with_names(
+                names.clone(),
+                vec!["alt".into(), "mach".into(), "tra".into()],
+            )
+            .expect("names");
+        assert_eq!(model.used_metrics().collect::<Vec<_>>(), ["m2", "m3"]);
+        let model = Arc::new(model);
+        for e in group_by_engine(&two_regime_fleet(4, 7)) {
+            let mut tracker = RulTracker::new(model.clone());
+            assert_eq!(tracker.predict(), None);
+            assert!(!tracker.push(&[("other".into(), 1.0)]));
+            let mut history = Vec::new();
+            for r in &e {
+                let mut metrics: Vec<(String, f64)> =
+                    names.iter().cloned().zip(r.sensors).collect();
+                metrics.extend(
+                    ["alt", "mach", "tra"]
+                        .map(String::from)
+                        .into_iter()
+                        .zip(r.settings),
+                );
+                assert!(tracker.push(&metrics));
+                history.push((*r).clone());
+            }
+            let whole = model.predict_history(&history).expect("history");
+            assert_eq!(tracker.predict().map(f64::to_bits), Some(whole.to_bits()));
+            assert_eq!(tracker.readings(), e.len() as u64);
+        }
+        assert!(RulModel::train(&fleet(3, 1), &small_config())
+            .expect("train")
+            .with_names(vec![String::new(); 22], Vec::new())
+            .is_err());
+    }
+
+    #[test]
+    fn exported_runs_parse_with_a_union_of_metrics_and_carried_values() {
+        let a = "timestamp_ms,temperature,\"flow, in\"\n1,50,2\n2,,3\n3,52,4\n";
+        let b = "timestamp_ms,vibration,temperature\n10,0.1,40\n\n11,0.2,41\n";
+        let (names, rows) = parse_runs_csv(&[a, b]).expect("parse");
+        assert_eq!(names, ["flow, in", "temperature", "vibration"]);
+        assert_eq!(rows.len(), 5);
+        assert_eq!((rows[1].unit, rows[1].cycle), (1, 2));
+        assert_eq!(&rows[1].sensors[..3], &[3.0, 50.0, 0.0]);
+        assert_eq!((rows[4].unit, rows[4].cycle), (2, 2));
+        assert_eq!(&rows[4].sensors[..3], &[0.0, 41.0, 0.2]);
+        assert!(matches!(
+            parse_runs_csv(&["timestamp_ms,t\n1,x\n"]),
+            Err(RulError::Parse { line: 2, .. })
+        ));
+        assert!(parse_runs_csv(&["timestamp_ms\n1\n"]).is_err());
+        assert!(parse_runs_csv(&["timestamp_ms,t\n"]).is_err());
+        let wide: Vec<String> = (0..22).map(|i| format!("m{i}")).collect();
+        let wide = format!("timestamp_ms,{}\n", wide.join(","));
+        assert!(parse_runs_csv(&[&wide]).is_err());
     }
 
     #[test]
