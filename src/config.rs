@@ -6,12 +6,13 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use vigil_analytics::detector::DetectorConfig;
 use vigil_analytics::monitor::{DeviceLimits, DeviceMonitor, MetricLimit, MonitorConfig};
+use vigil_analytics::rul::RulModel;
 
 /// The commented default configuration, exactly as shipped in `broker.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../broker.toml");
@@ -406,6 +407,10 @@ pub struct AnalyticsConfig {
     /// per metric, the first matching entry that names it replaces `limits`.
     #[serde(default)]
     pub device_limits: Vec<DeviceLimitSpec>,
+    /// Remaining-useful-life models for the devices whose id matches a pattern
+    /// (`[[analytics.rul]]`); the first matching entry applies.
+    #[serde(default)]
+    pub rul: Vec<RulSpec>,
     /// A device whose messages stop for this many of its usual intervals (and at least
     /// `silence_min_secs`) gets one alert per silence (0: off).
     #[serde(default = "ten")]
@@ -415,6 +420,17 @@ pub struct AnalyticsConfig {
     /// Overrides of the streaming detector's settings; missing keys keep the crate's defaults.
     #[serde(default)]
     pub detector: DetectorConfig,
+}
+
+/// A device id pattern of `[[analytics.device_limits]]` or `[[analytics.rul]]`.
+fn check_pattern(key: &'static str, pattern: &str) -> Result<(), ConfigError> {
+    check(
+        key,
+        !pattern.is_empty()
+            && pattern.len() <= 256
+            && !pattern.chars().any(|c| c.is_control() || "/+#".contains(c)),
+        "a device id pattern of 1 to 256 bytes, without control characters, `/`, `+` or `#` (`*` any run of characters, `?` one)",
+    )
 }
 
 /// Each limit needs a metric name and a finite `above` and/or `below`, `below` under `above`.
@@ -446,6 +462,33 @@ pub struct DeviceLimitSpec {
     /// Device id pattern: `*` any run of characters, `?` one character.
     pub devices: String,
     pub limits: BTreeMap<String, LimitSpec>,
+}
+
+/// One `[[analytics.rul]]` entry: a saved remaining-useful-life model for some devices.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulSpec {
+    /// Device id pattern: `*` any run of characters, `?` one character.
+    pub devices: String,
+    /// The model file (`vigil train-rul`), read at start.
+    pub model: PathBuf,
+    /// One forecast alert when the estimate falls to this many cycles (0: none).
+    #[serde(default)]
+    pub alert_below: f64,
+}
+
+impl RulSpec {
+    /// Reads and checks the model file.
+    pub fn load(&self) -> Result<RulModel, ConfigError> {
+        let text = std::fs::read_to_string(&self.model).map_err(|e| ConfigError::Invalid {
+            key: "analytics.rul.model",
+            reason: format!("{}: {e}", self.model.display()),
+        })?;
+        RulModel::from_json(&text).map_err(|e| ConfigError::Invalid {
+            key: "analytics.rul.model",
+            reason: format!("{}: {e}", self.model.display()),
+        })
+    }
 }
 
 /// A metric's safety limit: a bare number is an upper limit, a table may give either side.
@@ -527,14 +570,17 @@ impl AnalyticsConfig {
         )?;
         check_limits("analytics.limits", &self.limits)?;
         for d in &self.device_limits {
-            check(
-                "analytics.device_limits.devices",
-                !d.devices.is_empty()
-                    && d.devices.len() <= 256
-                    && !d.devices.chars().any(|c| c.is_control() || "/+#".contains(c)),
-                "a device id pattern of 1 to 256 bytes, without control characters, `/`, `+` or `#` (`*` any run of characters, `?` one)",
-            )?;
+            check_pattern("analytics.device_limits.devices", &d.devices)?;
             check_limits("analytics.device_limits.limits", &d.limits)?;
+        }
+        for r in &self.rul {
+            check_pattern("analytics.rul.devices", &r.devices)?;
+            check(
+                "analytics.rul.alert_below",
+                r.alert_below.is_finite() && r.alert_below >= 0.0,
+                "must be a number of cycles, 0 or more (0: no alert)",
+            )?;
+            r.load()?;
         }
         // The monitor validates its own settings (the detector's above all); building one now
         // turns a bad value into a config error instead of a task that cannot start.

@@ -23,11 +23,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use vigil_analytics::alert::AlertMessage;
 use vigil_analytics::detector::{DetectorError, TrainedModel};
-use vigil_analytics::monitor::{DeviceMonitor, MonitorConfig, MonitorError};
+use vigil_analytics::monitor::{device_matches, DeviceMonitor, MonitorConfig, MonitorError};
+use vigil_analytics::rul::RulModel;
 use vigil_analytics::silence::{SilenceRule, SilenceWatch};
 use vigil_analytics::telemetry::{self, Limits};
 
-use crate::config::AnalyticsConfig;
+use crate::config::{AnalyticsConfig, ConfigError};
 use crate::core::{self, Core, CoreError};
 use crate::edge::Edge;
 use crate::envelope;
@@ -72,6 +73,8 @@ const READ_CHUNK: usize = 64 * 1024;
 pub enum LiveError {
     #[error("invalid analytics configuration: {0}")]
     Config(#[from] MonitorError),
+    #[error(transparent)]
+    Model(#[from] ConfigError),
     #[error(transparent)]
     Core(#[from] CoreError),
     #[error("the core refused the telemetry subscription")]
@@ -139,6 +142,8 @@ struct Device {
 /// outlives core connections, so a reconnect loses no model.
 pub struct Analytics {
     monitor_config: MonitorConfig,
+    /// `[[analytics.rul]]`: device pattern, loaded model, alert level; the first match applies.
+    rul_models: Vec<(String, Arc<RulModel>, f64)>,
     limits: Limits,
     silence_rule: SilenceRule,
     max_devices: usize,
@@ -172,12 +177,18 @@ impl Analytics {
         // too, never the analytics task.
         let (warm_tx, warm_rx) = mpsc::channel(64);
         DeviceMonitor::new("config-check", monitor_config.clone())?;
+        let rul_models = config
+            .rul
+            .iter()
+            .map(|r| Ok((r.devices.clone(), Arc::new(r.load()?), r.alert_below)))
+            .collect::<Result<_, ConfigError>>()?;
         let slots = config.max_concurrent_refits.max(1);
         // A refit releases its slot only after its result is sent, so at most `slots` results
         // are ever in flight and this capacity is never the limit.
         let (refit_tx, refit_rx) = mpsc::channel(slots);
         Ok(Analytics {
             monitor_config,
+            rul_models,
             limits: Limits::default(),
             silence_rule: SilenceRule {
                 factor: config.silence_factor,
@@ -343,15 +354,15 @@ impl Analytics {
             for alert in &result.alerts {
                 push_alert(metrics, id, alert, out);
             }
-            for prediction in &result.predictions {
-                if let Ok(payload) = serde_json::to_vec(prediction) {
-                    Metrics::inc(&metrics.analytics.predictions);
-                    out.push(Outgoing {
-                        topic: format!("device/{id}/predictions"),
-                        qos: 0,
-                        payload,
-                    });
-                }
+            let predictions = result.predictions.iter().map(serde_json::to_vec);
+            let rul = result.rul.iter().map(serde_json::to_vec);
+            for payload in predictions.chain(rul).filter_map(Result::ok) {
+                Metrics::inc(&metrics.analytics.predictions);
+                out.push(Outgoing {
+                    topic: format!("device/{id}/predictions"),
+                    qos: 0,
+                    payload,
+                });
             }
         }
     }
@@ -442,7 +453,14 @@ impl Analytics {
         }
         // The configuration was validated in `new`, so this cannot fail; if it ever did, the
         // message is simply not scored.
-        let monitor = DeviceMonitor::new(id, self.monitor_config.clone()).ok()?;
+        let mut monitor = DeviceMonitor::new(id, self.monitor_config.clone()).ok()?;
+        if let Some((_, model, alert_below)) = self
+            .rul_models
+            .iter()
+            .find(|(pattern, _, _)| device_matches(pattern, id))
+        {
+            monitor.set_rul(model.clone(), *alert_below);
+        }
         self.next_epoch += 1;
         let epoch = self.next_epoch;
         // A device new to this instance (first reading, after a restart or an eviction, or

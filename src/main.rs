@@ -72,6 +72,28 @@ enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
+    /// Train a remaining-useful-life model and save it for `[[analytics.rul]]`. The input is
+    /// run-to-failure histories: CSV files as `vigil export` writes them, one per machine run
+    /// until it failed (its last reading is the failure; one reading is one operating cycle),
+    /// or NASA C-MAPSS text with `--cmapss`.
+    TrainRul {
+        /// The training files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Where to write the model (JSON).
+        #[arg(long, short)]
+        output: PathBuf,
+        /// The files are C-MAPSS text (`unit cycle setting1..3 s1..s21` per row, many machines
+        /// per file); the model then reads the telemetry metrics `setting1`..`setting3` and
+        /// `s1`..`s21`.
+        #[arg(long)]
+        cmapss: bool,
+        /// Training settings as JSON, e.g. '{"cap":150}' (keys of vigil-analytics' RulConfig:
+        /// cap, short_window, long_window, rounds, learning_rate, max_depth, min_leaf,
+        /// row_subsample, seed).
+        #[arg(long)]
+        settings: Option<String>,
+    },
     /// Manage a password file (`[auth] password_file`), as mosquitto_passwd does. A running
     /// vigil reads it again on SIGHUP.
     Passwd {
@@ -149,6 +171,20 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Command::TrainRul {
+            ref files,
+            ref output,
+            cmapss,
+            ref settings,
+        }) => {
+            return match train_rul(files, output, cmapss, settings.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Command::Run) | Some(Command::Demo { .. }) | None => {}
     }
     init_tracing();
@@ -211,6 +247,64 @@ fn export(
         }
     };
     eprintln!("exported {rows} readings of `{device}`");
+    Ok(())
+}
+
+/// `vigil train-rul`: trains a remaining-useful-life model and writes it as JSON.
+fn train_rul(
+    files: &[PathBuf],
+    output: &std::path::Path,
+    cmapss: bool,
+    settings: Option<&str>,
+) -> anyhow::Result<()> {
+    use vigil_analytics::rul::{self, RulConfig, RulModel};
+    let config: RulConfig = match settings {
+        Some(json) => serde_json::from_str(json).context("--settings")?,
+        None => RulConfig::default(),
+    };
+    let mut texts = Vec::with_capacity(files.len());
+    for path in files {
+        texts.push(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        );
+    }
+    let (rows, names) = if cmapss {
+        // Machines of different files are different machines, whatever their numbers.
+        let mut rows = Vec::new();
+        let mut offset = 0u32;
+        for (text, path) in texts.iter().zip(files) {
+            let mut part =
+                rul::parse_cmapss(text).with_context(|| format!("{}", path.display()))?;
+            let most = part.iter().map(|r| r.unit).max().unwrap_or(0);
+            part.iter_mut()
+                .for_each(|r| r.unit = r.unit.saturating_add(offset));
+            offset = offset.saturating_add(most);
+            rows.extend(part);
+        }
+        (rows, None)
+    } else {
+        let runs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let (names, rows) = rul::parse_runs_csv(&runs)?;
+        (rows, Some(names))
+    };
+    let mut model = RulModel::train(&rows, &config)?;
+    if let Some(names) = names {
+        model = model.with_names(names, Vec::new())?;
+    }
+    let json = model.to_json()?;
+    // Written next to the target and renamed, so a failed write leaves no half file.
+    let tmp = output.with_extension("json.partial");
+    std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, output).with_context(|| format!("cannot write {}", output.display()))?;
+    let used: Vec<&str> = model.used_metrics().collect();
+    eprintln!(
+        "trained on {} machines ({} readings); the model reads {}; wrote {}",
+        rul::engine_count(&rows),
+        rows.len(),
+        used.join(", "),
+        output.display()
+    );
     Ok(())
 }
 

@@ -536,3 +536,114 @@ fn gateway_style_strings_and_offsets_are_read_and_a_string_metric_is_explained()
         "{e}"
     );
 }
+
+/// One machine's run to failure, as `vigil export` writes it: "wear" rises over its last 100
+/// readings, "noise" is noise.
+fn run_to_failure(life: u32) -> String {
+    let mut csv = String::from("timestamp_ms,noise,wear\n");
+    for c in 1..=life {
+        let wear = (f64::from(c) - f64::from(life) + 100.0).max(0.0);
+        let noise = f64::from(c * 7919 % 13) / 13.0;
+        csv.push_str(&format!(
+            "{},{noise},{wear}\n",
+            1_734_512_000_000_i64 + i64::from(c)
+        ));
+    }
+    csv
+}
+
+/// A remaining-useful-life model trained with `vigil train-rul` from exported run-to-failure
+/// histories is applied live to the devices of its pattern: an estimate every
+/// `prediction_every` readings on `device/<id>/predictions`, equal to what the saved model
+/// gives offline for the same readings, and one forecast alert as the end nears.
+#[test]
+fn a_rul_model_trained_from_exported_runs_estimates_live_and_alerts_once() {
+    use vigil_analytics::rul::{parse_runs_csv, RulModel};
+    let dir = TempDir::new();
+    let mut files = Vec::new();
+    for k in 0..16 {
+        let path = dir.0.join(format!("run-{k}.csv"));
+        std::fs::write(&path, run_to_failure(150 + 5 * k)).expect("write run");
+        files.push(path.to_string_lossy().into_owned());
+    }
+    let model_path = dir.0.join("pump.json");
+    let out = std::process::Command::new(vigil_bin())
+        .arg("train-rul")
+        .args(&files)
+        .arg("-o")
+        .arg(&model_path)
+        .args([
+            "--config",
+            r#"{"rounds":30,"learning_rate":0.2,"min_leaf":20}"#,
+        ])
+        .output()
+        .expect("vigil train-rul");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("trained on 16 machines"), "{said}");
+    assert!(said.contains("the model reads noise, wear"), "{said}");
+
+    let model_line = format!("model = {:?}", model_path.to_string_lossy());
+    let mut v = Vigil::start_with(|t| {
+        format!("{t}\n[[analytics.rul]]\ndevices = \"PUMP-*\"\n{model_line}\nalert_below = 30\n")
+    });
+    wait_subscribed(&v);
+    let mut predictions = Sub::start(v.port(), &["-t", "device/+/predictions"]);
+    let mut alerts = Sub::start(v.port(), &["-t", "device/+/alerts", "-q", "1"]);
+    let life = 200;
+    let run = run_to_failure(life);
+    let lines: String = run
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            format!("{{\"noise\":{},\"wear\":{}}}\n", cells[1], cells[2])
+        })
+        .collect();
+    publish_lines(v.port(), "device/PUMP-9/telemetry", &lines);
+    publish_lines(v.port(), "device/FAN-1/telemetry", &lines);
+    // 20 estimates for the pump, the last after its 200th reading; none for the fan (no
+    // model matches it).
+    predictions.wait_for(
+        |m| m.contains("\"RUL\"") && m.contains(&format!("\"readings\":{life}")),
+        Duration::from_secs(30),
+    );
+    let rul: Vec<serde_json::Value> = predictions
+        .drain(Duration::from_millis(500))
+        .iter()
+        .map(|m| payload(m).1)
+        .filter(|p| p["type"] == "RUL")
+        .collect();
+    assert_eq!(rul.len(), 20, "{rul:?}");
+    assert!(rul.iter().all(|p| p["device_id"] == "PUMP-9"), "{rul:?}");
+    let last = &rul[19];
+    assert_eq!(
+        (&last["readings"], &last["cap"]),
+        (&serde_json::json!(life), &serde_json::json!(125.0))
+    );
+    let model = RulModel::from_json(&std::fs::read_to_string(&model_path).expect("model"))
+        .expect("the saved model");
+    let (_, rows) = parse_runs_csv(&[&run]).expect("the run");
+    let offline = model.predict_history(&rows).expect("estimate");
+    assert_eq!(last["remaining_cycles"].as_f64(), Some(offline), "{last}");
+    assert!(offline < 15.0, "{offline}");
+    let got = alerts.expect_messages(1, Duration::from_secs(10));
+    let (_, a) = payload(&got[0]);
+    assert_eq!(
+        (&a["device_id"], &a["kind"], &a["metric"]),
+        (
+            &serde_json::json!("PUMP-9"),
+            &serde_json::json!("forecast"),
+            &serde_json::json!("remaining_useful_life")
+        ),
+        "{a}"
+    );
+    let all = alerts.drain(Duration::from_millis(500));
+    let rul_alerts = all
+        .iter()
+        .filter(|m| m.contains("remaining_useful_life"))
+        .count();
+    assert_eq!(rul_alerts, 1, "{all:?}");
+    let (status, _) = v.terminate();
+    assert!(status.success(), "{status:?}");
+}

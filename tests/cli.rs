@@ -761,3 +761,46 @@ fn the_offline_limit_counts_the_time_vigil_was_down() {
     );
     assert!(!Raw::resume(v.mqtt, "stale").1, "offline for 3.7 s: ended");
 }
+
+#[test]
+fn check_config_reads_the_rul_models_and_names_a_bad_one() {
+    let dir = TempDir::new();
+    let with = |entry: &str| {
+        write_config(
+            &dir,
+            &format!("{DEFAULT_CONFIG}\n[[analytics.rul]]\n{entry}\n"),
+        )
+    };
+    let missing = with("devices = \"PUMP-*\"\nmodel = \"/nonexistent/pump.json\"");
+    let out = vigil(&["check-config", &missing]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("analytics.rul.model") && err.contains("/nonexistent/pump.json"),
+        "{err}"
+    );
+    let broken = dir.0.join("broken.json");
+    std::fs::write(&broken, "{\"format\":\"vigil-rul-1\"}").unwrap();
+    let out = vigil(&[
+        "check-config",
+        &with(&format!(
+            "devices = \"PUMP-*\"\nmodel = {:?}",
+            broken.to_string_lossy()
+        )),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("analytics.rul.model") && err.contains("broken.json"),
+        "{err}"
+    );
+    let out = vigil(&[
+        "check-config",
+        &with("devices = \"a/b\"\nmodel = \"m.json\""),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("analytics.rul.devices"));
+    let out = vigil(&["train-rul", "/nonexistent/run.csv", "-o", "/tmp/never.json"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/run.csv"));
+}
