@@ -776,6 +776,24 @@ fn a_device_chart_draws_trend_limit_alerts_and_anomaly_scores() {
         "{heading}"
     );
     assert!(heading.contains("limit in "), "{heading}");
+    // A remaining-useful-life estimate (what a device with a `[[analytics.rul]]` model gets)
+    // appears beside the device's alert count.
+    let rul = serde_json::json!({"type": "RUL", "device_id": "oven-1", "remaining_cycles": 41.3,
+        "cap": 125.0, "readings": 180, "timestamp": now});
+    publish(
+        v.port(),
+        &["-t", "device/oven-1/predictions", "-m", &rul.to_string()],
+    );
+    let seen = browser.cdp.poll(
+        "document.getElementById('device-seen').innerText",
+        Duration::from_secs(10),
+        |s| s.as_str().is_some_and(|s| s.contains("useful life")),
+    );
+    assert!(
+        seen.as_str()
+            .is_some_and(|s| s.ends_with("; about 41 cycles of useful life left")),
+        "{seen}"
+    );
     // The injected fault is in the alerts feed too: the forecast analytics raised for it.
     let feed = browser.cdp.eval(
         "[...document.querySelectorAll('#alerts-list li')].map((li) => li.innerText).join('\\n')",

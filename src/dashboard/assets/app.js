@@ -107,6 +107,7 @@ function device(id) {
       latest: new Map(), // metric -> value
       rings: new Map(), // metric -> Ring
       predictions: new Map(), // metric -> latest prediction payload
+      rul: null, // latest remaining-useful-life estimate ("type": "RUL"), if the device has a model
       scores: new Map(), // metric -> Ring of (prediction time, anomaly_score)
       alerts: [], // newest first, bounded
       open: 0,
@@ -250,8 +251,16 @@ function markAcked(d, timestamp, by) {
   }
 }
 
-/** Keeps the latest prediction of a metric, and its anomaly score for the score strip. */
+/** Keeps the latest prediction of a metric, and its anomaly score for the score strip; or the
+ *  latest remaining-useful-life estimate. */
 function onPrediction(d, p) {
+  if (p && p.type === "RUL") {
+    if (typeof p.remaining_cycles === "number" && Number.isFinite(p.remaining_cycles)) {
+      d.rul = p;
+      if (selected === d.id) dirty.device = true;
+    }
+    return;
+  }
   if (!p || typeof p !== "object" || typeof p.metric !== "string") return;
   if (!d.predictions.has(p.metric) && d.predictions.size >= MAX_METRICS) return;
   d.predictions.set(p.metric, p);
@@ -673,7 +682,10 @@ function renderDevice(now) {
   const st = $("device-status");
   setText(st, d.status);
   st.className = `status ${d.status}`;
-  setText($("device-seen"), `last seen ${ago(d.lastSeen, now)}; ${d.open} open alert${d.open === 1 ? "" : "s"}`);
+  setText(
+    $("device-seen"),
+    `last seen ${ago(d.lastSeen, now)}; ${d.open} open alert${d.open === 1 ? "" : "s"}${rulText(d.rul)}`,
+  );
   for (const [metric, ring] of d.rings) {
     const c = charts.get(metric) ?? makeChart(metric);
     const p = d.predictions.get(metric);
@@ -707,6 +719,13 @@ function makeChart(metric) {
   const c = { canvas, box, latest, pred };
   charts.set(metric, c);
   return c;
+}
+
+/** A device's remaining-useful-life estimate in words (empty without a model). */
+function rulText(r) {
+  if (!r) return "";
+  if (typeof r.cap === "number" && r.remaining_cycles >= r.cap) return "; useful life: no wear visible yet";
+  return `; about ${Math.round(r.remaining_cycles)} cycles of useful life left`;
 }
 
 /** The latest prediction of a metric in words, for the chart's heading. */
