@@ -295,9 +295,7 @@ impl Analytics {
     /// or `disconnected`, as the payload itself or its `status` field, in any case) is not
     /// reported silent until it reports again.
     pub fn handle_status(&mut self, topic: &str, payload: &[u8]) {
-        let id = topic
-            .strip_prefix("device/")
-            .and_then(|rest| rest.strip_suffix("/status"));
+        let id = telemetry::device_id_from(topic, "status");
         let Some(device) = id.and_then(|id| self.devices.get_mut(id)) else {
             return;
         };

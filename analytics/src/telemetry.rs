@@ -157,8 +157,15 @@ impl TelemetryError {
 
 /// Extracts `<id>` from a `device/<id>/telemetry` topic, or `None` for any other topic.
 pub fn device_id_from_topic(topic: &str) -> Option<&str> {
-    let rest = topic.strip_prefix("device/")?;
-    let id = rest.strip_suffix("/telemetry")?;
+    device_id_from(topic, "telemetry")
+}
+
+/// Extracts `<id>` from a `device/<id>/<leaf>` topic (one level of id, no wildcard), or `None`.
+pub fn device_id_from<'a>(topic: &'a str, leaf: &str) -> Option<&'a str> {
+    let id = topic
+        .strip_prefix("device/")?
+        .strip_suffix(leaf)?
+        .strip_suffix('/')?;
     if id.is_empty() || id.contains('/') || id.contains('+') || id.contains('#') {
         return None;
     }
@@ -722,6 +729,10 @@ mod tests {
         assert_eq!(device_id_from_topic("device//telemetry"), None);
         assert_eq!(device_id_from_topic("device/a/b/telemetry"), None);
         assert_eq!(device_id_from_topic("devices/a/telemetry"), None);
+        assert_eq!(device_id_from_topic("device/a/xtelemetry"), None);
+        assert_eq!(device_id_from("device/a-1/status", "status"), Some("a-1"));
+        assert_eq!(device_id_from("device/a-1/status", "telemetry"), None);
+        assert_eq!(device_id_from("device/+/status", "status"), None);
         assert_eq!(parse_datetime_ms("1970-01-01 00:00:00"), Some(0));
         assert_eq!(
             parse_datetime_ms("2000-01-01T00:00:00Z"),
