@@ -592,12 +592,24 @@ fn a_rul_model_trained_from_exported_runs_estimates_live_and_alerts_once() {
     let mut alerts = Sub::start(v.port(), &["-t", "device/+/alerts", "-q", "1"]);
     let life = 200;
     let run = run_to_failure(life);
+    // One reading a minute, the last one a minute ago.
+    let start_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        - 60 * u64::from(life);
     let lines: String = run
         .lines()
         .skip(1)
-        .map(|l| {
+        .enumerate()
+        .map(|(i, l)| {
             let cells: Vec<&str> = l.split(',').collect();
-            format!("{{\"noise\":{},\"wear\":{}}}\n", cells[1], cells[2])
+            format!(
+                "{{\"noise\":{},\"wear\":{},\"timestamp\":{}}}\n",
+                cells[1],
+                cells[2],
+                start_s + 60 * i as u64
+            )
         })
         .collect();
     publish_lines(v.port(), "device/PUMP-9/telemetry", &lines);
@@ -626,6 +638,11 @@ fn a_rul_model_trained_from_exported_runs_estimates_live_and_alerts_once() {
     let (_, rows) = parse_runs_csv(&[&run]).expect("the run");
     let offline = model.predict_history(&rows).expect("estimate");
     assert_eq!(last["remaining_cycles"].as_f64(), Some(offline), "{last}");
+    assert_eq!(
+        last["remaining_seconds"].as_f64(),
+        Some(offline * 60.0),
+        "{last}"
+    );
     assert!(offline < 15.0, "{offline}");
     let got = alerts.expect_messages(1, Duration::from_secs(10));
     let (_, a) = payload(&got[0]);

@@ -779,7 +779,7 @@ fn a_device_chart_draws_trend_limit_alerts_and_anomaly_scores() {
     // A remaining-useful-life estimate (what a device with a `[[analytics.rul]]` model gets)
     // appears beside the device's alert count.
     let rul = serde_json::json!({"type": "RUL", "device_id": "oven-1", "remaining_cycles": 41.3,
-        "cap": 125.0, "readings": 180, "timestamp": now});
+        "remaining_seconds": 2478.0, "cap": 125.0, "readings": 180, "timestamp": now});
     publish(
         v.port(),
         &["-t", "device/oven-1/predictions", "-m", &rul.to_string()],
@@ -791,7 +791,7 @@ fn a_device_chart_draws_trend_limit_alerts_and_anomaly_scores() {
     );
     assert!(
         seen.as_str()
-            .is_some_and(|s| s.ends_with("; about 41 cycles of useful life left")),
+            .is_some_and(|s| s.ends_with("; about 41 cycles (41 min) of useful life left")),
         "{seen}"
     );
     // The injected fault is in the alerts feed too: the forecast analytics raised for it.

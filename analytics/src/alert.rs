@@ -120,6 +120,16 @@ pub fn suggested_action(kind: AlertKind, severity: Severity) -> &'static str {
     }
 }
 
+/// A duration for people: seconds below 90 s, minutes below 90 min, hours below 48 h, else days.
+pub fn duration_text(secs: f64) -> String {
+    match secs {
+        s if s < 90.0 => format!("{s:.0} s"),
+        s if s < 5400.0 => format!("{:.0} min", s / 60.0),
+        s if s < 172_800.0 => format!("{:.1} h", s / 3600.0),
+        s => format!("{:.1} days", s / 86_400.0),
+    }
+}
+
 /// Direction of a metric's recent trend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -171,6 +181,9 @@ pub struct RulMessage {
     /// Estimated operating cycles left before failure, one cycle being one reading of the
     /// device (as one row of the training histories); at most `cap`.
     pub remaining_cycles: f64,
+    /// `remaining_cycles` in seconds at the device's usual pace (the median time between its
+    /// last readings); `None` until two readings with different times are known.
+    pub remaining_seconds: Option<f64>,
     /// The model's cap: an estimate at the cap means "no wear visible yet".
     pub cap: f64,
     /// Readings of the device the model has taken since vigil started tracking it.
@@ -182,6 +195,14 @@ pub struct RulMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_for_people() {
+        assert_eq!(duration_text(59.6), "60 s");
+        assert_eq!(duration_text(90.0), "2 min");
+        assert_eq!(duration_text(5400.0), "1.5 h");
+        assert_eq!(duration_text(3.0 * 86_400.0), "3.0 days");
+    }
 
     #[test]
     fn alert_wire_format() {

@@ -18,7 +18,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::alert::{AlertKind, AlertMessage, PredictionMessage, RulMessage, Severity};
+use crate::alert::{
+    duration_text, AlertKind, AlertMessage, PredictionMessage, RulMessage, Severity,
+};
 use crate::detector::{
     DetectorConfig, DetectorError, DeviceDetector, MetricOutcome, RefitJob, TrainedModel,
 };
@@ -417,7 +419,7 @@ impl DeviceMonitor {
         let Some(watch) = self.rul.as_mut() else {
             return;
         };
-        if !watch.tracker.push(&reading.metrics) {
+        if !watch.tracker.push(reading.timestamp_ms, &reading.metrics) {
             return;
         }
         let n = watch.tracker.readings();
@@ -427,6 +429,7 @@ impl DeviceMonitor {
         let Some(left) = watch.tracker.predict() else {
             return;
         };
+        let seconds = watch.tracker.cycle_ms().map(|ms| left * ms / 1000.0);
         let low = watch.alert_below > 0.0 && left <= watch.alert_below;
         if watch.low.fires(low, n, self.config.rearm_after) {
             let severity = if left <= watch.alert_below / 2.0 {
@@ -442,7 +445,11 @@ impl DeviceMonitor {
                 left,
                 1.0,
                 format!(
-                    "about {left:.0} operating cycles of useful life left (alert at {:.0})",
+                    "about {left:.0} operating cycles of useful life left{} (alert at {:.0})",
+                    seconds.map_or(String::new(), |s| format!(
+                        ", {} at its usual pace",
+                        duration_text(s)
+                    )),
                     watch.alert_below
                 ),
                 reading.timestamp_ms,
@@ -452,6 +459,7 @@ impl DeviceMonitor {
             kind_tag: "RUL".into(),
             device_id: self.device_id.clone(),
             remaining_cycles: left,
+            remaining_seconds: seconds,
             cap: watch.tracker.cap(),
             readings: n,
             timestamp: reading.timestamp_ms,
@@ -555,6 +563,8 @@ mod tests {
         assert_eq!((*n, first.readings, first.cap), (10, 10, 125.0));
         assert_eq!(first.kind_tag, "RUL");
         assert!(first.remaining_cycles > 100.0, "{first:?}");
+        // One reading a second.
+        assert_eq!(first.remaining_seconds, Some(first.remaining_cycles));
         let (_, last) = estimates.last().expect("estimates");
         assert!(last.remaining_cycles < 15.0, "{last:?}");
         assert_eq!(alerts.len(), 1, "{alerts:?}");
@@ -565,6 +575,11 @@ mod tests {
             "alert {true_left} cycles before the end"
         );
         assert_eq!(alert.kind, AlertKind::Forecast);
+        assert!(
+            alert.message.contains(" s at its usual pace"),
+            "{}",
+            alert.message
+        );
         assert!(alert.value <= 30.0);
         // Readings without the model's metrics are not cycles of the machine.
         let out = m.ingest(&reading(1000, 20.0));

@@ -725,7 +725,8 @@ function makeChart(metric) {
 function rulText(r) {
   if (!r) return "";
   if (typeof r.cap === "number" && r.remaining_cycles >= r.cap) return "; useful life: no wear visible yet";
-  return `; about ${Math.round(r.remaining_cycles)} cycles of useful life left`;
+  const time = typeof r.remaining_seconds === "number" ? ` (${fmtDuration(r.remaining_seconds)})` : "";
+  return `; about ${Math.round(r.remaining_cycles)} cycles${time} of useful life left`;
 }
 
 /** The latest prediction of a metric in words, for the chart's heading. */
