@@ -535,7 +535,8 @@ impl RulModel {
     }
 
     /// Predicted remaining cycles after the last row of one engine's history (rows in any order;
-    /// only the engine's own rows should be passed). Returns `None` for an empty history.
+    /// only the engine's own rows should be passed). Returns `None` for an empty history, or
+    /// readings so far out of range that no number results.
     pub fn predict_history(&self, history: &[CycleRow]) -> Option<f64> {
         if history.is_empty() {
             return None;
@@ -543,17 +544,19 @@ impl RulModel {
         let normalised: Vec<CycleRow> = history.iter().map(|r| self.regimes.normalise(r)).collect();
         let mut refs: Vec<&CycleRow> = normalised.iter().collect();
         refs.sort_by_key(|r| r.cycle);
-        Some(self.predict_sorted(&refs))
+        self.predict_sorted(&refs)
     }
 
     /// The prediction after the last of `history`'s rows, already regime-normalised and in
-    /// cycle order.
-    fn predict_sorted(&self, history: &[&CycleRow]) -> f64 {
+    /// cycle order; `None` when readings far outside anything trained on make it meaningless
+    /// (not a number).
+    fn predict_sorted(&self, history: &[&CycleRow]) -> Option<f64> {
         let x = self.normalised(history);
         let row: Vec<f64> = x.row(0).to_vec();
         let lin = self.intercept + row.iter().zip(&self.coef).map(|(v, c)| v * c).sum::<f64>();
         let p = lin + self.boost.predict(&row);
-        p.clamp(0.0, self.config.cap)
+        // `clamp` keeps NaN, and an infinite sum of opposite infinities is NaN.
+        (!p.is_nan()).then(|| p.clamp(0.0, self.config.cap))
     }
 
     /// Predicted RUL at the last cycle of every engine in `rows`, as `(unit, rul)` in order of
@@ -665,7 +668,7 @@ impl RulTracker {
             return None;
         }
         let refs: Vec<&CycleRow> = self.recent.iter().collect();
-        Some(self.model.predict_sorted(&refs))
+        self.model.predict_sorted(&refs)
     }
 
     /// The largest cap of the model: predictions never exceed it.
@@ -1113,6 +1116,18 @@ mod tests {
             assert_eq!(tracker.predict().map(f64::to_bits), Some(whole.to_bits()));
             assert_eq!(tracker.readings(), e.len() as u64);
             assert_eq!(tracker.cycle_ms(), Some(1000.0));
+            // Absurd readings give no estimate or a bounded one, never NaN.
+            let huge: Vec<(String, f64)> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), if i % 2 == 0 { f64::MAX } else { -f64::MAX }))
+                .collect();
+            for _ in 0..40 {
+                tracker.push(0, &huge);
+                assert!(tracker
+                    .predict()
+                    .map_or(true, |p| (0.0..=125.0).contains(&p)));
+            }
         }
         assert!(RulModel::train(&fleet(3, 1), &small_config())
             .expect("train")
