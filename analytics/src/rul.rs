@@ -508,7 +508,8 @@ impl RulModel {
                 TreeNode::Leaf(_) => true,
             })
         });
-        if model.kept.iter().any(|&s| s >= N_SENSORS)
+        // Every sensor the model reads has a metric name to be fed from.
+        if model.kept.iter().any(|&s| s >= model.sensor_names.len())
             || model.mean.len() != d
             || model.std.len() != d
             || model.coef.len() != d
@@ -662,7 +663,8 @@ impl RulTracker {
     }
 
     /// The predicted remaining cycles (readings) after the last reading taken, in
-    /// `[0, cap]`; `None` before the first.
+    /// `[0, cap]`; `None` before the first, or when readings far outside anything the model
+    /// was trained on leave no number.
     pub fn predict(&self) -> Option<f64> {
         if self.recent.is_empty() {
             return None;
@@ -1079,6 +1081,12 @@ mod tests {
         let mut short = model.clone();
         short.coef.pop();
         assert!(RulModel::from_json(&short.to_json().expect("save")).is_err());
+        // A sensor the model reads must have a metric name.
+        let unnamed = model
+            .clone()
+            .with_names(vec!["a".into(), "b".into()], Vec::new())
+            .expect("names");
+        assert!(RulModel::from_json(&unnamed.to_json().expect("save")).is_err());
     }
 
     #[test]
