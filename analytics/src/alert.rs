@@ -181,8 +181,9 @@ pub struct RulMessage {
     /// Estimated operating cycles left before failure, one cycle being one reading of the
     /// device (as one row of the training histories); at most `cap`.
     pub remaining_cycles: f64,
-    /// `remaining_cycles` in seconds at the device's usual pace (the median time between its
-    /// last readings); `None` until two readings with different times are known.
+    /// `remaining_cycles` in seconds at the device's usual pace (the median interval between
+    /// readings of the model's metrics, as the anomaly detector measures it); `None` until it
+    /// is known.
     pub remaining_seconds: Option<f64>,
     /// The model's cap: an estimate at the cap means "no wear visible yet".
     pub cap: f64,

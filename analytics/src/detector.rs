@@ -2152,6 +2152,16 @@ impl DeviceDetector {
         self.metrics.iter().map(|(n, _)| n.as_str())
     }
 
+    /// The usual time between readings of `metric`, in milliseconds: the median of its recent
+    /// positive intervals (the sampling interval the forest smoothing adapts to); `None`
+    /// until 8 are known, or for a metric not tracked.
+    pub fn usual_interval_ms(&self, metric: &str) -> Option<i64> {
+        self.metrics
+            .iter()
+            .find(|(n, _)| n == metric)
+            .and_then(|(_, m)| m.cadence.median_ms())
+    }
+
     /// The cross-metric model's metrics and, once fitted, how well the others explain each
     /// (R², NaN for a constant metric); empty until a reading carried two or more metrics.
     pub fn joint_fit(&self) -> Vec<(&str, Option<f64>)> {

@@ -419,7 +419,7 @@ impl DeviceMonitor {
         let Some(watch) = self.rul.as_mut() else {
             return;
         };
-        if !watch.tracker.push(reading.timestamp_ms, &reading.metrics) {
+        if !watch.tracker.push(&reading.metrics) {
             return;
         }
         let n = watch.tracker.readings();
@@ -429,7 +429,12 @@ impl DeviceMonitor {
         let Some(left) = watch.tracker.predict() else {
             return;
         };
-        let seconds = watch.tracker.cycle_ms().map(|ms| left * ms / 1000.0);
+        // The device's pace: the sampling interval the detector measures on the model's metrics.
+        let seconds = watch
+            .tracker
+            .used_metrics()
+            .find_map(|m| self.detector.usual_interval_ms(m))
+            .map(|ms| left * ms as f64 / 1000.0);
         let low = watch.alert_below > 0.0 && left <= watch.alert_below;
         if watch.low.fires(low, n, self.config.rearm_after) {
             let severity = if left <= watch.alert_below / 2.0 {

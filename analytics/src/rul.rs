@@ -576,15 +576,13 @@ impl RulModel {
 }
 
 /// The live side of a [`RulModel`] for one machine: the machine's last `long_window` readings
-/// of the model's metrics and their times. A metric missing from a reading keeps its previous
-/// value (0 before its first). Memory: `long_window` rows of 21 sensors and 3 settings and a
-/// time each (about 6 KB with the default window of 30), see [`RulTracker::bytes`].
+/// of the model's metrics. A metric missing from a reading keeps its previous value (0 before
+/// its first). Memory: `long_window` rows of 21 sensors and 3 settings (about 6 KB with the
+/// default window of 30), see [`RulTracker::bytes`].
 #[derive(Debug, Clone)]
 pub struct RulTracker {
     model: Arc<RulModel>,
     recent: VecDeque<CycleRow>,
-    /// Unix milliseconds of the readings in `recent`.
-    times: VecDeque<i64>,
     latest: CycleRow,
     readings: u64,
 }
@@ -594,7 +592,6 @@ impl RulTracker {
     pub fn new(model: Arc<RulModel>) -> Self {
         Self {
             recent: VecDeque::with_capacity(model.config.long_window),
-            times: VecDeque::with_capacity(model.config.long_window),
             model,
             latest: CycleRow {
                 unit: 0,
@@ -606,10 +603,9 @@ impl RulTracker {
         }
     }
 
-    /// Takes the model's metrics from one reading's `(name, value)` pairs, taken at `at_ms`
-    /// (unix milliseconds); a reading that carries none of them is not a cycle of this machine
-    /// and is skipped (false).
-    pub fn push(&mut self, at_ms: i64, metrics: &[(String, f64)]) -> bool {
+    /// Takes the model's metrics from one reading's `(name, value)` pairs; a reading that
+    /// carries none of them is not a cycle of this machine and is skipped (false).
+    pub fn push(&mut self, metrics: &[(String, f64)]) -> bool {
         let mut any = false;
         for (name, value) in metrics {
             let model = &self.model;
@@ -632,29 +628,15 @@ impl RulTracker {
         self.latest.cycle = u32::try_from(self.readings).unwrap_or(u32::MAX);
         if self.recent.len() == self.model.config.long_window {
             self.recent.pop_front();
-            self.times.pop_front();
         }
         self.recent
             .push_back(self.model.regimes.normalise(&self.latest));
-        self.times.push_back(at_ms);
         true
     }
 
-    /// The median time between the readings kept, in milliseconds: the machine's cycle time,
-    /// to turn cycles into time. `None` before two readings, or if it is not positive.
-    pub fn cycle_ms(&self) -> Option<f64> {
-        let mut gaps: Vec<i64> = self
-            .times
-            .iter()
-            .zip(self.times.iter().skip(1))
-            .map(|(a, b)| b.saturating_sub(*a))
-            .collect();
-        if gaps.is_empty() {
-            return None;
-        }
-        gaps.sort_unstable();
-        let median = gaps[gaps.len() / 2];
-        (median > 0).then_some(median as f64)
+    /// The telemetry metrics the model reads (see [`RulModel::used_metrics`]).
+    pub fn used_metrics(&self) -> impl Iterator<Item = &str> {
+        self.model.used_metrics()
     }
 
     /// Readings taken so far.
@@ -681,7 +663,7 @@ impl RulTracker {
     /// Upper bound of this tracker's own memory (the model is shared).
     pub fn bytes(&self) -> usize {
         std::mem::size_of::<Self>()
-            + self.model.config.long_window * (std::mem::size_of::<CycleRow>() + 8)
+            + self.model.config.long_window * std::mem::size_of::<CycleRow>()
     }
 }
 
@@ -1104,9 +1086,9 @@ mod tests {
         for e in group_by_engine(&two_regime_fleet(4, 7)) {
             let mut tracker = RulTracker::new(model.clone());
             assert_eq!(tracker.predict(), None);
-            assert!(!tracker.push(0, &[("other".into(), 1.0)]));
+            assert!(!tracker.push(&[("other".into(), 1.0)]));
             let mut history = Vec::new();
-            for (i, r) in e.iter().enumerate() {
+            for r in &e {
                 let mut metrics: Vec<(String, f64)> =
                     names.iter().cloned().zip(r.sensors).collect();
                 metrics.extend(
@@ -1115,15 +1097,12 @@ mod tests {
                         .into_iter()
                         .zip(r.settings),
                 );
-                // Every third reading comes 2 s late: the median gap stays 1 s.
-                let at = i as i64 * 1000 + if i % 3 == 2 { 2000 } else { 0 };
-                assert!(tracker.push(at, &metrics));
+                assert!(tracker.push(&metrics));
                 history.push((*r).clone());
             }
             let whole = model.predict_history(&history).expect("history");
             assert_eq!(tracker.predict().map(f64::to_bits), Some(whole.to_bits()));
             assert_eq!(tracker.readings(), e.len() as u64);
-            assert_eq!(tracker.cycle_ms(), Some(1000.0));
             // Absurd readings give no estimate or a bounded one, never NaN.
             let huge: Vec<(String, f64)> = names
                 .iter()
@@ -1131,7 +1110,7 @@ mod tests {
                 .map(|(i, n)| (n.clone(), if i % 2 == 0 { f64::MAX } else { -f64::MAX }))
                 .collect();
             for _ in 0..40 {
-                tracker.push(0, &huge);
+                tracker.push(&huge);
                 assert!(tracker
                     .predict()
                     .map_or(true, |p| (0.0..=125.0).contains(&p)));
