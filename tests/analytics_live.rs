@@ -502,8 +502,8 @@ fn limits_for_a_device_pattern_replace_the_general_ones() {
 
 /// Devices in the field write time stamps and values in more ways than RFC 3339 and JSON numbers:
 /// a gateway's tagged value as a string and an ISO 8601 offset without a colon are read (the
-/// threshold alert carries both), and a flat number sent as a string is refused with a reason
-/// that says so.
+/// threshold alert carries both), metrics inside objects are read, a flat number sent as a
+/// string is refused with a reason that says so, and `1e400` is refused as not finite.
 #[test]
 fn gateway_style_strings_and_offsets_are_read_and_a_string_metric_is_explained() {
     let v = Vigil::start();
@@ -535,6 +535,32 @@ fn gateway_style_strings_and_offsets_are_read_and_a_string_metric_is_explained()
             .is_some_and(|r| r.contains("\"temperature\" holds a number as a string")),
         "{e}"
     );
+
+    // Metrics inside objects are read: a `values` object is a container and a `{"value": ...}`
+    // object is one metric, so this is `temperature` and meets its limit.
+    publish_lines(
+        v.port(),
+        "device/gw-3/telemetry",
+        r#"{"device_id":"gw-3","values":{"temperature":{"value":92.5,"unit":"C"}}}"#,
+    );
+    let got = alerts.expect_messages(2, Duration::from_secs(10));
+    assert!(got[1].starts_with("device/gw-3/alerts|"), "{got:?}");
+    let (_, a) = payload(&got[1]);
+    assert_eq!(
+        (&a["metric"], &a["value"]),
+        (&"temperature".into(), &92.5.into()),
+        "{a}"
+    );
+    // A literal beyond the range of a float is an infinite value, reported as such.
+    publish_lines(
+        v.port(),
+        "device/gw-4/telemetry",
+        r#"{"device_id":"gw-4","temperature":1e400}"#,
+    );
+    let got = errors.expect_messages(2, Duration::from_secs(10));
+    assert!(got[1].starts_with("device/gw-4/errors|0|"), "{got:?}");
+    let (_, e) = payload(&got[1]);
+    assert_eq!(e["code"], "non_finite", "{e}");
 }
 
 /// One machine's run to failure, as `vigil export` writes it: "wear" rises over its last 100

@@ -2,7 +2,9 @@
 //!
 //! Three payload shapes are accepted:
 //! - flat: `{"device_id":"MOTOR-01","temperature":78.2,"vibration":0.92,"timestamp":1734512000}`,
-//!   where every numeric field other than the timestamp is a metric;
+//!   where every numeric field other than the timestamp is a metric, also inside nested objects
+//!   (`{"motor":{"temperature":78.2}}` is the metric `motor.temperature`, and
+//!   `{"temperature":{"value":78.2,"unit":"C"}}` the metric `temperature`);
 //! - tagged: `{"deviceId":"plc-101","timestamp":...,"values":[{"tag":"temperature","value":42.5}]}`;
 //! - batch: `{"type":"batch","data":[...flat or tagged objects...]}`.
 //!
@@ -94,10 +96,11 @@ pub enum TelemetryError {
     #[error("expected a JSON object")]
     NotObject,
     /// The reading contains no numeric metric. The text, empty or starting with a space, names
-    /// a likely cause: a number sent as a string, or metrics inside a nested object.
+    /// a likely cause: a number sent as a string, or an array of numbers.
     #[error("the reading contains no numeric metric{0}")]
     NoMetrics(String),
-    /// A tagged value spells NaN or infinity.
+    /// A tagged value spells NaN or infinity, or a number lies beyond f64's range (`1e400`; the
+    /// text then names its position, as the metric is not known yet).
     #[error("metric {0} is not a finite number")]
     NonFinite(String),
     /// The timestamp is unreadable, before 2000 or too far in the future.
@@ -195,8 +198,15 @@ pub fn parse(
     if depth > limits.max_depth {
         return Err(TelemetryError::TooDeep(limits.max_depth));
     }
-    let value: Value =
-        serde_json::from_slice(payload).map_err(|e| TelemetryError::NotJson(e.to_string()))?;
+    let value: Value = serde_json::from_slice(payload).map_err(|e| {
+        let text = e.to_string();
+        // A literal beyond f64's range (`1e400`) is an infinite value, not a syntax error.
+        if text.starts_with("number out of range") {
+            TelemetryError::NonFinite(format!("at line {} column {}", e.line(), e.column()))
+        } else {
+            TelemetryError::NotJson(text)
+        }
+    })?;
     let Value::Object(obj) = value else {
         return Err(TelemetryError::NotObject);
     };
@@ -330,37 +340,19 @@ fn parse_reading(
             else {
                 continue;
             };
-            match tag.get("value") {
-                Some(Value::Number(n)) => {
-                    if let Some(v) = n.as_f64() {
-                        push(name, v)?;
-                    }
-                }
-                // A tagged value is explicitly meant as a measurement, so a number written as a
-                // string (as some gateways do) is read, and a spelled-out NaN or infinity is
-                // reported rather than silently dropped.
-                Some(Value::String(s)) if is_non_finite_word(s) => {
-                    return Err(TelemetryError::NonFinite(truncate(name, 64)));
-                }
-                Some(Value::String(s)) => {
-                    if let Ok(v) = s.trim().parse::<f64>() {
-                        push(name, v)?;
-                    }
-                }
-                _ => {}
+            if let Some(value) = tag.get("value") {
+                read_value(name, value, &mut push)?;
             }
         }
     }
-    for (key, v) in obj {
-        if RESERVED_KEYS.contains(&key.as_str()) {
-            continue;
-        }
-        if let Value::Number(n) = v {
-            if let Some(x) = n.as_f64() {
-                push(key, x)?;
-            }
+    // `values` (when not a tagged list) and `data` (outside a batch) are containers: the fields
+    // of such an object keep their own names.
+    for container in ["values", "data"] {
+        if let Some(Value::Object(inner)) = obj.get(container) {
+            read_fields(&mut String::new(), inner, &mut push)?;
         }
     }
+    read_fields(&mut String::new(), obj, &mut push)?;
     if metrics.is_empty() {
         return Err(TelemetryError::NoMetrics(why_no_metrics(obj)));
     }
@@ -370,9 +362,81 @@ fn parse_reading(
     })
 }
 
+/// Reads the metrics of a flat object: every numeric field, named by `prefix` plus its key. A
+/// nested object is read the same way under `prefix.key.`, except that an object with a `value`
+/// field (`"temperature": {"value": 78.2, "unit": "C"}`) is one metric named by its path, read
+/// like a tagged value. Reserved keys (device id, timestamp, ...) are skipped at every level;
+/// arrays are not read. The recursion is bounded by `Limits::max_depth`, checked before parsing.
+fn read_fields(
+    prefix: &mut String,
+    obj: &Map<String, Value>,
+    push: &mut impl FnMut(&str, f64) -> Result<(), TelemetryError>,
+) -> Result<(), TelemetryError> {
+    for (key, v) in obj {
+        if RESERVED_KEYS.contains(&key.as_str()) {
+            continue;
+        }
+        match v {
+            Value::Number(n) if prefix.is_empty() => {
+                if let Some(x) = n.as_f64() {
+                    push(key, x)?;
+                }
+            }
+            Value::Number(n) => {
+                if let Some(x) = n.as_f64() {
+                    let len = prefix.len();
+                    prefix.push_str(key);
+                    let pushed = push(prefix, x);
+                    prefix.truncate(len);
+                    pushed?;
+                }
+            }
+            Value::Object(inner) => {
+                let len = prefix.len();
+                prefix.push_str(key);
+                let read = match inner.get("value") {
+                    Some(value) => read_value(prefix, value, push),
+                    None => {
+                        prefix.push('.');
+                        read_fields(prefix, inner, push)
+                    }
+                };
+                prefix.truncate(len);
+                read?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Reads the `value` of a tagged entry or of a `{"value": ...}` object as the metric `name`: a
+/// number, or a string holding one (as some gateways send); a spelled-out NaN or infinity is an
+/// error rather than silently dropped. Anything else is not a measurement and is skipped.
+fn read_value(
+    name: &str,
+    value: &Value,
+    push: &mut impl FnMut(&str, f64) -> Result<(), TelemetryError>,
+) -> Result<(), TelemetryError> {
+    match value {
+        Value::Number(n) => match n.as_f64() {
+            Some(v) => push(name, v),
+            None => Ok(()),
+        },
+        Value::String(s) if is_non_finite_word(s) => {
+            Err(TelemetryError::NonFinite(truncate(name, 64)))
+        }
+        Value::String(s) => match s.trim().parse::<f64>() {
+            Ok(v) => push(name, v),
+            Err(_) => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
 /// The likely reason a flat reading has no metric, for the error's text: a field holding a number
 /// as a string (flat fields that are strings are descriptive, so they are not read as numbers),
-/// or an object whose fields are not read. Empty when neither is there.
+/// or an array of numbers (arrays are not read). Empty when neither is there.
 fn why_no_metrics(obj: &Map<String, Value>) -> String {
     let fields = || {
         obj.iter()
@@ -387,9 +451,12 @@ fn why_no_metrics(obj: &Map<String, Value>) -> String {
             truncate(key, 64)
         );
     }
-    if let Some((key, _)) = fields().find(|(_, v)| v.is_object()) {
+    if let Some((key, _)) = fields().find(|(_, v)| {
+        v.as_array()
+            .is_some_and(|items| items.first().is_some_and(Value::is_number))
+    }) {
         return format!(
-            " (fields inside the object {:?} are not read: put metrics at the top level)",
+            " (field {:?} is an array: arrays are not read, send one number per metric)",
             truncate(key, 64)
         );
     }
@@ -618,8 +685,76 @@ mod tests {
 
     #[test]
     fn non_numeric_fields_are_not_metrics() {
-        let r = p(r#"{"t":1.5,"status":"ok","x":"NaN","on":true,"nested":{"a":1}}"#).expect("ok");
+        let r = p(r#"{"t":1.5,"status":"ok","x":"NaN","on":true,"nested":{"s":"a"},"v":[1,2]}"#)
+            .expect("ok");
         assert_eq!(r[0].metrics, vec![("t".to_string(), 1.5)]);
+    }
+
+    #[test]
+    fn nested_objects_are_read_with_dotted_names() {
+        // Fields come in key order (serde_json's map is sorted).
+        let names = |payload: &str| -> Vec<(String, f64)> {
+            p(payload).expect("valid").swap_remove(0).metrics
+        };
+        let m = |pairs: &[(&str, f64)]| -> Vec<(String, f64)> {
+            pairs.iter().map(|(n, v)| (n.to_string(), *v)).collect()
+        };
+        assert_eq!(
+            names(
+                r#"{"device_id":"MOTOR-01","motor":{"temperature":78.2,"bearing":{"vibration":0.9}},"current":15.3}"#
+            ),
+            m(&[
+                ("current", 15.3),
+                ("motor.bearing.vibration", 0.9),
+                ("motor.temperature", 78.2)
+            ])
+        );
+        // An object with a `value` is one metric, read like a tagged value; its other fields
+        // describe it.
+        assert_eq!(
+            names(
+                r#"{"temperature":{"value":78.2,"unit":"C","timestamp":5},"pressure":{"value":"2.5"}}"#
+            ),
+            m(&[("pressure", 2.5), ("temperature", 78.2)])
+        );
+        // `values` and `data` objects are containers: their fields keep their names. The reserved
+        // keys are skipped inside objects too.
+        assert_eq!(
+            names(r#"{"timestamp":1734512000,"values":{"temperature":78.2,"rpm":{"value":1500}}}"#),
+            m(&[("rpm", 1500.0), ("temperature", 78.2)])
+        );
+        assert_eq!(
+            names(r#"{"data":{"temperature":78.2,"device_id":"MOTOR-01","timestamp":1}}"#),
+            m(&[("temperature", 78.2)])
+        );
+        // Limits and errors apply to the full names and to nested values.
+        let long = "x".repeat(40);
+        assert_eq!(
+            code(&format!(r#"{{"{long}":{{"{long}":1}}}}"#)),
+            "bad_metric_name"
+        );
+        assert_eq!(code(r#"{"t":{"value":"NaN"}}"#), "non_finite");
+        let too_many: Vec<String> = (0..65).map(|i| format!(r#""m{i}":{i}"#)).collect();
+        assert_eq!(
+            code(&format!(r#"{{"a":{{{}}}}}"#, too_many.join(","))),
+            "too_many_metrics"
+        );
+        assert_eq!(
+            code(r#"{"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":{"i":1}}}}}}}}}"#),
+            "too_deep"
+        );
+    }
+
+    #[test]
+    fn a_number_beyond_the_range_of_a_float_is_non_finite() {
+        let err = p(r#"{"temperature":1e400}"#).expect_err("out of range");
+        assert_eq!(err.code(), "non_finite");
+        assert_eq!(
+            err.to_string(),
+            "metric at line 1 column 20 is not a finite number"
+        );
+        assert_eq!(code(r#"{"temperature":-1e400}"#), "non_finite");
+        assert_eq!(code(r#"{"temperature":1e40"#), "not_json");
     }
 
     #[test]
@@ -649,8 +784,8 @@ mod tests {
             "the reading contains no numeric metric (field \"temperature\" holds a number as a string: send it as a JSON number)"
         );
         assert_eq!(
-            reason(r#"{"sensors":{"temperature":78.2}}"#),
-            "the reading contains no numeric metric (fields inside the object \"sensors\" are not read: put metrics at the top level)"
+            reason(r#"{"vibration":[0.1,0.2]}"#),
+            "the reading contains no numeric metric (field \"vibration\" is an array: arrays are not read, send one number per metric)"
         );
         assert_eq!(code(r#"{"temperature":"78.2"}"#), "no_metrics");
         assert_eq!(code(r#"{"type":"batch","data":[]}"#), "no_metrics");
