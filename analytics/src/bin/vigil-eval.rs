@@ -12,8 +12,9 @@
 //! that open an incident and `score` is [`anomaly_score`], 1 on those rows and below one half on
 //! all others, so thresholding either column at 0.5 gives the same detections.
 //!
-//! `vigil-eval cmapss DIR [--config JSON]` trains the remaining-useful-life model on
-//! `train_FD001.txt` and prints the RMSE on the test engines (`rmse X`, last).
+//! `vigil-eval cmapss DIR [--config JSON] [--subset FD00N]` trains the remaining-useful-life
+//! model on `train_FD001.txt` (or on the one `train_FD00N.txt` in DIR when FD001 is not there, or
+//! on the subset named) and prints the RMSE on that subset's test engines (`rmse X`, last).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -37,7 +38,7 @@ fn main() -> ExitCode {
         Some("cmapss") if args.len() >= 2 => run_cmapss(&args[1..]),
         _ => {
             eprintln!(
-                "usage:\n  vigil-eval nab DATA_DIR WINDOWS_JSON [--detections OUT_DIR] [--config JSON] [--seed N] [--jobs N]\n  vigil-eval cmapss DIR [--config JSON]"
+                "usage:\n  vigil-eval nab DATA_DIR WINDOWS_JSON [--detections OUT_DIR] [--config JSON] [--seed N] [--jobs N]\n  vigil-eval cmapss DIR [--config JSON] [--subset FD00N]"
             );
             return ExitCode::from(2);
         }
@@ -329,9 +330,40 @@ fn mean(xs: &[f64]) -> f64 {
     }
 }
 
+/// The C-MAPSS subset to evaluate in `dir`: `FD001` when its training file is there, otherwise
+/// the only subset whose training file is (`train_FD003.txt` alone gives `FD003`).
+fn cmapss_subset(dir: &Path) -> Result<String, BoxError> {
+    if dir.join("train_FD001.txt").is_file() {
+        return Ok("FD001".into());
+    }
+    let mut found: Vec<String> = fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            Some(
+                name.strip_prefix("train_")?
+                    .strip_suffix(".txt")?
+                    .to_string(),
+            )
+        })
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.swap_remove(0)),
+        0 => Err(format!("no train_FD00N.txt in {}", dir.display()).into()),
+        _ => Err(format!(
+            "several subsets in {} ({}): choose one with --subset",
+            dir.display(),
+            found.join(", ")
+        )
+        .into()),
+    }
+}
+
 fn run_cmapss(args: &[String]) -> Result<(), BoxError> {
     let dir = Path::new(&args[0]);
     let mut config = RulConfig::default();
+    let mut subset = None;
     let mut rest = args[1..].iter();
     while let Some(a) = rest.next() {
         match a.as_str() {
@@ -339,12 +371,17 @@ fn run_cmapss(args: &[String]) -> Result<(), BoxError> {
                 let json = rest.next().ok_or("--config needs a JSON object")?;
                 config = serde_json::from_str(json)?;
             }
+            "--subset" => subset = Some(rest.next().ok_or("--subset needs a name")?.clone()),
             other => return Err(format!("unknown option {other}").into()),
         }
     }
-    let train = rul::parse_cmapss(&read(&dir.join("train_FD001.txt"))?)?;
-    let test = rul::parse_cmapss(&read(&dir.join("test_FD001.txt"))?)?;
-    let truth: Vec<f64> = read(&dir.join("RUL_FD001.txt"))?
+    let subset = match subset {
+        Some(s) => s,
+        None => cmapss_subset(dir)?,
+    };
+    let train = rul::parse_cmapss(&read(&dir.join(format!("train_{subset}.txt")))?)?;
+    let test = rul::parse_cmapss(&read(&dir.join(format!("test_{subset}.txt")))?)?;
+    let truth: Vec<f64> = read(&dir.join(format!("RUL_{subset}.txt")))?
         .lines()
         .filter_map(|l| l.trim().parse::<f64>().ok())
         .collect();
@@ -365,7 +402,7 @@ fn run_cmapss(args: &[String]) -> Result<(), BoxError> {
         .sum::<f64>()
         / truth.len() as f64;
     eprintln!(
-        "trained on {} engines ({} cycles), {} features",
+        "{subset}: trained on {} engines ({} cycles), {} features",
         rul::engine_count(&train),
         train.len(),
         model.n_features()
