@@ -493,17 +493,58 @@ impl RulSpec {
 
 /// A metric's safety limit: a bare number is an upper limit, a table may give either side.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(try_from = "toml::Value")]
 pub enum LimitSpec {
     Above(f64),
     Range(LimitRange),
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct LimitRange {
     pub above: Option<f64>,
     pub below: Option<f64>,
+}
+
+impl TryFrom<toml::Value> for LimitSpec {
+    type Error = String;
+
+    /// Read by hand rather than as an untagged enum, so a mistake gets a message that names it.
+    /// The likely one: `motor.temperature = 85` unquoted, which TOML reads as a table `motor`
+    /// holding `temperature`, where the metric `motor.temperature` (read from inside an object,
+    /// docs/topics.md) was meant.
+    fn try_from(value: toml::Value) -> Result<Self, String> {
+        let number = |v: &toml::Value| match v {
+            toml::Value::Integer(i) => Some(*i as f64),
+            toml::Value::Float(f) => Some(*f),
+            _ => None,
+        };
+        if let Some(x) = number(&value) {
+            return Ok(LimitSpec::Above(x));
+        }
+        let toml::Value::Table(table) = value else {
+            return Err(format!(
+                "a limit is a number or a table such as {{ above = 20, below = 2 }}, not {value}"
+            ));
+        };
+        let mut range = LimitRange {
+            above: None,
+            below: None,
+        };
+        for (key, v) in &table {
+            let slot = match key.as_str() {
+                "above" => &mut range.above,
+                "below" => &mut range.below,
+                other => {
+                    return Err(format!(
+                        "unknown key {other:?} in a limit (expected above or below); a dotted \
+                         metric name must be quoted as a whole, e.g. \"<object>.{other}\" = 85"
+                    ))
+                }
+            };
+            *slot = Some(number(v).ok_or_else(|| format!("{key} must be a number, not {v}"))?);
+        }
+        Ok(LimitSpec::Range(range))
+    }
 }
 
 impl LimitSpec {
@@ -1109,5 +1150,48 @@ mod tests {
         );
         let c = Config::parse(&text, "test").expect("lower limit");
         assert_eq!(c.analytics.monitor_config().limits[0].below, Some(1.0));
+    }
+
+    #[test]
+    fn limits_for_dotted_metric_names_are_quoted_and_a_mistake_is_explained() {
+        let with = |limits: &str| {
+            DEFAULT_TOML.replace(
+                "limits = { temperature = 85.0, vibration = 7.1 }",
+                &format!("limits = {limits}"),
+            )
+        };
+        let c = Config::parse(
+            &with(r#"{ "motor.temperature" = 85, rpm = { above = 3600, below = 300.5 } }"#),
+            "test",
+        )
+        .expect("quoted dotted name, integers and floats");
+        let m = c.analytics.monitor_config();
+        let bounds: Vec<_> = m
+            .limits
+            .iter()
+            .map(|l| (l.metric.as_str(), l.above, l.below))
+            .collect();
+        assert_eq!(
+            bounds,
+            [
+                ("motor.temperature", Some(85.0), None),
+                ("rpm", Some(3600.0), Some(300.5))
+            ]
+        );
+        let err = Config::parse(&with("{ motor.temperature = 85 }"), "test")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(r#"unknown key "temperature""#) && err.contains("must be quoted"),
+            "{err}"
+        );
+        let err = Config::parse(&with(r#"{ rpm = { above = "high" } }"#), "test")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("above must be a number"), "{err}");
+        let err = Config::parse(&with(r#"{ rpm = "high" }"#), "test")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a limit is a number or a table"), "{err}");
     }
 }
