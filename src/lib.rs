@@ -12,9 +12,11 @@
 //! - [`live`]: the analytics task, an internal core client scoring device telemetry.
 //! - [`cluster`]: scale-out over Redis, two internal core clients exporting and importing.
 //! - [`history`]: telemetry history per device, in memory (with a snapshot file) or in Redis.
+//! - [`alert_log`]: the most recent alerts and acknowledgements, for dashboards opened later.
 //!
 //! [`run`] takes already bound listeners and a cancellation token, so tests bind port 0.
 
+pub mod alert_log;
 pub mod bridge;
 pub mod cluster;
 pub mod config;
@@ -209,6 +211,9 @@ pub async fn run(
     if config.analytics.enabled {
         edge.subscribed.insert(live::TELEMETRY_FILTER.as_bytes());
         edge.subscribed.insert(live::STATUS_FILTER.as_bytes());
+        for filter in live::ALERT_LOG_FILTERS {
+            edge.subscribed.insert(filter.as_bytes());
+        }
         // Tracked with the connections, so shutdown waits for it too.
         edge.tracker.spawn(live::run(
             edge.clone(),

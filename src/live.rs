@@ -28,8 +28,9 @@ use vigil_analytics::rul::RulModel;
 use vigil_analytics::silence::{SilenceRule, SilenceWatch};
 use vigil_analytics::telemetry::{self, Limits};
 
+use crate::alert_log::AlertLog;
 use crate::config::{AnalyticsConfig, ConfigError};
-use crate::core::{self, Core, CoreError};
+use crate::core::{self, CoreError};
 use crate::edge::Edge;
 use crate::envelope;
 use crate::history::History;
@@ -50,6 +51,11 @@ pub const STATUS_FILTER: &str = "device/+/status";
 /// (measured in BENCHMARKS.md, "JSON WebSocket bridge"). Getting a prediction back costs far
 /// less.
 const OUTPUT_FILTERS: [&str; 3] = ["device/+/predictions", "device/+/alerts", "device/+/errors"];
+/// Operators' acknowledgements of alerts, kept with the alerts in `Edge::alert_log`.
+const ALERT_ACK_FILTER: &str = "device/+/alerts/ack";
+/// The alert traffic this task keeps in `Edge::alert_log`, whoever publishes it: the edge must
+/// route clients' publishes there to the core even when no client subscribes.
+pub const ALERT_LOG_FILTERS: [&str; 2] = ["device/+/alerts", ALERT_ACK_FILTER];
 /// QoS 1 alerts handed to the core and not yet acknowledged; more wait in the alert queue.
 pub const MAX_UNACKED_ALERTS: usize = 100;
 /// Alerts waiting for room in the window; beyond this the oldest is dropped (counted).
@@ -673,7 +679,7 @@ pub async fn run(edge: Arc<Edge>, config: AnalyticsConfig, history_points: usize
         let mut backoff = BACKOFF_MIN;
         loop {
             let started = Instant::now();
-            match session(&edge.core, &mut state, &mut window, &shutdown).await {
+            match session(&edge, &mut state, &mut window, &shutdown).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "analytics lost its core connection");
@@ -698,19 +704,23 @@ pub async fn run(edge: Arc<Edge>, config: AnalyticsConfig, history_points: usize
 
 /// One core connection: subscribe, then score telemetry until shutdown (`Ok`) or a failure.
 async fn session(
-    core: &Core,
+    edge: &Edge,
     state: &mut Analytics,
     window: &mut AlertWindow,
     shutdown: &CancellationToken,
 ) -> Result<(), LiveError> {
-    let Some(link) = core.connect_internal(CLIENT_ID, true, shutdown).await? else {
+    let Some(link) = edge
+        .core
+        .connect_internal(CLIENT_ID, true, shutdown)
+        .await?
+    else {
         return Ok(());
     };
     let (mut rd, mut wr) = link.stream.into_split();
     let mut read_buf = link.read_buf;
     state.forget_silences();
     let mut out = BytesMut::with_capacity(4096);
-    let filters: Vec<(Bytes, u8)> = [TELEMETRY_FILTER, STATUS_FILTER]
+    let filters: Vec<(Bytes, u8)> = [TELEMETRY_FILTER, STATUS_FILTER, ALERT_ACK_FILTER]
         .into_iter()
         .chain(OUTPUT_FILTERS)
         .map(|f| (Bytes::from_static(f.as_bytes()), 0))
@@ -760,7 +770,20 @@ async fn session(
                                 continue;
                             }
                             if !publish.topic.ends_with(b"/telemetry") {
-                                // Our own output coming back (see OUTPUT_FILTERS).
+                                // Our own output coming back (see OUTPUT_FILTERS), other
+                                // alerts and acknowledgements: alert traffic is logged.
+                                if AlertLog::wants(&publish.topic) {
+                                    let opened = envelope::open(publish.payload.clone());
+                                    if !opened.payload.is_empty()
+                                        && !edge.alert_log.record(
+                                            publish.topic_str(),
+                                            opened.payload,
+                                            now_ms(),
+                                        )
+                                    {
+                                        Metrics::inc(&state.metrics.alert_log_refused);
+                                    }
+                                }
                                 continue;
                             }
                             let opened = envelope::open(publish.payload.clone());

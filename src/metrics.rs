@@ -60,6 +60,9 @@ pub struct Metrics {
     /// Core connections that found the pool of core client ids empty (`registry::CoreIds`)
     /// and used an id of their own.
     pub core_id_pool_empty: AtomicU64,
+    /// Alert messages over `alert_log::MAX_ENTRY_BYTES`, delivered but not kept for
+    /// `recent_alerts`.
+    pub alert_log_refused: AtomicU64,
     /// Clean core connections waiting in the pool opened ahead of time (`edge::warm`), as
     /// the pool held when `/metrics` was last read.
     pub core_warm_ready: AtomicU64,
@@ -408,6 +411,13 @@ impl Metrics {
             "Core connections that found every pooled core client id in use and took one of \
              their own, which the core remembers for good (about 570 bytes each).",
             &[("", g(&self.core_id_pool_empty))],
+        );
+        metric(
+            "alert_log_refused_total",
+            "counter",
+            "Alert messages too large to keep for the bridge's recent_alerts request (delivered \
+             live as usual).",
+            &[("", g(&self.alert_log_refused))],
         );
         metric(
             "core_warm_connections",

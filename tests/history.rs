@@ -183,3 +183,86 @@ fn history_needs_the_right_to_read_the_device() {
     });
     assert_eq!(bad["code"], "bad_device", "{bad}");
 }
+
+/// The bridge's `recent_alerts` request: alerts that came before a page connected (a device's
+/// own, vigil's, and an operator's acknowledgement) are answered in the order they came, to a
+/// session allowed to subscribe to them, and to nobody else.
+#[test]
+fn recent_alerts_are_answered_in_order_under_the_subscribe_rule() {
+    let v = Vigil::start_with_users(
+        &[
+            ("m-1", "pw-m1", "device"),
+            ("ui", "pw-ui", "viewer"),
+            ("op", "pw-op", "operator"),
+        ],
+        |c| c,
+    );
+    let viewer = json!({"op": "connect", "username": "ui", "password": "pw-ui"});
+    let rt = rt();
+    let recent = |connect: &Value, want: usize| -> Value {
+        let deadline = Instant::now() + T;
+        loop {
+            let answer = rt.block_on(async {
+                let mut b = Browser::login(v.http, connect.clone()).await;
+                b.ask(json!({"op": "recent_alerts", "ref": 3}), "recent_alerts")
+                    .await
+            });
+            let n = answer["messages"].as_array().map_or(0, Vec::len);
+            if n >= want || Instant::now() > deadline {
+                return answer;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let as_device = ["-u", "m-1", "-P", "pw-m1", "-q", "1"];
+    publish_lines(
+        v.port(),
+        &[&["-t", "device/m-1/alerts"][..], &as_device].concat(),
+        [r#"{"type":"ALERT","severity":"LOW","metric":"door","message":"door open"}"#],
+    );
+    recent(&viewer, 1);
+    publish_lines(
+        v.port(),
+        &[&["-t", "device/m-1/telemetry"][..], &as_device].concat(),
+        [r#"{"temperature": 91.5, "timestamp": 1790000000}"#],
+    );
+    recent(&viewer, 2);
+    publish_lines(
+        v.port(),
+        &[
+            "-t",
+            "device/m-1/alerts/ack",
+            "-q",
+            "1",
+            "-u",
+            "op",
+            "-P",
+            "pw-op",
+        ],
+        [r#"{"ack": true, "alert_timestamp": 1790000000000, "by": "op"}"#],
+    );
+    let answer = recent(&viewer, 3);
+    assert_eq!(answer["ref"], 3, "{answer}");
+    let m = answer["messages"].as_array().expect("messages");
+    let topics: Vec<&str> = m.iter().filter_map(|m| m["topic"].as_str()).collect();
+    assert_eq!(
+        topics,
+        [
+            "device/m-1/alerts",
+            "device/m-1/alerts",
+            "device/m-1/alerts/ack"
+        ],
+        "{answer}"
+    );
+    assert_eq!(m[0]["payload"]["message"], "door open", "{answer}");
+    assert_eq!(m[1]["payload"]["kind"], "threshold", "{answer}");
+    assert_eq!(m[1]["payload"]["value"], 91.5, "{answer}");
+    assert_eq!(m[2]["payload"]["by"], "op", "{answer}");
+    assert!(m
+        .iter()
+        .all(|m| m["t"].as_i64().is_some_and(|t| t > 1_700_000_000_000)));
+    // A device may not subscribe to alerts, so it reads none of them.
+    let device = json!({"op": "connect", "username": "m-1", "password": "pw-m1"});
+    let none = recent(&device, 0);
+    assert_eq!(none["messages"], json!([]), "{none}");
+}

@@ -350,6 +350,21 @@ export class VigilBridge {
   }
 
   /**
+   * Fetches the most recent alerts and acknowledgements the server has seen (the bridge's
+   * `recent_alerts` request), to show what happened before this page connected. Only messages
+   * on topics this session may subscribe to are returned.
+   * @param {number} [limit] most recent messages wanted (server default 200, at most 1,000)
+   * @returns {Promise<Array<{topic: string, t: number, encoding: string, payload: *}>>} oldest
+   *   first; `t` is when the server received it (Unix ms); `payload` is decoded as in `message`
+   *   events (JSON as a value, text as a string, other bytes as a Uint8Array).
+   */
+  recentAlerts(limit) {
+    const frame = { op: "recent_alerts" };
+    if (limit !== undefined) frame.limit = limit;
+    return this._request("recent_alerts", frame);
+  }
+
+  /**
    * Sends an application-level `ping`.
    * @returns {Promise<number>} the round-trip time in ms, on `pong`.
    */
@@ -481,7 +496,7 @@ export class VigilBridge {
     }
     // Pings are only meaningful on the connection they were sent on.
     for (const [ref, req] of this._requests) {
-      if (req.kind === "ping" || req.kind === "resubscribe" || req.kind === "history") {
+      if (req.kind === "ping" || req.kind === "resubscribe" || req.kind === "history" || req.kind === "recent_alerts") {
         this._requests.delete(ref);
         req.reject(new BridgeError("connection_lost", "the connection closed"));
       }
@@ -570,6 +585,13 @@ export class VigilBridge {
         return this._takeRequest(f.ref)?.resolve();
       case "history":
         return this._takeRequest(f.ref)?.resolve(Array.isArray(f.points) ? f.points : []);
+      case "recent_alerts":
+        return this._takeRequest(f.ref)?.resolve(
+          (Array.isArray(f.messages) ? f.messages : []).map((m) => ({
+            ...m,
+            payload: decodePayload(m.payload, m.encoding),
+          })),
+        );
       case "error": {
         const req = this._takeRequest(f.ref);
         if (req?.kind === "publish") {

@@ -96,11 +96,17 @@ pub enum Request {
         device: String,
         limit: usize,
     },
+    /// The most recent `limit` alerts and acknowledgements (`alert_log`).
+    RecentAlerts {
+        limit: usize,
+    },
 }
 
 /// Readings a `history` request returns when it names no `limit`, and the most it may ask.
 pub const HISTORY_DEFAULT_LIMIT: usize = 500;
 pub const HISTORY_MAX_LIMIT: usize = 10_000;
+/// Messages a `recent_alerts` request returns when it names no `limit`; at most the log's size.
+pub const RECENT_ALERTS_DEFAULT_LIMIT: usize = 200;
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ConnectReq {
@@ -192,6 +198,13 @@ fn request(raw: &RawFrame<'_>, max_payload: usize) -> Result<Request, FrameError
         "pubrel" => Request::PubRel(required_id(raw.id)?),
         "pubcomp" => Request::PubComp(required_id(raw.id)?),
         "history" => history(raw)?,
+        "recent_alerts" => Request::RecentAlerts {
+            limit: positive_limit(
+                raw,
+                RECENT_ALERTS_DEFAULT_LIMIT,
+                crate::alert_log::MAX_ENTRIES,
+            )?,
+        },
         other => {
             let mut shown: String = other.chars().take(32).collect();
             if shown.len() < other.len() {
@@ -218,13 +231,43 @@ fn history(raw: &RawFrame<'_>) -> Result<Request, FrameError> {
             "a device id is 1 to 256 bytes without `/`, `+`, `#`",
         ));
     }
-    let limit: Option<u64> = field(raw.limit, "limit", "a positive integer")?;
-    let limit = match limit {
-        None => HISTORY_DEFAULT_LIMIT,
-        Some(n @ 1..) => (n as usize).min(HISTORY_MAX_LIMIT),
-        Some(0) => return Err(bad_frame("`limit` must be a positive integer")),
-    };
+    let limit = positive_limit(raw, HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT)?;
     Ok(Request::History { device, limit })
+}
+
+/// A request's `limit`: `default` when absent, at most `max`; 0 or not a number is an error.
+fn positive_limit(raw: &RawFrame<'_>, default: usize, max: usize) -> Result<usize, FrameError> {
+    match field::<u64>(raw.limit, "limit", "a positive integer")? {
+        None => Ok(default),
+        Some(0) => Err(bad_frame("`limit` must be a positive integer")),
+        Some(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX).min(max)),
+    }
+}
+
+/// The answer to a `recent_alerts` request: `messages` oldest first, each with its `topic`, the
+/// time this server received it (`t`, Unix ms) and its payload encoded as in a `message` frame.
+pub fn recent_alerts_answer(
+    entries: &[crate::alert_log::Entry],
+    reference: Option<&str>,
+) -> String {
+    let mut out =
+        String::with_capacity(64 + entries.iter().map(|e| e.payload.len() + 96).sum::<usize>());
+    out.push_str("{\"op\":\"recent_alerts\"");
+    push_ref(&mut out, reference);
+    out.push_str(",\"messages\":[");
+    for (i, e) in entries.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"topic\":");
+        push_str(&mut out, &e.topic);
+        out.push_str(",\"t\":");
+        out.push_str(&e.received_ms.to_string());
+        push_payload(&mut out, &e.payload);
+        out.push('}');
+    }
+    out.push_str("]}");
+    out
 }
 
 /// The answer to a `history` request: `points` oldest first, each `{"t": ms, "v": {metric:
@@ -586,6 +629,14 @@ pub fn message(topic: &str, qos: u8, id: u16, retain: bool, dup: bool, payload: 
     } else {
         ",\"dup\":false"
     });
+    push_payload(&mut out, payload);
+    out.push('}');
+    out
+}
+
+/// Appends `,"encoding":...,"payload":...`: JSON text embedded as is, other UTF-8 as a string,
+/// anything else as base64.
+fn push_payload(out: &mut String, payload: &[u8]) {
     match std::str::from_utf8(payload) {
         Ok(text) if is_json(text) => {
             out.push_str(",\"encoding\":\"json\",\"payload\":");
@@ -593,16 +644,14 @@ pub fn message(topic: &str, qos: u8, id: u16, retain: bool, dup: bool, payload: 
         }
         Ok(text) => {
             out.push_str(",\"encoding\":\"utf8\",\"payload\":");
-            push_str(&mut out, text);
+            push_str(out, text);
         }
         Err(_) => {
             out.push_str(",\"encoding\":\"base64\",\"payload\":\"");
-            BASE64_OUT.encode_string(payload, &mut out);
+            BASE64_OUT.encode_string(payload, out);
             out.push('"');
         }
     }
-    out.push('}');
-    out
 }
 
 const BASE64_OUT: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -828,6 +877,59 @@ mod tests {
         assert_eq!(v["points"][0]["v"]["temperature"], 20.5);
         assert_eq!(v["points"][0]["v"]["v\"x"], 1.0);
         assert_eq!(v["points"][1]["v"]["temperature"], 21.0);
+    }
+
+    #[test]
+    fn recent_alerts_requests_and_answers() {
+        assert_eq!(
+            req(r#"{"op":"recent_alerts"}"#),
+            Ok(Request::RecentAlerts {
+                limit: RECENT_ALERTS_DEFAULT_LIMIT
+            })
+        );
+        assert_eq!(
+            req(r#"{"op":"recent_alerts","limit":1000000}"#),
+            Ok(Request::RecentAlerts {
+                limit: crate::alert_log::MAX_ENTRIES
+            })
+        );
+        assert!(req(r#"{"op":"recent_alerts","limit":0}"#).is_err());
+        let entry = |topic: &str, payload: &'static [u8], t| crate::alert_log::Entry {
+            topic: topic.into(),
+            payload: bytes::Bytes::from_static(payload),
+            received_ms: t,
+        };
+        let text = recent_alerts_answer(
+            &[
+                entry("device/m-1/alerts", br#"{"severity":"HIGH"}"#, 5),
+                entry("device/m-1/alerts", b"\xff", 6),
+                entry("device/m-1/alerts/ack", b"ok", 7),
+            ],
+            Some("\"x\""),
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        assert_eq!(v["op"], "recent_alerts");
+        assert_eq!(v["ref"], "x");
+        let m = &v["messages"];
+        assert_eq!(
+            (&m[0]["topic"], &m[0]["t"]),
+            (&"device/m-1/alerts".into(), &5.into())
+        );
+        assert_eq!(
+            (&m[0]["encoding"], &m[0]["payload"]["severity"]),
+            (&"json".into(), &"HIGH".into())
+        );
+        assert_eq!(
+            (&m[1]["encoding"], &m[1]["payload"]),
+            (&"base64".into(), &"/w==".into())
+        );
+        assert_eq!(
+            (&m[2]["encoding"], &m[2]["payload"]),
+            (&"utf8".into(), &"ok".into())
+        );
+        let empty: serde_json::Value =
+            serde_json::from_str(&recent_alerts_answer(&[], None)).expect("valid JSON");
+        assert_eq!(empty["messages"], serde_json::json!([]));
     }
 
     #[test]

@@ -779,6 +779,7 @@ where
             Request::PubRec(id) => self.on_delivery_ack(id, Delivery::AwaitPubrec, reference),
             Request::PubComp(id) => self.on_delivery_ack(id, Delivery::AwaitPubcomp, reference),
             Request::History { device, limit } => self.on_history(device, limit, reference),
+            Request::RecentAlerts { limit } => self.on_recent_alerts(limit, reference),
             Request::PubRel(id) => match self.browser_pubs.get(&id).copied() {
                 Some(BrowserPub::Received) | None => {
                     // Unknown ids go to the relay too: the exchange may have begun on an
@@ -838,6 +839,21 @@ where
             // The session may have ended meanwhile; then nobody wants the answer.
             let _ = tx.send(frame).await;
         });
+    }
+
+    /// Answers a `recent_alerts` request from the alert log: the messages whose topic this
+    /// session may subscribe to, so an answer shows nothing a subscription would not.
+    fn on_recent_alerts(&mut self, limit: usize, reference: Option<&str>) {
+        let Some(who) = self.identity.get() else {
+            let e = FrameError::new("not_authorized", "not allowed to read alerts");
+            return self.queue_error(&e, reference);
+        };
+        let entries = self.edge.alert_log.recent(limit, |topic| {
+            self.edge
+                .policy
+                .may_subscribe(who, &self.client_id, topic.as_bytes())
+        });
+        self.queue(frames::recent_alerts_answer(&entries, reference));
     }
 
     fn on_publish(&mut self, p: PublishReq, reference: Option<&str>) {

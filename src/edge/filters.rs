@@ -5,7 +5,7 @@
 //! The index holds every filter a client has been granted since start (the filters
 //! `limits.max_distinct_filters` counts, so it is bounded by that cap) and the subscriptions
 //! of vigil's own tasks that consume messages (the analytics task's telemetry and status
-//! filters, the cluster exporter's `#`). Filters are never removed: the core keeps a session's
+//! filters and the alert filters it keeps the alert log from, the cluster exporter's `#`). Filters are never removed: the core keeps a session's
 //! subscriptions while it is offline and the edge does not learn when they end, so the index
 //! answers "no subscriber" only when that is certain, which is what MQTT allows
 //! ("If the Server knows that there are no matching subscribers, it MAY use 0x10").

@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::alert_log::AlertLog;
 use crate::config::Config;
 use crate::core::Core;
 use crate::history::History;
@@ -212,6 +213,9 @@ pub struct Edge {
     pub bridge: BridgeLimits,
     /// Telemetry history per device (analytics warm starts, the bridge's `history` request).
     pub history: History,
+    /// The most recent alert traffic, recorded by the analytics task, read by the bridge's
+    /// `recent_alerts` request.
+    pub alert_log: AlertLog,
     /// The threads that serve accepted sockets (`[runtime] connection_threads`).
     pub threads: threads::ConnectionThreads,
     /// Some client has subscribed with No Local since start: from then on, publishes carry
@@ -322,6 +326,7 @@ impl Edge {
                 max_queued_bytes: config.bridge.max_queued_bytes,
             },
             history,
+            alert_log: AlertLog::default(),
             threads,
             no_local_in_use: AtomicBool::new(false),
             subscribes_in_flight: AtomicUsize::new(0),

@@ -201,8 +201,13 @@ function onStatus(d, p) {
   touch(d);
 }
 
-function onAlert(d, p) {
+/** Adds an alert. `received` is when the server got it for one replayed from `recent_alerts`
+ *  (which does not count as the device being seen now); an alert already shown (same time,
+ *  metric, kind and severity) is not added twice. */
+function onAlert(d, p, received) {
   if (!p || typeof p !== "object") return;
+  const replayed = typeof received === "number";
+  const now = replayed ? received : Date.now();
   const a = {
     seq: ++alertSeq,
     device: d.id,
@@ -212,19 +217,53 @@ function onAlert(d, p) {
     value: p.value,
     message: String(p.message ?? ""),
     action: String(p.action ?? ""),
-    timestamp: typeof p.timestamp === "number" ? p.timestamp : Date.now(),
-    received: Date.now(),
+    timestamp: typeof p.timestamp === "number" ? p.timestamp : now,
+    received: now,
     acked: null, // who acknowledged it
     ackState: "", // "", "sending", "error: ..."
     el: null,
   };
+  const same = (b) =>
+    b.timestamp === a.timestamp && b.metric === a.metric && b.kind === a.kind && b.severity === a.severity;
+  if (d.alerts.some(same)) return;
   alerts.unshift(a);
   if (alerts.length > MAX_ALERTS) alerts.length = MAX_ALERTS;
   d.alerts.unshift(a);
   if (d.alerts.length > MAX_DEVICE_ALERTS) d.alerts.length = MAX_DEVICE_ALERTS;
   d.open++;
   dirty.alerts = true;
-  touch(d);
+  if (replayed) {
+    dirty.fleet = true;
+    if (sortKey !== "id") orderDirty = true;
+    if (selected === d.id) dirty.device = true;
+  } else {
+    touch(d);
+  }
+}
+
+/** Shows the alerts and acknowledgements the server saw before this page connected (or while
+ *  it was reconnecting), in the order the server received them, then keeps the feed newest
+ *  first. */
+async function replayRecentAlerts(b) {
+  let messages;
+  try {
+    messages = await b.recentAlerts(MAX_ALERTS);
+  } catch (e) {
+    if (bridge === b && e.code !== "connection_lost") notice(`recent alerts: ${e.code ?? e.message}`, true);
+    return;
+  }
+  if (bridge !== b) return;
+  for (const m of messages) {
+    const t = parseTopic(String(m.topic));
+    if (!t) continue;
+    if (t.kind === "alerts") onAlert(device(t.id), m.payload, m.t);
+    else if (t.kind === "alerts/ack") onMessage(m.topic, m.payload);
+  }
+  const newestFirst = (x, y) => y.timestamp - x.timestamp || y.seq - x.seq;
+  alerts.sort(newestFirst);
+  for (const d of devices.values()) d.alerts.sort(newestFirst);
+  dirty.alerts = true;
+  schedule();
 }
 
 function markAcked(d, timestamp, by) {
@@ -340,9 +379,14 @@ async function connect(creds) {
   bridge = b;
   b.on("state", (s) => bridge === b && setState(s));
   b.on("message", (topic, payload) => bridge === b && onMessage(topic, payload));
+  let reconnected = false;
   b.on("connect", (ack) => {
     if (bridge !== b) return;
     setState("connected", `as ${user || "anonymous"} (${ack.client_id})`);
+    // After a reconnection, fill in what came while the page was away (the first time, once
+    // subscribed, below).
+    if (reconnected) replayRecentAlerts(b);
+    reconnected = true;
   });
   b.on("close", (info) => {
     if (bridge !== b) return;
@@ -372,6 +416,7 @@ async function connect(creds) {
       if (bridge === b) notice(`subscription to ${filter} refused: ${e.code ?? e.message}`, true);
     });
   }
+  replayRecentAlerts(b);
 }
 
 // ---- fleet view ------------------------------------------------------------------------------

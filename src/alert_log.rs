@@ -1,0 +1,176 @@
+//! The most recent alert traffic seen on the core (`device/+/alerts` and
+//! `device/+/alerts/ack`), kept so that a dashboard opened now can show what happened before it
+//! connected (the bridge's `recent_alerts` request, docs/bridge-protocol.md).
+//!
+//! Alerts are not retained MQTT messages on purpose: a consumer that acts on alerts must not act
+//! again on an old one each time it subscribes. This log is the read-only look back instead.
+//!
+//! The analytics task records what its core subscription delivers, so the log holds vigil's own
+//! alerts, alerts devices publish about themselves, alerts from other instances of a cluster
+//! (imported into this core) and acknowledgements, in the order the core delivered them. It is
+//! memory only: a restart starts it empty, and without the analytics task (`analytics.enabled =
+//! false`) it stays empty.
+//!
+//! Bounds: at most [`MAX_ENTRIES`] messages and [`MAX_BYTES`] of payload and topic together; the
+//! oldest go first. A message over [`MAX_ENTRY_BYTES`] is not kept (it was delivered live as
+//! usual) and is counted in `vigil_alert_log_refused_total`.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+
+/// Messages kept at most.
+pub const MAX_ENTRIES: usize = 1000;
+/// Bytes of topics and payloads kept at most.
+pub const MAX_BYTES: usize = 1024 * 1024;
+/// Largest topic plus payload kept; vigil's alerts are about 400 bytes.
+pub const MAX_ENTRY_BYTES: usize = 8 * 1024;
+
+/// One message of the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub topic: String,
+    pub payload: Bytes,
+    /// When this process received it (Unix ms).
+    pub received_ms: i64,
+}
+
+impl Entry {
+    fn size(&self) -> usize {
+        self.topic.len() + self.payload.len()
+    }
+}
+
+/// See the module documentation.
+#[derive(Debug, Default)]
+pub struct AlertLog {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    entries: VecDeque<Entry>,
+    bytes: usize,
+}
+
+impl AlertLog {
+    /// Whether `topic` is alert traffic this log keeps: `device/<id>/alerts` or
+    /// `device/<id>/alerts/ack`.
+    pub fn wants(topic: &[u8]) -> bool {
+        topic.starts_with(b"device/")
+            && (topic.ends_with(b"/alerts") || topic.ends_with(b"/alerts/ack"))
+    }
+
+    /// Keeps a message, dropping the oldest ones beyond the bounds. Returns false when the
+    /// message is empty (a retained-message clear) or over [`MAX_ENTRY_BYTES`]: not kept.
+    pub fn record(&self, topic: &str, payload: Bytes, received_ms: i64) -> bool {
+        let entry = Entry {
+            topic: topic.to_owned(),
+            payload,
+            received_ms,
+        };
+        let size = entry.size();
+        if entry.payload.is_empty() || size > MAX_ENTRY_BYTES {
+            return false;
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        while inner.entries.len() >= MAX_ENTRIES || inner.bytes + size > MAX_BYTES {
+            match inner.entries.pop_front() {
+                Some(old) => inner.bytes -= old.size(),
+                None => break,
+            }
+        }
+        inner.bytes += size;
+        inner.entries.push_back(entry);
+        true
+    }
+
+    /// The newest `limit` messages whose topic `keep` accepts, oldest first.
+    pub fn recent(&self, limit: usize, mut keep: impl FnMut(&str) -> bool) -> Vec<Entry> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<Entry> = inner
+            .entries
+            .iter()
+            .rev()
+            .filter(|e| keep(&e.topic))
+            .take(limit)
+            .cloned()
+            .collect();
+        out.reverse();
+        out
+    }
+
+    /// Messages and bytes held now.
+    pub fn len_and_bytes(&self) -> (usize, usize) {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        (inner.entries.len(), inner.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topics(entries: &[Entry]) -> Vec<&str> {
+        entries.iter().map(|e| e.topic.as_str()).collect()
+    }
+
+    #[test]
+    fn keeps_the_newest_in_order_and_filters() {
+        let log = AlertLog::default();
+        for (i, t) in ["device/a/alerts", "device/b/alerts", "device/a/alerts/ack"]
+            .iter()
+            .enumerate()
+        {
+            assert!(log.record(t, Bytes::from_static(b"{}"), i as i64));
+        }
+        assert_eq!(
+            topics(&log.recent(10, |_| true)),
+            ["device/a/alerts", "device/b/alerts", "device/a/alerts/ack"]
+        );
+        assert_eq!(
+            topics(&log.recent(1, |_| true)),
+            ["device/a/alerts/ack"],
+            "the newest"
+        );
+        assert_eq!(
+            topics(&log.recent(10, |t| t.starts_with("device/a/"))),
+            ["device/a/alerts", "device/a/alerts/ack"]
+        );
+        assert!(AlertLog::wants(b"device/a/alerts"));
+        assert!(AlertLog::wants(b"device/a/alerts/ack"));
+        assert!(!AlertLog::wants(b"device/a/telemetry"));
+        assert!(!AlertLog::wants(b"plant/a/alerts"));
+    }
+
+    #[test]
+    fn stays_within_its_bounds() {
+        let log = AlertLog::default();
+        for i in 0..MAX_ENTRIES + 10 {
+            log.record("device/a/alerts", Bytes::from(format!("{i}")), 0);
+        }
+        let (n, _) = log.len_and_bytes();
+        assert_eq!(n, MAX_ENTRIES);
+        assert_eq!(
+            log.recent(1, |_| true)[0].payload,
+            format!("{}", MAX_ENTRIES + 9)
+        );
+
+        let log = AlertLog::default();
+        let big = Bytes::from(vec![b'x'; MAX_ENTRY_BYTES - "device/a/alerts".len()]);
+        for _ in 0..MAX_BYTES / MAX_ENTRY_BYTES + 5 {
+            assert!(log.record("device/a/alerts", big.clone(), 0));
+        }
+        let (n, bytes) = log.len_and_bytes();
+        assert!(bytes <= MAX_BYTES, "{bytes}");
+        assert_eq!(n, MAX_BYTES / MAX_ENTRY_BYTES);
+
+        assert!(!log.record(
+            "device/a/alerts",
+            Bytes::from(vec![b'x'; MAX_ENTRY_BYTES]),
+            0
+        ));
+        assert!(!log.record("device/a/alerts", Bytes::new(), 0));
+    }
+}
