@@ -62,18 +62,20 @@ impl AlertLog {
             && (topic.ends_with(b"/alerts") || topic.ends_with(b"/alerts/ack"))
     }
 
-    /// Keeps a message, dropping the oldest ones beyond the bounds. Returns false when the
-    /// message is empty (a retained-message clear) or over [`MAX_ENTRY_BYTES`]: not kept.
-    pub fn record(&self, topic: &str, payload: Bytes, received_ms: i64) -> bool {
-        let entry = Entry {
-            topic: topic.to_owned(),
-            payload,
-            received_ms,
-        };
-        let size = entry.size();
-        if entry.payload.is_empty() || size > MAX_ENTRY_BYTES {
+    /// Keeps a copy of a message, dropping the oldest ones beyond the bounds. Returns false
+    /// when the message is empty (a retained-message clear) or over [`MAX_ENTRY_BYTES`]: not
+    /// kept. The payload is copied, never kept as a slice: that would keep alive the whole read
+    /// buffer it came in, and the byte bound would not hold.
+    pub fn record(&self, topic: &str, payload: &[u8], received_ms: i64) -> bool {
+        let size = topic.len() + payload.len();
+        if payload.is_empty() || size > MAX_ENTRY_BYTES {
             return false;
         }
+        let entry = Entry {
+            topic: topic.to_owned(),
+            payload: Bytes::copy_from_slice(payload),
+            received_ms,
+        };
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         while inner.entries.len() >= MAX_ENTRIES || inner.bytes + size > MAX_BYTES {
             match inner.entries.pop_front() {
@@ -123,7 +125,7 @@ mod tests {
             .iter()
             .enumerate()
         {
-            assert!(log.record(t, Bytes::from_static(b"{}"), i as i64));
+            assert!(log.record(t, b"{}", i as i64));
         }
         assert_eq!(
             topics(&log.recent(10, |_| true)),
@@ -148,7 +150,7 @@ mod tests {
     fn stays_within_its_bounds() {
         let log = AlertLog::default();
         for i in 0..MAX_ENTRIES + 10 {
-            log.record("device/a/alerts", Bytes::from(format!("{i}")), 0);
+            log.record("device/a/alerts", format!("{i}").as_bytes(), 0);
         }
         let (n, _) = log.len_and_bytes();
         assert_eq!(n, MAX_ENTRIES);
@@ -158,19 +160,15 @@ mod tests {
         );
 
         let log = AlertLog::default();
-        let big = Bytes::from(vec![b'x'; MAX_ENTRY_BYTES - "device/a/alerts".len()]);
+        let big = vec![b'x'; MAX_ENTRY_BYTES - "device/a/alerts".len()];
         for _ in 0..MAX_BYTES / MAX_ENTRY_BYTES + 5 {
-            assert!(log.record("device/a/alerts", big.clone(), 0));
+            assert!(log.record("device/a/alerts", &big, 0));
         }
         let (n, bytes) = log.len_and_bytes();
         assert!(bytes <= MAX_BYTES, "{bytes}");
         assert_eq!(n, MAX_BYTES / MAX_ENTRY_BYTES);
 
-        assert!(!log.record(
-            "device/a/alerts",
-            Bytes::from(vec![b'x'; MAX_ENTRY_BYTES]),
-            0
-        ));
-        assert!(!log.record("device/a/alerts", Bytes::new(), 0));
+        assert!(!log.record("device/a/alerts", &[b'x'; MAX_ENTRY_BYTES], 0));
+        assert!(!log.record("device/a/alerts", b"", 0));
     }
 }

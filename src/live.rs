@@ -777,7 +777,7 @@ async fn session(
                                     if !opened.payload.is_empty()
                                         && !edge.alert_log.record(
                                             publish.topic_str(),
-                                            opened.payload,
+                                            &opened.payload,
                                             now_ms(),
                                         )
                                     {
