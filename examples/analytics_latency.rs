@@ -1,11 +1,16 @@
 //! Telemetry-in to analytics-out latency through a running vigil.
 //!
-//! Devices publish JSON telemetry stamped with the send time (`timestamp`, Unix ms) at a total
-//! rate; a subscriber on `device/+/predictions` and `device/+/alerts` measures, for every
-//! message the analytics task publishes, the time since the reading it is based on was sent.
-//! Predictions are published every `analytics.prediction_every` readings of a metric and go
-//! through the same path as alerts (parse, score, model, publish), so they give a steady sample;
-//! alerts are counted too.
+//! Devices publish JSON telemetry at a total rate; a subscriber on `device/+/predictions` and
+//! `device/+/alerts` measures, for every message the analytics task publishes, the time since
+//! the reading it is based on was sent. Predictions are published every
+//! `analytics.prediction_every` trend points of a metric and go through the same path as alerts
+//! (parse, score, model, publish), so they give a steady sample; alerts are counted too.
+//!
+//! Each device's readings are time-stamped one second apart (ending about now), however fast
+//! they are sent: vigil averages readings less than a second apart into one trend point, so
+//! with real time stamps 100 devices at 10,000 readings/s would give one prediction per metric
+//! every 10 s instead of every 10 readings. A message's latency is measured from the moment the
+//! reading with its `timestamp` was sent (a table from device and time stamp to send time).
 //!
 //! ```text
 //! cargo run --release --example analytics_latency -- --port 1883 --devices 100 --rate 10000 --secs 20
@@ -15,6 +20,8 @@
 //! works against any broker; `--nodelay` sets TCP_NODELAY on the publisher; `LAT_SLOW=FILE`
 //! writes every message that took 20 ms or more to FILE.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -63,6 +70,9 @@ async fn main() {
             .expect("subscribe");
     }
     let measure_from = now_ms() + (warmup * 1000.0) as i64;
+    // (device, reading time stamp) -> send time (Unix ms).
+    let sent_at: Arc<Mutex<HashMap<(usize, i64), i64>>> = Arc::default();
+    let sent_at_reader = sent_at.clone();
     // `LAT_SLOW=FILE`: one line per message that took 20 ms or more (receive time in Unix ms,
     // latency, topic), to see whether slow messages come in bursts.
     let mut slow = std::env::var_os("LAT_SLOW")
@@ -83,13 +93,25 @@ async fn main() {
             let Some(ts) = v.get("timestamp").and_then(|t| t.as_i64()) else {
                 continue;
             };
-            if ts < measure_from {
+            let Some(device) = p
+                .topic
+                .strip_prefix("device/lat-")
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|d| d.parse::<usize>().ok())
+            else {
                 continue;
-            }
+            };
+            let sent = sent_at_reader
+                .lock()
+                .ok()
+                .and_then(|mut m| m.remove(&(device, ts)));
+            let Some(sent) = sent.filter(|&sent| sent >= measure_from) else {
+                continue;
+            };
             if p.topic.ends_with("/alerts") {
                 alerts += 1;
             }
-            let latency = (received - ts).max(0) as u64;
+            let latency = (received - sent).max(0) as u64;
             if let Some(out) = slow.as_mut() {
                 if latency >= 20 {
                     use std::io::Write;
@@ -114,6 +136,9 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let total = ((warmup + secs) * rate) as u64;
+    // Device d's n-th reading is stamped `first_ts + n * 1000`.
+    let per_device = (total as usize).div_ceil(devices) as i64;
+    let first_ts = now_ms() - per_device * 1000;
     let start = Instant::now();
     let mut sent = 0u64;
     while sent < total {
@@ -127,10 +152,12 @@ async fn main() {
         // A daily-ish cycle and noise per device; values stay normal (no faults).
         let temperature =
             60.0 + 5.0 * (t / 30.0 + d as f64).sin() + ((sent * 7919) % 100) as f64 / 100.0;
-        let payload = format!(
-            r#"{{"device_id":"lat-{d}","temperature":{temperature:.3},"timestamp":{}}}"#,
-            now_ms()
-        );
+        let ts = first_ts + (sent as usize / devices) as i64 * 1000;
+        if let Ok(mut m) = sent_at.lock() {
+            m.insert((d, ts), now_ms());
+        }
+        let payload =
+            format!(r#"{{"device_id":"lat-{d}","temperature":{temperature:.3},"timestamp":{ts}}}"#);
         publisher
             .publish(
                 format!("device/lat-{d}/telemetry"),

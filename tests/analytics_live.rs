@@ -687,3 +687,77 @@ fn a_rul_model_trained_from_exported_runs_estimates_live_and_alerts_once() {
     let (status, _) = v.terminate();
     assert!(status.success(), "{status:?}");
 }
+
+/// A vibration sensor that reports 20 times a second: a bearing starts to wear after two
+/// minutes and its vibration climbs past the 7.1 limit over the next one and a half. Counted in
+/// readings, every debounce (100 readings, 30 readings) and the trend window (120 readings)
+/// would last seconds; the incident still gives exactly one anomaly alert, one forecast alert
+/// and one threshold alert, and the predictions come at most once per metric every 10 s.
+#[test]
+fn a_device_reporting_20_times_a_second_gets_one_alert_of_each_kind_per_incident() {
+    const STEP_MS: i64 = 50;
+    const NORMAL: usize = 2400;
+    const FAULT: usize = 1800;
+    let v = Vigil::start();
+    wait_subscribed(&v);
+    let mut alerts = Sub::start(v.port(), &["-t", "device/fast-1/alerts", "-q", "1"]);
+    let mut predictions = Sub::start(v.port(), &["-t", "device/fast-1/predictions", "-q", "1"]);
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let t0 = now_ms - (NORMAL + FAULT) as i64 * STEP_MS;
+    let mut seed: u64 = 7;
+    let mut noise = move || {
+        let mut u = || {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        (u() + u() + u()) * 0.3
+    };
+    let lines: Vec<String> = (0..NORMAL + FAULT)
+        .map(|i| {
+            let wear = i.saturating_sub(NORMAL) as f64 * (6.0 / FAULT as f64);
+            format!(
+                "{{\"vibration\":{:.3},\"timestamp\":{}}}",
+                2.0 + wear + noise(),
+                t0 + i as i64 * STEP_MS
+            )
+        })
+        .collect();
+    for (i, chunk) in lines.chunks(200).enumerate() {
+        publish_lines(v.port(), "device/fast-1/telemetry", &chunk.join("\n"));
+        let sent = (i * 200 + chunk.len()).to_string();
+        wait_metrics(&v, |m| {
+            value(m, "vigil_analytics_messages_total") == Some(sent.as_str())
+                && value(m, "vigil_analytics_refits_running") == Some("0")
+        });
+    }
+    let got = alerts.drain(Duration::from_millis(500));
+    let kinds: Vec<(String, i64)> = got
+        .iter()
+        .map(|m| payload(m).1)
+        .map(|a| {
+            let at = a["timestamp"].as_i64().unwrap_or(0);
+            (
+                a["kind"].as_str().unwrap_or("").to_string(),
+                (at - t0) / STEP_MS,
+            )
+        })
+        .collect();
+    let count = |kind: &str| kinds.iter().filter(|(k, _)| k == kind).count();
+    assert_eq!(
+        (count("anomaly"), count("forecast"), count("threshold")),
+        (1, 1, 1),
+        "alerts (kind, reading): {kinds:?}"
+    );
+    assert!(
+        kinds.iter().all(|(_, at)| *at >= NORMAL as i64),
+        "an alert before the fault: {kinds:?}"
+    );
+    // 210 s of readings: about 21 predictions, never one per 10 readings (420).
+    let n = predictions.drain(Duration::from_millis(200)).len();
+    assert!((15..=25).contains(&n), "{n} predictions");
+}

@@ -163,6 +163,12 @@ pub struct DetectorConfig {
     pub rearm_likelihood: f64,
     /// After an alert, at least this many points pass before another alert.
     pub cooldown: usize,
+    /// ... and, for time-stamped readings, at least this many seconds (0: readings only). A
+    /// device that reports many times a second passes `cooldown` readings in seconds, while
+    /// the incident (a bearing wearing out) lasts minutes: without this floor such a fault
+    /// gave an alert every few seconds whenever its likelihood dipped and rose again. At
+    /// NAB's 5-minute sampling the readings bound is the longer one (100 readings = 8 h).
+    pub cooldown_s: u64,
     /// Most metrics tracked per device; further metrics are ignored.
     pub max_metrics: usize,
     /// Extra standard deviations demanded of an alert while a channel's score history is
@@ -325,6 +331,7 @@ impl Default for DetectorConfig {
             alert_tail: 1e-5,
             rearm_likelihood: 0.99,
             cooldown: 100,
+            cooldown_s: 900,
             max_metrics: 32,
             young_margin: 3.0,
             recurrence_window: 1000,
@@ -1332,10 +1339,13 @@ impl Cadence {
 }
 
 /// One alert per incident: after an alert a channel stays silent until its likelihood has
-/// dropped below `rearm_likelihood` and `cooldown` points have passed.
+/// dropped below `rearm_likelihood` and `cooldown` points (and `cooldown_s` seconds) have
+/// passed.
 #[derive(Debug, Clone)]
 struct Debounce {
     cooldown_left: usize,
+    /// Time stamp before which no alert opens (the alert's time plus `cooldown_s`).
+    quiet_until_ms: Option<i64>,
     armed: bool,
     /// Standard score whose upper tail is `alert_tail`.
     alert_z: f64,
@@ -1349,6 +1359,7 @@ impl Debounce {
     fn new(cfg: &DetectorConfig) -> Self {
         Self {
             cooldown_left: 0,
+            quiet_until_ms: None,
             armed: true,
             alert_z: z_for_upper_tail(cfg.alert_tail),
             sustain_z: z_for_upper_tail(cfg.sustain_tail),
@@ -1357,8 +1368,15 @@ impl Debounce {
     }
 
     /// The alert this point raises, if any, given its standard score `z`, its likelihood
-    /// `score` and the `n` smoothed scores it was judged against.
-    fn judge(&mut self, cfg: &DetectorConfig, z: f64, score: f64, n: usize) -> Option<Severity> {
+    /// `score`, the `n` smoothed scores it was judged against and its time stamp.
+    fn judge(
+        &mut self,
+        cfg: &DetectorConfig,
+        z: f64,
+        score: f64,
+        n: usize,
+        at_ms: Option<i64>,
+    ) -> Option<Severity> {
         if self.cooldown_left > 0 {
             self.cooldown_left -= 1;
         }
@@ -1373,22 +1391,43 @@ impl Debounce {
             self.run = 0;
         }
         let sustained = cfg.sustain_points > 0 && self.run >= cfg.sustain_points;
-        if n >= cfg.min_history && self.may_open() && (z >= self.alert_z + margin || sustained) {
-            return Some(self.open(cfg, z));
+        if n >= cfg.min_history && self.may_open(at_ms) && (z >= self.alert_z + margin || sustained)
+        {
+            return Some(self.open(cfg, z, at_ms));
         }
         None
     }
 
-    /// Whether an alert may open an incident now: armed and out of the cooldown.
-    fn may_open(&self) -> bool {
-        self.armed && self.cooldown_left == 0
+    /// Whether an alert may open an incident at `at_ms`: armed and out of the cooldown.
+    fn may_open(&self, at_ms: Option<i64>) -> bool {
+        let quiet = match (at_ms, self.quiet_until_ms) {
+            (Some(now), Some(until)) => now < until,
+            _ => false,
+        };
+        self.armed && self.cooldown_left == 0 && !quiet
     }
 
     /// Opens an incident of standard score `z`: disarms and starts the cooldown.
-    fn open(&mut self, cfg: &DetectorConfig, z: f64) -> Severity {
+    fn open(&mut self, cfg: &DetectorConfig, z: f64, at_ms: Option<i64>) -> Severity {
+        self.hold(cfg, at_ms);
+        severity_for(z)
+    }
+
+    /// Disarms and starts the cooldown, as after an alert at `at_ms`.
+    fn hold(&mut self, cfg: &DetectorConfig, at_ms: Option<i64>) {
         self.armed = false;
         self.cooldown_left = cfg.cooldown;
-        severity_for(z)
+        let cooldown_ms = i64::try_from(cfg.cooldown_s)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        self.quiet_until_ms = at_ms.map(|t| t.saturating_add(cooldown_ms));
+    }
+
+    /// Re-arms at once and forgets the cooldown (an alert withdrawn as the same incident).
+    fn release(&mut self) {
+        self.armed = true;
+        self.cooldown_left = 0;
+        self.quiet_until_ms = None;
     }
 
     /// Before the first model: counts the point down the cooldown and re-arms (there is no
@@ -1401,11 +1440,11 @@ impl Debounce {
 
     /// An early-channel alert of standard score `z`, if the debouncing allows one now; it
     /// then debounces like any other alert.
-    fn early(&mut self, cfg: &DetectorConfig, z: f64) -> Option<Severity> {
-        if !self.may_open() {
+    fn early(&mut self, cfg: &DetectorConfig, z: f64, at_ms: Option<i64>) -> Option<Severity> {
+        if !self.may_open(at_ms) {
             return None;
         }
-        Some(self.open(cfg, z))
+        Some(self.open(cfg, z, at_ms))
     }
 }
 
@@ -1510,8 +1549,7 @@ impl MetricDetector {
             // The sensor is back: its first value jumps from the frozen one to the real one,
             // which is the end of the incident, not a new one. The learned channels wait as
             // after an alert of their own.
-            self.debounce.armed = false;
-            self.debounce.cooldown_left = cfg.cooldown;
+            self.debounce.hold(cfg, at_ms);
         }
         if stuck.is_none() && self.is_frozen() {
             // A stuck run (reported by this check, or covered by an earlier alert) is not a
@@ -1557,8 +1595,7 @@ impl MetricDetector {
     /// and the cooldown to pass, and can still report the incident if it grows. Without this a
     /// steady overheating ramp whose first LOW alert was withheld was never reported.
     fn withhold(&mut self) {
-        self.debounce.armed = true;
-        self.debounce.cooldown_left = 0;
+        self.debounce.release();
         self.level_fresh = self.fresh_before_alert;
         self.stuck.set_reported(self.stuck_before_alert);
     }
@@ -1597,7 +1634,7 @@ impl MetricDetector {
         self.training.push(cfg, feats);
         let Some(raw) = raw else {
             self.debounce.tick_unscored();
-            return self.early_outcome(cfg, quiet, early);
+            return self.early_outcome(cfg, quiet, early, at_ms);
         };
 
         let span = self.forest_span(cfg);
@@ -1669,14 +1706,14 @@ impl MetricDetector {
             raw_score: Some(raw),
             alert: self
                 .debounce
-                .judge(cfg, z_alert, score, n)
+                .judge(cfg, z_alert, score, n, at_ms)
                 .map(|_| severity_for(z)),
             stuck: None,
         };
         if outcome.alert.is_some() {
             return outcome;
         }
-        self.early_outcome(cfg, outcome, early)
+        self.early_outcome(cfg, outcome, early, at_ms)
     }
 
     /// The part of the young margin (in standard deviations) that the time since the first
@@ -1705,12 +1742,13 @@ impl MetricDetector {
         cfg: &DetectorConfig,
         outcome: PointOutcome,
         early: Option<f64>,
+        at_ms: Option<i64>,
     ) -> PointOutcome {
         let Some(robust_z) = early else {
             return outcome;
         };
         let z = self.debounce.alert_z * robust_z / cfg.early_bar;
-        match self.debounce.early(cfg, z) {
+        match self.debounce.early(cfg, z, at_ms) {
             Some(severity) => PointOutcome {
                 score: outcome.score.max(1.0 - upper_tail(z)),
                 alert: Some(severity),
@@ -1860,7 +1898,7 @@ impl JointChannel {
             .scores
             .judge(cfg, avg, at_ms, JOINT_MIN_STD, cfg.joint_min_residual, None);
         let score = if n >= 2 { 1.0 - upper_tail(z) } else { 0.0 };
-        let alert = self.debounce.judge(cfg, z, score, n);
+        let alert = self.debounce.judge(cfg, z, score, n, at_ms);
         // Which metric broke away is worked out only when it is reported, on the mean of the
         // readings the smoothed score covers: the model is linear, so that is their mean
         // residual pattern, with less noise than one reading's.
@@ -2431,18 +2469,18 @@ mod tests {
         let between = (z_for_upper_tail(cfg.sustain_tail) + z_for_upper_tail(cfg.alert_tail)) / 2.0;
         let mut debounce = Debounce::new(&cfg);
         let alerts: Vec<bool> = (0..cfg.sustain_points)
-            .map(|_| debounce.judge(&cfg, between, 0.9999, full).is_some())
+            .map(|_| debounce.judge(&cfg, between, 0.9999, full, None).is_some())
             .collect();
         let mut expected = vec![false; cfg.sustain_points];
         expected[cfg.sustain_points - 1] = true;
         assert_eq!(alerts, expected);
         // One incident, one alert: the run continues but the channel is disarmed.
-        assert!(debounce.judge(&cfg, between, 0.9999, full).is_none());
+        assert!(debounce.judge(&cfg, between, 0.9999, full, None).is_none());
 
         // A run broken by one ordinary point starts again.
         let mut debounce = Debounce::new(&cfg);
         for z in [between, between, 0.0, between, between] {
-            assert!(debounce.judge(&cfg, z, 0.5, full).is_none());
+            assert!(debounce.judge(&cfg, z, 0.5, full, None).is_none());
         }
 
         // Switched off, the same run never alerts.
@@ -2452,8 +2490,47 @@ mod tests {
         };
         let mut debounce = Debounce::new(&off);
         for _ in 0..10 {
-            assert!(debounce.judge(&off, between, 0.9999, full).is_none());
+            assert!(debounce.judge(&off, between, 0.9999, full, None).is_none());
         }
+    }
+
+    #[test]
+    fn after_an_alert_a_fast_device_waits_cooldown_s_too() {
+        let cfg = DetectorConfig::default();
+        let full = cfg.history;
+        let high = z_for_upper_tail(cfg.alert_tail) + 1.0;
+        let mut debounce = Debounce::new(&cfg);
+        assert!(debounce.judge(&cfg, high, 0.9999, full, Some(0)).is_some());
+        // 20 readings a second, calm and surprising by turns (100 readings each), for just
+        // under `cooldown_s`: the readings bound passes many times over, the time bound holds.
+        let last = cfg.cooldown_s as i64 * 20 - 1;
+        for i in 1..=last {
+            let (z, score) = if i % 200 < 100 {
+                (0.0, 0.5)
+            } else {
+                (high, 0.9999)
+            };
+            assert!(
+                debounce.judge(&cfg, z, score, full, Some(i * 50)).is_none(),
+                "reading {i}"
+            );
+        }
+        assert!(debounce
+            .judge(&cfg, 0.0, 0.5, full, Some((last + 1) * 50))
+            .is_none());
+        assert!(
+            debounce
+                .judge(&cfg, high, 0.9999, full, Some((last + 2) * 50))
+                .is_some(),
+            "after cooldown_s, the next incident alerts"
+        );
+        // Without time stamps only the readings count.
+        let mut debounce = Debounce::new(&cfg);
+        assert!(debounce.judge(&cfg, high, 0.9999, full, None).is_some());
+        for _ in 0..cfg.cooldown {
+            assert!(debounce.judge(&cfg, 0.0, 0.5, full, None).is_none());
+        }
+        assert!(debounce.judge(&cfg, high, 0.9999, full, None).is_some());
     }
 
     fn noise(n: usize, seed: u64) -> Vec<f64> {

@@ -1,7 +1,10 @@
 //! Per-metric trend forecasting: slope over a bounded recent window and time until a limit.
 //!
 //! A `TrendTracker` keeps the last `capacity` `(timestamp, value)` points of one metric (16 bytes
-//! each) and fits an ordinary least-squares line with linfa-linear. From the fit it reports the
+//! each) and fits an ordinary least-squares line with linfa-linear. With a minimum spacing
+//! (`with_min_spacing`), readings closer than that to the start of the newest point are averaged
+//! into it, so a device that reports 20 times a second gets a trend over the same stretch of
+//! time as one reporting once a second, from less noisy points, instead of one over 6 seconds. From the fit it reports the
 //! slope per second, whether the trend is statistically distinguishable from flat (|t| ≥ 2 on the
 //! slope), the seconds until a configured limit is crossed if the metric is heading towards it,
 //! and a confidence equal to the fit's R² (the share of the recent variation the trend explains).
@@ -69,6 +72,12 @@ pub struct TrendTracker {
     capacity: usize,
     min_points: usize,
     max_horizon_s: f64,
+    /// Readings less than this many ms after `bucket_start_ms` join the newest point (0: never).
+    min_spacing_ms: i64,
+    /// Time of the first reading averaged into the newest point.
+    bucket_start_ms: i64,
+    /// Readings averaged into the newest point.
+    merged: u32,
 }
 
 impl TrendTracker {
@@ -82,7 +91,17 @@ impl TrendTracker {
             capacity,
             min_points: capacity.min(10),
             max_horizon_s: 7.0 * 86_400.0,
+            min_spacing_ms: 0,
+            bucket_start_ms: 0,
+            merged: 0,
         }
+    }
+
+    /// Points start at least `ms` apart: a reading sooner than that after the first reading of
+    /// the newest point is averaged into it (its time and its value).
+    pub fn with_min_spacing(mut self, ms: i64) -> Self {
+        self.min_spacing_ms = ms.max(0);
+        self
     }
 
     /// Overrides the longest horizon (seconds) for `seconds_to_limit`.
@@ -96,16 +115,33 @@ impl TrendTracker {
         self.capacity * std::mem::size_of::<(i64, f64)>()
     }
 
-    /// Adds a point; non-finite values are ignored and out-of-order timestamps are accepted
-    /// (the regression does not need sorted input).
-    pub fn push(&mut self, timestamp_ms: i64, value: f64) {
+    /// Adds a reading; true when it starts a new point, false when it was averaged into the
+    /// newest one (see `with_min_spacing`) or ignored (non-finite). Out-of-order timestamps are
+    /// accepted (the regression does not need sorted input); one earlier than the newest
+    /// point's start starts a new point.
+    pub fn push(&mut self, timestamp_ms: i64, value: f64) -> bool {
         if !value.is_finite() {
-            return;
+            return false;
+        }
+        let since = timestamp_ms.saturating_sub(self.bucket_start_ms);
+        if self.merged > 0 && (0..self.min_spacing_ms).contains(&since) {
+            if let Some(last) = self.points.back_mut() {
+                // Running means; k readings are in the point already.
+                let k = f64::from(self.merged);
+                let t = last.0 as f64 + (timestamp_ms - last.0) as f64 / (k + 1.0);
+                last.0 = t.round() as i64;
+                last.1 += (value - last.1) / (k + 1.0);
+                self.merged = self.merged.saturating_add(1);
+                return false;
+            }
         }
         if self.points.len() == self.capacity {
             self.points.pop_front();
         }
         self.points.push_back((timestamp_ms, value));
+        self.bucket_start_ms = timestamp_ms;
+        self.merged = 1;
+        true
     }
 
     /// Fits the trend over the held points and, given a limit, the time until it is crossed.
@@ -240,6 +276,37 @@ mod tests {
                 .seconds_to_limit,
             None
         );
+    }
+
+    #[test]
+    fn readings_closer_than_the_spacing_are_averaged_into_one_point() {
+        // 20 readings a second for 120 s, rising 0.01 per second, with noise of +-0.5.
+        let mut fast = TrendTracker::new(120).with_min_spacing(1000);
+        let mut new_points = 0;
+        for i in 0..2400i64 {
+            let noise = if i % 2 == 0 { 0.5 } else { -0.5 };
+            if fast.push(T0 + i * 50, 50.0 + 0.01 * (i as f64 / 20.0) + noise) {
+                new_points += 1;
+            }
+        }
+        assert_eq!(new_points, 120, "one point per second");
+        assert_eq!(fast.points.len(), 120);
+        // Each point is the mean of its 20 readings (time and value): the noise cancels.
+        let (t, v) = fast.points[0];
+        assert_eq!(t, T0 + 475);
+        assert!((v - (50.0 + 0.01 * 0.475)).abs() < 1e-9, "{v}");
+        let f = fast.forecast(None).expect("fit");
+        assert!((f.slope_per_s - 0.01).abs() < 1e-6, "{}", f.slope_per_s);
+        assert!(f.confidence > 0.99, "{}", f.confidence);
+        // Without the spacing the same readings cover the last 6 s and the trend is noise.
+        let mut raw = TrendTracker::new(120);
+        for i in 0..2400i64 {
+            let noise = if i % 2 == 0 { 0.5 } else { -0.5 };
+            assert!(raw.push(T0 + i * 50, 50.0 + 0.01 * (i as f64 / 20.0) + noise));
+        }
+        assert!(raw.forecast(None).expect("fit").confidence < 0.1);
+        // A reading earlier than the newest point's start (a clock step back) starts a point.
+        assert!(fast.push(T0, 1.0));
     }
 
     #[test]

@@ -6,9 +6,14 @@
 //! source of alerts is debounced on its own: an anomaly alert opens an incident (see
 //! `detector`), a threshold alert fires when a metric enters the unsafe side of its limit, and a
 //! forecast alert when the trend predicts a crossing within `forecast_alert_horizon_s`. Both
-//! re-arm only after their condition has been clear for `rearm_after` readings of the metric,
-//! so a value hovering at its limit, or spikes crossing it, give one alert, not one per
-//! crossing.
+//! re-arm only after their condition has been clear for `rearm_after` readings of the metric
+//! and `rearm_after_s` seconds, so a value hovering at its limit, or spikes crossing it, give
+//! one alert, not one per crossing, however often the device reports.
+//!
+//! Trends are fitted to points at least `trend_min_spacing_ms` apart (faster readings are
+//! averaged into one point), and a prediction is published every `prediction_every` points: a
+//! device reporting 20 times a second gets the trend window and the prediction rate of one
+//! reporting once a second.
 //!
 //! A device may also carry a remaining-useful-life model (`DeviceMonitor::set_rul`): every
 //! `prediction_every` readings that carry its metrics it estimates the cycles left, and raises
@@ -136,8 +141,15 @@ pub struct MonitorConfig {
     /// At most `trend_capacity` counts.
     pub forecast_min_points: usize,
     /// Threshold and forecast alerts re-arm after their condition has been clear for this many
-    /// consecutive readings of the metric.
+    /// consecutive readings of the metric ...
     pub rearm_after: u64,
+    /// ... and for at least this many seconds since it last held (by the readings' time stamps):
+    /// 30 readings of a 20-per-second sensor pass in 1.5 s, and vibration wobbling across its
+    /// limit gave a threshold alert per wobble.
+    pub rearm_after_s: u64,
+    /// Readings less than this many ms apart are averaged into one trend point (0: every
+    /// reading is a point); the trend holds `trend_capacity` points.
+    pub trend_min_spacing_ms: i64,
 }
 
 impl MonitorConfig {
@@ -170,6 +182,8 @@ impl Default for MonitorConfig {
             forecast_min_confidence: 0.5,
             forecast_min_points: 30,
             rearm_after: 30,
+            rearm_after_s: 30,
+            trend_min_spacing_ms: 1000,
         }
     }
 }
@@ -182,7 +196,10 @@ pub const RUL_METRIC: &str = "remaining_useful_life";
 struct MetricState {
     name: String,
     trend: TrendTracker,
+    /// Readings of the metric.
     seen: u64,
+    /// Trend points started (readings, for a metric reported at most once a second).
+    points: u64,
     over_limit: Latch,
     forecast: Latch,
     /// Highest anomaly score since the last prediction.
@@ -191,19 +208,23 @@ struct MetricState {
 
 /// Debounce of an alert raised by a condition (a limit crossed, a crossing forecast): it fires
 /// when the condition starts and re-arms once the condition has been clear for `rearm_after`
-/// readings in a row.
+/// readings in a row and for `rearm_after_s` seconds.
 #[derive(Debug, Clone, Default)]
 struct Latch {
     fired: bool,
-    /// Reading count at which the condition was last seen clear after firing.
+    /// Reading count at which the condition was first seen clear after firing.
     clear_since: Option<u64>,
+    /// Time of the last reading at which the condition held.
+    last_held_ms: i64,
 }
 
 impl Latch {
-    /// Updates the latch with the condition at reading `seen`; true if an alert fires now.
-    fn fires(&mut self, condition: bool, seen: u64, rearm_after: u64) -> bool {
+    /// Updates the latch with the condition at reading `seen`, time `now_ms`; true if an alert
+    /// fires now.
+    fn fires(&mut self, condition: bool, seen: u64, now_ms: i64, cfg: &MonitorConfig) -> bool {
         if condition {
             self.clear_since = None;
+            self.last_held_ms = now_ms;
             let fire = !self.fired;
             self.fired = true;
             return fire;
@@ -211,7 +232,11 @@ impl Latch {
         if self.fired {
             let since = *self.clear_since.get_or_insert(seen);
             // The reading at `since` is the first clear one.
-            if seen.saturating_sub(since) + 1 >= rearm_after {
+            let readings = seen.saturating_sub(since) + 1 >= cfg.rearm_after;
+            let rearm_ms = i64::try_from(cfg.rearm_after_s)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1000);
+            if readings && now_ms.saturating_sub(self.last_held_ms) >= rearm_ms {
                 self.fired = false;
                 self.clear_since = None;
             }
@@ -326,8 +351,10 @@ impl DeviceMonitor {
                 None => {
                     self.metrics.push(MetricState {
                         name: name.clone(),
-                        trend: TrendTracker::new(self.config.trend_capacity),
+                        trend: TrendTracker::new(self.config.trend_capacity)
+                            .with_min_spacing(self.config.trend_min_spacing_ms),
                         seen: 0,
+                        points: 0,
                         over_limit: Latch::default(),
                         forecast: Latch::default(),
                         score_max: 0.0,
@@ -341,8 +368,9 @@ impl DeviceMonitor {
             let Some(state) = self.metrics.get_mut(idx) else {
                 continue;
             };
-            state.trend.push(ts, *value);
+            let new_point = state.trend.push(ts, *value);
             state.seen += 1;
+            state.points += u64::from(new_point);
             if let Some(o) = out.outcomes.iter().find(|o| &o.metric == name) {
                 state.score_max = state.score_max.max(o.outcome.score);
             }
@@ -350,7 +378,7 @@ impl DeviceMonitor {
             if let Some(l) = limit {
                 if state
                     .over_limit
-                    .fires(l.violated(*value), state.seen, cfg.rearm_after)
+                    .fires(l.violated(*value), state.seen, ts, cfg)
                 {
                     out.alerts.push(AlertMessage::new(
                         device_id,
@@ -365,7 +393,7 @@ impl DeviceMonitor {
                 }
             }
 
-            if state.seen % cfg.prediction_every as u64 != 0 {
+            if !new_point || state.points % cfg.prediction_every as u64 != 0 {
                 continue;
             }
             let Ok(f) = state
@@ -379,10 +407,7 @@ impl DeviceMonitor {
                 .is_some_and(|s| s > 0.0 && s <= cfg.forecast_alert_horizon_s)
                 && f.confidence >= cfg.forecast_min_confidence
                 && f.points >= cfg.forecast_min_points.min(cfg.trend_capacity);
-            if state
-                .forecast
-                .fires(approaching, state.seen, cfg.rearm_after)
-            {
+            if state.forecast.fires(approaching, state.seen, ts, cfg) {
                 let secs = f.seconds_to_limit.unwrap_or(0.0);
                 out.alerts.push(AlertMessage::new(
                     device_id,
@@ -436,7 +461,7 @@ impl DeviceMonitor {
             .find_map(|m| self.detector.usual_interval_ms(m))
             .map(|ms| left * ms as f64 / 1000.0);
         let low = watch.alert_below > 0.0 && left <= watch.alert_below;
-        if watch.low.fires(low, n, self.config.rearm_after) {
+        if watch.low.fires(low, n, reading.timestamp_ms, &self.config) {
             let severity = if left <= watch.alert_below / 2.0 {
                 Severity::High
             } else {
@@ -701,21 +726,48 @@ mod tests {
     }
 
     #[test]
-    fn latch_rearms_only_after_rearm_after_clear_readings() {
+    fn latch_rearms_only_after_rearm_after_clear_readings_and_seconds() {
+        let cfg = MonitorConfig {
+            rearm_after: 3,
+            rearm_after_s: 0,
+            ..MonitorConfig::default()
+        };
         let mut l = Latch::default();
-        assert!(l.fires(true, 1, 3));
-        assert!(!l.fires(true, 2, 3));
-        assert!(!l.fires(false, 3, 3));
-        assert!(!l.fires(false, 4, 3));
-        assert!(!l.fires(true, 5, 3), "clear for 2 readings only");
-        assert!(!l.fires(false, 6, 3));
-        assert!(!l.fires(false, 7, 3));
-        assert!(!l.fires(false, 8, 3), "third clear reading: re-armed now");
-        assert!(l.fires(true, 9, 3));
+        // Readings one second apart.
+        let mut fires = |condition, seen: u64| l.fires(condition, seen, seen as i64 * 1000, &cfg);
+        assert!(fires(true, 1));
+        assert!(!fires(true, 2));
+        assert!(!fires(false, 3));
+        assert!(!fires(false, 4));
+        assert!(!fires(true, 5), "clear for 2 readings only");
+        assert!(!fires(false, 6));
+        assert!(!fires(false, 7));
+        assert!(!fires(false, 8), "third clear reading: re-armed now");
+        assert!(fires(true, 9));
         // A condition checked every 10th reading (forecasts) counts the readings in between.
-        assert!(!l.fires(false, 20, 3));
-        assert!(!l.fires(false, 30, 3));
-        assert!(l.fires(true, 40, 3));
+        assert!(!fires(false, 20));
+        assert!(!fires(false, 30));
+        assert!(fires(true, 40));
+
+        // 20 readings a second: 3 clear readings are not enough, 60 clear seconds are (from
+        // the last reading at which the condition held: 999).
+        let cfg = MonitorConfig {
+            rearm_after: 3,
+            rearm_after_s: 60,
+            ..MonitorConfig::default()
+        };
+        let mut l = Latch::default();
+        let mut fires = |condition, seen: u64| l.fires(condition, seen, seen as i64 * 50, &cfg);
+        assert!(fires(true, 1));
+        for seen in 2..1000 {
+            // Wobbling across the limit for 50 s.
+            assert!(!fires(seen % 7 != 0, seen), "reading {seen}");
+        }
+        for seen in 1000..2199 {
+            assert!(!fires(false, seen), "clear, but for less than 60 s: {seen}");
+        }
+        assert!(!fires(false, 2199), "60 s clear: re-armed now");
+        assert!(fires(true, 2200));
     }
 
     #[test]
