@@ -1338,6 +1338,13 @@ impl Cadence {
     }
 }
 
+/// `cooldown_s` in milliseconds.
+fn cooldown_ms(cfg: &DetectorConfig) -> i64 {
+    i64::try_from(cfg.cooldown_s)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000)
+}
+
 /// One alert per incident: after an alert a channel stays silent until its likelihood has
 /// dropped below `rearm_likelihood` and `cooldown` points (and `cooldown_s` seconds) have
 /// passed.
@@ -1391,17 +1398,22 @@ impl Debounce {
             self.run = 0;
         }
         let sustained = cfg.sustain_points > 0 && self.run >= cfg.sustain_points;
-        if n >= cfg.min_history && self.may_open(at_ms) && (z >= self.alert_z + margin || sustained)
+        if n >= cfg.min_history
+            && self.may_open(at_ms, cfg)
+            && (z >= self.alert_z + margin || sustained)
         {
             return Some(self.open(cfg, z, at_ms));
         }
         None
     }
 
-    /// Whether an alert may open an incident at `at_ms`: armed and out of the cooldown.
-    fn may_open(&self, at_ms: Option<i64>) -> bool {
+    /// Whether an alert may open an incident at `at_ms`: armed and out of the cooldown. A
+    /// reading older than the alert (a device clock set back) leaves the readings to decide.
+    fn may_open(&self, at_ms: Option<i64>, cfg: &DetectorConfig) -> bool {
         let quiet = match (at_ms, self.quiet_until_ms) {
-            (Some(now), Some(until)) => now < until,
+            (Some(now), Some(until)) => {
+                now < until && until.saturating_sub(now) <= cooldown_ms(cfg)
+            }
             _ => false,
         };
         self.armed && self.cooldown_left == 0 && !quiet
@@ -1417,10 +1429,7 @@ impl Debounce {
     fn hold(&mut self, cfg: &DetectorConfig, at_ms: Option<i64>) {
         self.armed = false;
         self.cooldown_left = cfg.cooldown;
-        let cooldown_ms = i64::try_from(cfg.cooldown_s)
-            .unwrap_or(i64::MAX)
-            .saturating_mul(1000);
-        self.quiet_until_ms = at_ms.map(|t| t.saturating_add(cooldown_ms));
+        self.quiet_until_ms = at_ms.map(|t| t.saturating_add(cooldown_ms(cfg)));
     }
 
     /// Re-arms at once and forgets the cooldown (an alert withdrawn as the same incident).
@@ -1441,7 +1450,7 @@ impl Debounce {
     /// An early-channel alert of standard score `z`, if the debouncing allows one now; it
     /// then debounces like any other alert.
     fn early(&mut self, cfg: &DetectorConfig, z: f64, at_ms: Option<i64>) -> Option<Severity> {
-        if !self.may_open(at_ms) {
+        if !self.may_open(at_ms, cfg) {
             return None;
         }
         Some(self.open(cfg, z, at_ms))
@@ -2524,6 +2533,19 @@ mod tests {
                 .is_some(),
             "after cooldown_s, the next incident alerts"
         );
+        // A device clock set back (the next readings older than the alert by more than
+        // `cooldown_s`) leaves the readings to decide, rather than silence for the difference.
+        let mut debounce = Debounce::new(&cfg);
+        let later = 10 * cooldown_ms(&cfg);
+        assert!(debounce
+            .judge(&cfg, high, 0.9999, full, Some(later))
+            .is_some());
+        for i in 0..cfg.cooldown as i64 {
+            assert!(debounce.judge(&cfg, 0.0, 0.5, full, Some(i * 50)).is_none());
+        }
+        assert!(debounce
+            .judge(&cfg, high, 0.9999, full, Some(10_000))
+            .is_some());
         // Without time stamps only the readings count.
         let mut debounce = Debounce::new(&cfg);
         assert!(debounce.judge(&cfg, high, 0.9999, full, None).is_some());

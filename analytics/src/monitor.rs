@@ -236,7 +236,10 @@ impl Latch {
             let rearm_ms = i64::try_from(cfg.rearm_after_s)
                 .unwrap_or(i64::MAX)
                 .saturating_mul(1000);
-            if readings && now_ms.saturating_sub(self.last_held_ms) >= rearm_ms {
+            // A reading older than the last one that held (a device clock set back) cannot
+            // tell how long the condition has been clear: the readings decide alone.
+            let elapsed = now_ms.saturating_sub(self.last_held_ms);
+            if readings && (elapsed >= rearm_ms || elapsed < 0) {
                 self.fired = false;
                 self.clear_since = None;
             }
@@ -768,6 +771,13 @@ mod tests {
         }
         assert!(!fires(false, 2199), "60 s clear: re-armed now");
         assert!(fires(true, 2200));
+        // A device clock set back: the readings decide alone.
+        let mut l = Latch::default();
+        assert!(l.fires(true, 1, 1_000_000, &cfg));
+        for seen in 2..5 {
+            assert!(!l.fires(false, seen, 1000 + seen as i64, &cfg));
+        }
+        assert!(l.fires(true, 5, 1005, &cfg));
     }
 
     #[test]
