@@ -662,27 +662,25 @@ fn a_device_chart_is_back_filled_from_history() {
 fn alerts_raised_before_the_page_opened_are_shown_with_their_acknowledgements() {
     let v = Vigil::start();
     let now = now_ms();
-    let hot = format!("{{\"temperature\": 95.5, \"timestamp\": {now}}}");
-    publish(
-        v.port(),
-        &["-t", "device/oven-2/telemetry", "-q", "1", "-m", &hot],
-    );
-    let door = format!(
-        "{{\"type\":\"ALERT\",\"severity\":\"MEDIUM\",\"metric\":\"door\",\"message\":\"door open\",\"timestamp\":{}}}",
-        now - 5000
-    );
-    publish(
-        v.port(),
-        &["-t", "device/door-1/alerts", "-q", "1", "-m", &door],
-    );
-    let ack = format!(
-        "{{\"ack\":true,\"alert_timestamp\":{},\"by\":\"night shift\"}}",
-        now - 5000
-    );
-    publish(
-        v.port(),
-        &["-t", "device/door-1/alerts/ack", "-q", "1", "-m", &ack],
-    );
+    let door_at = now - 5000;
+    for (topic, message) in [
+        (
+            "device/oven-2/telemetry",
+            format!("{{\"temperature\": 95.5, \"timestamp\": {now}}}"),
+        ),
+        (
+            "device/door-1/alerts",
+            format!(
+                "{{\"type\":\"ALERT\",\"severity\":\"MEDIUM\",\"metric\":\"door\",\"message\":\"door open\",\"timestamp\":{door_at}}}"
+            ),
+        ),
+        (
+            "device/door-1/alerts/ack",
+            format!("{{\"ack\":true,\"alert_timestamp\":{door_at},\"by\":\"night shift\"}}"),
+        ),
+    ] {
+        publish(v.port(), &["-t", topic, "-q", "1", "-m", &message]);
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     while metric(
         &http_get(v.http, "/metrics"),
