@@ -556,6 +556,7 @@ fn replay(
     let mut replayed = 0;
     let mut reading = vigil_analytics::telemetry::Reading {
         timestamp_ms: 0,
+        device_time: true,
         metrics: Vec::new(),
     };
     for p in points.iter().filter(|p| p.ts_ms < before_ms) {

@@ -109,6 +109,7 @@ fn run(args: &Args, seed: u64) -> Result<Count, Box<dyn std::error::Error>> {
         last_temperature = temperature;
         let reading = Reading {
             timestamp_ms: i as i64 * 1000,
+            device_time: true,
             metrics: vec![
                 ("temperature".into(), temperature),
                 ("vibration".into(), vibration),

@@ -2249,6 +2249,11 @@ impl DeviceDetector {
         })
     }
 
+    /// Whether the detector tracks `metric` (it has been fed and was within `max_metrics`).
+    pub fn tracks(&self, metric: &str) -> bool {
+        self.metrics.iter().any(|(n, _)| n == metric)
+    }
+
     /// Feeds every metric of a reading and returns one outcome per tracked metric.
     pub fn feed(&mut self, reading: &Reading) -> Vec<MetricOutcome> {
         let mut out = Vec::with_capacity(reading.metrics.len());
@@ -2580,6 +2585,7 @@ mod tests {
         for (i, &v) in values.iter().enumerate() {
             let reading = Reading {
                 timestamp_ms: 1_700_000_000_000 + i as i64 * step_ms,
+                device_time: true,
                 metrics: vec![("m".to_string(), v)],
             };
             if det.feed(&reading).iter().any(|o| o.outcome.alert.is_some()) {
@@ -3148,6 +3154,7 @@ mod tests {
         let mut det = DeviceDetector::new(cfg).expect("config");
         let reading = Reading {
             timestamp_ms: 0,
+            device_time: true,
             metrics: vec![("a".into(), 1.0), ("b".into(), 2.0)],
         };
         assert_eq!(det.feed(&reading).len(), 1);
@@ -3196,6 +3203,7 @@ mod tests {
             let vibration = 0.9 + 0.05 * (rng.gen::<f64>() - 0.5) + shake(i);
             let reading = Reading {
                 timestamp_ms: i as i64 * 1000,
+                device_time: true,
                 metrics: vec![
                     ("current".into(), current),
                     ("temperature".into(), temperature),
@@ -3232,6 +3240,7 @@ mod tests {
                 }
                 det.feed(&Reading {
                     timestamp_ms: i as i64 * 1000,
+                    device_time: true,
                     metrics,
                 });
                 det.refit_inline().expect("refit");
@@ -3372,6 +3381,7 @@ mod tests {
                 }
                 let reading = Reading {
                     timestamp_ms: i * 1000,
+                    device_time: true,
                     metrics,
                 };
                 for o in det.feed(&reading) {
@@ -3409,6 +3419,7 @@ mod tests {
         ) {
             let reading = Reading {
                 timestamp_ms: i * 1000,
+                device_time: true,
                 metrics: names
                     .iter()
                     .map(|n| (n.to_string(), 10.0 + (i % 17) as f64))

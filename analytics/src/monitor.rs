@@ -13,7 +13,11 @@
 //! Trends are fitted to points at least `trend_min_spacing_ms` apart (faster readings are
 //! averaged into one point), and a prediction is published every `prediction_every` points: a
 //! device reporting 20 times a second gets the trend window and the prediction rate of one
-//! reporting once a second.
+//! reporting once a second. Likewise the anomaly detector scores each metric at most about once
+//! per `score_min_spacing_ms` of the device's time stamps (a reading sooner than 90% of that
+//! after the metric's last scored one is not scored; limits and trends still see it), so its
+//! memory of about 1,000 scored readings spans a quarter of an hour or more however fast a
+//! device reports.
 //!
 //! A device may also carry a remaining-useful-life model (`DeviceMonitor::set_rul`): every
 //! `prediction_every` readings that carry its metrics it estimates the cycles left, and raises
@@ -150,6 +154,11 @@ pub struct MonitorConfig {
     /// Readings less than this many ms apart are averaged into one trend point (0: every
     /// reading is a point); the trend holds `trend_capacity` points.
     pub trend_min_spacing_ms: i64,
+    /// The detector scores a metric's reading only when it comes at least 90% of this many ms
+    /// after the metric's last scored one (0: every reading). Its windows count scored
+    /// readings: without this, a metric reported 20 times a second was judged against under a
+    /// minute of its past and a healthy one raised false alarms every half hour.
+    pub score_min_spacing_ms: i64,
 }
 
 impl MonitorConfig {
@@ -184,6 +193,7 @@ impl Default for MonitorConfig {
             rearm_after: 30,
             rearm_after_s: 30,
             trend_min_spacing_ms: 1000,
+            score_min_spacing_ms: 1000,
         }
     }
 }
@@ -200,6 +210,8 @@ struct MetricState {
     seen: u64,
     /// Trend points started (readings, for a metric reported at most once a second).
     points: u64,
+    /// Time stamp of the metric's last reading the detector scored.
+    last_scored_ms: Option<i64>,
     over_limit: Latch,
     forecast: Latch,
     /// Highest anomaly score since the last prediction.
@@ -331,10 +343,56 @@ impl DeviceMonitor {
             + self.rul.as_ref().map_or(0, |w| w.tracker.bytes())
     }
 
+    /// Which metrics of a reading at `ts` the detector scores (bit `i` for `reading.metrics[i]`;
+    /// all of them beyond the 64th), and how many: those never scored, or last scored at least
+    /// 90% of `score_min_spacing_ms` before `ts` (or after it: a device clock set back). All of
+    /// them when the time is the receive time (`Reading::device_time` false): readings sent in a
+    /// burst without time stamps are not readings a few ms apart.
+    fn due_for_scoring(&self, reading: &Reading) -> (u64, usize) {
+        let spacing = self.config.score_min_spacing_ms;
+        let n = reading.metrics.len();
+        if spacing <= 0 || n > 64 || !reading.device_time {
+            return (u64::MAX, n);
+        }
+        let gap = spacing - spacing / 10;
+        let ts = reading.timestamp_ms;
+        let mut mask = 0u64;
+        for (i, (name, _)) in reading.metrics.iter().enumerate() {
+            let last = self
+                .metrics
+                .iter()
+                .find(|m| &m.name == name)
+                .and_then(|m| m.last_scored_ms);
+            if last.map_or(true, |last| ts < last || ts - last >= gap) {
+                mask |= 1 << i;
+            }
+        }
+        (mask, mask.count_ones() as usize)
+    }
+
     /// Feeds one reading and returns the scores, alerts and predictions it produced.
     pub fn ingest(&mut self, reading: &Reading) -> MonitorOutput {
+        let (due, count) = self.due_for_scoring(reading);
+        let outcomes = if count == reading.metrics.len() {
+            self.detector.feed(reading)
+        } else if count == 0 {
+            Vec::new()
+        } else {
+            let metrics = reading
+                .metrics
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| due >> i & 1 == 1)
+                .map(|(_, m)| m.clone())
+                .collect();
+            self.detector.feed(&Reading {
+                timestamp_ms: reading.timestamp_ms,
+                device_time: reading.device_time,
+                metrics,
+            })
+        };
         let mut out = MonitorOutput {
-            outcomes: self.detector.feed(reading),
+            outcomes,
             ..MonitorOutput::default()
         };
         for o in &out.outcomes {
@@ -343,10 +401,10 @@ impl DeviceMonitor {
             }
         }
         let ts = reading.timestamp_ms;
-        for (name, value) in &reading.metrics {
+        for (i, (name, value)) in reading.metrics.iter().enumerate() {
             // Metrics the detector refused (over `max_metrics`) are not tracked here either,
             // which keeps the memory bound of the two in step.
-            if !out.outcomes.iter().any(|o| &o.metric == name) {
+            if !self.detector.tracks(name) {
                 continue;
             }
             let idx = match self.metrics.iter().position(|m| &m.name == name) {
@@ -358,6 +416,7 @@ impl DeviceMonitor {
                             .with_min_spacing(self.config.trend_min_spacing_ms),
                         seen: 0,
                         points: 0,
+                        last_scored_ms: None,
                         over_limit: Latch::default(),
                         forecast: Latch::default(),
                         score_max: 0.0,
@@ -371,6 +430,9 @@ impl DeviceMonitor {
             let Some(state) = self.metrics.get_mut(idx) else {
                 continue;
             };
+            if due >> i.min(63) & 1 == 1 {
+                state.last_scored_ms = Some(ts);
+            }
             let new_point = state.trend.push(ts, *value);
             state.seen += 1;
             state.points += u64::from(new_point);
@@ -518,6 +580,7 @@ mod tests {
     fn reading(t: i64, v: f64) -> Reading {
         Reading {
             timestamp_ms: 1_734_512_000_000 + t * 1000,
+            device_time: true,
             metrics: vec![("temperature".into(), v)],
         }
     }
@@ -581,6 +644,7 @@ mod tests {
         for (i, [wear, noise]) in run(life).into_iter().enumerate() {
             let out = m.ingest(&Reading {
                 timestamp_ms: 1_734_512_000_000 + i as i64 * 1000,
+                device_time: true,
                 metrics: vec![("wear".into(), wear), ("noise".into(), noise)],
             });
             estimates.extend(out.rul.map(|r| (i + 1, r)));
@@ -693,6 +757,7 @@ mod tests {
             let mut m = DeviceMonitor::new(id, config.clone()).expect("config");
             let out = m.ingest(&Reading {
                 timestamp_ms: 0,
+                device_time: true,
                 metrics: vec![("temperature".into(), 90.0)],
             });
             let n = out
@@ -726,6 +791,40 @@ mod tests {
             .map(|(i, _)| i)
             .collect();
         assert_eq!(fired, vec![1, values.len() - 1]);
+    }
+
+    #[test]
+    fn a_fast_metric_is_scored_about_once_a_second_and_untimed_readings_always() {
+        let mut m = monitor();
+        let mut scored = 0;
+        let mut limit_alerts = 0;
+        // 20 readings a second for 10 s; one of them crosses the limit (85).
+        for i in 0..200 {
+            let value = if i == 107 { 90.0 } else { 60.0 };
+            let out = m.ingest(&Reading {
+                timestamp_ms: i * 50,
+                device_time: true,
+                metrics: vec![("temperature".into(), value)],
+            });
+            scored += out.scored_points();
+            limit_alerts += out.alerts.len();
+        }
+        // Every 18th reading: 0.9 s apart.
+        assert_eq!(scored, 12);
+        assert_eq!(limit_alerts, 1, "the limit sees every reading");
+        // Without the device's time stamps every reading is scored.
+        let mut m = monitor();
+        let untimed = (0..50)
+            .map(|i| {
+                m.ingest(&Reading {
+                    timestamp_ms: i,
+                    device_time: false,
+                    metrics: vec![("temperature".into(), 60.0)],
+                })
+                .scored_points()
+            })
+            .sum::<usize>();
+        assert_eq!(untimed, 50);
     }
 
     #[test]

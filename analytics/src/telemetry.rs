@@ -71,6 +71,9 @@ impl Default for Limits {
 pub struct Reading {
     /// Unix time in milliseconds.
     pub timestamp_ms: i64,
+    /// Whether the device gave the time (false: the receive time, for a payload without
+    /// `timestamp`; the monitor then scores every reading, as their spacing is not known).
+    pub device_time: bool,
     /// `(metric name, value)` pairs; values are always finite.
     pub metrics: Vec<(String, f64)>,
 }
@@ -301,9 +304,9 @@ fn parse_reading(
     limits: &Limits,
 ) -> Result<Reading, TelemetryError> {
     check_device(topic_id, obj)?;
-    let timestamp_ms = match obj.get("timestamp") {
-        None | Some(Value::Null) => now_ms,
-        Some(v) => parse_timestamp(v, now_ms, limits)?,
+    let (timestamp_ms, device_time) = match obj.get("timestamp") {
+        None | Some(Value::Null) => (now_ms, false),
+        Some(v) => (parse_timestamp(v, now_ms, limits)?, true),
     };
     let mut metrics: Vec<(String, f64)> = Vec::new();
     let mut push = |name: &str, value: f64| -> Result<(), TelemetryError> {
@@ -358,6 +361,7 @@ fn parse_reading(
     }
     Ok(Reading {
         timestamp_ms,
+        device_time,
         metrics,
     })
 }

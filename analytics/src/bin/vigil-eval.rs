@@ -269,6 +269,7 @@ fn evaluate_file(
         // Replayed like live telemetry: one reading per row, with its time stamp.
         let reading = Reading {
             timestamp_ms: t,
+            device_time: true,
             metrics: vec![("value".to_string(), v)],
         };
         let o = detector
