@@ -399,8 +399,17 @@ pub struct AnalyticsConfig {
     pub max_devices: usize,
     /// Model refits running at once on blocking threads.
     pub max_concurrent_refits: usize,
-    /// A prediction is published every this many readings of a metric.
+    /// A prediction is published every this many trend points of a metric.
     pub prediction_every: usize,
+    /// The anomaly detector scores a metric's reading only when it comes at least 90% of this
+    /// many ms (of the device's time stamps) after the metric's last scored one (0: every
+    /// reading); limits, trends and history see every reading.
+    #[serde(default)]
+    pub score_min_interval_ms: u64,
+    /// A metric's readings less than this many ms apart (of the device's time stamps) are
+    /// averaged into one trend point (0: every reading is a point).
+    #[serde(default)]
+    pub trend_min_interval_ms: u64,
     /// Safety limits per metric name.
     pub limits: BTreeMap<String, LimitSpec>,
     /// Limits for the devices whose id matches a pattern (`[[analytics.device_limits]]`);
@@ -584,6 +593,8 @@ impl AnalyticsConfig {
                 })
                 .collect(),
             prediction_every: self.prediction_every,
+            score_min_spacing_ms: i64::try_from(self.score_min_interval_ms).unwrap_or(i64::MAX),
+            trend_min_spacing_ms: i64::try_from(self.trend_min_interval_ms).unwrap_or(i64::MAX),
             ..MonitorConfig::default()
         }
     }
@@ -609,6 +620,18 @@ impl AnalyticsConfig {
             self.prediction_every >= 1,
             "must be at least 1",
         )?;
+        for (key, ms) in [
+            (
+                "analytics.score_min_interval_ms",
+                self.score_min_interval_ms,
+            ),
+            (
+                "analytics.trend_min_interval_ms",
+                self.trend_min_interval_ms,
+            ),
+        ] {
+            check(key, ms <= 86_400_000, "must be at most 86400000 (a day)")?;
+        }
         check_limits("analytics.limits", &self.limits)?;
         for d in &self.device_limits {
             check_pattern("analytics.device_limits.devices", &d.devices)?;
@@ -1150,6 +1173,31 @@ mod tests {
         );
         let c = Config::parse(&text, "test").expect("lower limit");
         assert_eq!(c.analytics.monitor_config().limits[0].below, Some(1.0));
+    }
+
+    #[test]
+    fn the_settings_for_fast_devices_are_off_by_default_and_bounded() {
+        let c = Config::default_config().expect("default config parses");
+        let m = c.analytics.monitor_config();
+        assert_eq!((m.trend_min_spacing_ms, m.score_min_spacing_ms), (0, 0));
+        let on = DEFAULT_TOML.replace(
+            "trend_min_interval_ms = 0\nscore_min_interval_ms = 0",
+            "trend_min_interval_ms = 1000\nscore_min_interval_ms = 2000",
+        );
+        let m = Config::parse(&on, "test")
+            .expect("fast-device settings")
+            .analytics
+            .monitor_config();
+        assert_eq!(
+            (m.trend_min_spacing_ms, m.score_min_spacing_ms),
+            (1000, 2000)
+        );
+        let too_long = DEFAULT_TOML.replace(
+            "score_min_interval_ms = 0",
+            "score_min_interval_ms = 86400001",
+        );
+        let err = Config::parse(&too_long, "test").unwrap_err().to_string();
+        assert!(err.contains("analytics.score_min_interval_ms"), "{err}");
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //!
 //! A `TrendTracker` keeps the last `capacity` `(timestamp, value)` points of one metric (16 bytes
 //! each) and fits an ordinary least-squares line with linfa-linear. With a minimum spacing
-//! (`with_min_spacing`), readings closer than that to the start of the newest point are averaged
-//! into it, so a device that reports 20 times a second gets a trend over the same stretch of
-//! time as one reporting once a second, from less noisy points, instead of one over 6 seconds. From the fit it reports the
+//! (`push`'s `min_spacing_ms`), readings closer than that to the start of the newest point are
+//! averaged into it, so a device that reports 20 times a second gets a trend over the same
+//! stretch of time as one reporting once a second, from less noisy points, instead of one over
+//! 6 seconds. From the fit it reports the
 //! slope per second, whether the trend is statistically distinguishable from flat (|t| ≥ 2 on the
 //! slope), the seconds until a configured limit is crossed if the metric is heading towards it,
 //! and a confidence equal to the fit's R² (the share of the recent variation the trend explains).
@@ -72,8 +73,6 @@ pub struct TrendTracker {
     capacity: usize,
     min_points: usize,
     max_horizon_s: f64,
-    /// Readings less than this many ms after `bucket_start_ms` join the newest point (0: never).
-    min_spacing_ms: i64,
     /// Time of the first reading averaged into the newest point.
     bucket_start_ms: i64,
     /// Readings averaged into the newest point.
@@ -91,17 +90,9 @@ impl TrendTracker {
             capacity,
             min_points: capacity.min(10),
             max_horizon_s: 7.0 * 86_400.0,
-            min_spacing_ms: 0,
             bucket_start_ms: 0,
             merged: 0,
         }
-    }
-
-    /// Points start at least `ms` apart: a reading sooner than that after the first reading of
-    /// the newest point is averaged into it (its time and its value).
-    pub fn with_min_spacing(mut self, ms: i64) -> Self {
-        self.min_spacing_ms = ms.max(0);
-        self
     }
 
     /// Overrides the longest horizon (seconds) for `seconds_to_limit`.
@@ -116,15 +107,16 @@ impl TrendTracker {
     }
 
     /// Adds a reading; true when it starts a new point, false when it was averaged into the
-    /// newest one (see `with_min_spacing`) or ignored (non-finite). Out-of-order timestamps are
-    /// accepted (the regression does not need sorted input); one earlier than the newest
-    /// point's start starts a new point.
-    pub fn push(&mut self, timestamp_ms: i64, value: f64) -> bool {
+    /// newest one or ignored (non-finite). A reading less than `min_spacing_ms` after the first
+    /// reading of the newest point is averaged into it (its time and its value; 0: never).
+    /// Out-of-order timestamps are accepted (the regression does not need sorted input); one
+    /// earlier than the newest point's start starts a new point.
+    pub fn push(&mut self, timestamp_ms: i64, value: f64, min_spacing_ms: i64) -> bool {
         if !value.is_finite() {
             return false;
         }
         let since = timestamp_ms.saturating_sub(self.bucket_start_ms);
-        if self.merged > 0 && (0..self.min_spacing_ms).contains(&since) {
+        if self.merged > 0 && (0..min_spacing_ms).contains(&since) {
             if let Some(last) = self.points.back_mut() {
                 // Running means; k readings are in the point already.
                 let k = f64::from(self.merged);
@@ -232,7 +224,7 @@ mod tests {
         // 0.01 degrees per second from 80, one point every 10 s, with tiny alternating noise.
         for i in 0..100 {
             let noise = if i % 2 == 0 { 0.01 } else { -0.01 };
-            t.push(T0 + i * 10_000, 80.0 + 0.1 * i as f64 + noise);
+            t.push(T0 + i * 10_000, 80.0 + 0.1 * i as f64 + noise, 0);
         }
         let f = t.forecast(Some(Limit::Above(85.0))).expect("fit");
         assert_eq!(f.trend, Trend::Rising);
@@ -250,7 +242,7 @@ mod tests {
         let mut t = TrendTracker::new(60);
         for i in 0..60 {
             let noise = ((i * 7919) % 13) as f64 / 13.0 - 0.5;
-            t.push(T0 + i * 1000, 50.0 + noise);
+            t.push(T0 + i * 1000, 50.0 + noise, 0);
         }
         let f = t.forecast(Some(Limit::Above(85.0))).expect("fit");
         assert_eq!(f.trend, Trend::Stable);
@@ -262,7 +254,7 @@ mod tests {
     fn falling_towards_lower_limit_and_horizon() {
         let mut t = TrendTracker::new(50);
         for i in 0..50 {
-            t.push(T0 + i * 1000, 10.0 - 0.001 * i as f64);
+            t.push(T0 + i * 1000, 10.0 - 0.001 * i as f64, 0);
         }
         let f = t.forecast(Some(Limit::Below(9.0))).expect("fit");
         assert_eq!(f.trend, Trend::Falling);
@@ -281,11 +273,11 @@ mod tests {
     #[test]
     fn readings_closer_than_the_spacing_are_averaged_into_one_point() {
         // 20 readings a second for 120 s, rising 0.01 per second, with noise of +-0.5.
-        let mut fast = TrendTracker::new(120).with_min_spacing(1000);
+        let mut fast = TrendTracker::new(120);
         let mut new_points = 0;
         for i in 0..2400i64 {
             let noise = if i % 2 == 0 { 0.5 } else { -0.5 };
-            if fast.push(T0 + i * 50, 50.0 + 0.01 * (i as f64 / 20.0) + noise) {
+            if fast.push(T0 + i * 50, 50.0 + 0.01 * (i as f64 / 20.0) + noise, 1000) {
                 new_points += 1;
             }
         }
@@ -302,11 +294,11 @@ mod tests {
         let mut raw = TrendTracker::new(120);
         for i in 0..2400i64 {
             let noise = if i % 2 == 0 { 0.5 } else { -0.5 };
-            assert!(raw.push(T0 + i * 50, 50.0 + 0.01 * (i as f64 / 20.0) + noise));
+            assert!(raw.push(T0 + i * 50, 50.0 + 0.01 * (i as f64 / 20.0) + noise, 0));
         }
         assert!(raw.forecast(None).expect("fit").confidence < 0.1);
         // A reading earlier than the newest point's start (a clock step back) starts a point.
-        assert!(fast.push(T0, 1.0));
+        assert!(fast.push(T0, 1.0, 1000));
     }
 
     #[test]
@@ -317,16 +309,16 @@ mod tests {
             Err(ForecastError::NotEnoughData { .. })
         ));
         for i in 0..15 {
-            t.push(T0, i as f64);
+            t.push(T0, i as f64, 0);
         }
         assert!(matches!(
             t.forecast(None),
             Err(ForecastError::NotEnoughData { .. })
         ));
         for i in 0..100 {
-            t.push(T0 + i * 1000, 1.0);
+            t.push(T0 + i * 1000, 1.0, 0);
         }
-        t.push(T0, f64::NAN);
+        t.push(T0, f64::NAN, 0);
         assert_eq!(t.points.len(), 20);
         assert_eq!(t.bytes(), 320);
         let f = t.forecast(None).expect("constant");

@@ -10,14 +10,14 @@
 //! and `rearm_after_s` seconds, so a value hovering at its limit, or spikes crossing it, give
 //! one alert, not one per crossing, however often the device reports.
 //!
-//! Trends are fitted to points at least `trend_min_spacing_ms` apart (faster readings are
-//! averaged into one point), and a prediction is published every `prediction_every` points: a
-//! device reporting 20 times a second gets the trend window and the prediction rate of one
-//! reporting once a second. Likewise the anomaly detector scores each metric at most about once
-//! per `score_min_spacing_ms` of the device's time stamps (a reading sooner than 90% of that
-//! after the metric's last scored one is not scored; limits and trends still see it), so its
-//! memory of about 1,000 scored readings spans a quarter of an hour or more however fast a
-//! device reports.
+//! Two settings, off by default, adapt the monitor to devices that report faster than once a
+//! second: with `trend_min_spacing_ms`, trends are fitted to points at least that far apart
+//! (faster readings averaged into one point) and a prediction is published every
+//! `prediction_every` points; with `score_min_spacing_ms`, the anomaly detector scores each
+//! metric at most about once per that many ms of the device's time stamps (limits and trends
+//! still see every reading), so its memory of about 1,000 scored readings spans a quarter of an
+//! hour however fast a device reports. Off, every reading counts, as a stream replayed in a
+//! burst with real time stamps needs: with them on, such a stream is mostly averaged away.
 //!
 //! A device may also carry a remaining-useful-life model (`DeviceMonitor::set_rul`): every
 //! `prediction_every` readings that carry its metrics it estimates the cycles left, and raises
@@ -151,13 +151,14 @@ pub struct MonitorConfig {
     /// 30 readings of a 20-per-second sensor pass in 1.5 s, and vibration wobbling across its
     /// limit gave a threshold alert per wobble.
     pub rearm_after_s: u64,
-    /// Readings less than this many ms apart are averaged into one trend point (0: every
-    /// reading is a point); the trend holds `trend_capacity` points.
+    /// Readings less than this many ms apart (by the device's time stamps) are averaged into
+    /// one trend point (0, the default: every reading is a point); the trend holds
+    /// `trend_capacity` points.
     pub trend_min_spacing_ms: i64,
     /// The detector scores a metric's reading only when it comes at least 90% of this many ms
-    /// after the metric's last scored one (0: every reading). Its windows count scored
-    /// readings: without this, a metric reported 20 times a second was judged against under a
-    /// minute of its past and a healthy one raised false alarms every half hour.
+    /// after the metric's last scored one (0, the default: every reading). Its windows count
+    /// scored readings: at 0, a metric reported 20 times a second is judged against under a
+    /// minute of its past, and a healthy one raised false alarms every half hour.
     pub score_min_spacing_ms: i64,
 }
 
@@ -192,8 +193,8 @@ impl Default for MonitorConfig {
             forecast_min_points: 30,
             rearm_after: 30,
             rearm_after_s: 30,
-            trend_min_spacing_ms: 1000,
-            score_min_spacing_ms: 1000,
+            trend_min_spacing_ms: 0,
+            score_min_spacing_ms: 0,
         }
     }
 }
@@ -412,8 +413,7 @@ impl DeviceMonitor {
                 None => {
                     self.metrics.push(MetricState {
                         name: name.clone(),
-                        trend: TrendTracker::new(self.config.trend_capacity)
-                            .with_min_spacing(self.config.trend_min_spacing_ms),
+                        trend: TrendTracker::new(self.config.trend_capacity),
                         seen: 0,
                         points: 0,
                         last_scored_ms: None,
@@ -433,7 +433,13 @@ impl DeviceMonitor {
             if due >> i.min(63) & 1 == 1 {
                 state.last_scored_ms = Some(ts);
             }
-            let new_point = state.trend.push(ts, *value);
+            // Readings without the device's time are not averaged by their receive times.
+            let spacing = if reading.device_time {
+                cfg.trend_min_spacing_ms
+            } else {
+                0
+            };
+            let new_point = state.trend.push(ts, *value, spacing);
             state.seen += 1;
             state.points += u64::from(new_point);
             if let Some(o) = out.outcomes.iter().find(|o| &o.metric == name) {
@@ -795,7 +801,12 @@ mod tests {
 
     #[test]
     fn a_fast_metric_is_scored_about_once_a_second_and_untimed_readings_always() {
-        let mut m = monitor();
+        let fast = || {
+            let mut m = monitor();
+            m.config.score_min_spacing_ms = 1000;
+            m
+        };
+        let mut m = fast();
         let mut scored = 0;
         let mut limit_alerts = 0;
         // 20 readings a second for 10 s; one of them crosses the limit (85).
@@ -813,7 +824,7 @@ mod tests {
         assert_eq!(scored, 12);
         assert_eq!(limit_alerts, 1, "the limit sees every reading");
         // Without the device's time stamps every reading is scored.
-        let mut m = monitor();
+        let mut m = fast();
         let untimed = (0..50)
             .map(|i| {
                 m.ingest(&Reading {
