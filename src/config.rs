@@ -489,14 +489,12 @@ pub struct RulSpec {
 impl RulSpec {
     /// Reads and checks the model file.
     pub fn load(&self) -> Result<RulModel, ConfigError> {
-        let text = std::fs::read_to_string(&self.model).map_err(|e| ConfigError::Invalid {
+        let invalid = |e: &dyn std::fmt::Display| ConfigError::Invalid {
             key: "analytics.rul.model",
             reason: format!("{}: {e}", self.model.display()),
-        })?;
-        RulModel::from_json(&text).map_err(|e| ConfigError::Invalid {
-            key: "analytics.rul.model",
-            reason: format!("{}: {e}", self.model.display()),
-        })
+        };
+        let text = std::fs::read_to_string(&self.model).map_err(|e| invalid(&e))?;
+        RulModel::from_json(&text).map_err(|e| invalid(&e))
     }
 }
 

@@ -198,9 +198,7 @@ impl Analytics {
             limits: Limits::default(),
             silence_rule: SilenceRule {
                 factor: config.silence_factor,
-                min_ms: i64::try_from(config.silence_min_secs)
-                    .unwrap_or(i64::MAX)
-                    .saturating_mul(1000),
+                min_ms: telemetry::secs_to_ms(config.silence_min_secs),
             },
             max_devices: config.max_devices.max(1),
             devices: HashMap::new(),

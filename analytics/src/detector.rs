@@ -85,7 +85,7 @@ use crate::features::{FeatureState, N_FEATURES};
 use crate::iforest::{IForestError, IsolationForest, IsolationForestParams};
 use crate::joint::{JointError, JointModel, MAX_JOINT};
 use crate::stuck::{RunRule, RunWatch, StuckCheck};
-use crate::telemetry::Reading;
+use crate::telemetry::{secs_to_ms, Reading};
 
 /// Errors from the detector.
 #[derive(Debug, thiserror::Error)]
@@ -528,11 +528,7 @@ impl DetectorConfig {
 
     /// `recurrence_span_s` in milliseconds; `None` when it is 0 (no limit in time).
     fn recurrence_span_ms(&self) -> Option<i64> {
-        (self.recurrence_span_s > 0).then(|| {
-            i64::try_from(self.recurrence_span_s)
-                .unwrap_or(i64::MAX)
-                .saturating_mul(1000)
-        })
+        (self.recurrence_span_s > 0).then(|| secs_to_ms(self.recurrence_span_s))
     }
 
     /// Upper bound of the heap memory one metric takes: the training vectors, the score
@@ -1338,13 +1334,6 @@ impl Cadence {
     }
 }
 
-/// `cooldown_s` in milliseconds.
-fn cooldown_ms(cfg: &DetectorConfig) -> i64 {
-    i64::try_from(cfg.cooldown_s)
-        .unwrap_or(i64::MAX)
-        .saturating_mul(1000)
-}
-
 /// One alert per incident: after an alert a channel stays silent until its likelihood has
 /// dropped below `rearm_likelihood` and `cooldown` points (and `cooldown_s` seconds) have
 /// passed.
@@ -1412,7 +1401,7 @@ impl Debounce {
     fn may_open(&self, at_ms: Option<i64>, cfg: &DetectorConfig) -> bool {
         let quiet = match (at_ms, self.quiet_until_ms) {
             (Some(now), Some(until)) => {
-                now < until && until.saturating_sub(now) <= cooldown_ms(cfg)
+                now < until && until.saturating_sub(now) <= secs_to_ms(cfg.cooldown_s)
             }
             _ => false,
         };
@@ -1429,7 +1418,7 @@ impl Debounce {
     fn hold(&mut self, cfg: &DetectorConfig, at_ms: Option<i64>) {
         self.armed = false;
         self.cooldown_left = cfg.cooldown;
-        self.quiet_until_ms = at_ms.map(|t| t.saturating_add(cooldown_ms(cfg)));
+        self.quiet_until_ms = at_ms.map(|t| t.saturating_add(secs_to_ms(cfg.cooldown_s)));
     }
 
     /// Re-arms at once and forgets the cooldown (an alert withdrawn as the same incident).
@@ -1786,9 +1775,7 @@ impl MetricDetector {
             bar: cfg.early_bar,
             beyond: cfg.early_beyond,
             min_points: cfg.early_min_points,
-            min_span_ms: i64::try_from(cfg.early_min_span_s)
-                .unwrap_or(i64::MAX)
-                .saturating_mul(1000),
+            min_span_ms: secs_to_ms(cfg.early_min_span_s),
             limit: cfg.warmup + cfg.history,
         };
         self.early.judge(&rule, value, at_ms)
@@ -2541,7 +2528,7 @@ mod tests {
         // A device clock set back (the next readings older than the alert by more than
         // `cooldown_s`) leaves the readings to decide, rather than silence for the difference.
         let mut debounce = Debounce::new(&cfg);
-        let later = 10 * cooldown_ms(&cfg);
+        let later = 10 * secs_to_ms(cfg.cooldown_s);
         assert!(debounce
             .judge(&cfg, high, 0.9999, full, Some(later))
             .is_some());

@@ -35,7 +35,7 @@ use crate::detector::{
 };
 use crate::forecast::{Limit, TrendTracker};
 use crate::rul::{RulModel, RulTracker};
-use crate::telemetry::Reading;
+use crate::telemetry::{secs_to_ms, Reading};
 
 /// Errors of the monitor.
 #[derive(Debug, thiserror::Error)]
@@ -246,9 +246,7 @@ impl Latch {
             let since = *self.clear_since.get_or_insert(seen);
             // The reading at `since` is the first clear one.
             let readings = seen.saturating_sub(since) + 1 >= cfg.rearm_after;
-            let rearm_ms = i64::try_from(cfg.rearm_after_s)
-                .unwrap_or(i64::MAX)
-                .saturating_mul(1000);
+            let rearm_ms = secs_to_ms(cfg.rearm_after_s);
             // A reading older than the last one that held (a device clock set back) cannot
             // tell how long the condition has been clear: the readings decide alone.
             let elapsed = now_ms.saturating_sub(self.last_held_ms);
@@ -403,13 +401,12 @@ impl DeviceMonitor {
         }
         let ts = reading.timestamp_ms;
         for (i, (name, value)) in reading.metrics.iter().enumerate() {
-            // Metrics the detector refused (over `max_metrics`) are not tracked here either,
-            // which keeps the memory bound of the two in step.
-            if !self.detector.tracks(name) {
-                continue;
-            }
             let idx = match self.metrics.iter().position(|m| &m.name == name) {
                 Some(i) => i,
+                // Metrics the detector refused (over `max_metrics`) are not tracked here
+                // either, which keeps the memory bound of the two in step. (The detector never
+                // drops a metric, so one with a state here is tracked there.)
+                None if !self.detector.tracks(name) => continue,
                 None => {
                     self.metrics.push(MetricState {
                         name: name.clone(),

@@ -19,6 +19,12 @@ use serde_json::{Map, Value};
 /// 2000-01-01T00:00:00Z in unix milliseconds: earlier timestamps are treated as clock faults.
 pub const MIN_TIMESTAMP_MS: i64 = 946_684_800_000;
 
+/// `secs` seconds in milliseconds, saturating: settings given in seconds, compared with
+/// readings' millisecond time stamps.
+pub fn secs_to_ms(secs: u64) -> i64 {
+    i64::try_from(secs).unwrap_or(i64::MAX).saturating_mul(1000)
+}
+
 /// A numeric timestamp's unit is read from its magnitude: below 1e11 seconds, then milliseconds,
 /// microseconds and nanoseconds, each range a thousand times the previous one. 1e11 seconds is
 /// the year 5138 while 1e11 milliseconds is 1973 (likewise for each larger unit), so the units
