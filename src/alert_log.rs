@@ -104,7 +104,8 @@ impl AlertLog {
     }
 
     /// Messages and bytes held now.
-    pub fn len_and_bytes(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn len_and_bytes(&self) -> (usize, usize) {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         (inner.entries.len(), inner.bytes)
     }
