@@ -7,7 +7,7 @@
 //! (parse, score, model, publish), so they give a steady sample; alerts are counted too.
 //!
 //! Each device's readings are time-stamped one second apart (ending about now), however fast
-//! they are sent: with `[analytics] trend_min_interval_ms = 1000` vigil averages readings less
+//! they are sent: with `[analytics] trend_min_interval_ms = 1000` (the default) vigil averages readings less
 //! than a second apart into one trend point, so with real time stamps 100 devices at 10,000
 //! readings/s would give one prediction per metric every 10 s instead of every 10 readings; this
 //! way the sample is the same with the setting on or off. A message's latency is measured from the moment the

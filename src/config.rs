@@ -390,6 +390,10 @@ fn sixty() -> u64 {
     60
 }
 
+fn thousand() -> u64 {
+    1000
+}
+
 /// The live analytics task (`live`): which devices it tracks and how hard it may work.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -408,7 +412,7 @@ pub struct AnalyticsConfig {
     pub score_min_interval_ms: u64,
     /// A metric's readings less than this many ms apart (of the device's time stamps) are
     /// averaged into one trend point (0: every reading is a point).
-    #[serde(default)]
+    #[serde(default = "thousand")]
     pub trend_min_interval_ms: u64,
     /// Safety limits per metric name.
     pub limits: BTreeMap<String, LimitSpec>,

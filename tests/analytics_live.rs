@@ -692,9 +692,9 @@ fn a_rul_model_trained_from_exported_runs_estimates_live_and_alerts_once() {
 /// minutes and its vibration climbs past the 7.1 limit over the next one and a half. Counted in
 /// readings, every debounce (100 readings, 30 readings), the trend window (120 readings) and the
 /// detector's memory (about 1,000 readings) would last seconds; with the settings for fast
-/// devices (`trend_min_interval_ms` and `score_min_interval_ms` 1000) and the debounces' time
-/// floors, the incident gives exactly one anomaly alert, one forecast alert and one threshold
-/// alert, and the predictions come at most once per metric every 10 s.
+/// devices (`score_min_interval_ms` 1000, and `trend_min_interval_ms` at its default 1000) and
+/// the debounces' time floors, the incident gives exactly one anomaly alert, one forecast alert
+/// and one threshold alert, and the predictions come at most once per metric every 10 s.
 #[test]
 fn a_device_reporting_20_times_a_second_gets_one_alert_of_each_kind_per_incident() {
     const STEP_MS: i64 = 50;
@@ -702,8 +702,8 @@ fn a_device_reporting_20_times_a_second_gets_one_alert_of_each_kind_per_incident
     const FAULT: usize = 1800;
     let v = Vigil::start_with(|c| {
         c.replacen(
-            "trend_min_interval_ms = 0\nscore_min_interval_ms = 0",
-            "trend_min_interval_ms = 1000\nscore_min_interval_ms = 1000",
+            "\nscore_min_interval_ms = 0\n",
+            "\nscore_min_interval_ms = 1000\n",
             1,
         )
     });

@@ -7,17 +7,23 @@
 //! `detector`), a threshold alert fires when a metric enters the unsafe side of its limit, and a
 //! forecast alert when the trend predicts a crossing within `forecast_alert_horizon_s`. Both
 //! re-arm only after their condition has been clear for `rearm_after` readings of the metric
-//! and `rearm_after_s` seconds, so a value hovering at its limit, or spikes crossing it, give
-//! one alert, not one per crossing, however often the device reports.
+//! and `rearm_after_s` seconds (5 minutes), so a value hovering at its limit, or spikes
+//! crossing it, give one alert, not one per crossing, however often the device reports. While a
+//! metric's threshold alert stands (fired, not re-armed), its forecast latch counts as fired
+//! too: once the limit has been crossed, "predicted to reach its limit" is not news.
 //!
-//! Two settings, off by default, adapt the monitor to devices that report faster than once a
-//! second: with `trend_min_spacing_ms`, trends are fitted to points at least that far apart
-//! (faster readings averaged into one point) and a prediction is published every
-//! `prediction_every` points; with `score_min_spacing_ms`, the anomaly detector scores each
-//! metric at most about once per that many ms of the device's time stamps (limits and trends
-//! still see every reading), so its memory of about 1,000 scored readings spans a quarter of an
-//! hour however fast a device reports. Off, every reading counts, as a stream replayed in a
-//! burst with real time stamps needs: with them on, such a stream is mostly averaged away.
+//! Trends follow time, not the reporting rate: readings less than `trend_min_spacing_ms`
+//! (1 s) apart by the device's time stamps are averaged into one trend point, and a prediction
+//! is published every `prediction_every` points, so a device reporting 10 times a second gets
+//! a trend over two minutes and a prediction every 10 s, as one reporting once a second does.
+//! Readings without the device's time stamp are each a point.
+//!
+//! One setting, off by default, adapts the anomaly detector to devices that report faster than
+//! once a second: with `score_min_spacing_ms`, it scores each metric at most about once per
+//! that many ms of the device's time stamps (limits and trends still see every reading), so its
+//! memory of about 1,000 scored readings spans a quarter of an hour however fast a device
+//! reports. Off, every reading is scored, as a stream replayed in a burst with real time stamps
+//! needs: with it on, such a stream is mostly skipped.
 //!
 //! A device may also carry a remaining-useful-life model (`DeviceMonitor::set_rul`): every
 //! `prediction_every` readings that carry its metrics it estimates the cycles left, and raises
@@ -149,10 +155,11 @@ pub struct MonitorConfig {
     pub rearm_after: u64,
     /// ... and for at least this many seconds since it last held (by the readings' time stamps):
     /// 30 readings of a 20-per-second sensor pass in 1.5 s, and vibration wobbling across its
-    /// limit gave a threshold alert per wobble.
+    /// limit gave a threshold alert per wobble; with 30 s, a wearing bearing whose vibration
+    /// spikes crossed the limit a minute or two apart gave a threshold alert per spike.
     pub rearm_after_s: u64,
     /// Readings less than this many ms apart (by the device's time stamps) are averaged into
-    /// one trend point (0, the default: every reading is a point); the trend holds
+    /// one trend point (1000 by default; 0: every reading is a point); the trend holds
     /// `trend_capacity` points.
     pub trend_min_spacing_ms: i64,
     /// The detector scores a metric's reading only when it comes at least 90% of this many ms
@@ -192,8 +199,8 @@ impl Default for MonitorConfig {
             forecast_min_confidence: 0.5,
             forecast_min_points: 30,
             rearm_after: 30,
-            rearm_after_s: 30,
-            trend_min_spacing_ms: 0,
+            rearm_after_s: 300,
+            trend_min_spacing_ms: 1000,
             score_min_spacing_ms: 0,
         }
     }
@@ -256,6 +263,14 @@ impl Latch {
             }
         }
         false
+    }
+
+    /// Counts the condition as holding at `now_ms` without firing: the latch stays (or becomes)
+    /// fired and starts its clear spell again.
+    fn hold(&mut self, now_ms: i64) {
+        self.fired = true;
+        self.clear_since = None;
+        self.last_held_ms = now_ms;
     }
 }
 
@@ -461,6 +476,11 @@ impl DeviceMonitor {
                 }
             }
 
+            // A standing threshold alert is this metric's incident: the forecast latch holds
+            // with it, so it neither fires nor starts re-arming until the limit alert re-arms.
+            if state.over_limit.fired {
+                state.forecast.hold(ts);
+            }
             if !new_point || state.points % cfg.prediction_every as u64 != 0 {
                 continue;
             }
@@ -775,12 +795,18 @@ mod tests {
     #[test]
     fn threshold_alert_fires_once_per_incident_and_rearms_after_a_clear_spell() {
         let mut m = monitor();
-        // Hovering at the limit, then clear for 29 readings: still the same incident.
+        // Readings one second apart. Hovering at the limit, then clear for 29 readings: still
+        // the same incident.
         let mut values = vec![80.0, 86.0, 87.0, 84.0, 86.0, 84.5, 85.5];
         values.extend(std::iter::repeat(80.0).take(29));
         values.push(86.0);
-        // Clear for 30 readings: a new incident.
-        values.extend(std::iter::repeat(80.0).take(30));
+        // A spike every two minutes (a wearing bearing): still the same incident.
+        for _ in 0..3 {
+            values.extend(std::iter::repeat(80.0).take(119));
+            values.push(86.0);
+        }
+        // Clear for 5 minutes: a new incident.
+        values.extend(std::iter::repeat(80.0).take(300));
         values.push(86.0);
         let fired: Vec<usize> = values
             .iter()
@@ -794,6 +820,29 @@ mod tests {
             .map(|(i, _)| i)
             .collect();
         assert_eq!(fired, vec![1, values.len() - 1]);
+    }
+
+    #[test]
+    fn no_forecast_alert_while_the_threshold_alert_stands() {
+        let mut m = monitor();
+        // Readings one second apart: a steady climb across the limit (a forecast, then the
+        // threshold), 7 minutes over it, then a dip under it that climbs back.
+        let mut values: Vec<f64> = (0..250).map(|i| 60.0 + 0.1 * i as f64).collect();
+        values.extend((0..420).map(|i| 86.0 + 0.5 * (i % 2) as f64));
+        values.extend((0..120).map(|i| 82.0 + 0.02 * i as f64));
+        let mut kinds = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            let out = m.ingest(&reading(i as i64, *v));
+            kinds.extend(out.alerts.iter().map(|a| (i, a.kind)));
+        }
+        let forecasts = kinds.iter().filter(|(_, k)| *k == AlertKind::Forecast);
+        let thresholds = kinds.iter().filter(|(_, k)| *k == AlertKind::Threshold);
+        assert_eq!(forecasts.count(), 1, "{kinds:?}");
+        assert_eq!(thresholds.count(), 1, "{kinds:?}");
+        assert!(
+            kinds[0].1 == AlertKind::Forecast && kinds[0].0 < 250,
+            "{kinds:?}"
+        );
     }
 
     #[test]
