@@ -154,6 +154,14 @@ pub async fn run(
     )?);
     if let Some(dir) = config.persistence.sessions_dir() {
         create_persistence_dir(dir)?;
+        load_alert_log(&edge, dir)?;
+        tokio::spawn(edge::snapshot::autosave(
+            edge.alert_log.clone(),
+            edge.metrics.clone(),
+            dir.to_path_buf(),
+            Duration::from_secs(config.persistence.autosave_interval_secs),
+            shutdown.clone(),
+        ));
     }
     let retained_dir = config.persistence.retained_dir(&config.redis);
     if retained_dir.is_none() && !config.persistence.dir.is_empty() {
@@ -267,6 +275,8 @@ pub async fn run(
         edge::snapshot::save_now(&edge.retained, &edge.metrics, dir).await;
     }
     if let Some(dir) = sessions_dir {
+        // The analytics task has ended: nothing records another alert.
+        edge::snapshot::save_now(&edge.alert_log, &edge.metrics, dir).await;
         // Every connection has ended: its session is offline and its expiry counting. What
         // the core holds for the offline sessions is taken into the registry to be saved too.
         let started = std::time::Instant::now();
@@ -359,7 +369,22 @@ fn load_retained(edge: &edge::Edge, dir: &std::path::Path) -> Result<(), RunErro
     Ok(())
 }
 
-/// Creates `[persistence] dir` if it is missing, once, before either file is read.
+/// Reads the alert log saved in `dir` (`[persistence]`); a damaged file is set aside
+/// (`alerts.bin.damaged`) and the log starts empty, saying so.
+fn load_alert_log(edge: &edge::Edge, dir: &std::path::Path) -> Result<(), RunError> {
+    match edge.alert_log.load(dir) {
+        Ok(0) => {}
+        Ok(loaded) => tracing::info!(loaded, dir = %dir.display(), "alert log loaded"),
+        Err(e @ edge::snapshot::SnapshotError::Corrupt { .. }) => {
+            let moved = edge::snapshot::set_aside(dir, alert_log::FILE);
+            tracing::error!(error = %e, set_aside = moved, "alert log not loaded: starting without it");
+        }
+        Err(e) => return Err(RunError::Snapshot(e)),
+    }
+    Ok(())
+}
+
+/// Creates `[persistence] dir` if it is missing, once, before any file is read.
 fn create_persistence_dir(dir: &std::path::Path) -> Result<(), RunError> {
     std::fs::create_dir_all(dir).map_err(|source| RunError::Persistence {
         dir: dir.to_path_buf(),

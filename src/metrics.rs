@@ -63,6 +63,9 @@ pub struct Metrics {
     /// Alert messages over `alert_log::MAX_ENTRY_BYTES`, delivered but not kept for
     /// `recent_alerts`.
     pub alert_log_refused: AtomicU64,
+    /// Saves of the alert log to `[persistence] dir`, and those that failed.
+    pub alert_log_saves: AtomicU64,
+    pub alert_log_save_failures: AtomicU64,
     /// Clean core connections waiting in the pool opened ahead of time (`edge::warm`), as
     /// the pool held when `/metrics` was last read.
     pub core_warm_ready: AtomicU64,
@@ -418,6 +421,15 @@ impl Metrics {
             "Alert messages too large to keep for the bridge's recent_alerts request (delivered \
              live as usual).",
             &[("", g(&self.alert_log_refused))],
+        );
+        metric(
+            "alert_log_saves_total",
+            "counter",
+            "Saves of the alert log (recent_alerts) to [persistence] dir, by outcome.",
+            &[
+                ("{outcome=\"ok\"}", g(&self.alert_log_saves)),
+                ("{outcome=\"failed\"}", g(&self.alert_log_save_failures)),
+            ],
         );
         metric(
             "core_warm_connections",

@@ -266,3 +266,42 @@ fn recent_alerts_are_answered_in_order_under_the_subscribe_rule() {
     let none = recent(&device, 0);
     assert_eq!(none["messages"], json!([]), "{none}");
 }
+
+#[test]
+fn recent_alerts_are_kept_across_a_restart_with_persistence() {
+    let data = TempDir::new();
+    let rt = rt();
+    let recent = |v: &Vigil, want: usize| -> Value {
+        let deadline = Instant::now() + T;
+        loop {
+            let answer = rt.block_on(async {
+                let mut b = Browser::login(v.http, json!({"op": "connect"})).await;
+                b.ask(json!({"op": "recent_alerts"}), "recent_alerts").await
+            });
+            let n = answer["messages"].as_array().map_or(0, Vec::len);
+            if n >= want || Instant::now() > deadline {
+                return answer;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mut v1 = Vigil::start_persistent(&data, |c| c);
+    publish_lines(
+        v1.port(),
+        &["-t", "device/m-1/alerts", "-q", "1"],
+        [r#"{"type":"ALERT","severity":"HIGH","metric":"door","message":"door open"}"#],
+    );
+    let before = recent(&v1, 1);
+    assert_eq!(
+        before["messages"].as_array().map_or(0, Vec::len),
+        1,
+        "{before}"
+    );
+    // SIGTERM saves the log; the next process answers from the file.
+    let (status, _) = v1.terminate();
+    assert!(status.success());
+    let v2 = Vigil::start_persistent(&data, |c| c);
+    let after = recent(&v2, 1);
+    assert_eq!(after["messages"], before["messages"], "{after}");
+    assert_eq!(after["messages"][0]["payload"]["message"], "door open");
+}

@@ -215,7 +215,7 @@ pub struct Edge {
     pub history: History,
     /// The most recent alert traffic, recorded by the analytics task, read by the bridge's
     /// `recent_alerts` request.
-    pub alert_log: AlertLog,
+    pub alert_log: Arc<AlertLog>,
     /// The threads that serve accepted sockets (`[runtime] connection_threads`).
     pub threads: threads::ConnectionThreads,
     /// Some client has subscribed with No Local since start: from then on, publishes carry
@@ -326,7 +326,7 @@ impl Edge {
                 max_queued_bytes: config.bridge.max_queued_bytes,
             },
             history,
-            alert_log: AlertLog::default(),
+            alert_log: Arc::new(AlertLog::default()),
             threads,
             no_local_in_use: AtomicBool::new(false),
             subscribes_in_flight: AtomicUsize::new(0),
