@@ -1178,22 +1178,31 @@ mod tests {
     }
 
     #[test]
-    fn the_settings_for_fast_devices_are_off_by_default_and_bounded() {
+    fn trends_follow_time_by_default_scoring_every_reading_and_both_are_bounded() {
         let c = Config::default_config().expect("default config parses");
         let m = c.analytics.monitor_config();
-        assert_eq!((m.trend_min_spacing_ms, m.score_min_spacing_ms), (0, 0));
-        let on = DEFAULT_TOML.replace(
-            "trend_min_interval_ms = 0\nscore_min_interval_ms = 0",
-            "trend_min_interval_ms = 1000\nscore_min_interval_ms = 2000",
-        );
+        assert_eq!((m.trend_min_spacing_ms, m.score_min_spacing_ms), (1000, 0));
+        let on = DEFAULT_TOML
+            .replace(
+                "trend_min_interval_ms = 1000\n",
+                "trend_min_interval_ms = 0\n",
+            )
+            .replace(
+                "score_min_interval_ms = 0\n",
+                "score_min_interval_ms = 2000\n",
+            );
         let m = Config::parse(&on, "test")
             .expect("fast-device settings")
             .analytics
             .monitor_config();
-        assert_eq!(
-            (m.trend_min_spacing_ms, m.score_min_spacing_ms),
-            (1000, 2000)
-        );
+        assert_eq!((m.trend_min_spacing_ms, m.score_min_spacing_ms), (0, 2000));
+        // A configuration written before the trend setting existed gets its default.
+        let older = DEFAULT_TOML.replace("trend_min_interval_ms = 1000\n", "");
+        let m = Config::parse(&older, "test")
+            .expect("without the trend setting")
+            .analytics
+            .monitor_config();
+        assert_eq!(m.trend_min_spacing_ms, 1000);
         let too_long = DEFAULT_TOML.replace(
             "score_min_interval_ms = 0",
             "score_min_interval_ms = 86400001",
