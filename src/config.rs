@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use vigil_analytics::detector::DetectorConfig;
-use vigil_analytics::monitor::{DeviceLimits, DeviceMonitor, MetricLimit, MonitorConfig};
+use vigil_analytics::monitor::{
+    DeviceLimits, DeviceMonitor, MetricLimit, MonitorConfig, RunningRule,
+};
 use vigil_analytics::rul::RulModel;
 
 /// The commented default configuration, exactly as shipped in `broker.toml`.
@@ -424,6 +426,11 @@ pub struct AnalyticsConfig {
     /// (`[[analytics.rul]]`); the first matching entry applies.
     #[serde(default)]
     pub rul: Vec<RulSpec>,
+    /// Running conditions of machines that stop and start (`[[analytics.running]]`): while a
+    /// device's machine stands, and for `settle_secs` after it starts, its readings do not feed
+    /// the anomaly detector; the first matching entry applies.
+    #[serde(default)]
+    pub running: Vec<RunningRule>,
     /// A device whose messages stop for this many of its usual intervals (and at least
     /// `silence_min_secs`) gets one alert per silence (0: off).
     #[serde(default = "ten")]
@@ -595,6 +602,7 @@ impl AnalyticsConfig {
                 })
                 .collect(),
             prediction_every: self.prediction_every,
+            running: self.running.clone(),
             score_min_spacing_ms: i64::try_from(self.score_min_interval_ms).unwrap_or(i64::MAX),
             trend_min_spacing_ms: i64::try_from(self.trend_min_interval_ms).unwrap_or(i64::MAX),
             ..MonitorConfig::default()
@@ -638,6 +646,13 @@ impl AnalyticsConfig {
         for d in &self.device_limits {
             check_pattern("analytics.device_limits.devices", &d.devices)?;
             check_limits("analytics.device_limits.limits", &d.limits)?;
+        }
+        for r in &self.running {
+            check_pattern("analytics.running.devices", &r.devices)?;
+            r.validate().map_err(|e| ConfigError::Invalid {
+                key: "analytics.running",
+                reason: e.to_string(),
+            })?;
         }
         for r in &self.rul {
             check_pattern("analytics.rul.devices", &r.devices)?;
@@ -1209,6 +1224,54 @@ mod tests {
         );
         let err = Config::parse(&too_long, "test").unwrap_err().to_string();
         assert!(err.contains("analytics.score_min_interval_ms"), "{err}");
+    }
+
+    #[test]
+    fn running_conditions_are_read_and_a_bad_one_is_named() {
+        let with = |entry: &str| format!("{DEFAULT_TOML}\n[[analytics.running]]\n{entry}\n");
+        let c = Config::parse(
+            &with("devices = \"MOTOR-*\"\nmetric = \"current\"\nabove = 1.0\nsettle_secs = 600"),
+            "test",
+        )
+        .expect("a running condition");
+        let m = c.analytics.monitor_config();
+        assert_eq!(m.running.len(), 1);
+        assert_eq!(
+            (
+                m.running[0].above,
+                m.running[0].below,
+                m.running[0].settle_secs
+            ),
+            (Some(1.0), None, 600)
+        );
+        for (entry, key) in [
+            (
+                "devices = \"M*\"\nmetric = \"current\"",
+                "analytics.running",
+            ),
+            (
+                "devices = \"M*\"\nmetric = \"\"\nabove = 1",
+                "analytics.running",
+            ),
+            (
+                "devices = \"M*\"\nmetric = \"c\"\nabove = 1\nsettle_secs = 86401",
+                "analytics.running",
+            ),
+            (
+                "devices = \"\"\nmetric = \"c\"\nabove = 1",
+                "analytics.running.devices",
+            ),
+        ] {
+            let err = Config::parse(&with(entry), "test").unwrap_err().to_string();
+            assert!(err.contains(key), "{entry}: {err}");
+        }
+        let err = Config::parse(
+            &with("devices = \"M*\"\nmetric = \"c\"\nabove = 1\nsettle = 5"),
+            "test",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("settle"), "{err}");
     }
 
     #[test]

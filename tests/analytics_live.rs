@@ -775,3 +775,89 @@ fn a_device_reporting_20_times_a_second_gets_one_alert_of_each_kind_per_incident
         .unwrap_or(0.0);
     assert!((690.0..=800.0).contains(&scored), "{scored} points scored");
 }
+
+/// A machine that runs for 3,000 s and stands for 2,000 s (vibration and current 0), over and
+/// over, then develops a bearing fault: with a running condition (`[[analytics.running]]`,
+/// current above 1) its stops and starts raise nothing, and the fault one anomaly alert; a
+/// twin without a matching condition gets alerts at its stops and starts.
+#[test]
+fn with_a_running_condition_stops_and_starts_are_not_incidents_and_a_fault_still_is() {
+    const READINGS: i64 = 20_000;
+    const FAULT_AT: i64 = 16_200;
+    let v = Vigil::start_with(|c| {
+        format!(
+            "{c}\n[[analytics.running]]\ndevices = \"shift-*\"\nmetric = \"current\"\nabove = 1.0\nsettle_secs = 60\n"
+        )
+    });
+    wait_subscribed(&v);
+    let mut alerts = Sub::start(v.port(), &["-t", "device/+/alerts", "-q", "1"]);
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let t0 = now_ms - READINGS * 1000;
+    let mut seed: u64 = 3;
+    let mut noise = move || {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    };
+    let mut temperature = 25.0;
+    let lines: Vec<String> = (0..READINGS)
+        .map(|i| {
+            let runs = i % 5000 < 3000;
+            let load = match runs {
+                true => 0.5 - 0.4 * (i as f64 * std::f64::consts::TAU / 600.0).cos(),
+                false => 0.0,
+            };
+            let target = if runs { 50.0 + 10.0 * load } else { 25.0 };
+            temperature += (target - temperature) / 300.0;
+            let wear = (i - FAULT_AT).max(0) as f64 * 0.02;
+            let (vib, cur) = match runs {
+                true => (1.8 + load + wear + 0.1 * noise(), 8.0 + 10.0 * load + 0.3 * noise()),
+                false => (0.0, 0.0),
+            };
+            format!(
+                "{{\"temperature\":{:.2},\"vibration\":{vib:.3},\"current\":{cur:.2},\"timestamp\":{}}}",
+                temperature + 0.4 * noise(),
+                t0 + i * 1000
+            )
+        })
+        .collect();
+    for (i, chunk) in lines.chunks(500).enumerate() {
+        let body = chunk.join("\n");
+        publish_lines(v.port(), "device/shift-1/telemetry", &body);
+        publish_lines(v.port(), "device/other-1/telemetry", &body);
+        let sent = (2 * (i * 500 + chunk.len())).to_string();
+        wait_metrics(&v, |m| {
+            value(m, "vigil_analytics_messages_total") == Some(sent.as_str())
+                && value(m, "vigil_analytics_refits_running") == Some("0")
+        });
+    }
+    let got = alerts.drain(Duration::from_millis(500));
+    let at = |device: &str| -> Vec<(String, i64)> {
+        got.iter()
+            .filter(|m| m.starts_with(&format!("device/{device}/alerts|")))
+            .map(|m| payload(m).1)
+            .filter(|a| a["kind"] == "anomaly")
+            .map(|a| {
+                let reading = (a["timestamp"].as_i64().unwrap_or(0) - t0) / 1000;
+                (a["metric"].as_str().unwrap_or("").to_string(), reading)
+            })
+            .collect()
+    };
+    let shift = at("shift-1");
+    assert_eq!(
+        shift.len(),
+        1,
+        "anomaly alerts (metric, reading): {shift:?}"
+    );
+    assert!(shift[0].1 >= FAULT_AT, "{shift:?}");
+    let other = at("other-1");
+    let transitions = other
+        .iter()
+        .filter(|(_, i)| *i < FAULT_AT && matches!(i % 5000, 0..=60 | 3000..=3060))
+        .count();
+    assert!(transitions >= 3, "anomaly alerts of the twin: {other:?}");
+}

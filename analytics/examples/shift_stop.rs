@@ -1,25 +1,30 @@
 //! False alarms on a healthy machine that runs one shift a day: feeds a simulated 3-metric motor
 //! that runs from 06:00 to 22:00 and stands still at night through `DeviceMonitor` (the live
-//! service's path, default settings), one reading a second, and counts its alerts by when they
-//! come: within 30 minutes after a start, within 30 minutes after a stop, or otherwise while
-//! running or standing. The machine is healthy, so every alert is a false alarm.
+//! service's path, default settings, limits as in `broker.toml`: temperature 85, vibration 7.1),
+//! one reading a second, and counts its anomaly alerts by when they come (within 30 minutes
+//! after a start, within 30 minutes after a stop, otherwise while running or standing) and its
+//! forecast alerts. The machine is healthy, so every alert is a false alarm.
 //!
 //! ```text
 //! cargo run -p vigil-analytics --release --example shift_stop -- [--days 4] [--seeds 3] \
-//!     [--standing zero|noise] [--gate SECONDS] [--list]
+//!     [--standing zero|noise] [--gate SECONDS] [--cut SECONDS] [--extrapolation X] [--list]
 //! ```
 //!
 //! While running, the load follows a cosine cycle of 3,000 s (as in `false_alarms`); the
 //! temperature approaches 52 + 14 load (25 standing) with a time constant of 600 s, plus sensor
 //! noise of 0.3; vibration 1.8 + 1.2 load and current 8 + 10 load with noise of 0.08 and 0.2.
 //! Standing, vibration and current are exactly 0 (`--standing zero`, a device that reports 0
-//! when off) or sensor noise around 0 (`noise`). `--gate S` models an operator-side running
-//! condition: readings while standing and in the first S seconds after a start are not fed at
-//! all (so neither the limits nor the trends see them either). `--list` prints every alert.
+//! when off) or sensor noise around 0 (`noise`). `--gate S` gives the monitor a running
+//! condition (`MonitorConfig::running`: current above 1, `settle_secs` S): the detector is not
+//! fed while the machine stands or in its first S seconds after a start, and starts a new
+//! segment when it is fed again. `--cut S` instead withholds those readings from the monitor
+//! altogether, with no new segment (the device simply stops sending). `--extrapolation X` sets
+//! `MonitorConfig::forecast_max_extrapolation` (0: off). `--list` prints every alert.
 
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
-use vigil_analytics::monitor::{DeviceMonitor, MonitorConfig};
+use vigil_analytics::alert::AlertKind;
+use vigil_analytics::monitor::{DeviceMonitor, MetricLimit, MonitorConfig, RunningRule};
 use vigil_analytics::telemetry::Reading;
 
 const DAY: i64 = 86_400;
@@ -32,7 +37,9 @@ struct Args {
     days: i64,
     seeds: u64,
     zero: bool,
-    gate: Option<i64>,
+    gate: Option<u64>,
+    cut: Option<i64>,
+    extrapolation: Option<f64>,
     list: bool,
 }
 
@@ -42,6 +49,8 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
         seeds: 3,
         zero: true,
         gate: None,
+        cut: None,
+        extrapolation: None,
         list: false,
     };
     let mut it = std::env::args().skip(1);
@@ -60,6 +69,8 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
                 other => return Err(format!("--standing zero|noise, not {other}").into()),
             },
             "--gate" => args.gate = Some(value.parse()?),
+            "--cut" => args.cut = Some(value.parse()?),
+            "--extrapolation" => args.extrapolation = Some(value.parse()?),
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -72,16 +83,44 @@ fn gauss(rng: &mut Xoshiro256PlusPlus, sd: f64) -> f64 {
     sd * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
+fn config(args: &Args) -> MonitorConfig {
+    let defaults = MonitorConfig::default();
+    MonitorConfig {
+        running: args
+            .gate
+            .map(|settle_secs| RunningRule {
+                devices: "*".into(),
+                metric: "current".into(),
+                above: Some(1.0),
+                below: None,
+                settle_secs,
+            })
+            .into_iter()
+            .collect(),
+        limits: [("temperature", 85.0), ("vibration", 7.1)]
+            .map(|(metric, above)| MetricLimit {
+                metric: metric.into(),
+                above: Some(above),
+                below: None,
+            })
+            .into(),
+        forecast_max_extrapolation: args
+            .extrapolation
+            .unwrap_or(defaults.forecast_max_extrapolation),
+        ..defaults
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
-    // After a start, after a stop, running, standing.
-    let mut totals = [0usize; 4];
+    // Anomaly alerts after a start, after a stop, running, standing; then forecast alerts.
+    let mut totals = [0usize; 5];
     for seed in 1..=args.seeds {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-        let mut m = DeviceMonitor::new("m", MonitorConfig::default())?;
+        let mut m = DeviceMonitor::new("m", config(&args))?;
         let t0 = 1_790_000_000_000i64;
         let mut temperature = 25.0;
-        let mut counts = [0usize; 4];
+        let mut counts = [0usize; 5];
         for i in 0..args.days * DAY {
             let clock = i % DAY;
             let running = (START..STOP).contains(&clock);
@@ -100,7 +139,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 (false, true) => (0.0, 0.0),
                 (false, false) => (gauss(&mut rng, 0.01).abs(), gauss(&mut rng, 0.02).abs()),
             };
-            if args.gate.is_some_and(|g| !running || clock < START + g) {
+            if args.cut.is_some_and(|g| !running || clock < START + g) {
                 continue;
             }
             let out = m.ingest(&Reading {
@@ -113,7 +152,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ],
             });
             for a in &out.alerts {
-                let class = if (START..START + AFTER).contains(&clock) {
+                let class = if a.kind != AlertKind::Anomaly {
+                    4
+                } else if (START..START + AFTER).contains(&clock) {
                     0
                 } else if (STOP..STOP + AFTER).contains(&clock) {
                     1
@@ -143,8 +184,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         println!(
-            "seed {seed}: after a start {}, after a stop {}, running {}, standing {}",
-            counts[0], counts[1], counts[2], counts[3]
+            "seed {seed}: anomaly alerts after a start {}, after a stop {}, running {}, standing {}; forecast alerts {}",
+            counts[0], counts[1], counts[2], counts[3], counts[4]
         );
         for (t, c) in totals.iter_mut().zip(counts) {
             *t += c;
@@ -152,12 +193,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let days = args.days as f64 * args.seeds as f64;
     println!(
-        "total over {days} machine-days: after a start {}, after a stop {}, running {}, standing {} ({:.1} false alerts per machine-day)",
+        "total over {days} machine-days: anomaly alerts after a start {}, after a stop {}, running {}, standing {} ({:.1} per machine-day); forecast alerts {} ({:.1} per machine-day)",
         totals[0],
         totals[1],
         totals[2],
         totals[3],
-        totals.iter().sum::<usize>() as f64 / days
+        totals[..4].iter().sum::<usize>() as f64 / days,
+        totals[4],
+        totals[4] as f64 / days
     );
     Ok(())
 }

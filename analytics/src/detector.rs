@@ -1414,6 +1414,16 @@ impl Debounce {
         severity_for(z)
     }
 
+    /// Starts the cooldown as after an alert at `at_ms`, but stays armed: once it has passed,
+    /// a high score may open an incident even if the scores never dropped in between (a fault
+    /// that began during the cooldown is still reported; the recurrence check then asks for a
+    /// score above those of the cooldown).
+    fn grace(&mut self, cfg: &DetectorConfig, at_ms: Option<i64>) {
+        self.cooldown_left = cfg.cooldown;
+        self.quiet_until_ms = at_ms.map(|t| t.saturating_add(secs_to_ms(cfg.cooldown_s)));
+        self.run = 0;
+    }
+
     /// Disarms and starts the cooldown, as after an alert at `at_ms`.
     fn hold(&mut self, cfg: &DetectorConfig, at_ms: Option<i64>) {
         self.armed = false;
@@ -1592,6 +1602,15 @@ impl MetricDetector {
     /// reported, so the metric re-arms at once instead of waiting for its likelihood to drop
     /// and the cooldown to pass, and can still report the incident if it grows. Without this a
     /// steady overheating ramp whose first LOW alert was withheld was never reported.
+    /// Input resumes at `at_ms` after readings that were not fed (`DeviceDetector::resume`):
+    /// the features and the shape window start a new segment, and the learned channels sit out
+    /// a cooldown (`Debounce::grace`).
+    fn resume(&mut self, cfg: &DetectorConfig, at_ms: Option<i64>) {
+        self.features.break_continuity();
+        self.shape.break_continuity();
+        self.debounce.grace(cfg, at_ms);
+    }
+
     fn withhold(&mut self) {
         self.debounce.release();
         self.level_fresh = self.fresh_before_alert;
@@ -2234,6 +2253,24 @@ impl DeviceDetector {
             m.seen_in = seen_in;
             m.feed(cfg, value, at_ms)
         })
+    }
+
+    /// Tells the detector that its input resumes at `at_ms` after a stretch of the device's
+    /// readings it was not given (the machine was standing, `monitor::RunningRule`): no metric
+    /// compares its next value with the last one before the gap (first differences, short
+    /// means, shape subsequences start afresh), and every channel, the cross-metric one too,
+    /// sits out a cooldown (`cooldown` readings and `cooldown_s` seconds) without being
+    /// disarmed, so a machine's return to work is not an incident, while a fault that starts
+    /// meanwhile and keeps growing is reported once the cooldown has passed. Long-run state
+    /// (models, training rows, score histories, baselines) carries on.
+    pub fn resume(&mut self, at_ms: Option<i64>) {
+        let cfg = &self.config;
+        for (_, m) in &mut self.metrics {
+            m.resume(cfg, at_ms);
+        }
+        if let Some(j) = &mut self.joint {
+            j.debounce.grace(cfg, at_ms);
+        }
     }
 
     /// Whether the detector tracks `metric` (it has been fed and was within `max_metrics`).

@@ -45,9 +45,19 @@ impl FeatureState {
         self.n
     }
 
-    /// The last finite value fed, if any.
+    /// The last finite value fed, if any (none right after [`Self::break_continuity`]).
     pub fn last(&self) -> Option<f64> {
-        (self.n > 0).then_some(self.last)
+        (self.n > 0 && !self.last.is_nan()).then_some(self.last)
+    }
+
+    /// Starts a new segment: the next value is not compared with the last one or the short
+    /// mean (its difference and short deviation are 0, as for a first value), because the
+    /// values between them were never fed (a machine standing, `monitor::RunningRule`). The
+    /// long mean, the variance and the spread carry on.
+    pub fn break_continuity(&mut self) {
+        if self.n > 0 {
+            self.last = f64::NAN;
+        }
     }
 
     /// Long-run exponentially weighted standard deviation of the value.
@@ -60,7 +70,17 @@ impl FeatureState {
     /// poison the running means for ever.
     pub fn update(&mut self, x: f64) -> [f64; N_FEATURES] {
         if !x.is_finite() {
-            return [self.last, 0.0, 0.0, 0.0, self.spread];
+            let last = if self.last.is_nan() {
+                self.mean_long
+            } else {
+                self.last
+            };
+            return [last, 0.0, 0.0, 0.0, self.spread];
+        }
+        if self.last.is_nan() && self.n > 0 {
+            // The first value of a new segment (`break_continuity`).
+            self.last = x;
+            self.mean_short = x;
         }
         if self.n == 0 {
             self.n = 1;
@@ -113,6 +133,31 @@ mod tests {
         }
         assert_eq!(f.count(), 50);
         assert_eq!(std::mem::size_of::<FeatureState>(), 48);
+    }
+
+    #[test]
+    fn a_new_segment_starts_without_a_jump_and_keeps_the_long_run_state() {
+        let mut f = FeatureState::new();
+        for i in 0..200 {
+            f.update(10.0 + (i % 2) as f64);
+        }
+        let (long, spread) = (f.long_std(), f.spread);
+        f.break_continuity();
+        assert_eq!(f.last(), None);
+        assert_eq!(f.update(f64::NAN)[0], f.mean_long, "no NaN features");
+        let v = f.update(30.0);
+        assert_eq!((v[1], v[2]), (0.0, 0.0), "no difference across the break");
+        assert!(v[3] > 15.0, "the long mean carries on: {v:?}");
+        assert!(f.long_std() > long && f.spread < spread && f.spread > 0.9 * spread);
+        assert_eq!(f.update(31.0)[1], 1.0);
+
+        let mut s = ShapeNovelty::new(64, 4, 0, 1);
+        for i in 0..20 {
+            s.update(i as f64, 1.0);
+        }
+        s.break_continuity();
+        let after: Vec<bool> = (0..5).map(|i| s.update(i as f64, 1.0).is_some()).collect();
+        assert_eq!(after, [false, false, false, false, true]);
     }
 
     #[test]
@@ -268,6 +313,9 @@ pub struct ShapeNovelty {
     reservoir_len: usize,
     evicted: u64,
     rng: rand_xoshiro::Xoshiro256PlusPlus,
+    /// Values still to come before the newest subsequence lies wholly after a break
+    /// (`break_continuity`); no distance is reported until then.
+    since_break: usize,
 }
 
 /// The smallest squared Euclidean distance between `cur` and any window of `cur.len()`
@@ -329,7 +377,15 @@ impl ShapeNovelty {
             reservoir_len: reservoir,
             evicted: 0,
             rng: rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed),
+            since_break: 0,
         }
+    }
+
+    /// Starts a new segment: no distance is reported until `m` values have come after the
+    /// break, so no subsequence compared joins values from both sides of it. Earlier
+    /// subsequences stay as candidates.
+    pub fn break_continuity(&mut self) {
+        self.since_break = self.m;
     }
 
     /// Bytes held at most by the buffer and the reservoir.
@@ -375,6 +431,10 @@ impl ShapeNovelty {
         self.buf.push_back(x);
         let n = self.buf.len();
         let m = self.m;
+        if self.since_break > 0 {
+            self.since_break -= 1;
+            return None;
+        }
         if n < 2 * m {
             return None;
         }

@@ -64,6 +64,8 @@ pub struct Forecast {
     pub timestamp_ms: i64,
     /// Points the line was fitted to.
     pub points: usize,
+    /// Seconds from the oldest to the newest of them.
+    pub span_s: f64,
 }
 
 /// Bounded history of one metric plus the forecast settings.
@@ -208,6 +210,7 @@ impl TrendTracker {
             confidence: r2,
             timestamp_ms: newest,
             points: n,
+            span_s,
         })
     }
 }

@@ -92,6 +92,83 @@ pub struct DeviceLimits {
     pub limits: Vec<MetricLimit>,
 }
 
+/// A machine's running condition, for the devices whose id matches `devices`: the machine runs
+/// while `metric` is above `above` and below `below` (either may be absent). While it stands,
+/// and for `settle_secs` after it starts again, the anomaly detector is not fed (limits,
+/// trends and history still see every reading), and when feeding resumes the detector starts
+/// a new segment (`DeviceDetector::resume`), so a daily stop and start is not an incident. A
+/// reading without `metric` keeps the state of the last one that had it; until one has, the
+/// machine counts as running.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunningRule {
+    /// Which devices: a pattern over the device id, as for [`DeviceLimits`].
+    pub devices: String,
+    /// The metric that tells whether the machine runs.
+    pub metric: String,
+    /// The machine runs while the metric is above this ...
+    #[serde(default)]
+    pub above: Option<f64>,
+    /// ... and below this.
+    #[serde(default)]
+    pub below: Option<f64>,
+    /// Seconds after a start (of the readings' time) before the detector is fed again.
+    #[serde(default)]
+    pub settle_secs: u64,
+}
+
+impl RunningRule {
+    /// Checks the rule's own settings (not its device pattern).
+    pub fn validate(&self) -> Result<(), MonitorError> {
+        let finite = |b: Option<f64>| b.map_or(true, f64::is_finite);
+        if self.metric.is_empty()
+            || (self.above.is_none() && self.below.is_none())
+            || !finite(self.above)
+            || !finite(self.below)
+            || self.settle_secs > 86_400
+        {
+            return Err(MonitorError::InvalidConfig(
+                "a running rule needs a metric, a finite above or below (or both), and \
+                 settle_secs of at most 86400",
+            ));
+        }
+        Ok(())
+    }
+
+    fn runs(&self, value: f64) -> bool {
+        self.above.map_or(true, |a| value > a) && self.below.map_or(true, |b| value < b)
+    }
+}
+
+/// A device's running condition and where it stands.
+#[derive(Debug, Clone)]
+struct Gate {
+    rule: RunningRule,
+    running: bool,
+    /// When the machine last started to run (the first reading that held the condition).
+    since_ms: Option<i64>,
+    /// Whether readings have been withheld from the detector since it was last fed.
+    paused: bool,
+}
+
+impl Gate {
+    /// Updates the state with `reading`; whether the detector is to be fed with it.
+    fn admits(&mut self, reading: &Reading) -> bool {
+        let ts = reading.timestamp_ms;
+        if let Some((_, v)) = reading.metrics.iter().find(|(n, _)| *n == self.rule.metric) {
+            let runs = self.rule.runs(*v);
+            if runs && (!self.running || self.since_ms.is_none()) {
+                self.since_ms = Some(ts);
+            }
+            self.running = runs;
+        }
+        let settled = self.since_ms.map_or(true, |since| {
+            ts < since || ts - since >= secs_to_ms(self.rule.settle_secs)
+        });
+        self.running && settled
+    }
+}
+
 /// Whether `id` matches `pattern` (see [`DeviceLimits`]). Linear in their lengths times the
 /// pattern's `*`s at worst; runs once per device, when its monitor is created.
 pub fn device_matches(pattern: &str, id: &str) -> bool {
@@ -150,6 +227,12 @@ pub struct MonitorConfig {
     /// Predictions are published from the first 10 points all the same, with their confidence.
     /// At most `trend_capacity` counts.
     pub forecast_min_points: usize,
+    /// Forecast alerts need the limit to be at most this many times the fitted points' time
+    /// span away (0: no such bound). A line through two minutes of readings says little about
+    /// the next hour: on a healthy machine whose load cycles every 10 minutes, the rising half
+    /// of each cycle, or a temperature warming up after a start towards its usual level, was
+    /// extrapolated to the limit "in 3,000 s" and raised a forecast alert every few cycles.
+    pub forecast_max_extrapolation: f64,
     /// Threshold and forecast alerts re-arm after their condition has been clear for this many
     /// consecutive readings of the metric ...
     pub rearm_after: u64,
@@ -167,6 +250,9 @@ pub struct MonitorConfig {
     /// scored readings: at 0, a metric reported 20 times a second is judged against under a
     /// minute of its past, and a healthy one raised false alarms every half hour.
     pub score_min_spacing_ms: i64,
+    /// Running conditions per device pattern; the first matching one applies (none: the
+    /// detector is fed every reading).
+    pub running: Vec<RunningRule>,
 }
 
 impl MonitorConfig {
@@ -198,10 +284,12 @@ impl Default for MonitorConfig {
             forecast_alert_horizon_s: 3600.0,
             forecast_min_confidence: 0.5,
             forecast_min_points: 30,
+            forecast_max_extrapolation: 4.0,
             rearm_after: 30,
             rearm_after_s: 300,
             trend_min_spacing_ms: 1000,
             score_min_spacing_ms: 0,
+            running: Vec::new(),
         }
     }
 }
@@ -312,6 +400,7 @@ pub struct DeviceMonitor {
     detector: DeviceDetector,
     metrics: Vec<MetricState>,
     rul: Option<RulWatch>,
+    gate: Option<Gate>,
 }
 
 impl DeviceMonitor {
@@ -323,14 +412,35 @@ impl DeviceMonitor {
                 "trend_capacity must be at least 3 and prediction_every positive",
             ));
         }
+        let x = config.forecast_max_extrapolation;
+        if !(x.is_finite() && x >= 0.0) {
+            return Err(MonitorError::InvalidConfig(
+                "forecast_max_extrapolation must be 0 (off) or a positive number",
+            ));
+        }
+        for rule in &config.running {
+            rule.validate()?;
+        }
         config.limits = config.limits_of(device_id);
         config.device_limits = Vec::new();
+        let gate = config
+            .running
+            .iter()
+            .find(|r| device_matches(&r.devices, device_id))
+            .map(|rule| Gate {
+                rule: rule.clone(),
+                running: true,
+                since_ms: None,
+                paused: false,
+            });
+        config.running = Vec::new();
         Ok(Self {
             device_id: device_id.to_string(),
             detector: DeviceDetector::new(config.detector.clone())?,
             config,
             metrics: Vec::new(),
             rul: None,
+            gate,
         })
     }
 
@@ -386,7 +496,24 @@ impl DeviceMonitor {
 
     /// Feeds one reading and returns the scores, alerts and predictions it produced.
     pub fn ingest(&mut self, reading: &Reading) -> MonitorOutput {
-        let (due, count) = self.due_for_scoring(reading);
+        let (mut due, mut count) = self.due_for_scoring(reading);
+        // Whether the machine stands or settles (its running condition does not admit the
+        // reading): no anomaly scoring and no forecast alert then.
+        let mut standing = false;
+        if let Some(gate) = &mut self.gate {
+            if !gate.admits(reading) {
+                gate.paused = true;
+                standing = true;
+                (due, count) = (0, 0);
+            } else if gate.paused {
+                gate.paused = false;
+                self.detector.resume(Some(reading.timestamp_ms));
+                // A trend across a stop and a start (zeros, then a step) is no trend.
+                for state in &mut self.metrics {
+                    state.trend = TrendTracker::new(self.config.trend_capacity);
+                }
+            }
+        }
         let outcomes = if count == reading.metrics.len() {
             self.detector.feed(reading)
         } else if count == 0 {
@@ -490,9 +617,12 @@ impl DeviceMonitor {
             else {
                 continue;
             };
-            let approaching = f
-                .seconds_to_limit
-                .is_some_and(|s| s > 0.0 && s <= cfg.forecast_alert_horizon_s)
+            let reach = match cfg.forecast_max_extrapolation {
+                x if x > 0.0 => cfg.forecast_alert_horizon_s.min(x * f.span_s),
+                _ => cfg.forecast_alert_horizon_s,
+            };
+            let approaching = !standing
+                && f.seconds_to_limit.is_some_and(|s| s > 0.0 && s <= reach)
                 && f.confidence >= cfg.forecast_min_confidence
                 && f.points >= cfg.forecast_min_points.min(cfg.trend_capacity);
             if state.forecast.fires(approaching, state.seen, ts, cfg) {
@@ -822,6 +952,109 @@ mod tests {
         assert_eq!(fired, vec![1, values.len() - 1]);
     }
 
+    /// A healthy machine that runs for 3,000 s, stands for 2,000 s (vibration and current 0)
+    /// and runs again, five times: every start and stop alerts without a running condition,
+    /// none with one. Returns the anomaly alerts' reading indices.
+    fn shift_machine(running: Vec<RunningRule>) -> Vec<i64> {
+        let config = MonitorConfig {
+            detector: DetectorConfig {
+                n_trees: 10,
+                ..DetectorConfig::default()
+            },
+            running,
+            ..MonitorConfig::default()
+        };
+        let mut m = DeviceMonitor::new("m", config).expect("config");
+        let mut seed = 11u64;
+        let mut noise = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 10_000) as f64 / 10_000.0 - 0.5
+        };
+        let mut alerts = Vec::new();
+        let mut temperature = 25.0;
+        for i in 0..20_000i64 {
+            let runs = i % 5000 < 3000;
+            let load = if runs {
+                0.5 - 0.4 * (i as f64 * std::f64::consts::TAU / 600.0).cos()
+            } else {
+                0.0
+            };
+            temperature += (if runs { 50.0 + 10.0 * load } else { 25.0 } - temperature) / 300.0;
+            let (v, c) = match runs {
+                true => (
+                    1.8 + load + 0.1 * noise(),
+                    8.0 + 10.0 * load + 0.3 * noise(),
+                ),
+                false => (0.0, 0.0),
+            };
+            let out = m.ingest(&Reading {
+                timestamp_ms: 1_790_000_000_000 + i * 1000,
+                device_time: true,
+                metrics: vec![
+                    ("temperature".into(), temperature + 0.4 * noise()),
+                    ("vibration".into(), v),
+                    ("current".into(), c),
+                ],
+            });
+            if out.alerts.iter().any(|a| a.kind == AlertKind::Anomaly) {
+                alerts.push(i);
+            }
+            while let Some(job) = m.needs_refit() {
+                m.install(job.run().expect("refit"));
+            }
+        }
+        alerts
+    }
+
+    #[test]
+    fn a_machine_that_stops_and_starts_is_not_an_incident_with_a_running_condition() {
+        let without = shift_machine(Vec::new());
+        // After the warm-up, starts (at 5000, 10000, ...) and stops (3000, 8000, ...) alert.
+        let at_transitions = without
+            .iter()
+            .filter(|&&i| i > 5000 && (i % 5000 < 60 || (3000..3060).contains(&(i % 5000))))
+            .count();
+        assert!(at_transitions >= 6, "{without:?}");
+        let rule = RunningRule {
+            devices: "*".into(),
+            metric: "current".into(),
+            above: Some(1.0),
+            below: None,
+            settle_secs: 60,
+        };
+        let with = shift_machine(vec![rule.clone()]);
+        assert_eq!(with, Vec::<i64>::new());
+        // The first rule whose pattern matches the device applies.
+        let other = RunningRule {
+            devices: "press-*".into(),
+            ..rule.clone()
+        };
+        let config = MonitorConfig {
+            running: vec![other, rule.clone()],
+            ..MonitorConfig::default()
+        };
+        let gated = |id| DeviceMonitor::new(id, config.clone()).map(|m| m.gate.map(|g| g.rule));
+        assert_eq!(
+            gated("press-1").expect("config").map(|r| r.devices),
+            Some("press-*".into())
+        );
+        assert_eq!(
+            gated("m").expect("config").map(|r| r.devices),
+            Some("*".into())
+        );
+        let bad = RunningRule {
+            above: None,
+            ..rule
+        };
+        let config = MonitorConfig {
+            running: vec![bad],
+            ..MonitorConfig::default()
+        };
+        assert!(DeviceMonitor::new("m", config).is_err());
+    }
+
     #[test]
     fn no_forecast_alert_while_the_threshold_alert_stands() {
         let mut m = monitor();
@@ -939,30 +1172,31 @@ mod tests {
     #[test]
     fn rising_trend_gives_prediction_and_one_forecast_alert() {
         let mut m = monitor();
-        let mut forecasts = 0;
-        let mut last = None;
-        for i in 0..100 {
+        let mut forecasts = Vec::new();
+        let mut first = None;
+        for i in 0..1100 {
             let out = m.ingest(&reading(i, 70.0 + 0.01 * i as f64));
-            forecasts += out
-                .alerts
-                .iter()
-                .filter(|a| a.kind == AlertKind::Forecast)
-                .count();
-            if let Some(p) = out.predictions.last() {
-                last = Some(p.clone());
+            if out.alerts.iter().any(|a| a.kind == AlertKind::Forecast) {
+                forecasts.push(i);
+            }
+            if let (None, Some(p)) = (&first, out.predictions.last()) {
+                first = Some(p.clone());
             }
             while let Some(job) = m.needs_refit() {
                 let model = job.run().expect("fit");
                 m.install(model);
             }
         }
-        let p = last.expect("predictions every 10 readings");
+        let p = first.expect("predictions every 10 readings");
         assert_eq!(p.trend, Trend::Rising);
         assert_eq!(p.device_id, "MOTOR-01");
         let secs = p.seconds_to_limit.expect("approaching 85");
-        // 85 - 70.99 = 14.01 degrees at 0.01 per second.
-        assert!((secs - 1401.0).abs() < 2.0, "{secs}");
-        assert_eq!(forecasts, 1);
+        // 85 - 70.09 = 14.91 degrees at 0.01 per second.
+        assert!((secs - 1491.0).abs() < 2.0, "{secs}");
+        // The alert waits until the limit is at most 4 spans of the fitted points (119 s)
+        // away: 85 - 4.76 = 80.24 degrees, reached at reading 1024.
+        assert_eq!(forecasts.len(), 1, "{forecasts:?}");
+        assert!((1020..=1035).contains(&forecasts[0]), "{forecasts:?}");
         assert!(m.memory_bound_bytes() > 0);
     }
 
