@@ -31,24 +31,32 @@ fn wait_subscribed(v: &Vigil) {
     }
 }
 
+/// Now, in Unix milliseconds.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64
+}
+
+/// Deterministic uniform noise in [-0.5, 0.5) from `seed` (a 64-bit LCG).
+fn uniform_noise(mut seed: u64) -> impl FnMut() -> f64 {
+    move || {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    }
+}
+
 /// One JSON reading per line, one second apart in the device's clock and ending now: the
 /// fields `fields(i, noise)` returns for reading `i` (`noise` draws deterministic noise, about
 /// N(0, 0.35)), then the time stamp. Returns the lines and the time stamp of reading `NORMAL`.
 fn telemetry_lines(
     mut fields: impl FnMut(usize, &mut dyn FnMut() -> f64) -> String,
 ) -> (String, i64) {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as i64;
-    let t0 = now_ms - ((NORMAL + FAULT) as i64) * 1000;
-    let mut seed: u64 = 42;
-    let mut uniform = move || {
-        seed = seed
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-    };
+    let t0 = now_ms() - ((NORMAL + FAULT) as i64) * 1000;
+    let mut uniform = uniform_noise(42);
     let mut noise = move || (uniform() + uniform() + uniform()) * 0.4;
     let mut lines = String::new();
     for i in 0..NORMAL + FAULT {
@@ -710,21 +718,9 @@ fn a_device_reporting_20_times_a_second_gets_one_alert_of_each_kind_per_incident
     wait_subscribed(&v);
     let mut alerts = Sub::start(v.port(), &["-t", "device/fast-1/alerts", "-q", "1"]);
     let mut predictions = Sub::start(v.port(), &["-t", "device/fast-1/predictions", "-q", "1"]);
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as i64;
-    let t0 = now_ms - (NORMAL + FAULT) as i64 * STEP_MS;
-    let mut seed: u64 = 7;
-    let mut noise = move || {
-        let mut u = || {
-            seed = seed
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        };
-        (u() + u() + u()) * 0.3
-    };
+    let t0 = now_ms() - (NORMAL + FAULT) as i64 * STEP_MS;
+    let mut u = uniform_noise(7);
+    let mut noise = move || (u() + u() + u()) * 0.3;
     let lines: Vec<String> = (0..NORMAL + FAULT)
         .map(|i| {
             let wear = i.saturating_sub(NORMAL) as f64 * (6.0 / FAULT as f64);
@@ -791,18 +787,8 @@ fn with_a_running_condition_stops_and_starts_are_not_incidents_and_a_fault_still
     });
     wait_subscribed(&v);
     let mut alerts = Sub::start(v.port(), &["-t", "device/+/alerts", "-q", "1"]);
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as i64;
-    let t0 = now_ms - READINGS * 1000;
-    let mut seed: u64 = 3;
-    let mut noise = move || {
-        seed = seed
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-    };
+    let t0 = now_ms() - READINGS * 1000;
+    let mut noise = uniform_noise(3);
     let mut temperature = 25.0;
     let lines: Vec<String> = (0..READINGS)
         .map(|i| {

@@ -18,6 +18,9 @@
 //! one line per seed with the alerts by channel and severity, then the totals and the rate per
 //! metric value.
 
+mod common;
+
+use common::gauss;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use vigil_analytics::detector::{DetectorConfig, DeviceDetector};
@@ -60,12 +63,6 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
         }
     }
     Ok(args)
-}
-
-fn gauss(rng: &mut Xoshiro256PlusPlus, sd: f64) -> f64 {
-    let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
-    let u2: f64 = rng.gen();
-    sd * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
 #[derive(Default)]

@@ -21,7 +21,10 @@
 //! altogether, with no new segment (the device simply stops sending). `--extrapolation X` sets
 //! `MonitorConfig::forecast_max_extrapolation` (0: off). `--list` prints every alert.
 
-use rand::{Rng, SeedableRng};
+mod common;
+
+use common::gauss;
+use rand::SeedableRng;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use vigil_analytics::alert::AlertKind;
 use vigil_analytics::monitor::{DeviceMonitor, MetricLimit, MonitorConfig, RunningRule};
@@ -75,12 +78,6 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
         }
     }
     Ok(args)
-}
-
-fn gauss(rng: &mut Xoshiro256PlusPlus, sd: f64) -> f64 {
-    let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
-    let u2: f64 = rng.gen();
-    sd * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
 fn config(args: &Args) -> MonitorConfig {
