@@ -94,11 +94,12 @@ pub struct DeviceLimits {
 
 /// A machine's running condition, for the devices whose id matches `devices`: the machine runs
 /// while `metric` is above `above` and below `below` (either may be absent). While it stands,
-/// and for `settle_secs` after it starts again, the anomaly detector is not fed (limits,
-/// trends and history still see every reading), and when feeding resumes the detector starts
-/// a new segment (`DeviceDetector::resume`), so a daily stop and start is not an incident. A
-/// reading without `metric` keeps the state of the last one that had it; until one has, the
-/// machine counts as running.
+/// and for `settle_secs` after it starts again, the anomaly detector is not fed and no forecast
+/// alert is raised (limits, predictions and history still see every reading); when feeding
+/// resumes the detector starts a new segment (`DeviceDetector::resume`) and the trends start
+/// afresh, so a daily stop and start is not an incident. A reading without `metric` keeps the
+/// state of the last one that had it; until one has, the machine counts as running. A machine
+/// first seen running is settling from that reading on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunningRule {
