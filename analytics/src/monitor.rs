@@ -546,10 +546,16 @@ impl DeviceMonitor {
         for (i, (name, value)) in reading.metrics.iter().enumerate() {
             let idx = match self.metrics.iter().position(|m| &m.name == name) {
                 Some(i) => i,
-                // Metrics the detector refused (over `max_metrics`) are not tracked here
-                // either, which keeps the memory bound of the two in step. (The detector never
-                // drops a metric, so one with a state here is tracked there.)
-                None if !self.detector.tracks(name) => continue,
+                // At most `max_metrics` metrics here too, which keeps the memory bound of the
+                // two in step: a metric the detector refused (over the bound) is not tracked
+                // here either. Not "whatever the detector tracks": a machine standing since it
+                // was first seen (a running condition) feeds the detector nothing, and its
+                // limits must be checked all the same.
+                None if !self.detector.tracks(name)
+                    && self.metrics.len() >= self.config.detector.max_metrics =>
+                {
+                    continue
+                }
                 None => {
                     self.metrics.push(MetricState {
                         name: name.clone(),
@@ -954,7 +960,7 @@ mod tests {
     }
 
     /// A healthy machine that runs for 3,000 s, stands for 2,000 s (vibration and current 0)
-    /// and runs again, five times: every start and stop alerts without a running condition,
+    /// and runs again, four times: every start and stop alerts without a running condition,
     /// none with one. Returns the anomaly alerts' reading indices.
     fn shift_machine(running: Vec<RunningRule>) -> Vec<i64> {
         let config = MonitorConfig {
@@ -1045,6 +1051,20 @@ mod tests {
             gated("m").expect("config").map(|r| r.devices),
             Some("*".into())
         );
+        // A machine first seen standing still has its limits checked.
+        let config = MonitorConfig {
+            limits: monitor().config.limits,
+            running: vec![rule.clone()],
+            ..MonitorConfig::default()
+        };
+        let mut m = DeviceMonitor::new("m", config).expect("config");
+        let out = m.ingest(&Reading {
+            timestamp_ms: 1_790_000_000_000,
+            device_time: true,
+            metrics: vec![("temperature".into(), 90.0), ("current".into(), 0.0)],
+        });
+        assert_eq!(out.alerts.len(), 1, "{out:?}");
+        assert_eq!(out.alerts[0].kind, AlertKind::Threshold);
         let bad = RunningRule {
             above: None,
             ..rule
