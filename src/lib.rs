@@ -155,13 +155,7 @@ pub async fn run(
     if let Some(dir) = config.persistence.sessions_dir() {
         create_persistence_dir(dir)?;
         load_alert_log(&edge, dir)?;
-        tokio::spawn(edge::snapshot::autosave(
-            edge.alert_log.clone(),
-            edge.metrics.clone(),
-            dir.to_path_buf(),
-            Duration::from_secs(config.persistence.autosave_interval_secs),
-            shutdown.clone(),
-        ));
+        spawn_autosave(&edge, edge.alert_log.clone(), dir, &config, &shutdown);
     }
     let retained_dir = config.persistence.retained_dir(&config.redis);
     if retained_dir.is_none() && !config.persistence.dir.is_empty() {
@@ -169,13 +163,7 @@ pub async fn run(
     }
     if let Some(dir) = retained_dir {
         load_retained(&edge, dir)?;
-        tokio::spawn(edge::snapshot::autosave(
-            edge.retained.clone(),
-            edge.metrics.clone(),
-            dir.to_path_buf(),
-            Duration::from_secs(config.persistence.autosave_interval_secs),
-            shutdown.clone(),
-        ));
+        spawn_autosave(&edge, edge.retained.clone(), dir, &config, &shutdown);
     }
     let sessions_dir = config.persistence.sessions_dir();
     // The web port first: health checks and metrics answer while the saved sessions are
@@ -196,13 +184,7 @@ pub async fn run(
         let restored = restore_sessions(&edge, dir).await;
         edge.admit_clients();
         restored?;
-        tokio::spawn(edge::snapshot::autosave(
-            edge.registry.clone(),
-            edge.metrics.clone(),
-            dir.to_path_buf(),
-            Duration::from_secs(config.persistence.autosave_interval_secs),
-            shutdown.clone(),
-        ));
+        spawn_autosave(&edge, edge.registry.clone(), dir, &config, &shutdown);
     }
     tokio::spawn(reload_on_hangup(edge.clone()));
     edge.tracker.spawn(edge.clone().reap());
@@ -367,6 +349,24 @@ fn load_retained(edge: &edge::Edge, dir: &std::path::Path) -> Result<(), RunErro
     }
     edge.note_retained(edge.retained.totals());
     Ok(())
+}
+
+/// Saves `target` in `dir` every `[persistence] autosave_interval_secs` when it changed, until
+/// `shutdown` (`edge::snapshot::autosave`); the last save is `run`'s.
+fn spawn_autosave<T: edge::snapshot::Persisted>(
+    edge: &edge::Edge,
+    target: Arc<T>,
+    dir: &std::path::Path,
+    config: &Config,
+    shutdown: &CancellationToken,
+) {
+    tokio::spawn(edge::snapshot::autosave(
+        target,
+        edge.metrics.clone(),
+        dir.to_path_buf(),
+        Duration::from_secs(config.persistence.autosave_interval_secs),
+        shutdown.clone(),
+    ));
 }
 
 /// Reads the alert log saved in `dir` (`[persistence]`); a damaged file is set aside
