@@ -822,14 +822,19 @@ fn with_a_running_condition_stops_and_starts_are_not_incidents_and_a_fault_still
         });
     }
     let got = alerts.drain(Duration::from_millis(500));
-    let at = |device: &str| -> Vec<(String, i64)> {
+    // (metric and its alternatives, reading) of each anomaly alert.
+    let at = |device: &str| -> Vec<(Vec<String>, i64)> {
         got.iter()
             .filter(|m| m.starts_with(&format!("device/{device}/alerts|")))
             .map(|m| payload(m).1)
             .filter(|a| a["kind"] == "anomaly")
             .map(|a| {
                 let reading = (a["timestamp"].as_i64().unwrap_or(0) - t0) / 1000;
-                (a["metric"].as_str().unwrap_or("").to_string(), reading)
+                let named = std::iter::once(&a["metric"])
+                    .chain(a["alternatives"].as_array().into_iter().flatten())
+                    .filter_map(|m| m.as_str().map(str::to_string))
+                    .collect();
+                (named, reading)
             })
             .collect()
     };
@@ -837,9 +842,12 @@ fn with_a_running_condition_stops_and_starts_are_not_incidents_and_a_fault_still
     assert_eq!(
         shift.len(),
         1,
-        "anomaly alerts (metric, reading): {shift:?}"
+        "anomaly alerts (metrics named, reading): {shift:?}"
     );
     assert!(shift[0].1 >= FAULT_AT, "{shift:?}");
+    // The wear is the vibration's: it is named, as the metric or as the alternative to
+    // current, which moves in proportion with it.
+    assert!(shift[0].0.iter().any(|m| m == "vibration"), "{shift:?}");
     let other = at("other-1");
     let transitions = other
         .iter()

@@ -3,17 +3,22 @@
 //!
 //! ```text
 //! cargo run -p vigil-analytics --release --example false_alarms -- \
-//!     [--seeds 4] [--readings 20000] [--cycle 3000] [--config JSON] \
-//!     [--fault bearing-wear|overheating|stuck|cooling-loss --fault-at 10000]
+//!     [--seeds 4] [--readings 20000] [--cycle 3000] [--config JSON] [--motor simulator|lagged] \
+//!     [--fault bearing-wear|vibration-ramp|overheating|stuck|cooling-loss --fault-at 10000]
 //! ```
 //!
 //! With `--fault`, the fault (the simulator's models, one reading per second) starts at reading
 //! `--fault-at`: alerts before it are false alarms, and the first alert after it is reported
-//! with its delay, metric and channel.
+//! with its delay, metric, channel and, for a cross-metric alert, the alternatives it names.
+//! `vibration-ramp` is a bare ramp of 0.02 per reading on the vibration (bearing wear without
+//! its noise and knocks).
 //!
 //! The motor is the simulator's model (`examples/simulator.rs`): a load that follows a cosine
 //! cycle of `--cycle` readings, temperature 52 + 14 load, vibration 1.8 + 1.2 load and current
-//! 8 + 10 load, with Gaussian sensor noise of 0.3, 0.08 and 0.2. One detector per seed, default
+//! 8 + 10 load, with Gaussian sensor noise of 0.3, 0.08 and 0.2. `--motor lagged` is the motor
+//! of `tests/analytics_live.rs`: the temperature approaches 50 + 10 load with a time constant of
+//! 300 readings, vibration 1.8 + load and current 8 + 10 load (noise 0.4, 0.1, 0.3), so
+//! vibration and current move in exact proportion. One detector per seed, default
 //! `DetectorConfig` (or `--config` overrides, as in `vigil-eval`), refits run inline. Output:
 //! one line per seed with the alerts by channel and severity, then the totals and the rate per
 //! metric value.
@@ -33,6 +38,7 @@ struct Args {
     config: DetectorConfig,
     fault: Option<String>,
     fault_at: usize,
+    lagged: bool,
 }
 
 fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
@@ -43,6 +49,7 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
         config: DetectorConfig::default(),
         fault: None,
         fault_at: 10_000,
+        lagged: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,12 +60,17 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
             "--cycle" => args.cycle = value.parse()?,
             "--config" => args.config = serde_json::from_str(&value)?,
             "--fault" => match value.as_str() {
-                "bearing-wear" | "overheating" | "stuck" | "cooling-loss" => {
+                "bearing-wear" | "vibration-ramp" | "overheating" | "stuck" | "cooling-loss" => {
                     args.fault = Some(value)
                 }
                 other => return Err(format!("unknown fault {other}").into()),
             },
             "--fault-at" => args.fault_at = value.parse()?,
+            "--motor" => match value.as_str() {
+                "simulator" => args.lagged = false,
+                "lagged" => args.lagged = true,
+                other => return Err(format!("unknown motor {other}").into()),
+            },
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -71,8 +83,9 @@ struct Count {
     cross: usize,
     by_severity: std::collections::BTreeMap<String, usize>,
     by_metric: std::collections::BTreeMap<String, usize>,
-    /// With a fault: (readings after its start, metric, cross-metric?) of the first alert.
-    detected: Option<(usize, String, bool)>,
+    /// With a fault: (readings after its start, metric, cross-metric?, the metrics a
+    /// cross-metric alert names as alternatives) of the first alert.
+    detected: Option<(usize, String, bool, Vec<String>)>,
     after_fault: usize,
 }
 
@@ -81,12 +94,24 @@ fn run(args: &Args, seed: u64) -> Result<Count, Box<dyn std::error::Error>> {
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
     let mut count = Count::default();
     let mut last_temperature = 0.0;
+    let mut lagged = 50.0;
     for i in 0..args.readings {
         let phase = 2.0 * std::f64::consts::PI * (i as f64 / args.cycle);
         let load = 0.5 - 0.4 * phase.cos();
-        let mut temperature = 52.0 + 14.0 * load + gauss(&mut rng, 0.3);
-        let mut vibration = 1.8 + 1.2 * load + gauss(&mut rng, 0.08);
-        let current = 8.0 + 10.0 * load + gauss(&mut rng, 0.2);
+        let (mut temperature, mut vibration, current) = if args.lagged {
+            lagged += (50.0 + 10.0 * load - lagged) / 300.0;
+            (
+                lagged + gauss(&mut rng, 0.4),
+                1.8 + load + gauss(&mut rng, 0.1),
+                8.0 + 10.0 * load + gauss(&mut rng, 0.3),
+            )
+        } else {
+            (
+                52.0 + 14.0 * load + gauss(&mut rng, 0.3),
+                1.8 + 1.2 * load + gauss(&mut rng, 0.08),
+                8.0 + 10.0 * load + gauss(&mut rng, 0.2),
+            )
+        };
         let faulty = args.fault.as_deref().filter(|_| i >= args.fault_at);
         if let Some(fault) = faulty {
             let s = (i - args.fault_at) as f64;
@@ -98,6 +123,7 @@ fn run(args: &Args, seed: u64) -> Result<Count, Box<dyn std::error::Error>> {
                     }
                     temperature += 0.004 * s;
                 }
+                "vibration-ramp" => vibration += 0.02 * s,
                 "overheating" => temperature += 0.05 * s,
                 "stuck" => temperature = last_temperature,
                 _ => temperature += 4.0 * load * (s / 120.0).min(1.0),
@@ -118,8 +144,12 @@ fn run(args: &Args, seed: u64) -> Result<Count, Box<dyn std::error::Error>> {
                 if faulty.is_some() {
                     count.after_fault += 1;
                     if count.detected.is_none() {
-                        count.detected =
-                            Some((i - args.fault_at, alert.metric.clone(), o.cross.is_some()));
+                        count.detected = Some((
+                            i - args.fault_at,
+                            alert.metric.clone(),
+                            o.cross.is_some(),
+                            alert.alternatives.clone(),
+                        ));
                     }
                     continue;
                 }
@@ -151,9 +181,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         if let Some(fault) = &args.fault {
             match &c.detected {
-                Some((delay, metric, cross)) => println!(
-                    "seed {seed}: {fault}: first alert {delay} readings after the start, on {metric} ({}); {} alerts after the start",
+                Some((delay, metric, cross, alternatives)) => println!(
+                    "seed {seed}: {fault}: first alert {delay} readings after the start, on {metric} ({}{}); {} alerts after the start",
                     if *cross { "cross-metric" } else { "per-metric" },
+                    if alternatives.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", or {}", alternatives.join(" or "))
+                    },
                     c.after_fault
                 ),
                 None => println!("seed {seed}: {fault}: not detected"),

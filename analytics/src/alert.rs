@@ -78,6 +78,10 @@ pub struct AlertMessage {
     /// Cross-metric anomalies only: the value the device's other metrics predict for `metric`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected: Option<f64>,
+    /// Cross-metric anomalies only: other metrics whose change would explain the readings as
+    /// well as a change of `metric` (they move in proportion with it); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alternatives: Vec<String>,
 }
 
 impl AlertMessage {
@@ -105,6 +109,7 @@ impl AlertMessage {
             action: suggested_action(kind, severity).to_string(),
             timestamp,
             expected: None,
+            alternatives: Vec::new(),
         }
     }
 }

@@ -1849,11 +1849,14 @@ struct JointChannel {
 /// What the cross-metric channel says about one reading.
 #[derive(Debug, Clone, Copy)]
 struct JointVerdict {
-    /// Index into `JointChannel::names` of the metric with the largest residual.
+    /// Index into `JointChannel::names` of the metric with the largest residual (of the
+    /// culprit, on an alert).
     metric: usize,
     expected: f64,
     score: f64,
     alert: Option<Severity>,
+    /// On an alert: the metrics whose fault would explain it as well (`JointModel::culprit`).
+    rivals: [bool; MAX_JOINT],
 }
 
 /// Lower bound on the standard deviation of the smoothed residual history (the smoothed largest
@@ -1917,24 +1920,23 @@ impl JointChannel {
         // Which metric broke away is worked out only when it is reported, on the mean of the
         // readings the smoothed score covers: the model is linear, so that is their mean
         // residual pattern, with less noise than one reading's.
-        let (metric, expected) = match (alert, self.model.as_ref()) {
-            (Some(_), Some(m)) => {
-                match self.recent_mean(cfg).and_then(|mean| m.culprit(&mean)) {
-                    // The value predicted for this reading, not for the mean.
-                    Some((j, _)) => m
-                        .expected(j, &values)
-                        .map_or((residual.metric, residual.expected), |e| (j, e)),
-                    None => (residual.metric, residual.expected),
-                }
-            }
-            _ => (residual.metric, residual.expected),
-        };
-        Some(JointVerdict {
-            metric,
-            expected,
+        let mut verdict = JointVerdict {
+            metric: residual.metric,
+            expected: residual.expected,
             score,
             alert,
-        })
+            rivals: [false; MAX_JOINT],
+        };
+        if let (Some(_), Some(m)) = (alert, self.model.as_ref()) {
+            let culprit = self.recent_mean(cfg).and_then(|mean| m.culprit(&mean));
+            // The value predicted for this reading, not for the mean.
+            if let Some((c, e)) = culprit.and_then(|c| Some((c, m.expected(c.metric, &values)?))) {
+                verdict.metric = c.metric;
+                verdict.expected = e;
+                verdict.rivals = c.rivals;
+            }
+        }
+        Some(verdict)
     }
 
     /// The mean of the last `avg_window` rows, the readings a smoothed score covers; `None`
@@ -2102,6 +2104,9 @@ pub struct CrossMetric {
     /// The other metrics of the model. With two metrics the relationship itself is what
     /// broke: either one may be the one named.
     pub others: Vec<String>,
+    /// Other metrics whose fault would explain the readings as well: they move in proportion
+    /// with this one, so the model cannot tell which of them changed.
+    pub rivals: Vec<String>,
 }
 
 impl MetricOutcome {
@@ -2129,12 +2134,19 @@ impl MetricOutcome {
             );
             (message, 1.0, Some(STUCK_ACTION))
         } else if let Some(cross) = &self.cross {
-            let message = format!(
+            let mut message = format!(
                 "{metric} = {value} does not fit {}, which predict about {:.4} (likelihood \
                  {score:.6})",
                 cross.others.join(", "),
                 cross.expected,
             );
+            if !cross.rivals.is_empty() {
+                let rivals = cross.rivals.join(" or ");
+                message.push_str(&format!(
+                    "; {rivals} moves with {metric}, and a change of {rivals} fits the readings \
+                     as well"
+                ));
+            }
             (message, score, None)
         } else {
             let message = format!("{metric} = {value} is anomalous (likelihood {score:.6})");
@@ -2154,6 +2166,10 @@ impl MetricOutcome {
             alert.action = action.to_string();
         }
         alert.expected = self.cross.as_ref().map(|c| c.expected);
+        alert.alternatives = self
+            .cross
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.rivals.clone());
         Some(alert)
     }
 }
@@ -2438,6 +2454,13 @@ impl DeviceDetector {
             o.cross = Some(CrossMetric {
                 expected: verdict.expected,
                 others: joint.names.iter().filter(|n| *n != name).cloned().collect(),
+                rivals: joint
+                    .names
+                    .iter()
+                    .zip(verdict.rivals)
+                    .filter(|&(_, rival)| rival)
+                    .map(|(n, _)| n.clone())
+                    .collect(),
             });
             self.last_joint_alert = Some(now);
             if let Some((_, m)) = self.metrics.iter_mut().find(|(n, _)| n == name) {
@@ -3330,6 +3353,49 @@ mod tests {
             |_| 0.0,
         );
         assert!(missed.is_empty(), "{missed:?}");
+    }
+
+    #[test]
+    fn a_cross_metric_alert_names_the_metric_that_moves_in_proportion_with_the_one_it_names() {
+        // Vibration and current both follow the load in proportion, the temperature follows
+        // it slowly: whichever of the two is off, the residuals look the same. The vibration
+        // ramps up; the alert names it, or names it as the alternative to current.
+        let mut det = DeviceDetector::new(small_config()).expect("config");
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(7);
+        let mut noise = move |scale: f64| scale * (rng.gen::<f64>() - 0.5) * 3.4;
+        let mut temperature = 55.0;
+        let mut alerts = Vec::new();
+        for i in 0..4000 {
+            let load = 0.5 - 0.4 * (i as f64 * std::f64::consts::TAU / 600.0).cos();
+            temperature += (50.0 + 10.0 * load - temperature) / 300.0;
+            let wear = 0.02 * (i as i64 - 3000).max(0) as f64;
+            let reading = Reading {
+                timestamp_ms: i as i64 * 1000,
+                device_time: true,
+                metrics: vec![
+                    ("temperature".into(), temperature + noise(0.4)),
+                    ("vibration".into(), 1.8 + load + wear + noise(0.1)),
+                    ("current".into(), 8.0 + 10.0 * load + noise(0.3)),
+                ],
+            };
+            for o in det.feed(&reading) {
+                alerts.extend(o.to_alert("m1").map(|a| (i, a)));
+            }
+            det.refit_inline().expect("refit");
+        }
+        assert_eq!(alerts.len(), 1, "{alerts:?}");
+        let (at, alert) = &alerts[0];
+        assert!(*at >= 3000, "{alerts:?}");
+        assert!(alert.expected.is_some(), "a cross-metric alert: {alert:?}");
+        let names = |m: &str| alert.metric == m || alert.alternatives.iter().any(|a| a == m);
+        assert!(names("vibration"), "{alert:?}");
+        if alert.metric != "vibration" {
+            assert!(
+                alert.message.contains("vibration moves with"),
+                "{}",
+                alert.message
+            );
+        }
     }
 
     #[test]

@@ -28,6 +28,10 @@ const MIN_RESIDUAL_STD: f64 = 0.05;
 /// Ridge penalty per training row, on standardised values.
 const RIDGE: f64 = 1e-3;
 
+/// A culprit's rivals leave a remainder at most this share of the residual pattern's size
+/// above the culprit's (see [`JointModel::culprit`]).
+pub const AMBIGUOUS_SHARE: f64 = 0.1;
+
 /// Errors of the cross-metric fit.
 #[derive(Debug, thiserror::Error)]
 pub enum JointError {
@@ -44,6 +48,17 @@ pub enum JointError {
     /// linfa-linear could not solve the least-squares problem.
     #[error("cross-metric least squares failed: {0}")]
     Solve(String),
+}
+
+/// The metric whose fault best explains a reading's residuals ([`JointModel::culprit`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Culprit {
+    /// Its index in the model's metric order.
+    pub metric: usize,
+    /// The value the other metrics predict for it.
+    pub expected: f64,
+    /// The other metrics whose fault would explain the residuals about as well.
+    pub rivals: [bool; MAX_JOINT],
 }
 
 /// A fitted cross-metric model (see the module documentation).
@@ -241,7 +256,12 @@ impl JointModel {
     /// `d` is a least-squares projection; the candidate leaving the smallest remainder wins.
     /// This tells a stuck temperature sensor from the current it no longer matches, which the
     /// largest residual alone does not.
-    pub fn culprit(&self, values: &[f64; MAX_JOINT]) -> Option<(usize, f64)> {
+    ///
+    /// Two metrics that move in proportion (vibration and current both following the load)
+    /// leave the same pattern whichever of them is off, and the residuals cannot tell them
+    /// apart: the candidates whose remainder exceeds the best one's by at most
+    /// [`AMBIGUOUS_SHARE`] of the pattern's size are returned as its rivals.
+    pub fn culprit(&self, values: &[f64; MAX_JOINT]) -> Option<Culprit> {
         let k = self.k;
         let mut z = [0.0; MAX_JOINT];
         let mut pred = [0.0; MAX_JOINT];
@@ -255,6 +275,7 @@ impl JointModel {
             r[i] = (z[i] - pred[i]) / self.resid_std[i];
         }
         let total: f64 = r.iter().take(k).map(|x| x * x).sum();
+        let mut remainders = [f64::INFINITY; MAX_JOINT];
         let mut best: Option<(usize, f64)> = None;
         for j in (0..k).filter(|&j| live(j) && self.explained[j]) {
             let mut dot = 0.0;
@@ -269,11 +290,21 @@ impl JointModel {
                 norm += a * a;
             }
             let remainder = total - dot * dot / norm.max(1e-300);
+            remainders[j] = remainder;
             if best.map_or(true, |(_, b)| remainder < b) {
                 best = Some((j, remainder));
             }
         }
-        best.map(|(j, _)| (j, self.mean[j] + self.std[j] * pred[j]))
+        let (metric, least) = best?;
+        let mut rivals = [false; MAX_JOINT];
+        for (j, rival) in rivals.iter_mut().enumerate().take(k) {
+            *rival = j != metric && remainders[j] <= least + AMBIGUOUS_SHARE * total;
+        }
+        Some(Culprit {
+            metric,
+            expected: self.mean[metric] + self.std[metric] * pred[metric],
+            rivals,
+        })
     }
 }
 
@@ -379,7 +410,13 @@ mod tests {
             v[1] = 13.0 + 5.0 * load;
             v[2] = 2.4 + 0.6 * load;
             v[culprit] += shift;
-            let (named, expected) = m.culprit(&v).expect("scored");
+            let Culprit {
+                metric: named,
+                expected,
+                rivals,
+            } = m.culprit(&v).expect("scored");
+            // Three metrics of one load, each with its own noise: not ambiguous.
+            assert!(rivals.iter().all(|r| !r), "{rivals:?}");
             assert_eq!(named, culprit, "shift {shift} on {culprit}");
             assert!(
                 (expected - (v[culprit] - shift)).abs() < 0.2 * shift.abs(),
