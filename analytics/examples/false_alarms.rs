@@ -39,6 +39,7 @@ struct Args {
     fault: Option<String>,
     fault_at: usize,
     lagged: bool,
+    list: bool,
 }
 
 fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
@@ -50,9 +51,14 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
         fault: None,
         fault_at: 10_000,
         lagged: false,
+        list: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--list" {
+            args.list = true;
+            continue;
+        }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--seeds" => args.seeds = value.parse()?,
@@ -141,6 +147,12 @@ fn run(args: &Args, seed: u64) -> Result<Count, Box<dyn std::error::Error>> {
         };
         for o in det.feed(&reading) {
             if let Some(alert) = o.to_alert("motor") {
+                if args.list {
+                    println!(
+                        "  seed {seed} reading {i}: {:?} {}",
+                        alert.severity, alert.message
+                    );
+                }
                 if faulty.is_some() {
                     count.after_fault += 1;
                     if count.detected.is_none() {
