@@ -4,8 +4,11 @@
 //! ```text
 //! cargo run -p vigil-analytics --release --example false_alarms -- \
 //!     [--seeds 4] [--readings 20000] [--cycle 3000] [--config JSON] [--motor simulator|lagged] \
-//!     [--fault bearing-wear|vibration-ramp|overheating|stuck|cooling-loss --fault-at 10000]
+//!     [--fault bearing-wear|vibration-ramp|overheating|stuck|cooling-loss --fault-at 10000] \
+//!     [--list]
 //! ```
+//!
+//! `--list` prints every alert (seed, reading, severity, message) as it is raised.
 //!
 //! With `--fault`, the fault (the simulator's models, one reading per second) starts at reading
 //! `--fault-at`: alerts before it are false alarms, and the first alert after it is reported

@@ -159,6 +159,13 @@ pub struct DetectorConfig {
     pub shape_min_std: f64,
     /// Alert when the upper-tail probability of a channel's smoothed score is at most this.
     pub alert_tail: f64,
+    /// The reading interval, in seconds, at which `alert_tail` and `sustain_tail` apply as
+    /// given (0 disables the scaling). A metric whose median interval between time-stamped
+    /// readings is shorter gets both tails multiplied by its interval over this one, so its
+    /// false alarms per day, not per reading, stay what they are at this pace: at one reading
+    /// a second a healthy metric makes 300 times as many readings a day as at NAB's 5 minutes,
+    /// and without the scaling raised about 13 false alerts a day on its own.
+    pub alert_interval_s: u64,
     /// After an alert, the likelihood must drop below this before another alert is possible.
     pub rearm_likelihood: f64,
     /// After an alert, at least this many points pass before another alert.
@@ -329,6 +336,7 @@ impl Default for DetectorConfig {
             shape_reservoir: 0,
             shape_min_std: 0.05,
             alert_tail: 1e-5,
+            alert_interval_s: 300,
             rearm_likelihood: 0.99,
             cooldown: 100,
             cooldown_s: 900,
@@ -1347,6 +1355,9 @@ struct Debounce {
     alert_z: f64,
     /// Standard score whose upper tail is `sustain_tail`.
     sustain_z: f64,
+    /// The reading interval the two bars are scaled for (`alert_interval_s`; `None`: as
+    /// configured).
+    interval_ms: Option<i64>,
     /// Consecutive points at or above the sustained-evidence bar.
     run: usize,
 }
@@ -1359,8 +1370,26 @@ impl Debounce {
             armed: true,
             alert_z: z_for_upper_tail(cfg.alert_tail),
             sustain_z: z_for_upper_tail(cfg.sustain_tail),
+            interval_ms: None,
             run: 0,
         }
+    }
+
+    /// Scales the bars to a metric read every `interval_ms` (`alert_interval_s`). Cheap when
+    /// the interval has not changed, which is almost always (the median is recomputed every
+    /// 63 readings).
+    fn pace(&mut self, cfg: &DetectorConfig, interval_ms: Option<i64>) {
+        if interval_ms == self.interval_ms {
+            return;
+        }
+        self.interval_ms = interval_ms;
+        let reference_ms = secs_to_ms(cfg.alert_interval_s) as f64;
+        let share = match interval_ms {
+            Some(step) if reference_ms > 0.0 => (step as f64 / reference_ms).min(1.0),
+            _ => 1.0,
+        };
+        self.alert_z = z_for_upper_tail(cfg.alert_tail * share);
+        self.sustain_z = z_for_upper_tail(cfg.sustain_tail * share);
     }
 
     /// The alert this point raises, if any, given its standard score `z`, its likelihood
@@ -1546,7 +1575,14 @@ impl MetricDetector {
         self.model.is_some()
     }
 
-    fn feed(&mut self, cfg: &DetectorConfig, value: f64, at_ms: Option<i64>) -> PointOutcome {
+    /// `paced`: whether the alert bars follow the metric's pace (`alert_interval_s`).
+    fn feed(
+        &mut self,
+        cfg: &DetectorConfig,
+        value: f64,
+        at_ms: Option<i64>,
+        paced: bool,
+    ) -> PointOutcome {
         let was_frozen = self.is_frozen();
         let stuck = if cfg.stuck_run > 0 {
             self.stuck.update(&cfg.stuck_rule(), value, at_ms)
@@ -1571,7 +1607,7 @@ impl MetricDetector {
                 stuck: None,
             };
         }
-        let mut outcome = self.feed_inner(cfg, value, at_ms);
+        let mut outcome = self.feed_inner(cfg, value, at_ms, paced);
         if let Some(run) = stuck {
             // The learned channels' alert on the same reading, if any, is this incident.
             let severity = outcome
@@ -1617,7 +1653,13 @@ impl MetricDetector {
         self.stuck.set_reported(self.stuck_before_alert);
     }
 
-    fn feed_inner(&mut self, cfg: &DetectorConfig, value: f64, at_ms: Option<i64>) -> PointOutcome {
+    fn feed_inner(
+        &mut self,
+        cfg: &DetectorConfig,
+        value: f64,
+        at_ms: Option<i64>,
+        paced: bool,
+    ) -> PointOutcome {
         let quiet = PointOutcome {
             score: 0.0,
             raw_score: None,
@@ -1645,6 +1687,8 @@ impl MetricDetector {
         self.clock.tick();
         if let Some(t) = at_ms {
             self.cadence.note(t);
+            let pace = self.cadence.median_ms().filter(|_| paced);
+            self.debounce.pace(cfg, pace);
         }
         let early = self.early_surprise(cfg, value, at_ms);
         let raw = self.model.as_ref().map(|m| m.score_one(&feats));
@@ -2283,9 +2327,16 @@ impl DeviceDetector {
         };
         let cfg = &self.config;
         let seen_in = self.readings + 1;
+        // A metric in the device's fitted cross-metric model has its ordinary LOW and MEDIUM
+        // alerts dropped there (`JointChannel::ordinary`); the others keep false alarms per
+        // day in check by their pace (`alert_interval_s`).
+        let paced = !self
+            .joint
+            .as_ref()
+            .is_some_and(|j| j.model.is_some() && j.names.iter().any(|n| n == metric));
         self.metrics.get_mut(idx).map(|(_, m)| {
             m.seen_in = seen_in;
-            m.feed(cfg, value, at_ms)
+            m.feed(cfg, value, at_ms, paced)
         })
     }
 
@@ -2536,6 +2587,44 @@ mod tests {
             n_trees: 25,
             ..DetectorConfig::default()
         }
+    }
+
+    #[test]
+    fn a_metric_read_more_often_than_alert_interval_needs_stronger_evidence() {
+        let cfg = DetectorConfig::default();
+        let full = cfg.history;
+        let just_over = z_for_upper_tail(cfg.alert_tail) + 0.05;
+        let alerts_at = |cfg: &DetectorConfig, pace: Option<i64>| {
+            let mut debounce = Debounce::new(cfg);
+            debounce.pace(cfg, pace);
+            debounce
+                .judge(cfg, just_over, 0.99999, full, None)
+                .is_some()
+        };
+        // As configured at the reference pace, slower, or without a pace.
+        assert!(alerts_at(&cfg, None));
+        assert!(alerts_at(&cfg, Some(300_000)));
+        assert!(alerts_at(&cfg, Some(3_600_000)));
+        // One reading a second: the tail is 300 times smaller.
+        assert!(!alerts_at(&cfg, Some(1_000)));
+        let mut debounce = Debounce::new(&cfg);
+        debounce.pace(&cfg, Some(1_000));
+        let expected = z_for_upper_tail(cfg.alert_tail / 300.0);
+        assert!(
+            (debounce.alert_z - expected).abs() < 1e-9,
+            "{}",
+            debounce.alert_z
+        );
+        assert!(debounce.sustain_z > z_for_upper_tail(cfg.sustain_tail));
+        // Back at the reference pace, the bars are the configured ones again.
+        debounce.pace(&cfg, None);
+        assert_eq!(debounce.alert_z, z_for_upper_tail(cfg.alert_tail));
+        // 0 turns the scaling off.
+        let off = DetectorConfig {
+            alert_interval_s: 0,
+            ..cfg.clone()
+        };
+        assert!(alerts_at(&off, Some(1_000)));
     }
 
     #[test]
@@ -3448,9 +3537,10 @@ mod tests {
 
     #[test]
     fn per_metric_alerts_on_ordinary_readings_are_dropped() {
-        // A bar low enough that healthy noise raises LOW per-metric alerts.
+        // A bar low enough that healthy noise raises LOW per-metric alerts (at any pace).
         let loose = DetectorConfig {
             alert_tail: 1e-2,
+            alert_interval_s: 0,
             young_margin: 0.0,
             ..small_config()
         };
