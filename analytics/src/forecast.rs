@@ -66,7 +66,17 @@ pub struct Forecast {
     pub points: usize,
     /// Seconds from the oldest to the newest of them.
     pub span_s: f64,
+    /// The points are a step, not a trend: two flat stretches (the values before and after
+    /// one break) fit them with at most 1/[`STEP_FIT_RATIO`] of the line's squared error. A
+    /// machine starting, a set point changed: the line through such a step heads somewhere,
+    /// but nothing is moving.
+    pub step: bool,
 }
+
+/// A line that leaves this many times the squared error of two flat stretches describes a
+/// step, not a trend. A true step leaves 30-50 times (120 points, noise a twentieth of the
+/// step); a ramp at most 2.1 times, wherever in the window it starts.
+pub const STEP_FIT_RATIO: f64 = 4.0;
 
 /// Bounded history of one metric plus the forecast settings.
 #[derive(Debug, Clone)]
@@ -211,7 +221,32 @@ impl TrendTracker {
             timestamp_ms: newest,
             points: n,
             span_s,
+            step: self.two_levels_error(mean_v) * STEP_FIT_RATIO < ss_res,
         })
+    }
+
+    /// The least squared error of two flat stretches over the points in their order (each
+    /// stretch at its mean, the break wherever it fits best): O(n) with running sums, of the
+    /// values less `centre` (their mean), which keeps the sums well conditioned.
+    fn two_levels_error(&self, centre: f64) -> f64 {
+        let n = self.points.len();
+        let (total, total_sq) = self.points.iter().fold((0.0, 0.0), |(s, q), p| {
+            let v = p.1 - centre;
+            (s + v, q + v * v)
+        });
+        let (mut sum, mut sq) = (0.0, 0.0);
+        let mut best = f64::INFINITY;
+        for (k, p) in self.points.iter().enumerate().take(n.saturating_sub(1)) {
+            let v = p.1 - centre;
+            sum += v;
+            sq += v * v;
+            let left = (k + 1) as f64;
+            let right = (n - k - 1) as f64;
+            let (rs, rq) = (total - sum, total_sq - sq);
+            let error = (sq - sum * sum / left) + (rq - rs * rs / right);
+            best = best.min(error);
+        }
+        best.max(0.0)
     }
 }
 
@@ -238,6 +273,30 @@ mod tests {
         let secs = f.seconds_to_limit.expect("approaching");
         assert!((secs - 1010.0).abs() < 5.0, "{secs}");
         assert!(f.confidence > 0.99);
+    }
+
+    #[test]
+    fn a_step_is_not_a_trend_and_a_ramp_that_starts_late_is() {
+        let noise = |i: i64| 0.1 * ((i * 7919 % 13) as f64 / 6.0 - 1.0);
+        let fit = |value: &dyn Fn(i64) -> f64| {
+            let mut t = TrendTracker::new(120);
+            for i in 0..120 {
+                t.push(T0 + i * 1000, value(i) + noise(i), 0);
+            }
+            t.forecast(Some(Limit::Above(7.1))).expect("forecast")
+        };
+        // A machine standing at 0 starts: the line heads for the limit, but it is a step.
+        for at in [30, 60, 90, 110] {
+            let f = fit(&|i| if i < at { 0.0 } else { 2.3 });
+            assert_eq!(f.trend, Trend::Rising);
+            assert!(f.step, "step at {at}: {f:?}");
+        }
+        // A wear ramp from the start of the window, or starting inside it, is a trend.
+        for knee in [0, 30, 60, 90] {
+            let f = fit(&|i| 2.0 + 0.02 * (i - knee).max(0) as f64);
+            assert!(!f.step, "ramp from {knee}: {f:?}");
+        }
+        assert!(!fit(&|_| 2.0).step, "flat noise");
     }
 
     #[test]

@@ -628,7 +628,9 @@ impl DeviceMonitor {
                 x if x > 0.0 => cfg.forecast_alert_horizon_s.min(x * f.span_s),
                 _ => cfg.forecast_alert_horizon_s,
             };
+            // A step (a start, a set point changed) is no trend: no forecast alert on it.
             let approaching = !standing
+                && !f.step
                 && f.seconds_to_limit.is_some_and(|s| s > 0.0 && s <= reach)
                 && f.confidence >= cfg.forecast_min_confidence
                 && f.points >= cfg.forecast_min_points.min(cfg.trend_capacity);
