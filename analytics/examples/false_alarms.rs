@@ -18,8 +18,8 @@
 //!
 //! The motor is the simulator's model (`examples/simulator.rs`): a load that follows a cosine
 //! cycle of `--cycle` readings, temperature 52 + 14 load, vibration 1.8 + 1.2 load and current
-//! 8 + 10 load, with Gaussian sensor noise of 0.3, 0.08 and 0.2. `--motor lagged` is the motor
-//! of `tests/analytics_live.rs`: the temperature approaches 50 + 10 load with a time constant of
+//! 8 + 10 load, with Gaussian sensor noise of 0.3, 0.08 and 0.2. `--motor lagged` is modelled on
+//! the running motor of `tests/analytics_live.rs` (with Gaussian noise): the temperature approaches 50 + 10 load with a time constant of
 //! 300 readings, vibration 1.8 + load and current 8 + 10 load (noise 0.4, 0.1, 0.3), so
 //! vibration and current move in exact proportion. One detector per seed, default
 //! `DetectorConfig` (or `--config` overrides, as in `vigil-eval`), refits run inline. Output:
