@@ -1634,10 +1634,6 @@ impl MetricDetector {
         self.stuck.is_frozen()
     }
 
-    /// The device withheld this point's alert (`JointChannel::ordinary`): no incident was
-    /// reported, so the metric re-arms at once instead of waiting for its likelihood to drop
-    /// and the cooldown to pass, and can still report the incident if it grows. Without this a
-    /// steady overheating ramp whose first LOW alert was withheld was never reported.
     /// Input resumes at `at_ms` after readings that were not fed (`DeviceDetector::resume`):
     /// the features and the shape window start a new segment, and the learned channels sit out
     /// a cooldown (`Debounce::grace`).
@@ -1647,6 +1643,10 @@ impl MetricDetector {
         self.debounce.grace(cfg, at_ms);
     }
 
+    /// The device withheld this point's alert (`JointChannel::ordinary`): no incident was
+    /// reported, so the metric re-arms at once instead of waiting for its likelihood to drop
+    /// and the cooldown to pass, and can still report the incident if it grows. Without this a
+    /// steady overheating ramp whose first LOW alert was withheld was never reported.
     fn withhold(&mut self) {
         self.debounce.release();
         self.level_fresh = self.fresh_before_alert;
@@ -1972,12 +1972,13 @@ impl JointChannel {
             rivals: [false; MAX_JOINT],
         };
         if let (Some(_), Some(m)) = (alert, self.model.as_ref()) {
-            let culprit = self.recent_mean(cfg).and_then(|mean| m.culprit(&mean));
-            // The value predicted for this reading, not for the mean.
-            if let Some((c, e)) = culprit.and_then(|c| Some((c, m.expected(c.metric, &values)?))) {
-                verdict.metric = c.metric;
-                verdict.expected = e;
-                verdict.rivals = c.rivals;
+            if let Some(c) = self.recent_mean(cfg).and_then(|mean| m.culprit(&mean)) {
+                // The value predicted for this reading, not for the mean.
+                if let Some(expected) = m.expected(c.metric, &values) {
+                    verdict.metric = c.metric;
+                    verdict.expected = expected;
+                    verdict.rivals = c.rivals;
+                }
             }
         }
         Some(verdict)
@@ -2008,8 +2009,9 @@ impl JointChannel {
     /// (every metric's mean within [`EXPLAINED_RESIDUAL`] standard deviations of its level over
     /// the model's training readings, the value within [`ORDINARY_VALUE`]): a healthy motor's
     /// scores reached MEDIUM about twice per machine-day that way over runs of two days, which
-    /// runs of 20,000 readings did not show. For one they do not, a LOW or MEDIUM one whose mean lies within [`EXPLAINED_RESIDUAL`]
-    /// standard deviations of the metric's usual level and whose value within
+    /// runs of 20,000 readings did not show. For one they do not, a LOW or MEDIUM one whose
+    /// mean lies within [`EXPLAINED_RESIDUAL`] standard deviations of the metric's usual level
+    /// and whose value within
     /// [`ORDINARY_VALUE`]: sensor noise on a steady machine, which the smoothed scores'
     /// calibration alone flagged about once per 5,000 values.
     fn ordinary(&self, cfg: &DetectorConfig, j: usize, severity: Severity, value: f64) -> bool {
@@ -2023,17 +2025,19 @@ impl JointChannel {
             if !within(model.residual_of(j, &mean), EXPLAINED_RESIDUAL) {
                 return false;
             }
-            // A MEDIUM one too while the machine sits at one of its usual operating points:
-            // every metric's recent mean within [`EXPLAINED_RESIDUAL`] standard deviations of
-            // its usual level, and the value within [`ORDINARY_VALUE`].
-            let usual_point = (0..model.len()).all(|i| {
-                model
-                    .level_of(i, &mean)
-                    .map_or(true, |z| z.abs() < EXPLAINED_RESIDUAL)
-            });
+            // A MEDIUM one only at a usual operating point.
+            let usual_point = || {
+                (0..model.len()).all(|i| {
+                    model
+                        .level_of(i, &mean)
+                        .map_or(true, |z| z.abs() < EXPLAINED_RESIDUAL)
+                })
+            };
             return match severity {
                 Severity::Low => true,
-                Severity::Medium => usual_point && within(model.level_of(j, &now), ORDINARY_VALUE),
+                Severity::Medium => {
+                    usual_point() && within(model.level_of(j, &now), ORDINARY_VALUE)
+                }
                 _ => false,
             };
         }
