@@ -56,14 +56,8 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
         lagged: false,
         list: false,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "--list" {
-            args.list = true;
-            continue;
-        }
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
+    let list = common::flags(|flag, value| {
+        match flag {
             "--seeds" => args.seeds = value.parse()?,
             "--readings" => args.readings = value.parse()?,
             "--cycle" => args.cycle = value.parse()?,
@@ -82,7 +76,9 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
             },
             other => return Err(format!("unknown argument {other}").into()),
         }
-    }
+        Ok(())
+    })?;
+    args.list = list;
     Ok(args)
 }
 

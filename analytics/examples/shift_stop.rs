@@ -56,14 +56,8 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
         extrapolation: None,
         list: false,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "--list" {
-            args.list = true;
-            continue;
-        }
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
+    let list = common::flags(|flag, value| {
+        match flag {
             "--days" => args.days = value.parse()?,
             "--seeds" => args.seeds = value.parse()?,
             "--standing" => match value.as_str() {
@@ -76,7 +70,9 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
             "--extrapolation" => args.extrapolation = Some(value.parse()?),
             other => return Err(format!("unknown argument {other}").into()),
         }
-    }
+        Ok(())
+    })?;
+    args.list = list;
     Ok(args)
 }
 
