@@ -286,14 +286,14 @@ pub async fn run(
 /// can connect. A damaged file is set aside (`sessions.bin.damaged`) and vigil starts
 /// without it, saying so.
 async fn restore_sessions(edge: &Arc<edge::Edge>, dir: &std::path::Path) -> Result<(), RunError> {
-    let saved = match edge::sessions::load(dir) {
-        Ok(saved) => saved,
-        Err(e @ edge::snapshot::SnapshotError::Corrupt { .. }) => {
-            let moved = edge::snapshot::set_aside(dir, edge::sessions::FILE);
-            tracing::error!(error = %e, set_aside = moved, "persistent sessions not restored: starting without them");
-            return Ok(());
-        }
-        Err(e) => return Err(RunError::Snapshot(e)),
+    let Some(saved) = unless_damaged(
+        edge::sessions::load(dir),
+        dir,
+        edge::sessions::FILE,
+        "persistent sessions not restored: starting without them",
+    )?
+    else {
+        return Ok(());
     };
     if saved.is_empty() {
         return Ok(());
@@ -329,23 +329,19 @@ async fn restore_sessions(edge: &Arc<edge::Edge>, dir: &std::path::Path) -> Resu
 /// Reads the retained messages saved in `dir` (`[persistence]`). A damaged file is set aside
 /// (`retained.bin.damaged`) and vigil starts without it, saying so, rather than not at all.
 fn load_retained(edge: &edge::Edge, dir: &std::path::Path) -> Result<(), RunError> {
-    match edge.retained.load(dir) {
-        Ok((loaded, refused)) => {
-            if refused > 0 {
-                tracing::warn!(
-                    refused,
-                    "saved retained messages beyond limits.max_retained_bytes were not loaded"
-                );
-            }
-            tracing::info!(loaded, dir = %dir.display(), "retained messages loaded");
+    if let Some((loaded, refused)) = unless_damaged(
+        edge.retained.load(dir),
+        dir,
+        edge::retained::FILE,
+        "retained messages not loaded: starting without them",
+    )? {
+        if refused > 0 {
+            tracing::warn!(
+                refused,
+                "saved retained messages beyond limits.max_retained_bytes were not loaded"
+            );
         }
-        Err(e @ edge::snapshot::SnapshotError::Corrupt { .. }) => {
-            let moved = edge::snapshot::set_aside(dir, edge::retained::FILE);
-            tracing::error!(error = %e, set_aside = moved, "retained messages not loaded: starting without them");
-        }
-        Err(e) => {
-            return Err(RunError::Snapshot(e));
-        }
+        tracing::info!(loaded, dir = %dir.display(), "retained messages loaded");
     }
     edge.note_retained(edge.retained.totals());
     Ok(())
@@ -372,16 +368,36 @@ fn spawn_autosave<T: edge::snapshot::Persisted>(
 /// Reads the alert log saved in `dir` (`[persistence]`); a damaged file is set aside
 /// (`alerts.bin.damaged`) and the log starts empty, saying so.
 fn load_alert_log(edge: &edge::Edge, dir: &std::path::Path) -> Result<(), RunError> {
-    match edge.alert_log.load(dir) {
-        Ok(0) => {}
-        Ok(loaded) => tracing::info!(loaded, dir = %dir.display(), "alert log loaded"),
-        Err(e @ edge::snapshot::SnapshotError::Corrupt { .. }) => {
-            let moved = edge::snapshot::set_aside(dir, alert_log::FILE);
-            tracing::error!(error = %e, set_aside = moved, "alert log not loaded: starting without it");
-        }
-        Err(e) => return Err(RunError::Snapshot(e)),
+    let loaded = unless_damaged(
+        edge.alert_log.load(dir),
+        dir,
+        alert_log::FILE,
+        "alert log not loaded: starting without it",
+    )?;
+    if let Some(loaded) = loaded.filter(|&n| n > 0) {
+        tracing::info!(loaded, dir = %dir.display(), "alert log loaded");
     }
     Ok(())
+}
+
+/// What reading `file` in `dir` (`[persistence]`) gave, unless the file is damaged: then it
+/// is set aside (`FILE.damaged`), `starting_without` is logged as an error and vigil starts
+/// without it (`None`). Any other error stops the start.
+fn unless_damaged<T>(
+    read: Result<T, edge::snapshot::SnapshotError>,
+    dir: &std::path::Path,
+    file: &str,
+    starting_without: &str,
+) -> Result<Option<T>, RunError> {
+    match read {
+        Ok(value) => Ok(Some(value)),
+        Err(e @ edge::snapshot::SnapshotError::Corrupt { .. }) => {
+            let moved = edge::snapshot::set_aside(dir, file);
+            tracing::error!(error = %e, set_aside = moved, "{starting_without}");
+            Ok(None)
+        }
+        Err(e) => Err(RunError::Snapshot(e)),
+    }
 }
 
 /// Creates `[persistence] dir` if it is missing, once, before any file is read.
