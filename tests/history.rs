@@ -65,6 +65,29 @@ async fn history(http: SocketAddr, connect: Value, device: &str, limit: usize) -
     .await
 }
 
+/// The bridge's answer to `recent_alerts` for a browser that logs in with `connect`, asked
+/// again until it holds at least `want` messages (at the deadline, the last answer).
+fn recent_alerts(
+    rt: &tokio::runtime::Runtime,
+    http: SocketAddr,
+    connect: &Value,
+    want: usize,
+) -> Value {
+    let deadline = Instant::now() + T;
+    loop {
+        let answer = rt.block_on(async {
+            let mut b = Browser::login(http, connect.clone()).await;
+            b.ask(json!({"op": "recent_alerts", "ref": 3}), "recent_alerts")
+                .await
+        });
+        let n = answer["messages"].as_array().map_or(0, Vec::len);
+        if n >= want || Instant::now() > deadline {
+            return answer;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn temperatures(answer: &Value) -> Vec<f64> {
     answer["points"]
         .as_array()
@@ -199,21 +222,7 @@ fn recent_alerts_are_answered_in_order_under_the_subscribe_rule() {
     );
     let viewer = json!({"op": "connect", "username": "ui", "password": "pw-ui"});
     let rt = rt();
-    let recent = |connect: &Value, want: usize| -> Value {
-        let deadline = Instant::now() + T;
-        loop {
-            let answer = rt.block_on(async {
-                let mut b = Browser::login(v.http, connect.clone()).await;
-                b.ask(json!({"op": "recent_alerts", "ref": 3}), "recent_alerts")
-                    .await
-            });
-            let n = answer["messages"].as_array().map_or(0, Vec::len);
-            if n >= want || Instant::now() > deadline {
-                return answer;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let recent = |connect: &Value, want: usize| recent_alerts(&rt, v.http, connect, want);
     let as_device = ["-u", "m-1", "-P", "pw-m1", "-q", "1"];
     publish_lines(
         v.port(),
@@ -271,20 +280,8 @@ fn recent_alerts_are_answered_in_order_under_the_subscribe_rule() {
 fn recent_alerts_are_kept_across_a_restart_with_persistence() {
     let data = TempDir::new();
     let rt = rt();
-    let recent = |v: &Vigil, want: usize| -> Value {
-        let deadline = Instant::now() + T;
-        loop {
-            let answer = rt.block_on(async {
-                let mut b = Browser::login(v.http, json!({"op": "connect"})).await;
-                b.ask(json!({"op": "recent_alerts"}), "recent_alerts").await
-            });
-            let n = answer["messages"].as_array().map_or(0, Vec::len);
-            if n >= want || Instant::now() > deadline {
-                return answer;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let recent =
+        |v: &Vigil, want: usize| recent_alerts(&rt, v.http, &json!({"op": "connect"}), want);
     let mut v1 = Vigil::start_persistent(&data, |c| c);
     publish_lines(
         v1.port(),
