@@ -14,6 +14,7 @@ use vigil_analytics::detector::DetectorConfig;
 use vigil_analytics::monitor::{
     DeviceLimits, DeviceMonitor, MetricLimit, MonitorConfig, RunningRule,
 };
+use vigil_analytics::rest::RestConfig;
 use vigil_analytics::rul::RulModel;
 
 /// The commented default configuration, exactly as shipped in `broker.toml`.
@@ -396,6 +397,14 @@ fn thousand() -> u64 {
     1000
 }
 
+fn rest_after() -> u64 {
+    RestConfig::default().after_secs
+}
+
+fn rest_settle() -> u64 {
+    RestConfig::default().settle_secs
+}
+
 /// The live analytics task (`live`): which devices it tracks and how hard it may work.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -431,6 +440,14 @@ pub struct AnalyticsConfig {
     /// the anomaly detector; the first matching entry applies.
     #[serde(default)]
     pub running: Vec<RunningRule>,
+    /// A device no running condition names learns its machine's rest: two or more metrics still
+    /// together, away from their usual levels, for this many seconds (0: never). While it
+    /// stands again, and for `rest_settle_secs` after it starts, its readings do not feed the
+    /// anomaly detector.
+    #[serde(default = "rest_after")]
+    pub rest_after_secs: u64,
+    #[serde(default = "rest_settle")]
+    pub rest_settle_secs: u64,
     /// A device whose messages stop for this many of its usual intervals (and at least
     /// `silence_min_secs`) gets one alert per silence (0: off).
     #[serde(default = "ten")]
@@ -603,6 +620,10 @@ impl AnalyticsConfig {
                 .collect(),
             prediction_every: self.prediction_every,
             running: self.running.clone(),
+            rest: RestConfig {
+                after_secs: self.rest_after_secs,
+                settle_secs: self.rest_settle_secs,
+            },
             score_min_spacing_ms: i64::try_from(self.score_min_interval_ms).unwrap_or(i64::MAX),
             trend_min_spacing_ms: i64::try_from(self.trend_min_interval_ms).unwrap_or(i64::MAX),
             ..MonitorConfig::default()
@@ -620,6 +641,12 @@ impl AnalyticsConfig {
             (1..=64).contains(&self.max_concurrent_refits),
             "must be between 1 and 64",
         )?;
+        for (key, secs) in [
+            ("analytics.rest_after_secs", self.rest_after_secs),
+            ("analytics.rest_settle_secs", self.rest_settle_secs),
+        ] {
+            check(key, secs <= 86_400, "must be at most 86400 (a day)")?;
+        }
         check(
             "analytics.silence_min_secs",
             (1..=30 * 86_400).contains(&self.silence_min_secs),
@@ -1224,6 +1251,27 @@ mod tests {
         );
         let err = Config::parse(&too_long, "test").unwrap_err().to_string();
         assert!(err.contains("analytics.score_min_interval_ms"), "{err}");
+    }
+
+    #[test]
+    fn rest_learning_is_read_and_bounded() {
+        let c = Config::default_config().expect("default config parses");
+        assert_eq!(c.analytics.monitor_config().rest, RestConfig::default());
+        let off = DEFAULT_TOML.replace("rest_after_secs = 600\n", "rest_after_secs = 0\n");
+        let m = Config::parse(&off, "test")
+            .expect("off")
+            .analytics
+            .monitor_config();
+        assert_eq!(m.rest.after_secs, 0);
+        let older = DEFAULT_TOML.replace("rest_settle_secs = 300\n", "");
+        let m = Config::parse(&older, "test")
+            .expect("older")
+            .analytics
+            .monitor_config();
+        assert_eq!(m.rest.settle_secs, RestConfig::default().settle_secs);
+        let long = DEFAULT_TOML.replace("rest_settle_secs = 300\n", "rest_settle_secs = 86401\n");
+        let err = Config::parse(&long, "test").unwrap_err().to_string();
+        assert!(err.contains("analytics.rest_settle_secs"), "{err}");
     }
 
     #[test]

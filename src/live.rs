@@ -356,6 +356,13 @@ impl Analytics {
             for alert in &result.alerts {
                 push_alert(metrics, id, alert, out);
             }
+            if result.rest_learned {
+                Metrics::inc(&metrics.analytics.rests_learned);
+                tracing::info!(
+                    device = id,
+                    "learned a rest of the machine: its stops no longer feed the anomaly detector"
+                );
+            }
             let predictions = result.predictions.iter().map(serde_json::to_vec);
             let rul = result.rul.iter().map(serde_json::to_vec);
             for payload in predictions.chain(rul).filter_map(Result::ok) {

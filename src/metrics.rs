@@ -242,6 +242,9 @@ pub struct AnalyticsMetrics {
     pub evictions: AtomicU64,
     /// Devices found silent (no message for `analytics.silence_factor` usual intervals).
     pub silences: AtomicU64,
+    /// Rests of machines learned (`vigil_analytics::rest`): their stops are no longer fed to
+    /// the anomaly detector.
+    pub rests_learned: AtomicU64,
     /// Monitors rebuilt from stored history (a device new to this process or instance).
     pub warm_starts: AtomicU64,
     /// Readings dropped while their device was warming (more than 256 waiting).
@@ -710,6 +713,12 @@ impl Metrics {
             "counter",
             "Devices found silent: no telemetry for analytics.silence_factor usual intervals (and analytics.silence_min_secs).",
             &[("", g(&a.silences))],
+        );
+        metric(
+            "analytics_rests_learned_total",
+            "counter",
+            "Machine rests learned (two or more metrics still together, away from their usual levels, for analytics.rest_after_secs): the device's later stops do not feed the anomaly detector.",
+            &[("", g(&a.rests_learned))],
         );
         metric(
             "analytics_dropped_total",

@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! cargo run -p vigil-analytics --release --example shift_stop -- [--days 4] [--seeds 3] \
-//!     [--standing zero|noise] [--gate SECONDS] [--cut SECONDS] [--extrapolation X] [--list]
+//!     [--standing zero|noise] [--gate SECONDS] [--cut SECONDS] [--extrapolation X] \
+//!     [--ramp SECONDS] [--rest-after SECONDS] [--wear-at HOURS] [--list]
 //! ```
 //!
 //! While running, the load follows a cosine cycle of 3,000 s (as in `false_alarms`); the
@@ -19,7 +20,13 @@
 //! fed while the machine stands or in its first S seconds after a start, and starts a new
 //! segment when it is fed again. `--cut S` instead withholds those readings from the monitor
 //! altogether, with no new segment (the device simply stops sending). `--extrapolation X` sets
-//! `MonitorConfig::forecast_max_extrapolation` (0: off). `--list` prints every alert.
+//! `MonitorConfig::forecast_max_extrapolation` (0: off). `--ramp S`: vibration and current
+//! spin up from 0 over the first S seconds of a run and down to 0 over its last S (0: at once).
+//! `--rest-after S` sets `RestConfig::after_secs`, how long the machine must stand before its
+//! rest is learned (0: not learned; the monitor learns it by default). `--list` prints every
+//! alert. `--wear-at H`: from H hours after the first reading the bearing wears, the
+//! vibration rising by 0.001 for every second the machine has run since (3.6 an hour); alerts
+//! from then on are not counted as false alarms, and the first is reported.
 
 mod common;
 
@@ -28,6 +35,7 @@ use rand::SeedableRng;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use vigil_analytics::alert::AlertKind;
 use vigil_analytics::monitor::{DeviceMonitor, MetricLimit, MonitorConfig, RunningRule};
+use vigil_analytics::rest::RestConfig;
 use vigil_analytics::telemetry::Reading;
 
 const DAY: i64 = 86_400;
@@ -43,6 +51,9 @@ struct Args {
     gate: Option<u64>,
     cut: Option<i64>,
     extrapolation: Option<f64>,
+    ramp: i64,
+    rest_after: Option<u64>,
+    wear_at: Option<i64>,
     list: bool,
 }
 
@@ -54,6 +65,9 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
         gate: None,
         cut: None,
         extrapolation: None,
+        ramp: 0,
+        rest_after: None,
+        wear_at: None,
         list: false,
     };
     let list = common::flags(|flag, value| {
@@ -68,6 +82,9 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
             "--gate" => args.gate = Some(value.parse()?),
             "--cut" => args.cut = Some(value.parse()?),
             "--extrapolation" => args.extrapolation = Some(value.parse()?),
+            "--ramp" => args.ramp = value.parse()?,
+            "--rest-after" => args.rest_after = Some(value.parse()?),
+            "--wear-at" => args.wear_at = Some(value.parse::<i64>()? * 3600),
             other => return Err(format!("unknown argument {other}").into()),
         }
         Ok(())
@@ -100,6 +117,10 @@ fn config(args: &Args) -> MonitorConfig {
         forecast_max_extrapolation: args
             .extrapolation
             .unwrap_or(defaults.forecast_max_extrapolation),
+        rest: RestConfig {
+            after_secs: args.rest_after.unwrap_or(defaults.rest.after_secs),
+            ..defaults.rest
+        },
         ..defaults
     }
 }
@@ -114,6 +135,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t0 = 1_790_000_000_000i64;
         let mut temperature = 25.0;
         let mut counts = [0usize; 5];
+        // Seconds run since the wear began, and when its first alert came.
+        let mut worn = 0.0;
+        let mut found: Option<i64> = None;
         for i in 0..args.days * DAY {
             let clock = i % DAY;
             let running = (START..STOP).contains(&clock);
@@ -124,10 +148,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let target = if running { 52.0 + 14.0 * load } else { 25.0 };
             temperature += (target - temperature) / 600.0;
             let t = temperature + gauss(&mut rng, 0.3);
+            // Spinning up and down: the running levels scale from and to 0 over `--ramp`.
+            let spin = match args.ramp {
+                0 => 1.0,
+                r => ((clock - START).min(STOP - clock) as f64 / r as f64).min(1.0),
+            };
+            let wearing = args.wear_at.is_some_and(|w| i >= w);
+            if wearing && running {
+                worn += 1.0;
+            }
             let (v, c) = match (running, args.zero) {
                 (true, _) => (
-                    1.8 + 1.2 * load + gauss(&mut rng, 0.08),
-                    8.0 + 10.0 * load + gauss(&mut rng, 0.2),
+                    spin * (1.8 + 1.2 * load) + 0.001 * worn + gauss(&mut rng, 0.08),
+                    spin * (8.0 + 10.0 * load) + gauss(&mut rng, 0.2),
                 ),
                 (false, true) => (0.0, 0.0),
                 (false, false) => (gauss(&mut rng, 0.01).abs(), gauss(&mut rng, 0.02).abs()),
@@ -145,6 +178,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ],
             });
             for a in &out.alerts {
+                if wearing {
+                    found = found.or(Some(i));
+                    if args.list {
+                        println!(
+                            "  seed {seed} wear + {} s: {}",
+                            i - args.wear_at.unwrap_or(0),
+                            a.message
+                        );
+                    }
+                    continue;
+                }
                 let class = if a.kind != AlertKind::Anomaly {
                     4
                 } else if (START..START + AFTER).contains(&clock) {
@@ -180,6 +224,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "seed {seed}: anomaly alerts after a start {}, after a stop {}, running {}, standing {}; forecast alerts {}",
             counts[0], counts[1], counts[2], counts[3], counts[4]
         );
+        if let Some(w) = args.wear_at {
+            match found {
+                Some(i) => println!("seed {seed}: wear: first alert {} s after it began", i - w),
+                None => println!("seed {seed}: wear: no alert"),
+            }
+        }
         for (t, c) in totals.iter_mut().zip(counts) {
             *t += c;
         }

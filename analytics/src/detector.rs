@@ -2272,6 +2272,20 @@ impl DeviceDetector {
         })
     }
 
+    /// Forgets everything learned (models, training rows, score histories, baselines, the
+    /// cross-metric model) and starts again as a new detector with the same settings. A model
+    /// from a refit job handed out before is then refused, as for a metric the detector does
+    /// not know, unless the metric is fed again before it arrives: then it is installed and
+    /// replaced at the next refit.
+    pub fn restart(&mut self) {
+        self.metrics.clear();
+        self.ignored_metrics = 0;
+        self.joint = None;
+        self.readings = 0;
+        self.last_metric_alert = None;
+        self.last_joint_alert = None;
+    }
+
     /// The configuration in use.
     pub fn config(&self) -> &DetectorConfig {
         &self.config

@@ -14,6 +14,7 @@ pub mod iforest;
 pub mod joint;
 pub mod monitor;
 pub mod nab;
+pub mod rest;
 pub mod rul;
 pub mod silence;
 pub mod stuck;

@@ -1,0 +1,411 @@
+//! A machine's rest, learned from its own readings: the automatic running condition of a device
+//! that has no `[[analytics.running]]` rule.
+//!
+//! A machine that stops (end of a shift, a batch done) sends readings that the anomaly detector
+//! has not seen for hours: vibration and current drop to zero or to sensor noise at once. Without
+//! a running condition each stop and each start is an anomaly alert on about every metric. This
+//! module watches for the thing a stop looks like in telemetry and learns it the first time:
+//!
+//! * a metric is **still** while its readings stay within a band a fifth of its usual spread
+//!   wide (`STILL_SHARE`), its usual spread being an exponentially weighted standard deviation
+//!   of its readings (`USUAL_READINGS`), frozen when the stretch begins;
+//! * a still stretch is a **rest** of that metric when it has lasted `after_secs`, its level
+//!   lies at least `DEPARTURE` usual spreads from the metric's usual mean (so a set point that
+//!   is reported unchanged while the machine runs is not a rest: it sits on its own mean), and
+//!   the metric was moving when it came to rest (its stretch before lasted under `MOVING_MS`:
+//!   two set points changed together for a new recipe are not a stop);
+//! * two or more metrics that came to rest within `TOGETHER_MS` of each other are the
+//!   **machine's** rest: their levels and bands are remembered (at most `MAX_RESTS` of them).
+//!
+//! From then on the machine stands while every metric of a remembered rest is within that rest's
+//! band (by its last reading) or at least two usual spreads from its usual mean towards it
+//! (`HEADING`: a machine takes a few seconds to spin down or up), and it runs otherwise; the monitor gates the detector on that as
+//! it does for a configured rule, with `settle_secs` after each start. A single metric at rest
+//! is never a stop: a current that drops to zero while the vibration goes on is an incident.
+//!
+//! Bounds: one `Track` per metric (at most the detector's `max_metrics`), at most `MAX_RESTS`
+//! rests of at most as many members.
+
+use serde::{Deserialize, Serialize};
+
+use crate::telemetry::{secs_to_ms, Reading};
+
+/// A still stretch's band: this share of the metric's usual spread.
+const STILL_SHARE: f64 = 0.2;
+/// A rest's level lies at least this many usual spreads from the usual mean.
+const DEPARTURE: f64 = 4.0;
+/// Metrics that came to rest within this many ms of each other stopped together.
+const TOGETHER_MS: i64 = 120_000;
+/// A metric whose still stretches last under this many ms is moving.
+const MOVING_MS: i64 = 60_000;
+/// Readings the usual mean and spread weigh (an exponential weight of 1 / this).
+const USUAL_READINGS: f64 = 600.0;
+/// Readings within this many spreads of the mean keep the usual mean and spread up to date ...
+const CALM: f64 = 3.0;
+/// ... and so do a metric's first readings, whatever they are.
+const CALM_FROM: u64 = 30;
+/// A metric this many usual spreads from its usual mean towards its rest level is heading there
+/// (a rest lies at least `DEPARTURE` of them away).
+const HEADING: f64 = 2.0;
+/// Rests remembered per device (a machine may have an off state and a stand-by state).
+pub const MAX_RESTS: usize = 4;
+
+/// How a device's rest is learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RestConfig {
+    /// Seconds two or more metrics must stay still together, away from their usual levels,
+    /// before that is taken as the machine's rest (0: never learn, the device always runs).
+    pub after_secs: u64,
+    /// Seconds after a start (of the readings' time) before the detector is fed again.
+    pub settle_secs: u64,
+}
+
+impl Default for RestConfig {
+    fn default() -> Self {
+        Self {
+            after_secs: 600,
+            settle_secs: 300,
+        }
+    }
+}
+
+/// One metric's usual level and its current still stretch.
+#[derive(Debug, Clone)]
+struct Track {
+    name: String,
+    last: f64,
+    /// Exponentially weighted mean and variance of the readings while the machine runs.
+    mean: f64,
+    var: f64,
+    readings: u64,
+    /// The usual mean and spread: `mean` and the square root of `var` as of the last reading
+    /// within `CALM` spreads of the mean, so a spin-down lasting a minute or two does not widen
+    /// the spread it is judged by.
+    calm_mean: f64,
+    calm_std: f64,
+    /// The current still stretch: its range, when it began, and the usual mean and spread
+    /// when it began.
+    lo: f64,
+    hi: f64,
+    start_ms: i64,
+    ref_mean: f64,
+    ref_std: f64,
+    /// Whether the stretch before this one lasted under `MOVING_MS`: the metric was moving
+    /// when it came to rest, as a running machine's readings do and a set point does not.
+    moving: bool,
+}
+
+impl Track {
+    fn new(name: &str, value: f64, ts: i64) -> Self {
+        Self {
+            name: name.to_string(),
+            last: value,
+            mean: value,
+            var: 0.0,
+            readings: 1,
+            calm_mean: value,
+            calm_std: 0.0,
+            lo: value,
+            hi: value,
+            start_ms: ts,
+            ref_mean: value,
+            ref_std: 0.0,
+            moving: false,
+        }
+    }
+
+    fn push(&mut self, value: f64, ts: i64, standing: bool) {
+        self.last = value;
+        let (lo, hi) = (self.lo.min(value), self.hi.max(value));
+        if hi - lo > STILL_SHARE * self.ref_std || ts < self.start_ms {
+            self.moving = ts.saturating_sub(self.start_ms) < MOVING_MS;
+            self.lo = value;
+            self.hi = value;
+            self.start_ms = ts;
+            self.ref_mean = self.calm_mean;
+            self.ref_std = self.calm_std;
+        } else {
+            self.lo = lo;
+            self.hi = hi;
+        }
+        // A known rest is not the usual level: after a night at rest the morning's readings
+        // would all look like departures.
+        if standing {
+            return;
+        }
+        self.readings += 1;
+        let w = (1.0 / self.readings as f64).max(1.0 / USUAL_READINGS);
+        let d = value - self.mean;
+        let calm = d.abs() <= CALM * self.var.sqrt() || self.readings <= CALM_FROM;
+        self.mean += w * d;
+        self.var = (1.0 - w) * (self.var + w * d * d);
+        if calm {
+            self.calm_mean = self.mean;
+            self.calm_std = self.var.sqrt();
+        }
+    }
+
+    /// The still stretch as a rest of this metric, if it is one at `ts`.
+    fn rest(&self, ts: i64, after_ms: i64) -> Option<Member> {
+        let centre = (self.lo + self.hi) / 2.0;
+        let away = (centre - self.ref_mean).abs() >= DEPARTURE * self.ref_std;
+        let rests = self.moving && self.ref_std > 0.0 && away;
+        (rests && ts - self.start_ms >= after_ms).then(|| Member {
+            name: self.name.clone(),
+            centre,
+            half: (self.hi - self.lo).max(STILL_SHARE * self.ref_std),
+        })
+    }
+}
+
+/// A metric's level in a rest.
+#[derive(Debug, Clone, PartialEq)]
+struct Member {
+    name: String,
+    centre: f64,
+    half: f64,
+}
+
+/// A device's learned rests and whether its machine runs.
+#[derive(Debug, Clone)]
+pub struct RestGate {
+    config: RestConfig,
+    max_metrics: usize,
+    tracks: Vec<Track>,
+    rests: Vec<Vec<Member>>,
+    /// Rests learned in all (a fifth one replaces the oldest).
+    learned: u64,
+    standing: bool,
+    /// When the machine last started (the first reading after a rest).
+    since_ms: Option<i64>,
+}
+
+impl RestGate {
+    /// A gate that tracks at most `max_metrics` metrics.
+    pub fn new(config: RestConfig, max_metrics: usize) -> Self {
+        Self {
+            config,
+            max_metrics,
+            tracks: Vec::new(),
+            rests: Vec::new(),
+            learned: 0,
+            standing: false,
+            since_ms: None,
+        }
+    }
+
+    /// Rests remembered now.
+    pub fn rests(&self) -> usize {
+        self.rests.len()
+    }
+
+    /// Rests learned in all, the forgotten ones too.
+    pub fn learned(&self) -> u64 {
+        self.learned
+    }
+
+    /// Upper bound of the gate's memory, names aside.
+    pub fn bytes(max_metrics: usize) -> usize {
+        max_metrics * (std::mem::size_of::<Track>() + MAX_RESTS * std::mem::size_of::<Member>())
+    }
+
+    /// Updates the state with `reading`; whether the detector is to be fed with it.
+    pub fn admits(&mut self, reading: &Reading) -> bool {
+        let ts = reading.timestamp_ms;
+        for (name, value) in &reading.metrics {
+            match self.tracks.iter().position(|t| &t.name == name) {
+                Some(i) => self.tracks[i].push(*value, ts, self.standing),
+                None if self.tracks.len() < self.max_metrics => {
+                    self.tracks.push(Track::new(name, *value, ts))
+                }
+                None => {}
+            }
+        }
+        let standing = self.matches_a_rest() || self.learn(ts);
+        if standing {
+            self.standing = true;
+            return false;
+        }
+        if self.standing {
+            self.standing = false;
+            self.since_ms = Some(ts);
+        }
+        self.since_ms.map_or(true, |since| {
+            ts < since || ts - since >= secs_to_ms(self.config.settle_secs)
+        })
+    }
+
+    /// Whether every metric of a remembered rest is at its level or at least `HEADING` usual
+    /// spreads from its usual mean towards it: a machine spinning down is stopping, not an
+    /// incident.
+    fn matches_a_rest(&self) -> bool {
+        self.rests.iter().any(|rest| {
+            rest.iter().all(|m| {
+                self.tracks
+                    .iter()
+                    .find(|t| t.name == m.name)
+                    .is_some_and(|t| {
+                        let towards = (t.calm_mean - t.last) * (t.calm_mean - m.centre).signum();
+                        (t.last - m.centre).abs() <= m.half || towards >= HEADING * t.calm_std
+                    })
+            })
+        })
+    }
+
+    /// Remembers the metrics at rest now as a rest of the machine, if at least two of them came
+    /// to rest together; whether it did.
+    fn learn(&mut self, ts: i64) -> bool {
+        if self.config.after_secs == 0 {
+            return false;
+        }
+        let after_ms = secs_to_ms(self.config.after_secs);
+        let resting: Vec<(i64, Member)> = self
+            .tracks
+            .iter()
+            .filter_map(|t| t.rest(ts, after_ms).map(|m| (t.start_ms, m)))
+            .collect();
+        // The metrics that came to rest within TOGETHER_MS of the last one to do so.
+        let Some(latest) = resting.iter().map(|(s, _)| *s).max() else {
+            return false;
+        };
+        let members: Vec<Member> = resting
+            .into_iter()
+            .filter(|(s, _)| latest - s <= TOGETHER_MS)
+            .map(|(_, m)| m)
+            .collect();
+        if members.len() < 2 {
+            return false;
+        }
+        if self.rests.len() >= MAX_RESTS {
+            self.rests.remove(0);
+        }
+        self.rests.push(members);
+        self.learned += 1;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(t: i64, metrics: &[(&str, f64)]) -> Reading {
+        Reading {
+            timestamp_ms: 1_790_000_000_000 + t * 1000,
+            device_time: true,
+            metrics: metrics.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+        }
+    }
+
+    /// A running machine: vibration and current wobble with the load, `setpoint` never moves.
+    fn running(t: i64) -> [(&'static str, f64); 3] {
+        let load = 0.5 + 0.4 * (t as f64 / 300.0).sin();
+        [
+            ("vibration", 1.8 + 1.2 * load),
+            ("current", 8.0 + 10.0 * load),
+            ("setpoint", 1500.0),
+        ]
+    }
+
+    fn standing(noise: f64) -> [(&'static str, f64); 3] {
+        [
+            ("vibration", noise),
+            ("current", 2.0 * noise),
+            ("setpoint", 1500.0),
+        ]
+    }
+
+    #[test]
+    fn a_stop_is_learned_once_and_later_stops_and_starts_are_gated() {
+        let config = RestConfig {
+            after_secs: 600,
+            settle_secs: 60,
+        };
+        let mut gate = RestGate::new(config, 8);
+        let mut t = 0;
+        for _ in 0..3600 {
+            assert!(gate.admits(&reading(t, &running(t))), "running at {t}");
+            t += 1;
+        }
+        // The first stop is fed to the detector until it has lasted 600 s.
+        let stop = t;
+        let mut learned_at = None;
+        for i in 0..3600 {
+            let noise = 0.01 * ((i * 7919 % 13) as f64 / 13.0);
+            if !gate.admits(&reading(t, &standing(noise))) && learned_at.is_none() {
+                learned_at = Some(t - stop);
+            }
+            t += 1;
+        }
+        assert_eq!(learned_at, Some(600));
+        assert_eq!(gate.rests(), 1);
+        // A start: the first 60 s settle, then the machine runs.
+        let start = t;
+        for _ in 0..3600 {
+            assert_eq!(gate.admits(&reading(t, &running(t))), t - start >= 60);
+            t += 1;
+        }
+        // The next stop stands from its first reading on, and nothing new is learned.
+        for _ in 0..1200 {
+            assert!(!gate.admits(&reading(t, &standing(0.0))));
+            t += 1;
+        }
+        assert_eq!(gate.rests(), 1);
+    }
+
+    #[test]
+    fn one_metric_at_rest_or_a_steady_set_point_is_no_stop() {
+        let mut gate = RestGate::new(RestConfig::default(), 8);
+        for t in 0..3600 {
+            assert!(gate.admits(&reading(t, &running(t))));
+        }
+        // The current drops to zero while the vibration goes on: an incident, not a stop.
+        for t in 3600..9000 {
+            let [v, _, s] = running(t);
+            assert!(gate.admits(&reading(t, &[v, ("current", 0.0), s])));
+        }
+        assert_eq!(gate.rests(), 0);
+    }
+
+    #[test]
+    fn set_points_changed_together_are_no_stop() {
+        let mut gate = RestGate::new(RestConfig::default(), 8);
+        // Two set points, changed together every two hours, and a metric that follows them.
+        for t in 0..6 * 7200 {
+            let recipe = [(1500.0, 60.0), (1200.0, 45.0), (1800.0, 70.0)][(t / 7200 % 3) as usize];
+            let [(_, v), ..] = running(t);
+            let metrics = [("speed", recipe.0), ("target", recipe.1), ("vibration", v)];
+            assert!(gate.admits(&reading(t, &metrics)), "at {t}");
+        }
+        assert_eq!(gate.rests(), 0);
+    }
+
+    #[test]
+    fn a_machine_first_seen_standing_learns_nothing_from_that() {
+        let mut gate = RestGate::new(RestConfig::default(), 8);
+        for t in 0..3600 {
+            assert!(gate.admits(&reading(t, &standing(0.0))));
+        }
+        for t in 3600..7200 {
+            assert!(gate.admits(&reading(t, &running(t))));
+        }
+        assert_eq!(gate.rests(), 0);
+    }
+
+    #[test]
+    fn learning_can_be_turned_off_and_tracks_are_bounded() {
+        let off = RestConfig {
+            after_secs: 0,
+            settle_secs: 0,
+        };
+        let mut gate = RestGate::new(off, 2);
+        for t in 0..3600 {
+            gate.admits(&reading(t, &running(t)));
+        }
+        for t in 3600..9000 {
+            assert!(gate.admits(&reading(t, &standing(0.0))));
+        }
+        assert_eq!((gate.rests(), gate.tracks.len()), (0, 2));
+    }
+}
