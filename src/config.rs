@@ -1263,13 +1263,13 @@ mod tests {
             .analytics
             .monitor_config();
         assert_eq!(m.rest.after_secs, 0);
-        let older = DEFAULT_TOML.replace("rest_settle_secs = 300\n", "");
+        let older = DEFAULT_TOML.replace("rest_settle_secs = 60\n", "");
         let m = Config::parse(&older, "test")
             .expect("older")
             .analytics
             .monitor_config();
         assert_eq!(m.rest.settle_secs, RestConfig::default().settle_secs);
-        let long = DEFAULT_TOML.replace("rest_settle_secs = 300\n", "rest_settle_secs = 86401\n");
+        let long = DEFAULT_TOML.replace("rest_settle_secs = 60\n", "rest_settle_secs = 86401\n");
         let err = Config::parse(&long, "test").unwrap_err().to_string();
         assert!(err.contains("analytics.rest_settle_secs"), "{err}");
     }

@@ -8,7 +8,7 @@
 //! ```text
 //! cargo run -p vigil-analytics --release --example shift_stop -- [--days 4] [--seeds 3] \
 //!     [--standing zero|noise] [--gate SECONDS] [--cut SECONDS] [--extrapolation X] \
-//!     [--ramp SECONDS] [--rest-after SECONDS] [--wear-at HOURS] [--list]
+//!     [--ramp SECONDS] [--rest-after SECONDS] [--rest-settle SECONDS] [--wear-at HOURS] [--list]
 //! ```
 //!
 //! While running, the load follows a cosine cycle of 3,000 s (as in `false_alarms`); the
@@ -23,7 +23,8 @@
 //! `MonitorConfig::forecast_max_extrapolation` (0: off). `--ramp S`: vibration and current
 //! spin up from 0 over the first S seconds of a run and down to 0 over its last S (0: at once).
 //! `--rest-after S` sets `RestConfig::after_secs`, how long the machine must stand before its
-//! rest is learned (0: not learned; the monitor learns it by default). `--list` prints every
+//! rest is learned (0: not learned; the monitor learns it by default), `--rest-settle S`
+//! `RestConfig::settle_secs`. `--list` prints every
 //! alert. `--wear-at H`: from H hours after the first reading the bearing wears, the
 //! vibration rising by 0.001 for every second the machine has run since (3.6 an hour); alerts
 //! from then on are not counted as false alarms, and the first is reported.
@@ -53,6 +54,7 @@ struct Args {
     extrapolation: Option<f64>,
     ramp: i64,
     rest_after: Option<u64>,
+    rest_settle: Option<u64>,
     wear_at: Option<i64>,
     list: bool,
 }
@@ -67,6 +69,7 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
         extrapolation: None,
         ramp: 0,
         rest_after: None,
+        rest_settle: None,
         wear_at: None,
         list: false,
     };
@@ -84,6 +87,7 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
             "--extrapolation" => args.extrapolation = Some(value.parse()?),
             "--ramp" => args.ramp = value.parse()?,
             "--rest-after" => args.rest_after = Some(value.parse()?),
+            "--rest-settle" => args.rest_settle = Some(value.parse()?),
             "--wear-at" => args.wear_at = Some(value.parse::<i64>()? * 3600),
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -119,7 +123,7 @@ fn config(args: &Args) -> MonitorConfig {
             .unwrap_or(defaults.forecast_max_extrapolation),
         rest: RestConfig {
             after_secs: args.rest_after.unwrap_or(defaults.rest.after_secs),
-            ..defaults.rest
+            settle_secs: args.rest_settle.unwrap_or(defaults.rest.settle_secs),
         },
         ..defaults
     }

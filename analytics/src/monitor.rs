@@ -530,10 +530,9 @@ impl DeviceMonitor {
         };
         // The detector was fed the machine's rest as if it were running (for `after_secs`, and
         // all along if the machine was first seen standing): it starts over, to learn the
-        // running machine alone from its next start. Measured: a slow bearing wear on the third
-        // day of a one-shift machine first seen standing was found 201-343 s after it began on 8
-        // of 8 seeds with the restart, and without it at 312-858 s on 6 of them and only by
-        // the vibration limit (4,715 and 4,754 s) on the other two (`shift_stop --wear-at 58`).
+        // running machine alone from its next start. Without this a slow bearing wear on the
+        // third day was found only by the vibration limit on 2 of 8 seeds (`shift_stop
+        // --wear-at 58`, analytics/README "A machine's rest, learned").
         if rest_learned {
             self.detector.restart();
         }
