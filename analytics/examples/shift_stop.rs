@@ -23,11 +23,11 @@
 //! `MonitorConfig::forecast_max_extrapolation` (0: off). `--ramp S`: vibration and current
 //! spin up from 0 over the first S seconds of a run and down to 0 over its last S (0: at once).
 //! `--rest-after S` sets `RestConfig::after_secs`, how long the machine must stand before its
-//! rest is learned (0: not learned; the monitor learns it by default), `--rest-settle S`
-//! `RestConfig::settle_secs`. `--list` prints every
-//! alert. `--wear-at H`: from H hours after the first reading the bearing wears, the
-//! vibration rising by 0.001 for every second the machine has run since (3.6 an hour); alerts
-//! from then on are not counted as false alarms, and the first is reported.
+//! rest is learned (0: not learned; the monitor learns it by default), and `--rest-settle S`
+//! `RestConfig::settle_secs`. `--wear-at H`: from H hours after the first reading the bearing
+//! wears, the vibration rising by 0.001 for every second the machine has run since (3.6 an
+//! hour); alerts from then on are not counted as false alarms, and the first is reported.
+//! `--list` prints every alert.
 
 mod common;
 

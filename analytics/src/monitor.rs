@@ -40,7 +40,7 @@ use crate::detector::{
     DetectorConfig, DetectorError, DeviceDetector, MetricOutcome, RefitJob, TrainedModel,
 };
 use crate::forecast::{Limit, TrendTracker};
-use crate::rest::{RestConfig, RestGate};
+use crate::rest::{settled, RestConfig, RestGate};
 use crate::rul::{RulModel, RulTracker};
 use crate::telemetry::{secs_to_ms, Reading};
 
@@ -162,10 +162,7 @@ impl Gate {
             }
             self.running = runs;
         }
-        let settled = self.since_ms.map_or(true, |since| {
-            ts < since || ts - since >= secs_to_ms(self.rule.settle_secs)
-        });
-        self.running && settled
+        self.running && settled(self.since_ms, ts, self.rule.settle_secs)
     }
 }
 

@@ -149,25 +149,42 @@ impl Track {
         }
     }
 
-    /// The still stretch as a rest of this metric, if it is one at `ts`.
-    fn rest(&self, ts: i64, after_ms: i64) -> Option<Member> {
-        let centre = (self.lo + self.hi) / 2.0;
-        let away = (centre - self.ref_mean).abs() >= DEPARTURE * self.ref_std;
-        let rests = self.moving && self.ref_std > 0.0 && away;
-        (rests && ts - self.start_ms >= after_ms).then(|| Member {
-            name: self.name.clone(),
-            centre,
+    fn centre(&self) -> f64 {
+        (self.lo + self.hi) / 2.0
+    }
+
+    /// Whether the still stretch is a rest of this metric at `ts`.
+    fn at_rest(&self, ts: i64, after_ms: i64) -> bool {
+        let away = (self.centre() - self.ref_mean).abs() >= DEPARTURE * self.ref_std;
+        self.moving && self.ref_std > 0.0 && away && ts - self.start_ms >= after_ms
+    }
+
+    /// The still stretch as a rest level of this metric, the `track`-th.
+    fn member(&self, track: usize) -> Member {
+        Member {
+            track,
+            centre: self.centre(),
             half: (self.hi - self.lo).max(STILL_SHARE * self.ref_std),
-        })
+        }
     }
 }
 
 /// A metric's level in a rest.
 #[derive(Debug, Clone, PartialEq)]
 struct Member {
-    name: String,
+    /// Index into `RestGate::tracks` (tracks are only ever added).
+    track: usize,
     centre: f64,
     half: f64,
+}
+
+/// Whether a machine that started at `since_ms` (`None`: not since it was first seen) has
+/// settled at `ts` after `settle_secs`. A reading from before the start (a clock set back)
+/// counts as settled.
+pub(crate) fn settled(since_ms: Option<i64>, ts: i64, settle_secs: u64) -> bool {
+    since_ms.map_or(true, |since| {
+        ts < since || ts - since >= secs_to_ms(settle_secs)
+    })
 }
 
 /// A device's learned rests and whether its machine runs.
@@ -234,9 +251,7 @@ impl RestGate {
             self.standing = false;
             self.since_ms = Some(ts);
         }
-        self.since_ms.map_or(true, |since| {
-            ts < since || ts - since >= secs_to_ms(self.config.settle_secs)
-        })
+        settled(self.since_ms, ts, self.config.settle_secs)
     }
 
     /// Whether every metric of a remembered rest is at its level or at least `HEADING` usual
@@ -245,13 +260,10 @@ impl RestGate {
     fn matches_a_rest(&self) -> bool {
         self.rests.iter().any(|rest| {
             rest.iter().all(|m| {
-                self.tracks
-                    .iter()
-                    .find(|t| t.name == m.name)
-                    .is_some_and(|t| {
-                        let towards = (t.calm_mean - t.last) * (t.calm_mean - m.centre).signum();
-                        (t.last - m.centre).abs() <= m.half || towards >= HEADING * t.calm_std
-                    })
+                self.tracks.get(m.track).is_some_and(|t| {
+                    let towards = (t.calm_mean - t.last) * (t.calm_mean - m.centre).signum();
+                    (t.last - m.centre).abs() <= m.half || towards >= HEADING * t.calm_std
+                })
             })
         })
     }
@@ -263,23 +275,28 @@ impl RestGate {
             return false;
         }
         let after_ms = secs_to_ms(self.config.after_secs);
-        let resting: Vec<(i64, Member)> = self
+        // The metrics that came to rest within TOGETHER_MS of the last one to do so. Nothing
+        // is allocated unless they are a rest: this runs on every reading of a running machine.
+        let Some(latest) = self
             .tracks
             .iter()
-            .filter_map(|t| t.rest(ts, after_ms).map(|m| (t.start_ms, m)))
-            .collect();
-        // The metrics that came to rest within TOGETHER_MS of the last one to do so.
-        let Some(latest) = resting.iter().map(|(s, _)| *s).max() else {
+            .filter(|t| t.at_rest(ts, after_ms))
+            .map(|t| t.start_ms)
+            .max()
+        else {
             return false;
         };
-        let members: Vec<Member> = resting
-            .into_iter()
-            .filter(|(s, _)| latest - s <= TOGETHER_MS)
-            .map(|(_, m)| m)
-            .collect();
-        if members.len() < 2 {
+        let together = |t: &Track| t.at_rest(ts, after_ms) && latest - t.start_ms <= TOGETHER_MS;
+        if self.tracks.iter().filter(|t| together(t)).count() < 2 {
             return false;
         }
+        let members = self
+            .tracks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| together(t))
+            .map(|(i, t)| t.member(i))
+            .collect();
         if self.rests.len() >= MAX_RESTS {
             self.rests.remove(0);
         }
