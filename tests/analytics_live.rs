@@ -864,3 +864,72 @@ fn stops_and_starts_are_not_incidents_with_a_running_condition_or_a_learned_rest
         Some("1")
     );
 }
+
+#[test]
+fn a_door_that_opens_every_twenty_minutes_is_news_only_the_first_few_times() {
+    // Six hours at one reading a second: the door opens for a minute every 20-25 minutes
+    // (further apart than the 1000 readings the point tiers of the recurrence check remember),
+    // the temperature stays steady until it jumps 5 degrees in the last half hour.
+    const READINGS: i64 = 6 * 3600;
+    const JUMP_AT: i64 = READINGS - 1800;
+    let v = Vigil::start();
+    wait_subscribed(&v);
+    let mut alerts = Sub::start(v.port(), &["-t", "device/door-1/alerts", "-q", "1"]);
+    let t0 = now_ms() - READINGS * 1000;
+    let mut noise = uniform_noise(11);
+    let mut next_open = 1200;
+    let mut openings = 0;
+    let lines: Vec<String> = (0..READINGS)
+        .map(|i| {
+            if i >= next_open + 60 {
+                next_open = i + 1140 + (noise() + 0.5).mul_add(300.0, 0.0) as i64;
+                openings += 1;
+            }
+            let door = u8::from((next_open..next_open + 60).contains(&i));
+            let jump = if i >= JUMP_AT { 5.0 } else { 0.0 };
+            format!(
+                "{{\"door\":{door},\"temperature\":{:.2},\"timestamp\":{}}}",
+                21.0 + jump + 0.3 * noise(),
+                t0 + i * 1000
+            )
+        })
+        .collect();
+    assert!(openings >= 12, "{openings} openings");
+    for (i, chunk) in lines.chunks(500).enumerate() {
+        publish_lines(v.port(), "device/door-1/telemetry", &chunk.join("\n"));
+        let sent = (i * 500 + chunk.len()).to_string();
+        wait_metrics(&v, |m| {
+            value(m, "vigil_analytics_messages_total") == Some(sent.as_str())
+                && value(m, "vigil_analytics_refits_running") == Some("0")
+        });
+    }
+    let got = alerts.drain(Duration::from_millis(500));
+    // (metric, reading) of each anomaly alert.
+    let anomalies: Vec<(String, i64)> = got
+        .iter()
+        .map(|m| payload(m).1)
+        .filter(|a| a["kind"] == "anomaly")
+        .map(|a| {
+            let metric = a["metric"].as_str().unwrap_or("").to_string();
+            (metric, (a["timestamp"].as_i64().unwrap_or(0) - t0) / 1000)
+        })
+        .collect();
+    let door: Vec<i64> = anomalies
+        .iter()
+        .filter(|(m, _)| m == "door")
+        .map(|&(_, i)| i)
+        .collect();
+    assert!(
+        !door.is_empty() && door.len() <= 5 && door.iter().all(|&i| i < 3 * 3600),
+        "the door's anomaly alerts (reading) after {openings} openings: {anomalies:?}"
+    );
+    let temperature: Vec<i64> = anomalies
+        .iter()
+        .filter(|(m, _)| m == "temperature")
+        .map(|&(_, i)| i)
+        .collect();
+    assert!(
+        temperature.len() == 1 && temperature[0] >= JUMP_AT,
+        "the temperature's jump is one incident: {anomalies:?}"
+    );
+}

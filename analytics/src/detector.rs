@@ -30,7 +30,10 @@
 //!    extends this to `recurrence_far_window` points back at a discount: an excursion whose
 //!    rise above the channel's usual level is no more than `recurrence_far_share` of the rise
 //!    of one from up to that far back is not news either. Both tiers forget scores more than
-//!    `recurrence_span_s` old;
+//!    `recurrence_span_s` old. A long tier remembers in time what the point tiers cannot at
+//!    fast rates (1000 readings a second apart are 17 minutes): an excursion is routine when
+//!    the channel made `recurrence_long_count` comparable ones (rise and size) in the last
+//!    `recurrence_long_span_s`;
 //! 6. raises an alert when `z` reaches the standard score of `alert_tail` (plus `young_margin`
 //!    scaled by how empty the score history still is, so the first alerts after the warm-up,
 //!    judged against few points, must be clearer; for the forest channel it also fades over
@@ -67,7 +70,7 @@
 //! (`young_span_s`, `early_min_span_s`).
 //!
 //! Memory per metric is bounded by the configuration (`DetectorConfig::bytes_per_metric`): with
-//! the defaults at most about 610 KB, typically about 240 KB (the forest's trees are rarely
+//! the defaults at most about 616 KB, typically about 240 KB (the forest's trees are rarely
 //! full), and a device tracks at most `max_metrics` metrics.
 
 use std::collections::VecDeque;
@@ -206,6 +209,19 @@ pub struct DetectorConfig {
     /// Share of an older peak's rise a smoothed score's rise must exceed to escape the far tier,
     /// in (0, 1].
     pub recurrence_far_share: f64,
+    /// Long tier of the recurrence check, in time, for metrics read faster than the point tiers
+    /// can remember (at one reading a second, 1000 and 3000 points are 17 and 50 minutes): a
+    /// smoothed score is routine, and not news, when the channel made at least
+    /// `recurrence_long_count` comparable excursions (peaks whose rise above the channel's
+    /// usual level is at least `recurrence_far_share` of its own) beyond the far tier (more
+    /// than `recurrence_far_window` points ago) and within this many seconds. A door that opens
+    /// every quarter of an hour, an hourly batch, a battery's steps: news the first few times,
+    /// routine from then on. Time-stamped readings only; 0 disables. At five-minute readings
+    /// 3000 points are ten days, so it never applies.
+    pub recurrence_long_span_s: u64,
+    /// Comparable excursions within `recurrence_long_span_s` that make one routine (at least 1).
+    /// One earlier incident alone never masks a second.
+    pub recurrence_long_count: usize,
     /// Metrics in the device's cross-metric model (0 disables it, at most 8): the metrics of
     /// the first reading that carries two or more, in its order. Only readings carrying all of
     /// them are used; after `warmup` multi-metric readings in a row with another set, the model
@@ -347,6 +363,8 @@ impl Default for DetectorConfig {
             recurrence_gap: 50,
             recurrence_far_window: 3000,
             recurrence_far_share: 0.75,
+            recurrence_long_span_s: 86_400,
+            recurrence_long_count: 3,
             joint_metrics: 8,
             joint_min_r2: 0.5,
             joint_min_residual: 3.0,
@@ -460,6 +478,11 @@ impl DetectorConfig {
                  with recurrence_far_share in (0, 1]",
             ));
         }
+        if self.recurrence_long_span_s > 0 && self.recurrence_long_count == 0 {
+            return Err(DetectorError::InvalidConfig(
+                "recurrence_long_count must be at least 1 while recurrence_long_span_s is not 0",
+            ));
+        }
         if self.max_metrics == 0 {
             return Err(DetectorError::InvalidConfig("max_metrics must be positive"));
         }
@@ -534,6 +557,11 @@ impl DetectorConfig {
         }
     }
 
+    /// `recurrence_long_span_s` in milliseconds; `None` when the long tier is off.
+    fn recurrence_long_span_ms(&self) -> Option<i64> {
+        (self.recurrence_long_span_s > 0).then(|| secs_to_ms(self.recurrence_long_span_s))
+    }
+
     /// `recurrence_span_s` in milliseconds; `None` when it is 0 (no limit in time).
     fn recurrence_span_ms(&self) -> Option<i64> {
         (self.recurrence_span_s > 0).then(|| secs_to_ms(self.recurrence_span_s))
@@ -576,7 +604,8 @@ impl DetectorConfig {
 
     /// Upper bound of one channel's recurrence queues: at most `recurrence_window` (index,
     /// value, time) entries plus the `recurrence_gap` (value, time) pairs not yet eligible,
-    /// and as many block maxima for the far tier.
+    /// as many block maxima for the far tier, and `LONG_PEAKS` excursion peaks for the long
+    /// tier.
     fn bytes_recurrence(&self) -> usize {
         let near = if self.recurrence_window > 0 {
             self.recurrence_window * 24 + self.recurrence_gap * 16
@@ -589,7 +618,12 @@ impl DetectorConfig {
         } else {
             0
         };
-        near + far
+        let long = if self.recurrence_long_span_s > 0 {
+            LONG_PEAKS * 32
+        } else {
+            0
+        };
+        near + far + long
     }
 
     /// Upper bound of the memory one device takes (`max_metrics` metrics plus names, and the
@@ -1055,13 +1089,101 @@ impl FarPeaks {
     }
 }
 
+/// Excursion peaks the long tier keeps per channel (the most recent; older ones are dropped
+/// first). A channel that makes more excursions than this in `recurrence_long_span_s` finds
+/// enough comparable ones among the most recent.
+const LONG_PEAKS: usize = 64;
+
+/// A channel's smoothed score is in an excursion, for the long tier, while its standard score
+/// (before the recurrence checks) is at least this.
+const LONG_EXCURSION_Z: f64 = 4.0;
+
+/// The long tier's memory: the peaks of a channel's recent excursions (highest smoothed score,
+/// and largest size: how far the metric's values strayed, in its own units), each with the
+/// push count and time stamp at which it ended. Excursions are runs of standard scores at or
+/// above `LONG_EXCURSION_Z`, ended by `avg_window` scores below it; only time-stamped ones
+/// count.
+#[derive(Debug, Clone, Default)]
+struct LongPeaks {
+    peaks: VecDeque<(f64, f64, u64, i64)>,
+    /// The running excursion's peak score and size, and the scores below the bar since it.
+    cur: Option<(f64, f64)>,
+    below: usize,
+    pushes: u64,
+}
+
+impl LongPeaks {
+    /// Whether `avg` (of a point of size `size`; NaN: not known) is routine: at least
+    /// `recurrence_long_count` excursions that ended more than `recurrence_gap` scores and
+    /// at most `recurrence_long_span_s` before `now_ms` peaked with a rise above `base` of at
+    /// least `recurrence_far_share` of `avg`'s, and strayed at least that share of `size`.
+    /// The size matters because the channels' scores saturate: a bump three times as high
+    /// can score as one seen before.
+    fn routine(&self, cfg: &DetectorConfig, avg: f64, size: f64, base: f64, now_ms: i64) -> bool {
+        let Some(span_ms) = cfg.recurrence_long_span_ms() else {
+            return false;
+        };
+        let rise = avg - base;
+        if rise.is_nan() || rise <= 0.0 {
+            return false;
+        }
+        let reach = cfg.recurrence_gap as u64;
+        let need = cfg.recurrence_long_count.max(1);
+        let share = cfg.recurrence_far_share;
+        self.peaks
+            .iter()
+            .filter(|&&(peak, strayed, at, t)| {
+                self.pushes.saturating_sub(at) >= reach
+                    && now_ms.saturating_sub(t) <= span_ms
+                    && peak - base >= share * rise
+                    // A size not known (NaN) on either side does not decide.
+                    && (strayed.is_nan() || size.is_nan() || strayed >= share * size)
+            })
+            .take(need)
+            .count()
+            >= need
+    }
+
+    /// Records `avg` with its standard score `z` (before the recurrence checks) and its
+    /// point's size.
+    fn push(&mut self, cfg: &DetectorConfig, avg: f64, z: f64, size: f64, now_ms: i64) {
+        self.pushes += 1;
+        if z >= LONG_EXCURSION_Z {
+            self.cur = Some(match self.cur {
+                None => (avg, size),
+                Some((p, s)) => (p.max(avg), s.max(size)),
+            });
+            self.below = 0;
+        } else if let Some((peak, strayed)) = self.cur {
+            // The score lags the values: the excursion's size keeps growing while it lasts.
+            self.cur = Some((peak, strayed.max(size)));
+            self.below += 1;
+            if self.below >= cfg.avg_window.max(1) {
+                if self.peaks.len() >= LONG_PEAKS {
+                    self.peaks.pop_front();
+                }
+                self.peaks
+                    .push_back((peak, strayed.max(size), self.pushes, now_ms));
+                self.cur = None;
+            }
+        }
+        if let Some(span_ms) = cfg.recurrence_long_span_ms() {
+            let cutoff = now_ms.saturating_sub(span_ms);
+            while self.peaks.front().is_some_and(|p| p.3 < cutoff) {
+                self.peaks.pop_front();
+            }
+        }
+    }
+}
+
 /// A channel's smoothed scores judged against their own recent history: the standard score and
-/// the recurrence check (near and far tiers).
+/// the recurrence check (near, far and long tiers).
 #[derive(Debug, Clone, Default)]
 struct ScoreHistory {
     hist: RollingStats,
     peak: LaggedMax,
     far: FarPeaks,
+    long: LongPeaks,
 }
 
 /// What only the forest channel's judgement uses: the long-horizon spread that floors its
@@ -1211,10 +1333,12 @@ impl ScoreHistory {
     /// and the score at most the standard score of the tail probability the extreme-value fit
     /// gives it, `tail_fit_quantile`), capped at 0 when `avg` is below `floor` or no higher
     /// than the channel's recent peak (the recurrence check); then records `avg`.
+    #[allow(clippy::too_many_arguments)]
     fn judge(
         &mut self,
         cfg: &DetectorConfig,
         avg: f64,
+        size: f64,
         at_ms: Option<i64>,
         min_std: f64,
         floor: f64,
@@ -1233,9 +1357,10 @@ impl ScoreHistory {
         // The level the far tier measures excursions from: the history's mean before `avg`
         // joins it (isolation scores sit near 0.4-0.5 when nothing happens, so a share of the
         // raw score would mask almost nothing on the forest channel).
-        // Only needed with the far tier on.
+        // Only needed with the far or the long tier on.
         let n = self.hist.len();
-        let base = if cfg.recurrence_far_window > 0 && n > 0 {
+        let long_tier = cfg.recurrence_long_span_s > 0 && at_ms.is_some();
+        let base = if (cfg.recurrence_far_window > 0 || long_tier) && n > 0 {
             self.hist.sum / n as f64
         } else {
             0.0
@@ -1261,6 +1386,13 @@ impl ScoreHistory {
         if let (Some(now), Some(span_ms)) = (at_ms, cfg.recurrence_span_ms()) {
             self.peak.forget_before(now.saturating_sub(span_ms));
             self.far.blocks.forget_before(now.saturating_sub(span_ms));
+        }
+        if let (true, Some(now)) = (long_tier, at_ms) {
+            let routine = self.long.routine(cfg, avg, size, base, now);
+            self.long.push(cfg, avg, z, size, now);
+            if routine {
+                z = z.min(0.0);
+            }
         }
         if cfg.recurrence_window > 0 && self.peak.max().is_some_and(|m| avg <= m) {
             z = z.min(0.0);
@@ -1703,12 +1835,16 @@ impl MetricDetector {
         // Judge each smoothed score against its history *before* adding it, so an anomaly does
         // not lower its own surprise.
         let n = self.forest_scores.len();
+        // How far the value strays from the metric's 100-point mean, in its own units: the size
+        // the long tier of the recurrence check compares (the scores saturate).
+        let size = feats[3].abs();
         // Only the forest channel's spread is floored by its long-horizon spread: the shape
         // channel's novelty falls as the stretches seen so far grow in number, so its recent
         // spread is the right yardstick (flooring it loses windows).
         let z_forest = self.forest_scores.judge(
             cfg,
             avg,
+            size,
             at_ms,
             cfg.min_std,
             cfg.min_smoothed_score,
@@ -1725,6 +1861,7 @@ impl MetricDetector {
                 self.shape_scores.judge(
                     cfg,
                     self.shape_avg,
+                    size,
                     at_ms,
                     cfg.shape_min_std,
                     f64::NEG_INFINITY,
@@ -1739,10 +1876,15 @@ impl MetricDetector {
         // made in the last 1000 readings, or a comparable one within the far tier, is not news)
         // and the shape channel's readings-only young margin.
         let z_level = match level {
-            Some(l) => {
-                self.level_scores
-                    .judge(cfg, l, at_ms, cfg.shape_min_std, cfg.level_floor, None)
-            }
+            Some(l) => self.level_scores.judge(
+                cfg,
+                l,
+                size,
+                at_ms,
+                cfg.shape_min_std,
+                cfg.level_floor,
+                None,
+            ),
             None => f64::NEG_INFINITY,
         };
         // A jump that an alert already reported keeps the level channel's evidence high for
@@ -1956,9 +2098,15 @@ impl JointChannel {
 
         let avg = moving_mean(&mut self.recent, cfg.avg_window, residual.size);
         let n = self.scores.len();
-        let z = self
-            .scores
-            .judge(cfg, avg, at_ms, JOINT_MIN_STD, cfg.joint_min_residual, None);
+        let z = self.scores.judge(
+            cfg,
+            avg,
+            f64::NAN,
+            at_ms,
+            JOINT_MIN_STD,
+            cfg.joint_min_residual,
+            None,
+        );
         let score = if n >= 2 { 1.0 - upper_tail(z) } else { 0.0 };
         let alert = self.debounce.judge(cfg, z, score, n, at_ms);
         // Which metric broke away is worked out only when it is reported, on the mean of the
@@ -3019,10 +3167,13 @@ mod tests {
             for i in 0..6000 {
                 let amp = if i < 4000 { 0.1 } else { 0.01 };
                 let x = 0.5 + if i % 2 == 0 { amp } else { -amp };
-                h.judge(cfg, x, None, 1e-6, 0.0, Some(&mut c));
+                h.judge(cfg, x, f64::NAN, None, 1e-6, 0.0, Some(&mut c));
             }
             let long = c.long.std();
-            (h.judge(cfg, 0.6, None, 1e-6, 0.0, Some(&mut c)), long)
+            (
+                h.judge(cfg, 0.6, f64::NAN, None, 1e-6, 0.0, Some(&mut c)),
+                long,
+            )
         };
         let (z_off, _) = z_after_quiet(&off);
         assert!((z_off - 10.0).abs() < 1e-6, "{z_off}");
@@ -3038,9 +3189,9 @@ mod tests {
             let (mut h, mut c) = (ScoreHistory::default(), ForestCalibration::default());
             for i in 0..3000 {
                 let x = if i % 2 == 0 { 0.6 } else { 0.4 };
-                h.judge(cfg, x, None, 1e-6, 0.0, Some(&mut c));
+                h.judge(cfg, x, f64::NAN, None, 1e-6, 0.0, Some(&mut c));
             }
-            h.judge(cfg, 0.9, None, 1e-6, 0.0, Some(&mut c))
+            h.judge(cfg, 0.9, f64::NAN, None, 1e-6, 0.0, Some(&mut c))
         };
         let (a, b) = (steady(&cfg), steady(&off));
         assert!((a - b).abs() < 1e-6, "{a} {b}");
@@ -3094,12 +3245,28 @@ mod tests {
         let z_after = |cfg: &DetectorConfig| {
             let (mut sh, mut c) = (ScoreHistory::default(), ForestCalibration::default());
             for &x in &hist {
-                sh.judge(cfg, x, None, 1e-6, f64::NEG_INFINITY, Some(&mut c));
+                sh.judge(
+                    cfg,
+                    x,
+                    f64::NAN,
+                    None,
+                    1e-6,
+                    f64::NEG_INFINITY,
+                    Some(&mut c),
+                );
             }
             if cfg.tail_fit_quantile > 0.0 {
                 c.tail = fit.clone();
             }
-            sh.judge(cfg, 0.88, None, 1e-6, f64::NEG_INFINITY, Some(&mut c))
+            sh.judge(
+                cfg,
+                0.88,
+                f64::NAN,
+                None,
+                1e-6,
+                f64::NEG_INFINITY,
+                Some(&mut c),
+            )
         };
         let on = DetectorConfig {
             recurrence_window: 0,
@@ -3139,11 +3306,19 @@ mod tests {
         // A peak of 10, `quiet` readings of 1 (one a minute, or one an hour), then `x`.
         let z_after_peak = |cfg: &DetectorConfig, quiet: i64, step_ms: i64, x: f64| {
             let mut h = ScoreHistory::default();
-            h.judge(cfg, 10.0, Some(0), 0.1, 0.0, None);
+            h.judge(cfg, 10.0, f64::NAN, Some(0), 0.1, 0.0, None);
             for i in 1..=quiet {
-                h.judge(cfg, 1.0, Some(i * step_ms), 0.1, 0.0, None);
+                h.judge(cfg, 1.0, f64::NAN, Some(i * step_ms), 0.1, 0.0, None);
             }
-            h.judge(cfg, x, Some((quiet + 1) * step_ms), 0.1, 0.0, None)
+            h.judge(
+                cfg,
+                x,
+                f64::NAN,
+                Some((quiet + 1) * step_ms),
+                0.1,
+                0.0,
+                None,
+            )
         };
         let cfg = DetectorConfig::default();
         let minute = 60_000;
@@ -3192,6 +3367,48 @@ mod tests {
             "alerts at {alerts:?} (without the check: {without:?})"
         );
         assert!(without.len() > alerts.len(), "{alerts:?} {without:?}");
+    }
+
+    #[test]
+    fn an_excursion_made_every_half_hour_is_routine_after_three_and_a_bigger_one_is_not() {
+        // One reading a second: a minute-long bump every 25 minutes (1,500 readings, beyond
+        // the near tier's 1,000) for twelve hours, then one three times as high.
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(3);
+        let n = 12 * 3600;
+        let values: Vec<f64> = (0..n + 1500)
+            .map(|i| {
+                let bump = match (i % 1500 >= 1400 && i % 1500 < 1460, i >= n) {
+                    (true, false) => 3.0,
+                    (true, true) => 9.0,
+                    _ => 0.0,
+                };
+                10.0 + 0.2 * rng.gen::<f64>() + bump
+            })
+            .collect();
+        let alerts = feed_timed(
+            &mut DeviceDetector::new(small_config()).expect("config"),
+            &values,
+            1000,
+        );
+        let without = feed_timed(
+            &mut DeviceDetector::new(DetectorConfig {
+                recurrence_long_span_s: 0,
+                ..small_config()
+            })
+            .expect("config"),
+            &values,
+            1000,
+        );
+        let routine = alerts.iter().filter(|&&i| i < n).count();
+        assert!(routine <= 4, "alerts at {alerts:?}");
+        assert!(
+            without.iter().filter(|&&i| i < n).count() >= 10,
+            "without the long tier: {without:?}"
+        );
+        assert!(
+            alerts.iter().any(|&i| i >= n),
+            "the bigger bump is news: {alerts:?}, without the long tier {without:?}"
+        );
     }
 
     #[test]
@@ -3350,6 +3567,17 @@ mod tests {
             })
             .is_err());
         }
+        assert!(DeviceDetector::new(DetectorConfig {
+            recurrence_long_count: 0,
+            ..DetectorConfig::default()
+        })
+        .is_err());
+        assert!(DeviceDetector::new(DetectorConfig {
+            recurrence_long_count: 0,
+            recurrence_long_span_s: 0,
+            ..DetectorConfig::default()
+        })
+        .is_ok());
         for share in [0.0, 1.5, f64::NAN] {
             assert!(DeviceDetector::new(DetectorConfig {
                 recurrence_far_share: share,
