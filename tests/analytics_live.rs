@@ -933,3 +933,39 @@ fn a_door_that_opens_every_twenty_minutes_is_news_only_the_first_few_times() {
         "the temperature's jump is one incident: {anomalies:?}"
     );
 }
+
+#[test]
+fn a_device_that_reports_by_exception_is_silent_only_beyond_its_usual_quiet_spells() {
+    // One second of silence is enough here (the default is 60 s). The device sends a burst
+    // when its value changes, then nothing for 3 s, five times, then nothing at all.
+    let v = Vigil::start_with(|t| t.replace("silence_min_secs = 60", "silence_min_secs = 1"));
+    wait_subscribed(&v);
+    let mut alerts = Sub::start(v.port(), &["-t", "device/rbe-1/alerts", "-q", "1"]);
+    let burst = (0..20)
+        .map(|i| format!("{{\"temperature\":{}}}", 60 + i % 7))
+        .collect::<Vec<_>>()
+        .join("\n");
+    // Silence alerts received by the end of each spell.
+    let mut so_far = Vec::new();
+    for _ in 0..5 {
+        publish_lines(v.port(), "device/rbe-1/telemetry", &burst);
+        std::thread::sleep(Duration::from_secs(3));
+        so_far.push(alerts.drain(Duration::from_millis(10)).len());
+    }
+    // The first three quiet spells are silences: the device had none before. Then they are
+    // its routine.
+    assert_eq!(
+        so_far,
+        vec![1, 2, 3, 3, 3],
+        "silence alerts by the end of each spell"
+    );
+    // Quiet for longer than its spells (twice, to the next power of two): a silence.
+    publish_lines(v.port(), "device/rbe-1/telemetry", &burst);
+    let outage = alerts.wait_for(|l| l.contains("no telemetry for"), Duration::from_secs(12));
+    assert!(
+        outage.is_some(),
+        "no alert for the outage; log:\n{}",
+        v.log()
+    );
+    assert!(metrics(&v).contains("vigil_analytics_silences_total 4"));
+}

@@ -4,16 +4,37 @@
 //! disconnect sends nothing at all, so nothing reaches the detector. The watch remembers when
 //! the device's last messages arrived (the receiving server's clock, not the device's) and calls
 //! the device silent when nothing has arrived for `factor` times its usual interval between
-//! messages (the median of its last `GAPS` intervals), and at least `min_ms`. A device is only
-//! judged once `GAPS` intervals are known, and each silence is reported once: the watch re-arms
-//! when the device reports again. A device that said it is going offline is excused
-//! ([`SilenceWatch::excuse`]) until then. O(1) per message; a check costs a median of 16
-//! numbers, and only once the device has been quiet for `min_ms`. 88 bytes per device.
+//! messages (the median of its last `GAPS` intervals), and at least `min_ms`, and for longer
+//! than its routine quiet spells: at most `ROUTINE_GAPS - 1` of its intervals of the last day
+//! (12 to 24 hours) may have been as long, to within a factor of two. A device that reports by
+//! exception (only when a value changes) is quiet for long spells whenever its process is
+//! steady; the median alone called each of them a silence. A device is only judged once `GAPS`
+//! intervals are known, and each silence is reported once: the watch re-arms when the device
+//! reports again. A device that said it is going offline is excused ([`SilenceWatch::excuse`])
+//! until then. O(1) per message; a check costs a median of 16 numbers and a sum of 64 counts,
+//! and only once the device has been quiet for `min_ms`. 224 bytes per device.
 
 use crate::alert::{AlertKind, AlertMessage, Severity};
 
 /// Message intervals the usual interval is the median of.
 pub const GAPS: usize = 16;
+
+/// Interval lengths are counted by powers of two of milliseconds: bucket `b` holds the intervals
+/// from 2^b to 2^(b+1) ms (the last one, every longer interval).
+const BUCKETS: usize = 32;
+
+/// The interval counts cover the current window of this length and the previous one.
+const WINDOW_MS: i64 = 12 * 3_600_000;
+
+/// A quiet spell is the device's routine, not a silence, while this many of its intervals of
+/// the last day fell in the spell's bucket or a longer one.
+pub const ROUTINE_GAPS: u32 = 3;
+
+/// The bucket of an interval of `ms` milliseconds.
+fn bucket(ms: i64) -> usize {
+    let ms = u64::try_from(ms.max(1)).unwrap_or(1);
+    (ms.ilog2() as usize).min(BUCKETS - 1)
+}
 
 /// The `metric` of a silence alert: the device's telemetry as a whole.
 pub const SILENCE_METRIC: &str = "telemetry";
@@ -71,6 +92,10 @@ pub struct SilenceWatch {
     filled: u8,
     next: u8,
     reported: bool,
+    /// Intervals per bucket: this window's (`[0]`) and the previous one's.
+    spells: [[u16; BUCKETS]; 2],
+    /// When this window began.
+    window_ms: i64,
 }
 
 impl SilenceWatch {
@@ -82,6 +107,16 @@ impl SilenceWatch {
             self.gaps[usize::from(self.next)] = u32::try_from(gap).unwrap_or(u32::MAX);
             self.next = (self.next + 1) % GAPS as u8;
             self.filled = (self.filled + 1).min(GAPS as u8);
+            if now_ms.saturating_sub(self.window_ms) >= WINDOW_MS {
+                self.spells[1] = match now_ms.saturating_sub(self.window_ms) < 2 * WINDOW_MS {
+                    true => self.spells[0],
+                    false => [0; BUCKETS],
+                };
+                self.spells[0] = [0; BUCKETS];
+                self.window_ms = now_ms;
+            }
+            let counted = &mut self.spells[0][bucket(gap)];
+            *counted = counted.saturating_add(1);
         }
         self.last_ms = Some(self.last_ms.map_or(now_ms, |l| l.max(now_ms)));
         self.reported = false;
@@ -121,6 +156,15 @@ impl SilenceWatch {
         }
         let usual_ms = self.usual_ms()?;
         if silent_ms < usual_ms.saturating_mul(i64::from(rule.factor)) {
+            return None;
+        }
+        let as_long: u32 = self
+            .spells
+            .iter()
+            .flat_map(|w| &w[bucket(silent_ms)..])
+            .map(|&c| u32::from(c))
+            .sum();
+        if as_long >= ROUTINE_GAPS {
             return None;
         }
         self.reported = true;
@@ -199,6 +243,39 @@ mod tests {
         assert_eq!(said.check(&RULE, 1_000_000), None);
         said.note(1_000_000);
         assert!(said.check(&RULE, 2_000_000).is_some());
-        assert_eq!(std::mem::size_of::<SilenceWatch>(), 88);
+        assert_eq!(std::mem::size_of::<SilenceWatch>(), 224);
+    }
+
+    #[test]
+    fn quiet_spells_a_device_has_every_day_are_not_silences_a_longer_one_is() {
+        // Reports by exception: a burst of 20 messages 2 s apart when its value changes, then
+        // 20 minutes without any, all day long.
+        let mut w = SilenceWatch::default();
+        let spell = 20 * 60_000;
+        let mut t = 0;
+        let mut reported = Vec::new();
+        for cycle in 0..72 {
+            for _ in 0..20 {
+                w.note(t);
+                t += 2000;
+            }
+            t -= 2000;
+            // Checked every second of the spell, as the live task does.
+            if (1..=spell / 1000).any(|s| w.check(&RULE, t + s * 1000).is_some()) {
+                reported.push(cycle);
+            }
+            t += spell;
+        }
+        // The median interval is 2 s: without the day's spells every one was a silence.
+        assert_eq!(reported, vec![0, 1, 2], "cycles with a silence reported");
+        // An outage: reported once it is longer than the spells by more than their bucket.
+        w.note(t);
+        let found = (1..=4 * 3600)
+            .find(|&s| w.check(&RULE, t + s * 1000).is_some())
+            .map(|s| s * 1000);
+        assert!(
+            found.is_some_and(|ms| ms > spell && ms <= 4 * spell),
+            "{found:?}"
+        );
     }
 }
