@@ -24,6 +24,9 @@
 //! - `errors`: an error counter per interval: 0, with a burst of 1-3 about once an hour.
 //! - `setpoint`: a configured value echoed in every message, 60.0, never changing.
 //! - `door`: 0 or 1, opened for 10-120 s about every 15 minutes.
+//! - `oven_rbe`: an oven at 180 degrees, a daily swing of ±10 and a controller error wandering
+//!   by about 1 degree, in whole degrees. On a device of its own (`--together 0`) it reports by
+//!   exception: only when the value changes, so its readings come seconds or many minutes apart.
 //!
 //! `--together 1` (the default) sends them all in one device's messages; `--together 0` gives
 //! each signal a device of its own (the thermostat's two as one). `--only NAME` keeps one signal
@@ -42,7 +45,7 @@ use vigil_analytics::telemetry::Reading;
 
 const DAY: i64 = 86_400;
 
-const SIGNALS: [&str; 14] = [
+const SIGNALS: [&str; 15] = [
     "energy_kwh",
     "parts",
     "uptime_s",
@@ -57,6 +60,7 @@ const SIGNALS: [&str; 14] = [
     "errors",
     "setpoint",
     "door",
+    "oven_rbe",
 ];
 
 /// The device a signal belongs to when each has its own (`--together 0`).
@@ -108,6 +112,9 @@ struct Plant {
     room: f64,
     heating: bool,
     ambient: f64,
+    oven: f64,
+    /// The oven's own noise, so adding it left the other signals' draws as they were.
+    oven_rng: Xoshiro256PlusPlus,
     next_burst: i64,
     door_open_until: i64,
     next_door: i64,
@@ -125,6 +132,8 @@ impl Plant {
             room: 21.0,
             heating: true,
             ambient: 12.0,
+            oven: 0.0,
+            oven_rng: Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x0be),
             next_burst: 3600,
             door_open_until: 0,
             next_door: 900,
@@ -132,7 +141,7 @@ impl Plant {
     }
 
     /// The readings at second `i`, in `SIGNALS` order.
-    fn step(&mut self, i: i64) -> [f64; 14] {
+    fn step(&mut self, i: i64) -> [f64; 15] {
         let rng = &mut self.rng;
         self.energy += 0.0012;
         if i >= self.next_part {
@@ -166,6 +175,8 @@ impl Plant {
         // A mean-reverting walk: time constant 6 h, stationary spread 2.
         let tau = 6.0 * 3600.0;
         self.ambient += (12.0 - self.ambient) / tau + gauss(rng, 2.0 * (2.0 / tau).sqrt());
+        // The oven's controller error: a mean-reverting walk, time constant 10 minutes, spread 1.
+        self.oven += -self.oven / 600.0 + gauss(&mut self.oven_rng, (2.0f64 / 600.0).sqrt());
         let errors = if i >= self.next_burst {
             self.next_burst = i + rng.gen_range(1800..=5400);
             rng.gen_range(1..=3) as f64
@@ -192,6 +203,7 @@ impl Plant {
             errors,
             60.0,
             door,
+            (180.0 + 10.0 * daily + self.oven).round(),
         ]
     }
 }
@@ -246,9 +258,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect::<Result<Vec<_>, _>>()?;
         let t0 = 1_790_000_000_000i64;
         let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
+        let mut last_sent = [None; SIGNALS.len()];
         for i in 0..args.days * DAY {
             let values = plant.step(i);
             for (g, m) in groups.iter().zip(monitors.iter_mut()) {
+                // Report by exception: `oven_rbe` alone sends only a changed value.
+                if !args.together && SIGNALS[g[0]] == "oven_rbe" {
+                    let k = g[0];
+                    if last_sent[k] == Some(values[k]) {
+                        continue;
+                    }
+                    last_sent[k] = Some(values[k]);
+                }
                 let out = m.ingest(&Reading {
                     timestamp_ms: t0 + i * 1000,
                     device_time: true,

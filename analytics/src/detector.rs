@@ -1133,8 +1133,9 @@ impl LongPeaks {
         self.peaks
             .iter()
             .filter(|&&(peak, strayed, at, t)| {
+                // Peaks stamped after `now_ms` (a device clock set back) do not count.
                 self.pushes.saturating_sub(at) >= reach
-                    && now_ms.saturating_sub(t) <= span_ms
+                    && (0..=span_ms).contains(&now_ms.saturating_sub(t))
                     && peak - base >= share * rise
                     // A size not known (NaN) on either side does not decide.
                     && (strayed.is_nan() || size.is_nan() || strayed >= share * size)
