@@ -35,7 +35,7 @@ use common::gauss;
 use rand::SeedableRng;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use vigil_analytics::alert::AlertKind;
-use vigil_analytics::monitor::{DeviceMonitor, MetricLimit, MonitorConfig, RunningRule};
+use vigil_analytics::monitor::{DeviceMonitor, MonitorConfig, RunningRule};
 use vigil_analytics::rest::RestConfig;
 use vigil_analytics::telemetry::Reading;
 
@@ -111,13 +111,7 @@ fn config(args: &Args) -> MonitorConfig {
             })
             .into_iter()
             .collect(),
-        limits: [("temperature", 85.0), ("vibration", 7.1)]
-            .map(|(metric, above)| MetricLimit {
-                metric: metric.into(),
-                above: Some(above),
-                below: None,
-            })
-            .into(),
+        limits: common::broker_limits(),
         forecast_max_extrapolation: args
             .extrapolation
             .unwrap_or(defaults.forecast_max_extrapolation),

@@ -40,7 +40,7 @@ use rand::Rng;
 use rand::SeedableRng;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use std::collections::BTreeMap;
-use vigil_analytics::monitor::{DeviceMonitor, MetricLimit, MonitorConfig};
+use vigil_analytics::monitor::{DeviceMonitor, MonitorConfig};
 use vigil_analytics::telemetry::Reading;
 
 const DAY: i64 = 86_400;
@@ -210,13 +210,7 @@ impl Plant {
 
 fn config() -> MonitorConfig {
     MonitorConfig {
-        limits: [("temperature", 85.0), ("vibration", 7.1)]
-            .map(|(metric, above)| MetricLimit {
-                metric: metric.into(),
-                above: Some(above),
-                below: None,
-            })
-            .into(),
+        limits: common::broker_limits(),
         ..MonitorConfig::default()
     }
 }

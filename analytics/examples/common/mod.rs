@@ -3,6 +3,7 @@
 use rand::Rng;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use std::error::Error;
+use vigil_analytics::monitor::MetricLimit;
 
 /// A draw from N(0, `sd`²) (Box-Muller).
 pub fn gauss(rng: &mut Xoshiro256PlusPlus, sd: f64) -> f64 {
@@ -27,4 +28,16 @@ pub fn flags(
         set(&flag, value)?;
     }
     Ok(list)
+}
+
+/// The limits `broker.toml` sets for every device: temperature above 85, vibration above 7.1.
+#[allow(dead_code)] // Not every example that includes this module runs a monitor.
+pub fn broker_limits() -> Vec<MetricLimit> {
+    [("temperature", 85.0), ("vibration", 7.1)]
+        .map(|(metric, above)| MetricLimit {
+            metric: metric.into(),
+            above: Some(above),
+            below: None,
+        })
+        .into()
 }
