@@ -213,11 +213,12 @@ pub struct DetectorConfig {
     /// can remember (at one reading a second, 1000 and 3000 points are 17 and 50 minutes): a
     /// smoothed score is routine, and not news, when the channel made at least
     /// `recurrence_long_count` comparable excursions (peaks whose rise above the channel's
-    /// usual level is at least `recurrence_far_share` of its own) beyond the far tier (more
-    /// than `recurrence_far_window` points ago) and within this many seconds. A door that opens
-    /// every quarter of an hour, an hourly batch, a battery's steps: news the first few times,
-    /// routine from then on. Time-stamped readings only; 0 disables. At five-minute readings
-    /// 3000 points are ten days, so it never applies.
+    /// usual level is at least `recurrence_far_share` of its own, and whose values strayed
+    /// from the metric's 100-point mean at least that share as far as the current one) that
+    /// ended at least `recurrence_gap` points and at most this many seconds ago. A door that
+    /// opens every quarter of an hour, an hourly batch, a battery's steps: news the first few
+    /// times, routine from then on. Time-stamped readings only; 0 disables. NAB's detections
+    /// (five-minute and slower files) are the same with and without it.
     pub recurrence_long_span_s: u64,
     /// Comparable excursions within `recurrence_long_span_s` that make one routine (at least 1).
     /// One earlier incident alone never masks a second.
@@ -1114,8 +1115,8 @@ struct LongPeaks {
 
 impl LongPeaks {
     /// Whether `avg` (of a point of size `size`; NaN: not known) is routine: at least
-    /// `recurrence_long_count` excursions that ended more than `recurrence_gap` scores and
-    /// at most `recurrence_long_span_s` before `now_ms` peaked with a rise above `base` of at
+    /// `recurrence_long_count` excursions that ended at least `recurrence_gap` scores and at
+    /// most `recurrence_long_span_s` before `now_ms` peaked with a rise above `base` of at
     /// least `recurrence_far_share` of `avg`'s, and strayed at least that share of `size`.
     /// The size matters because the channels' scores saturate: a bump three times as high
     /// can score as one seen before.
