@@ -776,7 +776,9 @@ fn a_device_reporting_20_times_a_second_gets_one_alert_of_each_kind_per_incident
 /// over, then develops a bearing fault: with a running condition (`[[analytics.running]]`,
 /// current above 1) its stops and starts raise nothing, and the fault one anomaly alert. A
 /// twin without a matching condition learns its rest (`rest_after_secs`, 600 s) during its
-/// first stop: that stop is reported, later stops and starts are not, and the fault is.
+/// first stop: that stop is reported, later stops and starts are not, and the fault is. A
+/// third machine is first seen standing (its readings begin with the first stop): its first
+/// start and stop raise nothing either, and its fault one alert.
 #[test]
 fn stops_and_starts_are_not_incidents_with_a_running_condition_or_a_learned_rest() {
     const READINGS: i64 = 20_000;
@@ -812,11 +814,19 @@ fn stops_and_starts_are_not_incidents_with_a_running_condition_or_a_learned_rest
             )
         })
         .collect();
+    // The idle machine's readings begin with the first stop, at reading 3000.
+    const IDLE_FROM: usize = 3000;
+    let mut sent = 0;
     for (i, chunk) in lines.chunks(500).enumerate() {
         let body = chunk.join("\n");
         publish_lines(v.port(), "device/shift-1/telemetry", &body);
         publish_lines(v.port(), "device/other-1/telemetry", &body);
-        let sent = (2 * (i * 500 + chunk.len())).to_string();
+        sent += 2 * chunk.len();
+        if i * 500 >= IDLE_FROM {
+            publish_lines(v.port(), "device/idle-1/telemetry", &body);
+            sent += chunk.len();
+        }
+        let sent = sent.to_string();
         wait_metrics(&v, |m| {
             value(m, "vigil_analytics_messages_total") == Some(sent.as_str())
                 && value(m, "vigil_analytics_refits_running") == Some("0")
@@ -858,10 +868,12 @@ fn stops_and_starts_are_not_incidents_with_a_running_condition_or_a_learned_rest
         "the twin's alerts before its rest was learned: {first_stop:?}"
     );
     one_fault_alert(&later);
-    // One rest learned: the twin's (the device with a running condition learns none).
+    one_fault_alert(&at("idle-1"));
+    // Two rests learned: the twin's and the idle machine's (the device with a running
+    // condition learns none).
     assert_eq!(
         value(&metrics(&v), "vigil_analytics_rests_learned_total"),
-        Some("1")
+        Some("2")
     );
 }
 

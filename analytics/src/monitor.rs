@@ -514,23 +514,24 @@ impl DeviceMonitor {
         let (mut due, mut count) = self.due_for_scoring(reading);
         // Whether the machine stands or settles (its running condition does not admit the
         // reading): no anomaly scoring and no forecast alert then.
-        let mut rest_learned = false;
+        let (mut rest_learned, mut restart) = (false, false);
         let admits = match (&mut self.gate, &mut self.rest) {
             (Some(gate), _) => gate.admits(reading),
             (None, Some(rest)) => {
-                let before = rest.learned();
+                let before = (rest.learned(), rest.restarts());
                 let admits = rest.admits(reading);
-                rest_learned = rest.learned() > before;
+                rest_learned = rest.learned() > before.0;
+                restart = rest.restarts() > before.1;
                 admits
             }
             (None, None) => true,
         };
-        // The detector was fed the machine's rest as if it were running (for `after_secs`, and
-        // all along if the machine was first seen standing): it starts over, to learn the
-        // running machine alone from its next start. Without this a slow bearing wear on the
-        // third day was found only by the vibration limit on 2 of 8 seeds (`shift_stop
-        // --wear-at 58`, analytics/README "A machine's rest, learned").
-        if rest_learned {
+        // The detector was fed the machine's rest as if it were running (for `after_secs`, or
+        // all along when the machine was first seen standing and now starts): it starts over,
+        // to learn the running machine alone. Without this a slow bearing wear on the third
+        // day was found only by the vibration limit on 2 of 8 seeds (`shift_stop --wear-at
+        // 58`, analytics/README "A machine's rest, learned").
+        if restart {
             self.detector.restart();
         }
         let standing = !admits;

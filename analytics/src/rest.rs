@@ -23,8 +23,30 @@
 //! it does for a configured rule, with `settle_secs` after each start. A single metric at rest
 //! is never a stop: a current that drops to zero while the vibration goes on is an incident.
 //!
+//! A machine first seen **standing** (vigil installed or restarted at night) gives none of
+//! that to learn from: its rest is all the monitor has seen, so it is the usual level, and the
+//! first start would be an anomaly on every metric. So until the machine is first seen to
+//! start (or a rest is learned), the gate also watches for a start from standing:
+//!
+//! * a metric is **at zero** when its usual mean lies within `DEPARTURE` usual spreads of 0 (a
+//!   stopped motor's vibration, current, speed: exactly 0, or sensor noise around it), over
+//!   more than `CALM_FROM` readings, and it **departs** when a reading lies `START_RATIO` times
+//!   that band away from 0; nothing departs before the device has been seen for `after_secs`;
+//! * at least two metrics at zero depart at once, and at least half the metrics were at zero
+//!   (a running machine whose alarm flag and error count jump together is not starting).
+//!
+//! That is the machine's first start: the detector starts over (it learned only the rest) and
+//! the metrics at zero, with their bands, are remembered as a **candidate** rest. When they
+//! are all back in those bands and each lies `DEPARTURE` usual spreads from its usual (running)
+//! level, the candidate becomes a rest at once, so the first stop is not an incident either.
+//! The detector starts over there too, as after a rest learned the usual way: keeping the
+//! first run's learning found a bearing wear two days later only by its limit on one seed more
+//! of 16 (`shift_stop --wear-at 58`, analytics/README). While one metric at zero has departed
+//! and no second yet, the detector is not fed, for at most `TOGETHER_MS`: a machine spinning
+//! up moves its metrics a few seconds apart.
+//!
 //! Bounds: one `Track` per metric (at most the detector's `max_metrics`), at most `MAX_RESTS`
-//! rests of at most as many members.
+//! rests and one candidate of at most as many members.
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +71,8 @@ const CALM_FROM: u64 = 30;
 const HEADING: f64 = 2.0;
 /// Rests remembered per device (a machine may have an off state and a stand-by state).
 pub const MAX_RESTS: usize = 4;
+/// A metric at zero departs when a reading lies this many times its band away from 0.
+const START_RATIO: f64 = 3.0;
 
 /// How a device's rest is learned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +177,15 @@ impl Track {
         (self.lo + self.hi) / 2.0
     }
 
+    /// The band around 0 a metric at zero has kept to: its usual mean's distance from 0 plus
+    /// `DEPARTURE` usual spreads; `None` unless the metric is at zero (its usual mean lies
+    /// within that many spreads of 0, over at least `CALM_FROM` readings).
+    fn zero_band(&self) -> Option<f64> {
+        let band = self.calm_mean.abs() + DEPARTURE * self.calm_std;
+        (self.readings > CALM_FROM && self.calm_mean.abs() <= DEPARTURE * self.calm_std)
+            .then_some(band)
+    }
+
     /// Whether the still stretch is a rest of this metric at `ts`.
     fn at_rest(&self, ts: i64, after_ms: i64) -> bool {
         let away = (self.centre() - self.ref_mean).abs() >= DEPARTURE * self.ref_std;
@@ -187,6 +220,16 @@ pub(crate) fn settled(since_ms: Option<i64>, ts: i64, settle_secs: u64) -> bool 
     })
 }
 
+/// What a reading says about the first start of a machine first seen standing.
+enum FirstStart {
+    /// Not a start.
+    No,
+    /// One metric at zero departed: the others may follow.
+    Maybe,
+    /// At least two departed: the machine started.
+    Now,
+}
+
 /// A device's learned rests and whether its machine runs.
 #[derive(Debug, Clone)]
 pub struct RestGate {
@@ -199,6 +242,18 @@ pub struct RestGate {
     standing: bool,
     /// When the machine last started (the first reading after a rest).
     since_ms: Option<i64>,
+    /// The first reading's time.
+    first_seen_ms: Option<i64>,
+    /// Whether the gate still watches for the first start of a machine first seen standing:
+    /// until it comes or a rest is learned.
+    watching_start: bool,
+    /// Since when one metric at zero has departed alone (`FirstStart::Maybe`).
+    pending_ms: Option<i64>,
+    /// The metrics at zero before the first start, a rest once they return there (empty:
+    /// none).
+    candidate: Vec<Member>,
+    /// Times the detector was to start over (`restarts`).
+    restarts: u64,
 }
 
 impl RestGate {
@@ -212,6 +267,11 @@ impl RestGate {
             learned: 0,
             standing: false,
             since_ms: None,
+            first_seen_ms: None,
+            watching_start: true,
+            pending_ms: None,
+            candidate: Vec::new(),
+            restarts: 0,
         }
     }
 
@@ -225,9 +285,17 @@ impl RestGate {
         self.learned
     }
 
+    /// Times the anomaly detector was to start over: when a rest is learned (after it was fed
+    /// `after_secs` of it, or a candidate's at the first stop) and at the first start of a
+    /// machine first seen standing (it learned only the rest).
+    pub fn restarts(&self) -> u64 {
+        self.restarts
+    }
+
     /// Upper bound of the gate's memory, names aside.
     pub fn bytes(max_metrics: usize) -> usize {
-        max_metrics * (std::mem::size_of::<Track>() + MAX_RESTS * std::mem::size_of::<Member>())
+        max_metrics
+            * (std::mem::size_of::<Track>() + (MAX_RESTS + 1) * std::mem::size_of::<Member>())
     }
 
     /// Updates the state with `reading`; whether the detector is to be fed with it.
@@ -242,7 +310,27 @@ impl RestGate {
                 None => {}
             }
         }
-        let standing = self.matches_a_rest() || self.learn(ts);
+        let first_seen = *self.first_seen_ms.get_or_insert(ts);
+        if self.watching_start {
+            match self.first_start(first_seen, ts) {
+                FirstStart::Now => {
+                    self.watching_start = false;
+                    self.pending_ms = None;
+                    self.since_ms = Some(ts);
+                    self.restarts += 1;
+                }
+                // One metric departed: the others may follow within TOGETHER_MS (a machine
+                // spinning up). Until then the detector is not fed; after that it is.
+                FirstStart::Maybe => {
+                    let since = *self.pending_ms.get_or_insert(ts);
+                    if ts >= since && ts - since <= TOGETHER_MS {
+                        return false;
+                    }
+                }
+                FirstStart::No => self.pending_ms = None,
+            }
+        }
+        let standing = self.matches_a_rest() || self.confirm_candidate() || self.learn(ts);
         if standing {
             self.standing = true;
             return false;
@@ -266,6 +354,79 @@ impl RestGate {
                 })
             })
         })
+    }
+
+    /// Whether this reading is the first start of a machine first seen standing (module
+    /// docs); if so, the metrics that departed from zero become the candidate rest.
+    fn first_start(&mut self, first_seen: i64, ts: i64) -> FirstStart {
+        if self.config.after_secs == 0
+            || ts.saturating_sub(first_seen) < secs_to_ms(self.config.after_secs)
+        {
+            return FirstStart::No;
+        }
+        let departed = |t: &Track| {
+            t.zero_band()
+                .is_some_and(|b| t.last.abs() > START_RATIO * b)
+        };
+        let at_zero = self
+            .tracks
+            .iter()
+            .filter(|t| t.zero_band().is_some())
+            .count();
+        if at_zero < 2 || 2 * at_zero < self.tracks.len() {
+            return FirstStart::No;
+        }
+        match self.tracks.iter().filter(|t| departed(t)).count() {
+            0 => return FirstStart::No,
+            1 => return FirstStart::Maybe,
+            _ => {}
+        }
+        self.candidate = self
+            .tracks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| departed(t))
+            .map(|(i, t)| Member {
+                track: i,
+                centre: t.calm_mean,
+                half: DEPARTURE * t.calm_std,
+            })
+            .collect();
+        FirstStart::Now
+    }
+
+    /// Makes the candidate rest a rest when every member is back in its band and lies
+    /// `DEPARTURE` usual spreads from its usual (running) level; whether it did.
+    fn confirm_candidate(&mut self) -> bool {
+        if self.candidate.is_empty() {
+            return false;
+        }
+        let back = self.candidate.iter().all(|m| {
+            self.tracks.get(m.track).is_some_and(|t| {
+                (t.last - m.centre).abs() <= m.half
+                    && t.calm_std > 0.0
+                    && (m.centre - t.calm_mean).abs() >= DEPARTURE * t.calm_std
+            })
+        });
+        if !back {
+            return false;
+        }
+        let members = std::mem::take(&mut self.candidate);
+        self.remember(members);
+        // As after a rest learned below (module docs).
+        self.restarts += 1;
+        true
+    }
+
+    /// Adds a rest, forgetting the oldest beyond `MAX_RESTS`; the first start is watched for
+    /// no longer.
+    fn remember(&mut self, members: Vec<Member>) {
+        if self.rests.len() >= MAX_RESTS {
+            self.rests.remove(0);
+        }
+        self.rests.push(members);
+        self.learned += 1;
+        self.watching_start = false;
     }
 
     /// Remembers the metrics at rest now as a rest of the machine, if at least two of them came
@@ -297,11 +458,10 @@ impl RestGate {
             .filter(|(_, t)| together(t))
             .map(|(i, t)| t.member(i))
             .collect();
-        if self.rests.len() >= MAX_RESTS {
-            self.rests.remove(0);
-        }
-        self.rests.push(members);
-        self.learned += 1;
+        self.remember(members);
+        // The detector was fed this rest for `after_secs` as if the machine ran.
+        self.restarts += 1;
+        self.candidate.clear();
         true
     }
 }
@@ -402,15 +562,66 @@ mod tests {
     }
 
     #[test]
-    fn a_machine_first_seen_standing_learns_nothing_from_that() {
+    fn a_machine_first_seen_standing_starts_and_stops_without_an_incident() {
+        for noise in [0.0, 0.01] {
+            let mut gate = RestGate::new(RestConfig::default(), 8);
+            let mut t = 0;
+            // Standing is all the gate knows: it is the usual level, fed to the detector.
+            for i in 0..3600 {
+                let n = noise * ((i * 7919 % 13) as f64 / 6.5 - 1.0);
+                assert!(gate.admits(&reading(t, &standing(n))), "standing at {t}");
+                t += 1;
+            }
+            assert_eq!(gate.restarts(), 0);
+            // The first start: the detector starts over, then the machine settles and runs.
+            let start = t;
+            for _ in 0..7200 {
+                assert_eq!(
+                    gate.admits(&reading(t, &running(t))),
+                    t - start >= 60,
+                    "{noise}"
+                );
+                assert_eq!((gate.restarts(), gate.rests()), (1, 0), "{noise}");
+                t += 1;
+            }
+            // The first stop is a rest at once (and the detector starts over, as for a rest
+            // learned after `after_secs`).
+            assert!(!gate.admits(&reading(t, &standing(0.0))), "{noise}");
+            assert_eq!((gate.restarts(), gate.rests()), (2, 1), "{noise}");
+        }
+    }
+
+    #[test]
+    fn counters_at_zero_that_jump_together_are_no_start() {
+        // A running machine whose alarm flag and error count jump together: an incident.
         let mut gate = RestGate::new(RestConfig::default(), 8);
-        for t in 0..3600 {
-            assert!(gate.admits(&reading(t, &standing(0.0))));
+        for t in 0..7200 {
+            let [v, c, s] = running(t);
+            let fault = if t >= 3600 { 1.0 } else { 0.0 };
+            gate.admits(&reading(
+                t,
+                &[v, c, s, ("alarm", fault), ("errors", 3.0 * fault)],
+            ));
         }
-        for t in 3600..7200 {
-            assert!(gate.admits(&reading(t, &running(t))));
+        assert_eq!((gate.restarts(), gate.rests()), (0, 0));
+        // A device of two counters, 0 most of the time: a joint jump may look like a start
+        // (the detector would start over once; here the door has opened alone before, so its
+        // band is too wide by then), but 0 is their usual level, never a rest.
+        // The first openings are held back from the detector (at most TOGETHER_MS each) in
+        // case the other counter follows, until the door's usual spread has grown to make an
+        // opening no departure: here the first three.
+        let mut gate = RestGate::new(RestConfig::default(), 8);
+        let mut held = 0;
+        for t in 0..86_400 {
+            let door = if t % 900 >= 800 { 1.0 } else { 0.0 };
+            let errors = if t % 3600 >= 3590 { 2.0 } else { 0.0 };
+            if !gate.admits(&reading(t, &[("door", door), ("errors", errors)])) {
+                held += 1;
+            }
         }
+        assert!(gate.restarts() <= 1);
         assert_eq!(gate.rests(), 0);
+        assert!(held <= 3 * 121, "{held}");
     }
 
     #[test]
