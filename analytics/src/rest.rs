@@ -26,7 +26,8 @@
 //! A machine first seen **standing** (vigil installed or restarted at night) gives none of
 //! that to learn from: its rest is all the monitor has seen, so it is the usual level, and the
 //! first start would be an anomaly on every metric. So until the machine is first seen to
-//! start (or a rest is learned), the gate also watches for a start from standing:
+//! start, a rest is learned, or a week has passed since the device's first reading
+//! (`FIRST_START_WATCH_MS`), the gate also watches for a start from standing:
 //!
 //! * a metric is **at zero** when its usual mean lies within `DEPARTURE` usual spreads of 0 (a
 //!   stopped motor's vibration, current, speed: exactly 0, or sensor noise around it), over
@@ -73,6 +74,10 @@ const HEADING: f64 = 2.0;
 pub const MAX_RESTS: usize = 4;
 /// A metric at zero departs when a reading lies this many times its band away from 0.
 const START_RATIO: f64 = 3.0;
+/// How long after its first reading a device is watched for its first start: a week, which
+/// covers a plant's weekend or holiday shutdown. A machine standing longer is reported when it
+/// starts, as before; a device first seen running is not watched for ever.
+const FIRST_START_WATCH_MS: i64 = 7 * 86_400_000;
 
 /// How a device's rest is learned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -359,9 +364,12 @@ impl RestGate {
     /// Whether this reading is the first start of a machine first seen standing (module
     /// docs); if so, the metrics that departed from zero become the candidate rest.
     fn first_start(&mut self, first_seen: i64, ts: i64) -> FirstStart {
-        if self.config.after_secs == 0
-            || ts.saturating_sub(first_seen) < secs_to_ms(self.config.after_secs)
-        {
+        let seen = ts.saturating_sub(first_seen);
+        if seen > FIRST_START_WATCH_MS {
+            self.watching_start = false;
+            return FirstStart::No;
+        }
+        if self.config.after_secs == 0 || seen < secs_to_ms(self.config.after_secs) {
             return FirstStart::No;
         }
         let departed = |t: &Track| {
@@ -622,6 +630,20 @@ mod tests {
         assert!(gate.restarts() <= 1);
         assert_eq!(gate.rests(), 0);
         assert!(held <= 3 * 121, "{held}");
+    }
+
+    #[test]
+    fn the_first_start_is_watched_for_a_week() {
+        for (days, restarts) in [(6, 1), (8, 0)] {
+            let mut gate = RestGate::new(RestConfig::default(), 8);
+            let mut t = 0;
+            while t < days * 86_400 {
+                gate.admits(&reading(t, &standing(0.0)));
+                t += 10;
+            }
+            gate.admits(&reading(t, &running(t)));
+            assert_eq!(gate.restarts(), restarts, "standing {days} days");
+        }
     }
 
     #[test]
