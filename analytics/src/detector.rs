@@ -659,6 +659,9 @@ pub struct RefitJob {
     pub metric: String,
     /// Generation the resulting model will have; stale models are ignored by `install`.
     pub generation: u64,
+    /// The detector's `restarts` when the job was handed out: a model fitted on what it
+    /// learned before a restart is refused by `install`.
+    epoch: u64,
     work: Work,
 }
 
@@ -699,6 +702,7 @@ impl RefitJob {
         Ok(TrainedModel {
             metric: self.metric,
             generation: self.generation,
+            epoch: self.epoch,
             model,
         })
     }
@@ -711,6 +715,8 @@ pub struct TrainedModel {
     pub metric: String,
     /// Generation of the job that produced it.
     pub generation: u64,
+    /// The detector's restarts when the job was handed out.
+    epoch: u64,
     /// The fitted model.
     pub model: Model,
 }
@@ -1999,6 +2005,7 @@ impl MetricDetector {
         Some(RefitJob {
             metric: metric.to_string(),
             generation,
+            epoch: 0,
             work: Work::Forest {
                 data,
                 params: cfg.forest_params().seed(seed),
@@ -2204,6 +2211,7 @@ impl JointChannel {
         Some(RefitJob {
             metric: self.names.join("+"),
             generation,
+            epoch: 0,
             work: Work::Joint {
                 data,
                 min_r2: cfg.joint_min_r2,
@@ -2405,6 +2413,8 @@ pub struct DeviceDetector {
     /// other's incident is recent.
     last_metric_alert: Option<(u64, i64)>,
     last_joint_alert: Option<(u64, i64)>,
+    /// Times `restart` was called: the epoch of the refit jobs handed out since.
+    restarts: u64,
 }
 
 impl DeviceDetector {
@@ -2419,15 +2429,16 @@ impl DeviceDetector {
             readings: 0,
             last_metric_alert: None,
             last_joint_alert: None,
+            restarts: 0,
         })
     }
 
     /// Forgets everything learned (models, training rows, score histories, baselines, the
     /// cross-metric model) and starts again as a new detector with the same settings. A model
-    /// from a refit job handed out before is then refused, as for a metric the detector does
-    /// not know, unless the metric is fed again before it arrives: then it is installed and
-    /// replaced at the next refit.
+    /// from a refit job handed out before is then refused, even if its metric is fed again
+    /// before it arrives: it was fitted on what was forgotten.
     pub fn restart(&mut self) {
+        self.restarts += 1;
         self.metrics.clear();
         self.ignored_metrics = 0;
         self.joint = None;
@@ -2710,15 +2721,22 @@ impl DeviceDetector {
     /// convenient and pass the result to `install`. Each call hands out at most one job.
     pub fn needs_refit(&mut self) -> Option<RefitJob> {
         let cfg = &self.config;
-        self.metrics
+        let mut job = self
+            .metrics
             .iter_mut()
             .find_map(|(name, m)| m.needs_refit(cfg, name))
-            .or_else(|| self.joint.as_mut().and_then(|j| j.needs_refit(cfg)))
+            .or_else(|| self.joint.as_mut().and_then(|j| j.needs_refit(cfg)))?;
+        job.epoch = self.restarts;
+        Some(job)
     }
 
     /// Installs a model produced by a `RefitJob`. Returns false (and drops the model) if the
-    /// metric is unknown or a newer model is already installed.
+    /// metric is unknown, a newer model is already installed, or the detector restarted since
+    /// the job was handed out.
     pub fn install(&mut self, model: TrainedModel) -> bool {
+        if model.epoch != self.restarts {
+            return false;
+        }
         match model.model {
             Model::Forest(forest) => {
                 match self.metrics.iter_mut().find(|(n, _)| *n == model.metric) {
@@ -3534,6 +3552,28 @@ mod tests {
             ..job.run().expect("fit")
         };
         assert!(!det.install(stranger));
+        // A job handed out before a restart is stale even when its metric is fed again (and
+        // takes the same generation) before the model arrives.
+        let mut fresh = DeviceDetector::new(small_config()).expect("config");
+        for v in noise(256, 4) {
+            fresh.feed_value("m", v);
+        }
+        let before = fresh
+            .needs_refit()
+            .expect("warm-up done")
+            .run()
+            .expect("fit");
+        fresh.restart();
+        for v in noise(256, 5) {
+            fresh.feed_value("m", v);
+        }
+        assert!(!fresh.install(before), "fitted before the restart");
+        let after = fresh
+            .needs_refit()
+            .expect("warm-up done")
+            .run()
+            .expect("fit");
+        assert!(fresh.install(after));
     }
 
     #[test]
