@@ -826,9 +826,9 @@ fn stops_and_starts_are_not_incidents_with_a_running_condition_or_a_learned_rest
             publish_lines(v.port(), "device/idle-1/telemetry", &body);
             sent += chunk.len();
         }
-        let sent = sent.to_string();
+        let sent_text = sent.to_string();
         wait_metrics(&v, |m| {
-            value(m, "vigil_analytics_messages_total") == Some(sent.as_str())
+            value(m, "vigil_analytics_messages_total") == Some(sent_text.as_str())
                 && value(m, "vigil_analytics_refits_running") == Some("0")
         });
     }
