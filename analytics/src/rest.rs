@@ -376,15 +376,18 @@ impl RestGate {
             t.zero_band()
                 .is_some_and(|b| t.last.abs() > START_RATIO * b)
         };
-        let at_zero = self
-            .tracks
-            .iter()
-            .filter(|t| t.zero_band().is_some())
-            .count();
+        // One pass over the tracks on every reading while the start is watched for.
+        let (mut at_zero, mut departures) = (0, 0);
+        for t in &self.tracks {
+            if let Some(band) = t.zero_band() {
+                at_zero += 1;
+                departures += usize::from(t.last.abs() > START_RATIO * band);
+            }
+        }
         if at_zero < 2 || 2 * at_zero < self.tracks.len() {
             return FirstStart::No;
         }
-        match self.tracks.iter().filter(|t| departed(t)).count() {
+        match departures {
             0 => return FirstStart::No,
             1 => return FirstStart::Maybe,
             _ => {}
