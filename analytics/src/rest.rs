@@ -22,6 +22,17 @@
 //! (`HEADING`: a machine takes a few seconds to spin down or up), and it runs otherwise; the monitor gates the detector on that as
 //! it does for a configured rule, with `settle_secs` after each start. A single metric at rest
 //! is never a stop: a current that drops to zero while the vibration goes on is an incident.
+//! Being on the way counts as standing for at most `TOGETHER_MS`: metrics that stay there
+//! longer without reaching the rest are a machine running on at a lower level (a lost load),
+//! and the detector carries on from where it was (`RestGate::ran_on`: no settling, no fresh
+//! start), so it judges the new level. Before the metrics are two spreads down, a spin-down
+//! can still raise an anomaly alert; the monitor holds those (`monitor::STOP_HOLD_MS`) and
+//! withdraws them if the machine comes to rest (`RestGate::resting`).
+//!
+//! A still stretch is judged against the usual mean and spread of two to four minutes
+//! before it began (`Track::older`), from before the spin-down: a two-minute spin-down
+//! widens the running spread by half, enough to hide a stop at 0 of a current running at
+//! 13 ± 2.8 A, and such a machine first seen running never learned its rest.
 //!
 //! A machine first seen **standing** (vigil installed or restarted at night) gives none of
 //! that to learn from: its rest is all the monitor has seen, so it is the usual level, and the
@@ -116,8 +127,17 @@ struct Track {
     /// the spread it is judged by.
     calm_mean: f64,
     calm_std: f64,
+    /// The usual mean and spread as of the last two turns of `TOGETHER_MS` (`old` taken at
+    /// `old_ms`, `older` one turn before it): a still stretch is judged by the older one, from
+    /// before the machine began to spin down. A slow spin-down (two minutes) stays within
+    /// `CALM` spreads of the drifting mean and widens the usual spread by half; judged by that
+    /// spread, a current running at 13 ± 2.8 A that stopped at 0 was not away from its usual
+    /// level, and the rest was never learned.
+    old: (f64, f64),
+    older: (f64, f64),
+    old_ms: i64,
     /// The current still stretch: its range, when it began, and the usual mean and spread
-    /// when it began.
+    /// from before it began (`older`).
     lo: f64,
     hi: f64,
     start_ms: i64,
@@ -138,6 +158,9 @@ impl Track {
             readings: 1,
             calm_mean: value,
             calm_std: 0.0,
+            old: (value, 0.0),
+            older: (value, 0.0),
+            old_ms: ts,
             lo: value,
             hi: value,
             start_ms: ts,
@@ -149,14 +172,18 @@ impl Track {
 
     fn push(&mut self, value: f64, ts: i64, standing: bool) {
         self.last = value;
+        if ts.saturating_sub(self.old_ms) >= TOGETHER_MS || ts < self.old_ms {
+            self.older = self.old;
+            self.old = (self.calm_mean, self.calm_std);
+            self.old_ms = ts;
+        }
         let (lo, hi) = (self.lo.min(value), self.hi.max(value));
         if hi - lo > STILL_SHARE * self.ref_std || ts < self.start_ms {
             self.moving = ts.saturating_sub(self.start_ms) < MOVING_MS;
             self.lo = value;
             self.hi = value;
             self.start_ms = ts;
-            self.ref_mean = self.calm_mean;
-            self.ref_std = self.calm_std;
+            (self.ref_mean, self.ref_std) = self.older;
         } else {
             self.lo = lo;
             self.hi = hi;
@@ -225,6 +252,14 @@ pub(crate) fn settled(since_ms: Option<i64>, ts: i64, settle_secs: u64) -> bool 
     })
 }
 
+/// Where a machine's metrics lie against its rests (`RestGate::position`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Position {
+    Away,
+    Heading,
+    AtRest,
+}
+
 /// What a reading says about the first start of a machine first seen standing.
 enum FirstStart {
     /// Not a start.
@@ -259,6 +294,15 @@ pub struct RestGate {
     candidate: Vec<Member>,
     /// Times the detector was to start over (`restarts`).
     restarts: u64,
+    /// Since when the metrics of a rest have been on their way to or from it (`HEADING`), and
+    /// whether that has lasted longer than `TOGETHER_MS`.
+    heading_ms: Option<i64>,
+    stalled: bool,
+    /// Whether the last reading found the machine at a rest; whether the current standing
+    /// stretch reached one; whether the last reading ended one that did not (`ran_on`).
+    resting: bool,
+    stopped: bool,
+    ran_on: bool,
 }
 
 impl RestGate {
@@ -277,6 +321,11 @@ impl RestGate {
             pending_ms: None,
             candidate: Vec::new(),
             restarts: 0,
+            heading_ms: None,
+            stalled: false,
+            resting: false,
+            stopped: false,
+            ran_on: false,
         }
     }
 
@@ -306,6 +355,7 @@ impl RestGate {
     /// Updates the state with `reading`; whether the detector is to be fed with it.
     pub fn admits(&mut self, reading: &Reading) -> bool {
         let ts = reading.timestamp_ms;
+        (self.resting, self.ran_on) = (false, false);
         for (name, value) in &reading.metrics {
             match self.tracks.iter().position(|t| &t.name == name) {
                 Some(i) => self.tracks[i].push(*value, ts, self.standing),
@@ -335,30 +385,110 @@ impl RestGate {
                 FirstStart::No => self.pending_ms = None,
             }
         }
-        let standing = self.matches_a_rest() || self.confirm_candidate() || self.learn(ts);
-        if standing {
+        let position = self.position();
+        let heading = self.heading(position, ts);
+        let at_rest = matches!(position, Position::AtRest)
+            || (!heading && (self.confirm_candidate() || self.learn(ts)));
+        self.resting = at_rest;
+        if heading || at_rest {
+            self.stopped |= at_rest;
             self.standing = true;
             return false;
         }
         if self.standing {
             self.standing = false;
-            self.since_ms = Some(ts);
+            // A start: after a stop, or a moment after one (metrics near the edge of the way
+            // up go in and out of it). A machine that was on its way down and went on running
+            // at a lower level did not stop: its readings go on from where they were.
+            if self.stopped || !settled(self.since_ms, ts, self.config.settle_secs) {
+                self.since_ms = Some(ts);
+            } else {
+                self.ran_on = true;
+            }
+            self.stopped = false;
         }
         settled(self.since_ms, ts, self.config.settle_secs)
     }
 
-    /// Whether every metric of a remembered rest is at its level or at least `HEADING` usual
-    /// spreads from its usual mean towards it: a machine spinning down is stopping, not an
-    /// incident.
-    fn matches_a_rest(&self) -> bool {
-        self.rests.iter().any(|rest| {
-            rest.iter().all(|m| {
-                self.tracks.get(m.track).is_some_and(|t| {
-                    let towards = (t.calm_mean - t.last) * (t.calm_mean - m.centre).signum();
-                    (t.last - m.centre).abs() <= m.half || towards >= HEADING * t.calm_std
+    /// Whether the machine is at one of its rests by the last reading (or the reading taught
+    /// it one): it stopped.
+    pub fn resting(&self) -> bool {
+        self.resting
+    }
+
+    /// Whether the last reading ended a stretch in which the machine's metrics were on their
+    /// way down to a rest (`HEADING`) for longer than `TOGETHER_MS` and it ran on without
+    /// reaching it: not a start, so the detector is to carry on as if it had been fed all
+    /// along.
+    pub fn ran_on(&self) -> bool {
+        self.ran_on
+    }
+
+    /// Whether `metric` belongs to one of the machine's rests and, by the last reading, it and
+    /// every other metric of that rest lie on that rest's side of their usual running levels:
+    /// the machine may be spinning down, so an anomaly of `metric` now may be its stop.
+    /// The candidate rest of a machine first seen standing counts too: its first stop is
+    /// confirmed only once every metric is back at zero.
+    /// Not while the machine is stalled on the way (`heading`).
+    pub fn heading_to_rest(&self, metric: &str) -> bool {
+        if self.stalled {
+            return false;
+        }
+        let candidate = (!self.candidate.is_empty()).then_some(&self.candidate);
+        self.rests.iter().chain(candidate).any(|rest| {
+            let named = |m: &Member| self.tracks.get(m.track).is_some_and(|t| t.name == metric);
+            rest.iter().any(named)
+                && rest.iter().all(|m| {
+                    self.tracks.get(m.track).is_some_and(|t| {
+                        (t.calm_mean - t.last) * (t.calm_mean - m.centre).signum() > 0.0
+                    })
                 })
-            })
         })
+    }
+
+    /// Where the last readings lie against the remembered rests: every metric of one of them
+    /// at its level, or each at its level or at least `HEADING` usual spreads from its usual
+    /// mean towards it (a machine spinning down or up), or neither.
+    fn position(&self) -> Position {
+        let mut position = Position::Away;
+        for rest in &self.rests {
+            let (mut at_level, mut on_the_way) = (true, true);
+            for m in rest {
+                let Some(t) = self.tracks.get(m.track) else {
+                    (at_level, on_the_way) = (false, false);
+                    break;
+                };
+                let here = (t.last - m.centre).abs() <= m.half;
+                let towards = (t.calm_mean - t.last) * (t.calm_mean - m.centre).signum();
+                at_level &= here;
+                on_the_way &= here || towards >= HEADING * t.calm_std;
+            }
+            if at_level {
+                return Position::AtRest;
+            }
+            if on_the_way {
+                position = Position::Heading;
+            }
+        }
+        position
+    }
+
+    /// Whether the machine counts as standing at `ts` because its metrics are on their way to
+    /// or from a rest (`Position::Heading`): for at most `TOGETHER_MS`, as long as a spin-down
+    /// or spin-up takes. Longer, the machine runs at a new level (a lost load, say), which the
+    /// detector is to judge: it is `stalled` until the metrics leave the way.
+    fn heading(&mut self, position: Position, ts: i64) -> bool {
+        if !matches!(position, Position::Heading) {
+            self.heading_ms = None;
+            self.stalled = false;
+            return false;
+        }
+        if self.stalled {
+            return false;
+        }
+        let since = *self.heading_ms.get_or_insert(ts);
+        self.stalled = ts.saturating_sub(since) > TOGETHER_MS;
+        !self.stalled
     }
 
     /// Whether this reading is the first start of a machine first seen standing (module
@@ -647,6 +777,36 @@ mod tests {
             gate.admits(&reading(t, &running(t)));
             assert_eq!(gate.restarts(), restarts, "standing {days} days");
         }
+    }
+
+    #[test]
+    fn a_machine_that_slows_down_over_two_minutes_learns_its_rest() {
+        // Running at a load cycle (current 9-17 A) for 3,000 s, then spinning down to 0 over
+        // 120 s. Judged by the spread the spin-down widened, 0 A was not away from the usual
+        // level, and nothing was learned.
+        let mut gate = RestGate::new(RestConfig::default(), 8);
+        let mut seed = 3u64;
+        let mut noise = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 10_000) as f64 / 10_000.0 - 0.5
+        };
+        for i in 0..4000i64 {
+            let spin = ((3000 - i) as f64 / 120.0).clamp(0.0, 1.0);
+            let load = 0.5 - 0.4 * (i as f64 * std::f64::consts::TAU / 600.0).cos();
+            let (v, c) = (
+                1.8 + load + 0.1 * noise(),
+                8.0 + 10.0 * load + 0.3 * noise(),
+            );
+            let metrics = [
+                ("temperature", 40.0 + noise()),
+                ("vibration", spin * v),
+                ("current", spin * c),
+            ];
+            gate.admits(&reading(i, &metrics));
+        }
+        assert_eq!(gate.rests(), 1);
     }
 
     #[test]
