@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use vigil_analytics::alert::AlertMessage;
 use vigil_analytics::detector::{DetectorError, TrainedModel};
-use vigil_analytics::monitor::{device_matches, DeviceMonitor, MonitorConfig, MonitorError};
+use vigil_analytics::monitor::{
+    device_matches, DeviceMonitor, MonitorConfig, MonitorError, STOP_HOLD_MS,
+};
 use vigil_analytics::rul::RulModel;
 use vigil_analytics::silence::{SilenceRule, SilenceWatch};
 use vigil_analytics::telemetry::{self, Limits};
@@ -268,7 +270,7 @@ impl Analytics {
                 .record(id, reading.timestamp_ms, &reading.metrics);
         }
         let first_ts = readings.first().map_or(now_ms, |r| r.timestamp_ms);
-        let Some(device) = self.touch(id, first_ts) else {
+        let Some(device) = self.touch(id, first_ts, out) else {
             return;
         };
         device.silence.note(now_ms);
@@ -319,11 +321,20 @@ impl Analytics {
 
     /// Appends an alert to `out` for every device that has just gone silent at `now_ms` (see
     /// `vigil_analytics::silence`). Called about once a second.
+    /// Also publishes the alerts a device's monitor held while its machine may have been
+    /// stopping (`DeviceMonitor`) once the device has sent nothing for as long as they are held:
+    /// it can no longer show that it stopped.
     pub fn sweep_silent(&mut self, now_ms: i64, out: &mut Vec<Outgoing>) {
-        if self.silence_rule.factor == 0 {
-            return;
-        }
         for (id, device) in &mut self.devices {
+            let quiet = |l: i64| now_ms.saturating_sub(l) >= STOP_HOLD_MS;
+            if device.monitor.holds_alerts() && device.silence.last_ms().map_or(true, quiet) {
+                for alert in device.monitor.take_held() {
+                    push_alert(&self.metrics, id, &alert, out);
+                }
+            }
+            if self.silence_rule.factor == 0 {
+                continue;
+            }
             let Some(silence) = device.silence.check(&self.silence_rule, now_ms) else {
                 continue;
             };
@@ -356,6 +367,10 @@ impl Analytics {
             for alert in &result.alerts {
                 push_alert(metrics, id, alert, out);
             }
+            metrics
+                .analytics
+                .alerts_withdrawn
+                .fetch_add(result.withdrawn as u64, Relaxed);
             if result.rest_learned {
                 Metrics::inc(&metrics.analytics.rests_learned);
                 tracing::info!(
@@ -443,8 +458,9 @@ impl Analytics {
     }
 
     /// The monitor of `id`, marked as the most recently seen, created (evicting the least
-    /// recently seen device if the map is full) when missing.
-    fn touch(&mut self, id: &str, first_ts: i64) -> Option<&mut Device> {
+    /// recently seen device if the map is full, its held alerts published to `out`) when
+    /// missing.
+    fn touch(&mut self, id: &str, first_ts: i64, out: &mut Vec<Outgoing>) -> Option<&mut Device> {
         self.tick += 1;
         let tick = self.tick;
         if let Some(device) = self.devices.get_mut(id) {
@@ -457,7 +473,11 @@ impl Analytics {
             let Some((_, oldest)) = self.recency.pop_first() else {
                 break;
             };
-            self.devices.remove(&oldest);
+            if let Some(mut evicted) = self.devices.remove(&oldest) {
+                for alert in evicted.monitor.take_held() {
+                    push_alert(&self.metrics, &oldest, &alert, out);
+                }
+            }
             Metrics::inc(&self.metrics.analytics.evictions);
         }
         // The configuration was validated in `new`, so this cannot fail; if it ever did, the

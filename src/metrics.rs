@@ -245,6 +245,9 @@ pub struct AnalyticsMetrics {
     /// Rests of machines learned (`vigil_analytics::rest`): their stops are no longer fed to
     /// the anomaly detector.
     pub rests_learned: AtomicU64,
+    /// Anomaly alerts held while a machine slowed down and withdrawn when it came to rest
+    /// (`vigil_analytics::monitor`): its stop, not an incident.
+    pub alerts_withdrawn: AtomicU64,
     /// Monitors rebuilt from stored history (a device new to this process or instance).
     pub warm_starts: AtomicU64,
     /// Readings dropped while their device was warming (more than 256 waiting).
@@ -719,6 +722,12 @@ impl Metrics {
             "counter",
             "Machine rests learned (two or more metrics still together, away from their usual levels, for analytics.rest_after_secs): the device's later stops do not feed the anomaly detector.",
             &[("", g(&a.rests_learned))],
+        );
+        metric(
+            "analytics_alerts_withdrawn_total",
+            "counter",
+            "Anomaly alerts held for up to 2 minutes while a machine's metrics fell towards its learned rest, and withdrawn because it came to rest: a stop, not an incident.",
+            &[("", g(&a.alerts_withdrawn))],
         );
         metric(
             "analytics_dropped_total",

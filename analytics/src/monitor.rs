@@ -25,6 +25,15 @@
 //! reports. Off, every reading is scored, as a stream replayed in a burst with real time stamps
 //! needs: with it on, such a stream is mostly skipped.
 //!
+//! A machine slowing to a stop looks like an incident to the anomaly detector for the seconds
+//! before it stands: vibration and current fall faster than any load change. So once the
+//! machine's rest is learned (`rest`), an anomaly alert on a metric of that rest, raised while
+//! it and the rest's other metrics all lie on the rest's side of their usual running levels, is
+//! held for `STOP_HOLD_MS` (2 minutes): withdrawn if the machine stands within that time (a
+//! stop, counted in `MonitorOutput::withdrawn`), published with its own time stamp otherwise.
+//! At most `MAX_HELD` alerts are held; a device that goes silent gets its held alerts back from
+//! `DeviceMonitor::take_held`. Alerts away from the rest (a vibration rising) are never held.
+//!
 //! A device may also carry a remaining-useful-life model (`DeviceMonitor::set_rul`): every
 //! `prediction_every` readings that carry its metrics it estimates the cycles left, and raises
 //! one forecast alert when the estimate falls to `alert_below`, latched like the others.
@@ -299,6 +308,12 @@ impl Default for MonitorConfig {
 /// The `metric` of remaining-useful-life alerts.
 pub const RUL_METRIC: &str = "remaining_useful_life";
 
+/// How long an anomaly alert that may be a stop is held (module docs): a machine's spin-down
+/// takes up to about this long to reach its rest (`shift_stop --ramp 120`).
+pub const STOP_HOLD_MS: i64 = 120_000;
+/// Alerts held at most per device; beyond this they are published at once.
+pub const MAX_HELD: usize = 8;
+
 /// Per-metric state besides the anomaly detector.
 #[derive(Debug, Clone)]
 struct MetricState {
@@ -377,6 +392,8 @@ pub struct MonitorOutput {
     pub rul: Option<RulMessage>,
     /// The reading taught the monitor a rest of the machine (`rest::RestGate`): it stands now.
     pub rest_learned: bool,
+    /// Held anomaly alerts withdrawn because the machine came to rest (module docs).
+    pub withdrawn: usize,
 }
 
 impl MonitorOutput {
@@ -409,6 +426,9 @@ pub struct DeviceMonitor {
     rest: Option<RestGate>,
     /// Whether readings have been withheld from the detector since it was last fed.
     paused: bool,
+    /// Anomaly alerts that may be the machine stopping, oldest first (module docs; at most
+    /// `MAX_HELD`).
+    held: Vec<AlertMessage>,
 }
 
 impl DeviceMonitor {
@@ -452,6 +472,7 @@ impl DeviceMonitor {
             gate,
             rest,
             paused: false,
+            held: Vec::new(),
         })
     }
 
@@ -479,7 +500,14 @@ impl DeviceMonitor {
             + self
                 .rest
                 .as_ref()
-                .map_or(0, |_| RestGate::bytes(d.max_metrics))
+                .map_or(0, |_| RestGate::bytes(d.max_metrics) + Self::held_bytes())
+    }
+
+    /// Upper bound of the held alerts' memory (`MAX_HELD`), the device id aside: each is the
+    /// message and its texts, at most 1.5 KiB (about 250 bytes of fixed text; a cross-metric
+    /// alert names up to `MAX_JOINT` metrics of at most 64 bytes, and its rivals again).
+    fn held_bytes() -> usize {
+        MAX_HELD * (std::mem::size_of::<AlertMessage>() + 1536)
     }
 
     /// Which metrics of a reading at `ts` the detector scores (bit `i` for `reading.metrics[i]`;
@@ -507,6 +535,44 @@ impl DeviceMonitor {
             }
         }
         (mask, mask.count_ones() as usize)
+    }
+
+    /// Withdraws the held alerts if the machine stands now, or moves those held for
+    /// `STOP_HOLD_MS` by `ts` (or stamped after it: a clock set back) to `out`.
+    fn settle_held(&mut self, ts: i64, out: &mut MonitorOutput) {
+        if self.held.is_empty() {
+            return;
+        }
+        if self.rest.as_ref().is_some_and(RestGate::resting) {
+            out.withdrawn = self.held.len();
+            self.held.clear();
+            return;
+        }
+        let due = |a: &AlertMessage| ts < a.timestamp || ts - a.timestamp >= STOP_HOLD_MS;
+        let n = self.held.iter().take_while(|a| due(a)).count();
+        out.alerts.extend(self.held.drain(..n));
+    }
+
+    /// Whether `alert` is to be held: an anomaly of a metric of the machine's rest while the
+    /// machine may be spinning down to it (module docs).
+    fn holds(&self, alert: &AlertMessage) -> bool {
+        alert.kind == AlertKind::Anomaly
+            && self.held.len() < MAX_HELD
+            && self
+                .rest
+                .as_ref()
+                .is_some_and(|r| r.heading_to_rest(&alert.metric))
+    }
+
+    /// The alerts held now, published by the caller: for a device that went silent while the
+    /// machine may have been stopping (a machine that stopped goes on reporting its rest).
+    pub fn take_held(&mut self) -> Vec<AlertMessage> {
+        std::mem::take(&mut self.held)
+    }
+
+    /// Whether any alert is held now.
+    pub fn holds_alerts(&self) -> bool {
+        !self.held.is_empty()
     }
 
     /// Feeds one reading and returns the scores, alerts and predictions it produced.
@@ -540,10 +606,14 @@ impl DeviceMonitor {
             (due, count) = (0, 0);
         } else if self.paused {
             self.paused = false;
-            self.detector.resume(Some(reading.timestamp_ms));
-            // A trend across a stop and a start (zeros, then a step) is no trend.
-            for state in &mut self.metrics {
-                state.trend = TrendTracker::new(self.config.trend_capacity);
+            // A machine that was on its way down and ran on at a lower level did not stop
+            // (`RestGate::ran_on`): the detector carries on and judges the new level.
+            if !self.rest.as_ref().is_some_and(RestGate::ran_on) {
+                self.detector.resume(Some(reading.timestamp_ms));
+                // A trend across a stop and a start (zeros, then a step) is no trend.
+                for state in &mut self.metrics {
+                    state.trend = TrendTracker::new(self.config.trend_capacity);
+                }
             }
         }
         let outcomes = if count == reading.metrics.len() {
@@ -569,12 +639,17 @@ impl DeviceMonitor {
             rest_learned,
             ..MonitorOutput::default()
         };
+        let ts = reading.timestamp_ms;
+        self.settle_held(ts, &mut out);
         for o in &out.outcomes {
             if let Some(a) = o.to_alert(&self.device_id) {
-                out.alerts.push(a);
+                if self.holds(&a) {
+                    self.held.push(a);
+                } else {
+                    out.alerts.push(a);
+                }
             }
         }
-        let ts = reading.timestamp_ms;
         for (i, (name, value)) in reading.metrics.iter().enumerate() {
             let idx = match self.metrics.iter().position(|m| &m.name == name) {
                 Some(i) => i,
@@ -1048,6 +1123,94 @@ mod tests {
             }
         }
         alerts
+    }
+
+    /// A machine that runs 3,000 s, stands 1,000 s (its rest is learned), runs 3,000 s and
+    /// then, from reading `T`, has the vibration and current `then(seconds since T)` gives
+    /// (`None`: as before) for 600 s. Returns every anomaly alert published from `T` on, as
+    /// the reading it came out with and the reading it is stamped with, and the alerts
+    /// withdrawn.
+    fn after_a_learned_rest(
+        then: impl Fn(i64, f64, f64) -> (f64, f64),
+    ) -> (Vec<(i64, i64)>, usize) {
+        const T: i64 = 7000;
+        let config = MonitorConfig {
+            detector: DetectorConfig {
+                n_trees: 10,
+                ..DetectorConfig::default()
+            },
+            ..MonitorConfig::default()
+        };
+        let mut m = DeviceMonitor::new("m", config).expect("config");
+        let mut seed = 5u64;
+        let mut noise = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 10_000) as f64 / 10_000.0 - 0.5
+        };
+        let (mut published, mut withdrawn) = (Vec::new(), 0);
+        let t0 = 1_790_000_000_000i64;
+        for i in 0..T + 600 {
+            let load = 0.5 - 0.3 * (i as f64 * std::f64::consts::TAU / 600.0).cos();
+            let (mut v, mut c) = (
+                1.8 + load + 0.1 * noise(),
+                8.0 + 10.0 * load + 0.3 * noise(),
+            );
+            if (3000..4000).contains(&i) {
+                (v, c) = (0.0, 0.0);
+            } else if i >= T {
+                (v, c) = then(i - T, v, c);
+            }
+            let out = m.ingest(&Reading {
+                timestamp_ms: t0 + i * 1000,
+                device_time: true,
+                metrics: vec![
+                    ("temperature".into(), 50.0 + 0.4 * noise()),
+                    ("vibration".into(), v),
+                    ("current".into(), c),
+                ],
+            });
+            withdrawn += out.withdrawn;
+            for a in out.alerts.iter().filter(|a| a.kind == AlertKind::Anomaly) {
+                if i >= T {
+                    published.push((i, (a.timestamp - t0) / 1000));
+                }
+            }
+            while let Some(job) = m.needs_refit() {
+                m.install(job.run().expect("refit"));
+            }
+        }
+        assert_eq!(m.rest.as_ref().map(RestGate::learned), Some(1));
+        (published, withdrawn)
+    }
+
+    #[test]
+    fn an_alert_while_the_machine_slows_to_its_rest_is_held_and_withdrawn_if_it_stops() {
+        // Spinning down over 100 s: the alerts it raises are withdrawn when it stands.
+        let (published, withdrawn) = after_a_learned_rest(|s, v, c| {
+            let left = (1.0 - s as f64 / 100.0).max(0.0);
+            (v * left, c * left)
+        });
+        assert!(withdrawn >= 1, "the spin-down raised no alert to withdraw");
+        assert_eq!(published, []);
+
+        // Falling halfway to the rest and running on there (a lost load): the machine is taken
+        // for stopping for 2 minutes, then the detector judges the new level as it comes.
+        let (published, withdrawn) = after_a_learned_rest(|_, v, c| (v / 2.0, c / 2.0));
+        assert_eq!(withdrawn, 0);
+        let &(out_at, stamped) = published.first().expect("an alert for the drop");
+        assert!(
+            (7000..=7000 + STOP_HOLD_MS / 1000 + 10).contains(&out_at),
+            "{published:?}"
+        );
+        assert_eq!(out_at, stamped);
+
+        // Away from the rest (a vibration rising): published at once.
+        let (published, withdrawn) = after_a_learned_rest(|_, v, c| (v + 1.5, c));
+        assert_eq!(withdrawn, 0);
+        let &(out_at, stamped) = published.first().expect("an alert for the rise");
+        assert_eq!(out_at, stamped);
     }
 
     #[test]

@@ -122,6 +122,12 @@ impl SilenceWatch {
         self.reported = false;
     }
 
+    /// When the device's last message arrived (`None`: none since the watch was made or
+    /// forgotten).
+    pub fn last_ms(&self) -> Option<i64> {
+        self.last_ms
+    }
+
     /// The device said it is going offline (its `status`): the silence that follows is not
     /// reported. Its next message re-arms the watch.
     pub fn excuse(&mut self) {
