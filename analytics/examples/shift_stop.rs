@@ -3,7 +3,8 @@
 //! service's path, default settings, limits as in `broker.toml`: temperature 85, vibration 7.1),
 //! one reading a second, and counts its anomaly alerts by when they come (within 30 minutes
 //! after a start, within 30 minutes after a stop, otherwise while running or standing) and its
-//! forecast alerts. The machine is healthy, so every alert is a false alarm.
+//! forecast alerts, and the anomaly alerts the monitor held while the machine slowed down and
+//! withdrew when it came to rest. The machine is healthy, so every alert is a false alarm.
 //!
 //! ```text
 //! cargo run -p vigil-analytics --release --example shift_stop -- [--days 4] [--seeds 3] \
@@ -125,14 +126,15 @@ fn config(args: &Args) -> MonitorConfig {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
-    // Anomaly alerts after a start, after a stop, running, standing; then forecast alerts.
-    let mut totals = [0usize; 5];
+    // Anomaly alerts after a start, after a stop, running, standing; then forecast alerts, and
+    // anomaly alerts held and withdrawn because the machine came to rest.
+    let mut totals = [0usize; 6];
     for seed in 1..=args.seeds {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
         let mut m = DeviceMonitor::new("m", config(&args))?;
         let t0 = 1_790_000_000_000i64;
         let mut temperature = 25.0;
-        let mut counts = [0usize; 5];
+        let mut counts = [0usize; 6];
         // Seconds run since the wear began, and when its first alert came.
         let mut worn = 0.0;
         let mut found: Option<i64> = None;
@@ -175,6 +177,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     ("current".into(), (c * 100.0).round() / 100.0),
                 ],
             });
+            counts[5] += out.withdrawn;
             for a in &out.alerts {
                 if wearing {
                     found = found.or(Some(i));
@@ -219,8 +222,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         println!(
-            "seed {seed}: anomaly alerts after a start {}, after a stop {}, running {}, standing {}; forecast alerts {}",
-            counts[0], counts[1], counts[2], counts[3], counts[4]
+            "seed {seed}: anomaly alerts after a start {}, after a stop {}, running {}, standing {}; forecast alerts {}; withdrawn at a stop {}",
+            counts[0], counts[1], counts[2], counts[3], counts[4], counts[5]
         );
         if let Some(w) = args.wear_at {
             match found {
@@ -234,14 +237,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let days = args.days as f64 * args.seeds as f64;
     println!(
-        "total over {days} machine-days: anomaly alerts after a start {}, after a stop {}, running {}, standing {} ({:.1} per machine-day); forecast alerts {} ({:.1} per machine-day)",
+        "total over {days} machine-days: anomaly alerts after a start {}, after a stop {}, running {}, standing {} ({:.1} per machine-day); forecast alerts {} ({:.1} per machine-day); withdrawn at a stop {}",
         totals[0],
         totals[1],
         totals[2],
         totals[3],
         totals[..4].iter().sum::<usize>() as f64 / days,
         totals[4],
-        totals[4] as f64 / days
+        totals[4] as f64 / days,
+        totals[5]
     );
     Ok(())
 }
