@@ -19,3 +19,18 @@ pub mod rul;
 pub mod silence;
 pub mod stuck;
 pub mod telemetry;
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Uniform noise in [-0.5, 0.5) from a xorshift generator seeded with `seed`: the same
+    /// sequence on every run and platform.
+    pub(crate) fn uniform_noise(mut seed: u64) -> impl FnMut() -> f64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 10_000) as f64 / 10_000.0 - 0.5
+        }
+    }
+}

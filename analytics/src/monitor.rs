@@ -1082,13 +1082,7 @@ mod tests {
             ..MonitorConfig::default()
         };
         let mut m = DeviceMonitor::new("m", config).expect("config");
-        let mut seed = 11u64;
-        let mut noise = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % 10_000) as f64 / 10_000.0 - 0.5
-        };
+        let mut noise = crate::testing::uniform_noise(11);
         let mut alerts = Vec::new();
         let mut temperature = 25.0;
         for i in 0..20_000i64 {
@@ -1142,13 +1136,7 @@ mod tests {
             ..MonitorConfig::default()
         };
         let mut m = DeviceMonitor::new("m", config).expect("config");
-        let mut seed = 5u64;
-        let mut noise = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % 10_000) as f64 / 10_000.0 - 0.5
-        };
+        let mut noise = crate::testing::uniform_noise(5);
         let (mut published, mut withdrawn) = (Vec::new(), 0);
         let t0 = 1_790_000_000_000i64;
         for i in 0..T + 600 {

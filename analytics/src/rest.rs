@@ -785,13 +785,7 @@ mod tests {
         // 120 s. Judged by the spread the spin-down widened, 0 A was not away from the usual
         // level, and nothing was learned.
         let mut gate = RestGate::new(RestConfig::default(), 8);
-        let mut seed = 3u64;
-        let mut noise = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % 10_000) as f64 / 10_000.0 - 0.5
-        };
+        let mut noise = crate::testing::uniform_noise(3);
         for i in 0..4000i64 {
             let spin = ((3000 - i) as f64 / 120.0).clamp(0.0, 1.0);
             let load = 0.5 - 0.4 * (i as f64 * std::f64::consts::TAU / 600.0).cos();
