@@ -321,6 +321,7 @@ impl Analytics {
 
     /// Appends an alert to `out` for every device that has just gone silent at `now_ms` (see
     /// `vigil_analytics::silence`). Called about once a second.
+    ///
     /// Also publishes the alerts a device's monitor held while its machine may have been
     /// stopping (`DeviceMonitor`) once the device has sent nothing for as long as they are held:
     /// it can no longer show that it stopped.
@@ -590,6 +591,8 @@ fn replay(
         monitor.ingest(&reading);
         replayed += 1;
     }
+    // Alerts it holds are history's too (they would come out with the next live reading).
+    drop(monitor.take_held());
     // One job per metric that wants a model; a failing job ends the loop.
     for _ in 0..64 {
         let Some(job) = monitor.needs_refit() else {
