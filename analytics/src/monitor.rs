@@ -28,7 +28,8 @@
 //! A machine slowing to a stop looks like an incident to the anomaly detector for the seconds
 //! before it stands: vibration and current fall faster than any load change. So once the
 //! machine's rest is learned (`rest`), an anomaly alert on a metric of that rest, raised while
-//! it and the rest's other metrics all lie on the rest's side of their usual running levels, is
+//! it and the rest's other metrics all lie on the rest's side of their usual running levels or
+//! fall towards it (`RestGate::heading_to_rest`), is
 //! held for `STOP_HOLD_MS` (2 minutes): withdrawn if the machine stands within that time (a
 //! stop, counted in `MonitorOutput::withdrawn`), published with its own time stamp otherwise.
 //! At most `MAX_HELD` alerts are held; a device that goes silent gets its held alerts back from

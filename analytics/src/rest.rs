@@ -81,6 +81,11 @@ const CALM_FROM: u64 = 30;
 /// A metric this many usual spreads from its usual mean towards its rest level is heading there
 /// (a rest lies at least `DEPARTURE` of them away).
 const HEADING: f64 = 2.0;
+/// Weight of the last reading in a metric's short mean (`Track::fast`, about 10 readings).
+const FAST_WEIGHT: f64 = 0.1;
+/// A metric this many usual spreads below its short mean, towards a rest, is falling there
+/// (a spin-down that began at a load peak is above the usual level at first).
+const FALLING: f64 = 0.25;
 /// Rests remembered per device (a machine may have an off state and a stand-by state).
 pub const MAX_RESTS: usize = 4;
 /// A metric at zero departs when a reading lies this many times its band away from 0.
@@ -136,6 +141,8 @@ struct Track {
     old: (f64, f64),
     older: (f64, f64),
     old_ms: i64,
+    /// A short exponentially weighted mean of the readings (`FAST_WEIGHT`).
+    fast: f64,
     /// The current still stretch: its range, when it began, and the usual mean and spread
     /// from before it began (`older`).
     lo: f64,
@@ -161,6 +168,7 @@ impl Track {
             old: (value, 0.0),
             older: (value, 0.0),
             old_ms: ts,
+            fast: value,
             lo: value,
             hi: value,
             start_ms: ts,
@@ -172,6 +180,7 @@ impl Track {
 
     fn push(&mut self, value: f64, ts: i64, standing: bool) {
         self.last = value;
+        self.fast += FAST_WEIGHT * (value - self.fast);
         if ts.saturating_sub(self.old_ms) >= TOGETHER_MS || ts < self.old_ms {
             self.older = self.old;
             self.old = (self.calm_mean, self.calm_std);
@@ -425,8 +434,9 @@ impl RestGate {
     }
 
     /// Whether `metric` belongs to one of the machine's rests and, by the last reading, it and
-    /// every other metric of that rest lie on that rest's side of their usual running levels:
-    /// the machine may be spinning down, so an anomaly of `metric` now may be its stop.
+    /// every other metric of that rest lie on that rest's side of their usual running levels or
+    /// are falling towards it (`FALLING`): the machine may be spinning down, so an anomaly of
+    /// `metric` now may be its stop.
     /// The candidate rest of a machine first seen standing counts too: its first stop is
     /// confirmed only once every metric is back at zero.
     /// Not while the machine is stalled on the way (`heading`).
@@ -440,7 +450,9 @@ impl RestGate {
             rest.iter().any(named)
                 && rest.iter().all(|m| {
                     self.tracks.get(m.track).is_some_and(|t| {
-                        (t.calm_mean - t.last) * (t.calm_mean - m.centre).signum() > 0.0
+                        let way = (t.calm_mean - m.centre).signum();
+                        (t.calm_mean - t.last) * way > 0.0
+                            || (t.fast - t.last) * way >= FALLING * t.calm_std
                     })
                 })
         })
