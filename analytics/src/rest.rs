@@ -218,6 +218,12 @@ impl Track {
         (self.lo + self.hi) / 2.0
     }
 
+    /// How far the last reading lies from `from` towards `rest`, the level of a rest, in the
+    /// direction from the usual mean to that level (negative: the other way).
+    fn towards(&self, from: f64, rest: f64) -> f64 {
+        (from - self.last) * (self.calm_mean - rest).signum()
+    }
+
     /// The band around 0 a metric at zero has kept to: its usual mean's distance from 0 plus
     /// `DEPARTURE` usual spreads; `None` unless the metric is at zero (its usual mean lies
     /// within that many spreads of 0, over at least `CALM_FROM` readings).
@@ -436,10 +442,9 @@ impl RestGate {
     /// Whether `metric` belongs to one of the machine's rests and, by the last reading, it and
     /// every other metric of that rest lie on that rest's side of their usual running levels or
     /// are falling towards it (`FALLING`): the machine may be spinning down, so an anomaly of
-    /// `metric` now may be its stop.
-    /// The candidate rest of a machine first seen standing counts too: its first stop is
-    /// confirmed only once every metric is back at zero.
-    /// Not while the machine is stalled on the way (`heading`).
+    /// `metric` now may be its stop. The candidate rest of a machine first seen standing counts
+    /// too (its first stop is confirmed only once every metric is back at zero); nothing does
+    /// while the machine is stalled on the way (`heading`).
     pub fn heading_to_rest(&self, metric: &str) -> bool {
         if self.stalled {
             return false;
@@ -450,9 +455,8 @@ impl RestGate {
             rest.iter().any(named)
                 && rest.iter().all(|m| {
                     self.tracks.get(m.track).is_some_and(|t| {
-                        let way = (t.calm_mean - m.centre).signum();
-                        (t.calm_mean - t.last) * way > 0.0
-                            || (t.fast - t.last) * way >= FALLING * t.calm_std
+                        t.towards(t.calm_mean, m.centre) > 0.0
+                            || t.towards(t.fast, m.centre) >= FALLING * t.calm_std
                     })
                 })
         })
@@ -471,9 +475,8 @@ impl RestGate {
                     break;
                 };
                 let here = (t.last - m.centre).abs() <= m.half;
-                let towards = (t.calm_mean - t.last) * (t.calm_mean - m.centre).signum();
                 at_level &= here;
-                on_the_way &= here || towards >= HEADING * t.calm_std;
+                on_the_way &= here || t.towards(t.calm_mean, m.centre) >= HEADING * t.calm_std;
             }
             if at_level {
                 return Position::AtRest;
